@@ -1,0 +1,1 @@
+"""glinthawk-dask: two-tier LLM batch inference on Dask."""

@@ -1,0 +1,132 @@
+"""Tier-2 attention math: the layout of a micro-batch and attention over cached K/V.
+
+A micro-batch is a list of *segments*, one per sequence: ``count`` new tokens of the
+sequence in KV slot ``slot`` at positions ``[start, start + count)``.  Tokens are laid
+end to end in segment order (``T = sum(counts)`` rows).  Segments with one token
+(decode, or the last token of a prefill) go through a batched kernel; longer ones
+(prefill chunks) are computed per sequence with a causal mask.
+
+GQA never materializes repeated K/V: query heads are grouped per KV head
+(``[.., KVH, G, D]``) and each group attends to its KV head directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["AttentionBatch", "decode_attention", "prefill_attention"]
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Segments of a micro-batch and the index tensors derived from them.
+
+    Build with :meth:`build`.  ``slots``, ``starts`` and ``counts`` are plain ints so the
+    layout can be sent over the network as-is; the tensors are derived.
+    """
+
+    slots: tuple[int, ...]
+    starts: tuple[int, ...]
+    counts: tuple[int, ...]
+    token_slots: torch.Tensor  # [T] KV slot of each token
+    positions: torch.Tensor  # [T] position of each token in its sequence
+    decode_rows: torch.Tensor  # [Nd] rows of single-token segments
+    decode_slots: torch.Tensor  # [Nd]
+    decode_lengths: torch.Tensor  # [Nd] attended length (start + 1)
+    decode_range: tuple[int, int] | None  # (lo, hi) if decode slots are dense in [lo, hi)
+    prefill: tuple[tuple[int, int, int, int], ...]  # (row, slot, start, count) of longer segments
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.positions)
+
+    @classmethod
+    def build(
+        cls,
+        slots: Sequence[int],
+        starts: Sequence[int],
+        counts: Sequence[int],
+        device: torch.device | str = "cpu",
+    ) -> "AttentionBatch":
+        if not (len(slots) == len(starts) == len(counts)):
+            raise ValueError("slots, starts and counts must have the same length")
+        if any(c <= 0 for c in counts) or any(s < 0 for s in starts):
+            raise ValueError("segment counts must be positive and starts non-negative")
+        if len(set(slots)) != len(slots):
+            raise ValueError("a slot appears twice in one micro-batch")
+        slots, starts, counts = tuple(map(int, slots)), tuple(map(int, starts)), tuple(map(int, counts))
+        token_slots: list[int] = []
+        positions: list[int] = []
+        dec_rows, dec_slots, dec_lens = [], [], []
+        prefill = []
+        row = 0
+        for slot, start, count in zip(slots, starts, counts):
+            token_slots.extend([slot] * count)
+            positions.extend(range(start, start + count))
+            if count == 1:
+                dec_rows.append(row)
+                dec_slots.append(slot)
+                dec_lens.append(start + 1)
+            else:
+                prefill.append((row, slot, start, count))
+            row += count
+        decode_range = None
+        if dec_slots:
+            lo, hi = min(dec_slots), max(dec_slots) + 1
+            if hi - lo <= 2 * len(dec_slots):
+                decode_range = (lo, hi)
+
+        def t(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(
+            slots=slots, starts=starts, counts=counts,
+            token_slots=t(token_slots), positions=t(positions),
+            decode_rows=t(dec_rows), decode_slots=t(dec_slots), decode_lengths=t(dec_lens),
+            decode_range=decode_range, prefill=tuple(prefill),
+        )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+) -> torch.Tensor:
+    """One query token per sequence against its cached keys/values.
+
+    q: [B, H, D]; k_cache, v_cache: [B, KVH, L, D] (L ≥ max(lengths), may be a strided
+    view of a larger cache); lengths: [B] → o [B, H, D].  Positions ≥ length are masked.
+    """
+    b, h, d = q.shape
+    kvh, length = k_cache.shape[1], k_cache.shape[2]
+    qg = q.view(b, kvh, h // kvh, d)  # [B, KVH, G, D]
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)) * d**-0.5  # [B, KVH, G, L]
+    masked = torch.arange(length, device=q.device)[None, :] >= lengths[:, None]  # [B, L]
+    scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [B, KVH, G, L]
+    return torch.matmul(probs, v_cache).view(b, h, d)  # [B, H, D]
+
+
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Causal attention of a chunk of one sequence.
+
+    q: [C, H, D] for positions [start, start + C); k_cache, v_cache: [KVH, L, D] with
+    L = start + C (keys of the chunk already written) → o [C, H, D].
+    """
+    c, h, d = q.shape
+    kvh, length = k_cache.shape[0], k_cache.shape[1]
+    g = h // kvh
+    qg = q.view(c, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * c, d)  # [KVH, G*C, D]
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)) * d**-0.5  # [KVH, G*C, L]
+    qpos = torch.arange(start, start + c, device=q.device)  # [C]
+    masked = torch.arange(length, device=q.device)[None, :] > qpos[:, None]  # [C, L]
+    scores = scores.view(kvh, g, c, length).masked_fill(masked, float("-inf"))  # [KVH, G, C, L]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    o = torch.matmul(probs.view(kvh, g * c, length), v_cache)  # [KVH, G*C, D]
+    return o.view(kvh, g, c, d).permute(2, 0, 1, 3).reshape(c, h, d)  # [C, H, D]

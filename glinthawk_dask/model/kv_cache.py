@@ -1,0 +1,206 @@
+"""The tier-2 KV cache: preallocated per-sequence slots for a slice of layers.
+
+One :class:`KVCache` lives on each attention worker (or on the dense worker in
+single-tier mode).  It holds K and V for layers ``[layer_start, layer_stop)`` of
+``n_slots`` sequences of up to ``max_seq_len`` tokens each, in one preallocated block
+per tensor, so its memory is fixed when it is created and admission control is a
+matter of counting free slots.  Sequences allocate a slot, append tokens as they are
+attended, and free the slot when they finish; the next sequence reuses it at once.
+
+Layout per layer: ``[n_slots, KVH, max_seq_len, D]``.  A contiguous range of slots is
+a strided view, so a micro-batch's decode attention reads K/V in place, without a
+gather.  Memory is taken with ``torch.empty``: pages of a slot that were never written
+are not committed by the OS.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+import numpy as np
+import torch
+
+from .attention import AttentionBatch, decode_attention, prefill_attention
+from .config import ModelConfig
+
+__all__ = ["KVCache", "KVCacheFullError", "KVCacheError"]
+
+
+class KVCacheError(RuntimeError):
+    """A request to the cache is inconsistent with its state (a protocol bug or a stale message)."""
+
+
+class KVCacheFullError(KVCacheError):
+    """No free slot: the caller must wait for a sequence to finish."""
+
+
+class KVCache:
+    """K/V storage and attention for ``n_slots`` sequences over a slice of layers."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        n_slots: int,
+        max_seq_len: int,
+        *,
+        layer_start: int = 0,
+        layer_stop: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        layer_stop = config.n_layers if layer_stop is None else layer_stop
+        if not 0 <= layer_start < layer_stop <= config.n_layers:
+            raise ValueError(f"bad layer range [{layer_start}, {layer_stop})")
+        if n_slots <= 0 or max_seq_len <= 0:
+            raise ValueError("n_slots and max_seq_len must be positive")
+        self.config = config
+        self.n_slots = n_slots
+        self.max_seq_len = max_seq_len
+        self.layer_start = layer_start
+        self.layer_stop = layer_stop
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (layer_stop - layer_start, n_slots, config.n_kv_heads, max_seq_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
+        self.lengths = np.zeros(n_slots, dtype=np.int64)  # tokens cached per slot
+        self._slot_of: dict[Hashable, int] = {}
+        self._owner: list[Hashable | None] = [None] * n_slots
+        self._free: list[int] = list(range(n_slots - 1, -1, -1))  # pop() gives the lowest
+
+    # -- accounting ----------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.layer_stop - self.layer_start
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K+V bytes of one token over this cache's layers."""
+        return self.config.kv_bytes_per_token(self.k.element_size(), self.n_layers)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes holding tokens of live sequences."""
+        return int(self.lengths.sum()) * self.bytes_per_token
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def __repr__(self) -> str:
+        return (
+            f"<KVCache layers [{self.layer_start}, {self.layer_stop}) slots {len(self)}/{self.n_slots} "
+            f"max_seq_len {self.max_seq_len} {self.dtype} {self.device}>"
+        )
+
+    # -- slots ---------------------------------------------------------------------
+    def allocate(self, seq_id: Hashable, slot: int | None = None) -> int:
+        """Give ``seq_id`` a slot (the lowest free one, or ``slot`` if given) and return it."""
+        if seq_id in self._slot_of:
+            raise KVCacheError(f"sequence {seq_id!r} already holds slot {self._slot_of[seq_id]}")
+        if slot is None:
+            if not self._free:
+                raise KVCacheFullError(f"all {self.n_slots} KV slots are in use")
+            slot = self._free.pop()
+        else:
+            if not 0 <= slot < self.n_slots or self._owner[slot] is not None:
+                raise KVCacheError(f"slot {slot} is not free")
+            self._free.remove(slot)
+        self._slot_of[seq_id] = slot
+        self._owner[slot] = seq_id
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, seq_id: Hashable) -> None:
+        """Release the slot of ``seq_id``; its tokens are forgotten."""
+        slot = self._slot_of.pop(seq_id, None)
+        if slot is None:
+            raise KVCacheError(f"sequence {seq_id!r} holds no slot")
+        self._owner[slot] = None
+        self.lengths[slot] = 0
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+
+    def slot_of(self, seq_id: Hashable) -> int:
+        return self._slot_of[seq_id]
+
+    def length(self, seq_id: Hashable) -> int:
+        return int(self.lengths[self._slot_of[seq_id]])
+
+    # -- attention -----------------------------------------------------------------
+    def check(self, batch: AttentionBatch) -> None:
+        """Validate a micro-batch against the slots: owned, contiguous, within capacity."""
+        slots = np.asarray(batch.slots, dtype=np.int64)
+        starts = np.asarray(batch.starts, dtype=np.int64)
+        ends = starts + np.asarray(batch.counts, dtype=np.int64)
+        if len(slots) and (slots.min() < 0 or slots.max() >= self.n_slots):
+            raise KVCacheError(f"slot out of range in {batch.slots}")
+        if any(self._owner[s] is None for s in batch.slots):
+            raise KVCacheError("micro-batch refers to a free slot")
+        if np.any(starts > self.lengths[slots]):
+            raise KVCacheError("micro-batch would leave a hole in a sequence's cache")
+        if np.any(ends > self.max_seq_len):
+            raise KVCacheError(f"a sequence would exceed max_seq_len={self.max_seq_len}")
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        """Append k/v of ``layer`` for the micro-batch, then attend.
+
+        q: [T, H, D]; k, v: [T, KVH, D] (rotated keys) → o [T, H, D].  The first layer
+        of the cache's range validates the batch and advances the sequence lengths.
+        """
+        li = layer - self.layer_start
+        if not 0 <= li < self.n_layers:
+            raise KVCacheError(f"layer {layer} is not held here [{self.layer_start}, {self.layer_stop})")
+        if li == 0:
+            self.check(batch)
+            slots = np.asarray(batch.slots, dtype=np.int64)
+            ends = np.asarray(batch.starts, dtype=np.int64) + np.asarray(batch.counts, dtype=np.int64)
+            self.lengths[slots] = np.maximum(self.lengths[slots], ends)
+        kc, vc = self.k[li], self.v[li]  # [S, KVH, L, D]
+        kc[batch.token_slots, :, batch.positions] = k.to(self.dtype)  # rows [T, KVH, D]
+        vc[batch.token_slots, :, batch.positions] = v.to(self.dtype)
+        q = q.to(self.dtype)
+        o = torch.empty_like(q)  # [T, H, D]
+        if len(batch.decode_rows):
+            o[batch.decode_rows] = self._decode(kc, vc, q[batch.decode_rows], batch)
+        for row, slot, start, count in batch.prefill:
+            end = start + count
+            o[row : row + count] = prefill_attention(
+                q[row : row + count], kc[slot, :, :end], vc[slot, :, :end], start
+            )
+        return o
+
+    def _decode(
+        self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        # q: [Nd, H, D] → o [Nd, H, D]
+        span = int(batch.decode_lengths.max())
+        if batch.decode_range is not None:
+            # Attend over the whole slot range in place (a strided view, no gather);
+            # rows of slots that are not in this batch are computed on a dummy length
+            # and dropped.
+            lo, hi = batch.decode_range
+            idx = batch.decode_slots - lo  # [Nd]
+            qr = q.new_zeros((hi - lo, *q.shape[1:]))  # [R, H, D]
+            qr[idx] = q
+            lengths = torch.ones(hi - lo, dtype=torch.long, device=q.device)  # [R]
+            lengths[idx] = batch.decode_lengths
+            o = decode_attention(qr, kc[lo:hi, :, :span], vc[lo:hi, :, :span], lengths)
+            return o[idx]
+        ks = kc[batch.decode_slots, :, :span]  # gathered [Nd, KVH, span, D]
+        vs = vc[batch.decode_slots, :, :span]
+        return decode_attention(q, ks, vs, batch.decode_lengths)

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..errors import ModelLoadError
 from .config import ModelConfig
 
 __all__ = [
@@ -27,8 +28,8 @@ __all__ = [
 ]
 
 
-class MissingTensorError(KeyError):
-    """A checkpoint lacks a tensor the model needs."""
+class MissingTensorError(KeyError, ModelLoadError):
+    """A checkpoint lacks a tensor the model needs (raised by every checkpoint reader)."""
 
     def __str__(self) -> str:
         return str(self.args[0])

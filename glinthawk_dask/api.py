@@ -1,0 +1,171 @@
+"""The Python API: load a model, turn prompt rows into requests, generate.
+
+>>> from glinthawk_dask import LLM, SamplingParams
+>>> llm = LLM()                                   # the embedded SmolLM2-135M-Instruct
+>>> [c.completion for c in llm.generate(["The capital of France is"], SamplingParams(max_tokens=8))]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from .engine.engine import EngineConfig, InProcessEngine
+from .engine.request import FINISH_ERROR, Completion, Request
+from .errors import GlinthawkError, InvalidRequestError
+from .model.resolve import DEFAULT_MODEL, resolve_checkpoint
+from .model.weights import load_slice
+from .prompts import PromptRow, UndecodableRow, parse_row, stable_row_id
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+__all__ = ["LLM", "default_device", "default_dtype"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def default_device() -> torch.device:
+    """CUDA when torch sees a GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on the CPU, bfloat16 on accelerators."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise GlinthawkError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class LLM:
+    """A model loaded in this process, with its tokenizer and the in-process engine.
+
+    ``model`` is a preset name, a GGUF file, a Hugging Face directory or
+    ``random:<preset>``.  Prompt rows are strings or mappings (see
+    :mod:`glinthawk_dask.prompts`); a row that cannot be processed becomes a completion
+    with ``finish_reason == "error"`` and the others go on.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        engine_config: EngineConfig = EngineConfig(),
+    ) -> None:
+        self.model = model
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = parse_dtype(dtype, self.device)
+        source = resolve_checkpoint(model)
+        self.config = source.config
+        self.tokenizer = Tokenizer.from_checkpoint(source)
+        self.weights = load_slice(source, dtype=self.dtype, device=self.device)
+        self.engine = InProcessEngine(
+            self.weights,
+            config=engine_config,
+            eos_token_ids=self.tokenizer.eos_token_ids if self.tokenizer else (),
+            detokenize=self.tokenizer.decode if self.tokenizer else None,
+        )
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"<LLM {self.model!r}: {c.n_layers} layers, dim {c.dim}, heads {c.n_heads}/{c.n_kv_heads}, "
+            f"{self.dtype} on {self.device}>"
+        )
+
+    # -- requests ------------------------------------------------------------------
+    def tokenize(self, row: PromptRow, chat: bool = False) -> list[int]:
+        """Prompt ids of a row: the chat template for messages (or any prompt with
+        ``chat``), else the tokenizer's default encoding."""
+        if row.prompt_token_ids is not None:
+            ids = row.prompt_token_ids
+            if max(ids) >= self.config.vocab_size:
+                raise InvalidRequestError(
+                    f"prompt token id {max(ids)} is outside the vocabulary ({self.config.vocab_size})"
+                )
+            return ids
+        if self.tokenizer is None:
+            raise InvalidRequestError(
+                f"model {self.model!r} has no tokenizer: give \"prompt_token_ids\" instead of text"
+            )
+        messages = row.messages
+        if messages is None and chat:
+            messages = [{"role": "user", "content": row.prompt}]
+        if messages is not None:
+            if not self.tokenizer.has_chat_template:
+                raise InvalidRequestError(f"model {self.model!r} has no chat template")
+            return self.tokenizer.encode_chat(messages)
+        ids = self.tokenizer.encode(row.prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt encodes to no tokens")
+        return ids
+
+    def make_requests(
+        self, rows: Iterable[Any], params: SamplingParams | None = None, *, chat: bool = False
+    ) -> list[Request | Completion]:
+        """Validate and tokenize rows, in input order: a :class:`Request` per good row,
+        an error :class:`Completion` per bad one."""
+        defaults = params or SamplingParams()
+        context = self.config.max_seq_len
+        out: list[Request | Completion] = []
+        seen: set[str] = set()
+        for i, raw in enumerate(rows):
+            row = None
+            try:
+                row = parse_row(raw, i, defaults)
+                if row.id in seen:
+                    raise InvalidRequestError(f"duplicate id {row.id!r}: ids must be unique")
+                seen.add(row.id)
+                ids = self.tokenize(row, chat)
+                if len(ids) >= context:
+                    raise InvalidRequestError(
+                        f"the prompt has {len(ids)} tokens but the model's context is {context}: "
+                        f"shorten it to at most {context - 1}"
+                    )
+                out.append(Request(row.id, ids, row.params, row.source))
+            except InvalidRequestError as e:
+                rid = row.id if row is not None else _raw_id(raw, i)
+                source = row.source if row is not None else raw
+                out.append(Completion(rid, source, [], "", [], FINISH_ERROR, str(e)))
+        return out
+
+    # -- generation ----------------------------------------------------------------
+    def stream(
+        self, rows: Iterable[Any], params: SamplingParams | None = None, *, chat: bool = False
+    ) -> Iterator[Completion]:
+        """Yield completions as they finish (error rows first)."""
+        entries = self.make_requests(rows, params, chat=chat)
+        yield from (e for e in entries if isinstance(e, Completion))
+        yield from self.engine.generate(e for e in entries if isinstance(e, Request))
+
+    def generate(
+        self, rows: Iterable[Any] | str, params: SamplingParams | None = None, *, chat: bool = False
+    ) -> list[Completion]:
+        """Complete every row; results in input order."""
+        if isinstance(rows, str):
+            rows = [rows]
+        entries = self.make_requests(rows, params, chat=chat)
+        index = {e.id: i for i, e in enumerate(entries) if isinstance(e, Request)}
+        results: list[Any] = list(entries)
+        for c in self.engine.generate(e for e in entries if isinstance(e, Request)):
+            results[index[c.id]] = c
+        return results
+
+
+def _raw_id(raw: Any, index: int) -> str:
+    if isinstance(raw, UndecodableRow):
+        return raw.id
+    if isinstance(raw, dict) and isinstance(raw.get("id"), (str, int)):
+        return str(raw["id"])
+    return stable_row_id(index, raw)

@@ -1,0 +1,124 @@
+"""The in-process engine: continuous batching over one process, no Dask.
+
+It runs the same scheduler, tier ops and KV cache as the distributed engine, with the
+micro-batches taken in turn.  Completions are yielded as sequences finish.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from ..model.attention import AttentionBatch
+from ..model.kv_cache import KVCache
+from ..model.ops import RopeTable
+from ..model.weights import SliceWeights
+from ..sampling import sample
+from .request import Completion, Request
+from .runner import forward_step
+from .scheduler import BatchScheduler
+
+__all__ = ["EngineConfig", "InProcessEngine"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching knobs shared by all engines.
+
+    ``max_seq_len`` is the KV capacity of one sequence (prompt + completion); by
+    default it is sized to the requests of a run, capped by the model's context.
+    """
+
+    micro_batch_size: int = 64
+    n_micro_batches: int = 1
+    max_step_tokens: int = 512
+    max_seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "n_micro_batches", "max_step_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be at least 1")
+        if self.max_step_tokens < self.micro_batch_size:
+            raise ValueError("EngineConfig.max_step_tokens must be at least micro_batch_size")
+
+    def seq_len_for(self, requests: list[Request], context: int) -> int:
+        """KV capacity per slot for ``requests`` on a model with ``context`` positions."""
+        if self.max_seq_len is not None:
+            return min(self.max_seq_len, context)
+        need = max((len(r.prompt_token_ids) + r.params.max_tokens for r in requests), default=1)
+        return min(need, context)
+
+
+class InProcessEngine:
+    """Generate completions with the whole model in this process."""
+
+    def __init__(
+        self,
+        weights: SliceWeights,
+        *,
+        config: EngineConfig = EngineConfig(),
+        eos_token_ids: Iterable[int] = (),
+        detokenize: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        if not (weights.is_first and weights.is_last):
+            raise ValueError("the in-process engine needs the weights of the whole model")
+        self.weights = weights
+        self.config = config
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.detokenize = detokenize
+        self.rope = RopeTable.build(weights.config, dtype=weights.dtype, device=weights.device)
+        self.cache: KVCache | None = None
+        self.stats = {"steps": 0, "tokens": 0}
+
+    def _cache_for(self, max_seq_len: int) -> KVCache:
+        n_slots = self.config.micro_batch_size * self.config.n_micro_batches
+        c = self.cache
+        if c is None or c.max_seq_len < max_seq_len or c.n_slots != n_slots:
+            self.cache = None  # drop the old one before allocating the new one
+            c = self.cache = KVCache(
+                self.weights.config, n_slots, max_seq_len,
+                dtype=self.weights.dtype, device=self.weights.device,
+            )
+        return c
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+        """Run ``requests`` to completion, yielding each as it finishes."""
+        requests = list(requests)
+        if not requests:
+            return
+        cfg = self.config
+        seq_len = cfg.seq_len_for(requests, self.weights.config.max_seq_len)
+        cache = self._cache_for(seq_len)
+        sched = BatchScheduler(
+            n_micro_batches=cfg.n_micro_batches,
+            micro_batch_size=cfg.micro_batch_size,
+            max_step_tokens=cfg.max_step_tokens,
+            max_seq_len=cache.max_seq_len,
+            eos_token_ids=self.eos_token_ids,
+            detokenize=self.detokenize,
+        )
+        for r in requests:
+            sched.add(r)
+        while sched.has_work():
+            for mb in range(cfg.n_micro_batches):
+                step = sched.schedule(mb)
+                if step is None:
+                    continue
+                for seq in step.admitted:
+                    cache.allocate(seq.id, seq.slot)
+                batch = AttentionBatch.build(step.slots, step.starts, step.counts)
+                logits = forward_step(
+                    self.weights, cache, self.rope, step.input_ids, batch, step.sample_rows
+                )  # [N, V]
+                tokens: list[int] = []
+                if step.sample_rows:
+                    tokens = sample(
+                        logits,
+                        [s.params for s in step.sample_seqs],
+                        [s.generator for s in step.sample_seqs],
+                    ).tolist()
+                self.stats["steps"] += 1
+                self.stats["tokens"] += step.n_tokens
+                for done in sched.update(step, tokens):
+                    cache.free(done.id)
+                    yield done

@@ -1,0 +1,234 @@
+"""Continuous batching over micro-batches: which tokens of which sequences run next.
+
+The scheduler owns sequence state and KV slot assignment, and nothing else: it knows
+no tensors and no model.  Each micro-batch owns a fixed, contiguous range of KV slots.
+:meth:`BatchScheduler.schedule` admits waiting requests into the micro-batch's free
+slots and plans one step: one token for every decoding sequence, then prompt chunks of
+prefilling sequences within a token budget (chunked prefill).  After the model has run
+the step, :meth:`BatchScheduler.update` appends the sampled tokens, finishes sequences
+and frees their slots, so the next request takes a slot at the next step.
+
+A sequence's KV is always a prefix of its tokens (prompt + generated), so a cache lost
+with a worker can be rebuilt by resetting ``n_cached`` to 0: the same prefill path
+recomputes it.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence as Seq
+
+import torch
+
+from ..sampling import SamplingParams, find_stop, make_generator
+from .request import FINISH_LENGTH, FINISH_STOP, Completion, Request
+
+__all__ = ["Sequence", "Step", "BatchScheduler"]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Runtime state of one request: its tokens, KV slot and progress."""
+
+    request: Request
+    micro_batch: int
+    slot: int
+    token_ids: list[int]  # prompt + generated
+    n_prompt: int
+    generator: torch.Generator | None
+    n_cached: int = 0  # tokens whose K/V are in the cache
+    finish_reason: str | None = None
+    text: str = ""  # completion text so far (only tracked with stop strings)
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.n_prompt :]
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.n_cached < self.n_prompt
+
+
+@dataclass
+class Step:
+    """One step of one micro-batch: segments to run and rows to sample."""
+
+    micro_batch: int
+    seqs: list[Sequence]
+    starts: list[int]
+    counts: list[int]
+    input_ids: list[int]  # [T] tokens of all segments laid end to end
+    sample_seqs: list[Sequence]  # sequences that get a new token from this step
+    sample_rows: list[int]  # row of each one's last token in input_ids
+    admitted: list[Sequence] = field(default_factory=list)  # new in this micro-batch
+
+    @property
+    def slots(self) -> list[int]:
+        return [s.slot for s in self.seqs]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+class BatchScheduler:
+    """Plans steps for ``n_micro_batches`` micro-batches of ``micro_batch_size`` slots.
+
+    ``max_step_tokens`` bounds the tokens of one step (decode tokens plus prefill
+    chunks); ``max_seq_len`` is the KV capacity of a slot (prompt + generated).
+    ``eos_token_ids`` end a sequence unless its params say ``ignore_eos``;
+    ``detokenize`` turns completion ids into text for stop strings and outputs.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_micro_batches: int,
+        micro_batch_size: int,
+        max_step_tokens: int,
+        max_seq_len: int,
+        eos_token_ids: Iterable[int] = (),
+        detokenize: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        if n_micro_batches < 1 or micro_batch_size < 1:
+            raise ValueError("need at least one micro-batch of at least one slot")
+        if max_step_tokens < micro_batch_size:
+            raise ValueError("max_step_tokens must be at least micro_batch_size")
+        self.n_micro_batches = n_micro_batches
+        self.micro_batch_size = micro_batch_size
+        self.max_step_tokens = max_step_tokens
+        self.max_seq_len = max_seq_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.detokenize = detokenize
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[dict[int, Sequence]] = [{} for _ in range(n_micro_batches)]
+        self._free_slots: list[list[int]] = [
+            list(range((m + 1) * micro_batch_size - 1, m * micro_batch_size - 1, -1))
+            for m in range(n_micro_batches)
+        ]
+
+    # -- queue ---------------------------------------------------------------------
+    @property
+    def n_slots(self) -> int:
+        return self.n_micro_batches * self.micro_batch_size
+
+    def add(self, request: Request) -> None:
+        """Queue a request; it is admitted when a slot frees up."""
+        if not request.prompt_token_ids:
+            raise ValueError(f"request {request.id!r} has no prompt tokens")
+        if len(request.prompt_token_ids) >= self.max_seq_len:
+            raise ValueError(
+                f"request {request.id!r}: prompt of {len(request.prompt_token_ids)} tokens "
+                f"leaves no room in a KV slot of {self.max_seq_len}"
+            )
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(self.running)
+
+    def n_running(self) -> int:
+        return sum(len(r) for r in self.running)
+
+    # -- planning ------------------------------------------------------------------
+    def _admit(self, mb: int) -> list[Sequence]:
+        admitted = []
+        free = self._free_slots[mb]
+        while free and self.waiting:
+            req = self.waiting.popleft()
+            seq = Sequence(
+                request=req,
+                micro_batch=mb,
+                slot=free.pop(),
+                token_ids=list(req.prompt_token_ids),
+                n_prompt=len(req.prompt_token_ids),
+                generator=None if req.params.is_greedy else make_generator(req.params.seed),
+            )
+            self.running[mb][seq.slot] = seq
+            admitted.append(seq)
+        return admitted
+
+    def schedule(self, mb: int) -> Step | None:
+        """Admit into micro-batch ``mb`` and plan its next step (None if it is idle)."""
+        admitted = self._admit(mb)
+        seqs = sorted(self.running[mb].values(), key=lambda s: s.slot)
+        step = Step(mb, [], [], [], [], [], [], admitted)
+        budget = self.max_step_tokens
+        # Decoding sequences first (one token each), then prompt chunks in slot order.
+        for phase_prefill in (False, True):
+            for seq in seqs:
+                pending = len(seq.token_ids) - seq.n_cached
+                if pending <= 0 or budget <= 0 or (pending > 1) != phase_prefill:
+                    continue
+                count = min(pending, budget)
+                row = len(step.input_ids)
+                step.seqs.append(seq)
+                step.starts.append(seq.n_cached)
+                step.counts.append(count)
+                step.input_ids.extend(seq.token_ids[seq.n_cached : seq.n_cached + count])
+                if count == pending:
+                    step.sample_seqs.append(seq)
+                    step.sample_rows.append(row + count - 1)
+                budget -= count
+        return step if step.seqs else None
+
+    # -- results -------------------------------------------------------------------
+    def update(self, step: Step, next_tokens: Seq[int]) -> list[Completion]:
+        """Record that ``step`` ran and append ``next_tokens`` (one per sample row).
+
+        Returns the completions of sequences that finished; their slots are free.
+        """
+        for seq, count in zip(step.seqs, step.counts):
+            seq.n_cached += count
+        done = []
+        for seq, token in zip(step.sample_seqs, next_tokens):
+            if self._append(seq, int(token)):
+                done.append(self._finish(seq))
+        return done
+
+    def _append(self, seq: Sequence, token: int) -> bool:
+        p = seq.params
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            seq.finish_reason = FINISH_STOP  # the stopping token is not part of the output
+            return True
+        seq.token_ids.append(token)
+        if p.stop and self.detokenize is not None:
+            seq.text = self.detokenize(seq.output_ids)
+            cut = find_stop(seq.text, p.stop)
+            if cut is not None:
+                seq.text = seq.text[:cut]
+                seq.finish_reason = FINISH_STOP
+                return True
+        if len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_seq_len:
+            seq.finish_reason = FINISH_LENGTH
+            return True
+        return False
+
+    def _finish(self, seq: Sequence) -> Completion:
+        del self.running[seq.micro_batch][seq.slot]
+        self._free_slots[seq.micro_batch].append(seq.slot)
+        self._free_slots[seq.micro_batch].sort(reverse=True)
+        if seq.params.stop and self.detokenize is not None:
+            text = seq.text
+        else:
+            text = self.detokenize(seq.output_ids) if self.detokenize is not None else ""
+        return Completion(
+            id=seq.id,
+            prompt=seq.request.prompt,
+            prompt_token_ids=seq.token_ids[: seq.n_prompt],
+            completion=text,
+            completion_token_ids=seq.output_ids,
+            finish_reason=seq.finish_reason,
+        )
+
+    def finished_slots(self, step: Step) -> list[Sequence]:
+        """Sequences of ``step`` that finished in the last :meth:`update`."""
+        return [s for s in step.sample_seqs if s.finish_reason is not None]

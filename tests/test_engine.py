@@ -1,0 +1,155 @@
+"""The in-process engine on tiny random models: continuous batching, chunked prefill,
+finishing rules, batch invariance."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from glinthawk_dask.engine.engine import EngineConfig, InProcessEngine
+from glinthawk_dask.engine.request import Request
+from glinthawk_dask.engine.scheduler import BatchScheduler
+from glinthawk_dask.model import from_name, load_slice
+from glinthawk_dask.model.synthetic import SyntheticCheckpoint
+from glinthawk_dask.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module", params=["tiny-mha", "tiny-gqa"])
+def tiny_weights(request):
+    return load_slice(SyntheticCheckpoint(from_name(request.param), seed=3))
+
+
+def _prompts(n, vocab, seed=0, lo=1, hi=60):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _run(weights, prompts, params, **config):
+    engine = InProcessEngine(weights, config=EngineConfig(**config))
+    reqs = [Request(str(i), p, params[i] if isinstance(params, list) else params) for i, p in enumerate(prompts)]
+    out = {c.id: c for c in engine.generate(reqs)}
+    assert len(engine.cache) == 0, "every slot is freed at the end"
+    return [out[str(i)] for i in range(len(prompts))], engine
+
+
+def test_continuous_batching_equals_one_at_a_time(tiny_weights):
+    vocab = tiny_weights.config.vocab_size
+    prompts = _prompts(23, vocab, lo=1, hi=70)
+    rng = random.Random(1)
+    params = [SamplingParams(max_tokens=rng.randint(1, 25), ignore_eos=True) for _ in prompts]
+    together, engine = _run(tiny_weights, prompts, params, micro_batch_size=4, n_micro_batches=2,
+                            max_step_tokens=40)
+    assert engine.cache.n_slots == 8 < len(prompts)
+    for i, p in enumerate(prompts):
+        alone, _ = _run(tiny_weights, [p], params[i], micro_batch_size=1, max_step_tokens=512)
+        assert together[i].completion_token_ids == alone[0].completion_token_ids, i
+        assert len(together[i].completion_token_ids) == params[i].max_tokens
+        assert together[i].finish_reason == "length"
+
+
+def test_chunked_prefill_budget_does_not_change_tokens(tiny_weights):
+    prompts = _prompts(6, tiny_weights.config.vocab_size, seed=5, lo=30, hi=90)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    big, _ = _run(tiny_weights, prompts, params, micro_batch_size=6, max_step_tokens=1024)
+    small, engine = _run(tiny_weights, prompts, params, micro_batch_size=6, max_step_tokens=7)
+    assert [c.completion_token_ids for c in big] == [c.completion_token_ids for c in small]
+    # 6 prompts of >= 30 tokens with a budget of 7 tokens per step: many prefill steps.
+    assert engine.stats["steps"] > sum(len(p) for p in prompts) // 7
+
+
+def test_seeded_sampling_is_batch_invariant(tiny_weights):
+    prompts = _prompts(12, tiny_weights.config.vocab_size, seed=9)
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, top_k=40, seed=100 + i,
+                             ignore_eos=True) for i in range(len(prompts))]
+    together, _ = _run(tiny_weights, prompts, params, micro_batch_size=5, n_micro_batches=2)
+    for i in (0, 7, 11):
+        alone, _ = _run(tiny_weights, [prompts[i]], params[i], micro_batch_size=1)
+        assert together[i].completion_token_ids == alone[0].completion_token_ids
+    # Different seeds give different samples (the seed is used).
+    assert len({tuple(c.completion_token_ids) for c in together}) > 1
+
+
+def _greedy_tokens(weights, prompt, n):
+    out, _ = _run(weights, [prompt], SamplingParams(max_tokens=n, ignore_eos=True), micro_batch_size=1)
+    return out[0].completion_token_ids
+
+
+def test_eos_and_stop_token_ids_end_without_the_token(tiny_weights):
+    prompt = _prompts(1, tiny_weights.config.vocab_size, seed=11)[0]
+    free_run = _greedy_tokens(tiny_weights, prompt, 12)
+    target = free_run[5]
+    first = free_run.index(target)
+    engine = InProcessEngine(tiny_weights, eos_token_ids=[target])
+    (c,) = engine.generate([Request("a", prompt, SamplingParams(max_tokens=12))])
+    assert c.finish_reason == "stop" and c.completion_token_ids == free_run[:first]
+    (c,) = engine.generate([Request("b", prompt, SamplingParams(max_tokens=12, ignore_eos=True))])
+    assert c.completion_token_ids == free_run and c.finish_reason == "length"
+    engine = InProcessEngine(tiny_weights)
+    (c,) = engine.generate([Request("c", prompt, SamplingParams(max_tokens=12, stop_token_ids=[target]))])
+    assert c.finish_reason == "stop" and c.completion_token_ids == free_run[:first]
+
+
+def test_stop_strings_cut_the_text(tiny_weights):
+    vocab = tiny_weights.config.vocab_size
+    prompt = _prompts(1, vocab, seed=12)[0]
+    free_run = _greedy_tokens(tiny_weights, prompt, 15)
+
+    def detok(ids):
+        return "".join(f"<{i}>" for i in ids)
+
+    stop = f"{free_run[6]}><{free_run[7]}"  # spans two tokens
+    engine = InProcessEngine(tiny_weights, detokenize=detok)
+    (c,) = engine.generate([Request("a", prompt, SamplingParams(max_tokens=15, stop=[stop], ignore_eos=True))])
+    full = detok(free_run)
+    assert c.finish_reason == "stop"
+    assert c.completion == full[: full.index(stop)]
+    n = min(n for n in range(len(free_run) + 1) if stop in detok(free_run[:n]))
+    assert c.completion_token_ids == free_run[:n]
+
+
+def test_context_limit_finishes_with_length():
+    cfg = from_name("tiny-gqa").replace(max_seq_len=40)
+    weights = load_slice(SyntheticCheckpoint(cfg, seed=1))
+    prompt = list(range(1, 31))
+    engine = InProcessEngine(weights)
+    (c,) = engine.generate([Request("a", prompt, SamplingParams(max_tokens=100, ignore_eos=True))])
+    assert c.finish_reason == "length"
+    assert len(prompt) + len(c.completion_token_ids) == 40
+
+
+def test_scheduler_frees_slot_for_next_request_at_once():
+    sched = BatchScheduler(n_micro_batches=1, micro_batch_size=2, max_step_tokens=16, max_seq_len=32)
+    for i in range(3):
+        sched.add(Request(str(i), [1, 2, 3], SamplingParams(max_tokens=1 + 2 * i, ignore_eos=True)))
+    step = sched.schedule(0)
+    assert [s.id for s in step.seqs] == ["0", "1"] and step.counts == [3, 3]
+    done = sched.update(step, [7, 7])
+    assert [c.id for c in done] == ["0"]
+    step = sched.schedule(0)
+    # request 2 took request 0's slot in the very next step, next to 1's decode token
+    assert [s.id for s in step.admitted] == ["2"]
+    assert step.admitted[0].slot == 0
+    assert sorted(zip((s.id for s in step.seqs), step.counts)) == [("1", 1), ("2", 3)]
+
+
+def test_sampled_rows_only_for_finished_prompts():
+    sched = BatchScheduler(n_micro_batches=1, micro_batch_size=2, max_step_tokens=4, max_seq_len=64)
+    sched.add(Request("long", list(range(10)), SamplingParams(max_tokens=2)))
+    step = sched.schedule(0)
+    assert step.counts == [4] and step.sample_rows == []
+    sched.update(step, [])
+    step = sched.schedule(0)
+    assert step.starts == [4] and step.counts == [4] and step.sample_rows == []
+    sched.update(step, [])
+    step = sched.schedule(0)
+    assert step.starts == [8] and step.counts == [2] and step.sample_rows == [1]
+
+
+def test_bfloat16_weights_run(tiny_weights):
+    weights = load_slice(SyntheticCheckpoint(tiny_weights.config, seed=3), dtype=torch.bfloat16)
+    prompts = _prompts(4, weights.config.vocab_size)
+    out, engine = _run(weights, prompts, SamplingParams(max_tokens=5, ignore_eos=True), micro_batch_size=4)
+    assert engine.cache.k.dtype == torch.bfloat16
+    assert all(len(c.completion_token_ids) == 5 for c in out)

@@ -1,0 +1,129 @@
+"""The ``glinthawk`` command line.
+
+User mistakes (a missing file, a bad option, an unknown model) end with one line on
+stderr and a non-zero exit code; a row that cannot be processed becomes an error
+record in the output and the run goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from typing import Any, BinaryIO, Callable, Iterator, TextIO
+
+import click
+
+from .errors import GlinthawkError
+
+__all__ = ["main"]
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Turn :class:`GlinthawkError` into a one-line message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GlinthawkError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def _read_rows(stream: BinaryIO, name: str) -> Iterator[Any]:
+    """Rows of a JSONL stream; a line that is not UTF-8 JSON becomes an error record."""
+    from .prompts import UndecodableRow
+
+    for lineno, raw in enumerate(stream, 1):
+        if not raw.strip():
+            continue
+        try:
+            yield json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield UndecodableRow(f"line-{lineno}", f"{name} line {lineno}: not UTF-8 ({e.reason})")
+        except json.JSONDecodeError as e:
+            yield UndecodableRow(f"line-{lineno}", f"{name} line {lineno}: not valid JSON ({e.msg})")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="glinthawk-dask")
+def main() -> None:
+    """glinthawk: high-throughput LLM batch inference, attention and KV caches on a CPU tier."""
+
+
+@main.command()
+@click.option("--model", "-m", default="smollm2-135m-instruct", show_default=True,
+              help="Preset name, GGUF file, Hugging Face directory, or random:<preset>.")
+@click.option("--input", "-i", "input_path", type=click.File("rb"),
+              help='JSONL prompts: {"prompt": ...} or {"messages": [...]} per line; - for stdin.')
+@click.option("--prompt", "-p", "prompts", multiple=True, help="A prompt (repeatable).")
+@click.option("--output", "-o", type=click.File("w", encoding="utf-8"), default="-",
+              help="Where to write JSONL completions [default: stdout].")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 disables top-k.")
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed of every sampled request.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--chat", is_flag=True, help="Apply the model's chat template to prompts.")
+@click.option("--micro-batch-size", type=int, default=64, show_default=True)
+@click.option("--micro-batches", type=int, default=1, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, ... [default: cuda if available]")
+@click.option("--dtype", default=None, help="float32, bfloat16, float16 [default: by device]")
+@_user_errors
+def generate(
+    model: str, input_path: BinaryIO | None, prompts: tuple[str, ...], output: TextIO,
+    max_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float,
+    seed: int | None, stop: tuple[str, ...], chat: bool, micro_batch_size: int,
+    micro_batches: int, device: str | None, dtype: str | None,
+) -> None:
+    """Complete prompts and write one JSON line per prompt.
+
+    Each output line has id, prompt, completion, completion_token_ids (without the
+    EOS that ended it), finish_reason ("stop", "length" or "error") and token counts.
+    """
+    from .api import LLM
+    from .engine.engine import EngineConfig
+    from .errors import InvalidRequestError
+    from .sampling import SamplingParams
+
+    if input_path is None and not prompts:
+        raise click.UsageError("give prompts with --input FILE (JSONL) or --prompt TEXT")
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, min_p=min_p, seed=seed, stop=stop)
+        engine_config = EngineConfig(micro_batch_size=micro_batch_size, n_micro_batches=micro_batches,
+                                     max_step_tokens=max(512, micro_batch_size))
+    except (InvalidRequestError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    rows: list[Any] = [{"prompt": p} for p in prompts]
+    if input_path is not None:
+        rows.extend(_read_rows(input_path, input_path.name))
+
+    t0 = time.perf_counter()
+    llm = LLM(model, device=device, dtype=dtype, engine_config=engine_config)
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_tokens = n_errors = 0
+    results = llm.generate(rows, params, chat=chat)
+    elapsed = time.perf_counter() - t0
+    for c in results:
+        output.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
+        n_tokens += len(c.completion_token_ids)
+        n_errors += c.error is not None
+    output.flush()
+    click.echo(
+        f"{len(results)} rows, {n_errors} errors, {n_tokens} tokens generated in {elapsed:.1f} s "
+        f"({n_tokens / max(elapsed, 1e-9):.1f} tok/s; model loaded in {t_load:.1f} s)",
+        err=True,
+    )
+    if n_errors:
+        click.echo(f"{n_errors} rows failed: see their \"error\" field", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

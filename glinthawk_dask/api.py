@@ -136,7 +136,7 @@ class LLM:
                 out.append(Request(row.id, ids, row.params, row.source))
             except InvalidRequestError as e:
                 rid = row.id if row is not None else _raw_id(raw, i)
-                source = row.source if row is not None else raw
+                source = row.source if row is not None else _raw_source(raw)
                 out.append(Completion(rid, source, [], "", [], FINISH_ERROR, str(e)))
         return out
 
@@ -161,6 +161,15 @@ class LLM:
         for c in self.engine.generate(e for e in entries if isinstance(e, Request)):
             results[index[c.id]] = c
         return results
+
+
+def _raw_source(raw: Any) -> Any:
+    """What an error record shows as the prompt of a row that failed validation."""
+    if isinstance(raw, UndecodableRow):
+        return None
+    if isinstance(raw, dict):
+        return raw.get("prompt", raw.get("messages"))
+    return raw
 
 
 def _raw_id(raw: Any, index: int) -> str:

@@ -102,7 +102,7 @@ def generate(
         raise click.UsageError(str(e)) from None
     rows: list[Any] = [{"prompt": p} for p in prompts]
     if input_path is not None:
-        rows.extend(_read_rows(input_path, input_path.name))
+        rows.extend(_read_rows(input_path, getattr(input_path, "name", "<stdin>")))
 
     t0 = time.perf_counter()
     llm = LLM(model, device=device, dtype=dtype, engine_config=engine_config)

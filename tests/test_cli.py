@@ -1,0 +1,125 @@
+"""``glinthawk generate``: the output contract and every user-error path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from glinthawk_dask.cli import main
+from glinthawk_dask.model import from_name
+
+
+def _invoke(*args, input=None):
+    result = CliRunner().invoke(main, ["generate", *args], input=input)
+    return result
+
+
+def _lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def _assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in result.output, result.output
+
+
+def test_generate_token_ids_on_a_synthetic_model(tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = [
+        {"id": "a", "prompt_token_ids": [1, 2, 3, 4]},
+        {"prompt_token_ids": [5, 6], "max_tokens": 3},
+        {"id": "c", "prompt_token_ids": [7] * 300},  # beyond tiny-gqa's context of 256
+        {"id": "d", "prompt": "text needs a tokenizer"},
+    ]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    out = tmp_path / "out.jsonl"
+    result = _invoke("--model", "random:tiny-gqa", "--input", str(src), "--output", str(out),
+                     "--max-tokens", "5", "--temperature", "0.7", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    got = _lines(out.read_text())
+    assert [g["id"] for g in got][:1] == ["a"] and len(got) == 5
+    a, b, c, d, bad = got
+    assert a["finish_reason"] == "length" and len(a["completion_token_ids"]) == 5
+    assert a["prompt"] == [1, 2, 3, 4]
+    assert len(b["completion_token_ids"]) == 3 and b["id"]  # a stable id was made up
+    assert c["finish_reason"] == "error" and "context is 256" in c["error"]
+    assert d["finish_reason"] == "error" and "no tokenizer" in d["error"]
+    assert bad["finish_reason"] == "error" and "line 5: not valid JSON" in bad["error"]
+    assert "3 rows failed" in result.output
+
+
+def test_generate_is_reproducible_with_a_seed(tmp_path):
+    args = ["--model", "random:tiny-mha", "--input", "-", "--max-tokens", "6",
+            "--temperature", "1.0", "--seed", "11"]
+    stdin = json.dumps({"id": "x", "prompt_token_ids": [3, 1, 4, 1, 5]}) + "\n"
+    first = _lines(_invoke(*args, input=stdin).output)
+    second = _lines(_invoke(*args, input=stdin).output)
+    assert first[0]["completion_token_ids"] == second[0]["completion_token_ids"]
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["--model", "no-such-model", "--prompt", "hi"], ["unknown", "smollm2-135m-instruct"]),
+        (["--model", "/nonexistent/model.gguf", "--prompt", "hi"], ["/nonexistent/model.gguf"]),
+        (["--model", "llama-2-7b", "--prompt", "hi"], ["random:llama-2-7b"]),
+        (["--prompt", "hi", "--temperature", "-1"], ["temperature"]),
+        (["--prompt", "hi", "--top-p", "0"], ["top_p"]),
+        ([], ["--input", "--prompt"]),
+        (["--input", "/nonexistent.jsonl"], ["/nonexistent.jsonl"]),
+        (["--prompt", "hi", "--dtype", "float64"], ["dtype"]),
+    ],
+)
+def test_user_errors_are_one_line(args, fragments):
+    _assert_one_line_error(_invoke(*args), *fragments)
+
+
+def test_corrupt_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(4096))
+    _assert_one_line_error(_invoke("--model", str(bad), "--prompt", "hi"), "broken.gguf")
+
+
+def test_hf_directory_missing_a_tensor_is_a_clear_error(tmp_path, make_hf_dir):
+    directory, _ = make_hf_dir(from_name("tiny-gqa"))
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    result = _invoke("--model", str(directory), "--prompt", "hi")
+    _assert_one_line_error(result, "model.layers.1.mlp.up_proj.weight")
+
+
+@pytest.mark.slow
+def test_generate_subprocess_on_the_embedded_model(tmp_path):
+    """The real command on the default model: text, chat, an empty prompt, a prompt longer
+    than the context."""
+    src = tmp_path / "in.jsonl"
+    rows = [
+        {"id": "fr", "prompt": "The capital of France is"},
+        {"id": "chat", "messages": [{"role": "user", "content": "Say hello."}]},
+        {"id": "empty", "prompt": ""},
+        {"id": "long", "prompt": "word " * 9000},
+    ]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "glinthawk_dask", "generate", "--input", str(src), "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = {r["id"]: r for r in _lines(proc.stdout)}
+    assert got["fr"]["completion"].startswith(" Paris")
+    assert got["fr"]["finish_reason"] == "length" and len(got["fr"]["completion_token_ids"]) == 8
+    assert got["chat"]["completion"] and got["chat"]["prompt_tokens"] > 10
+    assert got["empty"]["finish_reason"] == "error" and "empty prompt" in got["empty"]["error"]
+    assert got["long"]["finish_reason"] == "error" and "context is 8192" in got["long"]["error"]
+    assert "Traceback" not in proc.stderr and "2 rows failed" in proc.stderr

@@ -94,6 +94,9 @@ class KVCache:
     def __len__(self) -> int:
         return len(self._slot_of)
 
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._slot_of
+
     def __repr__(self) -> str:
         return (
             f"<KVCache layers [{self.layer_start}, {self.layer_stop}) slots {len(self)}/{self.n_slots} "

@@ -1,0 +1,10 @@
+"""The two-tier runtime on Dask: worker plugins, the control plane and the client side.
+
+Importing this package registers glinthawk's defaults in ``dask.config``.
+"""
+
+from .. import config  # noqa: F401  (registers the defaults)
+from .client import DaskEngine, RunSummary
+from .plugins import GlinthawkSchedulerPlugin, GlinthawkWorkerPlugin
+
+__all__ = ["DaskEngine", "RunSummary", "GlinthawkSchedulerPlugin", "GlinthawkWorkerPlugin"]

@@ -1,0 +1,156 @@
+"""Tier 2 on a Dask worker: KV caches as worker-resident state, attention on request.
+
+Dense workers call :meth:`AttentionService.attend` through distributed's rpc layer
+(worker to worker; the scheduler never sees these messages).  A run opens one
+:class:`~glinthawk_dask.model.kv_cache.KVCache` here for its slice of layers, sized up
+front within the worker's KV budget, so attention memory can never grow past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..model.attention import AttentionBatch
+from ..model.config import ModelConfig
+from ..model.kv_cache import KVCache
+from .compute import ComputeStream
+from .messages import DTYPES, pack, unpack
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AttentionService", "AttentionRunError"]
+
+
+class AttentionRunError(RuntimeError):
+    """A message refers to a run or step this worker does not hold (stale or misrouted)."""
+
+
+@dataclass
+class _Run:
+    cache: KVCache
+    latency: float
+    batches: dict[int, tuple[int, AttentionBatch]]  # micro-batch -> (step, layout)
+
+
+class AttentionService:
+    """Holds the KV caches of runs and answers attention requests."""
+
+    def __init__(self, worker: Any, kv_budget: int) -> None:
+        self.worker = worker
+        self.kv_budget = int(kv_budget)
+        self.runs: dict[str, _Run] = {}
+        self.stream = ComputeStream("glinthawk-attention")
+
+    # -- handlers (event loop) -------------------------------------------------------
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "glinthawk_kv_open": self.open,
+            "glinthawk_kv_close": self.close_run,
+            "glinthawk_attend": self.attend,
+            "glinthawk_kv_info": self.info,
+        }
+
+    def open(
+        self,
+        run_id: str,
+        config: dict,
+        layer_start: int,
+        layer_stop: int,
+        n_slots: int,
+        max_seq_len: int,
+        dtype: str = "float32",
+        latency: float = 0.0,
+    ) -> dict:
+        """Allocate the KV cache of a run (idempotent for the same run)."""
+        if run_id in self.runs:
+            return self.info(run_id)
+        cfg = ModelConfig(**config)
+        need = cfg.kv_bytes_per_token(torch.tensor([], dtype=DTYPES[dtype]).element_size(),
+                                      layer_stop - layer_start) * n_slots * max_seq_len
+        if need > self.kv_budget - self.used_bytes():
+            raise MemoryError(
+                f"KV cache of {need / 2**20:.0f} MiB does not fit the {self.kv_budget / 2**20:.0f} MiB "
+                f"KV budget of {self.worker.address}: lower the micro-batch size or max_seq_len, "
+                "or add attention workers"
+            )
+        cache = KVCache(cfg, n_slots, max_seq_len, layer_start=layer_start, layer_stop=layer_stop,
+                        dtype=DTYPES[dtype])
+        self.runs[run_id] = _Run(cache, float(latency), {})
+        logger.info("glinthawk run %s: %r", run_id, cache)
+        return self.info(run_id)
+
+    def close_run(self, run_id: str) -> None:
+        self.runs.pop(run_id, None)
+
+    def used_bytes(self) -> int:
+        return sum(r.cache.capacity_bytes for r in self.runs.values())
+
+    def info(self, run_id: str | None = None) -> dict:
+        out = {"kv_budget": self.kv_budget, "kv_allocated": self.used_bytes(), "runs": {}}
+        for rid, r in self.runs.items():
+            if run_id is None or rid == run_id:
+                out["runs"][rid] = {
+                    "n_slots": r.cache.n_slots,
+                    "live": len(r.cache),
+                    "used_bytes": r.cache.used_bytes,
+                    "capacity_bytes": r.cache.capacity_bytes,
+                }
+        return out
+
+    async def attend(
+        self,
+        run_id: str,
+        micro_batch: int,
+        step: int,
+        layer: int,
+        q: dict,
+        k: dict,
+        v: dict,
+        layout: dict | None = None,
+    ) -> dict:
+        """Append k/v of ``layer`` and return attention outputs for one micro-batch step.
+
+        The first layer of a step carries the ``layout`` (segments, admitted and
+        released sequences); the following layers refer to it by ``step``.
+        """
+        run = self.runs.get(run_id)
+        if run is None:
+            raise AttentionRunError(f"run {run_id!r} is not open on {self.worker.address}")
+        if layout is not None:
+            batch = AttentionBatch.build(layout["slots"], layout["starts"], layout["counts"])
+            run.batches[micro_batch] = (step, batch)
+            admitted, released = layout.get("admitted", []), layout.get("released", [])
+        else:
+            held = run.batches.get(micro_batch)
+            if held is None or held[0] != step:
+                raise AttentionRunError(
+                    f"run {run_id!r} micro-batch {micro_batch}: no layout for step {step}"
+                )
+            batch, admitted, released = held[1], [], []
+        qt, kt, vt = unpack(q), unpack(k), unpack(v)
+        cache = run.cache
+
+        def work() -> torch.Tensor:
+            for seq_id in released:
+                if seq_id in cache:
+                    cache.free(seq_id)
+            for seq_id, slot in admitted:
+                if seq_id in cache:  # a replayed step: start the sequence over
+                    cache.free(seq_id)
+                cache.allocate(seq_id, slot)
+            with torch.inference_mode():
+                return cache.attend(layer, qt, kt, vt, batch)  # [T, H, D]
+
+        o = await self.stream.submit(-layer, work, kind="attention", micro_batch=micro_batch, layer=layer)
+        if run.latency:
+            await asyncio.sleep(run.latency)
+        return {"o": pack(o)}
+
+    def close(self) -> None:
+        self.runs.clear()
+        self.stream.close()

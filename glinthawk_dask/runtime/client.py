@@ -1,0 +1,271 @@
+"""The caller's side of a distributed run.
+
+:class:`DaskEngine` places a run through the scheduler plugin (one message), opens the
+KV caches and layer slices on the workers, submits requests straight to the first
+dense worker and collects completions from it as they finish: the scheduler sees a
+handful of messages per run, never per layer or per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+import uuid
+from typing import Any, AsyncIterator, Iterable, Iterator
+
+import torch
+
+from ..engine.request import Completion, Request
+from ..errors import GlinthawkError
+from ..model.config import ModelConfig
+from ..model.resolve import resolve_checkpoint
+from .. import config
+from .compute import busy_seconds, overlap_seconds
+from .messages import DTYPES
+from .placement import auto_depth
+
+__all__ = ["DaskEngine", "RunSummary"]
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a finished run did."""
+
+    run_id: str
+    mode: str
+    n_requests: int
+    n_steps: int
+    n_tokens: int
+    generated_tokens: int
+    seconds: float
+    micro_batch_size: int
+    n_micro_batches: int
+    plan: dict
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+
+class DaskEngine:
+    """Generate on a Dask cluster whose workers run :class:`GlinthawkWorkerPlugin`.
+
+    ``mode`` is ``"two-tier"`` (attention on KV workers) or ``"single-tier"`` (KV on
+    the dense workers).  ``n_micro_batches`` is an int or ``"auto"``: enough
+    micro-batches that the dense worker does not wait for attention, from a measured
+    dense step and attention round trip.  ``latency`` (seconds) delays every
+    inter-tier message.  Unset knobs come from ``dask.config`` (``glinthawk.engine``).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        model: str,
+        *,
+        mode: str | None = None,
+        n_slices: int | None = None,
+        micro_batch_size: int | None = None,
+        n_micro_batches: int | str | None = None,
+        max_step_tokens: int | None = None,
+        max_seq_len: int | None = None,
+        dtype: str = "float32",
+        latency: float | None = None,
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.mode = mode or config.get("engine.mode")
+        if self.mode not in ("two-tier", "single-tier"):
+            raise GlinthawkError(f"DaskEngine mode must be two-tier or single-tier, not {self.mode!r}")
+        self.n_slices = n_slices
+        self.micro_batch_size = int(micro_batch_size or config.get("engine.micro-batch-size"))
+        self.n_micro_batches = n_micro_batches or config.get("engine.micro-batches")
+        self.max_step_tokens = int(max_step_tokens or config.get("engine.max-step-tokens"))
+        self.max_seq_len = max_seq_len or config.get("engine.max-seq-len")
+        self.dtype = dtype
+        self.latency = float(config.get("engine.induced-latency") if latency is None else latency)
+        self.model_config: ModelConfig = resolve_checkpoint(model).config
+        self.last_summary: RunSummary | None = None
+        self.last_timeline: dict[str, list] = {}
+
+    # -- sync API ------------------------------------------------------------------
+    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+        """Yield completions as they finish (synchronous clients)."""
+        requests = list(requests)
+        if not requests:
+            return
+        run = self.client.sync(self._open, requests)
+        try:
+            self.client.sync(self._submit, run, requests)
+            while run["pending"]:
+                yield from self.client.sync(self._poll, run)
+        finally:
+            self.client.sync(self._close, run)
+
+    # -- async API -----------------------------------------------------------------
+    async def agenerate(self, requests: Iterable[Request]) -> AsyncIterator[Completion]:
+        """Yield completions as they finish (asynchronous clients)."""
+        requests = list(requests)
+        if not requests:
+            return
+        run = await self._open(requests)
+        try:
+            await self._submit(run, requests)
+            while run["pending"]:
+                for c in await self._poll(run):
+                    yield c
+        finally:
+            await self._close(run)
+
+    # -- steps ---------------------------------------------------------------------
+    def _seq_len(self, requests: list[Request]) -> int:
+        context = self.model_config.max_seq_len
+        if self.max_seq_len:
+            return min(int(self.max_seq_len), context)
+        return min(max(len(r.prompt_token_ids) + r.params.max_tokens for r in requests), context)
+
+    async def _rpc(self, addr: str, op: str, **kwargs: Any) -> Any:
+        return await getattr(self.client.rpc(addr), op)(**kwargs)
+
+    async def _open(self, requests: list[Request]) -> dict:
+        cfg = self.model_config
+        run_id = f"gh-{uuid.uuid4().hex[:12]}"
+        seq_len = self._seq_len(requests)
+        elem = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
+        bpt_layer = cfg.kv_bytes_per_token(elem, 1)
+        mb_size = min(self.micro_batch_size, len(requests))
+        depth = self.n_micro_batches
+        max_depth = max(1, math.ceil(len(requests) / mb_size))
+        if depth == "auto":
+            depth = await self._auto_depth(mb_size, min(int(config.get("engine.max-micro-batches")), max_depth))
+        depth = max(1, min(int(depth), max_depth))
+        reply = await self.client.scheduler.glinthawk_plan(
+            run_id=run_id, mode=self.mode, n_layers=cfg.n_layers, kv_bytes_per_token_layer=bpt_layer,
+            max_seq_len=seq_len, micro_batch_size=mb_size, n_micro_batches=depth, n_slices=self.n_slices,
+        )
+        if "error" in reply:
+            raise GlinthawkError(reply["error"])
+        plan = _lists(reply["plan"])
+        run = {"id": run_id, "plan": plan, "pending": {r.id for r in requests}, "t0": time.time(),
+               "n_requests": len(requests), "generated": 0, "stats": {}}
+        try:
+            await self._open_workers(run)
+        except BaseException:
+            await self._close(run)
+            raise
+        return run
+
+    async def _open_workers(self, run: dict) -> None:
+        plan, run_id = run["plan"], run["id"]
+        cfg = dataclasses.asdict(self.model_config)
+        opens = []
+        if plan["mode"] == "two-tier":
+            for s, (a, b) in enumerate(plan["slices"]):
+                for addr, n_slots in plan["n_slots"][s].items():
+                    opens.append(self._rpc(
+                        addr, "glinthawk_kv_open", run_id=run_id, config=cfg, layer_start=a, layer_stop=b,
+                        n_slots=n_slots, max_seq_len=plan["max_seq_len"], dtype=self.dtype, latency=self.latency,
+                    ))
+        for s, (a, b) in enumerate(plan["slices"]):
+            spec = {
+                "run_id": run_id, "model": self.model, "start": a, "stop": b,
+                "micro_batch_size": plan["micro_batch_size"], "n_micro_batches": plan["n_micro_batches"],
+                "max_seq_len": plan["max_seq_len"], "mode": plan["mode"], "dtype": self.dtype,
+                "next_address": plan["dense"][s + 1] if s + 1 < len(plan["dense"]) else None,
+                "attention": plan["attention"][s] if plan["attention"] else [],
+                "slot_base": plan["slot_base"][s] if plan["slot_base"] else [],
+                "latency": self.latency, "engine": {"max_step_tokens": self.max_step_tokens},
+            }
+            opens.append(self._rpc(plan["dense"][s], "glinthawk_slice_open", run_id=run_id, spec=spec))
+        await asyncio.gather(*opens)
+
+    async def _submit(self, run: dict, requests: list[Request]) -> None:
+        rows = [
+            {"id": r.id, "prompt_token_ids": list(r.prompt_token_ids), "prompt": r.prompt,
+             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(r.params).items()}}
+            for r in requests
+        ]
+        first = run["plan"]["dense"][0]
+        await self._rpc(first, "glinthawk_submit", run_id=run["id"], requests=rows)
+
+    async def _poll(self, run: dict) -> list[Completion]:
+        first = run["plan"]["dense"][0]
+        reply = await self._rpc(first, "glinthawk_results", run_id=run["id"],
+                                timeout=float(config.get("engine.poll-interval")))
+        if reply["error"]:
+            raise GlinthawkError(f"run {run['id']} failed: {reply['error']}")
+        run["stats"] = {k: reply[k] for k in ("n_steps", "n_tokens")}
+        out = []
+        for d in reply["completions"]:
+            c = Completion(**d)
+            c.prompt_token_ids = list(c.prompt_token_ids)
+            c.completion_token_ids = list(c.completion_token_ids)
+            c.prompt = _lists(c.prompt)
+            run["pending"].discard(c.id)
+            run["generated"] += len(c.completion_token_ids)
+            out.append(c)
+        return out
+
+    async def _close(self, run: dict) -> None:
+        plan, run_id = run["plan"], run["id"]
+        seconds = time.time() - run["t0"]
+        timelines = await asyncio.gather(
+            *[self._rpc(a, "glinthawk_timeline", since=run["t0"]) for a in _workers_of(plan)],
+            return_exceptions=True,
+        )
+        self.last_timeline = {t["address"]: t["events"] for t in timelines if isinstance(t, dict)}
+        closes = [self._rpc(a, "glinthawk_slice_close", run_id=run_id) for a in plan["dense"]]
+        if plan["mode"] == "two-tier":
+            closes += [self._rpc(a, "glinthawk_kv_close", run_id=run_id)
+                       for s in range(len(plan["slices"])) for a in plan["n_slots"][s]]
+        await asyncio.gather(*closes, return_exceptions=True)
+        await self.client.scheduler.glinthawk_run_closed(run_id=run_id)
+        self.last_summary = RunSummary(
+            run_id=run_id, mode=plan["mode"], n_requests=run["n_requests"],
+            n_steps=run["stats"].get("n_steps", 0), n_tokens=run["stats"].get("n_tokens", 0),
+            generated_tokens=run["generated"], seconds=seconds, micro_batch_size=plan["micro_batch_size"],
+            n_micro_batches=plan["n_micro_batches"], plan=plan,
+        )
+
+    async def _auto_depth(self, mb_size: int, max_depth: int) -> int:
+        """Measure an attention round trip with a realistic payload and a dense layer step."""
+        reg = await self.client.scheduler.glinthawk_registry()
+        if self.mode != "two-tier" or not reg["attention"] or not reg["dense"]:
+            return 1
+        cfg = self.model_config
+        payload = bytes(mb_size * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * 4)
+        addr = reg["attention"][0]
+        await self._rpc(addr, "glinthawk_ping", payload=payload)
+        t = time.perf_counter()
+        for _ in range(3):
+            await self._rpc(addr, "glinthawk_ping", payload=payload)
+        rtt = (time.perf_counter() - t) / 3
+        dense_s = await self._rpc(reg["dense"][0], "glinthawk_calibrate", model=self.model,
+                                  tokens=mb_size, dtype=self.dtype)
+        return auto_depth(dense_s, rtt, self.latency, max_depth)
+
+    # -- measurements --------------------------------------------------------------
+    def tier_overlap(self) -> dict[str, float]:
+        """Busy seconds of each tier in the last run and the time both were busy at once."""
+        dense = [(e[1], e[2]) for ev in self.last_timeline.values() for e in ev if e[0] == "dense"]
+        attn = [(e[1], e[2]) for ev in self.last_timeline.values() for e in ev if e[0] == "attention"]
+        return {"dense_busy": busy_seconds(dense), "attention_busy": busy_seconds(attn),
+                "overlap": overlap_seconds(dense, attn)}
+
+
+def _lists(x: Any) -> Any:
+    """msgpack gives tuples back for lists: restore lists (e.g. chat messages)."""
+    if isinstance(x, (list, tuple)):
+        return [_lists(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _lists(v) for k, v in x.items()}
+    return x
+
+
+def _workers_of(plan: dict) -> list[str]:
+    out = list(plan["dense"])
+    for s in range(len(plan["slices"])):
+        if plan["n_slots"]:
+            out += [a for a in plan["n_slots"][s] if a not in out]
+    return out

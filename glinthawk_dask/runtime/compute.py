@@ -1,0 +1,125 @@
+"""One compute stream per worker, run by priority, and a timeline of what it ran.
+
+The dense worker has one device and therefore one stream of compute: every micro-batch
+in flight submits its next dense step here, and the deepest layer goes first (it is
+closest to producing tokens).  The event loop never computes; it only waits for
+results, so network messages keep flowing while the stream is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import itertools
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+__all__ = ["ComputeStream", "Timeline", "busy_seconds", "overlap_seconds"]
+
+
+class Timeline:
+    """A bounded record of ``(kind, start, stop, micro_batch, layer)`` intervals."""
+
+    def __init__(self, maxlen: int = 200_000) -> None:
+        self._events: collections.deque[tuple[str, float, float, int, int]] = collections.deque(
+            maxlen=maxlen
+        )
+
+    def record(self, kind: str, start: float, stop: float, micro_batch: int = -1, layer: int = -1) -> None:
+        self._events.append((kind, start, stop, micro_batch, layer))
+
+    def events(self, since: float = 0.0) -> list[tuple[str, float, float, int, int]]:
+        return [e for e in self._events if e[2] >= since]
+
+    def clear(self) -> None:
+        self._events.clear()
+
+
+def _merged(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def busy_seconds(intervals: Iterable[tuple[float, float]]) -> float:
+    """Wall time covered by the union of ``intervals``."""
+    return sum(b - a for a, b in _merged(intervals))
+
+
+def overlap_seconds(a: Iterable[tuple[float, float]], b: Iterable[tuple[float, float]]) -> float:
+    """Wall time during which both sets of intervals are busy."""
+    ma, mb = _merged(a), _merged(b)
+    i = j = 0
+    total = 0.0
+    while i < len(ma) and j < len(mb):
+        lo, hi = max(ma[i][0], mb[j][0]), min(ma[i][1], mb[j][1])
+        if hi > lo:
+            total += hi - lo
+        if ma[i][1] < mb[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+class ComputeStream:
+    """A single thread that runs submitted functions, lowest ``priority`` value first."""
+
+    def __init__(self, name: str = "glinthawk-compute", timeline: Timeline | None = None) -> None:
+        self.timeline = timeline or Timeline()
+        self._heap: list[tuple[float, int, Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop, tuple]] = []
+        self._count = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, priority: float, fn: Callable[[], Any], *, kind: str = "dense", micro_batch: int = -1, layer: int = -1
+    ) -> asyncio.Future:
+        """Queue ``fn()``; the returned future (of the running loop) gets its result."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("compute stream is closed")
+            heapq.heappush(self._heap, (priority, next(self._count), fn, fut, loop, (kind, micro_batch, layer)))
+            self._cv.notify()
+        return fut
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._heap:
+                    return
+                _, _, fn, fut, loop, (kind, mb, layer) = heapq.heappop(self._heap)
+            start = time.time()
+            try:
+                result, error = fn(), None
+            except BaseException as e:  # handed to the awaiting coroutine
+                result, error = None, e
+            self.timeline.record(kind, start, time.time(), mb, layer)
+            loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+
+
+def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

@@ -1,0 +1,317 @@
+"""Tier 1 on a Dask worker: a slice of layers, run for every micro-batch in flight.
+
+A dense worker hosts a contiguous slice of layers (weights cached across runs).  For
+each micro-batch step it runs the dense half of each layer on its one compute stream,
+sends q/k/v to the micro-batch's attention worker and awaits the output, so while one
+micro-batch waits for attention another one computes.  The residual stream never
+leaves the worker; between slices only the hidden state travels, and the last slice
+samples the next tokens, which return to the first slice as the reply.
+
+In single-tier mode the KV cache lives here and a slice step is one compute job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..model.attention import AttentionBatch
+from ..model.kv_cache import KVCache
+from ..model.ops import RopeTable, embed, head, post_attention, post_pre_attention, pre_attention
+from ..model.resolve import resolve_checkpoint
+from ..model.weights import SliceWeights, load_slice
+from ..sampling import SamplingParams, make_generator, sample
+from .compute import ComputeStream
+from .messages import DTYPES, pack, unpack
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DenseService", "SliceSpec", "SliceRun"]
+
+
+@dataclass
+class SliceSpec:
+    """What a dense worker needs to take part in a run."""
+
+    run_id: str
+    model: str
+    start: int
+    stop: int
+    micro_batch_size: int
+    n_micro_batches: int
+    max_seq_len: int
+    mode: str = "two-tier"  # or "single-tier"
+    dtype: str = "float32"
+    device: str | None = None
+    next_address: str | None = None  # the next slice's dense worker
+    attention: list[str] = field(default_factory=list)  # attention worker of each micro-batch
+    slot_base: list[int] = field(default_factory=list)  # first local KV slot of each micro-batch
+    latency: float = 0.0  # induced delay of every inter-tier message, seconds
+    engine: dict = field(default_factory=dict)  # first slice: scheduler settings
+
+
+class SliceRun:
+    """One run's state on one dense worker."""
+
+    def __init__(self, service: "DenseService", spec: SliceSpec, weights: SliceWeights) -> None:
+        self.service = service
+        self.spec = spec
+        self.weights = weights
+        self.config = weights.config
+        self.device = weights.device
+        self.rope = RopeTable.build(self.config, spec.max_seq_len, dtype=weights.dtype, device=self.device)
+        self.cache: KVCache | None = None
+        if spec.mode == "single-tier":
+            self.cache = KVCache(
+                self.config, spec.n_micro_batches * spec.micro_batch_size, spec.max_seq_len,
+                layer_start=spec.start, layer_stop=spec.stop, dtype=weights.dtype, device=self.device,
+            )
+        elif len(spec.attention) != spec.n_micro_batches:
+            raise ValueError("two-tier mode needs an attention worker for every micro-batch")
+        self.params: dict[str, SamplingParams] = {}
+        self.generators: dict[str, torch.Generator | None] = {}
+        self.driver: Any = None  # set on the first slice
+
+    @property
+    def stream(self) -> ComputeStream:
+        return self.service.stream
+
+    # -- per step ------------------------------------------------------------------
+    def _local_slot(self, mb: int, slot: int) -> int:
+        if self.cache is not None:
+            return slot
+        return self.spec.slot_base[mb] + slot - mb * self.spec.micro_batch_size
+
+    def _layout(self, msg: dict) -> dict:
+        mb = msg["mb"]
+        return {
+            "slots": [self._local_slot(mb, s) for s in msg["slots"]],
+            "starts": msg["starts"],
+            "counts": msg["counts"],
+            "admitted": [[a[0], self._local_slot(mb, a[1])] for a in msg["admitted"]],
+            "released": msg["released"],
+        }
+
+    def _track_sampling(self, msg: dict) -> None:
+        if not self.weights.is_last:
+            return
+        for seq_id in msg["released"]:
+            self.params.pop(seq_id, None)
+            self.generators.pop(seq_id, None)
+        for seq_id, _, params in msg["admitted"]:
+            p = SamplingParams.from_dict(params)
+            self.params[seq_id] = p
+            self.generators[seq_id] = None if p.is_greedy else make_generator(p.seed)
+
+    def _head_and_sample(self, x: torch.Tensor, msg: dict) -> list[int]:
+        rows = torch.tensor(msg["sample_rows"], dtype=torch.long, device=x.device)
+        if not len(rows):
+            return []
+        logits = head(self.weights, x[rows])  # [N, V]
+        ids = msg["sample"]
+        return sample(logits, [self.params[i] for i in ids], [self.generators[i] for i in ids]).tolist()
+
+    def _inputs(self, msg: dict, x: torch.Tensor | None):
+        batch = AttentionBatch.build(msg["slots"], msg["starts"], msg["counts"], device=self.device)
+        cos, sin = self.rope.at(batch.positions)
+        if x is None:
+            ids = torch.tensor(msg["input_ids"], dtype=torch.long, device=self.device)
+            x = embed(self.weights, ids)  # [T, dim]
+        return batch, cos, sin, x
+
+    async def run_step(self, msg: dict, x: torch.Tensor | None = None) -> list[int]:
+        """Run this slice for one micro-batch step; return the sampled tokens."""
+        self._track_sampling(msg)
+        if self.cache is not None:
+            result = await self.stream.submit(
+                0, lambda: self._single_tier(msg, x), kind="dense", micro_batch=msg["mb"], layer=self.spec.start
+            )
+        else:
+            result = await self._two_tier(msg, x)
+        if self.weights.is_last:
+            return result
+        return await self._forward_next(msg, result)
+
+    @torch.inference_mode()
+    def _single_tier(self, msg: dict, x_in: torch.Tensor | None):
+        cache = self.cache
+        for seq_id in msg["released"]:
+            if seq_id in cache:
+                cache.free(seq_id)
+        for seq_id, slot, _ in msg["admitted"]:
+            if seq_id in cache:
+                cache.free(seq_id)
+            cache.allocate(seq_id, slot)
+        batch, cos, sin, x = self._inputs(msg, x_in)
+        cfg, layers = self.config, self.weights.layers
+        q, k, v = pre_attention(cfg, layers[0], x, cos, sin)
+        for i, layer in enumerate(layers):
+            o = cache.attend(self.spec.start + i, q, k, v, batch).to(x.dtype)
+            if i + 1 < len(layers):
+                x, q, k, v = post_pre_attention(cfg, layer, layers[i + 1], x, o, cos, sin)
+            else:
+                x = post_attention(cfg, layer, x, o)
+        return self._head_and_sample(x, msg) if self.weights.is_last else x
+
+    async def _two_tier(self, msg: dict, x_in: torch.Tensor | None):
+        cfg, layers, start, stop = self.config, self.weights.layers, self.spec.start, self.spec.stop
+        mb = msg["mb"]
+        state: dict[str, Any] = {}
+
+        @torch.inference_mode()
+        def first():
+            batch, cos, sin, x = self._inputs(msg, x_in)
+            state.update(cos=cos, sin=sin)
+            return (x, *pre_attention(cfg, layers[0], x, cos, sin))
+
+        x, q, k, v = await self.stream.submit(-start, first, kind="dense", micro_batch=mb, layer=start)
+        layout = self._layout(msg)
+        address = self.spec.attention[mb]
+        for layer in range(start, stop):
+            o = await self._attend(address, msg, layer, q, k, v, layout if layer == start else None)
+            i = layer - start
+
+            @torch.inference_mode()
+            def dense(i=i, x=x, o=o):
+                if i + 1 < len(layers):
+                    return post_pre_attention(cfg, layers[i], layers[i + 1], x, o, state["cos"], state["sin"])
+                return (post_attention(cfg, layers[i], x, o),)
+
+            out = await self.stream.submit(-(layer + 1), dense, kind="dense", micro_batch=mb, layer=layer)
+            x = out[0]
+            if len(out) == 4:
+                q, k, v = out[1:]
+        if self.weights.is_last:
+            return await self.stream.submit(
+                -(cfg.n_layers + 1), lambda: self._head_and_sample(x, msg), kind="dense", micro_batch=mb,
+                layer=cfg.n_layers,
+            )
+        return x
+
+    async def _attend(self, address, msg, layer, q, k, v, layout) -> torch.Tensor:
+        if self.spec.latency:
+            await asyncio.sleep(self.spec.latency)
+        reply = await self.service.worker.rpc(address).glinthawk_attend(
+            run_id=self.spec.run_id, micro_batch=msg["mb"], step=msg["step"], layer=layer,
+            q=pack(q), k=pack(k), v=pack(v), layout=layout,
+        )
+        return unpack(reply["o"], self.device).to(self.weights.dtype)
+
+    async def _forward_next(self, msg: dict, x: torch.Tensor) -> list[int]:
+        reply = await self.service.worker.rpc(self.spec.next_address).glinthawk_forward(
+            run_id=self.spec.run_id, msg=msg, x=pack(x)
+        )
+        return reply["tokens"]
+
+
+class DenseService:
+    """Holds layer slices (weights cached across runs) and their runs on one worker."""
+
+    def __init__(self, worker: Any, threads: int | None = None) -> None:
+        self.worker = worker
+        self.runs: dict[str, SliceRun] = {}
+        self._weights: dict[tuple, SliceWeights] = {}
+        self.stream = ComputeStream("glinthawk-dense")
+        if threads:
+            torch.set_num_threads(threads)
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "glinthawk_slice_open": self.open,
+            "glinthawk_slice_close": self.close_run,
+            "glinthawk_forward": self.forward,
+            "glinthawk_submit": self.submit,
+            "glinthawk_results": self.results,
+            "glinthawk_calibrate": self.calibrate,
+        }
+
+    def _load(self, spec: SliceSpec) -> SliceWeights:
+        device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        key = (spec.model, spec.start, spec.stop, spec.dtype, str(device))
+        if key not in self._weights:
+            self._weights.clear()  # one model slice at a time per worker
+            source = resolve_checkpoint(spec.model)
+            self._weights[key] = load_slice(source, spec.start, spec.stop, dtype=DTYPES[spec.dtype], device=device)
+        return self._weights[key]
+
+    async def open(self, run_id: str, spec: dict) -> dict:
+        """Load the slice (off the event loop) and prepare the run."""
+        if run_id in self.runs:
+            return {"ok": True}
+        s = SliceSpec(**spec)
+        loop = asyncio.get_running_loop()
+        weights = await loop.run_in_executor(None, self._load, s)
+        run = SliceRun(self, s, weights)
+        if weights.is_first:
+            from .driver import RunDriver
+
+            run.driver = await loop.run_in_executor(None, lambda: RunDriver.create(run))
+        self.runs[run_id] = run
+        return {"ok": True, "n_layers": s.stop - s.start}
+
+    async def close_run(self, run_id: str) -> None:
+        run = self.runs.pop(run_id, None)
+        if run is not None and run.driver is not None:
+            await run.driver.close()
+
+    def _run(self, run_id: str) -> SliceRun:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise KeyError(f"glinthawk run {run_id!r} is not open on {self.worker.address}")
+        return run
+
+    async def forward(self, run_id: str, msg: dict, x: dict) -> dict:
+        """From the previous slice: hidden states [T, dim] of a micro-batch step."""
+        run = self._run(run_id)
+        tokens = await run.run_step(msg, unpack(x, run.device).to(run.weights.dtype))
+        return {"tokens": tokens}
+
+    def submit(self, run_id: str, requests: list[dict]) -> int:
+        """Queue requests of a run (first slice only); returns how many are queued in all."""
+        return self._run(run_id).driver.submit(requests)
+
+    async def results(self, run_id: str, timeout: float = 1.0) -> dict:
+        """Completions finished since the last call (waits up to ``timeout`` for one)."""
+        return await self._run(run_id).driver.take_results(timeout)
+
+    async def calibrate(self, model: str, tokens: int, dtype: str = "float32") -> float:
+        """Seconds of one dense layer step for ``tokens`` tokens (random weights of the
+        model's shape, on this worker's device and compute stream)."""
+        import time
+
+        from ..model.synthetic import SyntheticCheckpoint
+
+        cfg = resolve_checkpoint(model).config.replace(n_layers=2)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+        @torch.inference_mode()
+        def measure() -> float:
+            w = load_slice(SyntheticCheckpoint(cfg), 0, 1, dtype=DTYPES[dtype], device=device)
+            layer = w.layers[0]
+            x = torch.randn(tokens, cfg.dim, dtype=w.dtype, device=device)
+            o = torch.randn(tokens, cfg.n_heads, cfg.head_dim, dtype=w.dtype, device=device)
+            cos = torch.ones(tokens, cfg.head_dim, dtype=w.dtype, device=device)
+            best = float("inf")
+            for _ in range(4):
+                t = time.perf_counter()
+                post_pre_attention(cfg, layer, layer, x, o, cos, cos)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t)
+            return best
+
+        return await self.stream.submit(0, measure, kind="calibrate")
+
+    def close(self) -> None:
+        self.runs.clear()
+        self._weights.clear()
+        self.stream.close()
+
+
+def spec_dict(spec: SliceSpec) -> dict:
+    return dataclasses.asdict(spec)

@@ -1,0 +1,145 @@
+"""The engine core of a run, on the first dense worker.
+
+It owns the request queue and the :class:`~glinthawk_dask.engine.scheduler.BatchScheduler`
+(continuous batching, chunked prefill), and runs one loop per micro-batch: plan a step,
+push it through the slices, record the sampled tokens.  All micro-batch loops share
+the worker's compute stream, so while some wait on attention workers, others compute.
+Finished completions are buffered until the caller collects them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+from ..engine.request import Request
+from ..engine.scheduler import BatchScheduler
+from ..model.resolve import resolve_checkpoint
+from ..sampling import SamplingParams
+from ..tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .dense_service import SliceRun
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunDriver"]
+
+
+class RunDriver:
+    """Continuous batching for one run, feeding the slice pipeline."""
+
+    def __init__(self, run: "SliceRun", tokenizer: Tokenizer | None) -> None:
+        spec = run.spec
+        self.run = run
+        self.sched = BatchScheduler(
+            n_micro_batches=spec.n_micro_batches,
+            micro_batch_size=spec.micro_batch_size,
+            max_step_tokens=spec.engine.get("max_step_tokens", max(512, spec.micro_batch_size)),
+            max_seq_len=spec.max_seq_len,
+            eos_token_ids=tokenizer.eos_token_ids if tokenizer else (),
+            detokenize=tokenizer.decode if tokenizer else None,
+        )
+        self.n_submitted = 0
+        self.n_done = 0
+        self.n_steps = 0
+        self.n_tokens = 0
+        self.error: str | None = None
+        self._results: list[dict] = []
+        self._results_ready = asyncio.Event()
+        self._arrived = asyncio.Event()
+        self._released: list[list[str]] = [[] for _ in range(spec.n_micro_batches)]
+        self._step_no = [0] * spec.n_micro_batches
+        self._closed = False
+        self._tasks: list[asyncio.Task] = []
+
+    @classmethod
+    def create(cls, run: "SliceRun") -> "RunDriver":
+        """Build the driver (loads the tokenizer, for EOS and stop strings); call off the loop."""
+        tokenizer = Tokenizer.from_checkpoint(resolve_checkpoint(run.spec.model))
+        return cls(run, tokenizer)
+
+    def _start(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._loop(mb)) for mb in range(self.run.spec.n_micro_batches)]
+
+    # -- input ---------------------------------------------------------------------
+    def submit(self, requests: list[dict]) -> int:
+        if self.error:
+            raise RuntimeError(self.error)
+        for r in requests:
+            params = SamplingParams.from_dict(r.get("params"))
+            self.sched.add(Request(str(r["id"]), list(r["prompt_token_ids"]), params, r.get("prompt")))
+            self.n_submitted += 1
+        self._start()
+        self._arrived.set()
+        self._arrived = asyncio.Event()
+        return self.n_submitted
+
+    # -- output --------------------------------------------------------------------
+    async def take_results(self, timeout: float) -> dict:
+        if not self._results and not self.error:
+            try:
+                await asyncio.wait_for(self._results_ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        out, self._results = self._results, []
+        self._results_ready.clear()
+        return {
+            "completions": out,
+            "error": self.error,
+            "n_submitted": self.n_submitted,
+            "n_done": self.n_done,
+            "n_steps": self.n_steps,
+            "n_tokens": self.n_tokens,
+        }
+
+    # -- micro-batch loops ---------------------------------------------------------
+    async def _loop(self, mb: int) -> None:
+        try:
+            while not self._closed:
+                step = self.sched.schedule(mb)
+                if step is None:
+                    await self._arrived.wait()
+                    continue
+                self._step_no[mb] += 1
+                msg = {
+                    "mb": mb,
+                    "step": self._step_no[mb],
+                    "slots": step.slots,
+                    "starts": step.starts,
+                    "counts": step.counts,
+                    "input_ids": step.input_ids,
+                    "admitted": [[s.id, s.slot, _params_dict(s.params)] for s in step.admitted],
+                    "released": self._released[mb],
+                    "sample_rows": step.sample_rows,
+                    "sample": [s.id for s in step.sample_seqs],
+                }
+                self._released[mb] = []
+                tokens = await self.run.run_step(msg)
+                self.n_steps += 1
+                self.n_tokens += step.n_tokens
+                for c in self.sched.update(step, tokens):
+                    self._released[mb].append(c.id)
+                    self._results.append(dataclasses.asdict(c))
+                    self.n_done += 1
+                    self._results_ready.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the run fails as a whole; the caller sees why
+            logger.exception("glinthawk run %s micro-batch %d failed", self.run.spec.run_id, mb)
+            self.error = f"{type(e).__name__}: {e}"
+            self._results_ready.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        self._arrived.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _params_dict(p: SamplingParams) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}

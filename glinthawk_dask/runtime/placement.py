@@ -1,0 +1,138 @@
+"""Where a run goes: layer slices on dense workers, micro-batches on attention workers,
+and how many KV slots fit.  Pure functions, used by the scheduler plugin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["PlacementError", "Plan", "kv_budget_bytes", "split_layers", "make_plan", "auto_depth"]
+
+# A KV resource at or below this is a tag ("this worker is an attention worker"), and the
+# budget is a fraction of the worker's memory limit; above it, it is the budget in bytes.
+KV_TAG_MAX = 1024
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot host the run as asked (message says what to change)."""
+
+
+def kv_budget_bytes(kv_resource: float, memory_limit: int | None, fraction: float, fallback: int) -> int:
+    """KV bytes an attention worker may hold."""
+    if kv_resource > KV_TAG_MAX:
+        budget = int(kv_resource)
+        if memory_limit:
+            budget = min(budget, int(memory_limit * fraction))
+        return budget
+    return int((memory_limit or fallback) * fraction)
+
+
+def split_layers(n_layers: int, n_slices: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal layer ranges."""
+    if not 1 <= n_slices <= n_layers:
+        raise PlacementError(f"cannot split {n_layers} layers into {n_slices} slices")
+    bounds = [round(i * n_layers / n_slices) for i in range(n_slices + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(n_slices)]
+
+
+@dataclass
+class Plan:
+    """The placement of one run."""
+
+    mode: str
+    slices: list[tuple[int, int]]
+    dense: list[str]  # address per slice
+    attention: list[list[str]] = field(default_factory=list)  # per slice: address per micro-batch
+    slot_base: list[list[int]] = field(default_factory=list)  # per slice: first local slot per micro-batch
+    n_slots: list[dict[str, int]] = field(default_factory=list)  # per slice: slots per attention worker
+    micro_batch_size: int = 1
+    n_micro_batches: int = 1
+    max_seq_len: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_plan(
+    *,
+    mode: str,
+    dense: list[str],
+    attention: dict[str, int],
+    n_layers: int,
+    kv_bytes_per_token_layer: int,
+    max_seq_len: int,
+    micro_batch_size: int,
+    n_micro_batches: int,
+    n_slices: int | None = None,
+    dense_kv_budget: dict[str, int] | None = None,
+) -> Plan:
+    """Place a run.
+
+    ``attention`` maps attention workers to their free KV bytes.  Attention workers are
+    dealt round-robin to slices; micro-batches round-robin to a slice's attention
+    workers.  The micro-batch size shrinks, if needed, until every worker's slots fit
+    its budget: requests then wait for slots instead of overrunning memory.
+    """
+    if mode not in ("two-tier", "single-tier"):
+        raise PlacementError(f"unknown mode {mode!r}; use two-tier or single-tier")
+    if not dense:
+        raise PlacementError("no dense workers: start workers with --resources GPU=1")
+    k = n_slices or len(dense)
+    if k > len(dense):
+        raise PlacementError(f"{k} slices need {k} dense workers, the cluster has {len(dense)}")
+    slices = split_layers(n_layers, k)
+    plan = Plan(mode=mode, slices=slices, dense=sorted(dense)[:k], max_seq_len=max_seq_len,
+                n_micro_batches=n_micro_batches)
+    per_slot = [(b - a) * kv_bytes_per_token_layer * max_seq_len for a, b in slices]
+
+    if mode == "single-tier":
+        budgets = dense_kv_budget or {}
+        fit = min(
+            budgets.get(addr, 0) // (per_slot[s] * n_micro_batches) for s, addr in enumerate(plan.dense)
+        ) if budgets else micro_batch_size
+        plan.micro_batch_size = _fit(micro_batch_size, fit, "dense", max_seq_len)
+        return plan
+
+    workers = sorted(attention)
+    if len(workers) < k:
+        raise PlacementError(
+            f"two-tier mode needs at least one attention worker per slice ({k}); the cluster has "
+            f"{len(workers)}: start workers with --resources KV=<bytes>"
+        )
+    groups = [workers[s::k] for s in range(k)]
+    fit = micro_batch_size
+    for s, group in enumerate(groups):
+        mbs_per_worker = math.ceil(n_micro_batches / len(group))
+        for addr in group[: min(len(group), n_micro_batches)]:
+            fit = min(fit, attention[addr] // (per_slot[s] * mbs_per_worker))
+    plan.micro_batch_size = _fit(micro_batch_size, fit, "attention", max_seq_len)
+    for s, group in enumerate(groups):
+        addrs, bases, slots = [], [], {}
+        for mb in range(n_micro_batches):
+            addr = group[mb % len(group)]
+            addrs.append(addr)
+            bases.append(slots.get(addr, 0))
+            slots[addr] = slots.get(addr, 0) + plan.micro_batch_size
+        plan.attention.append(addrs)
+        plan.slot_base.append(bases)
+        plan.n_slots.append(slots)
+    return plan
+
+
+def _fit(asked: int, fit: int, tier: str, max_seq_len: int) -> int:
+    if fit < 1:
+        raise PlacementError(
+            f"not one sequence of {max_seq_len} tokens fits the KV budget of the {tier} workers: "
+            "lower max_seq_len or the number of micro-batches, or give the workers more memory"
+        )
+    return min(asked, fit)
+
+
+def auto_depth(dense_step_s: float, attention_rtt_s: float, latency_s: float, max_depth: int) -> int:
+    """Micro-batches in flight so the dense worker never waits for attention:
+    1 + (attention round trip + 2 × induced latency) / dense step time."""
+    if dense_step_s <= 0:
+        return max_depth
+    depth = 1 + math.ceil((attention_rtt_s + 2 * latency_s) / dense_step_s)
+    return max(1, min(max_depth, depth))

@@ -1,0 +1,188 @@
+"""The Dask plugins: worker-resident tier state, and the control plane on the scheduler.
+
+``GlinthawkWorkerPlugin`` is registered once per cluster with ``Client.register_plugin``
+(so restarted and new workers get it too).  In ``setup`` it looks at the worker's
+resources: a ``GPU`` resource makes it a dense worker, a ``KV`` resource an attention
+worker, and it registers the tier's rpc handlers.  ``GlinthawkSchedulerPlugin`` keeps
+the registry of tier workers, places runs (layer slices, micro-batches, KV slots) and
+records worker loss.  Neither carries activations: those go worker to worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+
+from .. import config
+from .attention_service import AttentionService
+from .dense_service import DenseService
+from .placement import PlacementError, kv_budget_bytes, make_plan
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GlinthawkWorkerPlugin", "GlinthawkSchedulerPlugin", "worker_tiers"]
+
+
+def _total_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # pragma: no cover
+        return 8 * 2**30
+
+
+def worker_tiers(resources: dict[str, float]) -> set[str]:
+    tiers = set()
+    if resources.get("GPU", 0) > 0:
+        tiers.add("dense")
+    if resources.get("KV", 0) > 0:
+        tiers.add("attention")
+    return tiers
+
+
+class GlinthawkWorkerPlugin(WorkerPlugin):
+    """Hosts the dense and/or attention service of a worker, by its resources."""
+
+    name = "glinthawk"
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        self.worker = worker
+        resources = dict(worker.state.total_resources)
+        tiers = worker_tiers(resources)
+        self.dense = self.attention = None
+        if "dense" in tiers:
+            threads = config.get("dense.threads") or os.cpu_count()
+            self.dense = DenseService(worker, threads=threads)
+        if "attention" in tiers:
+            budget = kv_budget_bytes(
+                resources.get("KV", 0), worker.memory_manager.memory_limit,
+                config.get("attention.kv-memory-fraction"), _total_memory(),
+            )
+            self.attention = AttentionService(worker, budget)
+            if self.dense is None:
+                import torch
+
+                torch.set_num_threads(int(config.get("attention.threads")))
+        self._handlers = {"glinthawk_timeline": self.timeline, "glinthawk_ping": self.ping}
+        for service in (self.dense, self.attention):
+            if service is not None:
+                self._handlers.update(service.handlers())
+        worker.handlers.update(self._handlers)
+        logger.info("glinthawk worker %s: tiers %s", worker.address, sorted(tiers) or "none")
+
+    def teardown(self, worker: Any) -> None:
+        for name in getattr(self, "_handlers", {}):
+            worker.handlers.pop(name, None)
+        for service in (self.dense, self.attention):
+            if service is not None:
+                service.close()
+
+    def timeline(self, since: float = 0.0) -> dict:
+        """Compute intervals ``(kind, start, stop, micro_batch, layer)`` since ``since``."""
+        out = []
+        for service in (self.dense, self.attention):
+            if service is not None:
+                out.extend(service.stream.timeline.events(since))
+        return {"address": self.worker.address, "events": out, "now": time.time()}
+
+    def ping(self, payload: Any = None) -> int:
+        """Round trip for latency calibration."""
+        return 0
+
+
+class GlinthawkSchedulerPlugin(SchedulerPlugin):
+    """Control plane: tier registry, run placement, KV accounting, worker loss."""
+
+    name = "glinthawk"
+
+    def __init__(self) -> None:
+        self.tiers: dict[str, set[str]] = {}
+        self.runs: dict[str, dict] = {}
+        self.lost: list[tuple[float, str]] = []
+
+    async def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers["glinthawk_plan"] = self.plan
+        scheduler.handlers["glinthawk_run_closed"] = self.run_closed
+        scheduler.handlers["glinthawk_registry"] = self.registry
+        for addr, ws in scheduler.workers.items():
+            self.add_worker(scheduler, addr)
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        ws = scheduler.workers.get(worker)
+        if ws is not None:
+            self.tiers[worker] = worker_tiers(ws.resources)
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        self.tiers.pop(worker, None)
+        self.lost.append((time.time(), worker))
+        for run_id, run in self.runs.items():
+            if worker in run["workers"]:
+                run["lost"].append(worker)
+                logger.warning("glinthawk run %s lost worker %s", run_id, worker)
+
+    # -- handlers ------------------------------------------------------------------
+    def registry(self) -> dict:
+        return {
+            "dense": sorted(a for a, t in self.tiers.items() if "dense" in t),
+            "attention": sorted(a for a, t in self.tiers.items() if "attention" in t),
+            "runs": {k: {"lost": v["lost"]} for k, v in self.runs.items()},
+        }
+
+    def _kv_free(self, addr: str) -> int:
+        ws = self.scheduler.workers[addr]
+        budget = kv_budget_bytes(
+            ws.resources.get("KV", 0), ws.memory_limit, config.get("attention.kv-memory-fraction"),
+            _total_memory(),
+        )
+        used = sum(r["kv"].get(addr, 0) for r in self.runs.values())
+        return budget - used
+
+    def plan(
+        self,
+        run_id: str,
+        mode: str,
+        n_layers: int,
+        kv_bytes_per_token_layer: int,
+        max_seq_len: int,
+        micro_batch_size: int,
+        n_micro_batches: int,
+        n_slices: int | None = None,
+    ) -> dict:
+        """Place a run and reserve its KV bytes; errors come back as ``{"error": ...}``."""
+        reg = self.registry()
+        try:
+            plan = make_plan(
+                mode=mode,
+                dense=reg["dense"],
+                attention={a: self._kv_free(a) for a in reg["attention"]},
+                n_layers=n_layers,
+                kv_bytes_per_token_layer=kv_bytes_per_token_layer,
+                max_seq_len=max_seq_len,
+                micro_batch_size=micro_batch_size,
+                n_micro_batches=n_micro_batches,
+                n_slices=n_slices,
+                dense_kv_budget={a: self._kv_free_dense(a) for a in reg["dense"]},
+            )
+        except PlacementError as e:
+            return {"error": str(e)}
+        kv: dict[str, int] = {}
+        for s, (a, b) in enumerate(plan.slices):
+            for addr, slots in (plan.n_slots[s].items() if plan.n_slots else []):
+                kv[addr] = kv.get(addr, 0) + slots * (b - a) * kv_bytes_per_token_layer * max_seq_len
+        workers = set(plan.dense) | set(kv)
+        self.runs[run_id] = {"kv": kv, "workers": workers, "lost": [], "plan": plan.to_dict()}
+        return {"plan": plan.to_dict()}
+
+    def _kv_free_dense(self, addr: str) -> int:
+        ws = self.scheduler.workers[addr]
+        return int((ws.memory_limit or _total_memory()) * config.get("attention.kv-memory-fraction"))
+
+    def run_closed(self, run_id: str) -> None:
+        self.runs.pop(run_id, None)

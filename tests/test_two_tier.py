@@ -1,0 +1,171 @@
+"""The two-tier engine on Dask: token-identical to the in-process engine on every topology."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from distributed.utils_test import gen_cluster
+
+from glinthawk_dask.engine.engine import EngineConfig, InProcessEngine
+from glinthawk_dask.engine.request import Request
+from glinthawk_dask.model import from_name, load_slice
+from glinthawk_dask.model.synthetic import SyntheticCheckpoint
+from glinthawk_dask.runtime import DaskEngine, GlinthawkSchedulerPlugin, GlinthawkWorkerPlugin
+from glinthawk_dask.sampling import SamplingParams
+
+MODEL = "random:tiny-gqa"
+DENSE = ("127.0.0.1", 1, {"resources": {"GPU": 1}})
+ATTN = ("127.0.0.1", 1, {"resources": {"KV": 2**28}})
+
+
+def _requests(n, seed=0):
+    rng = random.Random(seed)
+    vocab = from_name("tiny-gqa").vocab_size
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(vocab) for _ in range(rng.choice([1, 3, 17, 60, 130]))]
+        params = SamplingParams(max_tokens=rng.choice([1, 4, 9, 30]), ignore_eos=True)
+        if i % 5 == 4:
+            params = params.replace(temperature=0.8, top_p=0.9, seed=i)
+        out.append(Request(f"r{i}", prompt, params))
+    return out
+
+
+def _reference(requests):
+    weights = load_slice(SyntheticCheckpoint(from_name("tiny-gqa")))
+    engine = InProcessEngine(weights, config=EngineConfig(micro_batch_size=4))
+    return {c.id: c.completion_token_ids for c in engine.generate(requests)}
+
+
+async def _setup(c):
+    await c.register_plugin(GlinthawkSchedulerPlugin())
+    await c.register_plugin(GlinthawkWorkerPlugin())
+
+
+async def _check(c, requests, **kw):
+    engine = DaskEngine(c, MODEL, **kw)
+    got = {}
+    async for comp in engine.agenerate(requests):
+        assert comp.id not in got
+        got[comp.id] = comp.completion_token_ids
+    assert got == _reference(requests)
+    return engine
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_one_dense_one_attention(c, s, a, b):
+    await _setup(c)
+    engine = await _check(c, _requests(20), micro_batch_size=3, n_micro_batches=3, max_step_tokens=32)
+    assert engine.last_summary.n_micro_batches == 3
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN, ATTN, ATTN], timeout=120)
+async def test_one_dense_three_attention(c, s, *workers):
+    await _setup(c)
+    engine = await _check(c, _requests(25, seed=1), micro_batch_size=2, n_micro_batches=6)
+    plan = engine.last_summary.plan
+    assert len(set(plan["attention"][0])) == 3  # micro-batches spread over all three
+
+
+@gen_cluster(client=True, nthreads=[DENSE, DENSE, ATTN, ATTN], timeout=120)
+async def test_two_dense_slices_two_attention(c, s, *workers):
+    await _setup(c)
+    engine = await _check(c, _requests(18, seed=2), micro_batch_size=3, n_micro_batches=2, n_slices=2)
+    plan = engine.last_summary.plan
+    assert plan["slices"] == [[0, 2], [2, 3]]
+    assert plan["attention"][0] != plan["attention"][1]  # each slice has its own attention worker
+
+
+@gen_cluster(client=True, nthreads=[DENSE], timeout=120)
+async def test_single_tier(c, s, a):
+    await _setup(c)
+    await _check(c, _requests(15, seed=3), mode="single-tier", micro_batch_size=4, n_micro_batches=2)
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_induced_latency_and_auto_depth(c, s, a, b):
+    await _setup(c)
+    engine = await _check(c, _requests(12, seed=4), micro_batch_size=2, n_micro_batches="auto", latency=0.002)
+    # 2 ms per message each way dwarfs a tiny model's dense step: auto picks a deep pipeline
+    assert engine.last_summary.n_micro_batches >= 3
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_tiers_busy_at_once(c, s, a, b):
+    await _setup(c)
+    engine = await _check(c, _requests(24, seed=5), micro_batch_size=4, n_micro_batches=4)
+    overlap = engine.tier_overlap()
+    assert overlap["dense_busy"] > 0 and overlap["attention_busy"] > 0
+    assert overlap["overlap"] > 0
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_scheduler_messages_do_not_grow_with_tokens(c, s, a, b):
+    await _setup(c)
+    counts: dict[str, int] = {}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for table in (s.handlers, s.stream_handlers):
+        for name in list(table):
+            table[name] = counting(name, table[name])
+
+    async def scheduler_messages(max_tokens):
+        counts.clear()
+        reqs = [r for r in _requests(8, seed=6)]
+        reqs = [Request(r.id, r.prompt_token_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+                for r in reqs]
+        engine = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=2)
+        n = 0
+        async for comp in engine.agenerate(reqs):
+            n += len(comp.completion_token_ids)
+        assert n == 8 * max_tokens
+        return sum(v for k, v in counts.items() if k != "heartbeat_worker")
+
+    few = await scheduler_messages(2)
+    many = await scheduler_messages(60)  # 30x the tokens, each over 3 layers x 2 tiers
+    assert few <= 6 and many <= few + 2, counts
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ("127.0.0.1", 1, {"resources": {"KV": 80_000}})], timeout=120)
+async def test_kv_admission_under_a_small_budget(c, s, a, b):
+    """The attention worker's KV budget fits only a few sequences: the micro-batch size
+    shrinks, 10x more requests than fit wait for slots, and all complete identically."""
+    await _setup(c)
+    cfg = from_name("tiny-gqa")
+    reqs = [Request(f"q{i}", [i % 50 + 1] * 20, SamplingParams(max_tokens=12, ignore_eos=True)) for i in range(30)]
+    per_seq = cfg.kv_bytes_per_token(4) * 32  # max_seq_len = 20 + 12
+    assert 80_000 // per_seq == 3
+    engine = await _check(c, reqs, micro_batch_size=8, n_micro_batches=1)
+    assert engine.last_summary.micro_batch_size == 3
+    info = await c.rpc(b.address).glinthawk_kv_info()
+    assert info["kv_allocated"] == 0 and info["kv_budget"] == 80_000
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ("127.0.0.1", 1, {"resources": {"KV": 10_000}})], timeout=120)
+async def test_kv_budget_too_small_is_a_clear_error(c, s, a, b):
+    from glinthawk_dask.errors import GlinthawkError
+
+    await _setup(c)
+    with pytest.raises(GlinthawkError, match="KV budget"):
+        async for _ in DaskEngine(c, MODEL).agenerate(_requests(2)):
+            pass
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_stale_attention_message_is_rejected(c, s, a, b):
+    await _setup(c)
+    from distributed.core import rpc
+
+    from glinthawk_dask.runtime.messages import pack
+    import torch
+
+    t = torch.zeros(1, 6, 16)
+    with pytest.raises(Exception, match="not open"):
+        await c.rpc(b.address).glinthawk_attend(run_id="gone", micro_batch=0, step=1, layer=0,
+                                                q=pack(t), k=pack(t[:, :2]), v=pack(t[:, :2]))

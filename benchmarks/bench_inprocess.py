@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # By default one step holds a whole batch's prompts, so prefill runs in one step as in HF.
     step_tokens = args.max_step_tokens or max(args.batch, sum(map(len, prompt_ids[: args.batch])))
     llm = LLM(
-        DEFAULT_MODEL, device="cpu", dtype="float32",
+        DEFAULT_MODEL, mode="in-process", device="cpu", dtype="float32",
         engine_config=EngineConfig(micro_batch_size=args.batch, max_step_tokens=step_tokens),
     )
     lengths = [len(ids) for ids in prompt_ids]

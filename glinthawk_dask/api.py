@@ -11,6 +11,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from . import config
 from .engine.engine import EngineConfig, InProcessEngine
 from .engine.request import FINISH_ERROR, Completion, Request
 from .errors import GlinthawkError, InvalidRequestError
@@ -22,8 +23,12 @@ from .tokenizer import Tokenizer
 
 __all__ = ["LLM", "default_device", "default_dtype"]
 
+MODES = ("two-tier", "single-tier", "in-process")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def default_device() -> torch.device:
@@ -47,41 +52,97 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 
 class LLM:
-    """A model loaded in this process, with its tokenizer and the in-process engine.
+    """A model with its tokenizer and an engine: in this process, or on a Dask cluster.
 
     ``model`` is a preset name, a GGUF file, a Hugging Face directory or
-    ``random:<preset>``.  Prompt rows are strings or mappings (see
-    :mod:`glinthawk_dask.prompts`); a row that cannot be processed becomes a completion
-    with ``finish_reason == "error"`` and the others go on.
+    ``random:<preset>``.  ``mode`` is ``"two-tier"`` (dense workers + attention
+    workers), ``"single-tier"`` (KV on the dense workers) or ``"in-process"`` (no Dask);
+    by default ``glinthawk.engine.mode`` (two-tier).  ``engine_config`` sets the batching
+    knobs; in distributed modes ``n_micro_batches`` (an int or ``"auto"``, the default)
+    replaces its ``n_micro_batches``.  Distributed modes use ``client``,
+    or connect to ``scheduler``, or start the embedded local cluster (1 dense and 2
+    attention worker processes), which :meth:`close` stops.
+
+    Prompt rows are strings or mappings (see :mod:`glinthawk_dask.prompts`); a row that
+    cannot be processed becomes a completion with ``finish_reason == "error"`` and the
+    others go on.
     """
 
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
         *,
+        mode: str | None = None,
+        scheduler: str | None = None,
+        client: Any = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        engine_config: EngineConfig = EngineConfig(),
+        engine_config: EngineConfig | None = None,
+        n_micro_batches: int | str | None = None,
+        n_slices: int | None = None,
+        latency: float | None = None,
     ) -> None:
         self.model = model
+        self.mode = mode or config.get("engine.mode")
+        if self.mode not in MODES:
+            raise GlinthawkError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_dtype(dtype, self.device)
         source = resolve_checkpoint(model)
         self.config = source.config
         self.tokenizer = Tokenizer.from_checkpoint(source)
-        self.weights = load_slice(source, dtype=self.dtype, device=self.device)
-        self.engine = InProcessEngine(
-            self.weights,
-            config=engine_config,
-            eos_token_ids=self.tokenizer.eos_token_ids if self.tokenizer else (),
-            detokenize=self.tokenizer.decode if self.tokenizer else None,
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
+        self.client = self.cluster = None
+        self._own_client = False
+        if self.mode == "in-process":
+            self.weights = load_slice(source, dtype=self.dtype, device=self.device)
+            self.engine: Any = InProcessEngine(
+                self.weights, config=engine_config or EngineConfig(), eos_token_ids=eos,
+                detokenize=self.tokenizer.decode if self.tokenizer else None,
+            )
+            return
+        from .runtime.client import DaskEngine
+        from .runtime.cluster import connect, ensure_plugins
+
+        if client is None:
+            self.client, self.cluster = connect(scheduler)
+            self._own_client = True
+        else:
+            self.client = client
+            ensure_plugins(client)
+        ec = engine_config
+        self.engine = DaskEngine(
+            self.client, model, mode=self.mode, n_slices=n_slices,
+            micro_batch_size=ec.micro_batch_size if ec else None,
+            n_micro_batches=n_micro_batches,
+            max_step_tokens=ec.max_step_tokens if ec else None,
+            max_seq_len=ec.max_seq_len if ec else None,
+            dtype=_DTYPE_NAMES[self.dtype], latency=latency, model_config=self.config,
         )
+
+    def close(self) -> None:
+        """Stop the local cluster this LLM started (if any)."""
+        if self._own_client and self.client is not None:
+            self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+            self.client = self.cluster = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return self.client.dashboard_link if self.client is not None else None
 
     def __repr__(self) -> str:
         c = self.config
+        where = f"{self.dtype} on {self.device}" if self.mode == "in-process" else f"{self.mode} on {self.client}"
         return (
-            f"<LLM {self.model!r}: {c.n_layers} layers, dim {c.dim}, heads {c.n_heads}/{c.n_kv_heads}, "
-            f"{self.dtype} on {self.device}>"
+            f"<LLM {self.model!r}: {c.n_layers} layers, dim {c.dim}, heads {c.n_heads}/{c.n_kv_heads}, {where}>"
         )
 
     # -- requests ------------------------------------------------------------------

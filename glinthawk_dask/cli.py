@@ -33,6 +33,18 @@ def _user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _micro_batches(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.UsageError(f"--micro-batches must be a positive integer or auto, not {value!r}")
+    return n
+
+
 def _read_rows(stream: BinaryIO, name: str) -> Iterator[Any]:
     """Rows of a JSONL stream; a line that is not UTF-8 JSON becomes an error record."""
     from .prompts import UndecodableRow
@@ -70,22 +82,31 @@ def main() -> None:
 @click.option("--seed", type=int, default=None, help="Seed of every sampled request.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to prompts.")
-@click.option("--micro-batch-size", type=int, default=64, show_default=True)
-@click.option("--micro-batches", type=int, default=1, show_default=True)
+@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "in-process"]), default=None,
+              help="Where the model runs [default: two-tier, from glinthawk.engine.mode].")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Dask scheduler of a running cluster [default: start a local one].")
+@click.option("--micro-batch-size", type=int, default=None, help="Slots per micro-batch [default: 32].")
+@click.option("--micro-batches", default=None, metavar="N|auto",
+              help="Micro-batches in flight per dense worker [default: auto; 1 in-process].")
+@click.option("--slices", type=int, default=None, help="Dense workers to split the layers over.")
+@click.option("--latency", type=float, default=None, help="Seconds added to every inter-tier message.")
 @click.option("--device", default=None, help="cpu, cuda, ... [default: cuda if available]")
 @click.option("--dtype", default=None, help="float32, bfloat16, float16 [default: by device]")
 @_user_errors
 def generate(
     model: str, input_path: BinaryIO | None, prompts: tuple[str, ...], output: TextIO,
     max_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float,
-    seed: int | None, stop: tuple[str, ...], chat: bool, micro_batch_size: int,
-    micro_batches: int, device: str | None, dtype: str | None,
+    seed: int | None, stop: tuple[str, ...], chat: bool, mode: str | None, scheduler: str | None,
+    micro_batch_size: int | None, micro_batches: str | None, slices: int | None,
+    latency: float | None, device: str | None, dtype: str | None,
 ) -> None:
     """Complete prompts and write one JSON line per prompt.
 
     Each output line has id, prompt, completion, completion_token_ids (without the
     EOS that ended it), finish_reason ("stop", "length" or "error") and token counts.
     """
+    from . import config
     from .api import LLM
     from .engine.engine import EngineConfig
     from .errors import InvalidRequestError
@@ -96,8 +117,12 @@ def generate(
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, min_p=min_p, seed=seed, stop=stop)
-        engine_config = EngineConfig(micro_batch_size=micro_batch_size, n_micro_batches=micro_batches,
-                                     max_step_tokens=max(512, micro_batch_size))
+        n_mb = _micro_batches(micro_batches)
+        mb_size = micro_batch_size or (64 if mode == "in-process" else config.get("engine.micro-batch-size"))
+        engine_config = EngineConfig(
+            micro_batch_size=mb_size, n_micro_batches=n_mb if isinstance(n_mb, int) else 1,
+            max_step_tokens=max(config.get("engine.max-step-tokens"), mb_size),
+        )
     except (InvalidRequestError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     rows: list[Any] = [{"prompt": p} for p in prompts]
@@ -105,12 +130,16 @@ def generate(
         rows.extend(_read_rows(input_path, getattr(input_path, "name", "<stdin>")))
 
     t0 = time.perf_counter()
-    llm = LLM(model, device=device, dtype=dtype, engine_config=engine_config)
-    t_load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    n_tokens = n_errors = 0
-    results = llm.generate(rows, params, chat=chat)
-    elapsed = time.perf_counter() - t0
+    with LLM(model, mode=mode, scheduler=scheduler, device=device, dtype=dtype, engine_config=engine_config,
+             n_micro_batches=n_mb, n_slices=slices,
+             latency=latency) as llm:
+        if llm.dashboard_link:
+            click.echo(f"dask dashboard: {llm.dashboard_link}", err=True)
+        t_load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_tokens = n_errors = 0
+        results = llm.generate(rows, params, chat=chat)
+        elapsed = time.perf_counter() - t0
     for c in results:
         output.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
         n_tokens += len(c.completion_token_ids)

@@ -32,7 +32,7 @@ NEW_TOKENS = 48
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(engine_config=EngineConfig(micro_batch_size=8, n_micro_batches=2, max_step_tokens=64))
+    return LLM(mode="in-process", engine_config=EngineConfig(micro_batch_size=8, n_micro_batches=2, max_step_tokens=64))
 
 
 def _hf_greedy(model, prompt_ids, eos_ids, n):

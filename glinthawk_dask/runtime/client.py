@@ -72,6 +72,7 @@ class DaskEngine:
         max_seq_len: int | None = None,
         dtype: str = "float32",
         latency: float | None = None,
+        model_config: ModelConfig | None = None,
     ) -> None:
         self.client = client
         self.model = model
@@ -85,7 +86,7 @@ class DaskEngine:
         self.max_seq_len = max_seq_len or config.get("engine.max-seq-len")
         self.dtype = dtype
         self.latency = float(config.get("engine.induced-latency") if latency is None else latency)
-        self.model_config: ModelConfig = resolve_checkpoint(model).config
+        self.model_config: ModelConfig = model_config or resolve_checkpoint(model).config
         self.last_summary: RunSummary | None = None
         self.last_timeline: dict[str, list] = {}
 
@@ -137,7 +138,9 @@ class DaskEngine:
         mb_size = min(self.micro_batch_size, len(requests))
         depth = self.n_micro_batches
         max_depth = max(1, math.ceil(len(requests) / mb_size))
-        if depth == "auto":
+        if depth == "auto" and max_depth == 1:
+            depth = 1
+        elif depth == "auto":
             depth = await self._auto_depth(mb_size, min(int(config.get("engine.max-micro-batches")), max_depth))
         depth = max(1, min(int(depth), max_depth))
         reply = await self.client.scheduler.glinthawk_plan(
@@ -241,8 +244,8 @@ class DaskEngine:
         for _ in range(3):
             await self._rpc(addr, "glinthawk_ping", payload=payload)
         rtt = (time.perf_counter() - t) / 3
-        dense_s = await self._rpc(reg["dense"][0], "glinthawk_calibrate", model=self.model,
-                                  tokens=mb_size, dtype=self.dtype)
+        dense_s = await self._rpc(reg["dense"][0], "glinthawk_calibrate",
+                                  config=dataclasses.asdict(cfg), tokens=mb_size, dtype=self.dtype)
         return auto_depth(dense_s, rtt, self.latency, max_depth)
 
     # -- measurements --------------------------------------------------------------

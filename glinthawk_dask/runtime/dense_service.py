@@ -26,6 +26,7 @@ from ..model.ops import RopeTable, embed, head, post_attention, post_pre_attenti
 from ..model.resolve import resolve_checkpoint
 from ..model.weights import SliceWeights, load_slice
 from ..sampling import SamplingParams, make_generator, sample
+from ..tokenizer import Tokenizer
 from .compute import ComputeStream
 from .messages import DTYPES, pack, unpack
 
@@ -216,6 +217,7 @@ class DenseService:
         self.worker = worker
         self.runs: dict[str, SliceRun] = {}
         self._weights: dict[tuple, SliceWeights] = {}
+        self._tokenizers: dict[str, Any] = {}
         self.stream = ComputeStream("glinthawk-dense")
         if threads:
             torch.set_num_threads(threads)
@@ -239,6 +241,12 @@ class DenseService:
             self._weights[key] = load_slice(source, spec.start, spec.stop, dtype=DTYPES[spec.dtype], device=device)
         return self._weights[key]
 
+    def tokenizer(self, model: str) -> Any:
+        """The model's tokenizer (None for synthetic weights), loaded once per worker."""
+        if model not in self._tokenizers:
+            self._tokenizers[model] = Tokenizer.from_checkpoint(resolve_checkpoint(model))
+        return self._tokenizers[model]
+
     async def open(self, run_id: str, spec: dict) -> dict:
         """Load the slice (off the event loop) and prepare the run."""
         if run_id in self.runs:
@@ -250,7 +258,8 @@ class DenseService:
         if weights.is_first:
             from .driver import RunDriver
 
-            run.driver = await loop.run_in_executor(None, lambda: RunDriver.create(run))
+            tokenizer = await loop.run_in_executor(None, self.tokenizer, s.model)
+            run.driver = RunDriver(run, tokenizer)
         self.runs[run_id] = run
         return {"ok": True, "n_layers": s.stop - s.start}
 
@@ -279,19 +288,23 @@ class DenseService:
         """Completions finished since the last call (waits up to ``timeout`` for one)."""
         return await self._run(run_id).driver.take_results(timeout)
 
-    async def calibrate(self, model: str, tokens: int, dtype: str = "float32") -> float:
+    async def calibrate(self, config: dict, tokens: int, dtype: str = "float32") -> float:
         """Seconds of one dense layer step for ``tokens`` tokens (random weights of the
         model's shape, on this worker's device and compute stream)."""
         import time
 
+        from ..model.config import ModelConfig
         from ..model.synthetic import SyntheticCheckpoint
 
-        cfg = resolve_checkpoint(model).config.replace(n_layers=2)
+        cfg = ModelConfig(**config).replace(n_layers=3)  # a middle layer: no embedding, no head
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-        @torch.inference_mode()
         def measure() -> float:
-            w = load_slice(SyntheticCheckpoint(cfg), 0, 1, dtype=DTYPES[dtype], device=device)
+            w = load_slice(SyntheticCheckpoint(cfg), 1, 2, dtype=DTYPES[dtype], device=device)
+            with torch.inference_mode():
+                return _time_layer(w)
+
+        def _time_layer(w: SliceWeights) -> float:
             layer = w.layers[0]
             x = torch.randn(tokens, cfg.dim, dtype=w.dtype, device=device)
             o = torch.randn(tokens, cfg.n_heads, cfg.head_dim, dtype=w.dtype, device=device)

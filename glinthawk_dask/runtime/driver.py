@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from ..engine.request import Request
 from ..engine.scheduler import BatchScheduler
-from ..model.resolve import resolve_checkpoint
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 
@@ -54,12 +53,6 @@ class RunDriver:
         self._step_no = [0] * spec.n_micro_batches
         self._closed = False
         self._tasks: list[asyncio.Task] = []
-
-    @classmethod
-    def create(cls, run: "SliceRun") -> "RunDriver":
-        """Build the driver (loads the tokenizer, for EOS and stop strings); call off the loop."""
-        tokenizer = Tokenizer.from_checkpoint(resolve_checkpoint(run.spec.model))
-        return cls(run, tokenizer)
 
     def _start(self) -> None:
         if not self._tasks:

@@ -91,15 +91,16 @@ class GlinthawkWorkerPlugin(WorkerPlugin):
                 out.extend(service.stream.timeline.events(since))
         return {"address": self.worker.address, "events": out, "now": time.time()}
 
-    def ping(self, payload: Any = None) -> int:
-        """Round trip for latency calibration."""
-        return 0
+    def ping(self, payload: Any = None, echo: bool = False) -> Any:
+        """Round trip for latency calibration (``echo`` sends the payload back)."""
+        return payload if echo else 0
 
 
 class GlinthawkSchedulerPlugin(SchedulerPlugin):
     """Control plane: tier registry, run placement, KV accounting, worker loss."""
 
     name = "glinthawk"
+    idempotent = True
 
     def __init__(self) -> None:
         self.tiers: dict[str, set[str]] = {}

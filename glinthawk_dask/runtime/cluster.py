@@ -1,0 +1,91 @@
+"""Tier workers, the embedded local cluster, and connecting to an existing one.
+
+A two-tier cluster is a plain Dask cluster: a scheduler, dense workers tagged
+``GPU=1``, attention workers tagged ``KV`` (a byte budget, or 1 for "a share of my
+memory limit"), and the glinthawk plugins.  Attention workers hold their KV caches as
+unmanaged memory, so they start with Dask's spill-to-disk off (there is nothing
+managed to spill) and with pause/terminate thresholds above the KV budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.config
+from dask.utils import parse_bytes
+from distributed import Client, Nanny, Scheduler, SpecCluster
+
+from .. import config
+from .plugins import GlinthawkSchedulerPlugin, GlinthawkWorkerPlugin
+
+__all__ = ["tier_worker_options", "local_cluster", "connect", "ensure_plugins"]
+
+# KV caches are unmanaged memory: nothing to spill; pause only near the limit.
+ATTENTION_MEMORY = {"target": False, "spill": False, "pause": 0.92, "terminate": 0.97}
+DENSE_MEMORY = {"target": False, "spill": False, "pause": 0.9, "terminate": 0.95}
+
+
+def tier_worker_options(tier: str, memory_limit: int | str | None = None, kv_bytes: int | None = None) -> dict:
+    """Nanny options for a worker of ``tier`` ("dense" or "attention")."""
+    if tier == "dense":
+        resources, memory = {"GPU": 1}, DENSE_MEMORY
+    elif tier == "attention":
+        resources, memory = {"KV": kv_bytes or 1}, ATTENTION_MEMORY
+    else:
+        raise ValueError(f"unknown tier {tier!r}; use dense or attention")
+    opts: dict[str, Any] = {
+        "nthreads": 1,
+        "resources": resources,
+        # Idle OpenMP threads must sleep, not spin: tiers share cores with each other.
+        "env": {"OMP_WAIT_POLICY": "PASSIVE"},
+        # dotted keys: the nanny merges this dict shallowly into the worker's config
+        "config": {f"distributed.worker.memory.{k}": v for k, v in memory.items()},
+    }
+    if memory_limit is not None:
+        opts["memory_limit"] = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit
+    return opts
+
+
+def local_cluster(
+    n_attention: int | None = None,
+    n_dense: int = 1,
+    *,
+    dashboard_address: str = ":0",
+    asynchronous: bool = False,
+) -> SpecCluster:
+    """Start the embedded cluster: ``n_dense`` dense and ``n_attention`` attention worker
+    processes on this machine (defaults from ``glinthawk.local-cluster``)."""
+    n_attention = int(n_attention if n_attention is not None else config.get("local-cluster.attention-workers"))
+    workers = {}
+    for i in range(n_dense):
+        workers[f"dense-{i}"] = {
+            "cls": Nanny,
+            "options": tier_worker_options("dense", config.get("local-cluster.dense-memory-limit")),
+        }
+    for i in range(n_attention):
+        workers[f"attention-{i}"] = {
+            "cls": Nanny,
+            "options": tier_worker_options("attention", config.get("local-cluster.attention-memory-limit")),
+        }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address, "host": "127.0.0.1"}}
+    with dask.config.set({"distributed.worker.daemon": False}):
+        return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous,
+                           name="glinthawk-local")
+
+
+def ensure_plugins(client: Client) -> None:
+    """Register the glinthawk plugins on the client's cluster (idempotent)."""
+    client.register_plugin(GlinthawkSchedulerPlugin())
+    client.register_plugin(GlinthawkWorkerPlugin())
+
+
+def connect(scheduler: str | None = None) -> tuple[Client, SpecCluster | None]:
+    """A client of ``scheduler``, or of a new local cluster (returned so it can be closed)."""
+    cluster = None
+    if scheduler is None:
+        cluster = local_cluster()
+        client = Client(cluster)
+    else:
+        client = Client(scheduler)
+    ensure_plugins(client)
+    return client, cluster

@@ -160,7 +160,6 @@ async def test_kv_budget_too_small_is_a_clear_error(c, s, a, b):
 @gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
 async def test_stale_attention_message_is_rejected(c, s, a, b):
     await _setup(c)
-    from distributed.core import rpc
 
     from glinthawk_dask.runtime.messages import pack
     import torch

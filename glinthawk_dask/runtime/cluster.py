@@ -9,6 +9,7 @@ managed to spill) and with pause/terminate thresholds above the KV budget.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import dask.config
@@ -16,6 +17,7 @@ from dask.utils import parse_bytes
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from .. import config
+from ..errors import GlinthawkError
 from .plugins import GlinthawkSchedulerPlugin, GlinthawkWorkerPlugin
 
 __all__ = ["tier_worker_options", "local_cluster", "connect", "ensure_plugins"]
@@ -52,25 +54,22 @@ def local_cluster(
     *,
     dashboard_address: str = ":0",
     asynchronous: bool = False,
+    silence_logs: int = logging.WARNING,
 ) -> SpecCluster:
     """Start the embedded cluster: ``n_dense`` dense and ``n_attention`` attention worker
     processes on this machine (defaults from ``glinthawk.local-cluster``)."""
     n_attention = int(n_attention if n_attention is not None else config.get("local-cluster.attention-workers"))
     workers = {}
     for i in range(n_dense):
-        workers[f"dense-{i}"] = {
-            "cls": Nanny,
-            "options": tier_worker_options("dense", config.get("local-cluster.dense-memory-limit")),
-        }
+        opts = tier_worker_options("dense", config.get("local-cluster.dense-memory-limit"))
+        workers[f"dense-{i}"] = {"cls": Nanny, "options": {**opts, "silence_logs": silence_logs}}
     for i in range(n_attention):
-        workers[f"attention-{i}"] = {
-            "cls": Nanny,
-            "options": tier_worker_options("attention", config.get("local-cluster.attention-memory-limit")),
-        }
+        opts = tier_worker_options("attention", config.get("local-cluster.attention-memory-limit"))
+        workers[f"attention-{i}"] = {"cls": Nanny, "options": {**opts, "silence_logs": silence_logs}}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address, "host": "127.0.0.1"}}
     with dask.config.set({"distributed.worker.daemon": False}):
         return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous,
-                           name="glinthawk-local")
+                           name="glinthawk-local", silence_logs=silence_logs)
 
 
 def ensure_plugins(client: Client) -> None:
@@ -86,6 +85,12 @@ def connect(scheduler: str | None = None) -> tuple[Client, SpecCluster | None]:
         cluster = local_cluster()
         client = Client(cluster)
     else:
-        client = Client(scheduler)
+        try:
+            client = Client(scheduler)
+        except (OSError, TimeoutError) as e:
+            raise GlinthawkError(
+                f"cannot reach the Dask scheduler at {scheduler} ({e}); is it running? "
+                "Leave out --scheduler to start a local cluster"
+            ) from None
     ensure_plugins(client)
     return client, cluster

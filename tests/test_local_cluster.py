@@ -1,0 +1,97 @@
+"""The embedded default: real worker processes, the CLI's modes, an existing scheduler."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from glinthawk_dask import LLM, SamplingParams
+
+MODEL = "random:tiny-gqa"
+ROWS = [{"id": f"p{i}", "prompt_token_ids": [(7 * i + j) % 300 + 1 for j in range(3 + 11 * i)],
+         "max_tokens": 3 + 4 * (i % 3)} for i in range(9)]
+
+
+def _children() -> set[int]:
+    """Live descendant processes, less multiprocessing's own helpers (which stay for good)."""
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "resource_tracker" not in cmd and "forkserver" not in cmd:
+            out.add(p.pid)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    llm = LLM(MODEL, mode="in-process")
+    return {c.id: c.completion_token_ids for c in llm.generate(ROWS, SamplingParams(ignore_eos=True))}
+
+
+def test_llm_starts_and_stops_the_local_cluster(reference):
+    before = _children()
+    with LLM(MODEL) as llm:
+        assert llm.mode == "two-tier"
+        info = llm.client.run(lambda dask_worker: (
+            dict(dask_worker.state.total_resources),
+            dask_worker.memory_manager.memory_spill_fraction,
+            dask_worker.memory_manager.memory_pause_fraction,
+        ))
+        tiers = sorted("dense" if "GPU" in r else "attention" for r, _, _ in info.values())
+        assert tiers == ["attention", "attention", "dense"]
+        for resources, spill, pause in info.values():
+            assert spill is False and 0.85 <= pause < 1  # KV is unmanaged memory: no spilling
+        assert len(_children() - before) >= 3  # worker processes
+        got = {c.id: c.completion_token_ids for c in llm.generate(ROWS, SamplingParams(ignore_eos=True))}
+        assert got == reference
+        summary = llm.engine.last_summary
+        assert summary.mode == "two-tier" and len(summary.plan["dense"]) == 1
+    gone = psutil.wait_procs([psutil.Process(p) for p in _children() - before if psutil.pid_exists(p)], timeout=30)
+    assert not gone[1], "worker processes outlived LLM.close()"
+
+
+def _cli(*args, input_rows=ROWS):
+    stdin = "".join(json.dumps(r) + "\n" for r in input_rows)
+    proc = subprocess.run(
+        [sys.executable, "-m", "glinthawk_dask", "generate", "--model", MODEL, "--input", "-", *args],
+        input=stdin, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return {r["id"]: r["completion_token_ids"] for r in map(json.loads, proc.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("mode", ["two-tier", "single-tier", "in-process"])
+def test_cli_modes_agree(mode, reference):
+    rows = [dict(r, ignore_eos=True) for r in ROWS]
+    assert _cli("--mode", mode, "--micro-batch-size", "2", input_rows=rows) == reference
+
+
+def test_cli_on_an_existing_scheduler(reference):
+    from distributed import Client
+
+    from glinthawk_dask.runtime.cluster import local_cluster
+
+    rows = [dict(r, ignore_eos=True) for r in ROWS]
+    with local_cluster(n_attention=1) as cluster, Client(cluster) as client:
+        assert _cli("--scheduler", cluster.scheduler_address, input_rows=rows) == reference
+        # the CLI leaves a cluster it did not start running
+        assert len(client.scheduler_info()["workers"]) == 2
+
+
+def test_cli_unreachable_scheduler_is_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "glinthawk_dask", "generate", "--model", MODEL, "--prompt", "x",
+         "--scheduler", "tcp://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"},
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "127.0.0.1:9" in proc.stderr

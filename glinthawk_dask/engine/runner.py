@@ -13,7 +13,30 @@ from ..model.kv_cache import KVCache
 from ..model.ops import RopeTable, embed, head, post_attention, post_pre_attention, pre_attention
 from ..model.weights import SliceWeights
 
-__all__ = ["forward_step"]
+__all__ = ["forward_step", "run_layers"]
+
+
+def run_layers(
+    weights: SliceWeights,
+    cache: KVCache,
+    batch: AttentionBatch,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """The layers of a slice, attention on a local cache: x [T, dim] → x [T, dim].
+
+    cos, sin: [T, D] rotary rows of the tokens' positions.
+    """
+    cfg, layers = weights.config, weights.layers
+    q, k, v = pre_attention(cfg, layers[0], x, cos, sin)
+    for i, layer in enumerate(layers):
+        o = cache.attend(weights.start + i, q, k, v, batch).to(x.dtype)  # [T, H, D]
+        if i + 1 < len(layers):
+            x, q, k, v = post_pre_attention(cfg, layer, layers[i + 1], x, o, cos, sin)
+        else:
+            x = post_attention(cfg, layer, x, o)
+    return x
 
 
 @torch.inference_mode()
@@ -31,18 +54,8 @@ def forward_step(
     """
     if not (weights.is_first and weights.is_last):
         raise ValueError("forward_step needs the weights of the whole model")
-    cfg = weights.config
     ids = torch.tensor(input_ids, dtype=torch.long, device=weights.device)  # [T]
-    positions = batch.positions.to(weights.device)
-    cos, sin = rope.at(positions)  # [T, D] each
-    x = embed(weights, ids)  # [T, dim]
-    q, k, v = pre_attention(cfg, weights.layers[0], x, cos, sin)
-    n = len(weights.layers)
-    for i, layer in enumerate(weights.layers):
-        o = cache.attend(i, q, k, v, batch).to(x.dtype)  # [T, H, D]
-        if i + 1 < n:
-            x, q, k, v = post_pre_attention(cfg, layer, weights.layers[i + 1], x, o, cos, sin)
-        else:
-            x = post_attention(cfg, layer, x, o)
+    cos, sin = rope.at(batch.positions.to(weights.device))  # [T, D] each
+    x = run_layers(weights, cache, batch, embed(weights, ids), cos, sin)  # [T, dim]
     rows = torch.tensor(sample_rows, dtype=torch.long, device=x.device)
     return head(weights, x[rows])  # [N, V]

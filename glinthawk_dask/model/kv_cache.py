@@ -131,6 +131,17 @@ class KVCache:
         self._free.append(slot)
         self._free.sort(reverse=True)
 
+    def apply(self, released: list, admitted: list) -> None:
+        """Free ``released`` sequences, then give each ``(seq_id, slot)`` of ``admitted``
+        its slot; a sequence admitted again (a replayed step) starts over."""
+        for seq_id in released:
+            if seq_id in self._slot_of:
+                self.free(seq_id)
+        for seq_id, slot in admitted:
+            if seq_id in self._slot_of:
+                self.free(seq_id)
+            self.allocate(seq_id, slot)
+
     def slot_of(self, seq_id: Hashable) -> int:
         return self._slot_of[seq_id]
 

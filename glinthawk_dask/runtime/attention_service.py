@@ -136,13 +136,7 @@ class AttentionService:
         cache = run.cache
 
         def work() -> torch.Tensor:
-            for seq_id in released:
-                if seq_id in cache:
-                    cache.free(seq_id)
-            for seq_id, slot in admitted:
-                if seq_id in cache:  # a replayed step: start the sequence over
-                    cache.free(seq_id)
-                cache.allocate(seq_id, slot)
+            cache.apply(released, admitted)
             with torch.inference_mode():
                 return cache.attend(layer, qt, kt, vt, batch)  # [T, H, D]
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..engine.runner import run_layers
 from ..model.attention import AttentionBatch
 from ..model.kv_cache import KVCache
 from ..model.ops import RopeTable, embed, head, post_attention, post_pre_attention, pre_attention
@@ -141,22 +142,9 @@ class SliceRun:
     @torch.inference_mode()
     def _single_tier(self, msg: dict, x_in: torch.Tensor | None):
         cache = self.cache
-        for seq_id in msg["released"]:
-            if seq_id in cache:
-                cache.free(seq_id)
-        for seq_id, slot, _ in msg["admitted"]:
-            if seq_id in cache:
-                cache.free(seq_id)
-            cache.allocate(seq_id, slot)
+        cache.apply(msg["released"], [(a[0], a[1]) for a in msg["admitted"]])
         batch, cos, sin, x = self._inputs(msg, x_in)
-        cfg, layers = self.config, self.weights.layers
-        q, k, v = pre_attention(cfg, layers[0], x, cos, sin)
-        for i, layer in enumerate(layers):
-            o = cache.attend(self.spec.start + i, q, k, v, batch).to(x.dtype)
-            if i + 1 < len(layers):
-                x, q, k, v = post_pre_attention(cfg, layer, layers[i + 1], x, o, cos, sin)
-            else:
-                x = post_attention(cfg, layer, x, o)
+        x = run_layers(self.weights, cache, batch, x, cos, sin)
         return self._head_and_sample(x, msg) if self.weights.is_last else x
 
     async def _two_tier(self, msg: dict, x_in: torch.Tensor | None):

@@ -106,7 +106,7 @@ class InProcessEngine:
                     continue
                 for seq in step.admitted:
                     cache.allocate(seq.id, seq.slot)
-                batch = AttentionBatch.build(step.slots, step.starts, step.counts)
+                batch = AttentionBatch.build(step.slots, step.starts, step.counts, device=self.weights.device)
                 logits = forward_step(
                     self.weights, cache, self.rope, step.input_ids, batch, step.sample_rows
                 )  # [N, V]

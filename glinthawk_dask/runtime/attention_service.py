@@ -40,11 +40,11 @@ class _Run:
 class AttentionService:
     """Holds the KV caches of runs and answers attention requests."""
 
-    def __init__(self, worker: Any, kv_budget: int) -> None:
+    def __init__(self, worker: Any, kv_budget: int, threads: int | None = None) -> None:
         self.worker = worker
         self.kv_budget = int(kv_budget)
         self.runs: dict[str, _Run] = {}
-        self.stream = ComputeStream("glinthawk-attention")
+        self.stream = ComputeStream("glinthawk-attention", threads=threads)
 
     # -- handlers (event loop) -------------------------------------------------------
     def handlers(self) -> dict[str, Any]:

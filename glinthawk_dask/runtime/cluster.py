@@ -29,17 +29,19 @@ DENSE_MEMORY = {"target": False, "spill": False, "pause": 0.9, "terminate": 0.95
 
 def tier_worker_options(tier: str, memory_limit: int | str | None = None, kv_bytes: int | None = None) -> dict:
     """Nanny options for a worker of ``tier`` ("dense" or "attention")."""
+    env: dict[str, str] = {}
     if tier == "dense":
         resources, memory = {"GPU": 1}, DENSE_MEMORY
     elif tier == "attention":
         resources, memory = {"KV": kv_bytes or 1}, ATTENTION_MEMORY
+        # idle OpenMP threads of the attention tier sleep instead of spinning on shared cores
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     else:
         raise ValueError(f"unknown tier {tier!r}; use dense or attention")
     opts: dict[str, Any] = {
         "nthreads": 1,
         "resources": resources,
-        # Idle OpenMP threads must sleep, not spin: tiers share cores with each other.
-        "env": {"OMP_WAIT_POLICY": "PASSIVE"},
+        "env": env,
         # dotted keys: the nanny merges this dict shallowly into the worker's config
         "config": {f"distributed.worker.memory.{k}": v for k, v in memory.items()},
     }

@@ -71,8 +71,11 @@ def overlap_seconds(a: Iterable[tuple[float, float]], b: Iterable[tuple[float, f
 class ComputeStream:
     """A single thread that runs submitted functions, lowest ``priority`` value first."""
 
-    def __init__(self, name: str = "glinthawk-compute", timeline: Timeline | None = None) -> None:
+    def __init__(
+        self, name: str = "glinthawk-compute", timeline: Timeline | None = None, threads: int | None = None
+    ) -> None:
         self.timeline = timeline or Timeline()
+        self._threads = threads
         self._heap: list[tuple[float, int, Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop, tuple]] = []
         self._count = itertools.count()
         self._cv = threading.Condition()
@@ -94,6 +97,11 @@ class ComputeStream:
         return fut
 
     def _loop(self) -> None:
+        if self._threads:
+            import torch
+
+            # intra-op thread counts are per calling thread: set them where the work runs
+            torch.set_num_threads(self._threads)
         while True:
             with self._cv:
                 while not self._heap and not self._closed:

@@ -206,9 +206,7 @@ class DenseService:
         self.runs: dict[str, SliceRun] = {}
         self._weights: dict[tuple, SliceWeights] = {}
         self._tokenizers: dict[str, Any] = {}
-        self.stream = ComputeStream("glinthawk-dense")
-        if threads:
-            torch.set_num_threads(threads)
+        self.stream = ComputeStream("glinthawk-dense", threads=threads)
 
     def handlers(self) -> dict[str, Any]:
         return {

@@ -64,11 +64,8 @@ class GlinthawkWorkerPlugin(WorkerPlugin):
                 resources.get("KV", 0), worker.memory_manager.memory_limit,
                 config.get("attention.kv-memory-fraction"), _total_memory(),
             )
-            self.attention = AttentionService(worker, budget)
-            if self.dense is None:
-                import torch
-
-                torch.set_num_threads(int(config.get("attention.threads")))
+            threads = None if self.dense is not None else int(config.get("attention.threads"))
+            self.attention = AttentionService(worker, budget, threads=threads)
         self._handlers = {"glinthawk_timeline": self.timeline, "glinthawk_ping": self.ping}
         for service in (self.dense, self.attention):
             if service is not None:

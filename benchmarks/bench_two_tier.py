@@ -1,0 +1,387 @@
+#!/usr/bin/env python
+"""Two-tier throughput on the embedded cluster, against the in-process engine and HF.
+
+One run, two parts, on the embedded SmolLM2-135M-Instruct model in float32 on this
+machine, greedy with ``ignore_eos=True`` (every sequence generates exactly N tokens):
+
+1. **Throughput.**  ``--batch`` prompts, ``--new-tokens`` new tokens each, through
+
+   * the two-tier engine on the embedded local cluster (1 dense + 2 attention worker
+     processes), started once with ``LLM(mode="two-tier")`` and reused for every
+     two-tier run of this script; a small warm-up generate loads the weights on the
+     workers first (not timed).  Its plan is the engine's defaults
+     (``glinthawk.engine.micro-batch-size``, capped by the batch, and ``"auto"``
+     micro-batches) unless ``--micro-batch-size`` / ``--micro-batches`` say otherwise;
+   * the same engine in-process, as ``bench_inprocess.py`` runs it (one micro-batch of
+     the whole batch);
+   * Hugging Face ``generate`` (``bench_inprocess.bench_hf``; ``--skip-hf`` skips it).
+
+   It prints tokens/s of each, the ratios two-tier / in-process and two-tier / HF, the
+   two-tier plan (micro-batch size x micro-batches), the tier overlap of the timed run
+   (dense busy, attention busy, both busy, and both-busy as a fraction of wall time),
+   and how many two-tier completions equal the in-process ones token for token.
+
+2. **Throughput vs induced latency.**  ``--latency-prompts`` prompts x
+   ``--latency-new-tokens`` new tokens on the same cluster with ``latency=`` set to each
+   of ``--latencies`` (milliseconds, added to every inter-tier message), micro-batch
+   size ``--latency-micro-batch-size`` and ``n_micro_batches="auto"`` with
+   ``glinthawk.engine.max-micro-batches`` raised to ``--latency-max-micro-batches``.
+   It prints tokens/s at each latency, the depth "auto" chose and the cost relative to
+   0 ms.
+
+Finally it prints the issue's targets (two-tier >= 0.9x in-process, >= 2x HF, 50 ms of
+latency costs <= 10%) with PASS or SHORT.  Only ``generate`` is timed, by the wall
+clock of the calling process (for two-tier this includes opening and closing the run
+on the workers, and "auto"'s calibration).
+
+Usage::
+
+    python benchmarks/bench_two_tier.py [--batch 64] [--new-tokens 128] [--skip-hf]
+        [--latency-prompts 256] [--latency-new-tokens 16] [--latencies 0,10,50] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Workers are spawned processes: they read this from the environment when they import
+# distributed, so the report on stdout is not buried in worker INFO lines.
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_inprocess
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a checkout
+
+import bench_inprocess as bi  # also sets the offline HF environment
+import dask
+import torch
+
+from glinthawk_dask import LLM
+from glinthawk_dask import config as gh_config
+from glinthawk_dask.engine.engine import EngineConfig
+from glinthawk_dask.model.resolve import (
+    DEFAULT_MODEL,
+    embedded_gguf_path,
+    resolve_checkpoint,
+)
+from glinthawk_dask.tokenizer import Tokenizer
+
+TARGET_VS_INPROCESS = 0.9
+TARGET_VS_HF = 2.0
+TARGET_LATENCY_MS = 50.0
+TARGET_LATENCY_COST = 0.10
+
+
+def cpu_ticks() -> list[int] | None:
+    """Cumulative CPU ticks of the machine (user, nice, system, idle, iowait, irq, softirq,
+    steal), or None where ``/proc/stat`` is missing."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_share(before: list[int] | None, after: list[int] | None) -> dict[str, float] | None:
+    """Shares of the machine's CPU time between two :func:`cpu_ticks` samples: busy
+    (user + nice + system + irq), idle (+ iowait) and steal (taken by the hypervisor:
+    a sign that the numbers are noisy)."""
+    if before is None or after is None:
+        return None
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d) or 1
+    return {"busy": (d[0] + d[1] + d[2] + d[5] + d[6]) / total, "idle": (d[3] + d[4]) / total,
+            "steal": d[7] / total}
+
+
+def with_cpu(fn):
+    """``(fn(), cpu_share during it)``."""
+    before = cpu_ticks()
+    out = fn()
+    return out, cpu_share(before, cpu_ticks())
+
+
+def cpu_text(share: dict[str, float] | None) -> str:
+    if share is None:
+        return "n/a"
+    return f"busy {share['busy']:.0%} idle {share['idle']:.0%} steal {share['steal']:.0%}"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "SHORT"
+
+
+def step_tokens_for(prompt_ids: Sequence[list[int]], mb_size: int) -> int:
+    """A step budget that prefills a whole micro-batch's prompts in one step (as
+    ``bench_inprocess`` does for its single micro-batch)."""
+    longest = sorted((len(p) for p in prompt_ids), reverse=True)[:mb_size]
+    return max(mb_size, sum(longest))
+
+
+def overlap_report(llm: LLM, seconds: float) -> dict[str, float]:
+    """The tier overlap of ``llm``'s last run and both-busy time as a share of ``seconds``."""
+    o = dict(llm.engine.tier_overlap())
+    o["wall"] = seconds
+    o["overlap_fraction"] = o["overlap"] / seconds if seconds else 0.0
+    return o
+
+
+def bench_two_tier(llm: LLM, prompt_ids: Sequence[list[int]], batch: int, new_tokens: int) -> bi.Result:
+    """Time one two-tier generate (the cluster is warm: weights loaded by an earlier call)."""
+    outputs, seconds = bi.timed(lambda: bi.engine_generate(llm, prompt_ids, new_tokens))
+    return bi.Result(
+        engine="two-tier", batch=batch, new_tokens=new_tokens, sequences=len(prompt_ids),
+        generated_tokens=sum(len(o) for o in outputs), seconds=seconds, outputs=outputs,
+    )
+
+
+def two_tier_on(base: LLM, *, mb_size: int, step_tokens: int, n_micro_batches: int | str,
+                latency: float = 0.0) -> LLM:
+    """An LLM on ``base``'s cluster (nothing new is started; closing it stops nothing)."""
+    return LLM(
+        DEFAULT_MODEL, mode="two-tier", client=base.client, dtype="float32",
+        engine_config=EngineConfig(micro_batch_size=mb_size, max_step_tokens=step_tokens),
+        n_micro_batches=n_micro_batches, latency=latency,
+    )
+
+
+def parse_latencies(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--latencies takes comma-separated milliseconds, not {text!r}")
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("--latencies needs at least one value, none negative")
+    return values
+
+
+def parse_depth(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--micro-batches takes an int or 'auto', not {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError("--micro-batches must be at least 1")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64, help="prompts of the throughput part (default 64)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens per sequence there (default 128)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="two-tier micro-batch size of the throughput part "
+                        "(default glinthawk.engine.micro-batch-size, capped by --batch)")
+    p.add_argument("--micro-batches", type=parse_depth, default="auto",
+                   help="two-tier micro-batches in flight there: an int or 'auto' (default)")
+    p.add_argument("--latency-prompts", type=int, default=256, help="prompts of the latency part (default 256)")
+    p.add_argument("--latency-new-tokens", type=int, default=16, help="tokens per sequence there (default 16)")
+    p.add_argument("--latencies", type=parse_latencies, default=[0.0, 10.0, 50.0],
+                   help="induced latencies in ms, comma-separated (default 0,10,50)")
+    p.add_argument("--latency-micro-batch-size", type=int, default=16,
+                   help="micro-batch size of the latency part (default 16)")
+    p.add_argument("--latency-max-micro-batches", type=int, default=16,
+                   help="glinthawk.engine.max-micro-batches there, the ceiling of 'auto' (default 16)")
+    p.add_argument("--skip-hf", action="store_true", help="skip HF generate (no two-tier / HF ratio then)")
+    p.add_argument("--json", metavar="OUT", help="write the numbers to this JSON file")
+    args = p.parse_args(argv)
+    for name in ("batch", "new_tokens", "latency_prompts", "latency_new_tokens",
+                 "latency_micro_batch_size", "latency_max_micro_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        p.error("--micro-batch-size must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import distributed
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, dask {dask.__version__}, "
+          f"distributed {distributed.__version__}, os.cpu_count() = {os.cpu_count()}, "
+          f"torch.get_num_threads() = {torch.get_num_threads()} (this process), {platform.machine()} CPU")
+    print(f"dense worker threads: {gh_config.get('dense.threads') or os.cpu_count()}, "
+          f"attention worker threads: {gh_config.get('attention.threads')}")
+
+    tokenizer = Tokenizer.from_checkpoint(resolve_checkpoint(DEFAULT_MODEL))
+    prompt_ids = [tokenizer.encode(t) for t in bi.prompt_texts(args.batch)]
+    lengths = [len(p) for p in prompt_ids]
+    report: dict[str, Any] = {
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "distributed": distributed.__version__, "cpu_count": os.cpu_count(),
+        "model": DEFAULT_MODEL, "dtype": "float32",
+        "throughput": {"batch": args.batch, "new_tokens": args.new_tokens, "prompt_tokens": sum(lengths)},
+    }
+    print(f"model {DEFAULT_MODEL} (fp32), greedy, ignore_eos")
+    print(f"\n== 1. throughput: {len(prompt_ids)} prompts of {min(lengths)}-{max(lengths)} tokens "
+          f"({sum(lengths)} in all), {args.new_tokens} new tokens each ==")
+
+    # -- in-process (as bench_inprocess runs it: one micro-batch of the whole batch) -------
+    ip_steps = step_tokens_for(prompt_ids, args.batch)
+    inproc = LLM(DEFAULT_MODEL, mode="in-process", device="cpu", dtype="float32",
+                 engine_config=EngineConfig(micro_batch_size=args.batch, max_step_tokens=ip_steps))
+    ip, cpu = with_cpu(lambda: bi.bench_engine(inproc, prompt_ids, args.batch, args.new_tokens, prefill=False))
+    results, cpus = [ip], {"in-process": cpu}
+    inproc = None  # free its weights and KV cache before the other engines run
+    print(f"in-process: {ip.tokens_per_s:.1f} tokens/s (micro-batch {args.batch} x 1, max_step_tokens "
+          f"{ip_steps}); machine CPU during it: {cpu_text(cpu)}", flush=True)
+
+    # -- HF generate ---------------------------------------------------------------------
+    if not args.skip_hf:
+        hf = bi.load_hf_model(embedded_gguf_path())
+        pad_id = tokenizer.hf.pad_token_id
+        if pad_id is None:
+            pad_id = tokenizer.eos_token_ids[0]
+        r, cpus["hf-transformers"] = with_cpu(
+            lambda: bi.bench_hf(hf, prompt_ids, args.batch, args.new_tokens, pad_id, prefill=False))
+        results.append(r)
+        hf = None
+        print(f"hf-transformers: {r.tokens_per_s:.1f} tokens/s (batch {args.batch}); machine CPU during it: "
+              f"{cpu_text(cpus['hf-transformers'])}", flush=True)
+
+    # -- two-tier: start the embedded cluster once ------------------------------------------
+    mb_size = min(args.micro_batch_size or int(gh_config.get("engine.micro-batch-size")), args.batch)
+    tt_steps = step_tokens_for(prompt_ids, mb_size)
+    (base, start_s) = bi.timed(lambda: LLM(
+        DEFAULT_MODEL, mode="two-tier", dtype="float32",
+        engine_config=EngineConfig(micro_batch_size=mb_size, max_step_tokens=tt_steps),
+        n_micro_batches=args.micro_batches,
+    ))
+    try:
+        warm_s = bi.timed(lambda: bi.engine_generate(base, [prompt_ids[0][:4]], 2))[1]
+        print(f"two-tier cluster: started in {start_s:.1f} s, warm-up generate (weights onto the "
+              f"workers) {warm_s:.1f} s, not timed", flush=True)
+        tt, cpus["two-tier"] = with_cpu(lambda: bench_two_tier(base, prompt_ids, args.batch, args.new_tokens))
+        summary = base.engine.last_summary
+        overlap = overlap_report(base, tt.seconds)
+        results.insert(0, tt)
+        print(f"two-tier: {tt.tokens_per_s:.1f} tokens/s; machine CPU during it: {cpu_text(cpus['two-tier'])}",
+              flush=True)
+
+        print()
+        bi.print_table(results)
+        inp = next(r for r in results if r.engine == "in-process")
+        hfr = next((r for r in results if r.engine == "hf-transformers"), None)
+        expected = args.batch * args.new_tokens
+        print(f"\ntwo-tier plan: micro-batch {summary.micro_batch_size} x {summary.n_micro_batches} "
+              f"micro-batches ({args.micro_batches!s} asked), max_step_tokens {tt_steps}, "
+              f"{summary.n_steps} micro-batch steps")
+        print(f"tier overlap (two-tier run, {overlap['wall']:.2f} s wall): dense busy "
+              f"{overlap['dense_busy']:.2f} s, attention busy {overlap['attention_busy']:.2f} s, "
+              f"both busy {overlap['overlap']:.2f} s = {overlap['overlap_fraction']:.1%} of wall")
+        ratio_ip = tt.tokens_per_s / inp.tokens_per_s
+        print(f"ratio two-tier / in-process (tokens/s): {ratio_ip:.2f}x")
+        ratio_hf = None
+        if hfr is not None:
+            ratio_hf = tt.tokens_per_s / hfr.tokens_per_s
+            print(f"ratio two-tier / HF (tokens/s): {ratio_hf:.2f}x")
+        same = sum(a == b for a, b in zip(tt.outputs, inp.outputs))
+        print(f"greedy outputs of two-tier identical to in-process token for token: "
+              f"{same}/{len(prompt_ids)}")
+        all_generated = all(r.generated_tokens == expected for r in results)
+        print(f"every engine generated exactly {expected} tokens: {'yes' if all_generated else 'NO'}")
+        report["throughput"].update({
+            "results": {r.engine: {**r.to_dict(), "cpu": cpus.get(r.engine)} for r in results},
+            "two_tier_plan": {"micro_batch_size": summary.micro_batch_size,
+                              "n_micro_batches": summary.n_micro_batches,
+                              "asked": args.micro_batches, "max_step_tokens": tt_steps,
+                              "n_steps": summary.n_steps},
+            "tier_overlap": overlap,
+            "ratio_two_tier_over_inprocess": ratio_ip,
+            "ratio_two_tier_over_hf": ratio_hf,
+            "identical_to_inprocess": same,
+            "cluster_start_seconds": start_s, "warmup_seconds": warm_s,
+        })
+
+        # -- 2. throughput vs induced latency ---------------------------------------------
+        lat_ids = [tokenizer.encode(t) for t in bi.prompt_texts(args.latency_prompts)]
+        lmb = min(args.latency_micro_batch_size, len(lat_ids))
+        l_steps = step_tokens_for(lat_ids, lmb)
+        expected_l = len(lat_ids) * args.latency_new_tokens
+        print(f"\n== 2. throughput vs induced latency: {len(lat_ids)} prompts x "
+              f"{args.latency_new_tokens} new tokens, micro-batch {lmb}, micro-batches auto "
+              f"(max-micro-batches {args.latency_max_micro_batches}) ==", flush=True)
+        rows = []
+        with dask.config.set({"glinthawk.engine.max-micro-batches": args.latency_max_micro_batches}):
+            for ms in args.latencies:
+                llm = two_tier_on(base, mb_size=lmb, step_tokens=l_steps, n_micro_batches="auto",
+                                  latency=ms / 1000)
+                (outputs, seconds), cpu = with_cpu(lambda llm=llm: bi.timed(
+                    lambda: bi.engine_generate(llm, lat_ids, args.latency_new_tokens)))
+                s = llm.engine.last_summary
+                ov = overlap_report(llm, seconds)
+                rows.append({"latency_ms": ms, "seconds": seconds,
+                             "generated_tokens": sum(map(len, outputs)),
+                             "tokens_per_s": sum(map(len, outputs)) / seconds,
+                             "micro_batch_size": s.micro_batch_size, "n_micro_batches": s.n_micro_batches,
+                             "tier_overlap": ov, "cpu": cpu})
+                llm.close()
+                print(f"  latency {ms:g} ms: {rows[-1]['tokens_per_s']:.1f} tokens/s, depth "
+                      f"{s.n_micro_batches}; machine CPU during it: {cpu_text(cpu)}", flush=True)
+        base_row = next((r for r in rows if r["latency_ms"] == 0), None)
+        header = (f"{'latency ms':>10} {'plan':>8} {'generated':>9} {'seconds':>8} {'tokens/s':>9} "
+                  f"{'vs 0 ms':>8} {'dense busy':>10}")
+        print()
+        print(header)
+        print("-" * len(header))
+        for r in rows:
+            r["relative_to_0ms"] = r["tokens_per_s"] / base_row["tokens_per_s"] if base_row else None
+            rel = f"{r['relative_to_0ms']:.2f}x" if base_row else "n/a"
+            plan = f"{r['micro_batch_size']}x{r['n_micro_batches']}"
+            print(f"{r['latency_ms']:>10g} {plan:>8} {r['generated_tokens']:>9} {r['seconds']:>8.2f} "
+                  f"{r['tokens_per_s']:>9.1f} {rel:>8} {r['tier_overlap']['dense_busy']:>9.2f}s")
+        for r in rows:
+            if base_row and r is not base_row:
+                cost = 1 - r["relative_to_0ms"]
+                r["cost_vs_0ms"] = cost
+                print(f"latency {r['latency_ms']:g} ms costs {cost:.1%} of the 0 ms throughput "
+                      f"(depth {r['n_micro_batches']} vs {base_row['n_micro_batches']})")
+        all_l = all(r["generated_tokens"] == expected_l for r in rows)
+        print(f"every latency run generated exactly {expected_l} tokens: {'yes' if all_l else 'NO'}")
+        report["latency"] = {
+            "prompts": len(lat_ids), "new_tokens": args.latency_new_tokens, "micro_batch_size": lmb,
+            "max_micro_batches": args.latency_max_micro_batches, "max_step_tokens": l_steps, "runs": rows,
+        }
+    finally:
+        base.close()
+
+    # -- targets -----------------------------------------------------------------------------
+    print("\n== targets ==")
+    targets: dict[str, Any] = {}
+    targets["two_tier_vs_inprocess"] = ok = ratio_ip >= TARGET_VS_INPROCESS
+    print(f"two-tier >= {TARGET_VS_INPROCESS}x in-process: {ratio_ip:.2f}x {verdict(ok)}")
+    if ratio_hf is not None:
+        targets["two_tier_vs_hf"] = ok = ratio_hf >= TARGET_VS_HF
+        print(f"two-tier >= {TARGET_VS_HF:g}x HF generate: {ratio_hf:.2f}x {verdict(ok)}")
+    else:
+        targets["two_tier_vs_hf"] = None
+        print(f"two-tier >= {TARGET_VS_HF:g}x HF generate: n/a (--skip-hf)")
+    at = next((r for r in rows if r["latency_ms"] == TARGET_LATENCY_MS), None)
+    if at is not None and base_row is not None:
+        targets["latency_50ms_cost"] = ok = at["cost_vs_0ms"] <= TARGET_LATENCY_COST
+        print(f"{TARGET_LATENCY_MS:g} ms latency costs <= {TARGET_LATENCY_COST:.0%}: "
+              f"{at['cost_vs_0ms']:.1%} {verdict(ok)}")
+    else:
+        targets["latency_50ms_cost"] = None
+        print(f"{TARGET_LATENCY_MS:g} ms latency costs <= {TARGET_LATENCY_COST:.0%}: "
+              f"n/a (0 and {TARGET_LATENCY_MS:g} ms not both measured)")
+    report["targets"] = targets
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

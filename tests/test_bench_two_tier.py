@@ -1,0 +1,62 @@
+"""Smoke test of benchmarks/bench_two_tier.py: at a tiny size it runs end to end on the
+embedded local cluster and prints every section of its report."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_two_tier.py"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_bench_two_tier_runs_and_reports(tmp_path):
+    out = tmp_path / "bench.json"
+    # 4 prompts x 4 tokens, then 8 prompts x 2 tokens at 0 and 5 ms: ~45 s, most of it the
+    # cluster start and the workers' weight load.
+    cmd = [sys.executable, str(SCRIPT), "--batch", "4", "--new-tokens", "4", "--latency-prompts", "8",
+           "--latency-new-tokens", "2", "--latencies", "0,5", "--skip-hf", "--json", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
+    text = proc.stdout
+
+    # part 1: one row per engine (4 prompts x 4 tokens = 16 generated), ratios, plan, overlap
+    rows = {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^(two-tier|in-process)\s+4\s+4\s+16\s+[\d.]+\s+([\d.]+)$", text, re.MULTILINE)}
+    assert set(rows) == {"two-tier", "in-process"}, text
+    assert all(v > 0 for v in rows.values())
+    assert "hf-transformers" not in rows
+    assert re.search(r"^ratio two-tier / in-process \(tokens/s\): [\d.]+x$", text, re.MULTILINE), text
+    assert re.search(r"^two-tier plan: micro-batch 4 x 1 micro-batches", text, re.MULTILINE), text
+    assert re.search(r"^tier overlap \(two-tier run, [\d.]+ s wall\): dense busy [\d.]+ s, attention busy "
+                     r"[\d.]+ s, both busy [\d.]+ s = [\d.]+% of wall$", text, re.MULTILINE), text
+    # greedy two-tier is token-identical to in-process
+    assert re.search(r"^greedy outputs of two-tier identical to in-process token for token: 4/4$",
+                     text, re.MULTILINE), text
+    assert "every engine generated exactly 16 tokens: yes" in text
+
+    # part 2: a row per latency, the cost of 5 ms relative to 0 ms
+    lat = re.findall(r"^\s+(0|5)\s+(\d+)x(\d+)\s+16\s+[\d.]+\s+([\d.]+)\s+([\d.]+)x", text, re.MULTILINE)
+    assert [r[0] for r in lat] == ["0", "5"], text
+    assert all(int(r[1]) == 8 and float(r[3]) > 0 for r in lat)
+    assert re.search(r"^latency 5 ms costs -?[\d.]+% of the 0 ms throughput", text, re.MULTILINE), text
+    assert "every latency run generated exactly 16 tokens: yes" in text
+
+    # targets, honestly marked
+    assert re.search(r"^two-tier >= 0\.9x in-process: [\d.]+x (PASS|SHORT)$", text, re.MULTILINE), text
+    assert re.search(r"^two-tier >= 2x HF generate: n/a \(--skip-hf\)$", text, re.MULTILINE), text
+    assert re.search(r"^50 ms latency costs <= 10%: n/a", text, re.MULTILINE), text
+
+    report = json.loads(out.read_text())
+    assert report["throughput"]["identical_to_inprocess"] == 4
+    assert report["throughput"]["results"]["two-tier"]["generated_tokens"] == 16
+    assert [r["latency_ms"] for r in report["latency"]["runs"]] == [0.0, 5.0]
+    assert report["targets"]["two_tier_vs_hf"] is None

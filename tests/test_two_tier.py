@@ -11,7 +11,7 @@ from glinthawk_dask.engine.engine import EngineConfig, InProcessEngine
 from glinthawk_dask.engine.request import Request
 from glinthawk_dask.model import from_name, load_slice
 from glinthawk_dask.model.synthetic import SyntheticCheckpoint
-from glinthawk_dask.runtime import DaskEngine, GlinthawkSchedulerPlugin, GlinthawkWorkerPlugin
+from glinthawk_dask.runtime import AttentionWorkerPlugin, DaskEngine, DenseWorkerPlugin, GlinthawkSchedulerPlugin
 from glinthawk_dask.sampling import SamplingParams
 
 MODEL = "random:tiny-gqa"
@@ -40,7 +40,8 @@ def _reference(requests):
 
 async def _setup(c):
     await c.register_plugin(GlinthawkSchedulerPlugin())
-    await c.register_plugin(GlinthawkWorkerPlugin())
+    await c.register_plugin(DenseWorkerPlugin())
+    await c.register_plugin(AttentionWorkerPlugin())
 
 
 async def _check(c, requests, **kw):

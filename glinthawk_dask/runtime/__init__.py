@@ -5,6 +5,6 @@ Importing this package registers glinthawk's defaults in ``dask.config``.
 
 from .. import config  # noqa: F401  (registers the defaults)
 from .client import DaskEngine, RunSummary
-from .plugins import GlinthawkSchedulerPlugin, GlinthawkWorkerPlugin
+from .plugins import AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
 
-__all__ = ["DaskEngine", "RunSummary", "GlinthawkSchedulerPlugin", "GlinthawkWorkerPlugin"]
+__all__ = ["DaskEngine", "RunSummary", "GlinthawkSchedulerPlugin", "DenseWorkerPlugin", "AttentionWorkerPlugin"]

@@ -50,7 +50,8 @@ class RunSummary:
 
 
 class DaskEngine:
-    """Generate on a Dask cluster whose workers run :class:`GlinthawkWorkerPlugin`.
+    """Generate on a Dask cluster whose workers run :class:`DenseWorkerPlugin` and
+    :class:`AttentionWorkerPlugin`.
 
     ``mode`` is ``"two-tier"`` (attention on KV workers) or ``"single-tier"`` (KV on
     the dense workers).  ``n_micro_batches`` is an int or ``"auto"``: enough
@@ -213,11 +214,14 @@ class DaskEngine:
     async def _close(self, run: dict) -> None:
         plan, run_id = run["plan"], run["id"]
         seconds = time.time() - run["t0"]
+        tiers = _workers_of(plan)
         timelines = await asyncio.gather(
-            *[self._rpc(a, "glinthawk_timeline", since=run["t0"]) for a in _workers_of(plan)],
+            *[self._rpc(a, f"glinthawk_{tier}_timeline", since=run["t0"]) for a, tier in tiers],
             return_exceptions=True,
         )
-        self.last_timeline = {t["address"]: t["events"] for t in timelines if isinstance(t, dict)}
+        self.last_timeline = {
+            f"{tier} {addr}": t["events"] for (addr, tier), t in zip(tiers, timelines) if isinstance(t, dict)
+        }
         closes = [self._rpc(a, "glinthawk_slice_close", run_id=run_id) for a in plan["dense"]]
         if plan["mode"] == "two-tier":
             closes += [self._rpc(a, "glinthawk_kv_close", run_id=run_id)
@@ -266,9 +270,9 @@ def _lists(x: Any) -> Any:
     return x
 
 
-def _workers_of(plan: dict) -> list[str]:
-    out = list(plan["dense"])
-    for s in range(len(plan["slices"])):
-        if plan["n_slots"]:
-            out += [a for a in plan["n_slots"][s] if a not in out]
+def _workers_of(plan: dict) -> list[tuple[str, str]]:
+    """(address, tier) of every worker in a plan."""
+    out = [(a, "dense") for a in plan["dense"]]
+    for slots in plan["n_slots"]:
+        out += [(a, "attention") for a in slots if (a, "attention") not in out]
     return out

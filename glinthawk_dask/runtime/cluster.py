@@ -18,7 +18,7 @@ from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from .. import config
 from ..errors import GlinthawkError
-from .plugins import GlinthawkSchedulerPlugin, GlinthawkWorkerPlugin
+from .plugins import AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
 
 __all__ = ["tier_worker_options", "local_cluster", "connect", "ensure_plugins"]
 
@@ -77,7 +77,8 @@ def local_cluster(
 def ensure_plugins(client: Client) -> None:
     """Register the glinthawk plugins on the client's cluster (idempotent)."""
     client.register_plugin(GlinthawkSchedulerPlugin())
-    client.register_plugin(GlinthawkWorkerPlugin())
+    client.register_plugin(DenseWorkerPlugin())
+    client.register_plugin(AttentionWorkerPlugin())
 
 
 def connect(scheduler: str | None = None) -> tuple[Client, SpecCluster | None]:

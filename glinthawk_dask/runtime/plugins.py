@@ -1,9 +1,10 @@
 """The Dask plugins: worker-resident tier state, and the control plane on the scheduler.
 
-``GlinthawkWorkerPlugin`` is registered once per cluster with ``Client.register_plugin``
-(so restarted and new workers get it too).  In ``setup`` it looks at the worker's
-resources: a ``GPU`` resource makes it a dense worker, a ``KV`` resource an attention
-worker, and it registers the tier's rpc handlers.  ``GlinthawkSchedulerPlugin`` keeps
+A WorkerPlugin per tier, ``DenseWorkerPlugin`` and ``AttentionWorkerPlugin``, is
+registered once per cluster with ``Client.register_plugin`` (so restarted and new
+workers get it too).  In ``setup`` each looks at the worker's resources (``GPU`` for
+the dense tier, ``KV`` for the attention tier) and, where they match, holds the tier's
+state and registers its rpc handlers.  ``GlinthawkSchedulerPlugin`` keeps
 the registry of tier workers, places runs (layer slices, micro-batches, KV slots) and
 records worker loss.  Neither carries activations: those go worker to worker.
 """
@@ -24,7 +25,7 @@ from .placement import PlacementError, kv_budget_bytes, make_plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GlinthawkWorkerPlugin", "GlinthawkSchedulerPlugin", "worker_tiers"]
+__all__ = ["DenseWorkerPlugin", "AttentionWorkerPlugin", "GlinthawkSchedulerPlugin", "worker_tiers"]
 
 
 def _total_memory() -> int:
@@ -45,48 +46,70 @@ def worker_tiers(resources: dict[str, float]) -> set[str]:
     return tiers
 
 
-class GlinthawkWorkerPlugin(WorkerPlugin):
-    """Hosts the dense and/or attention service of a worker, by its resources."""
+class _TierPlugin(WorkerPlugin):
+    """Hosts one tier's service on the workers that carry the tier's resource (and
+    nothing on the others), with its rpc handlers and a timeline handler."""
 
-    name = "glinthawk"
+    tier = ""
     idempotent = True
+
+    def make_service(self, worker: Any, resources: dict[str, float]) -> Any:
+        raise NotImplementedError
 
     def setup(self, worker: Any) -> None:
         self.worker = worker
+        self.service = None
+        self._handlers: dict[str, Any] = {}
         resources = dict(worker.state.total_resources)
-        tiers = worker_tiers(resources)
-        self.dense = self.attention = None
-        if "dense" in tiers:
-            threads = config.get("dense.threads") or os.cpu_count()
-            self.dense = DenseService(worker, threads=threads)
-        if "attention" in tiers:
-            budget = kv_budget_bytes(
-                resources.get("KV", 0), worker.memory_manager.memory_limit,
-                config.get("attention.kv-memory-fraction"), _total_memory(),
-            )
-            threads = None if self.dense is not None else int(config.get("attention.threads"))
-            self.attention = AttentionService(worker, budget, threads=threads)
-        self._handlers = {"glinthawk_timeline": self.timeline, "glinthawk_ping": self.ping}
-        for service in (self.dense, self.attention):
-            if service is not None:
-                self._handlers.update(service.handlers())
+        if self.tier not in worker_tiers(resources):
+            return
+        self.service = self.make_service(worker, resources)
+        self._handlers = {**self.service.handlers(), f"glinthawk_{self.tier}_timeline": self.timeline}
         worker.handlers.update(self._handlers)
-        logger.info("glinthawk worker %s: tiers %s", worker.address, sorted(tiers) or "none")
+        logger.info("glinthawk %s tier on %s", self.tier, worker.address)
 
     def teardown(self, worker: Any) -> None:
-        for name in getattr(self, "_handlers", {}):
+        for name in self._handlers:
             worker.handlers.pop(name, None)
-        for service in (self.dense, self.attention):
-            if service is not None:
-                service.close()
+        if self.service is not None:
+            self.service.close()
 
     def timeline(self, since: float = 0.0) -> dict:
         """Compute intervals ``(kind, start, stop, micro_batch, layer)`` since ``since``."""
-        out = []
-        for service in (self.dense, self.attention):
-            if service is not None:
-                out.extend(service.stream.timeline.events(since))
-        return {"address": self.worker.address, "events": out, "now": time.time()}
+        return {"address": self.worker.address, "events": self.service.stream.timeline.events(since),
+                "now": time.time()}
+
+
+class DenseWorkerPlugin(_TierPlugin):
+    """Tier 1 on ``GPU`` workers: layer slices (weights cached) and their runs."""
+
+    name = "glinthawk-dense"
+    tier = "dense"
+
+    def make_service(self, worker: Any, resources: dict[str, float]) -> DenseService:
+        return DenseService(worker, threads=config.get("dense.threads") or os.cpu_count())
+
+
+class AttentionWorkerPlugin(_TierPlugin):
+    """Tier 2 on ``KV`` workers: KV caches within a byte budget, attention on request."""
+
+    name = "glinthawk-attention"
+    tier = "attention"
+
+    def make_service(self, worker: Any, resources: dict[str, float]) -> AttentionService:
+        budget = kv_budget_bytes(
+            resources.get("KV", 0), worker.memory_manager.memory_limit,
+            config.get("attention.kv-memory-fraction"), _total_memory(),
+        )
+        # a worker that is also dense keeps the dense tier's thread count
+        threads = None if "dense" in worker_tiers(resources) else int(config.get("attention.threads"))
+        return AttentionService(worker, budget, threads=threads)
+
+    def setup(self, worker: Any) -> None:
+        super().setup(worker)
+        if self.service is not None:
+            self._handlers["glinthawk_ping"] = self.ping
+            worker.handlers["glinthawk_ping"] = self.ping
 
     def ping(self, payload: Any = None, echo: bool = False) -> Any:
         """Round trip for latency calibration (``echo`` sends the payload back)."""

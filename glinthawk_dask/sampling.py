@@ -148,6 +148,10 @@ class SamplingParams:
         """
         return cls().replace(**_check_overrides(d))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists for the tuples), the inverse of :meth:`from_dict`."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
     def replace(self, **overrides: Any) -> "SamplingParams":
         """Return a copy with ``overrides`` applied (validated like the constructor).
 

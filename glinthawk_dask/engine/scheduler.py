@@ -228,7 +228,3 @@ class BatchScheduler:
             completion_token_ids=seq.output_ids,
             finish_reason=seq.finish_reason,
         )
-
-    def finished_slots(self, step: Step) -> list[Sequence]:
-        """Sequences of ``step`` that finished in the last :meth:`update`."""
-        return [s for s in step.sample_seqs if s.finish_reason is not None]

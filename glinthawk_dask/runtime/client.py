@@ -187,7 +187,7 @@ class DaskEngine:
     async def _submit(self, run: dict, requests: list[Request]) -> None:
         rows = [
             {"id": r.id, "prompt_token_ids": list(r.prompt_token_ids), "prompt": r.prompt,
-             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(r.params).items()}}
+             "params": r.params.to_dict()}
             for r in requests
         ]
         first = run["plan"]["dense"][0]

@@ -13,7 +13,6 @@ In single-tier mode the KV cache lives here and a slice step is one compute job.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -310,7 +309,3 @@ class DenseService:
         self.runs.clear()
         self._weights.clear()
         self.stream.close()
-
-
-def spec_dict(spec: SliceSpec) -> dict:
-    return dataclasses.asdict(spec)

@@ -105,7 +105,7 @@ class RunDriver:
                     "starts": step.starts,
                     "counts": step.counts,
                     "input_ids": step.input_ids,
-                    "admitted": [[s.id, s.slot, _params_dict(s.params)] for s in step.admitted],
+                    "admitted": [[s.id, s.slot, s.params.to_dict()] for s in step.admitted],
                     "released": self._released[mb],
                     "sample_rows": step.sample_rows,
                     "sample": [s.id for s in step.sample_seqs],
@@ -132,7 +132,3 @@ class RunDriver:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _params_dict(p: SamplingParams) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}

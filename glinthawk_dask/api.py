@@ -13,11 +13,11 @@ import torch
 
 from . import config
 from .engine.engine import EngineConfig, InProcessEngine
-from .engine.request import FINISH_ERROR, Completion, Request
-from .errors import GlinthawkError, InvalidRequestError
+from .engine.request import Completion, Request
+from .errors import GlinthawkError
 from .model.resolve import DEFAULT_MODEL, resolve_checkpoint
 from .model.weights import load_slice
-from .prompts import PromptRow, UndecodableRow, parse_row, stable_row_id
+from .prompts import PromptRow, RequestBuilder
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -60,8 +60,9 @@ class LLM:
     by default ``glinthawk.engine.mode`` (two-tier).  ``engine_config`` sets the batching
     knobs; in distributed modes ``n_micro_batches`` (an int or ``"auto"``, the default)
     replaces its ``n_micro_batches``.  Distributed modes use ``client``,
-    or connect to ``scheduler``, or start the embedded local cluster (1 dense and 2
-    attention worker processes), which :meth:`close` stops.
+    or connect to ``scheduler``, or start the embedded local cluster
+    (``local_workers``: dense and attention worker processes, by default 1 and
+    ``glinthawk.local-cluster.attention-workers``), which :meth:`close` stops.
 
     Prompt rows are strings or mappings (see :mod:`glinthawk_dask.prompts`); a row that
     cannot be processed becomes a completion with ``finish_reason == "error"`` and the
@@ -81,6 +82,7 @@ class LLM:
         n_micro_batches: int | str | None = None,
         n_slices: int | None = None,
         latency: float | None = None,
+        local_workers: tuple[int, int | None] = (1, None),
     ) -> None:
         self.model = model
         self.mode = mode or config.get("engine.mode")
@@ -91,6 +93,9 @@ class LLM:
         source = resolve_checkpoint(model)
         self.config = source.config
         self.tokenizer = Tokenizer.from_checkpoint(source)
+        self.requests = RequestBuilder(
+            self.tokenizer, vocab_size=self.config.vocab_size, max_seq_len=self.config.max_seq_len, model=model
+        )
         eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
         self.client = self.cluster = None
         self._own_client = False
@@ -105,7 +110,7 @@ class LLM:
         from .runtime.cluster import connect, ensure_plugins
 
         if client is None:
-            self.client, self.cluster = connect(scheduler)
+            self.client, self.cluster = connect(scheduler, n_dense=local_workers[0], n_attention=local_workers[1])
             self._own_client = True
         else:
             self.client = client
@@ -147,59 +152,15 @@ class LLM:
 
     # -- requests ------------------------------------------------------------------
     def tokenize(self, row: PromptRow, chat: bool = False) -> list[int]:
-        """Prompt ids of a row: the chat template for messages (or any prompt with
-        ``chat``), else the tokenizer's default encoding."""
-        if row.prompt_token_ids is not None:
-            ids = row.prompt_token_ids
-            if max(ids) >= self.config.vocab_size:
-                raise InvalidRequestError(
-                    f"prompt token id {max(ids)} is outside the vocabulary ({self.config.vocab_size})"
-                )
-            return ids
-        if self.tokenizer is None:
-            raise InvalidRequestError(
-                f"model {self.model!r} has no tokenizer: give \"prompt_token_ids\" instead of text"
-            )
-        messages = row.messages
-        if messages is None and chat:
-            messages = [{"role": "user", "content": row.prompt}]
-        if messages is not None:
-            if not self.tokenizer.has_chat_template:
-                raise InvalidRequestError(f"model {self.model!r} has no chat template")
-            return self.tokenizer.encode_chat(messages)
-        ids = self.tokenizer.encode(row.prompt)
-        if not ids:
-            raise InvalidRequestError("the prompt encodes to no tokens")
-        return ids
+        """Prompt ids of a row (see :meth:`RequestBuilder.tokenize`)."""
+        return self.requests.tokenize(row, chat)
 
     def make_requests(
         self, rows: Iterable[Any], params: SamplingParams | None = None, *, chat: bool = False
     ) -> list[Request | Completion]:
         """Validate and tokenize rows, in input order: a :class:`Request` per good row,
         an error :class:`Completion` per bad one."""
-        defaults = params or SamplingParams()
-        context = self.config.max_seq_len
-        out: list[Request | Completion] = []
-        seen: set[str] = set()
-        for i, raw in enumerate(rows):
-            row = None
-            try:
-                row = parse_row(raw, i, defaults)
-                if row.id in seen:
-                    raise InvalidRequestError(f"duplicate id {row.id!r}: ids must be unique")
-                seen.add(row.id)
-                ids = self.tokenize(row, chat)
-                if len(ids) >= context:
-                    raise InvalidRequestError(
-                        f"the prompt has {len(ids)} tokens but the model's context is {context}: "
-                        f"shorten it to at most {context - 1}"
-                    )
-                out.append(Request(row.id, ids, row.params, row.source))
-            except InvalidRequestError as e:
-                rid = row.id if row is not None else _raw_id(raw, i)
-                source = row.source if row is not None else _raw_source(raw)
-                out.append(Completion(rid, source, [], "", [], FINISH_ERROR, str(e)))
-        return out
+        return self.requests.build(rows, params, chat=chat, seen=set())
 
     # -- generation ----------------------------------------------------------------
     def stream(
@@ -223,19 +184,3 @@ class LLM:
             results[index[c.id]] = c
         return results
 
-
-def _raw_source(raw: Any) -> Any:
-    """What an error record shows as the prompt of a row that failed validation."""
-    if isinstance(raw, UndecodableRow):
-        return None
-    if isinstance(raw, dict):
-        return raw.get("prompt", raw.get("messages"))
-    return raw
-
-
-def _raw_id(raw: Any, index: int) -> str:
-    if isinstance(raw, UndecodableRow):
-        return raw.id
-    if isinstance(raw, dict) and isinstance(raw.get("id"), (str, int)):
-        return str(raw["id"])
-    return stable_row_id(index, raw)

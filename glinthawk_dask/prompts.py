@@ -13,12 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from .engine.request import FINISH_ERROR, Completion, Request
 from .errors import InvalidRequestError
 from .sampling import SamplingParams
 
-__all__ = ["PromptRow", "UndecodableRow", "parse_row", "stable_row_id"]
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+__all__ = ["PromptRow", "RequestBuilder", "UndecodableRow", "parse_row", "stable_row_id"]
 
 _CONTENT_KEYS = ("prompt", "messages", "prompt_token_ids")
 
@@ -112,3 +116,101 @@ def parse_row(row: Any, index: int, defaults: SamplingParams = SamplingParams())
             raise InvalidRequestError('"prompt_token_ids" must be a non-empty list of token ids')
         out.prompt_token_ids = list(ids)
     return out
+
+
+class RequestBuilder:
+    """Turns prompt rows into tokenized requests for one model.
+
+    ``tokenizer`` may be None (models without one take ``prompt_token_ids``);
+    ``vocab_size`` bounds token ids; a prompt must leave room in ``max_seq_len``
+    positions (the model's context, or a run's smaller KV slot, which ``limit_name``
+    names in messages).  ``model`` names the model in messages.
+    """
+
+    def __init__(
+        self, tokenizer: "Tokenizer | None", *, vocab_size: int, max_seq_len: int, model: str,
+        limit_name: str = "the model's context",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+        self.model = model
+        self.limit_name = limit_name
+
+    def tokenize(self, row: PromptRow, chat: bool = False) -> list[int]:
+        """Prompt ids of a row: the chat template for messages (or any prompt with
+        ``chat``), else the tokenizer's default encoding."""
+        if row.prompt_token_ids is not None:
+            ids = row.prompt_token_ids
+            if max(ids) >= self.vocab_size:
+                raise InvalidRequestError(
+                    f"prompt token id {max(ids)} is outside the vocabulary ({self.vocab_size})"
+                )
+            return ids
+        if self.tokenizer is None:
+            raise InvalidRequestError(
+                f"model {self.model!r} has no tokenizer: give \"prompt_token_ids\" instead of text"
+            )
+        messages = row.messages
+        if messages is None and chat:
+            messages = [{"role": "user", "content": row.prompt}]
+        if messages is not None:
+            if not self.tokenizer.has_chat_template:
+                raise InvalidRequestError(f"model {self.model!r} has no chat template")
+            return self.tokenizer.encode_chat(messages)
+        ids = self.tokenizer.encode(row.prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt encodes to no tokens")
+        return ids
+
+    def build(
+        self,
+        rows: Iterable[Any],
+        params: SamplingParams | None = None,
+        *,
+        chat: bool = False,
+        seen: set[str] | None = None,
+    ) -> list[Request | Completion]:
+        """Validate and tokenize rows, in input order: a :class:`Request` per good row,
+        an error :class:`Completion` per bad one.  ``seen`` collects ids across calls;
+        a repeated id is an error (None: ids are not checked, the caller does it)."""
+        defaults = params or SamplingParams()
+        limit = self.max_seq_len
+        out: list[Request | Completion] = []
+        for i, raw in enumerate(rows):
+            row = None
+            try:
+                row = parse_row(raw, i, defaults)
+                if seen is not None:
+                    if row.id in seen:
+                        raise InvalidRequestError(f"duplicate id {row.id!r}: ids must be unique")
+                    seen.add(row.id)
+                ids = self.tokenize(row, chat)
+                if len(ids) >= limit:
+                    raise InvalidRequestError(
+                        f"the prompt has {len(ids)} tokens but {self.limit_name} is {limit}: "
+                        f"shorten it to at most {limit - 1}"
+                    )
+                out.append(Request(row.id, ids, row.params, row.source))
+            except InvalidRequestError as e:
+                rid = row.id if row is not None else _raw_id(raw, i)
+                source = row.source if row is not None else _raw_source(raw)
+                out.append(Completion(rid, source, [], "", [], FINISH_ERROR, str(e)))
+        return out
+
+
+def _raw_source(raw: Any) -> Any:
+    """What an error record shows as the prompt of a row that failed validation."""
+    if isinstance(raw, UndecodableRow):
+        return None
+    if isinstance(raw, dict):
+        return raw.get("prompt", raw.get("messages"))
+    return raw
+
+
+def _raw_id(raw: Any, index: int) -> str:
+    if isinstance(raw, UndecodableRow):
+        return raw.id
+    if isinstance(raw, dict) and isinstance(raw.get("id"), (str, int)):
+        return str(raw["id"])
+    return stable_row_id(index, raw)

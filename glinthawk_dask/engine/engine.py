@@ -6,6 +6,8 @@ micro-batches taken in turn.  Completions are yielded as sequences finish.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -81,14 +83,26 @@ class InProcessEngine:
             )
         return c
 
-    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
-        """Run ``requests`` to completion, yielding each as it finishes."""
-        requests = list(requests)
-        if not requests:
-            return
+    def generate(self, requests: Iterable[Request], *, max_seq_len: int | None = None) -> Iterator[Completion]:
+        """Run ``requests`` to completion, yielding each as it finishes.
+
+        With a KV slot size (``max_seq_len``, else ``config.max_seq_len``), ``requests``
+        is consumed lazily, a few micro-batches ahead of the free slots, so an input
+        far larger than memory flows through; otherwise it is read whole to size the
+        slots.
+        """
         cfg = self.config
-        seq_len = cfg.seq_len_for(requests, self.weights.config.max_seq_len)
-        cache = self._cache_for(seq_len)
+        if max_seq_len is not None:
+            cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len)
+        context = self.weights.config.max_seq_len
+        if cfg.max_seq_len is None:
+            requests = list(requests)
+        pending = iter(requests)
+        first = next(pending, None)
+        if first is None:
+            return
+        pending = itertools.chain([first], pending)
+        cache = self._cache_for(cfg.seq_len_for(requests if cfg.max_seq_len is None else [], context))
         sched = BatchScheduler(
             n_micro_batches=cfg.n_micro_batches,
             micro_batch_size=cfg.micro_batch_size,
@@ -97,9 +111,16 @@ class InProcessEngine:
             eos_token_ids=self.eos_token_ids,
             detokenize=self.detokenize,
         )
-        for r in requests:
-            sched.add(r)
-        while sched.has_work():
+        exhausted = False
+        while True:
+            while not exhausted and len(sched.waiting) < sched.n_slots:
+                r = next(pending, None)
+                if r is None:
+                    exhausted = True
+                else:
+                    sched.add(r)
+            if not sched.has_work():
+                break
             for mb in range(cfg.n_micro_batches):
                 step = sched.schedule(mb)
                 if step is None:

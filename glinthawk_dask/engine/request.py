@@ -38,6 +38,8 @@ class Completion:
     completion_token_ids: list[int]
     finish_reason: str
     error: str | None = None
+    time_to_first_token: float | None = None  # seconds from submission to the first token
+    time_per_token: float | None = None  # seconds per generated token after the first
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -51,4 +53,8 @@ class Completion:
         }
         if self.error is not None:
             d["error"] = self.error
+        if self.time_to_first_token is not None:
+            d["time_to_first_token"] = round(self.time_to_first_token, 6)
+        if self.time_per_token is not None:
+            d["time_per_token"] = round(self.time_per_token, 6)
         return d

@@ -16,6 +16,7 @@ recomputes it.
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence as Seq
 
@@ -40,6 +41,8 @@ class Sequence:
     n_cached: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None
     text: str = ""  # completion text so far (only tracked with stop strings)
+    t_arrival: float = 0.0  # time.perf_counter() when the request was queued
+    t_first: float | None = None  # ... when its first token was sampled
 
     @property
     def id(self) -> str:
@@ -109,7 +112,7 @@ class BatchScheduler:
         self.max_seq_len = max_seq_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.detokenize = detokenize
-        self.waiting: collections.deque[Request] = collections.deque()
+        self.waiting: collections.deque[tuple[Request, float]] = collections.deque()
         self.running: list[dict[int, Sequence]] = [{} for _ in range(n_micro_batches)]
         self._free_slots: list[list[int]] = [
             list(range((m + 1) * micro_batch_size - 1, m * micro_batch_size - 1, -1))
@@ -130,7 +133,7 @@ class BatchScheduler:
                 f"request {request.id!r}: prompt of {len(request.prompt_token_ids)} tokens "
                 f"leaves no room in a KV slot of {self.max_seq_len}"
             )
-        self.waiting.append(request)
+        self.waiting.append((request, time.perf_counter()))
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(self.running)
@@ -143,7 +146,7 @@ class BatchScheduler:
         admitted = []
         free = self._free_slots[mb]
         while free and self.waiting:
-            req = self.waiting.popleft()
+            req, t_arrival = self.waiting.popleft()
             seq = Sequence(
                 request=req,
                 micro_batch=mb,
@@ -151,6 +154,7 @@ class BatchScheduler:
                 token_ids=list(req.prompt_token_ids),
                 n_prompt=len(req.prompt_token_ids),
                 generator=None if req.params.is_greedy else make_generator(req.params.seed),
+                t_arrival=t_arrival,
             )
             self.running[mb][seq.slot] = seq
             admitted.append(seq)
@@ -196,6 +200,8 @@ class BatchScheduler:
 
     def _append(self, seq: Sequence, token: int) -> bool:
         p = seq.params
+        if seq.t_first is None:
+            seq.t_first = time.perf_counter()
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
             seq.finish_reason = FINISH_STOP  # the stopping token is not part of the output
             return True
@@ -220,6 +226,8 @@ class BatchScheduler:
             text = seq.text
         else:
             text = self.detokenize(seq.output_ids) if self.detokenize is not None else ""
+        n_out = len(seq.output_ids)
+        t_first = seq.t_first if seq.t_first is not None else time.perf_counter()
         return Completion(
             id=seq.id,
             prompt=seq.request.prompt,
@@ -227,4 +235,6 @@ class BatchScheduler:
             completion=text,
             completion_token_ids=seq.output_ids,
             finish_reason=seq.finish_reason,
+            time_to_first_token=t_first - seq.t_arrival,
+            time_per_token=(time.perf_counter() - t_first) / (n_out - 1) if n_out > 1 else None,
         )

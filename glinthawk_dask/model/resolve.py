@@ -12,6 +12,7 @@ Accepted specs, tried in this order:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -60,12 +61,11 @@ def _choices() -> str:
 
 
 def _from_path(path: Path) -> CheckpointSource:
-    from .gguf import GGUFCheckpoint
     from .hf import HFCheckpoint
 
     if path.is_file():
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-            return GGUFCheckpoint(path)
+            return _gguf(path)
         if path.name == "config.json" or path.suffix == ".safetensors":
             return HFCheckpoint(path.parent)
         raise ModelLoadError(
@@ -75,12 +75,26 @@ def _from_path(path: Path) -> CheckpointSource:
         return HFCheckpoint(path)
     ggufs = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
     if len(ggufs) == 1:
-        return GGUFCheckpoint(ggufs[0])
+        return _gguf(ggufs[0])
     if ggufs:
         names = ", ".join(p.name for p in ggufs)
         raise ModelLoadError(f"{path} holds several GGUF files ({names}); pass one of them")
     # Neither: let HFCheckpoint explain (it names pickled weights if that is all there is).
     return HFCheckpoint(path)
+
+
+def _gguf(path: Path) -> CheckpointSource:
+    """A GGUF checkpoint, parsed once per process while the file is unchanged (parsing
+    the metadata of a file with a large vocabulary takes seconds)."""
+    st = path.stat()
+    return _gguf_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_cached(path: str, mtime_ns: int, size: int) -> CheckpointSource:
+    from .gguf import GGUFCheckpoint
+
+    return GGUFCheckpoint(Path(path))
 
 
 def _has_gguf_magic(path: Path) -> bool:
@@ -115,9 +129,7 @@ def resolve_checkpoint(spec: str) -> CheckpointSource:
 
     key = spec.lower()
     if key in SHIPPED_WEIGHTS:
-        from .gguf import GGUFCheckpoint
-
-        return GGUFCheckpoint(embedded_gguf_path())
+        return _gguf(embedded_gguf_path())
     if key in PRESETS:
         raise ModelLoadError(
             f"no weights ship for preset {spec!r}; pass a GGUF file or Hugging Face directory "

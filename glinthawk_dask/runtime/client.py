@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import math
 import time
 import uuid
@@ -92,48 +93,79 @@ class DaskEngine:
         self.last_timeline: dict[str, list] = {}
 
     # -- sync API ------------------------------------------------------------------
-    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
-        """Yield completions as they finish (synchronous clients)."""
-        requests = list(requests)
-        if not requests:
+    def generate(self, requests: Iterable[Request], *, max_seq_len: int | None = None) -> Iterator[Completion]:
+        """Yield completions as they finish (synchronous clients).
+
+        With a KV slot size (``max_seq_len``, else the engine's), ``requests`` is
+        consumed lazily (in this thread), keeping about two rounds of slots queued on
+        the driver: back-pressure for inputs far larger than memory.  Otherwise it is
+        read whole to size the slots.
+        """
+        max_seq_len = max_seq_len or self.max_seq_len
+        feed = _Feed(requests, self._first_batch_size(max_seq_len))
+        if not feed.first:
             return
-        run = self.client.sync(self._open, requests)
+        run = self.client.sync(self._open, feed.first, max_seq_len)
         try:
-            self.client.sync(self._submit, run, requests)
-            while run["pending"]:
-                yield from self.client.sync(self._poll, run)
+            self.client.sync(self._submit, run, feed.first)
+            while run["pending"] or not feed.exhausted:
+                more = feed.take(self._room(run))
+                if more:
+                    self.client.sync(self._submit, run, more)
+                if run["pending"]:
+                    yield from self.client.sync(self._poll, run)
         finally:
             self.client.sync(self._close, run)
 
     # -- async API -----------------------------------------------------------------
-    async def agenerate(self, requests: Iterable[Request]) -> AsyncIterator[Completion]:
-        """Yield completions as they finish (asynchronous clients)."""
-        requests = list(requests)
-        if not requests:
+    async def agenerate(
+        self, requests: Iterable[Request], *, max_seq_len: int | None = None
+    ) -> AsyncIterator[Completion]:
+        """Yield completions as they finish (asynchronous clients); arguments as for
+        :meth:`generate` (the iterator must not block the event loop)."""
+        max_seq_len = max_seq_len or self.max_seq_len
+        feed = _Feed(requests, self._first_batch_size(max_seq_len))
+        if not feed.first:
             return
-        run = await self._open(requests)
+        run = await self._open(feed.first, max_seq_len)
         try:
-            await self._submit(run, requests)
-            while run["pending"]:
-                for c in await self._poll(run):
-                    yield c
+            await self._submit(run, feed.first)
+            while run["pending"] or not feed.exhausted:
+                more = feed.take(self._room(run))
+                if more:
+                    await self._submit(run, more)
+                if run["pending"]:
+                    for c in await self._poll(run):
+                        yield c
         finally:
             await self._close(run)
 
+    def _first_batch_size(self, max_seq_len: int | None) -> int | None:
+        """Requests read before placing a run: all of them unless slots have a fixed size."""
+        if not max_seq_len:
+            return None
+        return self.micro_batch_size * int(config.get("engine.max-micro-batches"))
+
+    @staticmethod
+    def _room(run: dict) -> int:
+        """How many more requests the driver should hold: two rounds of its slots."""
+        plan = run["plan"]
+        return max(0, 2 * plan["micro_batch_size"] * plan["n_micro_batches"] - len(run["pending"]))
+
     # -- steps ---------------------------------------------------------------------
-    def _seq_len(self, requests: list[Request]) -> int:
+    def _seq_len(self, requests: list[Request], max_seq_len: int | None) -> int:
         context = self.model_config.max_seq_len
-        if self.max_seq_len:
-            return min(int(self.max_seq_len), context)
+        if max_seq_len:
+            return min(int(max_seq_len), context)
         return min(max(len(r.prompt_token_ids) + r.params.max_tokens for r in requests), context)
 
     async def _rpc(self, addr: str, op: str, **kwargs: Any) -> Any:
         return await getattr(self.client.rpc(addr), op)(**kwargs)
 
-    async def _open(self, requests: list[Request]) -> dict:
+    async def _open(self, requests: list[Request], max_seq_len: int | None) -> dict:
         cfg = self.model_config
         run_id = f"gh-{uuid.uuid4().hex[:12]}"
-        seq_len = self._seq_len(requests)
+        seq_len = self._seq_len(requests, max_seq_len)
         elem = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
         bpt_layer = cfg.kv_bytes_per_token(elem, 1)
         mb_size = min(self.micro_batch_size, len(requests))
@@ -151,8 +183,8 @@ class DaskEngine:
         if "error" in reply:
             raise GlinthawkError(reply["error"])
         plan = _lists(reply["plan"])
-        run = {"id": run_id, "plan": plan, "pending": {r.id for r in requests}, "t0": time.time(),
-               "n_requests": len(requests), "generated": 0, "stats": {}}
+        run = {"id": run_id, "plan": plan, "pending": set(), "t0": time.time(),
+               "n_requests": 0, "generated": 0, "stats": {}}
         try:
             await self._open_workers(run)
         except BaseException:
@@ -192,6 +224,8 @@ class DaskEngine:
         ]
         first = run["plan"]["dense"][0]
         await self._rpc(first, "glinthawk_submit", run_id=run["id"], requests=rows)
+        run["pending"].update(r.id for r in requests)
+        run["n_requests"] += len(requests)
 
     async def _poll(self, run: dict) -> list[Completion]:
         first = run["plan"]["dense"][0]
@@ -259,6 +293,23 @@ class DaskEngine:
         attn = [(e[1], e[2]) for ev in self.last_timeline.values() for e in ev if e[0] == "attention"]
         return {"dense_busy": busy_seconds(dense), "attention_busy": busy_seconds(attn),
                 "overlap": overlap_seconds(dense, attn)}
+
+
+class _Feed:
+    """Requests read in batches from an iterable: ``first`` (``n_first`` of them, or
+    all when ``n_first`` is None), then :meth:`take` as room frees up."""
+
+    def __init__(self, requests: Iterable[Request], n_first: int | None) -> None:
+        self._it = iter(requests)
+        self.first = list(self._it if n_first is None else itertools.islice(self._it, n_first))
+        self.exhausted = n_first is None or len(self.first) < n_first
+
+    def take(self, n: int) -> list[Request]:
+        if self.exhausted or n <= 0:
+            return []
+        out = list(itertools.islice(self._it, n))
+        self.exhausted = len(out) < n
+        return out
 
 
 def _lists(x: Any) -> Any:

@@ -81,11 +81,14 @@ def ensure_plugins(client: Client) -> None:
     client.register_plugin(AttentionWorkerPlugin())
 
 
-def connect(scheduler: str | None = None) -> tuple[Client, SpecCluster | None]:
-    """A client of ``scheduler``, or of a new local cluster (returned so it can be closed)."""
+def connect(
+    scheduler: str | None = None, *, n_dense: int = 1, n_attention: int | None = None
+) -> tuple[Client, SpecCluster | None]:
+    """A client of ``scheduler``, or of a new local cluster of ``n_dense`` dense and
+    ``n_attention`` attention workers (returned so it can be closed)."""
     cluster = None
     if scheduler is None:
-        cluster = local_cluster()
+        cluster = local_cluster(n_attention, n_dense)
         client = Client(cluster)
     else:
         try:

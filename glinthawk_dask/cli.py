@@ -154,5 +154,71 @@ def generate(
         click.echo(f"{n_errors} rows failed: see their \"error\" field", err=True)
 
 
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Dask scheduler of a running cluster [default: start a local one].")
+@click.option("--output", "output_url", default=None, metavar="URL", help="Write here instead of the spec's output.url.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing output and start over.")
+@click.option("--force", is_flag=True, help="Continue an output started by a different spec or model.")
+@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "in-process"]), default=None,
+              help="Override topology.mode.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
+@_user_errors
+def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite: bool, force: bool,
+        mode: str | None, quiet: bool) -> None:
+    """Run the pipeline SPEC (a YAML file): read its prompts, generate, commit to Zarr.
+
+    Rerunning the same spec resumes: rows already in the output are skipped.
+    """
+    import dataclasses
+
+    from .pipeline.run import run_pipeline
+    from .pipeline.spec import load_spec
+
+    spec = load_spec(spec_path)
+    if output_url:
+        spec = spec.replace(output=dataclasses.replace(spec.output, url=output_url))
+    if mode:
+        spec = spec.replace(topology=dataclasses.replace(spec.topology, mode=mode))
+    show = None if quiet else _progress_line
+    report = run_pipeline(spec, scheduler=scheduler, overwrite=overwrite, force=force, progress=show)
+    if not quiet:
+        click.echo("", err=True)
+    click.echo(
+        f"{spec.name}: {report.rows_done} rows written ({report.errors} errors, {report.skipped} already done), "
+        f"{report.generated_tokens} tokens in {report.seconds:.1f} s ({report.tokens_per_s:.1f} tok/s); "
+        f"{report.rows_in_output} rows in {report.output}",
+        err=True,
+    )
+    for line in report.error_examples:
+        click.echo(f"  error {line}", err=True)
+
+
+def _progress_line(p: Any) -> None:
+    eta = "" if p.eta_seconds is None else f", ETA {p.eta_seconds:.0f} s"
+    click.echo(
+        f"\r{p.rows_done} rows, {p.errors} errors, {p.tokens_per_s:.1f} tok/s, "
+        f"shards {p.shards_read}/{p.shards_total}{eta}   ",
+        err=True, nl=False,
+    )
+
+
+@main.command()
+@click.argument("output_url", metavar="OUT")
+@click.option("--to", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True)
+@click.option("--dest", "-o", default=None, metavar="URL",
+              help="Where to write [default: OUT with the extension of the format].")
+@_user_errors
+def export(output_url: str, fmt: str, dest: str | None) -> None:
+    """Convert the Zarr output OUT of a pipeline to JSONL or Parquet."""
+    from .pipeline.export import export_output
+
+    if dest is None:
+        dest = output_url.rstrip("/").removesuffix(".zarr") + "." + fmt
+    n = export_output(output_url, dest, to=fmt)
+    click.echo(f"{n} rows written to {dest}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -177,3 +177,49 @@ def build_llama_gguf(path: Path, config: ModelConfig, tensors: dict, qtype=None,
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+# -- object storage fixtures --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback for the session: ``{"endpoint_url", "key", "secret"}``.
+
+    moto accepts any credentials unless its auth is switched on (POST ``/moto-api/reset-auth``).
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh, empty bucket on ``s3_server``: ``(name, storage_options)``.
+
+    The machine's AWS profile and config files are hidden so that only the explicit
+    credentials count; ``storage_options`` is keyed by protocol, as pipelines take it.
+    """
+    import uuid
+
+    import boto3
+
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.client(
+        "s3", endpoint_url=s3_server["endpoint_url"], region_name="us-east-1",
+        aws_access_key_id=s3_server["key"], aws_secret_access_key=s3_server["secret"],
+    ).create_bucket(Bucket=name)
+    options = {"s3": {"key": s3_server["key"], "secret": s3_server["secret"],
+                      "endpoint_url": s3_server["endpoint_url"], "client_kwargs": {"region_name": "us-east-1"}}}
+    return name, options

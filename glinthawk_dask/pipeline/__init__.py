@@ -1,0 +1,1 @@
+"""Dataset pipelines: specs, input sources, Zarr output, the run loop."""

@@ -1,0 +1,90 @@
+"""Exporting an output to JSON Lines or Parquet, a row chunk at a time.
+
+JSON Lines: one record per line, as :meth:`OutputTable.records` gives them (unknown
+timings and absent errors as null).  Parquet: one row group per row chunk, with the
+records' columns, ``completion_token_ids`` as ``list<int32>``, plus
+``prompt_is_json`` since ``prompt`` holds the stored text (JSON for chat messages and
+token-id lists).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, BinaryIO, Mapping
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .sink import OFFSETS, TOKEN_IDS, OutputError, OutputTable, read_output
+from .spec import options_for
+
+__all__ = ["FORMATS", "PARQUET_SCHEMA", "export_output"]
+
+FORMATS = ("jsonl", "parquet")
+
+#: the Parquet columns
+PARQUET_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("prompt", pa.string()),
+    ("prompt_is_json", pa.bool_()),
+    ("completion", pa.string()),
+    (TOKEN_IDS, pa.list_(pa.int32())),
+    ("finish_reason", pa.string()),
+    ("error", pa.string()),  # null when none
+    ("prompt_tokens", pa.int32()),
+    ("completion_tokens", pa.int32()),
+    ("time_to_first_token", pa.float32()),  # seconds, null when unknown
+    ("time_per_token", pa.float32()),
+])
+
+
+def export_output(
+    url: str,
+    dest: str,
+    to: str = "jsonl",
+    *,
+    storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+    dest_storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> int:
+    """Write the committed rows of the output at ``url`` to ``dest`` (an fsspec URL) as ``to``.
+
+    Both option mappings are keyed by protocol, like the pipeline's.  Returns the rows written.
+    """
+    if to not in FORMATS:
+        raise OutputError(f"unknown export format {to!r}: choose one of {', '.join(FORMATS)}")
+    table = read_output(url, storage_options=storage_options)
+    try:
+        f = fsspec.open(dest, "wb", **options_for(dest, dest_storage_options)).open()
+    except OSError as e:
+        raise OutputError(f"cannot write {dest} ({type(e).__name__}: {e}): check that its directory or "
+                          "bucket exists and is writable") from e
+    with f:
+        (_write_jsonl if to == "jsonl" else _write_parquet)(table, f)
+    return len(table)
+
+
+def _write_jsonl(table: OutputTable, f: BinaryIO) -> None:
+    f.writelines(json.dumps(r, ensure_ascii=False, allow_nan=False).encode() + b"\n" for r in table.records())
+
+
+def _write_parquet(table: OutputTable, f: BinaryIO) -> None:
+    with pq.ParquetWriter(f, PARQUET_SCHEMA) as writer:
+        for batch in table.batches():
+            writer.write_table(_arrow_table(batch))
+
+
+def _arrow_table(batch: Mapping[str, np.ndarray]) -> pa.Table:
+    """A batch of :meth:`OutputTable.batches` as an Arrow table of :data:`PARQUET_SCHEMA`."""
+    ends = np.append(batch[OFFSETS], batch[OFFSETS][-1] + batch["completion_tokens"][-1]).astype(np.int32)
+    columns = {
+        TOKEN_IDS: pa.ListArray.from_arrays(ends, pa.array(batch[TOKEN_IDS], type=pa.int32())),
+        "error": pa.array(batch["error"], type=pa.string(), mask=batch["error"] == ""),
+    }
+    for name in ("time_to_first_token", "time_per_token"):
+        columns[name] = pa.array(batch[name], type=pa.float32(), mask=np.isnan(batch[name]))
+    return pa.table(
+        [columns[f.name] if f.name in columns else pa.array(batch[f.name], type=f.type) for f in PARQUET_SCHEMA],
+        schema=PARQUET_SCHEMA,
+    )

@@ -1,0 +1,271 @@
+"""Running a pipeline: shards in, tokenized on CPU workers, generated, committed to Zarr.
+
+Order of work, so that mistakes in the spec cost nothing:
+
+1. resolve the model, list the input shards and open the output (create it, or
+   check that it was started by the same spec and model and take its committed ids);
+2. start (or connect to) the cluster and load the model;
+3. read and tokenize shards as ordinary Dask tasks on the attention (CPU) workers,
+   a couple of shards ahead of the engine; the engine pulls requests only as it has
+   room, so a dataset far larger than memory flows through;
+4. append every completion and every error record to the output, which commits a
+   chunk at a time.  Rows already committed are skipped, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from ..engine.engine import EngineConfig
+from ..engine.request import FINISH_ERROR, Completion, Request
+from ..errors import GlinthawkError
+from ..model.resolve import resolve_checkpoint
+from ..prompts import RequestBuilder
+from ..tokenizer import Tokenizer
+from .sink import ZarrSink
+from .sources import Shard, list_shards, read_shard
+from .spec import PipelineSpec
+
+__all__ = ["Progress", "RunReport", "run_pipeline", "tokenize_shard"]
+
+logger = logging.getLogger(__name__)
+
+#: shards read ahead of the engine
+PREFETCH_SHARDS = 2
+
+
+@dataclass
+class Progress:
+    """Where a pipeline run stands (passed to the ``progress`` callback)."""
+
+    rows_done: int = 0  # rows committed or waiting in the output buffer during this run
+    errors: int = 0
+    skipped: int = 0  # rows already in the output from an earlier run
+    generated_tokens: int = 0
+    shards_read: int = 0
+    shards_total: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Remaining time, by the share of shards read (None before the first)."""
+        if not self.shards_read or not self.shards_total:
+            return None
+        return self.seconds * (self.shards_total - self.shards_read) / self.shards_read
+
+
+@dataclass
+class RunReport(Progress):
+    """What a finished run did."""
+
+    output: str = ""
+    rows_in_output: int = 0
+    error_examples: list[str] = field(default_factory=list)
+
+
+def run_pipeline(
+    spec: PipelineSpec,
+    *,
+    scheduler: str | None = None,
+    client: Any = None,
+    overwrite: bool = False,
+    force: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+    llm: Any = None,
+) -> RunReport:
+    """Run ``spec`` to completion and return what it did.
+
+    Generates with ``llm`` (an :class:`~glinthawk_dask.LLM` of the spec's model,
+    left open), or one made for the run: on ``client``, on the cluster at
+    ``scheduler``, or on the embedded local cluster (``topology.mode: in-process``
+    runs without Dask).  An output started by another spec or model is refused
+    unless ``force``; ``overwrite`` starts it over.
+    """
+    from ..api import LLM
+
+    source = resolve_checkpoint(spec.model)  # unknown model: fails here, before anything runs
+    shards = list_shards(
+        spec.input.urls, format=spec.input.format, compression=spec.input.compression,
+        text_mode=spec.input.text_mode, blocksize=spec.input.blocksize, storage_options=spec.storage_options,
+    )
+    sink = ZarrSink.open(
+        spec.output.url, storage_options=spec.storage_options, fingerprint=spec.fingerprint(), model=spec.model,
+        spec=spec.to_dict(), sampling=spec.sampling.to_dict(), chunk_rows=spec.output.chunk_rows,
+        overwrite=overwrite, force=force,
+    )
+    topo = spec.topology
+    t0 = time.perf_counter()
+    state = Progress(shards_total=len(shards))
+    examples: list[str] = []
+    if llm is not None and llm.model != spec.model:
+        raise GlinthawkError(f"the spec's model is {spec.model!r} but the LLM given runs {llm.model!r}")
+    try:
+        with contextlib.nullcontext(llm) if llm is not None else LLM(
+            spec.model, mode=topo.mode, scheduler=scheduler, client=client, device=topo.device, dtype=topo.dtype,
+            engine_config=_engine_config(spec, topo.mode), n_micro_batches=topo.micro_batches,
+            n_slices=topo.dense_workers, local_workers=(topo.dense_workers, topo.attention_workers),
+        ) as llm:
+            committed = sink.committed_ids()
+            feed = _RequestFeed(spec, shards, llm, source.config.vocab_size, committed)
+
+            def note(record: dict) -> None:
+                sink.append([record])
+                state.rows_done += 1
+                state.generated_tokens += len(record["completion_token_ids"])
+                if record["error"]:
+                    state.errors += 1
+                    if len(examples) < 5:
+                        examples.append(f"{record['id']}: {record['error']}")
+                state.shards_read, state.skipped = feed.shards_read, feed.skipped
+                state.seconds = time.perf_counter() - t0
+                if progress is not None:
+                    progress(state)
+
+            for c in llm.engine.generate(feed.requests(on_error=note), max_seq_len=topo.max_seq_len):
+                note(_record(c))
+    finally:
+        sink.close()  # commits every finished row, also when interrupted
+    state.shards_read, state.skipped = feed.shards_read, feed.skipped
+    state.seconds = time.perf_counter() - t0
+    return RunReport(**vars(state), output=spec.output.url, rows_in_output=sink.rows, error_examples=examples)
+
+
+def _engine_config(spec: PipelineSpec, mode: str | None) -> EngineConfig:
+    from .. import config
+
+    topo = spec.topology
+    in_process = (mode or config.get("engine.mode")) == "in-process"
+    size = topo.micro_batch_size or (64 if in_process else config.get("engine.micro-batch-size"))
+    n_mb = topo.micro_batches if isinstance(topo.micro_batches, int) else 1
+    return EngineConfig(
+        micro_batch_size=size, n_micro_batches=n_mb if in_process else 1,
+        max_step_tokens=max(config.get("engine.max-step-tokens"), size),
+    )
+
+
+class _RequestFeed:
+    """Requests of a run in input order, read shard by shard a little ahead.
+
+    Rows already committed are skipped; error records go to ``on_error`` as they are
+    met, so they are committed in input order with the completions around them.  An
+    id seen before in this run or in the output becomes an error record under the id
+    ``<id>#dup<n>`` (the n-th repeat), deterministic across reruns.
+    """
+
+    def __init__(self, spec: PipelineSpec, shards: list[Shard], llm: Any, vocab_size: int, committed: set[str]):
+        self.spec = spec
+        self.shards = shards
+        self.llm = llm
+        self.vocab_size = vocab_size
+        self.committed = committed
+        self.seen: set[str] = set()
+        self.repeats: collections.Counter[str] = collections.Counter()
+        self.shards_read = 0
+        self.skipped = 0
+
+    def requests(self, on_error: Callable[[dict], None]) -> Iterator[Request]:
+        for entries in self._tokenized_shards():
+            self.shards_read += 1
+            for e in entries:
+                e = self._dedupe(e)
+                if e is None:
+                    continue
+                if isinstance(e, Request):
+                    yield e
+                else:
+                    on_error(_record(e))
+
+    def _dedupe(self, e: Request | Completion) -> Request | Completion | None:
+        if e.id in self.seen:
+            self.repeats[e.id] += 1
+            dup = f"{e.id}#dup{self.repeats[e.id]}"
+            e = Completion(dup, e.prompt, [], "", [], FINISH_ERROR,
+                           f"duplicate id {e.id!r}: ids must be unique (recorded as {dup!r})")
+        self.seen.add(e.id)
+        if e.id in self.committed:
+            self.skipped += 1
+            return None
+        return e
+
+    def _tokenized_shards(self) -> Iterator[list[Request | Completion]]:
+        client = self.llm.client
+        spec, max_seq_len = self.spec, self.spec.topology.max_seq_len
+        if client is None:  # in-process: read here
+            builder = RequestBuilder(self.llm.tokenizer, vocab_size=self.vocab_size, max_seq_len=max_seq_len,
+                                     model=spec.model, limit_name="topology.max_seq_len")
+            for shard in self.shards:
+                yield _tokenize(builder, spec, shard)
+            return
+        workers = _cpu_workers(client)
+        pending: collections.deque = collections.deque()
+        todo = iter(self.shards)
+        run = f"{spec.name}-{spec.fingerprint()[:8]}"
+
+        def submit() -> None:
+            shard = next(todo, None)
+            if shard is not None:
+                pending.append(client.submit(
+                    tokenize_shard, shard, spec, key=f"glinthawk-read-shard-{run}-{shard.index}",
+                    workers=workers, allow_other_workers=True, pure=False,
+                ))
+
+        for _ in range(PREFETCH_SHARDS):
+            submit()
+        while pending:
+            future = pending.popleft()
+            submit()
+            try:
+                yield future.result()
+            finally:
+                future.release()
+
+
+def tokenize_shard(shard: Shard, spec: PipelineSpec) -> list[Request | Completion]:
+    """Read one shard and tokenize its rows (a Dask task on a CPU worker)."""
+    tokenizer, vocab_size = _worker_tokenizer(spec.model)
+    builder = RequestBuilder(tokenizer, vocab_size=vocab_size, max_seq_len=spec.topology.max_seq_len,
+                             model=spec.model, limit_name="topology.max_seq_len")
+    return _tokenize(builder, spec, shard)
+
+
+def _tokenize(builder: RequestBuilder, spec: PipelineSpec, shard: Shard) -> list[Request | Completion]:
+    rows = read_shard(shard, fields=spec.fields, template=spec.template, storage_options=spec.storage_options)
+    return builder.build(rows, spec.sampling, chat=spec.chat, seen=None)
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_tokenizer(model: str) -> tuple[Tokenizer | None, int]:
+    source = resolve_checkpoint(model)
+    return Tokenizer.from_checkpoint(source), source.config.vocab_size
+
+
+def _cpu_workers(client: Any) -> list[str] | None:
+    """Attention (CPU) workers of the cluster, where shards are read and tokenized."""
+    reg = client.sync(client.scheduler.glinthawk_registry)
+    return list(reg["attention"]) or None
+
+
+def _record(c: Completion) -> dict[str, Any]:
+    """A completion as an output record."""
+    return {
+        "id": c.id,
+        "prompt": c.prompt,
+        "completion": c.completion,
+        "completion_token_ids": list(c.completion_token_ids),
+        "finish_reason": c.finish_reason,
+        "error": c.error,
+        "prompt_tokens": len(c.prompt_token_ids),
+        "completion_tokens": len(c.completion_token_ids),
+        "time_to_first_token": c.time_to_first_token,
+        "time_per_token": c.time_per_token,
+    }

@@ -1,0 +1,281 @@
+"""Dataset pipelines end to end: spec in, Zarr out, resumable, exactly once, bad rows recorded."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+import zarr
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from glinthawk_dask import LLM, SamplingParams
+from glinthawk_dask.cli import main
+from glinthawk_dask.engine.engine import EngineConfig
+from glinthawk_dask.pipeline.run import run_pipeline
+from glinthawk_dask.pipeline.sink import read_output
+from glinthawk_dask.pipeline.spec import parse_spec
+
+MODEL = "smollm2-135m-instruct"
+PIPELINES = Path(__file__).parent.parent / "pipelines"
+TOPICS = ["the sea", "a cat", "bread", "the moon", "rain", "a library", "trains", "snow", "coffee", "maps"]
+
+
+def _rows(n: int) -> list[dict]:
+    """Prompts of different lengths, some chat, some with their own max_tokens."""
+    rows = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        if i % 4 == 3:
+            rows.append({"id": f"r{i}", "messages": [{"role": "user", "content": f"One fact about {topic}."}]})
+        else:
+            rows.append({"id": f"r{i}", "prompt": f"Here is a short story about {topic}" + "," * (i % 5)})
+        if i % 3 == 0:
+            rows[-1]["max_tokens"] = 3 + i % 7
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _spec(tmp_path: Path, inputs, out: str, **extra) -> dict:
+    d = {
+        "name": "t", "model": MODEL, "input": {"urls": inputs},
+        "sampling": {"max_tokens": 12, "temperature": 0},
+        "topology": {"mode": "in-process", "micro_batch_size": 8, "max_seq_len": 256},
+        "output": {"url": out, "chunk_rows": 4},
+    }
+    for k, v in extra.items():
+        d[k] = {**d[k], **v} if isinstance(d.get(k), dict) else v
+    return d
+
+
+def _table(url: str, storage_options=None) -> dict[str, dict]:
+    """Output rows by id (each id asserted once)."""
+    out = {}
+    for r in read_output(url, storage_options=storage_options).records():
+        assert r["id"] not in out, f"{r['id']} written twice"
+        out[r["id"]] = r
+    return out
+
+
+def _tokens(table: dict[str, dict]) -> dict[str, list[int]]:
+    return {k: r["completion_token_ids"] for k, r in table.items()}
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM(MODEL, mode="in-process", engine_config=EngineConfig(micro_batch_size=8)) as llm:
+        yield llm
+
+
+def test_pipeline_matches_llm_generate_and_reads_with_plain_zarr(tmp_path, llm):
+    rows = _rows(14)
+    src = _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = str(tmp_path / "out.zarr")
+    report = run_pipeline(parse_spec(_spec(tmp_path, str(src), out)), llm=llm)
+    assert report.rows_done == 14 and report.errors == 0 and report.rows_in_output == 14
+
+    g = zarr.open_group(out, mode="r")
+    ids = list(g["id"][:])
+    assert sorted(ids) == sorted(r["id"] for r in rows)
+    attrs = g.attrs["glinthawk"]
+    assert attrs["rows"] == 14 and attrs["model"] == MODEL
+    assert attrs["sampling"]["max_tokens"] == 12
+    flat, offsets, counts = g["completion_token_ids"][:], g["completion_offsets"][:], g["completion_tokens"][:]
+    expected = {c.id: c for c in llm.generate(rows, SamplingParams(max_tokens=12))}
+    for i, rid in enumerate(ids):
+        c = expected[rid]
+        assert list(flat[offsets[i]: offsets[i] + counts[i]]) == c.completion_token_ids, rid
+        assert g["completion"][i] == c.completion and g["finish_reason"][i] == c.finish_reason
+        assert g["prompt_tokens"][i] == len(c.prompt_token_ids)
+        assert g["time_to_first_token"][i] > 0
+    # the chat rows went through the chat template
+    chat = [i for i, rid in enumerate(ids) if "messages" in rows[int(rid[1:])]]
+    assert chat and all(g["prompt_tokens"][i] > 15 for i in chat)
+
+
+def test_rerun_skips_committed_rows_and_refuses_a_changed_spec(tmp_path, llm):
+    src = _write_jsonl(tmp_path / "in.jsonl", _rows(6))
+    out = str(tmp_path / "out.zarr")
+    spec = parse_spec(_spec(tmp_path, str(src), out))
+    first = run_pipeline(spec, llm=llm)
+    again = run_pipeline(spec, llm=llm)
+    assert first.rows_done == 6 and again.rows_done == 0 and again.skipped == 6
+    # more input: only the new rows are generated
+    _write_jsonl(tmp_path / "in.jsonl", _rows(9))
+    more = run_pipeline(spec, llm=llm)
+    assert more.rows_done == 3 and more.skipped == 6 and len(_table(out)) == 9
+
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(_spec(tmp_path, str(src), out, sampling={"max_tokens": 5})))
+    res = CliRunner().invoke(main, ["run", str(changed), "-q"])
+    assert res.exit_code == 1 and "different spec" in res.output and "--overwrite" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_kill_and_resume_gives_the_uninterrupted_rows_once(tmp_path, llm):
+    rows = _rows(40)
+    src = _write_jsonl(tmp_path / "in.jsonl", rows)
+    d = _spec(tmp_path, str(src), "unused", sampling={"max_tokens": 16})
+    whole = str(tmp_path / "whole.zarr")
+    run_pipeline(parse_spec({**d, "output": {"url": whole, "chunk_rows": 4}}), llm=llm)
+
+    out = tmp_path / "resumed.zarr"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({**d, "output": {"url": str(out), "chunk_rows": 4}}))
+    cmd = [sys.executable, "-m", "glinthawk_dask", "run", str(spec_file), "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    rows_at_kill = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            rows_at_kill = zarr.open_group(str(out), mode="r").attrs["glinthawk"]["rows"]
+        except Exception:  # not created yet
+            rows_at_kill = 0
+        if rows_at_kill >= 8:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    partial = _table(str(out))
+    assert 8 <= len(partial) < 40, len(partial)  # killed mid-way, committed rows intact
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "already done" in done.stderr
+    resumed, reference = _table(str(out)), _table(whole)
+    assert sorted(resumed) == sorted(r["id"] for r in rows)
+    assert _tokens(resumed) == _tokens(reference)
+    for k in reference:
+        assert resumed[k]["completion"] == reference[k]["completion"]
+        assert resumed[k]["finish_reason"] == reference[k]["finish_reason"]
+
+
+def test_s3_glob_of_jsonl_shards_and_parquet(tmp_path, llm, s3_bucket):
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bucket, so = s3_bucket
+    fs = fsspec.filesystem("s3", **so["s3"], skip_instance_cache=True)
+    rows = _rows(12)
+    for k in range(3):
+        blob = "".join(json.dumps(r) + "\n" for r in rows[4 * k: 4 * k + 4]).encode()
+        fs.pipe(f"{bucket}/in/shard-{k}.jsonl" + (".gz" if k == 1 else ""), gzip.compress(blob) if k == 1 else blob)
+    fs.pipe(f"{bucket}/in/notes.txt", b"not part of the glob")
+    out = f"s3://{bucket}/out/run.zarr"
+    spec = parse_spec(_spec(tmp_path, f"s3://{bucket}/in/shard-*.jsonl*", out,
+                            storage_options=so, input={"format": "jsonl"}))
+    report = run_pipeline(spec, llm=llm)
+    assert report.rows_done == 12 and report.errors == 0 and report.shards_total == 3
+    got = _table(out, storage_options=so)
+    expected = {c.id: c.completion_token_ids for c in llm.generate(rows, SamplingParams(max_tokens=12))}
+    assert _tokens(got) == expected
+
+    table = pa.table({"key": [f"q{i}" for i in range(5)], "text": [f"Name a colour, {i}" for i in range(5)]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.pipe(f"{bucket}/pq/data.parquet", buf.getvalue())
+    spec = parse_spec(_spec(tmp_path, f"s3://{bucket}/pq/*.parquet", f"s3://{bucket}/out/pq.zarr",
+                            storage_options=so, fields={"id": "key"}, template="Q: {text}\nA:"))
+    assert run_pipeline(spec, llm=llm).rows_done == 5
+    got = _table(f"s3://{bucket}/out/pq.zarr", storage_options=so)
+    assert sorted(got) == [f"q{i}" for i in range(5)] and got["q3"]["prompt"] == "Q: Name a colour, 3\nA:"
+
+
+def test_spec_level_problems_fail_before_the_model_loads(tmp_path, monkeypatch):
+    import glinthawk_dask.api
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load for a broken spec")
+
+    monkeypatch.setattr(glinthawk_dask.api.LLM, "__init__", no_model)
+    src = _write_jsonl(tmp_path / "in.jsonl", _rows(2))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cases = [
+        (_spec(tmp_path, str(src), str(tmp_path / "o.zarr"), model="no-such-model"), "no-such-model"),
+        (_spec(tmp_path, str(tmp_path / "missing-*.jsonl"), str(tmp_path / "o.zarr")), "missing-*.jsonl"),
+        (_spec(tmp_path, str(src), str(blocker / "o.zarr")), "o.zarr"),
+    ]
+    for d, needle in cases:
+        f = tmp_path / "spec.yaml"
+        f.write_text(yaml.safe_dump(d))
+        res = CliRunner().invoke(main, ["run", str(f), "-q"])
+        assert res.exit_code == 1, res.output
+        assert needle in res.output and "Traceback" not in res.output
+        assert res.output.strip().startswith("Error:") and len(res.output.strip().splitlines()) == 1
+
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+_bad_or_good = st.one_of(
+    st.builds(lambda t: json.dumps({"prompt": "Say " + t}), _text),  # good
+    st.just(json.dumps({"prompt": ""})),  # empty prompt
+    st.builds(lambda x: json.dumps({"prompt": x}), st.integers() | st.booleans() | st.lists(st.integers(), max_size=2)),
+    st.just(json.dumps({"messages": "not a list"})),
+    st.just(json.dumps({"messages": [{"role": "user"}]})),
+    st.just(json.dumps({"text": "no prompt field"})),
+    st.just(json.dumps({"prompt": "x", "temperature": -3})),
+    st.just(json.dumps({"prompt": "x", "max_tokens": "many"})),
+    st.just(json.dumps({"prompt": "word " * 300})),  # longer than max_seq_len
+    st.just(json.dumps(17)),
+    st.just('{"prompt": "unterminated'),
+    st.just(b"\xff\xfe not utf-8"),
+    st.builds(lambda t: json.dumps({"id": "same", "prompt": "Hi " + t}), _text),  # duplicate ids
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_bad_or_good, min_size=1, max_size=10))
+def test_every_row_ends_as_a_completion_or_an_error_record(tmp_path_factory, llm, lines):
+    d = tmp_path_factory.mktemp("rows")
+    raw = b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines)
+    (d / "in.jsonl").write_bytes(raw + b"\n")
+    spec = parse_spec(_spec(d, str(d / "in.jsonl"), str(d / "out.zarr"), sampling={"max_tokens": 2}))
+    report = run_pipeline(spec, llm=llm)
+    table = _table(str(d / "out.zarr"))
+    assert len(table) == len(lines) == report.rows_done
+    errors = [r for r in table.values() if r["finish_reason"] == "error"]
+    assert len(errors) == report.errors
+    for r in table.values():
+        if r["finish_reason"] == "error":
+            assert r["error"] and r["completion_token_ids"] == []
+        else:
+            assert not r["error"] and r["finish_reason"] in ("stop", "length")
+    # a rerun finds every row committed
+    assert run_pipeline(spec, llm=llm).rows_done == 0
+
+
+def test_quickstart_spec_on_the_local_two_tier_cluster(tmp_path, llm):
+    """The shipped quickstart, as a user runs it: a subprocess, the embedded cluster."""
+    out = tmp_path / "quickstart.zarr"
+    cmd = [sys.executable, "-m", "glinthawk_dask", "run", str(PIPELINES / "quickstart.yaml"), "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "8 rows written (0 errors" in proc.stderr, proc.stderr
+
+    g = zarr.open_group(str(out), mode="r")  # plain zarr
+    assert g.attrs["glinthawk"]["rows"] == 8 and g["id"].shape == (8,)
+    rows = [json.loads(line) for line in (PIPELINES / "prompts" / "quickstart.jsonl").read_text().splitlines()]
+    expected = {c.id: c for c in llm.generate(rows, SamplingParams(max_tokens=64))}
+    flat, offsets, counts = g["completion_token_ids"][:], g["completion_offsets"][:], g["completion_tokens"][:]
+    for i, rid in enumerate(g["id"][:]):
+        assert list(flat[offsets[i]: offsets[i] + counts[i]]) == expected[rid].completion_token_ids, rid
+        assert g["completion"][i] == expected[rid].completion
+    assert "Paris" in str(g["completion"][list(g["id"][:]).index("capital")])
+    # rerunning resumes: nothing left to do
+    again = subprocess.run(cmd + ["--mode", "in-process"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0 and "0 rows written (0 errors, 8 already done)" in again.stderr, again.stderr

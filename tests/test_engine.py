@@ -153,3 +153,29 @@ def test_bfloat16_weights_run(tiny_weights):
     out, engine = _run(weights, prompts, SamplingParams(max_tokens=5, ignore_eos=True), micro_batch_size=4)
     assert engine.cache.k.dtype == torch.bfloat16
     assert all(len(c.completion_token_ids) == 5 for c in out)
+
+
+def test_requests_are_pulled_lazily_with_a_fixed_slot_size(tiny_weights):
+    """With max_seq_len given, the engine reads requests only a round of slots ahead
+    (back-pressure for inputs larger than memory), with the same tokens."""
+    vocab = tiny_weights.config.vocab_size
+    prompts = _prompts(40, vocab, hi=20)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    reqs = [Request(str(i), p, params) for i, p in enumerate(prompts)]
+    pulled = []
+
+    def feed():
+        for r in reqs:
+            pulled.append(r.id)
+            yield r
+
+    engine = InProcessEngine(tiny_weights, config=EngineConfig(micro_batch_size=4, n_micro_batches=2))
+    ahead = []
+    got = {}
+    for c in engine.generate(feed(), max_seq_len=64):
+        ahead.append(len(pulled) - len(got))
+        got[c.id] = c.completion_token_ids
+    assert max(ahead) <= 2 * 8 + 1  # slots in use + one round queued
+    assert got == {c.id: c.completion_token_ids for c in InProcessEngine(
+        tiny_weights, config=EngineConfig(micro_batch_size=4, n_micro_batches=2)).generate(reqs)}
+    assert engine.cache.max_seq_len == 64

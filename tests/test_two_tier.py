@@ -169,3 +169,26 @@ async def test_stale_attention_message_is_rejected(c, s, a, b):
     with pytest.raises(Exception, match="not open"):
         await c.rpc(b.address).glinthawk_attend(run_id="gone", micro_batch=0, step=1, layer=0,
                                                 q=pack(t), k=pack(t[:, :2]), v=pack(t[:, :2]))
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_requests_stream_in_with_back_pressure(c, s, a, b):
+    """With a fixed slot size the client submits requests as slots free up: never more
+    than two rounds of slots ahead, same tokens."""
+    await _setup(c)
+    requests = _requests(40, seed=3)
+    pulled = []
+
+    def feed():
+        for r in requests:
+            pulled.append(r.id)
+            yield r
+
+    engine = DaskEngine(c, MODEL, micro_batch_size=2, n_micro_batches=2, max_step_tokens=32)
+    got, ahead = {}, []
+    async for comp in engine.agenerate(feed(), max_seq_len=200):
+        ahead.append(len(pulled) - len(got))
+        got[comp.id] = comp.completion_token_ids
+    assert got == _reference(requests)
+    assert max(ahead) <= 2 * 8 + 4, max(ahead)  # first batch (8 slots' worth) + two rounds
+    assert engine.last_summary.plan["max_seq_len"] == 200

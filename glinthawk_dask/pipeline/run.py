@@ -50,7 +50,7 @@ class Progress:
     generated_tokens: int = 0
     shards_read: int = 0
     shards_total: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # since the engine was ready
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,6 +71,7 @@ class RunReport(Progress):
     output: str = ""
     rows_in_output: int = 0
     error_examples: list[str] = field(default_factory=list)
+    startup_seconds: float = 0.0  # cluster start and model load, before the first row
 
 
 def run_pipeline(
@@ -104,7 +105,7 @@ def run_pipeline(
         overwrite=overwrite, force=force,
     )
     topo = spec.topology
-    t0 = time.perf_counter()
+    t_start = time.perf_counter()
     state = Progress(shards_total=len(shards))
     examples: list[str] = []
     if llm is not None and llm.model != spec.model:
@@ -115,6 +116,8 @@ def run_pipeline(
             engine_config=_engine_config(spec, topo.mode), n_micro_batches=topo.micro_batches,
             n_slices=topo.dense_workers, local_workers=(topo.dense_workers, topo.attention_workers),
         ) as llm:
+            t0 = time.perf_counter()
+            startup = t0 - t_start
             committed = sink.committed_ids()
             feed = _RequestFeed(spec, shards, llm, source.config.vocab_size, committed)
 
@@ -137,7 +140,8 @@ def run_pipeline(
         sink.close()  # commits every finished row, also when interrupted
     state.shards_read, state.skipped = feed.shards_read, feed.skipped
     state.seconds = time.perf_counter() - t0
-    return RunReport(**vars(state), output=spec.output.url, rows_in_output=sink.rows, error_examples=examples)
+    return RunReport(**vars(state), output=spec.output.url, rows_in_output=sink.rows, error_examples=examples,
+                     startup_seconds=startup)
 
 
 def _engine_config(spec: PipelineSpec, mode: str | None) -> EngineConfig:

@@ -125,7 +125,7 @@ def test_rerun_skips_committed_rows_and_refuses_a_changed_spec(tmp_path, llm):
     assert "Traceback" not in res.output
 
 
-def test_kill_and_resume_gives_the_uninterrupted_rows_once(tmp_path, llm):
+def test_killed_and_resumed_runs_give_the_uninterrupted_rows_once(tmp_path, llm):
     rows = _rows(40)
     src = _write_jsonl(tmp_path / "in.jsonl", rows)
     d = _spec(tmp_path, str(src), "unused", sampling={"max_tokens": 16})
@@ -136,22 +136,26 @@ def test_kill_and_resume_gives_the_uninterrupted_rows_once(tmp_path, llm):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump({**d, "output": {"url": str(out), "chunk_rows": 4}}))
     cmd = [sys.executable, "-m", "glinthawk_dask", "run", str(spec_file), "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    rows_at_kill = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            rows_at_kill = zarr.open_group(str(out), mode="r").attrs["glinthawk"]["rows"]
-        except Exception:  # not created yet
-            rows_at_kill = 0
-        if rows_at_kill >= 8:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    partial = _table(str(out))
-    assert 8 <= len(partial) < 40, len(partial)  # killed mid-way, committed rows intact
+    committed = []
+    for kill_at in (4, 16, 28):  # kill the driver at several points, resuming each time
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 240
+        n = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                n = zarr.open_group(str(out), mode="r").attrs["glinthawk"]["rows"]
+            except Exception:  # not created yet
+                n = 0
+            if n >= kill_at:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        partial = _table(str(out))  # committed rows intact, none twice
+        assert kill_at <= len(partial) < 40, len(partial)
+        committed.append(len(partial))
+    assert committed == sorted(committed)
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

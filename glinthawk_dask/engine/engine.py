@@ -112,34 +112,40 @@ class InProcessEngine:
             detokenize=self.detokenize,
         )
         exhausted = False
-        while True:
-            while not exhausted and len(sched.waiting) < sched.n_slots:
-                r = next(pending, None)
-                if r is None:
-                    exhausted = True
-                else:
-                    sched.add(r)
-            if not sched.has_work():
-                break
-            for mb in range(cfg.n_micro_batches):
-                step = sched.schedule(mb)
-                if step is None:
-                    continue
-                for seq in step.admitted:
-                    cache.allocate(seq.id, seq.slot)
-                batch = AttentionBatch.build(step.slots, step.starts, step.counts, device=self.weights.device)
-                logits = forward_step(
-                    self.weights, cache, self.rope, step.input_ids, batch, step.sample_rows
-                )  # [N, V]
-                tokens: list[int] = []
-                if step.sample_rows:
-                    tokens = sample(
-                        logits,
-                        [s.params for s in step.sample_seqs],
-                        [s.generator for s in step.sample_seqs],
-                    ).tolist()
-                self.stats["steps"] += 1
-                self.stats["tokens"] += step.n_tokens
-                for done in sched.update(step, tokens):
-                    cache.free(done.id)
-                    yield done
+        try:
+            while True:
+                while not exhausted and len(sched.waiting) < sched.n_slots:
+                    r = next(pending, None)
+                    if r is None:
+                        exhausted = True
+                    else:
+                        sched.add(r)
+                if not sched.has_work():
+                    break
+                for mb in range(cfg.n_micro_batches):
+                    step = sched.schedule(mb)
+                    if step is None:
+                        continue
+                    for seq in step.admitted:
+                        cache.allocate(seq.id, seq.slot)
+                    batch = AttentionBatch.build(step.slots, step.starts, step.counts, device=self.weights.device)
+                    logits = forward_step(
+                        self.weights, cache, self.rope, step.input_ids, batch, step.sample_rows
+                    )  # [N, V]
+                    tokens: list[int] = []
+                    if step.sample_rows:
+                        tokens = sample(
+                            logits,
+                            [s.params for s in step.sample_seqs],
+                            [s.generator for s in step.sample_seqs],
+                        ).tolist()
+                    self.stats["steps"] += 1
+                    self.stats["tokens"] += step.n_tokens
+                    for done in sched.update(step, tokens):
+                        cache.free(done.id)
+                        yield done
+        finally:  # closed early (cancelled, interrupted): free what is still running
+            for running in sched.running:
+                for seq in running.values():
+                    if seq.id in cache:
+                        cache.free(seq.id)

@@ -141,6 +141,10 @@ class BatchScheduler:
     def n_running(self) -> int:
         return sum(len(r) for r in self.running)
 
+    def n_tokens_in_flight(self) -> int:
+        """Tokens (prompt + generated) of the running sequences: the KV a lost cache held."""
+        return sum(len(s.token_ids) for r in self.running for s in r.values())
+
     # -- planning ------------------------------------------------------------------
     def _admit(self, mb: int) -> list[Sequence]:
         admitted = []

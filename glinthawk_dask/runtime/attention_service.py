@@ -19,6 +19,7 @@ from ..model.attention import AttentionBatch
 from ..model.config import ModelConfig
 from ..model.kv_cache import KVCache
 from .compute import ComputeStream
+from .faults import StaleRunError
 from .messages import DTYPES, pack, unpack
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["AttentionService", "AttentionRunError"]
 
 
-class AttentionRunError(RuntimeError):
+class AttentionRunError(StaleRunError):
     """A message refers to a run or step this worker does not hold (stale or misrouted)."""
 
 
@@ -118,6 +119,12 @@ class AttentionService:
         The first layer of a step carries the ``layout`` (segments, admitted and
         released sequences); the following layers refer to it by ``step``.
         """
+        try:
+            return await self._attend(run_id, micro_batch, step, layer, q, k, v, layout)
+        except AttentionRunError as e:  # refused, never applied: the sender treats this peer as lost
+            return {"stale": str(e)}
+
+    async def _attend(self, run_id, micro_batch, step, layer, q, k, v, layout) -> dict:
         run = self.runs.get(run_id)
         if run is None:
             raise AttentionRunError(f"run {run_id!r} is not open on {self.worker.address}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import math
 import time
 import uuid
@@ -24,10 +25,13 @@ from ..model.config import ModelConfig
 from ..model.resolve import resolve_checkpoint
 from .. import config
 from .compute import busy_seconds, overlap_seconds
+from .faults import WorkerFailure, is_worker_failure
 from .messages import DTYPES
 from .placement import auto_depth
 
 __all__ = ["DaskEngine", "RunSummary"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -44,6 +48,7 @@ class RunSummary:
     micro_batch_size: int
     n_micro_batches: int
     plan: dict
+    recoveries: list[dict] = dataclasses.field(default_factory=list)  # one per lost worker: what it cost
 
     @property
     def tokens_per_s(self) -> float:
@@ -99,7 +104,9 @@ class DaskEngine:
         With a KV slot size (``max_seq_len``, else the engine's), ``requests`` is
         consumed lazily (in this thread), keeping about two rounds of slots queued on
         the driver: back-pressure for inputs far larger than memory.  Otherwise it is
-        read whole to size the slots.
+        read whole to size the slots.  A run that loses a worker restarts on the
+        workers left (see :mod:`~glinthawk_dask.runtime.faults`); every request is
+        completed once.
         """
         max_seq_len = max_seq_len or self.max_seq_len
         feed = _Feed(requests, self._first_batch_size(max_seq_len))
@@ -107,13 +114,12 @@ class DaskEngine:
             return
         run = self.client.sync(self._open, feed.first, max_seq_len)
         try:
-            self.client.sync(self._submit, run, feed.first)
-            while run["pending"] or not feed.exhausted:
+            more = feed.first
+            while True:
+                yield from self.client.sync(self._advance, run, more)
                 more = feed.take(self._room(run))
-                if more:
-                    self.client.sync(self._submit, run, more)
-                if run["pending"]:
-                    yield from self.client.sync(self._poll, run)
+                if not more and not run["pending"] and feed.exhausted:
+                    break
         finally:
             self.client.sync(self._close, run)
 
@@ -129,16 +135,28 @@ class DaskEngine:
             return
         run = await self._open(feed.first, max_seq_len)
         try:
-            await self._submit(run, feed.first)
-            while run["pending"] or not feed.exhausted:
+            more = feed.first
+            while True:
+                for c in await self._advance(run, more):
+                    yield c
                 more = feed.take(self._room(run))
-                if more:
-                    await self._submit(run, more)
-                if run["pending"]:
-                    for c in await self._poll(run):
-                        yield c
+                if not more and not run["pending"] and feed.exhausted:
+                    break
         finally:
             await self._close(run)
+
+    async def _advance(self, run: dict, more: list[Request]) -> list[Completion]:
+        """Submit ``more``, then collect what finished; a lost worker restarts the run."""
+        _track(run, more)
+        try:
+            if more:
+                await self._submit(run, more)
+            return await self._poll(run) if run["pending"] else []
+        except Exception as e:
+            if not is_worker_failure(e):
+                raise
+            await self._recover(run, e)
+            return []
 
     def _first_batch_size(self, max_seq_len: int | None) -> int | None:
         """Requests read before placing a run: all of them unless slots have a fixed size."""
@@ -162,15 +180,16 @@ class DaskEngine:
     async def _rpc(self, addr: str, op: str, **kwargs: Any) -> Any:
         return await getattr(self.client.rpc(addr), op)(**kwargs)
 
-    async def _open(self, requests: list[Request], max_seq_len: int | None) -> dict:
+    async def _open(self, requests: list[Request], max_seq_len: int | None, size_hint: int = 0) -> dict:
         cfg = self.model_config
         run_id = f"gh-{uuid.uuid4().hex[:12]}"
         seq_len = self._seq_len(requests, max_seq_len)
         elem = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
         bpt_layer = cfg.kv_bytes_per_token(elem, 1)
-        mb_size = min(self.micro_batch_size, len(requests))
+        n = max(len(requests), size_hint)  # a restarted run keeps the size of the first
+        mb_size = min(self.micro_batch_size, n)
         depth = self.n_micro_batches
-        max_depth = max(1, math.ceil(len(requests) / mb_size))
+        max_depth = max(1, math.ceil(n / mb_size))
         if depth == "auto" and max_depth == 1:
             depth = 1
         elif depth == "auto":
@@ -183,8 +202,9 @@ class DaskEngine:
         if "error" in reply:
             raise GlinthawkError(reply["error"])
         plan = _lists(reply["plan"])
-        run = {"id": run_id, "plan": plan, "pending": set(), "t0": time.time(),
-               "n_requests": 0, "generated": 0, "stats": {}}
+        run = {"id": run_id, "plan": plan, "pending": set(), "requests": {}, "t0": time.time(),
+               "n_requests": 0, "generated": 0, "stats": {}, "recoveries": [], "max_seq_len": max_seq_len,
+               "status": "running", "size": n}
         try:
             await self._open_workers(run)
         except BaseException:
@@ -212,9 +232,46 @@ class DaskEngine:
                 "attention": plan["attention"][s] if plan["attention"] else [],
                 "slot_base": plan["slot_base"][s] if plan["slot_base"] else [],
                 "latency": self.latency, "engine": {"max_step_tokens": self.max_step_tokens},
+                "peer_timeout": float(config.get("engine.peer-timeout")),
             }
             opens.append(self._rpc(plan["dense"][s], "glinthawk_slice_open", run_id=run_id, spec=spec))
         await asyncio.gather(*opens)
+
+    async def _recover(self, run: dict, error: BaseException) -> None:
+        """Start the run over as a new epoch on the workers there are (waiting for some
+        if none is left), with every unfinished request resubmitted."""
+        t0 = time.time()
+        lost_tokens = run.pop("in_flight_tokens", None)
+        logger.warning("glinthawk run %s lost a worker (%s); restarting it", run["id"], error)
+        if len(run["recoveries"]) >= int(config.get("engine.max-recoveries")):
+            raise GlinthawkError(f"run {run['id']} lost workers {len(run['recoveries'])} times; last: {error}")
+        await self._release(run)
+        deadline = t0 + float(config.get("engine.recovery-timeout"))
+        pending = [run["requests"][i] for i in sorted(run["pending"])]
+        delay = 0.2
+        while True:
+            try:
+                new = await self._open(pending, run["max_seq_len"], size_hint=run["size"])
+                break
+            except Exception as e:
+                if not (is_worker_failure(e) or isinstance(e, GlinthawkError)) or time.time() > deadline:
+                    raise GlinthawkError(
+                        f"run {run['id']} lost a worker ({error}) and could not restart: {e}"
+                    ) from e
+                if run["status"] == "running":
+                    logger.warning("glinthawk run %s is waiting for workers to restart on: %s", run["id"], e)
+                run["status"] = f"waiting for workers: {e}"
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+        rebuilt = lost_tokens if lost_tokens is not None else sum(len(r.prompt_token_ids) for r in pending)
+        run["recoveries"].append({
+            "cause": f"{type(error).__name__}: {error}", "old_run": run["id"], "new_run": new["id"],
+            "restarted_requests": len(pending), "rebuilt_tokens": int(rebuilt),
+            "rebuilt_tokens_exact": lost_tokens is not None, "seconds": time.time() - t0,
+        })
+        run.update(id=new["id"], plan=new["plan"], status="running")
+        if pending:
+            await self._submit(run, pending)
 
     async def _submit(self, run: dict, requests: list[Request]) -> None:
         rows = [
@@ -224,14 +281,18 @@ class DaskEngine:
         ]
         first = run["plan"]["dense"][0]
         await self._rpc(first, "glinthawk_submit", run_id=run["id"], requests=rows)
-        run["pending"].update(r.id for r in requests)
-        run["n_requests"] += len(requests)
 
     async def _poll(self, run: dict) -> list[Completion]:
         first = run["plan"]["dense"][0]
-        reply = await self._rpc(first, "glinthawk_results", run_id=run["id"],
-                                timeout=float(config.get("engine.poll-interval")))
+        wait = float(config.get("engine.poll-interval"))
+        reply = await asyncio.wait_for(
+            self._rpc(first, "glinthawk_results", run_id=run["id"], timeout=wait),
+            wait + float(config.get("engine.peer-timeout")),
+        )
         if reply["error"]:
+            if reply.get("worker_failure"):
+                run["in_flight_tokens"] = reply.get("in_flight_tokens")
+                raise WorkerFailure(f"run {run['id']}: {reply['error']}")
             raise GlinthawkError(f"run {run['id']} failed: {reply['error']}")
         run["stats"] = {k: reply[k] for k in ("n_steps", "n_tokens")}
         out = []
@@ -240,33 +301,44 @@ class DaskEngine:
             c.prompt_token_ids = list(c.prompt_token_ids)
             c.completion_token_ids = list(c.completion_token_ids)
             c.prompt = _lists(c.prompt)
+            if c.id not in run["pending"]:
+                continue  # already delivered (a duplicate from a replayed step)
             run["pending"].discard(c.id)
+            run["requests"].pop(c.id, None)
             run["generated"] += len(c.completion_token_ids)
             out.append(c)
         return out
+
+    async def _release(self, run: dict) -> None:
+        """Close the run on its workers and free its placement (lost workers skipped)."""
+        plan, run_id = run["plan"], run["id"]
+        timeout = float(config.get("engine.peer-timeout"))
+        closes = [self._rpc(a, "glinthawk_slice_close", run_id=run_id) for a in plan["dense"]]
+        if plan["mode"] == "two-tier":
+            closes += [self._rpc(a, "glinthawk_kv_close", run_id=run_id)
+                       for s in range(len(plan["slices"])) for a in plan["n_slots"][s]]
+        await asyncio.gather(*(asyncio.wait_for(c, timeout) for c in closes), return_exceptions=True)
+        await self.client.scheduler.glinthawk_run_closed(run_id=run_id)
 
     async def _close(self, run: dict) -> None:
         plan, run_id = run["plan"], run["id"]
         seconds = time.time() - run["t0"]
         tiers = _workers_of(plan)
+        timeout = float(config.get("engine.peer-timeout"))
         timelines = await asyncio.gather(
-            *[self._rpc(a, f"glinthawk_{tier}_timeline", since=run["t0"]) for a, tier in tiers],
+            *[asyncio.wait_for(self._rpc(a, f"glinthawk_{tier}_timeline", since=run["t0"]), timeout)
+              for a, tier in tiers],
             return_exceptions=True,
         )
         self.last_timeline = {
             f"{tier} {addr}": t["events"] for (addr, tier), t in zip(tiers, timelines) if isinstance(t, dict)
         }
-        closes = [self._rpc(a, "glinthawk_slice_close", run_id=run_id) for a in plan["dense"]]
-        if plan["mode"] == "two-tier":
-            closes += [self._rpc(a, "glinthawk_kv_close", run_id=run_id)
-                       for s in range(len(plan["slices"])) for a in plan["n_slots"][s]]
-        await asyncio.gather(*closes, return_exceptions=True)
-        await self.client.scheduler.glinthawk_run_closed(run_id=run_id)
+        await self._release(run)
         self.last_summary = RunSummary(
             run_id=run_id, mode=plan["mode"], n_requests=run["n_requests"],
             n_steps=run["stats"].get("n_steps", 0), n_tokens=run["stats"].get("n_tokens", 0),
             generated_tokens=run["generated"], seconds=seconds, micro_batch_size=plan["micro_batch_size"],
-            n_micro_batches=plan["n_micro_batches"], plan=plan,
+            n_micro_batches=plan["n_micro_batches"], plan=plan, recoveries=list(run["recoveries"]),
         )
 
     async def _auto_depth(self, mb_size: int, max_depth: int) -> int:
@@ -310,6 +382,14 @@ class _Feed:
         out = list(itertools.islice(self._it, n))
         self.exhausted = len(out) < n
         return out
+
+
+def _track(run: dict, requests: list[Request]) -> None:
+    """Record requests as pending before they are sent, so a failure cannot lose them."""
+    for r in requests:
+        run["requests"][r.id] = r
+        run["pending"].add(r.id)
+    run["n_requests"] += len(requests)
 
 
 def _lists(x: Any) -> Any:

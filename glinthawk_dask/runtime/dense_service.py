@@ -28,6 +28,7 @@ from ..model.weights import SliceWeights, load_slice
 from ..sampling import SamplingParams, make_generator, sample
 from ..tokenizer import Tokenizer
 from .compute import ComputeStream
+from .faults import StaleRunError
 from .messages import DTYPES, pack, unpack
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class SliceSpec:
     attention: list[str] = field(default_factory=list)  # attention worker of each micro-batch
     slot_base: list[int] = field(default_factory=list)  # first local KV slot of each micro-batch
     latency: float = 0.0  # induced delay of every inter-tier message, seconds
+    peer_timeout: float = 60.0  # a peer that does not answer within this is treated as lost
     engine: dict = field(default_factory=dict)  # first slice: scheduler settings
 
 
@@ -184,15 +186,23 @@ class SliceRun:
     async def _attend(self, address, msg, layer, q, k, v, layout) -> torch.Tensor:
         if self.spec.latency:
             await asyncio.sleep(self.spec.latency)
-        reply = await self.service.worker.rpc(address).glinthawk_attend(
-            run_id=self.spec.run_id, micro_batch=msg["mb"], step=msg["step"], layer=layer,
-            q=pack(q), k=pack(k), v=pack(v), layout=layout,
+        reply = await asyncio.wait_for(
+            self.service.worker.rpc(address).glinthawk_attend(
+                run_id=self.spec.run_id, micro_batch=msg["mb"], step=msg["step"], layer=layer,
+                q=pack(q), k=pack(k), v=pack(v), layout=layout,
+            ),
+            self.spec.peer_timeout,
         )
+        if not isinstance(reply, dict) or "o" not in reply:  # refused, or a worker shutting down
+            raise StaleRunError(reply.get("stale") if isinstance(reply, dict) else f"{address} did not attend")
         return unpack(reply["o"], self.device).to(self.weights.dtype)
 
     async def _forward_next(self, msg: dict, x: torch.Tensor) -> list[int]:
-        reply = await self.service.worker.rpc(self.spec.next_address).glinthawk_forward(
-            run_id=self.spec.run_id, msg=msg, x=pack(x)
+        reply = await asyncio.wait_for(
+            self.service.worker.rpc(self.spec.next_address).glinthawk_forward(
+                run_id=self.spec.run_id, msg=msg, x=pack(x)
+            ),
+            self.spec.peer_timeout,
         )
         return reply["tokens"]
 
@@ -256,7 +266,7 @@ class DenseService:
     def _run(self, run_id: str) -> SliceRun:
         run = self.runs.get(run_id)
         if run is None:
-            raise KeyError(f"glinthawk run {run_id!r} is not open on {self.worker.address}")
+            raise StaleRunError(f"glinthawk run {run_id!r} is not open on {self.worker.address}")
         return run
 
     async def forward(self, run_id: str, msg: dict, x: dict) -> dict:

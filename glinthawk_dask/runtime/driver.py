@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from ..engine.request import Request
 from ..engine.scheduler import BatchScheduler
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
+from .faults import is_worker_failure
 
 if TYPE_CHECKING:
     from .dense_service import SliceRun
@@ -45,7 +47,11 @@ class RunDriver:
         self.n_done = 0
         self.n_steps = 0
         self.n_tokens = 0
+        self.n_generated = 0  # sampled tokens (for the dashboard's tokens/s)
+        self.n_in_flight = 0  # micro-batches with a step in the pipeline now
+        self.t0 = time.time()
         self.error: str | None = None
+        self.worker_failure = False  # the error means a lost or wedged worker: the run can restart
         self._results: list[dict] = []
         self._results_ready = asyncio.Event()
         self._arrived = asyncio.Event()
@@ -83,6 +89,8 @@ class RunDriver:
         return {
             "completions": out,
             "error": self.error,
+            "worker_failure": self.worker_failure,
+            "in_flight_tokens": self.sched.n_tokens_in_flight() if self.error else 0,
             "n_submitted": self.n_submitted,
             "n_done": self.n_done,
             "n_steps": self.n_steps,
@@ -111,8 +119,13 @@ class RunDriver:
                     "sample": [s.id for s in step.sample_seqs],
                 }
                 self._released[mb] = []
-                tokens = await self.run.run_step(msg)
+                self.n_in_flight += 1
+                try:
+                    tokens = await self.run.run_step(msg)
+                finally:
+                    self.n_in_flight -= 1
                 self.n_steps += 1
+                self.n_generated += len(tokens)
                 self.n_tokens += step.n_tokens
                 for c in self.sched.update(step, tokens):
                     self._released[mb].append(c.id)
@@ -122,8 +135,13 @@ class RunDriver:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the run fails as a whole; the caller sees why
-            logger.exception("glinthawk run %s micro-batch %d failed", self.run.spec.run_id, mb)
-            self.error = f"{type(e).__name__}: {e}"
+            if is_worker_failure(e):
+                logger.warning("glinthawk run %s micro-batch %d lost a worker: %s", self.run.spec.run_id, mb, e)
+            else:
+                logger.exception("glinthawk run %s micro-batch %d failed", self.run.spec.run_id, mb)
+            if self.error is None:
+                self.error = f"{type(e).__name__}: {e}"
+                self.worker_failure = is_worker_failure(e)
             self._results_ready.set()
 
     async def close(self) -> None:

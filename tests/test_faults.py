@@ -1,0 +1,179 @@
+"""Fault tolerance: lost, wedged, slow and repeating workers never change or lose a row.
+
+Fault injection subclasses the attention plugin (delayed, dropped and duplicated
+messages) on in-process clusters; real worker processes are SIGKILLed under their
+nannies on the embedded local cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+
+import dask.config
+import psutil
+import pytest
+from distributed.utils_test import gen_cluster
+
+from glinthawk_dask import LLM, SamplingParams
+from glinthawk_dask.runtime import AttentionWorkerPlugin, DaskEngine, DenseWorkerPlugin, GlinthawkSchedulerPlugin
+from glinthawk_dask.runtime.faults import StaleRunError, is_worker_failure
+
+from test_two_tier import ATTN, DENSE, MODEL, _reference, _requests
+
+
+class _FaultyAttention(AttentionWorkerPlugin):
+    """The attention tier with a fault injected into ``glinthawk_attend``."""
+
+    fault = "none"
+    calls = 0  # class-wide: in-process workers share it
+
+    def setup(self, worker):
+        super().setup(worker)
+        if self.service is None:
+            return
+        real = self.service.attend
+
+        async def attend(**kw):
+            cls = type(self)
+            cls.calls += 1
+            if cls.fault == "delay":
+                await asyncio.sleep(random.random() * 0.01)
+            elif cls.fault == "drop" and cls.calls == 40:
+                await asyncio.sleep(3600)  # never answers: a wedged peer
+            elif cls.fault == "duplicate" and cls.calls % 3 == 0:
+                await real(**kw)  # the same message applied twice
+            return await real(**kw)
+
+        worker.handlers["glinthawk_attend"] = attend
+
+
+def _plugin(fault):
+    cls = type(f"Faulty{fault.title()}", (_FaultyAttention,), {"fault": fault, "calls": 0})
+    return cls()
+
+
+async def _run(c, fault, n=16, **kw):
+    await c.register_plugin(GlinthawkSchedulerPlugin())
+    await c.register_plugin(DenseWorkerPlugin())
+    await c.register_plugin(_plugin(fault))
+    requests = _requests(n, seed=5)
+    engine = DaskEngine(c, MODEL, micro_batch_size=3, n_micro_batches=2, max_step_tokens=32, **kw)
+    got = {}
+    async for comp in engine.agenerate(requests):
+        assert comp.id not in got, f"{comp.id} delivered twice"
+        got[comp.id] = comp.completion_token_ids
+    assert got == _reference(requests)
+    return engine
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_delayed_messages_change_nothing(c, s, a, b):
+    engine = await _run(c, "delay")
+    assert engine.last_summary.recoveries == []
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_duplicated_messages_change_nothing(c, s, a, b):
+    engine = await _run(c, "duplicate")
+    assert engine.last_summary.recoveries == []
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_a_wedged_attention_worker_is_detected_and_the_run_restarts(c, s, a, b):
+    with dask.config.set({"glinthawk.engine.peer-timeout": 2.0}):
+        engine = await _run(c, "drop")
+    (rec,) = engine.last_summary.recoveries
+    assert "TimeoutError" in rec["cause"] and rec["restarted_requests"] > 0
+    assert rec["rebuilt_tokens_exact"] and rec["rebuilt_tokens"] > 0
+    assert rec["old_run"] != rec["new_run"]  # a new epoch: the old run id is dead
+
+
+def test_worker_failures_are_told_from_bugs():
+    assert is_worker_failure(OSError("connection refused"))
+    assert is_worker_failure(asyncio.TimeoutError())
+    assert is_worker_failure(StaleRunError("run gh-1 is not open"))
+    assert not is_worker_failure(ValueError("a bug"))
+    assert not is_worker_failure(KeyError("x"))
+
+
+# -- real processes, SIGKILL ------------------------------------------------------------------
+
+ROWS = [{"id": f"k{i}", "prompt_token_ids": [(13 * i + j) % 300 + 1 for j in range(2 + 7 * (i % 5))],
+         "max_tokens": 20 + 3 * (i % 4), "ignore_eos": True} for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    llm = LLM(MODEL, mode="in-process")
+    return {c.id: c.completion_token_ids for c in llm.generate(ROWS, SamplingParams())}
+
+
+def _pid(client, address):
+    return client.run(os.getpid, workers=[address])[address]
+
+
+def _kill_mid_run(llm, pick_victim):
+    """Generate ROWS; after the first completions, SIGKILL the worker ``pick_victim``
+    chooses from the run's plan.  Returns completions by id (each asserted once)."""
+    got = {}
+    killed = None
+    requests = [r for r in llm.make_requests(ROWS, SamplingParams())]
+    for comp in llm.engine.generate(requests):
+        assert comp.id not in got, f"{comp.id} delivered twice"
+        got[comp.id] = comp.completion_token_ids
+        if killed is None and len(got) == 3:
+            reg = llm.client.sync(llm.client.scheduler.glinthawk_registry)
+            victim = pick_victim(reg)
+            killed = _pid(llm.client, victim)
+            os.kill(killed, signal.SIGKILL)
+    assert killed is not None and not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
+    return got
+
+
+@pytest.mark.parametrize("tier", ["attention", "dense"])
+def test_sigkill_a_worker_mid_run(tier, reference):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with dask.config.set({"glinthawk.engine.micro-batch-size": 4}):
+        llm = LLM(MODEL)
+    try:
+        got = _kill_mid_run(llm, lambda reg: reg[tier][0])
+        assert got == reference  # every row once, tokens identical
+        recoveries = llm.engine.last_summary.recoveries
+        assert len(recoveries) >= 1 and all(r["restarted_requests"] > 0 for r in recoveries)
+        assert llm.engine.last_summary.n_requests >= len(ROWS)
+    finally:
+        llm.close()
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    gone, alive = psutil.wait_procs([p for p in left if "resource_tracker" not in " ".join(p.cmdline())],
+                                    timeout=30)
+    assert not alive, "worker processes outlived LLM.close()"
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_with_no_attention_worker_left_the_run_waits_for_one(c, s, a, b):
+    from distributed import Worker
+
+    await c.register_plugin(GlinthawkSchedulerPlugin())
+    await c.register_plugin(DenseWorkerPlugin())
+    await c.register_plugin(AttentionWorkerPlugin())
+    requests = _requests(14, seed=9)
+    engine = DaskEngine(c, MODEL, micro_batch_size=3, n_micro_batches=2, max_step_tokens=32)
+    got, newcomer = {}, None
+    async for comp in engine.agenerate(requests):
+        assert comp.id not in got
+        got[comp.id] = comp.completion_token_ids
+        if len(got) == 2:
+            await b.close()  # the only attention worker leaves ...
+
+            async def join_later():
+                await asyncio.sleep(1.5)  # ... and another joins a while later
+                return await Worker(s.address, nthreads=1, resources={"KV": 2**28})
+
+            newcomer = asyncio.create_task(join_later())
+    assert got == _reference(requests)
+    (rec,) = engine.last_summary.recoveries
+    assert rec["seconds"] >= 1.0  # it waited for the newcomer
+    await (await newcomer).close()

@@ -20,21 +20,56 @@ __all__ = ["ComputeStream", "Timeline", "busy_seconds", "overlap_seconds"]
 
 
 class Timeline:
-    """A bounded record of ``(kind, start, stop, micro_batch, layer)`` intervals."""
+    """A bounded record of ``(kind, start, stop, micro_batch, layer)`` intervals.
+
+    Written by the compute thread, read on the event loop (hence the lock).  Besides
+    the intervals it keeps a running count (a cursor for readers that want only what
+    is new, see :meth:`read`) and cumulative ``(seconds, count)`` per kind.
+    """
 
     def __init__(self, maxlen: int = 200_000) -> None:
         self._events: collections.deque[tuple[str, float, float, int, int]] = collections.deque(
             maxlen=maxlen
         )
+        self._lock = threading.Lock()
+        self._count = 0  # intervals ever recorded
+        self._totals: dict[str, list[float]] = {}  # kind -> [seconds, count]
 
     def record(self, kind: str, start: float, stop: float, micro_batch: int = -1, layer: int = -1) -> None:
-        self._events.append((kind, start, stop, micro_batch, layer))
+        with self._lock:
+            self._events.append((kind, start, stop, micro_batch, layer))
+            self._count += 1
+            total = self._totals.setdefault(kind, [0.0, 0])
+            total[0] += stop - start
+            total[1] += 1
 
     def events(self, since: float = 0.0) -> list[tuple[str, float, float, int, int]]:
-        return [e for e in self._events if e[2] >= since]
+        with self._lock:
+            events = list(self._events)
+        return [e for e in events if e[2] >= since]
+
+    def read(
+        self, cursor: int = 0, limit: int | None = None
+    ) -> tuple[list[tuple[str, float, float, int, int]], int, int]:
+        """Intervals recorded after ``cursor`` (0, or a cursor this returned before):
+        ``(the newest limit of them, the new cursor, how many were left out)``."""
+        with self._lock:
+            count = self._count
+            if cursor > count:  # a cursor of an earlier timeline (restarted worker)
+                cursor = 0
+            new = min(count - cursor, len(self._events))
+            take = new if limit is None else min(new, limit)
+            events = list(itertools.islice(self._events, len(self._events) - take, None))
+        return events, count, count - cursor - take
+
+    def totals(self) -> dict[str, tuple[float, int]]:
+        """Cumulative ``(seconds, count)`` of each kind of interval."""
+        with self._lock:
+            return {k: (v[0], int(v[1])) for k, v in self._totals.items()}
 
     def clear(self) -> None:
-        self._events.clear()
+        with self._lock:
+            self._events.clear()
 
 
 def _merged(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:

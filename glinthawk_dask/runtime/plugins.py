@@ -19,6 +19,7 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from .. import config
+from . import dashboard
 from .attention_service import AttentionService
 from .dense_service import DenseService
 from .placement import PlacementError, kv_budget_bytes, make_plan
@@ -60,17 +61,22 @@ class _TierPlugin(WorkerPlugin):
         self.worker = worker
         self.service = None
         self._handlers: dict[str, Any] = {}
+        self._digests: dashboard.TierDigests | None = None
         resources = dict(worker.state.total_resources)
         if self.tier not in worker_tiers(resources):
             return
         self.service = self.make_service(worker, resources)
-        self._handlers = {**self.service.handlers(), f"glinthawk_{self.tier}_timeline": self.timeline}
+        self._handlers = {**self.service.handlers(), f"glinthawk_{self.tier}_timeline": self.timeline,
+                          f"glinthawk_{self.tier}_metrics": self.metrics}
         worker.handlers.update(self._handlers)
+        self._digests = dashboard.TierDigests(worker, self.tier, self.service.stream.timeline)
         logger.info("glinthawk %s tier on %s", self.tier, worker.address)
 
     def teardown(self, worker: Any) -> None:
         for name in self._handlers:
             worker.handlers.pop(name, None)
+        if self._digests is not None:
+            self._digests.stop()
         if self.service is not None:
             self.service.close()
 
@@ -78,6 +84,10 @@ class _TierPlugin(WorkerPlugin):
         """Compute intervals ``(kind, start, stop, micro_batch, layer)`` since ``since``."""
         return {"address": self.worker.address, "events": self.service.stream.timeline.events(since),
                 "now": time.time()}
+
+    def metrics(self, cursor: int = 0, limit: int = dashboard.MAX_EVENTS_PER_PULL) -> dict:
+        """For the dashboard: intervals recorded after ``cursor``, and the tier's gauges."""
+        return dashboard.worker_metrics(self.tier, self.service, cursor, limit)
 
 
 class DenseWorkerPlugin(_TierPlugin):
@@ -132,8 +142,17 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["glinthawk_plan"] = self.plan
         scheduler.handlers["glinthawk_run_closed"] = self.run_closed
         scheduler.handlers["glinthawk_registry"] = self.registry
+        self.metrics = dashboard.PipelineMetrics(scheduler, lambda: self.tiers)
+        scheduler.handlers["glinthawk_progress"] = self.metrics.report_progress
+        self._page = dashboard.install_page(scheduler)
+        dashboard.register_prometheus(scheduler)
         for addr, ws in scheduler.workers.items():
             self.add_worker(scheduler, addr)
+
+    async def close(self) -> None:
+        if hasattr(self, "metrics"):
+            await self.metrics.close()
+            dashboard.uninstall_page(self.scheduler, self._page)
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
         ws = scheduler.workers.get(worker)

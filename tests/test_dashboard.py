@@ -1,0 +1,286 @@
+"""The Glinthawk page of the Dask dashboard and glinthawk's numbers in Dask's metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from distributed.utils_test import gen_cluster
+
+from glinthawk_dask.engine.request import Request
+from glinthawk_dask.runtime import AttentionWorkerPlugin, DaskEngine, DenseWorkerPlugin, GlinthawkSchedulerPlugin
+from glinthawk_dask.runtime.compute import Timeline
+from glinthawk_dask.sampling import SamplingParams
+
+MODEL = "random:tiny-gqa"
+DENSE = ("127.0.0.1", 1, {"resources": {"GPU": 1}})
+ATTN = ("127.0.0.1", 1, {"resources": {"KV": 2**28}})
+
+DASHBOARD = {"dashboard": True, "dashboard_address": "127.0.0.1:0"}
+
+
+def _requests(n: int, max_tokens: int) -> list[Request]:
+    return [Request(f"r{i}", [1 + i % 50] * (3 + i % 7), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+            for i in range(n)]
+
+
+async def _setup(c):
+    await c.register_plugin(GlinthawkSchedulerPlugin())
+    await c.register_plugin(DenseWorkerPlugin())
+    await c.register_plugin(AttentionWorkerPlugin())
+
+
+async def _get(url: str) -> tuple[int, str]:
+    from tornado.httpclient import AsyncHTTPClient
+
+    response = await AsyncHTTPClient().fetch(url, raise_error=False)
+    return response.code, response.body.decode()
+
+
+def test_timeline_read_hands_out_only_what_is_new():
+    tl = Timeline(maxlen=5)
+    for i in range(3):
+        tl.record("dense", i, i + 0.5, micro_batch=i)
+    events, cursor, dropped = tl.read(0)
+    assert [e[3] for e in events] == [0, 1, 2] and cursor == 3 and dropped == 0
+    assert tl.read(cursor) == ([], 3, 0)
+    for i in range(3, 10):
+        tl.record("attention", i, i + 0.25)
+    events, cursor2, dropped = tl.read(cursor, limit=2)  # 7 new, 5 kept, 2 taken
+    assert [e[1] for e in events] == [8, 9] and cursor2 == 10 and dropped == 5
+    assert tl.read(99)[1] == 10  # a cursor from before a restart starts over
+    assert tl.totals() == {"dense": (1.5, 3), "attention": (1.75, 7)}
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120, scheduler_kwargs=DASHBOARD)
+async def test_page_gets_intervals_kv_and_rates_during_a_run(c, s, a, b):
+    from glinthawk_dask.runtime.dashboard import GlinthawkPage
+
+    await _setup(c)
+    metrics = s.plugins["glinthawk"].metrics
+    await asyncio.sleep(0.3)
+    assert metrics.n_polls == 0  # nobody looks: nothing is pulled
+
+    counts: dict[str, int] = {}  # messages the scheduler handles while the page pulls
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for table in (s.handlers, s.stream_handlers):
+        for name in list(table):
+            table[name] = counting(name, table[name])
+
+    page = GlinthawkPage(metrics)
+    engine = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=4)
+    seen = {"allocated": 0, "used": 0, "rows": set()}
+
+    async def consume():
+        return [comp async for comp in engine.agenerate(_requests(16, 40))]
+
+    run = asyncio.create_task(consume())
+    while not run.done():
+        await metrics.poll()
+        page.update()
+        kv = page.kv_source.data
+        if kv["allocated"]:
+            seen["allocated"] = max(seen["allocated"], max(kv["allocated"]))
+            seen["used"] = max(seen["used"], max(kv["used"]))
+        seen["rows"].update(page.rows_source.data["label"])
+        await asyncio.sleep(0.15)
+    assert len(await run) == 16
+    assert metrics.n_polls >= 3
+    assert sum(v for k, v in counts.items() if k != "heartbeat_worker") <= 6, counts
+    rates = page.rate_source.data
+    kinds = set(page.stream_source.data["kind"])
+    assert {"dense", "attention"} <= kinds, kinds
+    assert max(rates["generated"]) > 0 and max(rates["in_flight"]) >= 1, rates
+    assert page.kv_source.data["budget"] == [2**28]
+    assert 0 < seen["used"] <= seen["allocated"] <= 2**28, seen
+    assert f"run {engine.last_summary.run_id}" in seen["rows"]
+    lanes = {metrics.labels[k] for k in metrics.lanes}
+    assert lanes == {f"dense {a.address}", f"attention {b.address}"}
+    stream = page.stream_source.data
+    assert all(l < r for l, r in zip(stream["left"], stream["right"]))
+
+    # the page is served by the scheduler's dashboard and linked in its navigation
+    base = f"http://127.0.0.1:{s.http_server.port}"
+    code, html = await _get(base + "/glinthawk")
+    assert code == 200 and "Bokeh.embed.embed_items" in html and 'href="glinthawk"' in html
+    code, html = await _get(base + "/status")
+    assert code == 200 and 'href="glinthawk"' in html
+
+    # compute time reaches Dask's metrics on the heartbeats
+    for w, tier in ((a, "dense"), (b, "attention")):
+        w.plugins[f"glinthawk-{tier}"]._digests.flush()
+        await w.heartbeat()
+        assert s.cumulative_worker_metrics[("glinthawk", tier, tier, "seconds")] > 0
+        assert s.cumulative_worker_metrics[("glinthawk", tier, tier, "count")] > 0
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return
+    code, text = await _get(base + "/metrics")
+    assert 'dask_glinthawk_compute_seconds_total{kind="dense",tier="dense"}' in text, text[-2000:]
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=60, scheduler_kwargs=DASHBOARD)
+async def test_pulls_only_while_a_page_looks_and_progress_is_rate_limited(c, s, a, b):
+    from glinthawk_dask.pipeline.run import Progress
+    from glinthawk_dask.runtime.dashboard import GlinthawkPage, ProgressReporter
+
+    await _setup(c)
+    metrics = s.plugins["glinthawk"].metrics
+    metrics.interval = 0.05
+    page = GlinthawkPage(metrics)
+    page.update()  # a page refresh: polling starts ...
+    await asyncio.sleep(0.5)
+    polls = metrics.n_polls
+    assert polls >= 2
+    await asyncio.sleep(0.5)  # ... and stops a few intervals after the last refresh
+    assert metrics.n_polls <= polls + 1
+
+    calls = []
+    handler = s.handlers["glinthawk_progress"]
+    s.handlers["glinthawk_progress"] = lambda **kw: (calls.append(kw), handler(**kw))[1]
+    reporter = ProgressReporter(c, "my-pipeline", interval=10.0)
+    for i in range(200):
+        reporter(Progress(rows_done=i, shards_read=1, shards_total=4, generated_tokens=3 * i, seconds=1.0))
+    reporter.close()
+    while len(calls) < 2:
+        await asyncio.sleep(0.01)
+    assert len(calls) == 2 and calls[-1]["progress"]["rows_done"] == 199 and calls[-1]["progress"]["done"]
+    page.update()
+    assert page.rows_source.data["label"] == ["pipeline my-pipeline"]
+    assert "199 rows" in page.rows_source.data["text"][0]
+
+
+def _chromium() -> tuple[str | None, str | None]:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    return browser, shutil.which("chromedriver")
+
+
+# Counts the rows of the page's data sources that feed glyph renderers, by name.
+_SOURCES_JS = """
+const docs = (window.Bokeh && window.Bokeh.documents) || [];
+if (!docs.length) return null;
+const out = {};
+for (const m of docs[0].all_models) {
+  if (m.data_source === undefined || m.glyph === undefined) continue;  // glyph renderers only
+  const src = m.data_source;
+  if (!src.name || !src.name.startsWith('glinthawk-')) continue;
+  const col = (k) => {
+    const v = src.data instanceof Map ? src.data.get(k) : src.data[k];
+    return v ? Array.from(v) : [];
+  };
+  out[src.name] = {n: src.get_length() || 0, kind: [...new Set(col('kind'))],
+                   generated: Math.max(0, ...col('generated')), budget: Math.max(0, ...col('budget')),
+                   label: col('label')};
+}
+return out;
+"""
+
+
+@pytest.mark.timeout(240)
+def test_page_in_a_browser(tmp_path):
+    """A real process cluster, a pipeline then a long generation, and headless Chromium
+    on ``/glinthawk``: the plots get data, and a screenshot is saved."""
+    browser, chromedriver = _chromium()
+    if not browser or not chromedriver:
+        pytest.skip("chromium and chromedriver are not installed (bash .ci/browser installs them)")
+    from dask.utils import key_split
+    from distributed import Client, get_task_stream
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    from glinthawk_dask import LLM
+    from glinthawk_dask.engine.engine import EngineConfig
+    from glinthawk_dask.pipeline.run import run_pipeline
+    from glinthawk_dask.pipeline.spec import parse_spec
+    from glinthawk_dask.runtime.cluster import local_cluster
+    from glinthawk_dask.runtime.dashboard import ProgressReporter, page_link
+
+    for i in range(2):
+        rows = [{"id": f"s{i}-{j}", "prompt_token_ids": [1 + j, 2, 3]} for j in range(4)]
+        (tmp_path / f"shard{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = parse_spec({
+        "name": "dashboard-test", "model": MODEL, "input": {"urls": [str(tmp_path / "shard*.jsonl")]},
+        "sampling": {"max_tokens": 4, "ignore_eos": True},
+        "topology": {"mode": "two-tier", "micro_batch_size": 4, "max_seq_len": 64},
+        "output": {"url": str(tmp_path / "out.zarr")},
+    })
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1100"):
+        options.add_argument(arg)
+
+    with local_cluster(n_attention=1) as cluster, Client(cluster) as client:
+        # a small pipeline first: its read-shard tasks are ordinary Dask tasks
+        reporter = ProgressReporter(client, spec.name)
+        with get_task_stream(client) as stream:
+            report = run_pipeline(spec, client=client, progress=reporter)
+        reporter.close()
+        assert report.rows_done == 8
+        prefixes = {key_split(t["key"]) for t in stream.data}
+        assert "glinthawk-read-shard-dashboard-test" in prefixes, prefixes
+
+        # then a long generation in the background, stopped once the page has seen it
+        llm = LLM(MODEL, client=client, engine_config=EngineConfig(micro_batch_size=8))
+        stop, failures = threading.Event(), []
+
+        def generate() -> None:
+            try:
+                with contextlib.closing(llm.engine.generate(_requests(512, 64))) as completions:
+                    for _ in completions:
+                        if stop.is_set():
+                            break  # closing the generator closes the run
+            except Exception as e:  # pragma: no cover - reported below
+                failures.append(e)
+
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
+        try:
+            url = page_link(client)
+            driver.get(url)
+            deadline = time.time() + 60
+            sources = None
+            while time.time() < deadline:
+                sources = driver.execute_script(_SOURCES_JS)
+                if (sources and sources.get("glinthawk-stream", {}).get("n", 0) > 0
+                        and sources.get("glinthawk-rates", {}).get("generated", 0) > 0
+                        and sources.get("glinthawk-kv", {}).get("budget", 0) > 0
+                        and len(sources.get("glinthawk-rows", {}).get("label", [])) >= 2):
+                    break
+                time.sleep(0.5)
+            time.sleep(1.0)  # let the canvases draw
+            shots = [tmp_path / "glinthawk-page.png"]
+            if os.environ.get("GLINTHAWK_ARTIFACTS"):
+                shots.append(Path(os.environ["GLINTHAWK_ARTIFACTS"]) / "glinthawk-page.png")
+                shots[-1].parent.mkdir(parents=True, exist_ok=True)
+            for shot in shots:
+                driver.save_screenshot(str(shot))
+            assert sources, f"no Bokeh document on {url}"
+            assert {"dense", "attention"} <= set(sources["glinthawk-stream"]["kind"]), sources
+            assert sources["glinthawk-rates"]["generated"] > 0, sources
+            assert sources["glinthawk-kv"]["budget"] > 0, sources
+            assert "pipeline dashboard-test" in sources["glinthawk-rows"]["label"], sources
+            assert driver.find_element(By.LINK_TEXT, "Glinthawk").get_attribute("href").endswith("/glinthawk")
+            assert shots[0].stat().st_size > 10_000
+        finally:
+            stop.set()
+            driver.quit()
+            worker.join(timeout=60)
+        assert not failures, failures

@@ -123,3 +123,21 @@ def test_generate_subprocess_on_the_embedded_model(tmp_path):
     assert got["empty"]["finish_reason"] == "error" and "empty prompt" in got["empty"]["error"]
     assert got["long"]["finish_reason"] == "error" and "context is 8192" in got["long"]["error"]
     assert "Traceback" not in proc.stderr and "2 rows failed" in proc.stderr
+
+
+def test_generate_takes_prompts_as_arguments_and_reads_stdin_without_them():
+    # PROMPT arguments come first, then --prompt (a random model has no tokenizer: error rows keep the prompt)
+    result = _invoke("--model", "random:tiny-gqa", "--mode", "in-process", "first", "second", "--prompt", "third")
+    assert result.exit_code == 0, result.output
+    assert [r["prompt"] for r in _lines(result.output)] == ["first", "second", "third"]
+    # no prompt given and stdin is not a terminal: JSONL rows from stdin
+    stdin = "".join(json.dumps({"id": i, "prompt_token_ids": [1, 2, 3]}) + "\n" for i in ("a", "b"))
+    result = _invoke("--model", "random:tiny-gqa", "--mode", "in-process", "--max-tokens", "2", input=stdin)
+    assert result.exit_code == 0, result.output
+    got = _lines(result.output)
+    assert [r["id"] for r in got] == ["a", "b"] and all(len(r["completion_token_ids"]) == 2 for r in got)
+    # an argument means stdin is not read
+    result = _invoke("--model", "random:tiny-gqa", "--mode", "in-process", "only", input=stdin)
+    assert [r["prompt"] for r in _lines(result.output)] == ["only"]
+    # nothing anywhere: one line
+    _assert_one_line_error(_invoke("--model", "random:tiny-gqa", input=""), "no prompts", "--input")

@@ -82,21 +82,40 @@ def ensure_plugins(client: Client) -> None:
 
 
 def connect(
-    scheduler: str | None = None, *, n_dense: int = 1, n_attention: int | None = None
+    scheduler: str | None = None, *, n_dense: int = 1, n_attention: int | None = None, security: Any = None,
 ) -> tuple[Client, SpecCluster | None]:
     """A client of ``scheduler``, or of a new local cluster of ``n_dense`` dense and
-    ``n_attention`` attention workers (returned so it can be closed)."""
+    ``n_attention`` attention workers (returned so it can be closed).
+
+    ``security`` (a ``distributed.Security``, see :func:`.tls.security`) is how the
+    client talks to a ``tls://`` scheduler; without it the client reads Dask's
+    configuration (``distributed.comm.tls.*``, e.g. from ``DASK_DISTRIBUTED__COMM__TLS__...``
+    environment variables).  The local cluster does not use TLS.
+    """
     cluster = None
     if scheduler is None:
+        if security is not None:
+            raise GlinthawkError("TLS options need the address of a running scheduler (--scheduler tls://...)")
         cluster = local_cluster(n_attention, n_dense)
         client = Client(cluster)
     else:
         try:
-            client = Client(scheduler)
+            client = Client(scheduler, security=security)
+        except TypeError as e:  # a tls:// address and no TLS configuration
+            if "ssl" not in str(e).lower():
+                raise
+            raise GlinthawkError(
+                f"the scheduler at {scheduler} uses TLS: give --tls-ca-file, --tls-cert and --tls-key "
+                "(or set distributed.comm.tls.* in Dask's configuration)"
+            ) from None
+        except ValueError as e:  # an address Dask cannot parse
+            raise GlinthawkError(f"bad scheduler address {scheduler!r} ({e})") from None
         except (OSError, TimeoutError) as e:
+            hint = ("; a TLS scheduler needs a tls:// address and the client's certificates"
+                    if security is not None or scheduler.startswith("tls://") else "")
             raise GlinthawkError(
                 f"cannot reach the Dask scheduler at {scheduler} ({e}); is it running? "
-                "Leave out --scheduler to start a local cluster"
+                f"Leave out --scheduler to start a local cluster{hint}"
             ) from None
     ensure_plugins(client)
     return client, cluster

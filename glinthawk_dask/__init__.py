@@ -11,6 +11,7 @@ from .api import LLM
 from .engine.engine import EngineConfig, InProcessEngine
 from .engine.request import Completion, Request
 from .errors import GlinthawkError, InvalidRequestError, ModelLoadError
+from .jobs import GenerationJob, JobCancelledError, JobProgress, PipelineJob, submit, submit_prompts
 from .sampling import SamplingParams
 
 try:
@@ -28,5 +29,11 @@ __all__ = [
     "GlinthawkError",
     "InvalidRequestError",
     "ModelLoadError",
+    "submit",
+    "submit_prompts",
+    "PipelineJob",
+    "GenerationJob",
+    "JobProgress",
+    "JobCancelledError",
     "__version__",
 ]

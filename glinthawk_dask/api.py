@@ -141,7 +141,24 @@ class LLM:
 
     @property
     def dashboard_link(self) -> str | None:
+        """The Dask dashboard of the cluster (None in-process)."""
         return self.client.dashboard_link if self.client is not None else None
+
+    @property
+    def dashboard_page(self) -> str | None:
+        """The Glinthawk page of the dashboard: pipeline stream, tokens/s, KV memory, rows."""
+        if self.client is None:
+            return None
+        from .runtime.dashboard import page_link
+
+        return page_link(self.client)
+
+    def submit(self, rows: Iterable[Any], params: SamplingParams | None = None, *, chat: bool = False) -> Any:
+        """Generate in the background: returns a :class:`~glinthawk_dask.jobs.GenerationJob`
+        at once (progress, ``result()``, ``to_pandas()``, ``cancel()``)."""
+        from .jobs import submit_prompts
+
+        return submit_prompts(self, rows, params, chat=chat)
 
     def __repr__(self) -> str:
         c = self.config

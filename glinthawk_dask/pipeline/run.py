@@ -18,6 +18,7 @@ import collections
 import contextlib
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -72,6 +73,7 @@ class RunReport(Progress):
     rows_in_output: int = 0
     error_examples: list[str] = field(default_factory=list)
     startup_seconds: float = 0.0  # cluster start and model load, before the first row
+    cancelled: bool = False  # stopped early by ``cancel``: a rerun resumes
 
 
 def run_pipeline(
@@ -83,6 +85,7 @@ def run_pipeline(
     force: bool = False,
     progress: Callable[[Progress], None] | None = None,
     llm: Any = None,
+    cancel: threading.Event | None = None,
 ) -> RunReport:
     """Run ``spec`` to completion and return what it did.
 
@@ -91,6 +94,10 @@ def run_pipeline(
     ``scheduler``, or on the embedded local cluster (``topology.mode: in-process``
     runs without Dask).  An output started by another spec or model is refused
     unless ``force``; ``overwrite`` starts it over.
+
+    Setting ``cancel`` stops the run between completions: no more requests are fed,
+    the engine's run is closed, the rows finished so far are committed, and the report
+    has ``cancelled`` set.  A rerun resumes from there.
     """
     from ..api import LLM
 
@@ -120,6 +127,7 @@ def run_pipeline(
             startup = t0 - t_start
             committed = sink.committed_ids()
             feed = _RequestFeed(spec, shards, llm, source.config.vocab_size, committed)
+            page = _page_reporter(llm, spec.name)
 
             def note(record: dict) -> None:
                 sink.append([record])
@@ -133,15 +141,33 @@ def run_pipeline(
                 state.seconds = time.perf_counter() - t0
                 if progress is not None:
                     progress(state)
+                if page is not None:
+                    page(state)
 
-            for c in llm.engine.generate(feed.requests(on_error=note), max_seq_len=topo.max_seq_len):
-                note(_record(c))
+            stop = cancel.is_set if cancel is not None else (lambda: False)
+            completions = llm.engine.generate(feed.requests(on_error=note, stop=stop), max_seq_len=topo.max_seq_len)
+            with contextlib.closing(completions):  # a break closes the engine's run
+                for c in completions:
+                    note(_record(c))
+                    if stop():
+                        break
+            if page is not None:
+                page.close()
     finally:
         sink.close()  # commits every finished row, also when interrupted
     state.shards_read, state.skipped = feed.shards_read, feed.skipped
     state.seconds = time.perf_counter() - t0
     return RunReport(**vars(state), output=spec.output.url, rows_in_output=sink.rows, error_examples=examples,
-                     startup_seconds=startup)
+                     startup_seconds=startup, cancelled=cancel is not None and cancel.is_set())
+
+
+def _page_reporter(llm: Any, name: str) -> Any:
+    """Progress for the Glinthawk dashboard page, on runs with a cluster."""
+    if llm.client is None:
+        return None
+    from ..runtime.dashboard import ProgressReporter
+
+    return ProgressReporter(llm.client, name)
 
 
 def _engine_config(spec: PipelineSpec, mode: str | None) -> EngineConfig:
@@ -177,10 +203,15 @@ class _RequestFeed:
         self.shards_read = 0
         self.skipped = 0
 
-    def requests(self, on_error: Callable[[dict], None]) -> Iterator[Request]:
+    def requests(
+        self, on_error: Callable[[dict], None], stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[Request]:
+        """Yield the requests; when ``stop()`` turns true, feed no more."""
         for entries in self._tokenized_shards():
             self.shards_read += 1
             for e in entries:
+                if stop():
+                    return
                 e = self._dedupe(e)
                 if e is None:
                     continue

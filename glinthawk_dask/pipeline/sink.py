@@ -220,8 +220,8 @@ def _write_beyond(array: zarr.Array, start: int, values: np.ndarray) -> None:
     The chunks go through a second view of the array, built with public constructors from
     the same store path and metadata with the longer shape (``update_shape`` returns a new
     frozen metadata object; constructing an ``AsyncArray`` writes nothing).  That shape is
-    never saved: ``Array.__setitem__`` writes chunks, not ``zarr.json``.  Chunks of a regular grid are always stored whole, so a chunk
-    straddling the old end is read, merged and rewritten like any partial chunk.
+    never saved: ``Array.__setitem__`` writes chunks, not ``zarr.json``.  Chunks of a
+    regular grid are always stored whole, so a chunk straddling the old end is read, merged and rewritten like any partial chunk.
     """
     stop = start + len(values)
     view = zarr.Array(zarr.AsyncArray(array.metadata.update_shape((stop,)), array.store_path, array.config))
@@ -478,6 +478,26 @@ class OutputTable:
         for batch in self.batches():
             for j in range(len(batch["id"])):
                 yield _record(batch, j)
+
+    def to_pandas(self) -> Any:
+        """The committed rows as a ``pandas.DataFrame``, with the columns of :meth:`records`
+        (``error`` None when there is none; unknown timings NaN).  Loads the whole output."""
+        import pandas as pd
+
+        c = self.columns
+        flat = self._arrays[TOKEN_IDS][: self.attrs["tokens"]]
+        return pd.DataFrame({
+            "id": c["id"].tolist(),
+            "prompt": [json.loads(p) if j else p for p, j in zip(c["prompt"].tolist(), c["prompt_is_json"])],
+            "completion": c["completion"].tolist(),
+            TOKEN_IDS: [flat[o : o + n].tolist() for o, n in zip(c[OFFSETS], c["completion_tokens"])],
+            "finish_reason": c["finish_reason"].tolist(),
+            "error": [e or None for e in c["error"].tolist()],
+            "prompt_tokens": c["prompt_tokens"].astype(np.int64),
+            "completion_tokens": c["completion_tokens"].astype(np.int64),
+            "time_to_first_token": c["time_to_first_token"].astype(np.float64),
+            "time_per_token": c["time_per_token"].astype(np.float64),
+        })
 
     def summary(self) -> dict[str, Any]:
         """Row and token counts, finish reasons, mean timings (None when unknown)."""

@@ -1,0 +1,513 @@
+"""Jobs: generation and pipelines running in the background, with handles for notebooks.
+
+>>> from glinthawk_dask import LLM, SamplingParams, submit, submit_prompts
+>>> llm = LLM(mode="in-process")
+>>> job = submit_prompts(llm, ["The capital of France is"], SamplingParams(max_tokens=8))
+>>> job                   # status, rows done/total, tok/s, errors (a small table in Jupyter)
+>>> job.show_progress()   # a live bar until the job ends: a widget in Jupyter, text in a terminal
+>>> job.result()          # the completions, in input order
+>>> pipe = submit("pipelines/quickstart.yaml", llm=llm, output="/tmp/quickstart.zarr")
+>>> pipe.cancel()         # stops between completions; the committed rows stay, submitting again resumes
+>>> pipe.to_pandas()      # the committed rows of the output
+
+Both :func:`submit` and :func:`submit_prompts` return at once; the work runs in a daemon
+thread of its own.  Jobs given the same :class:`~glinthawk_dask.LLM` take turns: one
+generates at a time (an engine runs one generation at a time), the others wait as
+``queued``; do not call ``llm.generate`` while a job runs on that LLM.  When the
+interpreter exits, running jobs are cancelled and waited for, so a pipeline keeps every
+row it finished.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import contextlib
+import dataclasses
+import html
+import itertools
+import math
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping
+
+from .engine.request import FINISH_ERROR, Completion, Request
+from .errors import GlinthawkError
+from .pipeline.run import Progress, RunReport, run_pipeline
+from .pipeline.sink import OutputError, read_output
+from .pipeline.spec import PipelineSpec, load_spec, parse_spec
+from .sampling import SamplingParams
+
+__all__ = [
+    "COLUMNS", "GenerationJob", "JobCancelledError", "JobProgress", "PipelineJob", "submit", "submit_prompts",
+]
+
+#: the columns of ``to_pandas()``
+COLUMNS = ("id", "prompt", "completion", "finish_reason", "prompt_tokens", "completion_tokens",
+           "time_to_first_token", "time_per_token", "error")
+
+QUEUED, RUNNING, FINISHED, CANCELLED, FAILED = "queued", "running", "finished", "cancelled", "failed"
+ENDED = (FINISHED, CANCELLED, FAILED)
+
+
+class JobCancelledError(GlinthawkError, concurrent.futures.CancelledError):
+    """The result of a cancelled generation job was asked for."""
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Where a job stands (a snapshot).
+
+    ``rows_total`` is None for pipelines: their size is known only once every shard is
+    read; ``shards_read``/``shards_total`` say how far the reading got instead.
+    """
+
+    status: str = QUEUED  # queued | running | finished | cancelled | failed
+    rows_done: int = 0  # rows finished by this job: completions and error records
+    rows_total: int | None = None
+    errors: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0  # generating (pipelines: since the engine was ready)
+    skipped: int = 0  # pipelines: rows already in the output from an earlier run
+    shards_read: int | None = None  # pipelines only
+    shards_total: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in ENDED
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Remaining time, by the share of rows done (pipelines: of shards read); None when unknown.
+
+        A pipeline that has read every shard is finishing rows whose number is unknown: None.
+        """
+        if self.done:
+            return 0.0
+        if self.rows_total is not None:
+            done, total = self.rows_done, self.rows_total
+        else:
+            done, total = self.shards_read or 0, self.shards_total or 0
+        if not done or not total or done >= total or self.seconds <= 0:
+            return None
+        return self.seconds * (total - done) / done
+
+    def rows_text(self) -> str:
+        """``3/10`` for prompt lists; ``3`` for pipelines."""
+        return f"{self.rows_done}/{self.rows_total}" if self.rows_total is not None else str(self.rows_done)
+
+
+class _Job:
+    """What both handles share: the thread, status, progress, waiting, cancelling, display."""
+
+    def __init__(self, llm: Any, progress: JobProgress) -> None:
+        self._llm = llm
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._progress = progress
+        self._value: Any = None
+        self._exception: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=f"glinthawk-{type(self).__name__}", daemon=True)
+
+    # -- the work (in the job's thread) ---------------------------------------------
+    def _start(self) -> None:
+        _live.add(self)
+        self._thread.start()
+
+    def _main(self) -> None:
+        status = FAILED
+        try:
+            with _turn(self._llm, self._cancel) as got_turn:
+                if got_turn:
+                    self._update(status=RUNNING)
+                    self._value = self._run()
+                else:  # cancelled while queued
+                    self._value = self._not_run()
+            status = CANCELLED if self._was_cancelled() else FINISHED
+        except BaseException as e:  # re-raised by result()
+            self._exception = e
+        finally:
+            self._update(status=status)
+            self._done.set()
+            _live.discard(self)
+
+    def _run(self) -> Any:
+        raise NotImplementedError
+
+    def _not_run(self) -> Any:
+        return None
+
+    def _was_cancelled(self) -> bool:
+        raise NotImplementedError
+
+    def _update(self, **changes: Any) -> None:
+        with self._lock:
+            self._progress = dataclasses.replace(self._progress, **changes)
+
+    # -- the handle -----------------------------------------------------------------
+    @property
+    def progress(self) -> JobProgress:
+        """Where the job stands now."""
+        return self._progress
+
+    @property
+    def status(self) -> str:
+        """``queued``, ``running``, ``finished``, ``cancelled`` or ``failed``."""
+        return self._progress.status
+
+    def done(self) -> bool:
+        """Whether the job has ended (finished, cancelled or failed)."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the job ends, at most ``timeout`` seconds; returns :meth:`done`."""
+        return self._done.wait(timeout)
+
+    def cancel(self) -> bool:
+        """Ask the job to stop, between two completions; returns False if it had already ended.
+
+        It does not wait: :meth:`wait` for that.
+        """
+        if self.done():
+            return False
+        self._cancel.set()
+        return True
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The exception the job failed with (None if it did not), after waiting for it to end."""
+        self._wait_or_raise(timeout)
+        return self._exception
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the job to end and return its result; the job's exception is raised again."""
+        self._wait_or_raise(timeout)
+        if self._exception is not None:
+            raise self._exception
+        return self._value
+
+    def _wait_or_raise(self, timeout: float | None) -> None:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"{self!r} is still going after {timeout} s")
+
+    def to_pandas(self) -> Any:
+        raise NotImplementedError
+
+    # -- display --------------------------------------------------------------------
+    def show_progress(self, *, block: bool = True, interval: float = 0.25) -> _Job:
+        """A live progress bar (``tqdm.auto``: a widget in Jupyter, text in a terminal)
+        until the job ends.  ``block=False`` updates it from a thread and returns at once.
+
+        Interrupting it stops the display only; the job goes on.  Returns the job.
+        """
+        from tqdm.auto import tqdm
+
+        p = self.progress
+        bar = tqdm(total=p.rows_total, desc=self._label(), unit="row", mininterval=0)
+
+        def update() -> None:
+            p = self.progress
+            bar.n = p.rows_done
+            bar.set_postfix_str(self._postfix(p), refresh=False)
+            bar.refresh()
+
+        def follow() -> None:
+            try:
+                while not self._done.wait(interval):
+                    update()
+                update()
+            finally:
+                bar.close()
+
+        if block:
+            follow()
+        else:
+            threading.Thread(target=follow, name="glinthawk-progress", daemon=True).start()
+        return self
+
+    def _label(self) -> str:
+        return type(self).__name__
+
+    def _postfix(self, p: JobProgress) -> str:
+        parts = [p.status, f"{p.tokens_per_s:.1f} tok/s", f"{p.errors} errors"]
+        if p.shards_total is not None:
+            parts.insert(1, f"shards {p.shards_read}/{p.shards_total}")
+        if p.skipped:
+            parts.append(f"{p.skipped} skipped")
+        return ", ".join(parts)
+
+    def _summary(self, p: JobProgress) -> list[tuple[str, str]]:
+        """(name, value) pairs for the reprs."""
+        eta = p.eta_seconds
+        items = [("status", p.status), ("rows", p.rows_text()), ("errors", str(p.errors)),
+                 ("tok/s", f"{p.tokens_per_s:.1f}")]
+        if p.shards_total is not None:
+            items.insert(2, ("shards", f"{p.shards_read}/{p.shards_total}"))
+        if p.skipped:
+            items.append(("skipped", str(p.skipped)))
+        if not p.done and eta is not None:
+            items.append(("ETA", f"{eta:.0f} s"))
+        if self._exception is not None:
+            items.append(("error", f"{type(self._exception).__name__}: {self._exception}"))
+        return items
+
+    def _where(self) -> list[tuple[str, str]]:
+        """Extra (name, value) pairs for the HTML table."""
+        return []
+
+    def __repr__(self) -> str:
+        items = dict(self._summary(self.progress))
+        status, rows = items.pop("status"), items.pop("rows")
+        rest = ", ".join(f"{v} {k}" if k in ("errors", "tok/s", "skipped") else f"{k} {v}" for k, v in items.items())
+        where = "".join(f" -> {v}" for _, v in self._where())
+        return f"<{self._label()} {status}: {rows} rows, {rest}{where}>"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
+                       f"{html.escape(v)}</td></tr>" for k, v in [*self._summary(self.progress), *self._where()])
+        return f"<table><caption style='text-align:left'><b>{html.escape(self._label())}</b></caption>{rows}</table>"
+
+
+class GenerationJob(_Job):
+    """Completions of a list of prompt rows, generated in the background (see :func:`submit_prompts`).
+
+    :meth:`result` gives every completion in input order; on a cancelled job it raises
+    :class:`JobCancelledError`, and :meth:`completions` gives those that finished.
+    """
+
+    def __init__(self, llm: Any, rows: list[Any], params: SamplingParams | None, chat: bool) -> None:
+        super().__init__(llm, JobProgress(rows_total=len(rows)))
+        self._rows = rows
+        self._params = params
+        self._chat = chat
+        self._completions: list[Completion | None] = [None] * len(rows)
+        self._t0 = time.perf_counter()
+
+    def _run(self) -> list[Completion]:
+        self._t0 = time.perf_counter()
+        entries = self._llm.make_requests(self._rows, self._params, chat=self._chat)
+        index = {}
+        for i, e in enumerate(entries):
+            if isinstance(e, Request):
+                index[e.id] = i
+            else:
+                self._note(i, e)  # a row that could not be processed
+        requests = itertools.takewhile(lambda _: not self._cancel.is_set(),
+                                       (e for e in entries if isinstance(e, Request)))
+        with contextlib.closing(self._llm.engine.generate(requests)) as completions:
+            for c in completions:
+                self._note(index[c.id], c)
+                if self._cancel.is_set():
+                    break
+        return self._completions  # type: ignore[return-value]  # complete unless cancelled
+
+    def _note(self, i: int, c: Completion) -> None:
+        with self._lock:
+            self._completions[i] = c
+            p = self._progress
+            self._progress = dataclasses.replace(
+                p, rows_done=p.rows_done + 1, errors=p.errors + (c.finish_reason == FINISH_ERROR),
+                generated_tokens=p.generated_tokens + len(c.completion_token_ids),
+                seconds=time.perf_counter() - self._t0,
+            )
+
+    def _was_cancelled(self) -> bool:
+        return self._cancel.is_set() and self._progress.rows_done < len(self._rows)
+
+    def result(self, timeout: float | None = None) -> list[Completion]:
+        """Every completion in input order (error rows have ``finish_reason == "error"``)."""
+        value = super().result(timeout)
+        if self.status == CANCELLED:
+            p = self.progress
+            raise JobCancelledError(f"the job was cancelled after {p.rows_done} of {p.rows_total} rows: "
+                                    "job.completions() and job.to_pandas() hold the finished ones")
+        return list(value)
+
+    def completions(self) -> list[Completion]:
+        """The completions finished so far, in input order."""
+        with self._lock:
+            return [c for c in self._completions if c is not None]
+
+    def to_pandas(self) -> Any:
+        """The completions finished so far as a DataFrame (:data:`COLUMNS`), in input order."""
+        import pandas as pd
+
+        return pd.DataFrame([_completion_row(c) for c in self.completions()], columns=list(COLUMNS))
+
+
+class PipelineJob(_Job):
+    """A pipeline run in the background (see :func:`submit`).
+
+    :meth:`result` gives the :class:`~glinthawk_dask.pipeline.run.RunReport`, with
+    ``cancelled`` set when :meth:`cancel` stopped it; :meth:`to_pandas` reads the
+    committed rows of the output.
+    """
+
+    def __init__(self, spec: PipelineSpec, llm: Any, run_kwargs: dict[str, Any]) -> None:
+        super().__init__(llm, JobProgress(shards_read=0))
+        self.spec = spec
+        self._run_kwargs = run_kwargs
+
+    @property
+    def output(self) -> str:
+        """The URL of the output."""
+        return self.spec.output.url
+
+    def _run(self) -> RunReport:
+        report = run_pipeline(self.spec, llm=self._llm, progress=self._on_progress, cancel=self._cancel,
+                              **self._run_kwargs)
+        self._on_progress(report)
+        return report
+
+    def _not_run(self) -> RunReport:
+        try:
+            rows = len(read_output(self.output, storage_options=self.spec.storage_options))
+        except OutputError:
+            rows = 0
+        return RunReport(output=self.output, rows_in_output=rows, cancelled=True)
+
+    def _on_progress(self, p: Progress) -> None:
+        self._update(rows_done=p.rows_done, errors=p.errors, skipped=p.skipped, generated_tokens=p.generated_tokens,
+                     seconds=p.seconds, shards_read=p.shards_read, shards_total=p.shards_total)
+
+    def _was_cancelled(self) -> bool:
+        return bool(self._value is not None and self._value.cancelled)
+
+    def result(self, timeout: float | None = None) -> RunReport:
+        """The run's report (``cancelled`` set if it was stopped early)."""
+        return super().result(timeout)
+
+    def to_pandas(self) -> Any:
+        """The committed rows of the output as a DataFrame (:data:`COLUMNS`), in output order."""
+        import pandas as pd
+
+        try:
+            table = read_output(self.output, storage_options=self.spec.storage_options)
+        except OutputError:
+            if self.done():
+                raise
+            return pd.DataFrame(columns=list(COLUMNS))  # not created yet
+        return table.to_pandas()[list(COLUMNS)]
+
+    def _label(self) -> str:
+        return f"PipelineJob {self.spec.name!r}"
+
+    def _where(self) -> list[tuple[str, str]]:
+        return [("output", self.output)]
+
+
+def submit(
+    spec_or_path: PipelineSpec | Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    llm: Any = None,
+    client: Any = None,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    output: str | None = None,
+) -> PipelineJob:
+    """Start a pipeline in the background and return its handle at once.
+
+    ``spec_or_path`` is a :class:`PipelineSpec`, a spec as a dict (see
+    :func:`~glinthawk_dask.pipeline.spec.parse_spec`) or the path/URL of a YAML spec;
+    mistakes in it raise here.  ``output`` replaces the spec's ``output.url``.  The other
+    arguments are those of :func:`~glinthawk_dask.pipeline.run.run_pipeline`: ``llm``
+    generates (its model must be the spec's), else a model is loaded for the run on
+    ``client``, ``scheduler`` or a local cluster as the spec's topology says.
+    """
+    if isinstance(spec_or_path, PipelineSpec):
+        spec = spec_or_path
+    elif isinstance(spec_or_path, Mapping):
+        spec = parse_spec(dict(spec_or_path))
+    else:
+        spec = load_spec(spec_or_path)
+    if output is not None:
+        spec = spec.replace(output=dataclasses.replace(spec.output, url=output))
+    if llm is not None and llm.model != spec.model:
+        raise GlinthawkError(f"the spec's model is {spec.model!r} but the LLM given runs {llm.model!r}")
+    job = PipelineJob(spec, llm, dict(client=client, scheduler=scheduler, overwrite=overwrite, force=force))
+    job._start()
+    return job
+
+
+def submit_prompts(
+    llm: Any, rows: Iterable[Any] | str, params: SamplingParams | None = None, *, chat: bool = False
+) -> GenerationJob:
+    """Start generating ``rows`` with ``llm`` in the background and return the handle at once.
+
+    Rows and arguments are those of :meth:`LLM.generate <glinthawk_dask.LLM.generate>`,
+    whose result :meth:`GenerationJob.result` equals.
+    """
+    rows = [rows] if isinstance(rows, str) else list(rows)
+    job = GenerationJob(llm, rows, params, chat)
+    job._start()
+    return job
+
+
+def _completion_row(c: Completion) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "prompt": c.prompt,
+        "completion": c.completion,
+        "finish_reason": c.finish_reason,
+        "prompt_tokens": len(c.prompt_token_ids),
+        "completion_tokens": len(c.completion_token_ids),
+        "time_to_first_token": math.nan if c.time_to_first_token is None else c.time_to_first_token,
+        "time_per_token": math.nan if c.time_per_token is None else c.time_per_token,
+        "error": c.error,
+    }
+
+
+# -- taking turns on an LLM ------------------------------------------------------------------
+
+_turns: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_turns_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _turn(llm: Any, cancel: threading.Event) -> Iterator[bool]:
+    """Hold ``llm``'s turn while the block runs: yields True, or False if ``cancel`` was
+    set while waiting for it.  No LLM (a pipeline loading its own): nothing to wait for."""
+    if llm is None:
+        yield True
+        return
+    with _turns_lock:
+        lock = _turns.setdefault(llm, threading.Lock())
+    while not lock.acquire(timeout=0.1):
+        if cancel.is_set():
+            yield False
+            return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+# -- interpreter exit --------------------------------------------------------------------------
+
+_live: weakref.WeakSet[_Job] = weakref.WeakSet()
+EXIT_WAIT_S = 60.0
+
+
+def _cancel_live_jobs() -> None:
+    """At exit, before other atexit handlers close clusters: cancel running jobs and let
+    them commit what they finished."""
+    jobs = list(_live)
+    for job in jobs:
+        job.cancel()
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for job in jobs:
+        job.wait(max(0.0, deadline - time.monotonic()))
+
+
+try:  # as concurrent.futures does: when the main thread ends, before atexit handlers (which close clusters)
+    threading._register_atexit(_cancel_live_jobs)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover
+    atexit.register(_cancel_live_jobs)

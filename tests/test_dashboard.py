@@ -18,6 +18,7 @@ from glinthawk_dask.engine.request import Request
 from glinthawk_dask.runtime import AttentionWorkerPlugin, DaskEngine, DenseWorkerPlugin, GlinthawkSchedulerPlugin
 from glinthawk_dask.runtime.compute import Timeline
 from glinthawk_dask.sampling import SamplingParams
+from helpers import count_scheduler_messages
 
 MODEL = "random:tiny-gqa"
 DENSE = ("127.0.0.1", 1, {"resources": {"GPU": 1}})
@@ -68,17 +69,7 @@ async def test_page_gets_intervals_kv_and_rates_during_a_run(c, s, a, b):
     await asyncio.sleep(0.3)
     assert metrics.n_polls == 0  # nobody looks: nothing is pulled
 
-    counts: dict[str, int] = {}  # messages the scheduler handles while the page pulls
-
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] = counts.get(name, 0) + 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    for table in (s.handlers, s.stream_handlers):
-        for name in list(table):
-            table[name] = counting(name, table[name])
+    counts = count_scheduler_messages(s)  # messages the scheduler handles while the page pulls
 
     page = GlinthawkPage(metrics)
     engine = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=4)

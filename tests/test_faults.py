@@ -83,7 +83,7 @@ async def test_duplicated_messages_change_nothing(c, s, a, b):
 
 @gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
 async def test_a_wedged_attention_worker_is_detected_and_the_run_restarts(c, s, a, b):
-    with dask.config.set({"glinthawk.engine.peer-timeout": 2.0}):
+    with dask.config.set({"glinthawk.engine.peer-timeout": 4.0}):
         engine = await _run(c, "drop")
     (rec,) = engine.last_summary.recoveries
     assert "TimeoutError" in rec["cause"] and rec["restarted_requests"] > 0

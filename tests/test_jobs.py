@@ -16,23 +16,14 @@ from glinthawk_dask.errors import GlinthawkError
 from glinthawk_dask.jobs import COLUMNS, JobCancelledError, JobProgress, submit, submit_prompts
 from glinthawk_dask.pipeline.sink import read_output
 from glinthawk_dask.pipeline.spec import SpecError
+from helpers import story_rows
 
 MODEL = "smollm2-135m-instruct"
-TOPICS = ["the sea", "a cat", "bread", "the moon", "rain", "a library", "trains", "snow", "coffee", "maps"]
 
 
 def _rows(n: int) -> list[dict]:
-    """Prompts of different lengths and budgets, so that they finish at different steps; one in seven is chat."""
-    rows = []
-    for i in range(n):
-        topic = TOPICS[i % len(TOPICS)]
-        if i % 7 == 5:
-            rows.append({"id": f"r{i}", "messages": [{"role": "user", "content": f"One fact about {topic}."}]})
-        else:
-            rows.append({"id": f"r{i}", "prompt": f"Here is a short story about {topic}" + "," * (i % 4)})
-        if i % 3 == 0:
-            rows[-1]["max_tokens"] = 2 + i % 5
-    return rows
+    """Prompts of different lengths and budgets, so that they finish at different steps."""
+    return story_rows(n, chat_every=7, commas=4, budget=(2, 5))
 
 
 ROWS = _rows(16)

@@ -24,24 +24,15 @@ from glinthawk_dask.engine.engine import EngineConfig
 from glinthawk_dask.pipeline.run import run_pipeline
 from glinthawk_dask.pipeline.sink import read_output
 from glinthawk_dask.pipeline.spec import parse_spec
+from helpers import story_rows
 
 MODEL = "smollm2-135m-instruct"
 PIPELINES = Path(__file__).parent.parent / "pipelines"
-TOPICS = ["the sea", "a cat", "bread", "the moon", "rain", "a library", "trains", "snow", "coffee", "maps"]
 
 
 def _rows(n: int) -> list[dict]:
     """Prompts of different lengths, some chat, some with their own max_tokens."""
-    rows = []
-    for i in range(n):
-        topic = TOPICS[i % len(TOPICS)]
-        if i % 4 == 3:
-            rows.append({"id": f"r{i}", "messages": [{"role": "user", "content": f"One fact about {topic}."}]})
-        else:
-            rows.append({"id": f"r{i}", "prompt": f"Here is a short story about {topic}" + "," * (i % 5)})
-        if i % 3 == 0:
-            rows[-1]["max_tokens"] = 3 + i % 7
-    return rows
+    return story_rows(n, chat_every=4, commas=5)
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:

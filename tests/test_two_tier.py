@@ -13,6 +13,7 @@ from glinthawk_dask.model import from_name, load_slice
 from glinthawk_dask.model.synthetic import SyntheticCheckpoint
 from glinthawk_dask.runtime import AttentionWorkerPlugin, DaskEngine, DenseWorkerPlugin, GlinthawkSchedulerPlugin
 from glinthawk_dask.sampling import SamplingParams
+from helpers import count_scheduler_messages
 
 MODEL = "random:tiny-gqa"
 DENSE = ("127.0.0.1", 1, {"resources": {"GPU": 1}})
@@ -104,17 +105,7 @@ async def test_tiers_busy_at_once(c, s, a, b):
 @gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
 async def test_scheduler_messages_do_not_grow_with_tokens(c, s, a, b):
     await _setup(c)
-    counts: dict[str, int] = {}
-
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] = counts.get(name, 0) + 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    for table in (s.handlers, s.stream_handlers):
-        for name in list(table):
-            table[name] = counting(name, table[name])
+    counts = count_scheduler_messages(s)
 
     async def scheduler_messages(max_tokens):
         counts.clear()

@@ -1,0 +1,38 @@
+"""Small helpers shared by test modules."""
+
+from __future__ import annotations
+
+TOPICS = ["the sea", "a cat", "bread", "the moon", "rain", "a library", "trains", "snow", "coffee", "maps"]
+
+
+def story_rows(n: int, *, chat_every: int, commas: int, budget_every: int = 3,
+               budget: tuple[int, int] = (3, 7)) -> list[dict]:
+    """Prompt rows of different lengths (``commas`` varies them), every ``chat_every``-th
+    a chat row, every ``budget_every``-th with its own ``max_tokens`` (so that rows finish
+    at different steps)."""
+    rows = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        if i % chat_every == chat_every - 1:
+            rows.append({"id": f"r{i}", "messages": [{"role": "user", "content": f"One fact about {topic}."}]})
+        else:
+            rows.append({"id": f"r{i}", "prompt": f"Here is a short story about {topic}" + "," * (i % commas)})
+        if i % budget_every == 0:
+            rows[-1]["max_tokens"] = budget[0] + i % budget[1]
+    return rows
+
+
+def count_scheduler_messages(scheduler) -> dict[str, int]:
+    """Count, by handler name, the messages ``scheduler`` handles from now on."""
+    counts: dict[str, int] = {}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for table in (scheduler.handlers, scheduler.stream_handlers):
+        for name in list(table):
+            table[name] = counting(name, table[name])
+    return counts

@@ -1,0 +1,214 @@
+"""``glinthawk generate`` (prompts in, JSONL out) and ``glinthawk bench`` (a throughput number)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, BinaryIO, Iterator, TextIO
+
+import click
+
+from ..errors import GlinthawkError
+from ._group import main
+from .options import parse_micro_batches, security_from, tls_client, tls_options, user_errors
+
+
+@main.command()
+@click.argument("prompt_args", nargs=-1, metavar="[PROMPT]...")
+@click.option("--model", "-m", default="smollm2-135m-instruct", show_default=True,
+              help="Preset name, GGUF file, Hugging Face directory, or random:<preset>.")
+@click.option("--input", "-i", "input_path", type=click.File("rb"),
+              help='JSONL prompts: {"prompt": ...} or {"messages": [...]} per line; - for stdin '
+                   '[default: stdin when no prompt is given and stdin is not a terminal].')
+@click.option("--prompt", "-p", "prompts", multiple=True, help="A prompt (repeatable).")
+@click.option("--output", "-o", type=click.File("w", encoding="utf-8"), default="-",
+              help="Where to write JSONL completions [default: stdout].")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 disables top-k.")
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed of every sampled request.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--chat", is_flag=True, help="Apply the model's chat template to prompts.")
+@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "in-process"]), default=None,
+              help="Where the model runs [default: two-tier, from glinthawk.engine.mode].")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Dask scheduler of a running cluster [default: start a local one].")
+@click.option("--micro-batch-size", type=int, default=None, help="Slots per micro-batch [default: 32].")
+@click.option("--micro-batches", default=None, metavar="N|auto",
+              help="Micro-batches in flight per dense worker [default: auto; 1 in-process].")
+@click.option("--slices", type=int, default=None, help="Dense workers to split the layers over.")
+@click.option("--latency", type=float, default=None, help="Seconds added to every inter-tier message.")
+@click.option("--device", default=None, help="cpu, cuda, ... [default: cuda if available]")
+@click.option("--dtype", default=None, help="float32, bfloat16, float16 [default: by device]")
+@tls_options("client")
+@user_errors
+def generate(
+    prompt_args: tuple[str, ...], model: str, input_path: BinaryIO | None, prompts: tuple[str, ...],
+    output: TextIO, max_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float,
+    seed: int | None, stop: tuple[str, ...], chat: bool, mode: str | None, scheduler: str | None,
+    micro_batch_size: int | None, micro_batches: str | None, slices: int | None,
+    latency: float | None, device: str | None, dtype: str | None,
+    tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None,
+) -> None:
+    """Complete prompts and write one JSON line per prompt.
+
+    Prompts are the PROMPT arguments, --prompt options and the lines of --input; with
+    none of them, JSONL lines are read from stdin (when it is not a terminal).  Each
+    output line has id, prompt, completion, completion_token_ids (without the EOS that
+    ended it), finish_reason ("stop", "length" or "error") and token counts.
+    """
+    from .. import config
+    from ..api import LLM
+    from ..engine.engine import EngineConfig
+    from ..errors import InvalidRequestError
+    from ..sampling import SamplingParams
+
+    prompts = prompt_args + prompts
+    no_prompts = "give prompts as arguments, with --prompt TEXT or with --input FILE (JSONL)"
+    if input_path is None and not prompts:
+        stdin = sys.stdin.buffer
+        if stdin.isatty():
+            raise click.UsageError(no_prompts)
+        input_path = stdin
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, min_p=min_p, seed=seed, stop=stop)
+        n_mb = parse_micro_batches(micro_batches)
+        mb_size = micro_batch_size or (64 if mode == "in-process" else config.get("engine.micro-batch-size"))
+        engine_config = EngineConfig(
+            micro_batch_size=mb_size, n_micro_batches=n_mb if isinstance(n_mb, int) else 1,
+            max_step_tokens=max(config.get("engine.max-step-tokens"), mb_size),
+        )
+    except (InvalidRequestError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    rows: list[Any] = [{"prompt": p} for p in prompts]
+    if input_path is not None:
+        rows.extend(read_rows(input_path, getattr(input_path, "name", "<stdin>")))
+    if not rows:
+        raise click.UsageError(f"no prompts: {no_prompts}")
+    security = security_from("client", tls_ca_file, tls_cert, tls_key)
+
+    t0 = time.perf_counter()
+    with tls_client(scheduler, security) as client, LLM(
+        model, mode=mode, scheduler=scheduler, client=client, device=device, dtype=dtype,
+        engine_config=engine_config, n_micro_batches=n_mb, n_slices=slices, latency=latency,
+    ) as llm:
+        if llm.dashboard_link:
+            click.echo(f"dask dashboard: {llm.dashboard_link} (glinthawk page: {llm.dashboard_page})", err=True)
+        t_load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_tokens = n_errors = 0
+        results = llm.generate(rows, params, chat=chat)
+        elapsed = time.perf_counter() - t0
+    for c in results:
+        output.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
+        n_tokens += len(c.completion_token_ids)
+        n_errors += c.error is not None
+    output.flush()
+    click.echo(
+        f"{len(results)} rows, {n_errors} errors, {n_tokens} tokens generated in {elapsed:.1f} s "
+        f"({n_tokens / max(elapsed, 1e-9):.1f} tok/s; model loaded in {t_load:.1f} s)",
+        err=True,
+    )
+    if n_errors:
+        click.echo(f"{n_errors} rows failed: see their \"error\" field", err=True)
+
+
+# -- a throughput number -------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--model", "-m", default="smollm2-135m-instruct", show_default=True,
+              help="Preset name, GGUF file, Hugging Face directory, or random:<preset>.")
+@click.option("--prompts", "n_prompts", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Synthetic prompts to complete.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens of every prompt (random ids, seeded).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens generated for every prompt (EOS ignored).")
+@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "in-process"]), default=None,
+              help="Where the model runs [default: two-tier, from glinthawk.engine.mode].")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Dask scheduler of a running cluster [default: start a local one].")
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="Slots per micro-batch.")
+@click.option("--micro-batches", default=None, metavar="N|auto", help="Micro-batches in flight per dense worker.")
+@click.option("--device", default=None, help="cpu, cuda, ... [default: cuda if available]")
+@click.option("--dtype", default=None, help="float32, bfloat16, float16 [default: by device]")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
+@tls_options("client")
+@user_errors
+def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode: str | None,
+          scheduler: str | None, micro_batch_size: int | None, micro_batches: str | None, device: str | None,
+          dtype: str | None, as_json: bool, tls_ca_file: str | None, tls_cert: str | None,
+          tls_key: str | None) -> None:
+    """Generation throughput: N synthetic prompts, greedy, a fixed number of new tokens each.
+
+    The model is loaded and warmed up on one short prompt first; only the timed
+    generate call counts (prefill included).  benchmarks/ has the fuller scripts.
+    """
+    import random
+
+    from .. import config
+    from ..api import LLM
+    from ..engine.engine import EngineConfig
+    from ..model.resolve import resolve_checkpoint
+    from ..sampling import SamplingParams
+
+    model_config = resolve_checkpoint(model).config
+    if prompt_tokens + max_tokens > model_config.max_seq_len:
+        raise GlinthawkError(f"--prompt-tokens + --max-tokens = {prompt_tokens + max_tokens} is beyond the "
+                             f"model's context of {model_config.max_seq_len}")
+    rng = random.Random(0)
+    rows = [{"id": f"bench-{i}",
+             "prompt_token_ids": [rng.randrange(1, model_config.vocab_size) for _ in range(prompt_tokens)]}
+            for i in range(n_prompts)]
+    n_mb = parse_micro_batches(micro_batches)
+    in_process = (mode or config.get("engine.mode")) == "in-process"
+    mb_size = micro_batch_size or (64 if in_process else config.get("engine.micro-batch-size"))
+    engine_config = EngineConfig(micro_batch_size=mb_size, n_micro_batches=n_mb if isinstance(n_mb, int) else 1,
+                                 max_step_tokens=max(config.get("engine.max-step-tokens"), mb_size))
+    security = security_from("client", tls_ca_file, tls_cert, tls_key)
+    t0 = time.perf_counter()
+    with tls_client(scheduler, security) as client, LLM(
+        model, mode=mode, scheduler=scheduler, client=client, device=device, dtype=dtype,
+        engine_config=engine_config, n_micro_batches=n_mb,
+    ) as llm:
+        llm.generate(rows[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up: weights, kernels
+        t_load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = llm.generate(rows, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        elapsed = time.perf_counter() - t0
+        where = llm.mode if llm.client is None else f"{llm.mode} on {llm.client.scheduler.address}"
+    failed = [c for c in results if c.error is not None]
+    if failed:
+        raise GlinthawkError(f"{len(failed)} of {len(results)} prompts failed, e.g. {failed[0].error}")
+    generated = sum(len(c.completion_token_ids) for c in results)
+    numbers = {
+        "model": model, "mode": llm.mode, "prompts": n_prompts, "prompt_tokens": prompt_tokens,
+        "max_tokens": max_tokens, "micro_batch_size": mb_size, "generated_tokens": generated,
+        "seconds": elapsed, "tokens_per_s": generated / elapsed, "load_seconds": t_load,
+    }
+    if as_json:
+        click.echo(json.dumps(numbers))
+        return
+    click.echo(f"{model}, {where}: {n_prompts} prompts x ({prompt_tokens} prompt + {max_tokens} new) tokens: "
+               f"{generated} tokens in {elapsed:.2f} s = {generated / elapsed:.1f} tok/s "
+               f"(load and warm-up {t_load:.1f} s)")
+
+
+def read_rows(stream: BinaryIO, name: str) -> Iterator[Any]:
+    """Rows of a JSONL stream; a line that is not UTF-8 JSON becomes an error record."""
+    from ..prompts import UndecodableRow
+
+    for lineno, raw in enumerate(stream, 1):
+        if not raw.strip():
+            continue
+        try:
+            yield json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield UndecodableRow(f"line-{lineno}", f"{name} line {lineno}: not UTF-8 ({e.reason})")
+        except json.JSONDecodeError as e:
+            yield UndecodableRow(f"line-{lineno}", f"{name} line {lineno}: not valid JSON ({e.msg})")

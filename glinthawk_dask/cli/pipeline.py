@@ -1,0 +1,168 @@
+"""``glinthawk run``, ``export`` and ``inspect``: dataset pipelines and their Zarr output."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+from ._group import main
+from .options import security_from, tls_client, tls_options, user_errors
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Dask scheduler of a running cluster [default: start a local one].")
+@click.option("--output", "output_url", default=None, metavar="URL",
+              help="Write here instead of the spec's output.url.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing output and start over.")
+@click.option("--force", is_flag=True, help="Continue an output started by a different spec or model.")
+@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "in-process"]), default=None,
+              help="Override topology.mode.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
+@tls_options("client")
+@user_errors
+def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite: bool, force: bool,
+        mode: str | None, quiet: bool, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
+    """Run the pipeline SPEC (a YAML file): read its prompts, generate, commit to Zarr.
+
+    Rerunning the same spec resumes: rows already in the output are skipped.
+    """
+    import dataclasses
+
+    from ..pipeline.run import run_pipeline
+    from ..pipeline.spec import load_spec
+
+    spec = load_spec(spec_path)
+    if output_url:
+        spec = spec.replace(output=dataclasses.replace(spec.output, url=output_url))
+    if mode:
+        spec = spec.replace(topology=dataclasses.replace(spec.topology, mode=mode))
+    show = None if quiet else _ProgressLine()
+    security = security_from("client", tls_ca_file, tls_cert, tls_key)
+    with tls_client(scheduler, security) as client:
+        report = run_pipeline(spec, scheduler=scheduler, client=client, overwrite=overwrite, force=force,
+                              progress=show)
+    if show is not None and show.shown:
+        click.echo("", err=True)
+    click.echo(
+        f"{spec.name}: {report.rows_done} rows written ({report.errors} errors, {report.skipped} already done), "
+        f"{report.generated_tokens} tokens in {report.seconds:.1f} s ({report.tokens_per_s:.1f} tok/s; "
+        f"started in {report.startup_seconds:.1f} s); {report.rows_in_output} rows in {report.output}",
+        err=True,
+    )
+    for line in report.error_examples:
+        click.echo(f"  error {line}", err=True)
+
+
+class _ProgressLine:
+    """Rows, errors, tokens/s and ETA on stderr: one line rewritten in place on a
+    terminal (at most 4 times a second), a new line every 10 s otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.every = 0.25 if self.tty else 10.0
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, p: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        eta = "" if p.eta_seconds is None else f", ETA {p.eta_seconds:.0f} s"
+        text = (f"{p.rows_done} rows, {p.errors} errors, {p.tokens_per_s:.1f} tok/s, "
+                f"shards {p.shards_read}/{p.shards_total}{eta}")
+        click.echo(f"\r{text}   " if self.tty else text, err=True, nl=not self.tty)
+        self.shown = self.tty
+
+
+@main.command()
+@click.argument("output_url", metavar="OUT")
+@click.option("--to", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True)
+@click.option("--dest", "-o", default=None, metavar="URL",
+              help="Where to write [default: OUT with the extension of the format].")
+@user_errors
+def export(output_url: str, fmt: str, dest: str | None) -> None:
+    """Convert the Zarr output OUT of a pipeline to JSONL or Parquet."""
+    from ..pipeline.export import export_output
+
+    if dest is None:
+        dest = output_url.rstrip("/").removesuffix(".zarr") + "." + fmt
+    n = export_output(output_url, dest, to=fmt)
+    click.echo(f"{n} rows written to {dest}", err=True)
+
+
+# -- inspecting an output ----------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("output_url", metavar="OUT")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@user_errors
+def inspect(output_url: str, as_json: bool) -> None:
+    """Summarize the Zarr output OUT of a pipeline: rows, errors, tokens, timings, provenance."""
+    from ..pipeline.sink import read_output
+
+    info = _output_info(read_output(output_url))
+    if as_json:
+        click.echo(json.dumps(info, indent=2, ensure_ascii=False))
+        return
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(info["finish_reasons"].items())) or "none"
+    throughput = ("unknown (too short)" if info["tokens_per_s"] is None else
+                  f"{info['tokens_per_s']:.1f} completion tokens/s over {info['seconds']:.0f} s "
+                  "(created to last commit, pauses between resumed runs included)")
+    lines = [
+        info["url"],
+        f"  spec         {info['spec_name']} (fingerprint {info['fingerprint']})",
+        f"  model        {info['model']}",
+        f"  written by   glinthawk-dask {info['version']}, output format {info['format']}",
+        f"  created      {info['created']}, last commit {info['updated']}",
+        f"  rows         {info['rows']} ({info['errors']} errors)",
+        f"  finished     {reasons}",
+        f"  tokens       {info['prompt_tokens']} prompt, {info['completion_tokens']} completion",
+        (f"  latency      {_duration(info['mean_time_to_first_token'])} to the first token, "
+         f"{_duration(info['mean_time_per_token'])} per token (means)"),
+        f"  throughput   {throughput}",
+    ]
+    lines += [f"  error        {e}" for e in info["error_examples"]]
+    click.echo("\n".join(lines))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1000:.3g} ms"
+
+
+def _output_info(table: Any) -> dict[str, Any]:
+    """``OutputTable.summary()`` with the provenance, error examples and lifetime throughput."""
+    from datetime import datetime
+
+    attrs = table.attrs
+    info: dict[str, Any] = {
+        "url": table.url, "model": attrs.get("model"), "spec_name": (attrs.get("spec") or {}).get("name"),
+        "fingerprint": attrs.get("fingerprint"), "version": attrs.get("version"), "format": attrs.get("format"),
+        "created": attrs.get("created"), "updated": attrs.get("updated"), "sampling": attrs.get("sampling"),
+        **table.summary(),
+    }
+    examples: list[str] = []
+    if info["errors"]:
+        for batch in table.batches():
+            for rid, reason, error in zip(batch["id"], batch["finish_reason"], batch["error"]):
+                if str(reason) == "error" and len(examples) < 5:
+                    examples.append(f"{rid}: {error}")
+            if len(examples) >= 5:
+                break
+    info["error_examples"] = examples
+    try:
+        seconds = (datetime.fromisoformat(info["updated"]) - datetime.fromisoformat(info["created"])).total_seconds()
+    except (TypeError, ValueError):
+        seconds = None
+    info["seconds"] = seconds
+    info["tokens_per_s"] = info["completion_tokens"] / seconds if seconds else None
+    return info

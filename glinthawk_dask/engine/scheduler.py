@@ -43,6 +43,7 @@ class Sequence:
     text: str = ""  # completion text so far (only tracked with stop strings)
     t_arrival: float = 0.0  # time.perf_counter() when the request was queued
     t_first: float | None = None  # ... when its first token was sampled
+    readmit: bool = False  # its KV was lost: admit it again with the next step
 
     @property
     def id(self) -> str:
@@ -141,6 +142,17 @@ class BatchScheduler:
     def n_running(self) -> int:
         return sum(len(r) for r in self.running)
 
+    def rebuild(self, mb: int) -> int:
+        """Forget the KV of micro-batch ``mb``'s sequences (a lost cache): their next
+        steps prefill their tokens so far again, and the first re-admits them.
+        Returns the number of tokens to rebuild."""
+        n = 0
+        for seq in self.running[mb].values():
+            seq.n_cached = 0
+            seq.readmit = True
+            n += len(seq.token_ids)
+        return n
+
     def n_tokens_in_flight(self) -> int:
         """Tokens (prompt + generated) of the running sequences: the KV a lost cache held."""
         return sum(len(s.token_ids) for r in self.running for s in r.values())
@@ -166,7 +178,10 @@ class BatchScheduler:
 
     def schedule(self, mb: int) -> Step | None:
         """Admit into micro-batch ``mb`` and plan its next step (None if it is idle)."""
-        admitted = self._admit(mb)
+        readmitted = [s for s in self.running[mb].values() if s.readmit]
+        for s in readmitted:
+            s.readmit = False
+        admitted = readmitted + self._admit(mb)
         seqs = sorted(self.running[mb].values(), key=lambda s: s.slot)
         step = Step(mb, [], [], [], [], [], [], admitted)
         budget = self.max_step_tokens

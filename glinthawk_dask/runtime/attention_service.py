@@ -86,7 +86,9 @@ class AttentionService:
         return self.info(run_id)
 
     def close_run(self, run_id: str) -> None:
-        self.runs.pop(run_id, None)
+        """Free the run's KV caches (also those opened for micro-batches moved here)."""
+        for key in [k for k in self.runs if k == run_id or k.startswith(run_id + "/")]:
+            self.runs.pop(key, None)
 
     def used_bytes(self) -> int:
         return sum(r.cache.capacity_bytes for r in self.runs.values())

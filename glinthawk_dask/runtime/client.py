@@ -233,6 +233,7 @@ class DaskEngine:
                 "slot_base": plan["slot_base"][s] if plan["slot_base"] else [],
                 "latency": self.latency, "engine": {"max_step_tokens": self.max_step_tokens},
                 "peer_timeout": float(config.get("engine.peer-timeout")),
+                "slice_index": s, "dense": plan["dense"], "slices": plan["slices"],
             }
             opens.append(self._rpc(plan["dense"][s], "glinthawk_slice_open", run_id=run_id, spec=spec))
         await asyncio.gather(*opens)
@@ -265,8 +266,8 @@ class DaskEngine:
                 delay = min(2 * delay, 5.0)
         rebuilt = lost_tokens if lost_tokens is not None else sum(len(r.prompt_token_ids) for r in pending)
         run["recoveries"].append({
-            "cause": f"{type(error).__name__}: {error}", "old_run": run["id"], "new_run": new["id"],
-            "restarted_requests": len(pending), "rebuilt_tokens": int(rebuilt),
+            "kind": "restarted run", "cause": f"{type(error).__name__}: {error}", "old_run": run["id"],
+            "new_run": new["id"], "requests": len(pending), "rebuilt_tokens": int(rebuilt),
             "rebuilt_tokens_exact": lost_tokens is not None, "seconds": time.time() - t0,
         })
         run.update(id=new["id"], plan=new["plan"], status="running")
@@ -295,6 +296,7 @@ class DaskEngine:
                 raise WorkerFailure(f"run {run['id']}: {reply['error']}")
             raise GlinthawkError(f"run {run['id']} failed: {reply['error']}")
         run["stats"] = {k: reply[k] for k in ("n_steps", "n_tokens")}
+        run["recoveries"].extend(_lists(reply.get("moves", [])))
         out = []
         for d in reply["completions"]:
             c = Completion(**d)
@@ -314,9 +316,9 @@ class DaskEngine:
         plan, run_id = run["plan"], run["id"]
         timeout = float(config.get("engine.peer-timeout"))
         closes = [self._rpc(a, "glinthawk_slice_close", run_id=run_id) for a in plan["dense"]]
-        if plan["mode"] == "two-tier":
-            closes += [self._rpc(a, "glinthawk_kv_close", run_id=run_id)
-                       for s in range(len(plan["slices"])) for a in plan["n_slots"][s]]
+        if plan["mode"] == "two-tier":  # every attention worker: micro-batches may have moved anywhere
+            reg = await self.client.scheduler.glinthawk_registry()
+            closes += [self._rpc(a, "glinthawk_kv_close", run_id=run_id) for a in reg["attention"]]
         await asyncio.gather(*(asyncio.wait_for(c, timeout) for c in closes), return_exceptions=True)
         await self.client.scheduler.glinthawk_run_closed(run_id=run_id)
 

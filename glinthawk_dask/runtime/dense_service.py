@@ -28,7 +28,7 @@ from ..model.weights import SliceWeights, load_slice
 from ..sampling import SamplingParams, make_generator, sample
 from ..tokenizer import Tokenizer
 from .compute import ComputeStream
-from .faults import StaleRunError
+from .faults import AttentionLost, StaleRunError
 from .messages import DTYPES, pack, unpack
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ class SliceSpec:
     slot_base: list[int] = field(default_factory=list)  # first local KV slot of each micro-batch
     latency: float = 0.0  # induced delay of every inter-tier message, seconds
     peer_timeout: float = 60.0  # a peer that does not answer within this is treated as lost
+    slice_index: int = 0
+    dense: list[str] = field(default_factory=list)  # every slice's dense worker (the driver reroutes)
+    slices: list[list[int]] = field(default_factory=list)  # every slice's [start, stop) layers
     engine: dict = field(default_factory=dict)  # first slice: scheduler settings
 
 
@@ -76,6 +79,10 @@ class SliceRun:
             )
         elif len(spec.attention) != spec.n_micro_batches:
             raise ValueError("two-tier mode needs an attention worker for every micro-batch")
+        # the KV cache of each micro-batch on its attention worker: the run's own, or one
+        # opened for it alone after it moved (see reroute)
+        self.kv_runs = [spec.run_id] * spec.n_micro_batches
+        spec.attention, spec.slot_base = list(spec.attention), list(spec.slot_base)  # msgpack gives tuples
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator | None] = {}
         self.driver: Any = None  # set on the first slice
@@ -107,6 +114,8 @@ class SliceRun:
             self.params.pop(seq_id, None)
             self.generators.pop(seq_id, None)
         for seq_id, _, params in msg["admitted"]:
+            if seq_id in self.params:  # re-admitted to rebuild its KV: its generator goes on
+                continue
             p = SamplingParams.from_dict(params)
             self.params[seq_id] = p
             self.generators[seq_id] = None if p.is_greedy else make_generator(p.seed)
@@ -186,23 +195,36 @@ class SliceRun:
     async def _attend(self, address, msg, layer, q, k, v, layout) -> torch.Tensor:
         if self.spec.latency:
             await asyncio.sleep(self.spec.latency)
-        reply = await asyncio.wait_for(
-            self.service.worker.rpc(address).glinthawk_attend(
-                run_id=self.spec.run_id, micro_batch=msg["mb"], step=msg["step"], layer=layer,
-                q=pack(q), k=pack(k), v=pack(v), layout=layout,
-            ),
-            self.spec.peer_timeout,
-        )
-        if not isinstance(reply, dict) or "o" not in reply:  # refused, or a worker shutting down
-            raise StaleRunError(reply.get("stale") if isinstance(reply, dict) else f"{address} did not attend")
+        mb = msg["mb"]
+        try:
+            reply = await asyncio.wait_for(
+                self.service.worker.rpc(address).glinthawk_attend(
+                    run_id=self.kv_runs[mb], micro_batch=mb, step=msg["step"], layer=layer,
+                    q=pack(q), k=pack(k), v=pack(v), layout=layout,
+                ),
+                self.spec.peer_timeout,
+            )
+            if not isinstance(reply, dict) or "o" not in reply:  # refused, or a worker shutting down
+                raise StaleRunError(reply.get("stale") if isinstance(reply, dict) else f"{address} did not attend")
+        except (OSError, asyncio.TimeoutError, StaleRunError) as e:
+            raise AttentionLost(address, self.spec.slice_index, mb, f"{type(e).__name__}: {e}") from None
         return unpack(reply["o"], self.device).to(self.weights.dtype)
 
+    def reroute(self, mb: int, address: str, kv_run: str) -> None:
+        """Send micro-batch ``mb``'s attention to ``address``, to the cache ``kv_run``
+        that holds its slots alone (from 0)."""
+        self.spec.attention[mb] = address
+        self.spec.slot_base[mb] = 0
+        self.kv_runs[mb] = kv_run
+
     async def _forward_next(self, msg: dict, x: torch.Tensor) -> list[int]:
+        # the next slices may each wait a peer timeout before they report a lost attention worker
+        downstream = max(1, len(self.spec.slices) - self.spec.slice_index - 1)
         reply = await asyncio.wait_for(
             self.service.worker.rpc(self.spec.next_address).glinthawk_forward(
                 run_id=self.spec.run_id, msg=msg, x=pack(x)
             ),
-            self.spec.peer_timeout,
+            self.spec.peer_timeout * (downstream + 1),
         )
         return reply["tokens"]
 
@@ -225,6 +247,7 @@ class DenseService:
             "glinthawk_submit": self.submit,
             "glinthawk_results": self.results,
             "glinthawk_calibrate": self.calibrate,
+            "glinthawk_slice_reroute": self.reroute,
         }
 
     def _load(self, spec: SliceSpec) -> SliceWeights:
@@ -268,6 +291,10 @@ class DenseService:
         if run is None:
             raise StaleRunError(f"glinthawk run {run_id!r} is not open on {self.worker.address}")
         return run
+
+    def reroute(self, run_id: str, micro_batch: int, address: str, kv_run: str) -> None:
+        """A micro-batch of a run moved to another attention worker (see SliceRun.reroute)."""
+        self._run(run_id).reroute(micro_batch, address, kv_run)
 
     async def forward(self, run_id: str, msg: dict, x: dict) -> dict:
         """From the previous slice: hidden states [T, dim] of a micro-batch step."""

@@ -19,7 +19,8 @@ from ..engine.request import Request
 from ..engine.scheduler import BatchScheduler
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
-from .faults import is_worker_failure
+from .. import config
+from .faults import AttentionLost, WorkerFailure, is_worker_failure
 
 if TYPE_CHECKING:
     from .dense_service import SliceRun
@@ -57,6 +58,8 @@ class RunDriver:
         self._arrived = asyncio.Event()
         self._released: list[list[str]] = [[] for _ in range(spec.n_micro_batches)]
         self._step_no = [0] * spec.n_micro_batches
+        self._moves: list[dict] = []  # micro-batches moved to another attention worker, not yet reported
+        self._n_moves = 0
         self._closed = False
         self._tasks: list[asyncio.Task] = []
 
@@ -88,6 +91,7 @@ class RunDriver:
         self._results_ready.clear()
         return {
             "completions": out,
+            "moves": self._take_moves(),
             "error": self.error,
             "worker_failure": self.worker_failure,
             "in_flight_tokens": self.sched.n_tokens_in_flight() if self.error else 0,
@@ -122,6 +126,11 @@ class RunDriver:
                 self.n_in_flight += 1
                 try:
                     tokens = await self.run.run_step(msg)
+                except AttentionLost as lost:
+                    if self.run.spec.mode != "two-tier":
+                        raise
+                    await self._move(lost, msg)
+                    continue
                 finally:
                     self.n_in_flight -= 1
                 self.n_steps += 1
@@ -143,6 +152,59 @@ class RunDriver:
                 self.error = f"{type(e).__name__}: {e}"
                 self.worker_failure = is_worker_failure(e)
             self._results_ready.set()
+
+    # -- attention worker lost -----------------------------------------------------
+    async def _move(self, lost: AttentionLost, msg: dict) -> None:
+        """Give micro-batch ``msg["mb"]`` of the lost worker's slice a KV cache on another
+        attention worker (waiting for one if there is none) and rebuild its sequences'
+        KV there; the other micro-batches go on meanwhile."""
+        mb, spec, t0 = msg["mb"], self.run.spec, time.time()
+        logger.warning("glinthawk run %s: %s; moving micro-batch %d", spec.run_id, lost, mb)
+        worker = self.run.service.worker
+        a, b = spec.slices[lost.slice_index]
+        self._n_moves += 1
+        kv_run = f"{spec.run_id}/mb{mb}-{self._n_moves}"
+        deadline = t0 + float(config.get("engine.recovery-timeout"))
+        delay = 0.2
+        while True:
+            reply = await worker.scheduler.glinthawk_replace(
+                run_id=spec.run_id, lost=lost.address, slice_index=lost.slice_index, n_slots=spec.micro_batch_size,
+                n_layers=b - a, max_seq_len=spec.max_seq_len,
+            )
+            if "address" in reply:
+                address = reply["address"]
+                try:
+                    await asyncio.wait_for(worker.rpc(address).glinthawk_kv_open(
+                        run_id=kv_run, config=dataclasses.asdict(self.run.config), layer_start=a, layer_stop=b,
+                        n_slots=spec.micro_batch_size, max_seq_len=spec.max_seq_len, dtype=spec.dtype,
+                        latency=spec.latency,
+                    ), spec.peer_timeout)
+                    break
+                except Exception as e:
+                    if not is_worker_failure(e):
+                        raise
+                    reply = {"error": f"{address}: {e}"}
+            if time.time() > deadline:
+                raise WorkerFailure(f"no attention worker could take micro-batch {mb}: {reply['error']}")
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 5.0)
+        if lost.slice_index == 0:
+            self.run.reroute(mb, address, kv_run)
+        else:
+            await worker.rpc(spec.dense[lost.slice_index]).glinthawk_slice_reroute(
+                run_id=spec.run_id, micro_batch=mb, address=address, kv_run=kv_run)
+        # releases of the failed step may not have reached every slice: send them again
+        self._released[mb] = list(msg["released"]) + self._released[mb]
+        rebuilt = self.sched.rebuild(mb)
+        self._moves.append({
+            "kind": "moved micro-batch", "cause": str(lost), "micro_batch": mb, "to": address,
+            "requests": len(self.sched.running[mb]), "rebuilt_tokens": rebuilt, "rebuilt_tokens_exact": True,
+            "seconds": time.time() - t0,
+        })
+
+    def _take_moves(self) -> list[dict]:
+        out, self._moves = self._moves, []
+        return out
 
     async def close(self) -> None:
         self._closed = True

@@ -1,6 +1,13 @@
 """What counts as a lost worker, and the errors that say so.
 
-A run survives the loss of any of its workers by starting over as a new *epoch*: a new
+When an attention worker is lost and the driver (the first dense worker) is not, only
+the micro-batches it served move: each gets a KV cache on another attention worker
+and its sequences rebuild their KV there from their tokens so far (prompt and
+generated), through the prefill path; the other micro-batches go on.  Sampling
+generators live on the last dense slice and are not touched, so outputs are those of
+an uninterrupted run.
+
+A run survives the loss of any other worker by starting over as a new *epoch*: a new
 run id, placed on the workers that are left (or that join), with every request that
 had not finished resubmitted.  A request's KV is rebuilt from its tokens by the same
 prefill path that built it, and its sampling generator restarts from its seed, so
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["StaleRunError", "WorkerFailure", "is_worker_failure"]
+__all__ = ["AttentionLost", "StaleRunError", "WorkerFailure", "is_worker_failure"]
 
 
 class StaleRunError(RuntimeError):
@@ -23,6 +30,18 @@ class StaleRunError(RuntimeError):
 
 class WorkerFailure(RuntimeError):
     """A run failed because a worker of it was lost or stopped answering."""
+
+
+class AttentionLost(WorkerFailure):
+    """The attention worker of one micro-batch of one slice did not answer: only that
+    micro-batch moves to another attention worker and rebuilds its KV there."""
+
+    def __init__(self, address: str, slice_index: int, micro_batch: int, cause: str) -> None:
+        super().__init__(address, slice_index, micro_batch, cause)
+        self.address, self.slice_index, self.micro_batch, self.cause = address, slice_index, micro_batch, cause
+
+    def __str__(self) -> str:
+        return f"attention worker {self.address} (slice {self.slice_index}, micro-batch {self.micro_batch}): {self.cause}"
 
 
 def is_worker_failure(error: BaseException) -> bool:

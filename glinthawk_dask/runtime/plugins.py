@@ -142,6 +142,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["glinthawk_plan"] = self.plan
         scheduler.handlers["glinthawk_run_closed"] = self.run_closed
         scheduler.handlers["glinthawk_registry"] = self.registry
+        scheduler.handlers["glinthawk_replace"] = self.replace
         self.metrics = dashboard.PipelineMetrics(scheduler, lambda: self.tiers)
         scheduler.handlers["glinthawk_progress"] = self.metrics.report_progress
         self._page = dashboard.install_page(scheduler)
@@ -217,8 +218,32 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
             for addr, slots in (plan.n_slots[s].items() if plan.n_slots else []):
                 kv[addr] = kv.get(addr, 0) + slots * (b - a) * kv_bytes_per_token_layer * max_seq_len
         workers = set(plan.dense) | set(kv)
-        self.runs[run_id] = {"kv": kv, "workers": workers, "lost": [], "plan": plan.to_dict()}
+        self.runs[run_id] = {"kv": kv, "workers": workers, "lost": [],
+                             "plan": {**plan.to_dict(), "kv_bytes_per_token_layer": kv_bytes_per_token_layer}}
         return {"plan": plan.to_dict()}
+
+    def replace(self, run_id: str, lost: str, slice_index: int, n_slots: int, n_layers: int,
+                max_seq_len: int) -> dict:
+        """An attention worker for a micro-batch of ``run_id`` whose worker ``lost`` did not
+        answer: the live one with the most free KV that fits it (KV reserved), or an error
+        saying why there is none."""
+        run = self.runs.get(run_id)
+        if run is None:
+            return {"error": f"run {run_id} is not placed"}
+        if lost not in run["lost"]:
+            run["lost"].append(lost)
+        plan = run["plan"]
+        per_token_layer = plan.get("kv_bytes_per_token_layer", 0)
+        need = n_slots * n_layers * per_token_layer * max_seq_len
+        free = {a: self._kv_free(a) for a in self.registry()["attention"] if a not in run["lost"]}
+        fits = [a for a, f in free.items() if f >= need]
+        if not fits:
+            what = "no attention worker is left" if not free else f"none has {need / 2**20:.0f} MiB of KV free"
+            return {"error": what}
+        addr = max(fits, key=free.__getitem__)
+        run["kv"][addr] = run["kv"].get(addr, 0) + need
+        run["workers"].add(addr)
+        return {"address": addr}
 
     def _kv_free_dense(self, addr: str) -> int:
         ws = self.scheduler.workers[addr]

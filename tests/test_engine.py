@@ -179,3 +179,21 @@ def test_requests_are_pulled_lazily_with_a_fixed_slot_size(tiny_weights):
     assert got == {c.id: c.completion_token_ids for c in InProcessEngine(
         tiny_weights, config=EngineConfig(micro_batch_size=4, n_micro_batches=2)).generate(reqs)}
     assert engine.cache.max_seq_len == 64
+
+
+def test_rebuild_readmits_a_micro_batch_and_prefills_its_tokens_so_far():
+    """A lost cache: the micro-batch's sequences are admitted again and prefill prompt +
+    generated tokens, keeping their slots and their sampled tokens."""
+    sched = BatchScheduler(n_micro_batches=2, micro_batch_size=2, max_step_tokens=64, max_seq_len=32)
+    for i in range(4):
+        sched.add(Request(f"s{i}", [1, 2, 3], SamplingParams(max_tokens=10, ignore_eos=True)))
+    for mb in (0, 1):
+        step = sched.schedule(mb)
+        sched.update(step, [7] * len(step.sample_seqs))
+    before = {s.id: (s.slot, list(s.token_ids)) for s in sched.running[0].values()}
+    assert sched.rebuild(0) == sum(len(t) for _, t in before.values())
+    step = sched.schedule(0)
+    assert {s.id for s in step.admitted} == set(before)  # re-admitted, same slots
+    assert {s.id: (s.slot, list(s.token_ids)) for s in step.seqs} == before
+    assert step.starts == [0, 0] and step.counts == [4, 4]  # prompt + the token generated so far
+    assert sched.schedule(1).admitted == []  # the other micro-batch goes on

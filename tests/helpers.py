@@ -5,15 +5,15 @@ from __future__ import annotations
 TOPICS = ["the sea", "a cat", "bread", "the moon", "rain", "a library", "trains", "snow", "coffee", "maps"]
 
 
-def story_rows(n: int, *, chat_every: int, commas: int, budget_every: int = 3,
+def story_rows(n: int, *, chat: tuple[int, int], commas: int, budget_every: int = 3,
                budget: tuple[int, int] = (3, 7)) -> list[dict]:
-    """Prompt rows of different lengths (``commas`` varies them), every ``chat_every``-th
-    a chat row, every ``budget_every``-th with its own ``max_tokens`` (so that rows finish
-    at different steps)."""
+    """Prompt rows of different lengths (``commas`` varies them): row i is a chat row when
+    ``i % chat[0] == chat[1]``, and every ``budget_every``-th has its own ``max_tokens``
+    (so that rows finish at different steps)."""
     rows = []
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)]
-        if i % chat_every == chat_every - 1:
+        if i % chat[0] == chat[1]:
             rows.append({"id": f"r{i}", "messages": [{"role": "user", "content": f"One fact about {topic}."}]})
         else:
             rows.append({"id": f"r{i}", "prompt": f"Here is a short story about {topic}" + "," * (i % commas)})

@@ -23,7 +23,7 @@ MODEL = "smollm2-135m-instruct"
 
 def _rows(n: int) -> list[dict]:
     """Prompts of different lengths and budgets, so that they finish at different steps."""
-    return story_rows(n, chat_every=7, commas=4, budget=(2, 5))
+    return story_rows(n, chat=(7, 5), commas=4, budget=(2, 5))
 
 
 ROWS = _rows(16)

@@ -32,7 +32,7 @@ PIPELINES = Path(__file__).parent.parent / "pipelines"
 
 def _rows(n: int) -> list[dict]:
     """Prompts of different lengths, some chat, some with their own max_tokens."""
-    return story_rows(n, chat_every=4, commas=5)
+    return story_rows(n, chat=(4, 3), commas=5)
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:

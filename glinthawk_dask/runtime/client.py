@@ -315,9 +315,11 @@ class DaskEngine:
         """Close the run on its workers and free its placement (lost workers skipped)."""
         plan, run_id = run["plan"], run["id"]
         timeout = float(config.get("engine.peer-timeout"))
-        closes = [self._rpc(a, "glinthawk_slice_close", run_id=run_id) for a in plan["dense"]]
+        # workers the scheduler no longer knows are gone: connecting to them would only
+        # wait out distributed's connect timeout
+        reg = await self.client.scheduler.glinthawk_registry()
+        closes = [self._rpc(a, "glinthawk_slice_close", run_id=run_id) for a in plan["dense"] if a in reg["dense"]]
         if plan["mode"] == "two-tier":  # every attention worker: micro-batches may have moved anywhere
-            reg = await self.client.scheduler.glinthawk_registry()
             closes += [self._rpc(a, "glinthawk_kv_close", run_id=run_id) for a in reg["attention"]]
         await asyncio.gather(*(asyncio.wait_for(c, timeout) for c in closes), return_exceptions=True)
         await self.client.scheduler.glinthawk_run_closed(run_id=run_id)

@@ -174,19 +174,21 @@ async def test_with_no_attention_worker_left_the_run_waits_for_one(c, s, a, b):
     requests = _requests(14, seed=9)
     engine = DaskEngine(c, MODEL, micro_batch_size=3, n_micro_batches=2, max_step_tokens=32)
     got, newcomer = {}, None
-    async for comp in engine.agenerate(requests):
-        assert comp.id not in got
-        got[comp.id] = comp.completion_token_ids
-        if len(got) == 2:
-            await b.close()  # the only attention worker leaves ...
 
-            async def join_later():
-                await asyncio.sleep(1.5)  # ... and another joins a while later
-                return await Worker(s.address, nthreads=1, resources={"KV": 2**28})
+    async def join_later():
+        await asyncio.sleep(1.5)
+        return await Worker(s.address, nthreads=1, resources={"KV": 2**28})
 
-            newcomer = asyncio.create_task(join_later())
+    with dask.config.set({"glinthawk.engine.peer-timeout": 4.0}):
+        async for comp in engine.agenerate(requests):
+            assert comp.id not in got
+            got[comp.id] = comp.completion_token_ids
+            if len(got) == 2:
+                newcomer = asyncio.create_task(join_later())  # another joins a while later ...
+                await b.close()  # ... after the only attention worker leaves
     assert got == _reference(requests)
+    joined = await newcomer
     recs = engine.last_summary.recoveries
     assert recs and all(r["kind"] == "moved micro-batch" for r in recs)
-    assert max(r["seconds"] for r in recs) >= 1.0  # it waited for the newcomer
-    await (await newcomer).close()
+    assert {r["to"] for r in recs} == {joined.address}  # nowhere to go until the newcomer came
+    await joined.close()

@@ -55,7 +55,7 @@ def forward_step(
     if not (weights.is_first and weights.is_last):
         raise ValueError("forward_step needs the weights of the whole model")
     ids = torch.tensor(input_ids, dtype=torch.long, device=weights.device)  # [T]
-    cos, sin = rope.at(batch.positions.to(weights.device))  # [T, D] each
+    cos, sin = rope.at(batch.positions.to(weights.device), batch.max_position)  # [T, D] each
     x = run_layers(weights, cache, batch, embed(weights, ids), cos, sin)  # [T, dim]
     rows = torch.tensor(sample_rows, dtype=torch.long, device=x.device)
     return head(weights, x[rows])  # [N, V]

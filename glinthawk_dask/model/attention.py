@@ -38,6 +38,7 @@ class AttentionBatch:
     decode_lengths: torch.Tensor  # [Nd] attended length (start + 1)
     decode_range: tuple[int, int] | None  # (lo, hi) if decode slots are dense in [lo, hi)
     prefill: tuple[tuple[int, int, int, int], ...]  # (row, slot, start, count) of longer segments
+    max_position: int = -1  # the largest position, known on the host (no device sync to check it)
 
     @property
     def n_tokens(self) -> int:
@@ -87,6 +88,7 @@ class AttentionBatch:
             token_slots=t(token_slots), positions=t(positions),
             decode_rows=t(dec_rows), decode_slots=t(dec_slots), decode_lengths=t(dec_lens),
             decode_range=decode_range, prefill=tuple(prefill),
+            max_position=max((s + c - 1 for s, c in zip(starts, counts)), default=-1),
         )
 
 

@@ -56,12 +56,16 @@ class RopeTable:
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
         return cls(emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype))
 
-    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin rows for ``positions`` [T] → ([T, D], [T, D])."""
-        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
-            raise ValueError(
-                f"position {int(positions.max())} is beyond the rotary table ({self.cos.shape[0]})"
-            )
+    def at(self, positions: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows for ``positions`` [T] → ([T, D], [T, D]).
+
+        ``max_position`` (the largest of ``positions``, known on the host) spares a
+        device-to-host sync for the range check when ``positions`` lives on a GPU.
+        """
+        if max_position is None and positions.numel():
+            max_position = int(positions.max())
+        if max_position is not None and max_position >= self.cos.shape[0]:
+            raise ValueError(f"position {max_position} is beyond the rotary table ({self.cos.shape[0]})")
         return self.cos[positions], self.sin[positions]
 
 

@@ -1,7 +1,9 @@
 """Tier 2 on a Dask worker: KV caches as worker-resident state, attention on request.
 
-Dense workers call :meth:`AttentionService.attend` through distributed's rpc layer
-(worker to worker; the scheduler never sees these messages).  A run opens one
+Dense workers call :meth:`AttentionService.attend` over the data plane
+(:mod:`~glinthawk_dask.runtime.dataplane`, worker to worker; the scheduler never sees
+these messages).  The requests that arrive in one pass of the event loop run as one
+job of the compute stream.  A run opens one
 :class:`~glinthawk_dask.model.kv_cache.KVCache` here for its slice of layers, sized up
 front within the worker's KV budget, so attention memory can never grow past it.
 """
@@ -10,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -46,6 +49,12 @@ class AttentionService:
         self.kv_budget = int(kv_budget)
         self.runs: dict[str, _Run] = {}
         self.stream = ComputeStream("glinthawk-attention", threads=threads)
+        self._queue: list[tuple[Callable[[], torch.Tensor], asyncio.Future, int, int]] = []
+        self._scratch: dict[tuple, KVCache] = {}  # the cache of probe requests
+        self.dataplane: Any = None  # the worker's DataPlane, set by the plugin
+
+    # handlers served on the data plane (the rpc layer serves them too)
+    dataplane_ops = ["glinthawk_attend", "glinthawk_attend_probe"]
 
     # -- handlers (event loop) -------------------------------------------------------
     def handlers(self) -> dict[str, Any]:
@@ -53,6 +62,7 @@ class AttentionService:
             "glinthawk_kv_open": self.open,
             "glinthawk_kv_close": self.close_run,
             "glinthawk_attend": self.attend,
+            "glinthawk_attend_probe": self.probe,
             "glinthawk_kv_info": self.info,
         }
 
@@ -111,22 +121,30 @@ class AttentionService:
         micro_batch: int,
         step: int,
         layer: int,
-        q: dict,
-        k: dict,
-        v: dict,
+        q: torch.Tensor | dict,
+        k: torch.Tensor | dict,
+        v: torch.Tensor | dict,
         layout: dict | None = None,
     ) -> dict:
-        """Append k/v of ``layer`` and return attention outputs for one micro-batch step.
+        """Append k/v of ``layer`` and return attention outputs ``{"o": [T, H, D]}`` for one
+        micro-batch step, or ``{"stale": why}`` when the run or step is not held here.
 
         The first layer of a step carries the ``layout`` (segments, admitted and
-        released sequences); the following layers refer to it by ``step``.
+        released sequences); the following layers refer to it by ``step``.  Tensors come
+        from the data plane; packed tensors (:func:`~.messages.pack`, over rpc) are
+        answered packed.
         """
+        packed = isinstance(q, dict)
         try:
-            return await self._attend(run_id, micro_batch, step, layer, q, k, v, layout)
+            o = await self._attend(run_id, micro_batch, step, layer, q, k, v, layout)
         except AttentionRunError as e:  # refused, never applied: the sender treats this peer as lost
             return {"stale": str(e)}
+        latency = self.runs[run_id].latency if run_id in self.runs else 0.0
+        if latency:
+            await asyncio.sleep(latency)
+        return {"o": pack(o) if packed else o}
 
-    async def _attend(self, run_id, micro_batch, step, layer, q, k, v, layout) -> dict:
+    async def _attend(self, run_id, micro_batch, step, layer, q, k, v, layout) -> torch.Tensor:
         run = self.runs.get(run_id)
         if run is None:
             raise AttentionRunError(f"run {run_id!r} is not open on {self.worker.address}")
@@ -141,18 +159,73 @@ class AttentionService:
                     f"run {run_id!r} micro-batch {micro_batch}: no layout for step {step}"
                 )
             batch, admitted, released = held[1], [], []
-        qt, kt, vt = unpack(q), unpack(k), unpack(v)
+        qt, kt, vt = (unpack(t) if isinstance(t, dict) else t for t in (q, k, v))
         cache = run.cache
 
         def work() -> torch.Tensor:
             cache.apply(released, admitted)
-            with torch.inference_mode():
-                return cache.attend(layer, qt, kt, vt, batch)  # [T, H, D]
+            return cache.attend(layer, qt, kt, vt, batch)  # [T, H, D]
 
-        o = await self.stream.submit(-layer, work, kind="attention", micro_batch=micro_batch, layer=layer)
-        if run.latency:
-            await asyncio.sleep(run.latency)
-        return {"o": pack(o)}
+        return await self._enqueue(work, micro_batch, layer)
+
+    async def probe(self, config: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+        """A decode attention request shaped like a run's (``q`` [T, H, D], ``k``/``v``
+        [T, KVH, D]) on a scratch cache, through the same queue and compute stream as
+        :meth:`attend`: what a dense worker times to choose the depth of its pipeline."""
+        cfg = ModelConfig(**config).replace(n_layers=1)
+        n = q.shape[0]
+        key = (repr(cfg), n, q.dtype)
+        cache = self._scratch.get(key)
+        if cache is None:
+            self._scratch.clear()
+            cache = self._scratch[key] = KVCache(cfg, n, 1, dtype=q.dtype)
+        ids = list(range(n))
+        batch = AttentionBatch.build(ids, [0] * n, [1] * n)
+
+        def work() -> torch.Tensor:
+            cache.apply(ids, [(i, i) for i in ids])
+            return cache.attend(0, q, k, v, batch)  # [T, H, D]
+
+        return {"o": await self._enqueue(work, -1, 0)}
+
+    # -- the compute stream: what arrived in one pass of the loop, as one job ----------
+    def _enqueue(self, work: Callable[[], torch.Tensor], micro_batch: int, layer: int) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.append((work, fut, micro_batch, layer))
+        if len(self._queue) == 1:
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        jobs, self._queue = self._queue, []
+        timeline = self.stream.timeline
+
+        @torch.inference_mode()
+        def run() -> list[tuple[Any, BaseException | None]]:
+            out: list[tuple[Any, BaseException | None]] = []
+            for work, _, mb, layer in jobs:
+                start = time.time()
+                try:
+                    out.append((work(), None))
+                except Exception as e:  # handed to that request alone
+                    out.append((None, e))
+                timeline.record("attention", start, time.time(), mb, layer)
+            return out
+
+        def done(results: list | None, error: BaseException | None) -> None:
+            for (_, fut, _, _), (r, e) in zip(jobs, results or [(None, error)] * len(jobs)):
+                if fut.done():
+                    continue
+                if e is not None:
+                    fut.set_exception(e)
+                else:
+                    fut.set_result(r)
+
+        try:
+            self.stream.submit(-max(j[3] for j in jobs), run, kind=None, on_done=done)
+        except RuntimeError as e:  # the stream is closed: the worker is shutting down
+            done(None, e)
 
     def close(self) -> None:
         self.runs.clear()

@@ -346,21 +346,20 @@ class DaskEngine:
         )
 
     async def _auto_depth(self, mb_size: int, max_depth: int) -> int:
-        """Measure an attention round trip with a realistic payload and a dense layer step."""
+        """Depth from a measured dense layer step and attention round trip: requests of
+        the run's shapes from the dense worker to an attention worker over the data plane."""
         reg = await self.client.scheduler.glinthawk_registry()
         if self.mode != "two-tier" or not reg["attention"] or not reg["dense"]:
             return 1
-        cfg = self.model_config
-        payload = bytes(mb_size * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * 4)
-        addr = reg["attention"][0]
-        await self._rpc(addr, "glinthawk_ping", payload=payload)
-        t = time.perf_counter()
-        for _ in range(3):
-            await self._rpc(addr, "glinthawk_ping", payload=payload)
-        rtt = (time.perf_counter() - t) / 3
-        dense_s = await self._rpc(reg["dense"][0], "glinthawk_calibrate",
-                                  config=dataclasses.asdict(cfg), tokens=mb_size, dtype=self.dtype)
-        return auto_depth(dense_s, rtt, self.latency, max_depth)
+        cfg = dataclasses.asdict(self.model_config)
+        dense = reg["dense"][0]
+        rtt = await self._rpc(dense, "glinthawk_probe", address=reg["attention"][0], config=cfg, tokens=mb_size,
+                              dtype=self.dtype)
+        dense_s = await self._rpc(dense, "glinthawk_calibrate", config=cfg, tokens=mb_size, dtype=self.dtype)
+        depth = auto_depth(dense_s, rtt, self.latency, max_depth)
+        logger.info("glinthawk auto depth %d: dense layer step %.2f ms, attention round trip %.2f ms",
+                    depth, dense_s * 1e3, rtt * 1e3)
+        return depth
 
     # -- measurements --------------------------------------------------------------
     def tier_overlap(self) -> dict[str, float]:

@@ -111,7 +111,8 @@ class ComputeStream:
     ) -> None:
         self.timeline = timeline or Timeline()
         self._threads = threads
-        self._heap: list[tuple[float, int, Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop, tuple]] = []
+        # (priority, order, fn, future or on_done callback, loop, (kind, micro_batch, layer))
+        self._heap: list[tuple[float, int, Callable[[], Any], Any, asyncio.AbstractEventLoop, tuple]] = []
         self._count = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
@@ -119,17 +120,29 @@ class ComputeStream:
         self._thread.start()
 
     def submit(
-        self, priority: float, fn: Callable[[], Any], *, kind: str = "dense", micro_batch: int = -1, layer: int = -1
-    ) -> asyncio.Future:
-        """Queue ``fn()``; the returned future (of the running loop) gets its result."""
+        self,
+        priority: float,
+        fn: Callable[[], Any],
+        *,
+        kind: str | None = "dense",
+        micro_batch: int = -1,
+        layer: int = -1,
+        on_done: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> asyncio.Future | None:
+        """Queue ``fn()``; the returned future (of the running loop) gets its result.
+
+        With ``on_done``, no future: ``on_done(result, error)`` is called on the loop as
+        soon as ``fn`` returns (one hand-off, e.g. straight into a send).  With
+        ``kind=None`` nothing is recorded on the timeline (``fn`` records its own parts).
+        """
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut = on_done if on_done is not None else loop.create_future()
         with self._cv:
             if self._closed:
                 raise RuntimeError("compute stream is closed")
             heapq.heappush(self._heap, (priority, next(self._count), fn, fut, loop, (kind, micro_batch, layer)))
             self._cv.notify()
-        return fut
+        return None if on_done is not None else fut
 
     def _loop(self) -> None:
         if self._threads:
@@ -149,8 +162,12 @@ class ComputeStream:
                 result, error = fn(), None
             except BaseException as e:  # handed to the awaiting coroutine
                 result, error = None, e
-            self.timeline.record(kind, start, time.time(), mb, layer)
-            loop.call_soon_threadsafe(_settle, fut, result, error)
+            if kind is not None:
+                self.timeline.record(kind, start, time.time(), mb, layer)
+            if isinstance(fut, asyncio.Future):
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            else:
+                loop.call_soon_threadsafe(fut, result, error)
 
     def close(self) -> None:
         with self._cv:

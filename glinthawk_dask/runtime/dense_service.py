@@ -13,7 +13,9 @@ In single-tier mode the KV cache lives here and a slice step is one compute job.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,8 @@ from ..sampling import SamplingParams, make_generator, sample
 from ..tokenizer import Tokenizer
 from .compute import ComputeStream
 from .faults import AttentionLost, StaleRunError
-from .messages import DTYPES, pack, unpack
+from .messages import DTYPES
+from .staging import HostStaging
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class SliceRun:
         # the KV cache of each micro-batch on its attention worker: the run's own, or one
         # opened for it alone after it moved (see reroute)
         self.kv_runs = [spec.run_id] * spec.n_micro_batches
+        self.staging = [HostStaging(self.device) for _ in range(spec.n_micro_batches)]  # device → wire
         spec.attention, spec.slot_base = list(spec.attention), list(spec.slot_base)  # msgpack gives tuples
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator | None] = {}
@@ -130,10 +134,12 @@ class SliceRun:
 
     def _inputs(self, msg: dict, x: torch.Tensor | None):
         batch = AttentionBatch.build(msg["slots"], msg["starts"], msg["counts"], device=self.device)
-        cos, sin = self.rope.at(batch.positions)
+        cos, sin = self.rope.at(batch.positions, batch.max_position)
         if x is None:
             ids = torch.tensor(msg["input_ids"], dtype=torch.long, device=self.device)
             x = embed(self.weights, ids)  # [T, dim]
+        else:  # from the previous slice, on the host
+            x = x.to(self.device, non_blocking=True).to(self.weights.dtype)
         return batch, cos, sin, x
 
     async def run_step(self, msg: dict, x: torch.Tensor | None = None) -> list[int]:
@@ -155,60 +161,84 @@ class SliceRun:
         cache.apply(msg["released"], [(a[0], a[1]) for a in msg["admitted"]])
         batch, cos, sin, x = self._inputs(msg, x_in)
         x = run_layers(self.weights, cache, batch, x, cos, sin)
-        return self._head_and_sample(x, msg) if self.weights.is_last else x
+        return self._head_and_sample(x, msg) if self.weights.is_last else self.staging[msg["mb"]].to_host(x)[0]
 
     async def _two_tier(self, msg: dict, x_in: torch.Tensor | None):
         cfg, layers, start, stop = self.config, self.weights.layers, self.spec.start, self.spec.stop
         mb = msg["mb"]
+        address = self.spec.attention[mb]
+        channel = await self._channel(address, mb)
+        staging = self.staging[mb]
         state: dict[str, Any] = {}
 
         @torch.inference_mode()
         def first():
             batch, cos, sin, x = self._inputs(msg, x_in)
-            state.update(cos=cos, sin=sin)
-            return (x, *pre_attention(cfg, layers[0], x, cos, sin))
+            q, k, v = pre_attention(cfg, layers[0], x, cos, sin)
+            state.update(cos=cos, sin=sin, x=x)
+            return staging.to_host(q, k, v)
 
-        x, q, k, v = await self.stream.submit(-start, first, kind="dense", micro_batch=mb, layer=start)
-        layout = self._layout(msg)
-        address = self.spec.attention[mb]
+        job, layout = first, self._layout(msg)
         for layer in range(start, stop):
-            o = await self._attend(address, msg, layer, q, k, v, layout if layer == start else None)
+            args = {"run_id": self.kv_runs[mb], "micro_batch": mb, "step": msg["step"], "layer": layer,
+                    "layout": layout if layer == start else None}
+            o = await self._compute_then_attend(job, channel, address, mb, layer, args)
             i = layer - start
 
             @torch.inference_mode()
-            def dense(i=i, x=x, o=o):
+            def job(i=i, o=o):
+                o = o.to(self.device, non_blocking=True).to(self.weights.dtype)  # [T, H, D]
                 if i + 1 < len(layers):
-                    return post_pre_attention(cfg, layers[i], layers[i + 1], x, o, state["cos"], state["sin"])
-                return (post_attention(cfg, layers[i], x, o),)
+                    x, q, k, v = post_pre_attention(cfg, layers[i], layers[i + 1], state["x"], o,
+                                                    state["cos"], state["sin"])
+                    state["x"] = x
+                    return staging.to_host(q, k, v)
+                x = post_attention(cfg, layers[i], state["x"], o)  # [T, dim]
+                if self.weights.is_last:
+                    return self._head_and_sample(x, msg)
+                return staging.to_host(x)[0]
 
-            out = await self.stream.submit(-(layer + 1), dense, kind="dense", micro_batch=mb, layer=layer)
-            x = out[0]
-            if len(out) == 4:
-                q, k, v = out[1:]
-        if self.weights.is_last:
-            return await self.stream.submit(
-                -(cfg.n_layers + 1), lambda: self._head_and_sample(x, msg), kind="dense", micro_batch=mb,
-                layer=cfg.n_layers,
-            )
-        return x
+        return await self.stream.submit(-stop, job, kind="dense", micro_batch=mb, layer=stop - 1)
 
-    async def _attend(self, address, msg, layer, q, k, v, layout) -> torch.Tensor:
-        if self.spec.latency:
-            await asyncio.sleep(self.spec.latency)
-        mb = msg["mb"]
+    async def _channel(self, address: str, mb: int):
         try:
-            reply = await asyncio.wait_for(
-                self.service.worker.rpc(address).glinthawk_attend(
-                    run_id=self.kv_runs[mb], micro_batch=mb, step=msg["step"], layer=layer,
-                    q=pack(q), k=pack(k), v=pack(v), layout=layout,
-                ),
-                self.spec.peer_timeout,
-            )
-            if not isinstance(reply, dict) or "o" not in reply:  # refused, or a worker shutting down
-                raise StaleRunError(reply.get("stale") if isinstance(reply, dict) else f"{address} did not attend")
-        except (OSError, asyncio.TimeoutError, StaleRunError) as e:
+            return await self.service.dataplane.channel(address, self.spec.peer_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
             raise AttentionLost(address, self.spec.slice_index, mb, f"{type(e).__name__}: {e}") from None
-        return unpack(reply["o"], self.device).to(self.weights.dtype)
+
+    async def _compute_then_attend(self, job, channel, address: str, mb: int, layer: int, args: dict):
+        """Run ``job`` (→ q, k, v on the host) on the compute stream and send its result
+        to the attention worker the moment it is done (on the loop, no coroutine in
+        between); return the attention output [T, H, D] (on the host)."""
+        loop = asyncio.get_running_loop()
+        reply = loop.create_future()
+        failed: list[BaseException] = []
+        latency, timeout = self.spec.latency, self.spec.peer_timeout
+
+        def send(qkv, error: BaseException | None) -> None:
+            if reply.done():
+                return
+            if error is not None:
+                failed.append(error)
+                reply.set_exception(error)
+                return
+            request = functools.partial(channel.request, "glinthawk_attend", args,
+                                        {"q": qkv[0], "k": qkv[1], "v": qkv[2]}, timeout=timeout, future=reply)
+            if latency:
+                loop.call_later(latency, request)
+            else:
+                request()
+
+        self.stream.submit(-layer, job, kind="dense", micro_batch=mb, layer=layer, on_done=send)
+        try:
+            out = await reply
+        except (OSError, asyncio.TimeoutError, StaleRunError) as e:
+            if failed:  # the dense compute itself failed: not the peer's doing
+                raise
+            raise AttentionLost(address, self.spec.slice_index, mb, f"{type(e).__name__}: {e}") from None
+        if "o" not in out:  # refused: the attention worker does not hold the run (restarted)
+            raise AttentionLost(address, self.spec.slice_index, mb, f"StaleRunError: {out.get('stale')}")
+        return out["o"]
 
     def reroute(self, mb: int, address: str, kv_run: str) -> None:
         """Send micro-batch ``mb``'s attention to ``address``, to the cache ``kv_run``
@@ -220,12 +250,10 @@ class SliceRun:
     async def _forward_next(self, msg: dict, x: torch.Tensor) -> list[int]:
         # the next slices may each wait a peer timeout before they report a lost attention worker
         downstream = max(1, len(self.spec.slices) - self.spec.slice_index - 1)
-        reply = await asyncio.wait_for(
-            self.service.worker.rpc(self.spec.next_address).glinthawk_forward(
-                run_id=self.spec.run_id, msg=msg, x=pack(x)
-            ),
-            self.spec.peer_timeout * (downstream + 1),
-        )
+        timeout = self.spec.peer_timeout * (downstream + 1)
+        channel = await self.service.dataplane.channel(self.spec.next_address, self.spec.peer_timeout)
+        reply = await channel.request("glinthawk_forward", {"run_id": self.spec.run_id, "msg": msg}, {"x": x},
+                                      timeout=timeout)
         return reply["tokens"]
 
 
@@ -238,6 +266,10 @@ class DenseService:
         self._weights: dict[tuple, SliceWeights] = {}
         self._tokenizers: dict[str, Any] = {}
         self.stream = ComputeStream("glinthawk-dense", threads=threads)
+        self.dataplane: Any = None  # the worker's DataPlane, set by the plugin
+
+    # handlers served on the data plane
+    dataplane_ops = ["glinthawk_forward"]
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -247,6 +279,7 @@ class DenseService:
             "glinthawk_submit": self.submit,
             "glinthawk_results": self.results,
             "glinthawk_calibrate": self.calibrate,
+            "glinthawk_probe": self.probe,
             "glinthawk_slice_reroute": self.reroute,
         }
 
@@ -296,10 +329,11 @@ class DenseService:
         """A micro-batch of a run moved to another attention worker (see SliceRun.reroute)."""
         self._run(run_id).reroute(micro_batch, address, kv_run)
 
-    async def forward(self, run_id: str, msg: dict, x: dict) -> dict:
-        """From the previous slice: hidden states [T, dim] of a micro-batch step."""
+    async def forward(self, run_id: str, msg: dict, x: torch.Tensor) -> dict:
+        """From the previous slice, over the data plane: hidden states ``x`` [T, dim] of a
+        micro-batch step (on the host); the sampled tokens go back as the reply."""
         run = self._run(run_id)
-        tokens = await run.run_step(msg, unpack(x, run.device).to(run.weights.dtype))
+        tokens = await run.run_step(msg, x)
         return {"tokens": tokens}
 
     def submit(self, run_id: str, requests: list[dict]) -> int:
@@ -313,8 +347,6 @@ class DenseService:
     async def calibrate(self, config: dict, tokens: int, dtype: str = "float32") -> float:
         """Seconds of one dense layer step for ``tokens`` tokens (random weights of the
         model's shape, on this worker's device and compute stream)."""
-        import time
-
         from ..model.config import ModelConfig
         from ..model.synthetic import SyntheticCheckpoint
 
@@ -341,6 +373,25 @@ class DenseService:
             return best
 
         return await self.stream.submit(0, measure, kind="calibrate")
+
+    async def probe(self, address: str, config: dict, tokens: int, dtype: str = "float32", n: int = 5) -> float:
+        """Seconds of one attention round trip to ``address`` for a micro-batch of
+        ``tokens`` decode tokens: requests of a run's shapes over this worker's data plane
+        (the median of ``n``, after one to connect and warm up)."""
+        from ..model.config import ModelConfig
+
+        cfg = ModelConfig(**config)
+        dt = DTYPES[dtype]
+        q = torch.randn(tokens, cfg.n_heads, cfg.head_dim).to(dt)  # [T, H, D]
+        kv = torch.randn(tokens, cfg.n_kv_heads, cfg.head_dim).to(dt)  # [T, KVH, D]
+        channel = await self.dataplane.channel(address)
+        times = []
+        for _ in range(n + 1):
+            t = time.perf_counter()
+            await channel.request("glinthawk_attend_probe", {"config": config}, {"q": q, "k": kv, "v": kv},
+                                  timeout=60.0)
+            times.append(time.perf_counter() - t)
+        return sorted(times[1:])[n // 2]
 
     def close(self) -> None:
         self.runs.clear()

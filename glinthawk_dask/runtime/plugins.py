@@ -21,6 +21,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from .. import config
 from . import dashboard
 from .attention_service import AttentionService
+from .dataplane import DataPlane
 from .dense_service import DenseService
 from .placement import PlacementError, kv_budget_bytes, make_plan
 
@@ -69,6 +70,8 @@ class _TierPlugin(WorkerPlugin):
         self._handlers = {**self.service.handlers(), f"glinthawk_{self.tier}_timeline": self.timeline,
                           f"glinthawk_{self.tier}_metrics": self.metrics}
         worker.handlers.update(self._handlers)
+        self.service.dataplane = DataPlane.of(worker)
+        self.service.dataplane.allow(self.service.dataplane_ops)
         self._digests = dashboard.TierDigests(worker, self.tier, self.service.stream.timeline)
         logger.info("glinthawk %s tier on %s", self.tier, worker.address)
 
@@ -78,6 +81,7 @@ class _TierPlugin(WorkerPlugin):
         if self._digests is not None:
             self._digests.stop()
         if self.service is not None:
+            self.service.dataplane.disallow(self.service.dataplane_ops)
             self.service.close()
 
     def timeline(self, since: float = 0.0) -> dict:
@@ -114,16 +118,6 @@ class AttentionWorkerPlugin(_TierPlugin):
         # a worker that is also dense keeps the dense tier's thread count
         threads = None if "dense" in worker_tiers(resources) else int(config.get("attention.threads"))
         return AttentionService(worker, budget, threads=threads)
-
-    def setup(self, worker: Any) -> None:
-        super().setup(worker)
-        if self.service is not None:
-            self._handlers["glinthawk_ping"] = self.ping
-            worker.handlers["glinthawk_ping"] = self.ping
-
-    def ping(self, payload: Any = None, echo: bool = False) -> Any:
-        """Round trip for latency calibration (``echo`` sends the payload back)."""
-        return payload if echo else 0
 
 
 class GlinthawkSchedulerPlugin(SchedulerPlugin):

@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""The data plane against distributed's rpc, one attention-shaped round trip at a time.
+
+An echo attention worker (a real Dask worker process) answers ``glinthawk_echo``
+requests of the attention request's shape: q [T, 9, 64], k and v [T, 3, 64] out, an
+output o of q's shape back (SmolLM2's heads; T sets the payload).  The dense side is a
+Dask worker in this process, on this process's event loop, and sends the requests two
+ways:
+
+* **rpc**: ``worker.rpc(addr).glinthawk_echo(q=pack(q), ...)``, the pooled
+  request/reply the two-tier engine used before the data plane (one connection per
+  call in flight, each array serialized on its own, the message walked for its size);
+* **stream**: :class:`glinthawk_dask.runtime.dataplane.DataPlane`, one connection per
+  peer, requests multiplexed on it by id, one frame per message.
+
+For each payload (``--payloads`` KB of q+k+v, fp32 and bf16), each number of requests
+in flight (``--in-flight``), without and with a background thread that holds the GIL
+half of the time (0.5 ms of pure Python, then 0.5 ms asleep), it prints the p50 and
+p99 round trip, messages per second, and the dense side's event-loop CPU per message:
+the thread CPU time of the loop thread (``time.thread_time`` read on it) over the
+measured window, divided by the messages.  The machine's CPU shares during the whole
+run are printed beside them.  Finally the issue's targets at 64 KB with 4 in flight.
+
+Usage::
+
+    python benchmarks/bench_transport.py [--payloads 4,64,1024] [--in-flight 1,2,4,8]
+        [--seconds 1.0] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_two_tier (cpu shares)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a checkout
+
+import torch
+from distributed import Scheduler, Worker
+
+from bench_two_tier import cpu_share, cpu_text, cpu_ticks
+from glinthawk_dask.runtime.dataplane import DataPlane
+from glinthawk_dask.runtime.messages import pack, unpack
+
+H, KVH, D = 9, 3, 64  # SmolLM2-135M's attention shape
+TARGET_LOOP_US = 50.0
+TARGET_P99_MS = 1.0
+TARGET_RATIO = 3.0
+
+
+def echo(q, k, v):
+    """The echo attention worker's handler: o of q's shape back, packed if q came packed."""
+    if isinstance(q, dict):
+        return {"o": pack(unpack(q))}
+    return {"o": q}
+
+
+def install_echo(dask_worker) -> str:
+    """Run on the echo worker: serve ``glinthawk_echo`` over rpc and the data plane."""
+    dask_worker.handlers["glinthawk_echo"] = echo
+    DataPlane.of(dask_worker).allow(["glinthawk_echo"])
+    return dask_worker.address
+
+
+class GilHolder:
+    """A thread that holds the GIL half of the time: 0.5 ms busy in Python, 0.5 ms asleep."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            end = time.perf_counter() + 0.0005
+            while time.perf_counter() < end:
+                pass
+            time.sleep(0.0005)
+
+    def __enter__(self) -> "GilHolder":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def tensors(payload_kb: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    t = max(1, round(payload_kb * 1024 / ((H + 2 * KVH) * D * elem)))
+    return {"q": torch.randn(t, H, D).to(dtype), "k": torch.randn(t, KVH, D).to(dtype),
+            "v": torch.randn(t, KVH, D).to(dtype)}
+
+
+async def measure(worker: Worker, peer: str, path: str, payload: dict[str, torch.Tensor], in_flight: int,
+                  seconds: float) -> dict[str, float]:
+    """Closed loops of ``in_flight`` requesters for ``seconds``; round trips and loop CPU."""
+    if path == "stream":
+        channel = await DataPlane.of(worker).channel(peer)
+
+        async def call() -> None:
+            reply = await channel.request("glinthawk_echo", None, payload, timeout=30)
+            assert reply["o"].shape == payload["q"].shape
+    else:
+        async def call() -> None:
+            reply = await worker.rpc(peer).glinthawk_echo(
+                q=pack(payload["q"]), k=pack(payload["k"]), v=pack(payload["v"]))
+            assert unpack(reply["o"]).shape == payload["q"].shape
+
+    for _ in range(20):  # warm: connections, buffers
+        await call()
+    rtts: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def requester() -> None:
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            await call()
+            rtts.append(time.perf_counter() - t)
+
+    cpu0, t0 = time.thread_time(), time.perf_counter()  # this coroutine runs on the loop thread
+    await asyncio.gather(*(requester() for _ in range(in_flight)))
+    cpu, wall = time.thread_time() - cpu0, time.perf_counter() - t0
+    rtts.sort()
+    n = len(rtts)
+    return {"messages": n, "p50_ms": rtts[n // 2] * 1e3, "p99_ms": rtts[min(n - 1, int(n * 0.99))] * 1e3,
+            "messages_per_s": n / wall, "loop_us_per_message": cpu / n * 1e6}
+
+
+async def run(args: argparse.Namespace) -> dict:
+    from distributed import Client, Nanny
+
+    async with Scheduler(dashboard_address=":0", port=0) as s:
+        async with Nanny(s.address, nthreads=1) as nanny, Worker(s.address, nthreads=1) as dense:
+            async with Client(s.address, asynchronous=True) as c:
+                peer = (await c.run(install_echo, workers=[nanny.worker_address]))[nanny.worker_address]
+                rows = []
+                header = (f"{'payload':>8} {'dtype':>8} {'gil':>4} {'inflight':>8} | {'path':>6} {'p50 ms':>7} "
+                          f"{'p99 ms':>7} {'msg/s':>8} {'loop us/msg':>11}")
+                print(header)
+                print("-" * len(header), flush=True)
+                for kb in args.payloads:
+                    for dtype in (torch.float32, torch.bfloat16):
+                        payload = tensors(kb, dtype)
+                        for gil in (False, True):
+                            for k in args.in_flight:
+                                for path in ("rpc", "stream"):
+                                    holder = GilHolder() if gil else None
+                                    if holder:
+                                        holder.__enter__()
+                                    try:
+                                        r = await measure(dense, peer, path, payload, k, args.seconds)
+                                    finally:
+                                        if holder:
+                                            holder.__exit__(None)
+                                    row = {"payload_kb": kb, "dtype": str(dtype).removeprefix("torch."),
+                                           "gil_thread": gil, "in_flight": k, "path": path, **r}
+                                    rows.append(row)
+                                    print(f"{kb:>6g}KB {row['dtype']:>8} {'yes' if gil else 'no':>4} {k:>8} | "
+                                          f"{path:>6} {r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} "
+                                          f"{r['messages_per_s']:>8.0f} {r['loop_us_per_message']:>11.1f}",
+                                          flush=True)
+                return {"rows": rows}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--payloads", default="4,64,1024", help="KB of q+k+v per request (default 4,64,1024)")
+    p.add_argument("--in-flight", default="1,2,4,8", help="requests in flight (default 1,2,4,8)")
+    p.add_argument("--seconds", type=float, default=1.0, help="measured seconds per row (default 1)")
+    p.add_argument("--json", metavar="OUT", help="write the rows and targets to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        args.payloads = [float(x) for x in args.payloads.split(",")]
+        args.in_flight = [int(x) for x in args.in_flight.split(",")]
+    except ValueError:
+        p.error("--payloads and --in-flight take comma-separated numbers")
+    if not args.payloads or min(args.payloads) <= 0 or not args.in_flight or min(args.in_flight) < 1:
+        p.error("--payloads must be positive and --in-flight at least 1")
+    return args
+
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's targets, read at 64 KB fp32 with 4 in flight."""
+    def pick(path: str, gil: bool) -> dict | None:
+        return next((r for r in rows if r["payload_kb"] == 64 and r["dtype"] == "float32" and r["in_flight"] == 4
+                     and r["path"] == path and r["gil_thread"] == gil), None)
+
+    s, s_gil, rpc = pick("stream", False), pick("stream", True), pick("rpc", False)
+    out: dict[str, Any] = {}
+    print("\n== targets (64 KB fp32, 4 in flight) ==")
+    if s is None or s_gil is None or rpc is None:
+        print("n/a: run with 64 in --payloads and 4 in --in-flight")
+        return out
+    checks = [
+        ("loop_us", f"event-loop CPU <= {TARGET_LOOP_US:g} us/message", s["loop_us_per_message"],
+         s["loop_us_per_message"] <= TARGET_LOOP_US, "{:.1f} us"),
+        ("p99_gil", f"p99 round trip <= {TARGET_P99_MS:g} ms with the GIL-holding thread", s_gil["p99_ms"],
+         s_gil["p99_ms"] <= TARGET_P99_MS, "{:.3f} ms"),
+        ("ratio", f">= {TARGET_RATIO:g}x fewer loop us/message than rpc",
+         rpc["loop_us_per_message"] / s["loop_us_per_message"],
+         rpc["loop_us_per_message"] / s["loop_us_per_message"] >= TARGET_RATIO, "{:.1f}x"),
+    ]
+    for key, what, value, ok, fmt in checks:
+        out[key] = {"value": value, "ok": ok}
+        print(f"{what}: {fmt.format(value)} {'PASS' if ok else 'SHORT'}")
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    print(f"torch {torch.__version__}, os.cpu_count() = {os.cpu_count()}; echo attention worker: a Dask worker "
+          f"process; dense side: a Dask worker on this process's loop\n")
+    before = cpu_ticks()
+    report = asyncio.run(run(args))
+    share = cpu_share(before, cpu_ticks())
+    print(f"\nmachine CPU during the run: {cpu_text(share)}")
+    report["cpu"] = share
+    report["targets"] = targets(report["rows"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

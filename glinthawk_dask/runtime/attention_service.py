@@ -2,8 +2,9 @@
 
 Dense workers call :meth:`AttentionService.attend` over the data plane
 (:mod:`~glinthawk_dask.runtime.dataplane`, worker to worker; the scheduler never sees
-these messages).  The requests that arrive in one pass of the event loop run as one
-job of the compute stream.  A run opens one
+these messages).  The data plane's sockets are served on this worker's compute stream:
+the requests that arrive together are computed there at once, with no hop through the
+event loop.  A run opens one
 :class:`~glinthawk_dask.model.kv_cache.KVCache` here for its slice of layers, sized up
 front within the worker's KV budget, so attention memory can never grow past it.
 """
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,17 +24,12 @@ from ..model.attention import AttentionBatch
 from ..model.config import ModelConfig
 from ..model.kv_cache import KVCache
 from .compute import ComputeStream
-from .faults import StaleRunError
+from .dataplane import DataPlane
 from .messages import DTYPES, pack, unpack
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AttentionService", "AttentionRunError"]
-
-
-class AttentionRunError(StaleRunError):
-    """A message refers to a run or step this worker does not hold (stale or misrouted)."""
-
+__all__ = ["AttentionService"]
 
 @dataclass
 class _Run:
@@ -49,12 +46,13 @@ class AttentionService:
         self.kv_budget = int(kv_budget)
         self.runs: dict[str, _Run] = {}
         self.stream = ComputeStream("glinthawk-attention", threads=threads)
-        self._queue: list[tuple[Callable[[], torch.Tensor], asyncio.Future, int, int]] = []
         self._scratch: dict[tuple, KVCache] = {}  # the cache of probe requests
-        self.dataplane: Any = None  # the worker's DataPlane, set by the plugin
-
-    # handlers served on the data plane (the rpc layer serves them too)
-    dataplane_ops = ["glinthawk_attend", "glinthawk_attend_probe"]
+        self._lock = threading.Lock()  # cache work: the stream thread, or the loop (rpc callers)
+        self.dataplane = DataPlane(
+            worker, self.stream, "attention", ["glinthawk_attend", "glinthawk_attend_probe"],
+            inline={"glinthawk_attend": (self._attend_inline, self.attend),
+                    "glinthawk_attend_probe": (self._probe_inline, self.probe)},
+        )
 
     # -- handlers (event loop) -------------------------------------------------------
     def handlers(self) -> dict[str, Any]:
@@ -130,103 +128,70 @@ class AttentionService:
         micro-batch step, or ``{"stale": why}`` when the run or step is not held here.
 
         The first layer of a step carries the ``layout`` (segments, admitted and
-        released sequences); the following layers refer to it by ``step``.  Tensors come
-        from the data plane; packed tensors (:func:`~.messages.pack`, over rpc) are
-        answered packed.
+        released sequences); the following layers refer to it by ``step``.  The data
+        plane runs this inline on the compute stream (:meth:`attend_now`); called as a
+        coroutine (over rpc, with packed tensors answered packed, or by a wrapper) it
+        runs there too, and the run's induced latency is awaited before the reply.
         """
         packed = isinstance(q, dict)
-        try:
-            o = await self._attend(run_id, micro_batch, step, layer, q, k, v, layout)
-        except AttentionRunError as e:  # refused, never applied: the sender treats this peer as lost
-            return {"stale": str(e)}
-        latency = self.runs[run_id].latency if run_id in self.runs else 0.0
+        q, k, v = (unpack(t) if isinstance(t, dict) else t for t in (q, k, v))
+        reply = await self.stream.run(lambda: self.attend_now(run_id, micro_batch, step, layer, q, k, v, layout))
+        latency = self._latency(run_id)
         if latency:
             await asyncio.sleep(latency)
-        return {"o": pack(o) if packed else o}
+        if packed and "o" in reply:
+            reply["o"] = pack(reply["o"])
+        return reply
 
-    async def _attend(self, run_id, micro_batch, step, layer, q, k, v, layout) -> torch.Tensor:
+    def _latency(self, run_id: str) -> float:
         run = self.runs.get(run_id)
-        if run is None:
-            raise AttentionRunError(f"run {run_id!r} is not open on {self.worker.address}")
-        if layout is not None:
-            batch = AttentionBatch.build(layout["slots"], layout["starts"], layout["counts"])
-            run.batches[micro_batch] = (step, batch)
-            admitted, released = layout.get("admitted", []), layout.get("released", [])
-        else:
-            held = run.batches.get(micro_batch)
-            if held is None or held[0] != step:
-                raise AttentionRunError(
-                    f"run {run_id!r} micro-batch {micro_batch}: no layout for step {step}"
-                )
-            batch, admitted, released = held[1], [], []
-        qt, kt, vt = (unpack(t) if isinstance(t, dict) else t for t in (q, k, v))
-        cache = run.cache
+        return run.latency if run is not None else 0.0
 
-        def work() -> torch.Tensor:
-            cache.apply(released, admitted)
-            return cache.attend(layer, qt, kt, vt, batch)  # [T, H, D]
+    def _attend_inline(self, run_id: str, **kwargs: Any) -> tuple[dict, float]:
+        return self.attend_now(run_id, **kwargs), self._latency(run_id)
 
-        return await self._enqueue(work, micro_batch, layer)
+    @torch.inference_mode()
+    def attend_now(self, run_id, micro_batch, step, layer, q, k, v, layout=None) -> dict:
+        """:meth:`attend` here and now (q/k/v as tensors)."""
+        start = time.time()
+        with self._lock:
+            run = self.runs.get(run_id)
+            if run is None:
+                return {"stale": f"run {run_id!r} is not open on {self.worker.address}"}
+            if layout is not None:
+                batch = AttentionBatch.build(layout["slots"], layout["starts"], layout["counts"])
+                run.batches[micro_batch] = (step, batch)
+                run.cache.apply(layout.get("released", []), layout.get("admitted", []))
+            else:
+                held = run.batches.get(micro_batch)
+                if held is None or held[0] != step:  # refused, never applied: the sender treats this peer as lost
+                    return {"stale": f"run {run_id!r} micro-batch {micro_batch}: no layout for step {step}"}
+                batch = held[1]
+            o = run.cache.attend(layer, q, k, v, batch)  # [T, H, D]
+        self.stream.timeline.record("attention", start, time.time(), micro_batch, layer)
+        return {"o": o}
 
     async def probe(self, config: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
         """A decode attention request shaped like a run's (``q`` [T, H, D], ``k``/``v``
-        [T, KVH, D]) on a scratch cache, through the same queue and compute stream as
-        :meth:`attend`: what a dense worker times to choose the depth of its pipeline."""
+        [T, KVH, D]) on a scratch cache, computed as :meth:`attend` computes: what a
+        dense worker times to choose the depth of its pipeline."""
+        return await self.stream.run(lambda: self._probe_inline(config, q, k, v)[0])
+
+    @torch.inference_mode()
+    def _probe_inline(self, config: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[dict, float]:
         cfg = ModelConfig(**config).replace(n_layers=1)
         n = q.shape[0]
         key = (repr(cfg), n, q.dtype)
-        cache = self._scratch.get(key)
-        if cache is None:
-            self._scratch.clear()
-            cache = self._scratch[key] = KVCache(cfg, n, 1, dtype=q.dtype)
-        ids = list(range(n))
-        batch = AttentionBatch.build(ids, [0] * n, [1] * n)
-
-        def work() -> torch.Tensor:
+        with self._lock:
+            cache = self._scratch.get(key)
+            if cache is None:
+                self._scratch.clear()
+                cache = self._scratch[key] = KVCache(cfg, n, 1, dtype=q.dtype)
+            ids = list(range(n))
             cache.apply(ids, [(i, i) for i in ids])
-            return cache.attend(0, q, k, v, batch)  # [T, H, D]
-
-        return {"o": await self._enqueue(work, -1, 0)}
-
-    # -- the compute stream: what arrived in one pass of the loop, as one job ----------
-    def _enqueue(self, work: Callable[[], torch.Tensor], micro_batch: int, layer: int) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._queue.append((work, fut, micro_batch, layer))
-        if len(self._queue) == 1:
-            loop.call_soon(self._flush)
-        return fut
-
-    def _flush(self) -> None:
-        jobs, self._queue = self._queue, []
-        timeline = self.stream.timeline
-
-        @torch.inference_mode()
-        def run() -> list[tuple[Any, BaseException | None]]:
-            out: list[tuple[Any, BaseException | None]] = []
-            for work, _, mb, layer in jobs:
-                start = time.time()
-                try:
-                    out.append((work(), None))
-                except Exception as e:  # handed to that request alone
-                    out.append((None, e))
-                timeline.record("attention", start, time.time(), mb, layer)
-            return out
-
-        def done(results: list | None, error: BaseException | None) -> None:
-            for (_, fut, _, _), (r, e) in zip(jobs, results or [(None, error)] * len(jobs)):
-                if fut.done():
-                    continue
-                if e is not None:
-                    fut.set_exception(e)
-                else:
-                    fut.set_result(r)
-
-        try:
-            self.stream.submit(-max(j[3] for j in jobs), run, kind=None, on_done=done)
-        except RuntimeError as e:  # the stream is closed: the worker is shutting down
-            done(None, e)
+            return {"o": cache.attend(0, q, k, v, AttentionBatch.build(ids, [0] * n, [1] * n))}, 0.0
 
     def close(self) -> None:
         self.runs.clear()
+        self.dataplane.close()
         self.stream.close()

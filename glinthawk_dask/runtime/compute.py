@@ -12,9 +12,15 @@ import asyncio
 import collections
 import heapq
 import itertools
+import logging
+import math
+import os
+import selectors
 import threading
 import time
 from typing import Any, Callable, Iterable
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ComputeStream", "Timeline", "busy_seconds", "overlap_seconds"]
 
@@ -104,21 +110,36 @@ def overlap_seconds(a: Iterable[tuple[float, float]], b: Iterable[tuple[float, f
 
 
 class ComputeStream:
-    """A single thread that runs submitted functions, lowest ``priority`` value first."""
+    """A single thread that runs queued functions, lowest ``priority`` value first, and
+    between them serves the sockets and timers given to it.
+
+    The event loop queues work with :meth:`submit`.  Code running on the stream itself
+    (a job, a timer, a socket callback) uses :meth:`push`, :meth:`call_later` and
+    :meth:`watch`: the data plane's connections live here, so a reply that arrives
+    becomes the next job on this thread without passing through the event loop.
+    """
 
     def __init__(
         self, name: str = "glinthawk-compute", timeline: Timeline | None = None, threads: int | None = None
     ) -> None:
         self.timeline = timeline or Timeline()
         self._threads = threads
-        # (priority, order, fn, future or on_done callback, loop, (kind, micro_batch, layer))
-        self._heap: list[tuple[float, int, Callable[[], Any], Any, asyncio.AbstractEventLoop, tuple]] = []
+        # (priority, order, fn, future / on_done callback / None, loop, (kind, micro_batch, layer))
+        self._heap: list[tuple[float, int, Callable[[], Any], Any, Any, tuple]] = []
+        self._timers: list[tuple[float, int, Callable[[], Any]]] = []  # (when, order, fn): stream thread only
         self._count = itertools.count()
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._sleeping = False
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
+    # -- from the event loop -----------------------------------------------------------
     def submit(
         self,
         priority: float,
@@ -132,17 +153,83 @@ class ComputeStream:
         """Queue ``fn()``; the returned future (of the running loop) gets its result.
 
         With ``on_done``, no future: ``on_done(result, error)`` is called on the loop as
-        soon as ``fn`` returns (one hand-off, e.g. straight into a send).  With
-        ``kind=None`` nothing is recorded on the timeline (``fn`` records its own parts).
+        soon as ``fn`` returns.  With ``kind=None`` nothing is recorded on the timeline
+        (``fn`` records its own parts).
         """
         loop = asyncio.get_running_loop()
         fut = on_done if on_done is not None else loop.create_future()
-        with self._cv:
+        self._queue(priority, fn, fut, loop, (kind, micro_batch, layer))
+        return None if on_done is not None else fut
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the stream before any other queued work; its result."""
+        return await self.submit(-math.inf, fn, kind=None)
+
+    # -- from the stream itself --------------------------------------------------------
+    def push(self, priority: float, fn: Callable[[], Any], *, kind: str | None = "dense", micro_batch: int = -1,
+             layer: int = -1) -> None:
+        """Queue ``fn()`` from the stream's own thread (its result is dropped)."""
+        self._queue(priority, fn, None, None, (kind, micro_batch, layer))
+
+    def call_later(self, delay: float, fn: Callable[[], Any]) -> None:
+        """Run ``fn()`` on the stream after ``delay`` seconds (stream thread only)."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._count), fn))
+
+    def watch(self, sock: Any, on_readable: Callable[[], None]) -> None:
+        """Call ``on_readable()`` on the stream whenever ``sock`` is readable (stream thread only)."""
+        self._selector.register(sock, selectors.EVENT_READ, (on_readable, None))
+
+    def want_write(self, sock: Any, on_writable: Callable[[], None] | None) -> None:
+        """Call ``on_writable()`` whenever watched ``sock`` can take more bytes, until
+        called again with None (stream thread only)."""
+        on_readable = self._selector.get_key(sock).data[0]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on_writable else 0)
+        self._selector.modify(sock, events, (on_readable, on_writable))
+
+    def unwatch(self, sock: Any) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    @property
+    def on_stream(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    # -- the thread ----------------------------------------------------------------------
+    def _queue(self, priority: float, fn: Callable[[], Any], fut: Any, loop: Any, where: tuple) -> None:
+        with self._lock:
             if self._closed:
                 raise RuntimeError("compute stream is closed")
-            heapq.heappush(self._heap, (priority, next(self._count), fn, fut, loop, (kind, micro_batch, layer)))
-            self._cv.notify()
-        return None if on_done is not None else fut
+            heapq.heappush(self._heap, (priority, next(self._count), fn, fut, loop, where))
+            wake = self._sleeping
+            self._sleeping = False
+        if wake:
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:  # the pipe is full: the thread will wake anyway
+                pass
+
+    def _poll(self, block: bool) -> None:
+        timeout = 0.0
+        if block:
+            timeout = None if not self._timers else max(0.0, self._timers[0][0] - time.monotonic())
+        for key, mask in self._selector.select(timeout):
+            if key.data is None:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            on_readable, on_writable = key.data
+            if mask & selectors.EVENT_WRITE and on_writable is not None:
+                _guarded(on_writable)
+            if mask & selectors.EVENT_READ:
+                _guarded(on_readable)
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _guarded(heapq.heappop(self._timers)[2])
 
     def _loop(self) -> None:
         if self._threads:
@@ -151,11 +238,17 @@ class ComputeStream:
             # intra-op thread counts are per calling thread: set them where the work runs
             torch.set_num_threads(self._threads)
         while True:
-            with self._cv:
-                while not self._heap and not self._closed:
-                    self._cv.wait()
-                if self._closed and not self._heap:
-                    return
+            with self._lock:
+                idle = not self._heap
+                if idle:
+                    if self._closed:
+                        break
+                    self._sleeping = True
+            self._poll(block=idle)  # idle: wait for work, a socket or a timer; else just look
+            with self._lock:
+                self._sleeping = False
+                if not self._heap:
+                    continue
                 _, _, fn, fut, loop, (kind, mb, layer) = heapq.heappop(self._heap)
             start = time.time()
             try:
@@ -164,22 +257,53 @@ class ComputeStream:
                 result, error = None, e
             if kind is not None:
                 self.timeline.record(kind, start, time.time(), mb, layer)
-            if isinstance(fut, asyncio.Future):
-                loop.call_soon_threadsafe(_settle, fut, result, error)
+            if fut is None:
+                if error is not None:
+                    logger.error("glinthawk compute job failed", exc_info=error)
+            elif isinstance(fut, asyncio.Future):
+                settle_threadsafe(fut, result, error)
             else:
-                loop.call_soon_threadsafe(fut, result, error)
+                try:
+                    loop.call_soon_threadsafe(fut, result, error)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def close(self) -> None:
-        with self._cv:
+        with self._lock:
             self._closed = True
-            self._cv.notify_all()
-        self._thread.join(timeout=10)
+            self._sleeping = False
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if not self.on_stream:
+            self._thread.join(timeout=10)
 
 
-def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if fut.cancelled():
+def _guarded(fn: Callable[[], Any]) -> None:
+    """Run a socket or timer callback: a bug in one must not stop the stream."""
+    try:
+        fn()
+    except Exception:
+        logger.exception("glinthawk compute stream: a callback failed")
+
+
+def settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """Give ``fut`` its result or error, unless it is done (cancelled, or settled before)."""
+    if fut.done():
         return
     if error is not None:
         fut.set_exception(error)
     else:
         fut.set_result(result)
+
+
+def settle_threadsafe(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """:func:`settle` from another thread (nothing, if the future's loop has closed)."""
+    try:
+        fut.get_loop().call_soon_threadsafe(settle, fut, result, error)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass

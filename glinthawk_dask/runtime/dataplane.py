@@ -1,21 +1,26 @@
-"""The data plane: one streamed connection per pair of workers, requests multiplexed on it.
+"""The data plane: one streamed connection per pair of workers, served on the compute streams.
 
 Dask keeps the control plane (placing runs, opening caches, submitting requests).  The
 per-layer traffic (q/k/v out, attention outputs back, hidden states between slices and
-sampled tokens back) goes over plain asyncio streams beside distributed's comms:
+sampled tokens back) goes over plain sockets beside distributed's comms:
 
-* every worker that hosts a tier listens on one extra port (:class:`DataPlane`),
-  announced by the ``glinthawk_dataplane`` handler and secured with the worker's own
-  TLS settings when the cluster uses TLS;
+* each tier of a worker listens on one extra port (:class:`DataPlane`), announced by
+  the worker's ``glinthawk_dataplane`` handler and secured with the cluster's own TLS
+  settings when the cluster uses TLS;
 * a worker keeps one long-lived connection to each peer it talks to
-  (:meth:`DataPlane.channel`); every request carries an id and the replies, in any
-  order, are matched by id, so all micro-batches in flight share that connection;
-* frames (:mod:`~glinthawk_dask.runtime.wire`) are received with ``recv_into`` into a
-  preallocated buffer (large ones straight into their own buffer) and decoded without
-  a copy; the frames written in one pass of the event loop leave in one write;
-* a request names a handler of the worker (``worker.handlers``) among those the tiers
-  allowed on the data plane, with its arguments and tensors as keyword arguments: the
-  same handlers the rpc layer serves.
+  (:meth:`DataPlane.channel`); every request carries an id and replies, in any order,
+  are matched by id, so all micro-batches in flight share that connection;
+* the sockets are served by the tier's :class:`~.compute.ComputeStream` thread, not by
+  the event loop: a dense job sends its q/k/v the moment it has them, and a reply
+  queues the next dense job on the same thread.  On an attention worker the requests
+  that arrived together are computed in one go and their replies leave in one write;
+* frames (:mod:`~glinthawk_dask.runtime.wire`) are read with ``recv_into`` into a
+  preallocated buffer (large ones straight into their own buffer), decoded without a
+  copy, and written with one ``sendmsg`` of header and tensor buffers;
+* a request names a handler of the worker (``worker.handlers``) among those the tier
+  serves on the data plane.  Handlers the tier runs inline (on the stream thread) are
+  used as long as the worker's handler table still holds the tier's own coroutine for
+  that name; any other handler (a plugin that wraps it, say) runs on the event loop.
 
 A connection that closes fails every request pending on it at once
 (:class:`ConnectionResetError`); a request not answered within its deadline fails
@@ -26,23 +31,31 @@ of an older run) is dropped and counted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
+import socket
+import ssl
 import time
 from typing import Any, Callable
 
 import torch
 from distributed.comm.addressing import get_address_host
 
+from .compute import ComputeStream, settle_threadsafe
 from .faults import AttentionLost, StaleRunError, WorkerFailure
-from .wire import PREFIX, decode, encode
+from .wire import PREFIX, data_offset, decode, encode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Channel", "Connection", "DataPlane", "RemoteError"]
+__all__ = ["Channel", "DataPlane", "FrameReader", "Link", "RemoteError"]
 
 STAGING_BYTES = 1 << 16  # frames up to this size are parsed from the staging buffer
+_IOV_MAX = 512  # buffers per sendmsg
+
+Frame = tuple[dict, dict[str, torch.Tensor]]
+OnReply = Callable[[Any, BaseException | None], None]
 
 
 class RemoteError(RuntimeError):
@@ -51,7 +64,7 @@ class RemoteError(RuntimeError):
 
 # Errors that cross the data plane as themselves (the driver acts on them); any other
 # exception arrives as a RemoteError with its type and message.
-_WIRE_ERRORS: dict[str, Callable[..., BaseException]] = {
+_WIRE_ERRORS: dict[str, type[BaseException]] = {
     "AttentionLost": AttentionLost,
     "StaleRunError": StaleRunError,
     "WorkerFailure": WorkerFailure,
@@ -60,7 +73,7 @@ _WIRE_ERRORS: dict[str, Callable[..., BaseException]] = {
 
 def _error_to_wire(e: BaseException) -> dict:
     name = type(e).__name__
-    if name in _WIRE_ERRORS and isinstance(e, _WIRE_ERRORS[name]):  # type: ignore[arg-type]
+    if isinstance(e, _WIRE_ERRORS.get(name, ())):
         return {"type": name, "args": [a if isinstance(a, (int, str, float)) else str(a) for a in e.args]}
     return {"type": "RemoteError", "args": [f"{name}: {e}"]}
 
@@ -69,36 +82,19 @@ def _error_from_wire(d: dict) -> BaseException:
     return _WIRE_ERRORS.get(d["type"], RemoteError)(*d["args"])
 
 
-class Connection(asyncio.BufferedProtocol):
-    """Frames over one stream, either side.
+class FrameReader:
+    """Bytes of a stream in, whole frames out (the parsing half of a connection)."""
 
-    ``on_frames(connection, [(meta, tensors), ...])`` gets the frames that arrived
-    together; ``on_lost(connection, exc)`` is called once when the stream closes.
-    """
-
-    def __init__(self, on_frames: Callable, on_lost: Callable | None = None) -> None:
-        self.on_frames = on_frames
-        self.on_lost = on_lost
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.peer = "?"
+    def __init__(self) -> None:
         self._staging = bytearray(STAGING_BYTES)
         self._sview = memoryview(self._staging)
         self._start = self._end = 0  # unparsed bytes in the staging buffer
         self._body: bytearray | None = None  # a large frame being read into its own buffer
         self._body_view: memoryview | None = None
         self._body_got = self._body_meta = 0
-        self._out: list[Any] = []
-        self._flush_scheduled = False
-        self.frames_in = self.frames_out = self.writes = 0
 
-    # -- asyncio callbacks ---------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes go."""
         if self._body_view is not None:
             return self._body_view[self._body_got:]
         if self._end == len(self._staging):  # full of a frame's beginning: move it to the front
@@ -107,26 +103,19 @@ class Connection(asyncio.BufferedProtocol):
             self._start, self._end = 0, n
         return self._sview[self._end:]
 
-    def buffer_updated(self, nbytes: int) -> None:
-        frames = []
+    def buffer_updated(self, nbytes: int, frames: list[Frame]) -> None:
+        """``nbytes`` were written into the last buffer: append the frames now whole."""
         if self._body is not None:
             self._body_got += nbytes
-            if self._body_got < len(self._body):
-                return
-            frames.append(decode(self._body, self._body_meta))
-            self._body = self._body_view = None
-        else:
-            self._end += nbytes
-            self._parse(frames)
-        if frames:
-            self.frames_in += len(frames)
-            self.on_frames(self, frames)
-
-    def _parse(self, frames: list) -> None:
+            if self._body_got == len(self._body):
+                frames.append(decode(self._body, self._body_meta))
+                self._body = self._body_view = None
+            return
+        self._end += nbytes
         buf, size = self._staging, PREFIX.size
         while self._end - self._start >= size:
             meta_len, data_len = PREFIX.unpack_from(buf, self._start)
-            body_len = meta_len + (-meta_len % 16) + data_len
+            body_len = data_offset(meta_len) + data_len
             have = self._end - self._start - size
             if have >= body_len:  # whole: copy it out of the staging buffer
                 s = self._start + size
@@ -143,147 +132,237 @@ class Connection(asyncio.BufferedProtocol):
         if self._start == self._end:
             self._start = self._end = 0
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._out = []
-        if self.on_lost is not None:
-            self.on_lost(self, exc)
 
-    # -- writing -------------------------------------------------------------------
-    def send(self, meta: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
-        """Queue one frame; the frames queued in one pass of the event loop leave in one write."""
+class Link:
+    """One data-plane socket served on a compute stream: frames in and out.
+
+    Every method runs on the stream's thread (but :meth:`close`, from anywhere).
+    ``on_frames(link, frames)`` gets the frames read together; ``on_closed(link, exc)``
+    is called once when the socket closes or fails.
+    """
+
+    def __init__(self, sock: socket.socket, stream: ComputeStream, peer: str,
+                 on_frames: Callable[["Link", list[Frame]], None],
+                 on_closed: Callable[["Link", BaseException | None], None]) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.stream = stream
+        self.peer = peer
+        self.on_frames = on_frames
+        self.on_closed = on_closed
+        self.reader = FrameReader()
+        self.closed = False
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._out: list[memoryview] = []  # bytes the socket has not taken yet
+        self.frames_in = self.frames_out = self.writes = 0
+
+    def start(self) -> None:
+        self.stream.watch(self.sock, self._readable)
+
+    def _readable(self) -> None:
+        frames: list[Frame] = []
+        while not self.closed:
+            buf = self.reader.get_buffer()
+            try:
+                n = self.sock.recv_into(buf)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except OSError as e:
+                self._fail(e)
+                break
+            if n == 0:
+                self._fail(None)
+                break
+            self.reader.buffer_updated(n, frames)
+            if n < len(buf) and not self._tls:  # drained (TLS may hold decrypted bytes: read on)
+                break
+        if frames:
+            self.frames_in += len(frames)
+            self.on_frames(self, frames)
+
+    def send(self, buffers: list[Any]) -> None:
+        """Write the buffers of one or more frames: at once, in one ``sendmsg``, as far as
+        the socket takes them; the rest when it can take more (the thread never waits on a
+        slow peer, so two workers sending to each other cannot block each other)."""
         if self.closed:
             raise ConnectionResetError(f"data-plane connection to {self.peer} is closed")
-        self._out += encode(meta, tensors)
+        views = [memoryview(b).cast("B") for b in buffers]
+        if self._tls:  # no sendmsg on TLS sockets
+            views = [memoryview(b"".join(views))]
         self.frames_out += 1
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self._out:  # earlier bytes are still waiting: keep the order
+            self._out += views
+            return
+        self._out = views
+        self._write()
+        if self._out and not self.closed:
+            self.stream.want_write(self.sock, self._write)
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out, self._out = self._out, []
-        if out and not self.closed:
-            self.transport.writelines(out)
+    def _write(self) -> None:
+        out = self._out
+        while out:
+            try:
+                n = self.sock.send(out[0]) if self._tls else self.sock.sendmsg(out[:_IOV_MAX])
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return
+            except OSError as e:
+                self._fail(e)
+                return
             self.writes += 1
+            while n:
+                if n >= out[0].nbytes:
+                    n -= out.pop(0).nbytes
+                else:
+                    out[0] = out[0][n:]
+                    n = 0
+        if not self.closed:
+            self.stream.want_write(self.sock, None)
+
+    def _fail(self, exc: BaseException | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._out = []
+        self.stream.unwatch(self.sock)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.on_closed(self, exc)
 
     def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.close()
+        """Close the socket (on the stream thread, wherever it is called from)."""
+        if self.stream.on_stream:
+            self._fail(None)
+        else:
+            try:
+                self.stream.push(-float("inf"), lambda: self._fail(None), kind=None)
+            except RuntimeError:  # the stream is closed: so is every socket it watched
+                self.closed = True
+                self.sock.close()
 
 
 class Channel:
-    """The requesting side of a connection: ids, pending replies, deadlines."""
+    """The requesting side of a connection: ids, pending replies and their deadlines.
 
-    def __init__(self, peer: str) -> None:
+    :meth:`request` runs on the stream thread and calls ``on_reply(result, error)``
+    there; :meth:`arequest` is the same for coroutines on the event loop.
+    """
+
+    def __init__(self, peer: str, sock: socket.socket, stream: ComputeStream) -> None:
         self.peer = peer  # the worker address, for messages
-        self.connection = Connection(self._on_frames, self._on_lost)
+        self.stream = stream
+        self.link = Link(sock, stream, peer, self._on_frames, self._on_closed)
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future, asyncio.TimerHandle | None]] = {}
+        self._pending: dict[int, tuple[OnReply, float]] = {}  # id -> (on_reply, deadline)
+        self._check_at: float | None = None  # when the deadline check timer fires
         self.dropped = 0  # replies whose request was no longer pending
 
     @property
     def closed(self) -> bool:
-        return self.connection.closed
+        return self.link.closed
 
-    def request(
-        self,
-        op: str,
-        args: dict | None = None,
-        tensors: dict[str, torch.Tensor] | None = None,
-        *,
-        timeout: float | None = None,
-        future: asyncio.Future | None = None,
-    ) -> asyncio.Future:
-        """Send a request for handler ``op``; the future gets the reply (a dict holding
-        the handler's result, its tensors decoded) or the error."""
-        loop = asyncio.get_running_loop()
-        fut = future if future is not None else loop.create_future()
+    def request(self, op: str, args: dict | None, tensors: dict[str, torch.Tensor] | None, on_reply: OnReply,
+                timeout: float = 60.0) -> None:
+        """Send a request for handler ``op`` (stream thread); ``on_reply(result, error)``
+        gets the handler's result (a dict holding its tensors, decoded) or the error."""
         if self.closed:
-            fut.set_exception(ConnectionResetError(f"data-plane connection to {self.peer} is closed"))
-            return fut
+            on_reply(None, ConnectionResetError(f"data-plane connection to {self.peer} is closed"))
+            return
         rid = next(self._ids)
-        timer = loop.call_later(timeout, self._expire, rid, timeout) if timeout else None
-        self._pending[rid] = (fut, timer)
-        self.connection.send({"i": rid, "op": op, "a": args or {}}, tensors)
-        return fut
+        deadline = time.monotonic() + timeout
+        self._pending[rid] = (on_reply, deadline)
+        if self._check_at is None or deadline < self._check_at:
+            self._check_at = deadline
+            self.stream.call_later(timeout, self._expire)
+        self.link.send(encode({"i": rid, "op": op, "a": args or {}}, tensors))
 
-    def _expire(self, rid: int, timeout: float) -> None:
-        entry = self._pending.pop(rid, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(TimeoutError(f"{self.peer} did not answer within {timeout:g} s"))
+    async def arequest(self, op: str, args: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
+                       timeout: float = 60.0) -> Any:
+        """:meth:`request` from a coroutine on the event loop."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
 
-    def _on_frames(self, conn: Connection, frames: list) -> None:
+        await self.stream.run(lambda: self.request(op, args, tensors, functools.partial(settle_threadsafe, fut),
+                                                   timeout))
+        return await fut
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        self._check_at = None
+        for rid in [r for r, (_, d) in self._pending.items() if d <= now]:
+            on_reply, deadline = self._pending.pop(rid)
+            on_reply(None, TimeoutError(f"{self.peer} did not answer within the deadline"))
+        if self._pending:
+            self._check_at = min(d for _, d in self._pending.values())
+            self.stream.call_later(max(0.0, self._check_at - now), self._expire)
+
+    def _on_frames(self, link: Link, frames: list[Frame]) -> None:
         for meta, tensors in frames:
             entry = self._pending.pop(meta["i"], None)
             if entry is None:
                 self.dropped += 1
                 continue
-            fut, timer = entry
-            if timer is not None:
-                timer.cancel()
-            if fut.done():
-                continue
             if "e" in meta:
-                fut.set_exception(_error_from_wire(meta["e"]))
+                entry[0](None, _error_from_wire(meta["e"]))
             else:
                 result = meta.get("r")
-                fut.set_result({**result, **tensors} if isinstance(result, dict) else result)
+                entry[0]({**result, **tensors} if isinstance(result, dict) else result, None)
 
-    def _on_lost(self, conn: Connection, exc: Exception | None) -> None:
+    def _on_closed(self, link: Link, exc: BaseException | None) -> None:
         pending, self._pending = self._pending, {}
         why = f": {exc}" if exc else ""
-        for fut, timer in pending.values():
-            if timer is not None:
-                timer.cancel()
-            if not fut.done():
-                fut.set_exception(ConnectionResetError(f"data-plane connection to {self.peer} closed{why}"))
+        for on_reply, _ in pending.values():
+            on_reply(None, ConnectionResetError(f"data-plane connection to {self.peer} closed{why}"))
 
     def close(self) -> None:
-        self.connection.close()
+        self.link.close()
 
 
 class DataPlane:
-    """A worker's data-plane endpoint: its listener and its connections to peers.
+    """One tier's data-plane endpoint on a worker: its listener and its channels to peers,
+    all served on the tier's compute stream.
 
-    One per worker (in ``worker.extensions``), shared by the tiers the worker hosts;
-    each tier allows its handlers with :meth:`allow`.
+    ``ops`` are the handler names the tier serves here; ``inline`` maps some of them to
+    ``(fn, handler)``: while ``worker.handlers[name] == handler``, requests run as
+    ``fn(**kwargs) -> (reply, delay_seconds)`` on the stream thread (the reply leaves
+    after ``delay_seconds``, the induced latency); otherwise ``worker.handlers[name]``
+    runs on the event loop.
     """
 
-    extension = "glinthawk-dataplane"
-
-    def __init__(self, worker: Any) -> None:
+    def __init__(self, worker: Any, stream: ComputeStream, tier: str, ops: list[str],
+                 inline: dict[str, tuple[Callable[..., tuple[Any, float]], Any]] | None = None) -> None:
         self.worker = worker
-        self.ops: set[str] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self.stream = stream
+        self.tier = tier
+        self.ops = set(ops)
+        self.inline = inline or {}
+        self._listener: socket.socket | None = None
         self._address: dict | None = None
         self._starting: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: dict[str, Channel] = {}
         self._connecting: dict[str, asyncio.Future] = {}
-        self._served: set[Connection] = set()
+        self._served: set[Link] = set()
 
-    @classmethod
-    def of(cls, worker: Any) -> "DataPlane":
-        """The worker's data plane (made on first use, with its ``glinthawk_dataplane`` handler)."""
-        dp = worker.extensions.get(cls.extension)
-        if dp is None:
-            dp = worker.extensions[cls.extension] = cls(worker)
-            worker.handlers["glinthawk_dataplane"] = dp.address
-        return dp
+    # -- announced through the worker ----------------------------------------------------
+    def register(self) -> None:
+        """Announce this data plane through the worker's ``glinthawk_dataplane(tier)`` handler."""
+        planes = self.worker.extensions.setdefault(_EXTENSION, {})
+        planes[self.tier] = self
+        self.worker.handlers["glinthawk_dataplane"] = _address_handler(planes)
 
-    def allow(self, ops: list[str]) -> None:
-        self.ops.update(ops)
-
-    def disallow(self, ops: list[str]) -> None:
-        """Withdraw handlers; with none left, close everything."""
-        self.ops.difference_update(ops)
-        if not self.ops:
-            self.close()
-            self.worker.extensions.pop(self.extension, None)
+    def unregister(self) -> None:
+        planes = self.worker.extensions.get(_EXTENSION, {})
+        if planes.get(self.tier) is self:
+            del planes[self.tier]
+        if not planes:
             self.worker.handlers.pop("glinthawk_dataplane", None)
 
     # -- the listening side ----------------------------------------------------------
-    def _tls(self, listen: bool):
+    def _tls(self, listen: bool) -> ssl.SSLContext | None:
         if not self.worker.address.startswith("tls://"):
             return None
         sec = self.worker.security
@@ -291,7 +370,7 @@ class DataPlane:
         return args.get("ssl_context")
 
     async def address(self) -> dict:
-        """Where this worker's data plane listens (started on first call)."""
+        """Where this tier's data plane listens (started on first call)."""
         if self._address is None:
             if self._starting is None:
                 self._starting = asyncio.ensure_future(self._start())
@@ -299,74 +378,134 @@ class DataPlane:
         return self._address
 
     async def _start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         host = get_address_host(self.worker.address)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Connection(self._serve, lambda conn, exc: self._served.discard(conn)),
-            host=host, port=0, ssl=self._tls(True),
-        )
-        sock = self._server.sockets[0]
-        self._address = {"host": host, "port": sock.getsockname()[1], "tls": self._tls(True) is not None}
-        logger.debug("glinthawk data plane of %s on %s:%d", self.worker.address, host, self._address["port"])
+        lsock = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        lsock.setblocking(False)
+        self._listener = lsock
+        await self.stream.run(lambda: self.stream.watch(lsock, self._accept))
+        self._address = {"host": host, "port": lsock.getsockname()[1], "tls": self._tls(True) is not None}
+        logger.debug("glinthawk %s data plane of %s on %s:%d", self.tier, self.worker.address, host,
+                     self._address["port"])
 
-    def _serve(self, conn: Connection, frames: list) -> None:
-        self._served.add(conn)
+    def _accept(self) -> None:
+        try:
+            sock, addr = self._listener.accept()
+        except (BlockingIOError, OSError):
+            return
+        ctx = self._tls(True)
+        if ctx is not None:
+            try:
+                sock.settimeout(10.0)
+                sock = ctx.wrap_socket(sock, server_side=True)  # the handshake, on this thread
+            except (OSError, ssl.SSLError) as e:
+                logger.warning("glinthawk data plane: TLS handshake with %s failed: %s", addr, e)
+                sock.close()
+                return
+        link = Link(sock, self.stream, f"{addr[0]}:{addr[1]}", self._serve, lambda lk, exc: self._served.discard(lk))
+        self._served.add(link)
+        link.start()
+
+    def _serve(self, link: Link, frames: list[Frame]) -> None:
+        now: list[Any] = []  # replies that leave together, in one write
         for meta, tensors in frames:
             rid, op = meta["i"], meta["op"]
             handler = self.worker.handlers.get(op) if op in self.ops else None
             if handler is None:
-                conn.send({"i": rid, "e": {"type": "RemoteError", "args": [f"no data-plane handler {op!r}"]}})
+                now += _reply(rid, None, RemoteError(f"no data-plane handler {op!r} on {self.worker.address}"))
                 continue
-            try:
-                result = handler(**meta["a"], **tensors)
-            except Exception as e:
-                _reply(conn, rid, None, e)
-                continue
-            if inspect.isawaitable(result):
-                asyncio.ensure_future(result).add_done_callback(
-                    lambda f, conn=conn, rid=rid: _reply(conn, rid, *_outcome(f)))
+            kwargs = {**meta["a"], **tensors}
+            fast = self.inline.get(op)
+            if fast is not None and handler == fast[1]:
+                try:
+                    result, delay = fast[0](**kwargs)
+                except Exception as e:
+                    now += _reply(rid, None, e)
+                    continue
+                if delay:
+                    frame = _reply(rid, result, None)
+                    self.stream.call_later(delay, lambda f=frame: _send_quietly(link, f))
+                else:
+                    now += _reply(rid, result, None)
             else:
-                _reply(conn, rid, result, None)
+                self._loop.call_soon_threadsafe(self._serve_on_loop, link, rid, handler, kwargs)
+        if now:
+            _send_quietly(link, now)
+
+    def _serve_on_loop(self, link: Link, rid: int, handler: Callable, kwargs: dict) -> None:
+        def answer(result: Any, error: BaseException | None) -> None:
+            frame = _reply(rid, result, error)
+            try:
+                self.stream.submit(-float("inf"), lambda: _send_quietly(link, frame), kind=None)
+            except RuntimeError:  # the stream closed: the worker is going away
+                pass
+
+        try:
+            result = handler(**kwargs)
+        except Exception as e:
+            answer(None, e)
+            return
+        if inspect.isawaitable(result):
+            asyncio.ensure_future(result).add_done_callback(lambda f: answer(*_outcome(f)))
+        else:
+            answer(result, None)
 
     # -- the requesting side ---------------------------------------------------------
-    async def channel(self, peer: str, timeout: float = 30.0) -> Channel:
-        """The open channel to worker ``peer`` (connected on first use, or again after it closed)."""
-        ch = self._channels.get(peer)
+    async def channel(self, peer: str, tier: str, timeout: float = 30.0) -> Channel:
+        """The open channel to the ``tier`` data plane of worker ``peer`` (connected on
+        first use, or again after it closed)."""
+        key = f"{tier} {peer}"
+        ch = self._channels.get(key)
         if ch is not None and not ch.closed:
             return ch
-        pending = self._connecting.get(peer)
+        pending = self._connecting.get(key)
         if pending is None:
-            pending = self._connecting[peer] = asyncio.ensure_future(self._connect(peer, timeout))
-            pending.add_done_callback(lambda _: self._connecting.pop(peer, None))
-        return await asyncio.shield(pending)
-
-    async def _connect(self, peer: str, timeout: float) -> Channel:
-        t0 = time.monotonic()
-        where = await asyncio.wait_for(self.worker.rpc(peer).glinthawk_dataplane(), timeout)
-        ch = Channel(peer)
-        loop = asyncio.get_running_loop()
-        ssl = self._tls(False) if where["tls"] else None
-        left = max(0.1, timeout - (time.monotonic() - t0))
-        await asyncio.wait_for(
-            loop.create_connection(lambda: ch.connection, where["host"], where["port"], ssl=ssl), left)
-        self._channels[peer] = ch
+            pending = self._connecting[key] = asyncio.ensure_future(self._connect(peer, tier, timeout))
+            pending.add_done_callback(lambda _: self._connecting.pop(key, None))
+        ch = await asyncio.shield(pending)
+        self._channels[key] = ch
         return ch
 
-    def forget(self, peer: str) -> None:
-        """Close the channel to ``peer`` (it is gone, or will not be talked to again)."""
-        ch = self._channels.pop(peer, None)
-        if ch is not None:
-            ch.close()
+    async def _connect(self, peer: str, tier: str, timeout: float) -> Channel:
+        t0 = time.monotonic()
+        where = await asyncio.wait_for(self.worker.rpc(peer).glinthawk_dataplane(tier=tier), timeout)
+        left = max(0.1, timeout - (time.monotonic() - t0))
+        ctx = self._tls(False) if where["tls"] else None
+
+        def connect() -> socket.socket:
+            sock = socket.create_connection((where["host"], where["port"]), timeout=left)
+            if ctx is not None:
+                sock = ctx.wrap_socket(sock, server_hostname=None if not ctx.check_hostname else where["host"])
+            return sock
+
+        sock = await asyncio.get_running_loop().run_in_executor(None, connect)
+        ch = Channel(peer, sock, self.stream)
+        await self.stream.run(ch.link.start)
+        return ch
 
     def close(self) -> None:
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()
-        for conn in list(self._served):
-            conn.close()
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        for link in list(self._served):
+            link.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+
+_EXTENSION = "glinthawk-dataplanes"  # worker.extensions key: {tier: DataPlane}
+
+
+def _address_handler(planes: dict[str, DataPlane]) -> Callable:
+    async def glinthawk_dataplane(tier: str) -> dict:
+        """Where this worker's data plane of ``tier`` listens."""
+        plane = planes.get(tier)
+        if plane is None:
+            raise ValueError(f"this worker hosts no {tier} tier")
+        return await plane.address()
+
+    return glinthawk_dataplane
 
 
 def _outcome(f: asyncio.Future) -> tuple[Any, BaseException | None]:
@@ -376,14 +515,18 @@ def _outcome(f: asyncio.Future) -> tuple[Any, BaseException | None]:
     return (None, e) if e is not None else (f.result(), None)
 
 
-def _reply(conn: Connection, rid: int, result: Any, error: BaseException | None) -> None:
-    if conn.closed:
-        return
+def _reply(rid: int, result: Any, error: BaseException | None) -> list[Any]:
+    """The buffers of a reply frame."""
     if error is not None:
-        conn.send({"i": rid, "e": _error_to_wire(error)})
-    elif isinstance(result, dict):
+        return encode({"i": rid, "e": _error_to_wire(error)})
+    if isinstance(result, dict):
         tensors = {k: v for k, v in result.items() if isinstance(v, torch.Tensor)}
         rest = {k: v for k, v in result.items() if k not in tensors} if tensors else result
-        conn.send({"i": rid, "r": rest}, tensors)
-    else:
-        conn.send({"i": rid, "r": result})
+        return encode({"i": rid, "r": rest}, tensors)
+    return encode({"i": rid, "r": result})
+
+
+def _send_quietly(link: Link, buffers: list[Any]) -> None:
+    """Send replies; a peer that went away gets none (its requests failed on its side)."""
+    if not link.closed:
+        link.send(buffers)

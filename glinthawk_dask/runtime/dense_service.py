@@ -29,7 +29,8 @@ from ..model.resolve import resolve_checkpoint
 from ..model.weights import SliceWeights, load_slice
 from ..sampling import SamplingParams, make_generator, sample
 from ..tokenizer import Tokenizer
-from .compute import ComputeStream
+from .compute import ComputeStream, settle_threadsafe
+from .dataplane import DataPlane
 from .faults import AttentionLost, StaleRunError
 from .messages import DTYPES
 from .staging import HostStaging
@@ -164,81 +165,15 @@ class SliceRun:
         return self._head_and_sample(x, msg) if self.weights.is_last else self.staging[msg["mb"]].to_host(x)[0]
 
     async def _two_tier(self, msg: dict, x_in: torch.Tensor | None):
-        cfg, layers, start, stop = self.config, self.weights.layers, self.spec.start, self.spec.stop
         mb = msg["mb"]
         address = self.spec.attention[mb]
-        channel = await self._channel(address, mb)
-        staging = self.staging[mb]
-        state: dict[str, Any] = {}
-
-        @torch.inference_mode()
-        def first():
-            batch, cos, sin, x = self._inputs(msg, x_in)
-            q, k, v = pre_attention(cfg, layers[0], x, cos, sin)
-            state.update(cos=cos, sin=sin, x=x)
-            return staging.to_host(q, k, v)
-
-        job, layout = first, self._layout(msg)
-        for layer in range(start, stop):
-            args = {"run_id": self.kv_runs[mb], "micro_batch": mb, "step": msg["step"], "layer": layer,
-                    "layout": layout if layer == start else None}
-            o = await self._compute_then_attend(job, channel, address, mb, layer, args)
-            i = layer - start
-
-            @torch.inference_mode()
-            def job(i=i, o=o):
-                o = o.to(self.device, non_blocking=True).to(self.weights.dtype)  # [T, H, D]
-                if i + 1 < len(layers):
-                    x, q, k, v = post_pre_attention(cfg, layers[i], layers[i + 1], state["x"], o,
-                                                    state["cos"], state["sin"])
-                    state["x"] = x
-                    return staging.to_host(q, k, v)
-                x = post_attention(cfg, layers[i], state["x"], o)  # [T, dim]
-                if self.weights.is_last:
-                    return self._head_and_sample(x, msg)
-                return staging.to_host(x)[0]
-
-        return await self.stream.submit(-stop, job, kind="dense", micro_batch=mb, layer=stop - 1)
-
-    async def _channel(self, address: str, mb: int):
         try:
-            return await self.service.dataplane.channel(address, self.spec.peer_timeout)
+            channel = await self.service.dataplane.channel(address, "attention", self.spec.peer_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise AttentionLost(address, self.spec.slice_index, mb, f"{type(e).__name__}: {e}") from None
-
-    async def _compute_then_attend(self, job, channel, address: str, mb: int, layer: int, args: dict):
-        """Run ``job`` (→ q, k, v on the host) on the compute stream and send its result
-        to the attention worker the moment it is done (on the loop, no coroutine in
-        between); return the attention output [T, H, D] (on the host)."""
-        loop = asyncio.get_running_loop()
-        reply = loop.create_future()
-        failed: list[BaseException] = []
-        latency, timeout = self.spec.latency, self.spec.peer_timeout
-
-        def send(qkv, error: BaseException | None) -> None:
-            if reply.done():
-                return
-            if error is not None:
-                failed.append(error)
-                reply.set_exception(error)
-                return
-            request = functools.partial(channel.request, "glinthawk_attend", args,
-                                        {"q": qkv[0], "k": qkv[1], "v": qkv[2]}, timeout=timeout, future=reply)
-            if latency:
-                loop.call_later(latency, request)
-            else:
-                request()
-
-        self.stream.submit(-layer, job, kind="dense", micro_batch=mb, layer=layer, on_done=send)
-        try:
-            out = await reply
-        except (OSError, asyncio.TimeoutError, StaleRunError) as e:
-            if failed:  # the dense compute itself failed: not the peer's doing
-                raise
-            raise AttentionLost(address, self.spec.slice_index, mb, f"{type(e).__name__}: {e}") from None
-        if "o" not in out:  # refused: the attention worker does not hold the run (restarted)
-            raise AttentionLost(address, self.spec.slice_index, mb, f"StaleRunError: {out.get('stale')}")
-        return out["o"]
+        done = asyncio.get_running_loop().create_future()
+        _TwoTierStep(self, msg, x_in, channel, done).start()
+        return await done
 
     def reroute(self, mb: int, address: str, kv_run: str) -> None:
         """Send micro-batch ``mb``'s attention to ``address``, to the cache ``kv_run``
@@ -251,10 +186,97 @@ class SliceRun:
         # the next slices may each wait a peer timeout before they report a lost attention worker
         downstream = max(1, len(self.spec.slices) - self.spec.slice_index - 1)
         timeout = self.spec.peer_timeout * (downstream + 1)
-        channel = await self.service.dataplane.channel(self.spec.next_address, self.spec.peer_timeout)
-        reply = await channel.request("glinthawk_forward", {"run_id": self.spec.run_id, "msg": msg}, {"x": x},
-                                      timeout=timeout)
+        channel = await self.service.dataplane.channel(self.spec.next_address, "dense", self.spec.peer_timeout)
+        reply = await channel.arequest("glinthawk_forward", {"run_id": self.spec.run_id, "msg": msg}, {"x": x},
+                                       timeout=timeout)
         return reply["tokens"]
+
+
+class _TwoTierStep:
+    """One micro-batch step through a slice's layers, driven on the compute stream.
+
+    Each dense job sends its q/k/v to the attention worker the moment it has them, and
+    the reply queues the next layer's dense job on the same thread: the event loop sees
+    the step only at its start and at its end (``done`` gets the sampled tokens, or the
+    hidden state [T, dim] on the host for the next slice, or the error).
+    """
+
+    def __init__(self, run: SliceRun, msg: dict, x_in: torch.Tensor | None, channel: Any,
+                 done: asyncio.Future) -> None:
+        self.run, self.msg, self.x_in, self.channel, self.done = run, msg, x_in, channel, done
+        self.mb = msg["mb"]
+        self.loop = done.get_loop()
+        self.stream = run.stream
+        self.staging = run.staging[self.mb]
+        self.layers = run.weights.layers
+        self.finished = False
+        self.x: torch.Tensor | None = None  # the residual stream [T, dim]
+        self.cos = self.sin = None  # [T, D] rotary rows
+
+    def start(self) -> None:
+        start = self.run.spec.start
+        self.stream.submit(-start, self._guarded(self._first), kind="dense", micro_batch=self.mb, layer=start,
+                           on_done=lambda _, error: error and self.finish(error=error))
+
+    def _guarded(self, fn, *args):
+        def job():
+            try:
+                with torch.inference_mode():
+                    fn(*args)
+            except Exception as e:
+                self.finish(error=e)
+        return job
+
+    # -- on the stream thread --------------------------------------------------------
+    def _first(self) -> None:
+        run = self.run
+        batch, self.cos, self.sin, self.x = run._inputs(self.msg, self.x_in)
+        q, k, v = pre_attention(run.config, self.layers[0], self.x, self.cos, self.sin)
+        self._send(run.spec.start, self.staging.to_host(q, k, v))
+
+    def _send(self, layer: int, qkv: tuple[torch.Tensor, ...]) -> None:
+        spec = self.run.spec
+        args = {"run_id": self.run.kv_runs[self.mb], "micro_batch": self.mb, "step": self.msg["step"],
+                "layer": layer, "layout": self.run._layout(self.msg) if layer == spec.start else None}
+        request = functools.partial(
+            self.channel.request, "glinthawk_attend", args, {"q": qkv[0], "k": qkv[1], "v": qkv[2]},
+            functools.partial(self._reply, layer), spec.peer_timeout,
+        )
+        if spec.latency:
+            self.stream.call_later(spec.latency, request)
+        else:
+            request()
+
+    def _reply(self, layer: int, reply: Any, error: BaseException | None) -> None:
+        if self.finished:
+            return
+        spec = self.run.spec
+        if error is None and "o" not in reply:  # refused: the attention worker does not hold the run
+            error = StaleRunError(reply.get("stale"))
+        if error is not None:
+            if isinstance(error, (OSError, TimeoutError, StaleRunError)):
+                error = AttentionLost(self.channel.peer, spec.slice_index, self.mb, f"{type(error).__name__}: {error}")
+            self.finish(error=error)
+            return
+        self.stream.push(-(layer + 1), self._guarded(self._dense, layer, reply["o"]), kind="dense",
+                         micro_batch=self.mb, layer=layer)
+
+    def _dense(self, layer: int, o: torch.Tensor) -> None:
+        run, cfg = self.run, self.run.config
+        i = layer - run.spec.start
+        o = o.to(run.device, non_blocking=True).to(run.weights.dtype)  # [T, H, D]
+        if i + 1 < len(self.layers):
+            self.x, q, k, v = post_pre_attention(cfg, self.layers[i], self.layers[i + 1], self.x, o, self.cos, self.sin)
+            self._send(layer + 1, self.staging.to_host(q, k, v))
+            return
+        x = post_attention(cfg, self.layers[i], self.x, o)  # [T, dim]
+        self.finish(run._head_and_sample(x, self.msg) if run.weights.is_last else self.staging.to_host(x)[0])
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Settle the step (from the stream thread or the loop), once."""
+        if not self.finished:
+            self.finished = True
+            settle_threadsafe(self.done, result, error)
 
 
 class DenseService:
@@ -266,10 +288,7 @@ class DenseService:
         self._weights: dict[tuple, SliceWeights] = {}
         self._tokenizers: dict[str, Any] = {}
         self.stream = ComputeStream("glinthawk-dense", threads=threads)
-        self.dataplane: Any = None  # the worker's DataPlane, set by the plugin
-
-    # handlers served on the data plane
-    dataplane_ops = ["glinthawk_forward"]
+        self.dataplane = DataPlane(worker, self.stream, "dense", ["glinthawk_forward"])
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -376,24 +395,31 @@ class DenseService:
 
     async def probe(self, address: str, config: dict, tokens: int, dtype: str = "float32", n: int = 5) -> float:
         """Seconds of one attention round trip to ``address`` for a micro-batch of
-        ``tokens`` decode tokens: requests of a run's shapes over this worker's data plane
-        (the median of ``n``, after one to connect and warm up)."""
+        ``tokens`` decode tokens: requests of a run's shapes sent and answered on this
+        worker's compute stream, as a run's are (the median of ``n``, after one to warm up)."""
         from ..model.config import ModelConfig
 
         cfg = ModelConfig(**config)
         dt = DTYPES[dtype]
         q = torch.randn(tokens, cfg.n_heads, cfg.head_dim).to(dt)  # [T, H, D]
         kv = torch.randn(tokens, cfg.n_kv_heads, cfg.head_dim).to(dt)  # [T, KVH, D]
-        channel = await self.dataplane.channel(address)
+        channel = await self.dataplane.channel(address, "attention")
+        loop = asyncio.get_running_loop()
         times = []
         for _ in range(n + 1):
-            t = time.perf_counter()
-            await channel.request("glinthawk_attend_probe", {"config": config}, {"q": q, "k": kv, "v": kv},
-                                  timeout=60.0)
-            times.append(time.perf_counter() - t)
+            fut = loop.create_future()
+
+            def send(fut=fut) -> None:
+                t = time.perf_counter()
+                channel.request("glinthawk_attend_probe", {"config": config}, {"q": q, "k": kv, "v": kv},
+                                lambda r, e: settle_threadsafe(fut, time.perf_counter() - t, e), 60.0)
+
+            await self.stream.run(send)
+            times.append(await fut)
         return sorted(times[1:])[n // 2]
 
     def close(self) -> None:
         self.runs.clear()
         self._weights.clear()
+        self.dataplane.close()
         self.stream.close()

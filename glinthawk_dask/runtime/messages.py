@@ -1,4 +1,5 @@
-"""What crosses the network between tiers: tensors as raw frames, layouts as plain ints.
+"""Tensors in messages of distributed's rpc (the data plane has its own frames, see
+:mod:`~glinthawk_dask.runtime.wire`).
 
 Tensors travel as ``{"dtype", "shape", "data"}`` where ``data`` is a numpy byte view
 wrapped for distributed's zero-copy frame serialization; no pickle is involved.
@@ -14,27 +15,20 @@ import numpy as np
 import torch
 from distributed.protocol import to_serialize
 
-__all__ = ["pack", "unpack", "DTYPES"]
+from .wire import CARRIERS, DTYPE_NAMES, DTYPES
 
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-}
-_NAMES = {v: k for k, v in DTYPES.items()}
-_CARRIER = {torch.bfloat16: torch.int16}  # dtypes numpy cannot hold, sent as same-size ints
+__all__ = ["pack", "unpack", "DTYPES"]
 
 
 def pack(t: torch.Tensor) -> dict[str, Any]:
     """A tensor (any device) → a message field."""
-    if t.dtype not in _NAMES:
+    if t.dtype not in DTYPE_NAMES:
         raise TypeError(f"cannot send tensors of dtype {t.dtype}")
     t = t.detach().contiguous()
     if t.device.type != "cpu":
         t = t.cpu()
-    arr = t.view(_CARRIER.get(t.dtype, t.dtype)).numpy()
-    return {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data": to_serialize(arr)}
+    arr = t.view(CARRIERS.get(t.dtype, t.dtype)).numpy()
+    return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data": to_serialize(arr)}
 
 
 def unpack(d: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:

@@ -21,7 +21,6 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from .. import config
 from . import dashboard
 from .attention_service import AttentionService
-from .dataplane import DataPlane
 from .dense_service import DenseService
 from .placement import PlacementError, kv_budget_bytes, make_plan
 
@@ -70,8 +69,7 @@ class _TierPlugin(WorkerPlugin):
         self._handlers = {**self.service.handlers(), f"glinthawk_{self.tier}_timeline": self.timeline,
                           f"glinthawk_{self.tier}_metrics": self.metrics}
         worker.handlers.update(self._handlers)
-        self.service.dataplane = DataPlane.of(worker)
-        self.service.dataplane.allow(self.service.dataplane_ops)
+        self.service.dataplane.register()
         self._digests = dashboard.TierDigests(worker, self.tier, self.service.stream.timeline)
         logger.info("glinthawk %s tier on %s", self.tier, worker.address)
 
@@ -81,7 +79,7 @@ class _TierPlugin(WorkerPlugin):
         if self._digests is not None:
             self._digests.stop()
         if self.service is not None:
-            self.service.dataplane.disallow(self.service.dataplane_ops)
+            self.service.dataplane.unregister()
             self.service.close()
 
     def timeline(self, since: float = 0.0) -> dict:

@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import torch
 
-__all__ = ["PREFIX", "DTYPES", "encode", "decode", "data_offset", "host_bytes"]
+__all__ = ["PREFIX", "DTYPES", "DTYPE_NAMES", "CARRIERS", "encode", "decode", "data_offset", "host_bytes"]
 
 PREFIX = struct.Struct("<IQ")  # meta bytes, data bytes (padding included)
 ALIGN = 16
@@ -35,8 +35,8 @@ DTYPES = {
     "int64": torch.int64,
     "int32": torch.int32,
 }
-_NAMES = {v: k for k, v in DTYPES.items()}
-_CARRIERS = {torch.bfloat16: torch.int16}  # dtypes numpy lacks, viewed as same-size ints
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+CARRIERS = {torch.bfloat16: torch.int16}  # dtypes numpy lacks, viewed as same-size ints
 
 
 def _pad(n: int) -> int:
@@ -52,9 +52,11 @@ def host_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
     if t.device.type != "cpu":
         raise ValueError("only host tensors go on the wire: copy device tensors to the host first")
+    if not t.numel():
+        return memoryview(b"")
     if not t.is_contiguous():
         t = t.contiguous()
-    carrier = _CARRIERS.get(t.dtype)
+    carrier = CARRIERS.get(t.dtype)
     return memoryview((t.view(carrier) if carrier is not None else t).numpy()).cast("B")
 
 
@@ -65,7 +67,7 @@ def encode(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None)
     table, buffers, offset = [], [], 0
     if tensors:
         for name, t in tensors.items():
-            dtype_name = _NAMES.get(t.dtype)
+            dtype_name = DTYPE_NAMES.get(t.dtype)
             if dtype_name is None:
                 raise TypeError(f"cannot send tensors of dtype {t.dtype}")
             raw = host_bytes(t)

@@ -115,6 +115,7 @@ def run_pipeline(
     t_start = time.perf_counter()
     state = Progress(shards_total=len(shards))
     examples: list[str] = []
+    given = llm is not None
     if llm is not None and llm.model != spec.model:
         raise GlinthawkError(f"the spec's model is {spec.model!r} but the LLM given runs {llm.model!r}")
     try:
@@ -123,6 +124,8 @@ def run_pipeline(
             engine_config=_engine_config(spec, topo.mode), n_micro_batches=topo.micro_batches,
             n_slices=topo.dense_workers, local_workers=(topo.dense_workers, topo.attention_workers),
         ) as llm:
+            if not given:
+                _load_model(llm)
             t0 = time.perf_counter()
             startup = t0 - t_start
             committed = sink.committed_ids()
@@ -168,6 +171,14 @@ def _page_reporter(llm: Any, name: str) -> Any:
     from ..runtime.dashboard import ProgressReporter
 
     return ProgressReporter(llm.client, name)
+
+
+def _load_model(llm: Any) -> None:
+    """Load the model where it runs (weights on the dense workers, the tokenizer) with a
+    one-token generation, so that start-up and generation are timed apart."""
+    from ..sampling import SamplingParams
+
+    list(llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, ignore_eos=True)))
 
 
 def _engine_config(spec: PipelineSpec, mode: str | None) -> EngineConfig:

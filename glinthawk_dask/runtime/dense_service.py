@@ -205,7 +205,6 @@ class _TwoTierStep:
                  done: asyncio.Future) -> None:
         self.run, self.msg, self.x_in, self.channel, self.done = run, msg, x_in, channel, done
         self.mb = msg["mb"]
-        self.loop = done.get_loop()
         self.stream = run.stream
         self.staging = run.staging[self.mb]
         self.layers = run.weights.layers
@@ -248,7 +247,7 @@ class _TwoTierStep:
             request()
 
     def _reply(self, layer: int, reply: Any, error: BaseException | None) -> None:
-        if self.finished:
+        if self.finished or self.done.done():  # settled, or nobody waits (the run closed)
             return
         spec = self.run.spec
         if error is None and "o" not in reply:  # refused: the attention worker does not hold the run

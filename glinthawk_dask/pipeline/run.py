@@ -125,7 +125,7 @@ def run_pipeline(
             n_slices=topo.dense_workers, local_workers=(topo.dense_workers, topo.attention_workers),
         ) as llm:
             if not given:
-                _load_model(llm)
+                _load_model(llm, spec.model)
             t0 = time.perf_counter()
             startup = t0 - t_start
             committed = sink.committed_ids()
@@ -173,12 +173,19 @@ def _page_reporter(llm: Any, name: str) -> Any:
     return ProgressReporter(llm.client, name)
 
 
-def _load_model(llm: Any) -> None:
-    """Load the model where it runs (weights on the dense workers, the tokenizer) with a
-    one-token generation, so that start-up and generation are timed apart."""
+def _load_model(llm: Any, model: str) -> None:
+    """Load the model where it runs (weights on the dense workers with a one-token
+    generation, the tokenizer on the CPU workers that read shards), so that start-up
+    and generation are timed apart."""
     from ..sampling import SamplingParams
 
     list(llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, ignore_eos=True)))
+    if llm.client is not None:
+        llm.client.run(_load_worker_tokenizer, model, workers=_cpu_workers(llm.client))
+
+
+def _load_worker_tokenizer(model: str) -> None:
+    _worker_tokenizer(model)
 
 
 def _engine_config(spec: PipelineSpec, mode: str | None) -> EngineConfig:

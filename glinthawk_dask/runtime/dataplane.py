@@ -156,6 +156,7 @@ class Link:
         self.closed = False
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._out: list[memoryview] = []  # bytes the socket has not taken yet
+        self._waiting = False  # for the socket to take more
         self.frames_in = self.frames_out = self.writes = 0
 
     def start(self) -> None:
@@ -182,23 +183,21 @@ class Link:
             self.frames_in += len(frames)
             self.on_frames(self, frames)
 
-    def send(self, buffers: list[Any]) -> None:
-        """Write the buffers of one or more frames: at once, in one ``sendmsg``, as far as
-        the socket takes them; the rest when it can take more (the thread never waits on a
-        slow peer, so two workers sending to each other cannot block each other)."""
+    def send(self, buffers: list[memoryview]) -> None:
+        """Write the byte views of one or more frames (:func:`~.wire.encode`): at once, in
+        one ``sendmsg``, as far as the socket takes them; the rest when it can take more
+        (the thread never waits on a slow peer, so two workers sending to each other
+        cannot block each other)."""
         if self.closed:
             raise ConnectionResetError(f"data-plane connection to {self.peer} is closed")
-        views = [memoryview(b).cast("B") for b in buffers]
         if self._tls:  # no sendmsg on TLS sockets
-            views = [memoryview(b"".join(views))]
+            buffers = [memoryview(b"".join(buffers))]
         self.frames_out += 1
         if self._out:  # earlier bytes are still waiting: keep the order
-            self._out += views
+            self._out += buffers
             return
-        self._out = views
+        self._out = list(buffers)
         self._write()
-        if self._out and not self.closed:
-            self.stream.want_write(self.sock, self._write)
 
     def _write(self) -> None:
         out = self._out
@@ -206,7 +205,7 @@ class Link:
             try:
                 n = self.sock.send(out[0]) if self._tls else self.sock.sendmsg(out[:_IOV_MAX])
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                return
+                break
             except OSError as e:
                 self._fail(e)
                 return
@@ -217,8 +216,10 @@ class Link:
                 else:
                     out[0] = out[0][n:]
                     n = 0
-        if not self.closed:
-            self.stream.want_write(self.sock, None)
+        waiting = bool(out)
+        if waiting != self._waiting and not self.closed:  # wait for the socket to take more, or stop
+            self._waiting = waiting
+            self.stream.want_write(self.sock, self._write if waiting else None)
 
     def _fail(self, exc: BaseException | None) -> None:
         if self.closed:

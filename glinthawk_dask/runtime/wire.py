@@ -49,20 +49,23 @@ def data_offset(meta_len: int) -> int:
 
 
 def host_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
+    """The bytes of a CPU tensor (copied only if it is not contiguous)."""
+    carrier = CARRIERS.get(t.dtype)
+    try:  # the common case: a contiguous host tensor
+        return memoryview((t if carrier is None else t.view(carrier)).numpy()).cast("B")
+    except (TypeError, RuntimeError):
+        pass
     if t.device.type != "cpu":
         raise ValueError("only host tensors go on the wire: copy device tensors to the host first")
     if not t.numel():
         return memoryview(b"")
-    if not t.is_contiguous():
-        t = t.contiguous()
-    carrier = CARRIERS.get(t.dtype)
+    t = t.contiguous()
     return memoryview((t.view(carrier) if carrier is not None else t).numpy()).cast("B")
 
 
-def encode(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[Any]:
-    """The buffers of one frame (to be written in order): ``meta`` plus the tensor table,
-    then the tensors' bytes.  ``meta`` must be msgpack-able; tensors must be on the host.
+def encode(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[memoryview]:
+    """The buffers of one frame (byte views, to be written in order): ``meta`` plus the
+    tensor table, then the tensors' bytes.  ``meta`` must be msgpack-able; tensors must be on the host.
     ``meta`` gets the table as its ``"t"`` entry."""
     table, buffers, offset = [], [], 0
     if tensors:
@@ -76,12 +79,12 @@ def encode(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None)
             n = raw.nbytes
             pad = -n % ALIGN
             if pad:
-                buffers.append(_ZEROS[:pad])
+                buffers.append(memoryview(_ZEROS[:pad]))
             offset += n + pad
     meta["t"] = table
     head = msgpack.packb(meta, use_bin_type=True)
     pad = -len(head) % ALIGN
-    out = [PREFIX.pack(len(head), offset), head + _ZEROS[:pad] if pad else head]
+    out = [memoryview(PREFIX.pack(len(head), offset)), memoryview(head + _ZEROS[:pad] if pad else head)]
     out += buffers
     return out
 

@@ -169,6 +169,10 @@ async def test_large_frames_both_ways_at_once_never_block_the_streams():
         got = await asyncio.gather(*(channel.arequest("echo", {"n": n}, payload) for n in range(6)))
         assert [r["n"] for r in got] == list(range(6))
         assert all(torch.equal(r["o"], payload["q"]) for r in got)
+        # empty tensors (a step with nothing to attend) travel too
+        empty = {"q": torch.empty(0, 9, 64), "k": torch.empty(0, 3, 64), "v": torch.empty(0, 3, 64)}
+        reply = await channel.arequest("echo", {"n": 7}, empty, timeout=5.0)
+        assert reply["n"] == 7 and reply["o"].shape == (0, 9, 64)
 
 
 @gen_test(timeout=30)

@@ -75,8 +75,9 @@ def encode(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None)
                 raise TypeError(f"cannot send tensors of dtype {t.dtype}")
             raw = host_bytes(t)
             table.append((name, dtype_name, t.shape, offset))
-            buffers.append(raw)
             n = raw.nbytes
+            if n:  # an empty buffer would stall a writer that waits for bytes taken
+                buffers.append(raw)
             pad = -n % ALIGN
             if pad:
                 buffers.append(memoryview(_ZEROS[:pad]))

@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,46 @@ def overlap_report(llm: LLM, seconds: float) -> dict[str, float]:
     o["wall"] = seconds
     o["overlap_fraction"] = o["overlap"] / seconds if seconds else 0.0
     return o
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of each named thread of this process (run on the workers)."""
+    import threading
+
+    import psutil
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for t in psutil.Process().threads():
+        name = names.get(t.id, "other (native)")
+        out[name] = out.get(name, 0.0) + t.user_time + t.system_time
+    return out
+
+
+def thread_report(llm: LLM, fn) -> tuple[Any, dict[str, dict[str, float]]]:
+    """Run ``fn()`` and return its result and, for every worker of ``llm``'s cluster, the
+    share of the wall time each of its threads spent on a CPU meanwhile (where the time
+    goes: the compute streams, the event loop, torch's own threads)."""
+    client = llm.client
+    before, t0 = client.run(thread_cpu), time.perf_counter()
+    result = fn()
+    after, wall = client.run(thread_cpu), time.perf_counter() - t0
+    shares = {}
+    for addr, cpu in after.items():
+        prior = before.get(addr, {})
+        shares[addr] = {name: (sec - prior.get(name, 0.0)) / wall for name, sec in cpu.items()
+                        if sec - prior.get(name, 0.0) >= 0.01 * wall}
+    return result, shares
+
+
+def thread_text(llm: LLM, shares: dict[str, dict[str, float]]) -> str:
+    reg = llm.client.sync(llm.client.scheduler.glinthawk_registry)
+    lines = []
+    for addr in sorted(shares):
+        tier = "dense" if addr in reg["dense"] else "attention" if addr in reg["attention"] else "worker"
+        busy = ", ".join(f"{name} {share:.0%}" for name, share in sorted(shares[addr].items(), key=lambda x: -x[1]))
+        lines.append(f"  {tier} {addr}: {busy or 'idle'}")
+    return "\n".join(lines)
 
 
 def bench_two_tier(llm: LLM, prompt_ids: Sequence[list[int]], batch: int, new_tokens: int) -> bi.Result:
@@ -262,12 +303,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         warm_s = bi.timed(lambda: bi.engine_generate(base, [prompt_ids[0][:4]], 2))[1]
         print(f"two-tier cluster: started in {start_s:.1f} s, warm-up generate (weights onto the "
               f"workers) {warm_s:.1f} s, not timed", flush=True)
-        tt, cpus["two-tier"] = with_cpu(lambda: bench_two_tier(base, prompt_ids, args.batch, args.new_tokens))
+        (tt, cpus["two-tier"]), threads = thread_report(base, lambda: with_cpu(
+            lambda: bench_two_tier(base, prompt_ids, args.batch, args.new_tokens)))
         summary = base.engine.last_summary
         overlap = overlap_report(base, tt.seconds)
         results.insert(0, tt)
         print(f"two-tier: {tt.tokens_per_s:.1f} tokens/s; machine CPU during it: {cpu_text(cpus['two-tier'])}",
               flush=True)
+        print("where the workers' time went (CPU of each thread / wall time of the two-tier run):")
+        print(thread_text(base, threads), flush=True)
 
         print()
         bi.print_table(results)
@@ -298,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               "asked": args.micro_batches, "max_step_tokens": tt_steps,
                               "n_steps": summary.n_steps},
             "tier_overlap": overlap,
+            "worker_threads_cpu_share": threads,
             "ratio_two_tier_over_inprocess": ratio_ip,
             "ratio_two_tier_over_hf": ratio_hf,
             "identical_to_inprocess": same,

@@ -273,12 +273,15 @@ class ComputeStream:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._sleeping = False
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+            # under the lock: the thread closes the pipe only after it saw _closed here
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:  # the pipe is full: the thread will wake anyway
+                pass
         if not self.on_stream:
             self._thread.join(timeout=10)
 

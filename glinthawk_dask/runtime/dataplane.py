@@ -157,7 +157,7 @@ class Link:
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._out: list[memoryview] = []  # bytes the socket has not taken yet
         self._waiting = False  # for the socket to take more
-        self.frames_in = self.frames_out = self.writes = 0
+        self.frames_in = self.writes = 0
 
     def start(self) -> None:
         self.stream.watch(self.sock, self._readable)
@@ -192,7 +192,6 @@ class Link:
             raise ConnectionResetError(f"data-plane connection to {self.peer} is closed")
         if self._tls:  # no sendmsg on TLS sockets
             buffers = [memoryview(b"".join(buffers))]
-        self.frames_out += 1
         if self._out:  # earlier bytes are still waiting: keep the order
             self._out += buffers
             return
@@ -277,20 +276,22 @@ class Channel:
         self._pending[rid] = (on_reply, deadline)
         if self._check_at is None or deadline < self._check_at:
             self._check_at = deadline
-            self.stream.call_later(timeout, self._expire)
+            self.stream.call_later(timeout, functools.partial(self._expire, deadline))
         self.link.send(encode({"i": rid, "op": op, "a": args or {}}, tensors))
 
     async def arequest(self, op: str, args: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
                        timeout: float = 60.0) -> Any:
         """:meth:`request` from a coroutine on the event loop."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-
+        fut = asyncio.get_running_loop().create_future()
         await self.stream.run(lambda: self.request(op, args, tensors, functools.partial(settle_threadsafe, fut),
                                                    timeout))
         return await fut
 
-    def _expire(self) -> None:
+    def _expire(self, at: float) -> None:
+        """Fail the requests past their deadline (a timer set for ``at``; a timer that an
+        earlier deadline superseded does nothing, so one timer chain runs per channel)."""
+        if at != self._check_at:
+            return
         now = time.monotonic()
         self._check_at = None
         for rid in [r for r, (_, d) in self._pending.items() if d <= now]:
@@ -298,7 +299,7 @@ class Channel:
             on_reply(None, TimeoutError(f"{self.peer} did not answer within the deadline"))
         if self._pending:
             self._check_at = min(d for _, d in self._pending.values())
-            self.stream.call_later(max(0.0, self._check_at - now), self._expire)
+            self.stream.call_later(max(0.0, self._check_at - now), functools.partial(self._expire, self._check_at))
 
     def _on_frames(self, link: Link, frames: list[Frame]) -> None:
         for meta, tensors in frames:

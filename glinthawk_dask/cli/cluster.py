@@ -216,7 +216,7 @@ def worker(scheduler: str, tier: str, kv_bytes: str | None, nthreads: int, memor
     import dask.config
     from distributed import Nanny, Worker
 
-    from ..runtime.cluster import tier_worker_options
+    from ..runtime.cluster import NANNY_CONFIG, tier_worker_options
     from ..runtime.plugins import AttentionWorkerPlugin, DenseWorkerPlugin
 
     _scheduler_address(scheduler)
@@ -242,7 +242,9 @@ def worker(scheduler: str, tier: str, kv_bytes: str | None, nthreads: int, memor
 
     async def main_() -> int | None:
         if nanny:
-            server = Nanny(scheduler, port=nanny_port, worker_port=worker_port, env=env, config=memory_config, **opts)
+            with dask.config.set(NANNY_CONFIG):  # read by the nanny when it is made
+                server = Nanny(scheduler, port=nanny_port, worker_port=worker_port, env=env, config=memory_config,
+                               **opts)
         else:
             os.environ.update(env)
             dask.config.set(memory_config)

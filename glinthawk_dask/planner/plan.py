@@ -1,0 +1,164 @@
+"""Choose a plan: sweep configurations through the simulator and rank them.
+
+:func:`sweep` evaluates every combination of mode, dense workers, attention workers per
+dense worker, micro-batch size and depth that the cluster (or the ``--dense`` /
+``--attention`` limits) allows; :func:`best` picks the fastest (or the cheapest per
+token when prices are given and ``by="cost"``).  :func:`format_table` and
+:func:`options_of` turn predictions into what a user reads and types.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from ..model.config import ModelConfig
+from .profile import Profile
+from .simulate import Prediction, RunConfig, Workload, simulate
+
+__all__ = ["Prices", "candidates", "sweep", "best", "format_table", "options_of", "spec_fields"]
+
+
+@dataclass(frozen=True)
+class Prices:
+    """$/hour of one dense worker and one attention worker (None: not priced)."""
+
+    dense: float | None = None
+    attention: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | None, profile: Profile | None = None) -> "Prices":
+        """``dense=X,attention=Y``; missing ones come from the profile."""
+        out = {"dense": profile.dense.price_per_hour if profile else None,
+               "attention": profile.attention.price_per_hour if profile else None}
+        for part in (text or "").split(","):
+            if not part.strip():
+                continue
+            key, _, value = part.partition("=")
+            key = key.strip()
+            if key not in out or not value:
+                raise ValueError(f"--prices takes dense=X,attention=Y ($/hour), not {text!r}")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ValueError(f"--prices: {value!r} is not a number") from None
+        return cls(**out)
+
+
+def _sizes(limit: int) -> list[int]:
+    """Powers of two up to ``limit`` and ``limit`` itself, none so small that 64
+    micro-batches of it would not hold the requests."""
+    smallest = max(1, limit // 64)
+    sizes = {limit}
+    s = 1
+    while s < limit:
+        if s >= smallest:
+            sizes.add(s)
+        s *= 2
+    return sorted(sizes)
+
+
+def candidates(
+    n_requests: int,
+    *,
+    modes: Sequence[str] = ("two-tier", "single-tier"),
+    dense: int | Sequence[int] = 1,
+    attention: int | Sequence[int] = 1,
+    micro_batch_size: int | None = None,
+    micro_batches: int | None = None,
+    max_depth: int = 8,
+    max_seq_len: int | None = None,
+    latency: float = 0.0,
+    dtype_bytes: int = 4,
+    max_step_tokens: int = 512,
+) -> list[RunConfig]:
+    """Every configuration worth simulating; fixed knobs stay fixed.  ``dense`` and
+    ``attention`` are counts to use (a number: all of 1..n)."""
+    dense_opts = range(1, dense + 1) if isinstance(dense, int) else list(dense)
+    attn_opts = range(1, attention + 1) if isinstance(attention, int) else list(attention)
+    sizes = [micro_batch_size] if micro_batch_size else _sizes(n_requests)
+    out = []
+    for mode in modes:
+        for d in dense_opts:
+            for a in (attn_opts if mode == "two-tier" else [1]):
+                for b in sizes:
+                    most = max(1, math.ceil(n_requests / b))
+                    depths = [micro_batches] if micro_batches else range(1, min(max_depth, most) + 1)
+                    for m in depths:
+                        if mode == "two-tier" and a > m:
+                            continue  # an attention worker with no micro-batch
+                        out.append(RunConfig(mode=mode, micro_batch_size=b, micro_batches=m, dense=d, attention=a,
+                                             max_seq_len=max_seq_len, latency=latency, dtype_bytes=dtype_bytes,
+                                             max_step_tokens=max(max_step_tokens, b)))
+    return out
+
+
+def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Iterable[RunConfig]) -> list[Prediction]:
+    """Predictions for ``configs``, fastest first (infeasible ones last)."""
+    cache: dict = {}
+    preds = [simulate(profile, model, workload, c, cache) for c in configs]
+    return sorted(preds, key=lambda p: (not p.feasible, -p.tokens_per_s))
+
+
+def best(preds: Sequence[Prediction], prices: Prices | None = None, by: str = "speed") -> Prediction | None:
+    """The fastest feasible prediction, or the cheapest per token (``by="cost"``).
+
+    Among plans within 2% of the best speed, the one with fewer workers and fewer
+    micro-batches wins: the simulator is not that exact, and smaller plans leave room."""
+    ok = [p for p in preds if p.feasible and p.tokens_per_s > 0]
+    if not ok:
+        return None
+    if by == "cost" and prices is not None:
+        costed = [(p.cost_per_million(prices.dense, prices.attention), p) for p in ok]
+        costed = [(c, p) for c, p in costed if c is not None]
+        if costed:
+            return min(costed, key=lambda cp: cp[0])[1]
+    top = max(p.tokens_per_s for p in ok)
+    near = [p for p in ok if p.tokens_per_s >= 0.98 * top]
+    return min(near, key=lambda p: (p.config.dense * (1 + p.config.attention), p.micro_batches, -p.tokens_per_s))
+
+
+def options_of(p: Prediction) -> str:
+    """The CLI options that run this plan."""
+    c = p.config
+    opts = [f"--mode {c.mode}", f"--micro-batch-size {p.micro_batch_size}", f"--micro-batches {p.micro_batches}"]
+    if c.dense > 1:
+        opts.append(f"--slices {c.dense}")
+    if c.max_seq_len:
+        opts.append(f"--max-seq-len {c.max_seq_len}")
+    return " ".join(opts)
+
+
+def spec_fields(p: Prediction) -> dict:
+    """The pipeline spec fields (``engine:`` section) that run this plan."""
+    c = p.config
+    out = {"mode": c.mode, "micro_batch_size": p.micro_batch_size, "micro_batches": p.micro_batches}
+    if c.dense > 1:
+        out["slices"] = c.dense
+    if c.max_seq_len:
+        out["max_seq_len"] = c.max_seq_len
+    return out
+
+
+def format_table(preds: Sequence[Prediction], prices: Prices | None = None, limit: int = 10) -> str:
+    """The best predictions as a readable table."""
+    priced = prices is not None and prices.dense is not None
+    head = ["mode", "dense", "attn/dense", "mb size", "mbs", "tok/s", "dense %", "attn %", "KV/attn GiB",
+            "KV/dense GiB", "bottleneck"] + (["$/M tok"] if priced else [])
+    rows = []
+    for p in [p for p in preds if p.feasible][:limit]:
+        c = p.config
+        row = [c.mode, str(c.dense), str(c.attention) if c.mode == "two-tier" else "-", str(p.micro_batch_size),
+               str(p.micro_batches), f"{p.tokens_per_s:.1f}", f"{100 * p.dense_util:.0f}",
+               f"{100 * p.attention_util:.0f}" if c.mode == "two-tier" else "-",
+               f"{p.kv_bytes_attention / 2**30:.2f}" if c.mode == "two-tier" else "-",
+               f"{p.kv_bytes_dense / 2**30:.2f}" if c.mode != "two-tier" else "-", p.bottleneck]
+        if priced:
+            cost = p.cost_per_million(prices.dense, prices.attention)
+            row.append("-" if cost is None else f"{cost:.2f}")
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,506 @@
+"""A discrete-event model of a run: what tokens/s a plan gets on a profile's hardware.
+
+Two levels:
+
+* **Continuous batching, step by step** (:func:`simulate`).  The requests of a
+  :class:`Workload` are admitted into micro-batch slots, prompts are prefilled in
+  chunks within ``max_step_tokens``, decoding sequences take one token per step and
+  leave when their output length is reached, as :class:`~glinthawk_dask.engine.scheduler.BatchScheduler`
+  does.  Each round every busy micro-batch takes one step.
+* **The pipeline of one round** (:func:`round_period`).  Micro-batches of given shapes
+  cycle through the layers: a dense job per layer on their slice's dense worker (one
+  compute stream, higher layers first), a round trip to their attention worker (network
+  time plus induced latency each way) and the attention job there (one stream, in
+  order of arrival), then across slices.  The events are simulated until the cycle is
+  steady, and the period of one step is read off it.  When the tiers share a machine's
+  cores, a job that starts while the other tier computes runs slower by the profile's
+  slowdown; a dense job that starts after its worker idled runs at the profile's cold
+  cost.  Rounds of the same shape (tokens, context read, rows) are simulated once.
+
+Single-tier and in-process runs have no attention tier: attention runs on the dense
+worker, inside its job.  Everything here is pure Python on numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..model.config import ModelConfig
+from .profile import Profile
+
+__all__ = ["Workload", "RunConfig", "Prediction", "MicroBatchShape", "simulate", "round_period"]
+
+MODES = ("two-tier", "single-tier", "in-process")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The requests of a run: a prompt length and an output length for each."""
+
+    prompt_lens: tuple[int, ...]
+    output_lens: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.prompt_lens) != len(self.output_lens) or not self.prompt_lens:
+            raise ValueError("a workload needs one prompt length and one output length per request")
+        if min(self.prompt_lens) < 1 or min(self.output_lens) < 1:
+            raise ValueError("prompt and output lengths must be at least 1")
+
+    @classmethod
+    def uniform(cls, n: int, prompt: int, output: int) -> "Workload":
+        return cls((prompt,) * n, (output,) * n)
+
+    @classmethod
+    def resample(cls, prompt_lens: Sequence[int], output_lens: Sequence[int] | int, n: int,
+                 seed: int = 0) -> "Workload":
+        """``n`` requests drawn from samples of lengths (``output_lens`` may be one number)."""
+        rng = random.Random(seed)
+        outs = [output_lens] if isinstance(output_lens, int) else list(output_lens)
+        return cls(tuple(rng.choice(prompt_lens) for _ in range(n)), tuple(rng.choice(outs) for _ in range(n)))
+
+    @property
+    def n(self) -> int:
+        return len(self.prompt_lens)
+
+    @property
+    def max_len(self) -> int:
+        return max(p + o for p, o in zip(self.prompt_lens, self.output_lens))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A plan to evaluate: the knobs a spec or the CLI sets."""
+
+    mode: str = "two-tier"
+    micro_batch_size: int = 32
+    micro_batches: int = 1
+    dense: int = 1  # dense workers, one layer slice each
+    attention: int = 1  # attention workers per slice
+    max_seq_len: int | None = None  # KV slot capacity; None: sized to the workload
+    max_step_tokens: int = 512
+    latency: float = 0.0  # seconds added to every inter-tier message
+    dtype_bytes: int = 4
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if min(self.micro_batch_size, self.micro_batches, self.dense, self.attention) < 1:
+            raise ValueError("micro-batch size, micro-batches, dense and attention workers must be at least 1")
+
+
+@dataclass
+class Prediction:
+    """What the simulator expects of a run."""
+
+    config: RunConfig
+    feasible: bool
+    reason: str = ""
+    seconds: float = 0.0
+    generated_tokens: int = 0
+    steps: int = 0
+    dense_util: float = 0.0  # busy share of each dense worker's compute stream
+    attention_util: float = 0.0  # busy share of each attention worker's stream
+    kv_bytes_attention: float = 0.0  # KV reserved on the fullest attention worker
+    kv_bytes_dense: float = 0.0  # KV reserved on each dense worker
+    bottleneck: str = ""  # "dense", "attention" or "round trip"
+    micro_batch_size: int = 0  # as placed (the workload may fill fewer slots than asked)
+    micro_batches: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def cost_per_million(self, dense_price: float | None, attention_price: float | None) -> float | None:
+        """Dollars per million generated tokens at these $/hour prices (None if unpriced)."""
+        if dense_price is None or (self.config.mode == "two-tier" and attention_price is None):
+            return None
+        c = self.config
+        per_hour = c.dense * dense_price + (c.dense * c.attention * attention_price if c.mode == "two-tier" else 0)
+        return per_hour / 3600.0 / self.tokens_per_s * 1e6 if self.tokens_per_s else None
+
+
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """One micro-batch step: tokens run, KV positions read, attention work, rows sampled."""
+
+    tokens: int
+    kv_read: int  # sum over segments of (start + count): positions each attends over
+    attn_units: int  # sum over segments of count x (start + count): query-key pairs
+    rows: int  # sequences sampled (the head's rows)
+    seqs: int
+
+    def bucket(self) -> "MicroBatchShape":
+        """A nearby shape that rounds share (costs vary slowly with these sizes)."""
+        return MicroBatchShape(_b(self.tokens), _b(self.kv_read), _b(self.attn_units), _b(self.rows), _b(self.seqs))
+
+
+def _b(x: int) -> int:
+    if x <= 16:
+        return x
+    step = 1.08
+    return int(round(step ** round(math.log(x, step))))
+
+
+# -- one round --------------------------------------------------------------------------
+
+
+@dataclass
+class _Costs:
+    """Seconds of each stage of one micro-batch step on one slice."""
+
+    first: float  # the first dense job (driver step on slice 0, embed, layer 0's pre-attention)
+    dense: float  # a middle dense job (post-attention of one layer, pre-attention of the next)
+    last: float  # the last dense job (post-attention, and the head on the last slice)
+    attention: float  # one layer's attention on the attention worker
+    net: float  # one round trip to the attention worker, induced latency included
+    hop: float  # to the next slice (hidden states) or back to the driver (tokens)
+
+
+def _stage_costs(p: Profile, m: ModelConfig, c: RunConfig, s: MicroBatchShape, n_slices: int) -> list[_Costs]:
+    elem = c.dtype_bytes
+    d = p.dense_layer_s(m, s.tokens, elem)
+    kv_bytes = s.kv_read * m.kv_size * 2 * elem
+    flops = 4.0 * s.attn_units * m.q_size
+    driver = p.dense.step_s + p.dense.step_per_seq_s * s.seqs
+    head = p.head_s(m, s.rows, elem)
+    out = []
+    for k in range(n_slices):
+        first_extra = driver if k == 0 else 0.0
+        last_extra = head if k == n_slices - 1 else 0.0
+        hop = p.net_s(s.tokens * m.dim * elem) if k + 1 < n_slices else (p.rtt_s if n_slices > 1 else 0.0)
+        if c.mode == "two-tier":
+            nbytes = s.tokens * (2 * m.q_size + 2 * m.kv_size) * elem  # q, k, v out and o back
+            msg = p.msg_cpu(nbytes)
+            a = p.attention.cost.seconds(kv_bytes, flops)
+            net = p.net_s(nbytes) + 2 * c.latency
+            out.append(_Costs(first=first_extra + d / 2 + msg, dense=d + msg, last=d / 2 + last_extra,
+                              attention=a, net=net, hop=hop))
+        else:
+            local = p.dense.attention or p.attention.cost
+            a = local.seconds(kv_bytes, flops)
+            out.append(_Costs(first=first_extra, dense=d + a, last=last_extra, attention=0.0, net=0.0, hop=hop))
+    return out
+
+
+@dataclass
+class _Server:
+    busy_until: float = 0.0
+    queue: list = field(default_factory=list)
+    busy: float = 0.0  # seconds of work started inside the measured window
+    idle_since: float = 0.0
+
+
+def round_period(profile: Profile, model: ModelConfig, config: RunConfig, shapes: Sequence[MicroBatchShape],
+                 layers: int, *, cycles: int = 5) -> tuple[float, float, float]:
+    """Steady-state seconds per step when micro-batches of ``shapes`` cycle through
+    ``layers`` layers per slice together; with the busy shares of the dense and
+    attention streams.  Exact for ``layers`` up to 6; beyond, the period is extended
+    linearly in the layers from 3 and 6 (every middle layer costs the same)."""
+    if layers <= 6:
+        return _simulate_round(profile, model, config, shapes, layers, cycles)
+    p3, d3, a3 = _simulate_round(profile, model, config, shapes, 3, cycles)
+    p6, d6, a6 = _simulate_round(profile, model, config, shapes, 6, cycles)
+    f = (layers - 6) / 3.0
+    period = p6 + (p6 - p3) * f
+    dense_busy = d6 * p6 + (d6 * p6 - d3 * p3) * f
+    attn_busy = a6 * p6 + (a6 * p6 - a3 * p3) * f
+    return period, min(1.0, dense_busy / period), min(1.0, attn_busy / period)
+
+
+def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, shapes: Sequence[MicroBatchShape],
+                    layers: int, cycles: int) -> tuple[float, float, float]:
+    n_slices = config.dense
+    two_tier = config.mode == "two-tier"
+    costs = [_stage_costs(profile, model, config, s, n_slices) for s in shapes]
+    dense = [_Server() for _ in range(n_slices)]
+    attn = [[_Server() for _ in range(config.attention)] for _ in range(n_slices)]
+    shared, fd, fa = profile.shared_host, profile.dense_slowdown, profile.attention_slowdown
+    cold = profile.dense.cold_factor
+    serial = config.mode == "in-process"  # the in-process engine runs micro-batches in turn
+
+    events: list = []  # (time, seq, mb, state)
+    seq = 0
+    done_at: list[list[float]] = [[] for _ in shapes]
+    window: list[float] = [math.inf, 0.0]  # the measured window: cycles 2 .. end
+
+    # when the attention side works (reading a request, computing, answering): a dense job
+    # slows by the share of its time that overlaps such work, up to the profile's slowdown
+    active: list[tuple[float, float]] = []
+
+    def overlap(t0: float, t1: float) -> float:
+        active[:] = [iv for iv in active if iv[1] > t0 - 1.0]
+        spans = sorted((max(a, t0), min(b, t1)) for a, b in active if b > t0 and a < t1)
+        total, end = 0.0, t0
+        for a, b in spans:
+            a = max(a, end)
+            if b > a:
+                total += b - a
+                end = b
+        return total
+
+    def dense_busy(t: float) -> bool:
+        return any(d.busy_until > t for d in dense)
+
+    def start(server: _Server, t: float, base: float, kind: str) -> float:
+        dur = base
+        if shared and kind == "dense" and fd > 1.0:
+            dur *= fd if overlap(t, t + base) > 0 else 1.0
+        elif shared and kind == "attention" and dense_busy(t):
+            dur *= fa
+        if kind == "dense" and t - server.idle_since > 5e-4 and server.busy_until <= t:
+            dur *= cold
+        server.busy_until = t + dur
+        server.idle_since = t + dur
+        if window[0] <= t:
+            server.busy += dur
+        return t + dur
+
+    def push(t: float, mb: int, state: tuple) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, mb, state))
+
+    # a state is (cycle, slice, layer, phase); phases: "dense" job of `layer` to run,
+    # "attention" job of `layer`, "hop" to the next slice
+    def run_dense(t: float, mb: int, state: tuple, queued: bool = False) -> None:
+        cyc, k, layer, _ = state
+        srv = dense[k]
+        if not queued and (srv.busy_until > t or srv.queue):
+            heapq.heappush(srv.queue, (-(k * layers + layer), t, mb, state))  # higher layers first
+            return
+        c = costs[mb][k]
+        if not two_tier:
+            base = c.first + c.dense * layers + c.last
+            push(start(srv, t, base, "dense"), mb, (cyc, k, layers, "done_dense"))
+            return
+        base = c.first if layer == 0 else (c.last if layer == layers else c.dense)
+        push(start(srv, t, base, "dense"), mb, (cyc, k, layer, "done_dense"))
+
+    def run_attention(t: float, mb: int, state: tuple, queued: bool = False) -> None:
+        cyc, k, layer, _ = state
+        srv = attn[k][mb % config.attention]
+        if not queued and (srv.busy_until > t or srv.queue):
+            srv.queue.append((t, mb, state))
+            return
+        push(start(srv, t, costs[mb][k].attention, "attention"), mb, (cyc, k, layer, "done_attention"))
+
+    def release(srv: _Server, t: float, kind: str) -> None:
+        if not srv.queue:
+            return
+        if kind == "dense":
+            _, _, mb, state = heapq.heappop(srv.queue)
+            run_dense(t, mb, state, queued=True)
+        else:
+            _, mb, state = srv.queue.pop(0)
+            run_attention(t, mb, state, queued=True)
+
+    order = list(range(len(shapes)))
+    if serial:  # one after another: the next starts when the previous ends
+        push(0.0, 0, (0, 0, 0, "dense"))
+    else:
+        for mb in order:
+            push(0.0, mb, (0, 0, 0, "dense"))
+    while events:
+        t, _, mb, state = heapq.heappop(events)
+        cyc, k, layer, phase = state
+        c = costs[mb][k]
+        if phase == "dense":
+            run_dense(t, mb, state)
+        elif phase == "done_dense":
+            if layer < layers and two_tier:
+                if shared:  # the attention side's work for this request (induced latency is idle time)
+                    lat = config.latency
+                    active.append((t + lat, t + lat + (c.net - 2 * lat) + c.attention))
+                push(t + c.net / 2, mb, (cyc, k, layer, "attention"))
+            else:
+                push(t + c.hop, mb, (cyc, k, layer, "hop"))
+            release(dense[k], t, "dense")
+        elif phase == "attention":
+            run_attention(t, mb, state)
+        elif phase == "done_attention":
+            release(attn[k][mb % config.attention], t, "attention")
+            push(t + c.net / 2, mb, (cyc, k, layer + 1, "dense"))
+        elif phase == "hop":
+            if k + 1 < n_slices:
+                push(t, mb, (cyc, k + 1, 0, "dense"))
+                continue
+            done_at[mb].append(t)
+            if cyc == 1 and (not serial or mb == len(shapes) - 1):
+                window[0] = min(window[0], t)
+            if serial:
+                nxt, ncyc = (mb + 1, cyc) if mb + 1 < len(shapes) else (0, cyc + 1)
+                if ncyc < cycles:
+                    push(t, nxt, (ncyc, 0, 0, "dense"))
+                else:
+                    window[1] = t
+            elif cyc + 1 < cycles:
+                push(t, mb, (cyc + 1, 0, 0, "dense"))
+            else:
+                window[1] = max(window[1], t)
+    if serial:
+        first = done_at[-1][1]
+        period = (done_at[-1][-1] - first) / (cycles - 2)
+    else:
+        period = sum((d[-1] - d[1]) / (cycles - 2) for d in done_at) / len(done_at)
+    span = max(window[1] - window[0], 1e-12)
+    dense_share = max(s.busy for s in dense) / span
+    attn_share = max((w.busy for ws in attn for w in ws), default=0.0) / span
+    return period, min(1.0, dense_share), min(1.0, attn_share)
+
+
+# -- a whole run ------------------------------------------------------------------------
+
+
+class _Seq:
+    __slots__ = ("prompt", "out", "cached", "made")
+
+    def __init__(self, prompt: int, out: int) -> None:
+        self.prompt, self.out, self.cached, self.made = prompt, out, 0, 0
+
+    @property
+    def length(self) -> int:
+        return self.prompt + self.made
+
+
+def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: RunConfig,
+             cache: dict | None = None) -> Prediction:
+    """Predict a run of ``workload`` under ``config`` on ``profile``'s hardware.
+
+    ``cache`` (a dict, shared by the calls of a sweep) keeps simulated rounds, which
+    configurations of the same mode, workers and latency have in common."""
+    c = config
+    n = workload.n
+    seq_len = min(c.max_seq_len or workload.max_len, model.max_seq_len)
+    mb_size = min(c.micro_batch_size, n)
+    depth = max(1, min(c.micro_batches, math.ceil(n / mb_size)))
+    c = dataclasses.replace(c, micro_batch_size=mb_size, micro_batches=depth)
+    pred = Prediction(config=c, feasible=True, micro_batch_size=mb_size, micro_batches=depth)
+    if c.dense > model.n_layers:
+        return _infeasible(pred, f"{c.dense} slices for {model.n_layers} layers")
+    layers = math.ceil(model.n_layers / c.dense)
+    kv_slot = model.kv_size * 2 * c.dtype_bytes * layers * seq_len  # one slot's KV on one slice
+    weights = weight_bytes(model, layers, c.dtype_bytes, ends=c.dense == 1)
+    dense_cap = profile.dense.kv_budget(weights)
+    if dense_cap is not None and dense_cap < 0:
+        return _infeasible(pred, f"a slice's weights ({weights / 2**30:.1f} GiB) do not fit a dense worker: "
+                                 "use more dense workers")
+    if c.mode == "two-tier":
+        per_worker = math.ceil(depth / c.attention) * mb_size * kv_slot
+        pred.kv_bytes_attention = per_worker
+        cap = profile.attention.kv_bytes
+        if cap is not None and per_worker > cap:
+            return _infeasible(pred, f"KV of {per_worker / 2**30:.2f} GiB per attention worker exceeds its "
+                                     f"{cap / 2**30:.2f} GiB")
+    else:
+        pred.kv_bytes_dense = depth * mb_size * kv_slot
+        if dense_cap is not None and pred.kv_bytes_dense > dense_cap:
+            return _infeasible(pred, f"KV of {pred.kv_bytes_dense / 2**30:.2f} GiB per dense worker exceeds its "
+                                     f"{dense_cap / 2**30:.2f} GiB")
+    if c.max_step_tokens < mb_size:
+        return _infeasible(pred, "max_step_tokens below the micro-batch size")
+    too_long = [p for p in workload.prompt_lens if p >= seq_len]
+    if too_long:
+        return _infeasible(pred, f"a prompt of {too_long[0]} tokens leaves no room in KV slots of {seq_len}")
+
+    waiting = [(_Seq(p, min(o, seq_len - p))) for p, o in zip(workload.prompt_lens, workload.output_lens)]
+    waiting.reverse()  # pop() takes the first request
+    running: list[list[_Seq]] = [[] for _ in range(depth)]
+    if cache is None:
+        cache = {}
+    base_key = (id(profile), model.name, model.dim, model.n_layers, c.mode, c.dense, c.attention, c.latency,
+                c.dtype_bytes, layers)
+    total = dense_busy = attn_busy = 0.0
+    steps = generated = 0
+
+    def period_of(shapes: list[MicroBatchShape]) -> tuple[float, float, float]:
+        key = (base_key, tuple(sh.bucket() for sh in shapes))
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = round_period(profile, model, c, list(key[1]), layers)
+        return hit
+
+    while waiting or any(running):
+        shapes, plans = [], []
+        for mb in range(depth):
+            while len(running[mb]) < mb_size and waiting:
+                running[mb].append(waiting.pop())
+            plan = _plan_step(running[mb], c.max_step_tokens)
+            if plan is None:
+                continue
+            shapes.append(plan[0])
+            plans.append((mb, plan[1]))
+        # rounds of decode alone, nobody finishing or joining: only the contexts grow, so
+        # they are costed without planning each step again
+        repeat = 1
+        full = not waiting or all(len(r) == mb_size for r in running)  # no slot to admit into
+        if full and all(cnt == 1 for _, segs in plans for _, cnt in segs):
+            repeat = min(sq.out - sq.made for _, segs in plans for sq, _ in segs)
+        for j in range(repeat):
+            grown = shapes if j == 0 else [dataclasses.replace(
+                sh, kv_read=sh.kv_read + j * sh.seqs, attn_units=sh.attn_units + j * sh.seqs) for sh in shapes]
+            period, du, au = period_of(grown)
+            total += period
+            dense_busy += du * period
+            attn_busy += au * period
+        steps += len(plans) * repeat
+        for mb, segments in plans:
+            for sq, count in segments:
+                sq.cached += count + repeat - 1
+                if sq.cached == sq.length + repeat - 1:  # sampled (each repeated round samples once)
+                    sq.made += repeat
+                    generated += repeat
+            running[mb] = [sq for sq in running[mb] if sq.made < sq.out]
+    pred.seconds, pred.generated_tokens, pred.steps = total, generated, steps
+    pred.dense_util = dense_busy / total if total else 0.0
+    pred.attention_util = attn_busy / total if total else 0.0
+    if c.mode != "two-tier":
+        pred.bottleneck = "dense"
+    elif max(pred.dense_util, pred.attention_util) < 0.8:
+        pred.bottleneck = "round trip"
+    else:
+        pred.bottleneck = "dense" if pred.dense_util >= pred.attention_util else "attention"
+    return pred
+
+
+def weight_bytes(model: ModelConfig, layers: int, elem: int, ends: bool = True) -> float:
+    """Weights a dense worker holds for ``layers`` layers (with the embedding and head
+    when ``ends``: the first and last slices hold one each, so count them fully)."""
+    from .profile import _layer_params
+
+    ends_params = model.vocab_size * model.dim * (1 if model.tie_embeddings else 2) if ends else \
+        model.vocab_size * model.dim
+    return (layers * _layer_params(model) + ends_params) * elem
+
+
+def _plan_step(seqs: list[_Seq], budget: int):
+    """The shape of one step and its segments, as the batch scheduler plans it:
+    decode tokens first, then prompt chunks within the token budget."""
+    segments = []
+    tokens = kv_read = units = rows = 0
+    for prefill in (False, True):
+        for sq in seqs:
+            pending = sq.length - sq.cached
+            if pending <= 0 or budget <= 0 or (pending > 1) != prefill:
+                continue
+            count = min(pending, budget)
+            segments.append((sq, count))
+            tokens += count
+            end = sq.cached + count
+            kv_read += end
+            units += count * end
+            rows += count == pending
+            budget -= count
+    if not segments:
+        return None
+    return MicroBatchShape(tokens, kv_read, units, rows, len(segments)), segments
+
+
+def _infeasible(pred: Prediction, reason: str) -> Prediction:
+    pred.feasible = False
+    pred.reason = reason
+    return pred

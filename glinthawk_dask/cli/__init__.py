@@ -11,6 +11,6 @@ processes of a cluster: ``scheduler``, ``worker --tier dense|attention`` and ``c
 """
 
 from ._group import main
-from . import cluster, generate, pipeline  # noqa: F401  (register the commands)
+from . import cluster, generate, pipeline, planning  # noqa: F401  (register the commands)
 
 __all__ = ["main"]

@@ -49,9 +49,10 @@ class AttentionService:
         self._scratch: dict[tuple, KVCache] = {}  # the cache of probe requests
         self._lock = threading.Lock()  # cache work: the stream thread, or the loop (rpc callers)
         self.dataplane = DataPlane(
-            worker, self.stream, "attention", ["glinthawk_attend", "glinthawk_attend_probe"],
+            worker, self.stream, "attention", ["glinthawk_attend", "glinthawk_attend_probe", "glinthawk_echo"],
             inline={"glinthawk_attend": (self._attend_inline, self.attend),
-                    "glinthawk_attend_probe": (self._probe_inline, self.probe)},
+                    "glinthawk_attend_probe": (self._probe_inline, self.probe),
+                    "glinthawk_echo": (self._echo_inline, self.echo)},
         )
 
     # -- handlers (event loop) -------------------------------------------------------
@@ -61,7 +62,9 @@ class AttentionService:
             "glinthawk_kv_close": self.close_run,
             "glinthawk_attend": self.attend,
             "glinthawk_attend_probe": self.probe,
+            "glinthawk_echo": self.echo,
             "glinthawk_kv_info": self.info,
+            "glinthawk_profile_attention": self.profile,
         }
 
     def open(
@@ -190,6 +193,32 @@ class AttentionService:
             ids = list(range(n))
             cache.apply(ids, [(i, i) for i in ids])
             return {"o": cache.attend(0, q, k, v, AttentionBatch.build(ids, [0] * n, [1] * n))}, 0.0
+
+    async def profile(self, config: dict, shapes: list[list[int]], dtype: str = "float32",
+                      busy_for: float = 0.0) -> dict:
+        """Attention timings for a profile on this worker's compute stream: ``{"points":
+        [[kv_bytes, flops, seconds]]}`` for ``shapes`` ([sequences, context, new tokens]);
+        with ``busy_for``, the first shape computed again and again for that many seconds
+        (load for a contention measure)."""
+        from ..planner import microbench as mb
+
+        def measure() -> dict:
+            if busy_for:
+                return {"n": mb.busy_loop(busy_for, lambda: mb.attention_points(config, DTYPES[dtype],
+                                                                               torch.device("cpu"), shapes[:1], 1))}
+            return {"points": mb.attention_points(config, DTYPES[dtype], torch.device("cpu"), shapes),
+                    "threads": torch.get_num_threads()}
+
+        return await self.stream.run(measure)
+
+    async def echo(self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> dict:
+        """``{"o": q}``: a reply the size of an attention output, nothing computed (what a
+        profile times to learn the data plane's own cost)."""
+        return {"o": q}
+
+    def _echo_inline(self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                     **_: Any) -> tuple[dict, float]:
+        return {"o": q}, 0.0
 
     def close(self) -> None:
         self.runs.clear()

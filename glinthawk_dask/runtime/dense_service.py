@@ -296,8 +296,8 @@ class DenseService:
             "glinthawk_forward": self.forward,
             "glinthawk_submit": self.submit,
             "glinthawk_results": self.results,
-            "glinthawk_calibrate": self.calibrate,
             "glinthawk_probe": self.probe,
+            "glinthawk_profile_dense": self.profile,
             "glinthawk_slice_reroute": self.reroute,
         }
 
@@ -362,40 +362,49 @@ class DenseService:
         """Completions finished since the last call (waits up to ``timeout`` for one)."""
         return await self._run(run_id).driver.take_results(timeout)
 
-    async def calibrate(self, config: dict, tokens: int, dtype: str = "float32") -> float:
-        """Seconds of one dense layer step for ``tokens`` tokens (random weights of the
-        model's shape, on this worker's device and compute stream)."""
+    async def profile(self, config: dict, dtype: str = "float32", tokens: list[int] | None = None,
+                      rows: list[int] | None = None, attention: list[list[int]] | None = None,
+                      busy_for: float = 0.0, layer_only: bool = False) -> dict:
+        """Timings for a profile (see :mod:`glinthawk_dask.planner.microbench`), on this
+        worker's device and compute stream: the dense layer curve at ``tokens``, the cold
+        factor, the head curve at ``rows``, attention points at ``attention`` shapes
+        ([sequences, context, new tokens]) and the driver's cost (with ``layer_only``,
+        the layer curve alone); or, with ``busy_for``, dense layers back to back for that
+        many seconds (load for a contention measure)."""
         from ..model.config import ModelConfig
-        from ..model.synthetic import SyntheticCheckpoint
+        from ..planner import microbench as mb
 
-        cfg = ModelConfig(**config).replace(n_layers=3)  # a middle layer: no embedding, no head
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dt = DTYPES[dtype]
 
-        def measure() -> float:
-            w = load_slice(SyntheticCheckpoint(cfg), 1, 2, dtype=DTYPES[dtype], device=device)
-            with torch.inference_mode():
-                return _time_layer(w)
-
-        def _time_layer(w: SliceWeights) -> float:
-            layer = w.layers[0]
-            x = torch.randn(tokens, cfg.dim, dtype=w.dtype, device=device)
-            o = torch.randn(tokens, cfg.n_heads, cfg.head_dim, dtype=w.dtype, device=device)
-            cos = torch.ones(tokens, cfg.head_dim, dtype=w.dtype, device=device)
-            best = float("inf")
-            for _ in range(4):
-                t = time.perf_counter()
-                post_pre_attention(cfg, layer, layer, x, o, cos, cos)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t)
-            return best
+        def measure() -> dict:
+            if busy_for:
+                cfg, layers = mb._layers(ModelConfig(**config), dt, device)
+                n = mb.busy_loop(busy_for, lambda: mb._time_layers(cfg, layers, (tokens or [32])[0], dt, device, 1))
+                return {"layers": n}
+            out: dict = {"device": device.type, "dtype": dtype, "threads": torch.get_num_threads()}
+            if tokens:
+                out["layer_s"] = mb.dense_layer_points(config, dt, device, tokens)
+                if layer_only:
+                    return out
+                out["cold_factor"] = mb.cold_factor(config, dt, device, tokens[len(tokens) // 2])
+            if rows:
+                out["head_s"] = mb.head_points(config, dt, device, rows)
+            if attention:
+                out["attention"] = mb.attention_points(config, dt, device, attention)
+            out["step_s"], out["step_per_seq_s"] = mb.driver_cost()
+            return out
 
         return await self.stream.submit(0, measure, kind="calibrate")
 
-    async def probe(self, address: str, config: dict, tokens: int, dtype: str = "float32", n: int = 5) -> float:
+    async def probe(self, address: str, config: dict, tokens: int, dtype: str = "float32", n: int = 5,
+                    detail: bool = False, echo: bool = False) -> float | dict:
         """Seconds of one attention round trip to ``address`` for a micro-batch of
         ``tokens`` decode tokens: requests of a run's shapes sent and answered on this
-        worker's compute stream, as a run's are (the median of ``n``, after one to warm up)."""
+        worker's compute stream, as a run's are (the median of ``n``, after one to warm up).
+        With ``detail``, ``{"rtt_s": ..., "cpu_s": ...}``: also the compute thread's CPU
+        seconds per request (sending it and reading its reply).  With ``echo`` the
+        attention worker computes nothing (the data plane alone)."""
         from ..model.config import ModelConfig
 
         cfg = ModelConfig(**config)
@@ -403,19 +412,28 @@ class DenseService:
         q = torch.randn(tokens, cfg.n_heads, cfg.head_dim).to(dt)  # [T, H, D]
         kv = torch.randn(tokens, cfg.n_kv_heads, cfg.head_dim).to(dt)  # [T, KVH, D]
         channel = await self.dataplane.channel(address, "attention")
-        loop = asyncio.get_running_loop()
-        times = []
-        for _ in range(n + 1):
-            fut = loop.create_future()
+        done = asyncio.get_running_loop().create_future()
+        times: list[float] = []
+        state = {"t": 0.0, "cpu": 0.0}
 
-            def send(fut=fut) -> None:
-                t = time.perf_counter()
-                channel.request("glinthawk_attend_probe", {"config": config}, {"q": q, "k": kv, "v": kv},
-                                lambda r, e: settle_threadsafe(fut, time.perf_counter() - t, e), 60.0)
+        def send() -> None:  # on the stream thread: each reply sends the next request, as a run's do
+            state["t"] = time.perf_counter()
+            op, args = ("glinthawk_echo", {}) if echo else ("glinthawk_attend_probe", {"config": config})
+            channel.request(op, args, {"q": q, "k": kv, "v": kv}, reply, 60.0)
 
-            await self.stream.run(send)
-            times.append(await fut)
-        return sorted(times[1:])[n // 2]
+        def reply(_: Any, error: BaseException | None) -> None:
+            times.append(time.perf_counter() - state["t"])
+            if len(times) == 1:
+                state["cpu"] = time.thread_time()  # the first one warms up
+            if error is not None or len(times) == n + 1:
+                settle_threadsafe(done, time.thread_time() - state["cpu"], error)
+            else:
+                send()
+
+        await self.stream.run(send)
+        cpu = await done / n
+        rtt = sorted(times[1:])[n // 4 if detail else n // 2]  # profiles take the lower quartile
+        return {"rtt_s": rtt, "cpu_s": cpu} if detail else rtt
 
     def close(self) -> None:
         self.runs.clear()

@@ -128,6 +128,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         self.tiers: dict[str, set[str]] = {}
         self.runs: dict[str, dict] = {}
         self.lost: list[tuple[float, str]] = []
+        self.profiles: dict[str, dict] = {}  # measured profiles by cluster and model (see planner)
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -135,6 +136,9 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["glinthawk_run_closed"] = self.run_closed
         scheduler.handlers["glinthawk_registry"] = self.registry
         scheduler.handlers["glinthawk_replace"] = self.replace
+        scheduler.handlers["glinthawk_cluster_info"] = self.cluster_info
+        scheduler.handlers["glinthawk_profile_get"] = self.profile_get
+        scheduler.handlers["glinthawk_profile_put"] = self.profile_put
         self.metrics = dashboard.PipelineMetrics(scheduler, lambda: self.tiers)
         scheduler.handlers["glinthawk_progress"] = self.metrics.report_progress
         self._page = dashboard.install_page(scheduler)
@@ -167,6 +171,23 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
             "attention": sorted(a for a, t in self.tiers.items() if "attention" in t),
             "runs": {k: {"lost": v["lost"]} for k, v in self.runs.items()},
         }
+
+    def cluster_info(self) -> dict:
+        """The tier workers with their hosts and free KV bytes (what a profile needs)."""
+        reg = self.registry()
+        workers = reg["dense"] + reg["attention"]
+        return {
+            "dense": reg["dense"], "attention": reg["attention"],
+            "hosts": {a: self.scheduler.workers[a].host for a in workers if a in self.scheduler.workers},
+            "kv_free": {a: self._kv_free(a) for a in reg["attention"] if a in self.scheduler.workers},
+        }
+
+    def profile_get(self, key: str) -> dict | None:
+        """A profile measured earlier for this cluster and model, or None."""
+        return self.profiles.get(key)
+
+    def profile_put(self, key: str, profile: dict) -> None:
+        self.profiles[key] = profile
 
     def _kv_free(self, addr: str) -> int:
         ws = self.scheduler.workers[addr]

@@ -1,0 +1,165 @@
+"""Timings of the model's own ops in this process, on random weights of a model's shape:
+what ``glinthawk profile`` runs on each worker (on its compute stream) to build a profile.
+
+Every function returns plain numbers; none knows of Dask.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..engine.request import Request
+from ..engine.scheduler import BatchScheduler
+from ..model.attention import AttentionBatch
+from ..model.config import ModelConfig
+from ..model.kv_cache import KVCache
+from ..model.ops import head, post_pre_attention
+from ..model.synthetic import SyntheticCheckpoint
+from ..model.weights import load_slice
+from ..sampling import SamplingParams
+
+__all__ = ["dense_layer_points", "cold_factor", "head_points", "attention_points", "driver_cost", "busy_loop"]
+
+_N_LAYERS = 4  # distinct layers cycled through, so their weights are read as in a run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _layers(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    c = cfg.replace(n_layers=_N_LAYERS + 2)  # middle layers: no embedding, no head
+    return c, load_slice(SyntheticCheckpoint(c), 1, _N_LAYERS + 1, dtype=dtype, device=device).layers
+
+
+@torch.inference_mode()
+def _time_layers(cfg, layers, tokens: int, dtype, device, repeats: int, gap: float = 0.0,
+                 evict: torch.Tensor | None = None) -> float:
+    x = torch.randn(tokens, cfg.dim, dtype=dtype, device=device)  # [T, dim]
+    o = torch.randn(tokens, cfg.n_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, H, D]
+    cos = torch.ones(tokens, cfg.head_dim, dtype=dtype, device=device)  # [T, D]
+    times = []
+    for i in range(repeats + 2):
+        a, b = layers[i % len(layers)], layers[(i + 1) % len(layers)]
+        if gap:
+            time.sleep(gap)
+        if evict is not None:
+            evict.add_(1.0)
+        _sync(device)
+        t = time.perf_counter()
+        post_pre_attention(cfg, a, b, x, o, cos, cos)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    times = sorted(times[2:])
+    return times[len(times) // 2]
+
+
+def dense_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
+                       tokens: list[int], repeats: int = 8) -> list[list[float]]:
+    """``[[tokens, seconds]]``: one layer's dense half (post-attention of one layer and
+    pre-attention of the next), back to back over distinct layers (the median)."""
+    cfg, layers = _layers(ModelConfig(**config), dtype, device)
+    return [[t, _time_layers(cfg, layers, t, dtype, device, repeats)] for t in tokens]
+
+
+def cold_factor(config: dict, dtype: torch.dtype, device: torch.device, tokens: int, repeats: int = 8) -> float:
+    """How much slower a dense layer runs after the worker idled for 2 ms while other
+    work passed through the CPU caches (on a CPU; 1.0 elsewhere): what a dense worker
+    that waits on attention sees at every layer."""
+    if device.type != "cpu":
+        return 1.0
+    cfg, layers = _layers(ModelConfig(**config), dtype, device)
+    hot = _time_layers(cfg, layers, tokens, dtype, device, repeats)
+    evict = torch.zeros(8 * 2**20 // 4)  # 8 MiB touched in the gap, as attention over a cache would
+    cold = _time_layers(cfg, layers, tokens, dtype, device, repeats, gap=0.002, evict=evict)
+    return max(1.0, cold / hot)
+
+
+def head_points(config: dict, dtype: torch.dtype, device: torch.device, rows: list[int],
+                repeats: int = 6) -> list[list[float]]:
+    """``[[rows, seconds]]``: final norm, LM head and a greedy pick for that many rows."""
+    cfg = ModelConfig(**config).replace(n_layers=1)
+    w = load_slice(SyntheticCheckpoint(cfg), 0, 1, dtype=dtype, device=device)  # (not in inference mode)
+    with torch.inference_mode():
+        return _time_head(cfg, w, dtype, device, rows, repeats)
+
+
+def _time_head(cfg, w, dtype, device, rows: list[int], repeats: int) -> list[list[float]]:
+    out = []
+    for n in rows:
+        x = torch.randn(n, cfg.dim, dtype=dtype, device=device)  # [N, dim]
+        times = []
+        for _ in range(repeats + 1):
+            _sync(device)
+            t = time.perf_counter()
+            head(w, x).argmax(dim=-1).tolist()  # [N, V] → N ids on the host, as sampling ends
+            times.append(time.perf_counter() - t)
+        times = sorted(times[1:])
+        out.append([n, times[len(times) // 2]])
+    return out
+
+
+@torch.inference_mode()
+def attention_points(config: dict, dtype: torch.dtype, device: torch.device, shapes: list[list[int]],
+                     repeats: int = 5) -> list[list[float]]:
+    """``[[kv_bytes, flops, seconds]]`` for each ``[sequences, context, new tokens]``:
+    one layer's attention of a micro-batch through the KV cache, as a run computes it
+    (append k/v, attend)."""
+    cfg = ModelConfig(**config).replace(n_layers=1)
+    out = []
+    for b, ctx, new in shapes:
+        cache = KVCache(cfg, b, ctx + new, dtype=dtype, device=device)
+        cache.apply([], [(i, i) for i in range(b)])
+        q = torch.randn(b * new, cfg.n_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, H, D]
+        kv = torch.randn(b * new, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, KVH, D]
+        times = []
+        for _ in range(repeats + 1):
+            cache.lengths[:] = ctx
+            batch = AttentionBatch.build(list(range(b)), [ctx] * b, [new] * b, device=device)
+            _sync(device)
+            t = time.perf_counter()
+            cache.attend(0, q, kv, kv, batch)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        times = sorted(times[1:])[: max(1, repeats // 2)]  # the lower half: other processes' bursts left out
+        end = ctx + new
+        kv_bytes = b * end * cfg.kv_size * 2 * cache.k.element_size()
+        flops = 4.0 * b * new * end * cfg.q_size
+        out.append([kv_bytes, flops, times[len(times) // 2]])
+    return out
+
+
+def driver_cost(max_seq_len: int = 4096, sizes: tuple[int, int] = (1, 64)) -> tuple[float, float]:
+    """``(seconds per step, seconds per sequence)`` of the run driver's bookkeeping: plan
+    a decode step, build its attention layout, record the sampled tokens."""
+    per = []
+    for n in sizes:
+        sched = BatchScheduler(n_micro_batches=1, micro_batch_size=n, max_step_tokens=max(512, n),
+                               max_seq_len=max_seq_len)
+        params = SamplingParams(max_tokens=max_seq_len - 2, ignore_eos=True)
+        for i in range(n):
+            sched.add(Request(f"r{i}", [1], params))
+        times = []
+        for _ in range(12):
+            t = time.perf_counter()
+            step = sched.schedule(0)
+            AttentionBatch.build(step.slots, step.starts, step.counts)
+            sched.update(step, [2] * len(step.sample_seqs))
+            times.append(time.perf_counter() - t)
+        times = sorted(times[2:])
+        per.append(times[len(times) // 2])
+    (n0, n1), (t0, t1) = sizes, per
+    per_seq = max(0.0, (t1 - t0) / (n1 - n0))
+    return max(0.0, t0 - per_seq * n0), per_seq
+
+
+def busy_loop(seconds: float, fn) -> int:
+    """Call ``fn`` until ``seconds`` have passed (load for contention measurements)."""
+    n, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        fn()
+        n += 1
+    return n

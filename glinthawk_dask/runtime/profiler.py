@@ -1,0 +1,156 @@
+"""Measure a cluster's profile: its dense and attention workers' costs and the data plane
+between them, on the workers themselves (random weights of the model's shape).
+
+:func:`measure_profile` asks the first dense worker and the first attention worker (the
+workers of one kind are taken to be alike) for timings over their compute streams, then
+fits them into a :class:`~glinthawk_dask.planner.profile.Profile`.  When both share a
+host, it also measures how much each tier slows the other while both compute.
+:func:`cluster_profile` keeps one per cluster and model on the scheduler, so auto plans
+measure once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from ..errors import GlinthawkError
+from ..model.config import ModelConfig
+from ..planner.profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile
+
+__all__ = ["measure_profile", "cluster_profile", "profile_key"]
+
+logger = logging.getLogger(__name__)
+
+_TOKENS = [1, 4, 16, 64, 256]
+_TOKENS_QUICK = [1, 16, 64, 256]
+_ROWS = [1, 16, 64]
+# [sequences, context, new tokens]: decode at short and long contexts, and a prefill chunk
+_ATTENTION = [[1, 64, 1], [16, 256, 1], [64, 128, 1], [32, 1024, 1], [8, 2048, 1], [2, 128, 64]]
+_PROBE_TOKENS = [1, 16, 64, 256]
+
+
+def profile_key(model: str, dtype: str, info: dict) -> str:
+    """Names a profile by model, dtype and the cluster's tier workers."""
+    return f"{model}|{dtype}|{','.join(info['dense'])}|{','.join(info['attention'])}"
+
+
+async def _rpc(client: Any, addr: str, op: str, **kwargs: Any) -> Any:
+    return await getattr(client.rpc(addr), op)(**kwargs)
+
+
+async def measure_profile(client: Any, model_config: ModelConfig, *, model: str = "", dtype: str = "float32",
+                          quick: bool = False, name: str | None = None) -> Profile:
+    """Profile the cluster of ``client`` (an asynchronous call on its loop)."""
+    t0 = time.time()
+    info = await client.scheduler.glinthawk_cluster_info()
+    if not info["dense"]:
+        raise GlinthawkError("the cluster has no dense worker to profile: start one with "
+                             "`glinthawk worker --tier dense`")
+    cfg = dataclasses.asdict(model_config)
+    dense = info["dense"][0]
+    tokens = [t for t in (_TOKENS_QUICK if quick else _TOKENS)]
+    shapes = [s for s in _ATTENTION if s[1] + s[2] <= model_config.max_seq_len]
+    d = await _rpc(client, dense, "glinthawk_profile_dense", config=cfg, dtype=dtype, tokens=tokens, rows=_ROWS,
+                   attention=shapes)
+    local = AttentionCost.fit([tuple(p) for p in d["attention"]])
+    attention = AttentionProfile(cost=local, threads=d["threads"])
+    rtt_s, net_GBps, msg_cpu_s, msg_cpu_GBps = 0.0, float("inf"), 0.0, float("inf")
+    shared, fd, fa = False, 1.0, 1.0
+    if info["attention"]:
+        att = info["attention"][0]
+        a = await _rpc(client, att, "glinthawk_profile_attention", config=cfg, shapes=shapes, dtype=dtype)
+        cost = AttentionCost.fit([tuple(p) for p in a["points"]])
+        attention = AttentionProfile(cost=cost, threads=a["threads"], kv_bytes=min(info["kv_free"].values()))
+        rtt_s, net_GBps, msg_cpu_s, msg_cpu_GBps = await _network(client, dense, att, cfg, dtype, model_config)
+        hosts = info["hosts"]
+        shared = hosts.get(dense) is not None and hosts.get(dense) == hosts.get(att)
+        if shared:
+            fd, fa = await _contention(client, dense, att, cfg, dtype, d, quick)
+    profile = Profile(
+        name=name or f"measured-{d['device']}",
+        source=(f"measured by glinthawk profile on {time.strftime('%Y-%m-%d %H:%M')} in {time.time() - t0:.1f} s: "
+                f"{len(info['dense'])} dense worker(s) ({d['device']}, {d['threads']} threads), "
+                f"{len(info['attention'])} attention worker(s); random weights of {model or 'the model'}'s shape"),
+        dense=DenseProfile(
+            device=d["device"], dtype=dtype, threads=d["threads"],
+            layer_s=Curve(tuple(map(tuple, d["layer_s"]))), head_s=Curve(tuple(map(tuple, d["head_s"]))),
+            step_s=d["step_s"], step_per_seq_s=d["step_per_seq_s"], cold_factor=d["cold_factor"],
+            attention=local,
+        ),
+        attention=attention, rtt_s=rtt_s, net_GBps=net_GBps, msg_cpu_s=msg_cpu_s, msg_cpu_GBps=msg_cpu_GBps, shared_host=shared,
+        dense_slowdown=fd, attention_slowdown=fa, model=model_config,
+        extra={"workers": {"dense": len(info["dense"]), "attention": len(info["attention"])},
+               "seconds": round(time.time() - t0, 2)},
+    )
+    return profile
+
+
+async def _network(client, dense, att, cfg, dtype, model_config: ModelConfig):
+    """Round trip and bandwidth of the data plane (requests answered without compute),
+    and the dense compute thread's time per request."""
+    points, cpus = [], []
+    elem = 2 if dtype in ("bfloat16", "float16") else 4
+    for t in _PROBE_TOKENS:
+        r = await _rpc(client, dense, "glinthawk_probe", address=att, config=cfg, tokens=t, dtype=dtype, n=9,
+                       detail=True, echo=True)
+        nbytes = t * (2 * model_config.q_size + 2 * model_config.kv_size) * elem
+        points.append((nbytes, r["rtt_s"]))
+        cpus.append(r["cpu_s"])
+    base, gbps = _line([b for b, _ in points], [s for _, s in points])
+    cpu_base, cpu_gbps = _line([b for b, _ in points], cpus)
+    return base, gbps, cpu_base, cpu_gbps
+
+
+def _line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Fit ``y = base + x / (GBps * 1e9)``: (base, GBps)."""
+    import numpy as np
+
+    a = np.array([[1.0, v] for v in x])
+    (base, per_byte), *_ = np.linalg.lstsq(a, np.array(y), rcond=None)
+    base = max(float(base), 0.5 * min(y))
+    return base, (1e-9 / per_byte if per_byte > 0 else float("inf"))
+
+
+async def _contention(client, dense, att, cfg, dtype, d: dict, quick: bool) -> tuple[float, float]:
+    """How much slower each tier computes while the other one does (same host)."""
+    busy = 1.5 if quick else 2.5  # the load outlasts the measurement under it
+    t_mid = d["layer_s"][len(d["layer_s"]) // 2]
+    shape = [[32, 512, 1]]
+
+    async def later(coro):
+        await asyncio.sleep(0.3)
+        return await coro
+
+    loaded, _ = await asyncio.gather(
+        later(_rpc(client, dense, "glinthawk_profile_dense", config=cfg, dtype=dtype, tokens=[t_mid[0]],
+                   layer_only=True)),
+        _rpc(client, att, "glinthawk_profile_attention", config=cfg, shapes=shape, dtype=dtype, busy_for=busy),
+    )
+    fd = loaded["layer_s"][0][1] / t_mid[1]
+    idle = await _rpc(client, att, "glinthawk_profile_attention", config=cfg, shapes=shape, dtype=dtype)
+    _, under = await asyncio.gather(
+        _rpc(client, dense, "glinthawk_profile_dense", config=cfg, dtype=dtype, tokens=[t_mid[0]], busy_for=busy),
+        later(_rpc(client, att, "glinthawk_profile_attention", config=cfg, shapes=shape, dtype=dtype)),
+    )
+    fa = under["points"][0][2] / idle["points"][0][2]
+    return max(1.0, fd), max(1.0, fa)
+
+
+async def cluster_profile(client: Any, model_config: ModelConfig, *, model: str, dtype: str) -> tuple[Profile, float]:
+    """The cluster's profile for ``model``: the one kept on the scheduler, else measured
+    now (quickly) and kept.  Returns it with the seconds spent measuring (0 if kept)."""
+    info = await client.scheduler.glinthawk_cluster_info()
+    key = profile_key(model, dtype, info)
+    doc = await client.scheduler.glinthawk_profile_get(key=key)
+    if doc:
+        return Profile.from_json(doc, "the cluster's profile"), 0.0
+    t0 = time.time()
+    profile = await measure_profile(client, model_config, model=model, dtype=dtype, quick=True)
+    seconds = time.time() - t0
+    logger.info("glinthawk profiled the cluster for %s in %.1f s", model, seconds)
+    await client.scheduler.glinthawk_profile_put(key=key, profile=profile.to_json())
+    return profile, seconds

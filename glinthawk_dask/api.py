@@ -59,7 +59,8 @@ class LLM:
     workers), ``"single-tier"`` (KV on the dense workers) or ``"in-process"`` (no Dask);
     by default ``glinthawk.engine.mode`` (two-tier).  ``engine_config`` sets the batching
     knobs; in distributed modes ``n_micro_batches`` (an int or ``"auto"``, the default)
-    replaces its ``n_micro_batches``.  Distributed modes use ``client``,
+    replaces its ``n_micro_batches`` and ``micro_batch_size`` (an int or ``"auto"``)
+    its ``micro_batch_size``: "auto" plans from the cluster's measured profile.  Distributed modes use ``client``,
     or connect to ``scheduler``, or start the embedded local cluster
     (``local_workers``: dense and attention worker processes, by default 1 and
     ``glinthawk.local-cluster.attention-workers``), which :meth:`close` stops.
@@ -80,6 +81,7 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         engine_config: EngineConfig | None = None,
         n_micro_batches: int | str | None = None,
+        micro_batch_size: int | str | None = None,
         n_slices: int | None = None,
         latency: float | None = None,
         local_workers: tuple[int, int | None] = (1, None),
@@ -118,7 +120,7 @@ class LLM:
         ec = engine_config
         self.engine = DaskEngine(
             self.client, model, mode=self.mode, n_slices=n_slices,
-            micro_batch_size=ec.micro_batch_size if ec else None,
+            micro_batch_size=micro_batch_size or (ec.micro_batch_size if ec else None),
             n_micro_batches=n_micro_batches,
             max_step_tokens=ec.max_step_tokens if ec else None,
             max_seq_len=ec.max_seq_len if ec else None,

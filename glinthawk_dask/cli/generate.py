@@ -36,7 +36,8 @@ from .options import parse_micro_batches, security_from, tls_client, tls_options
               help="Where the model runs [default: two-tier, from glinthawk.engine.mode].")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Dask scheduler of a running cluster [default: start a local one].")
-@click.option("--micro-batch-size", type=int, default=None, help="Slots per micro-batch [default: 32].")
+@click.option("--micro-batch-size", default=None, metavar="N|auto",
+              help="Slots per micro-batch; auto: planned from the cluster's profile [default: 32].")
 @click.option("--micro-batches", default=None, metavar="N|auto",
               help="Micro-batches in flight per dense worker [default: auto; 1 in-process].")
 @click.option("--slices", type=int, default=None, help="Dense workers to split the layers over.")
@@ -49,7 +50,7 @@ def generate(
     prompt_args: tuple[str, ...], model: str, input_path: BinaryIO | None, prompts: tuple[str, ...],
     output: TextIO, max_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float,
     seed: int | None, stop: tuple[str, ...], chat: bool, mode: str | None, scheduler: str | None,
-    micro_batch_size: int | None, micro_batches: str | None, slices: int | None,
+    micro_batch_size: str | None, micro_batches: str | None, slices: int | None,
     latency: float | None, device: str | None, dtype: str | None,
     tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None,
 ) -> None:
@@ -77,7 +78,8 @@ def generate(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, min_p=min_p, seed=seed, stop=stop)
         n_mb = parse_micro_batches(micro_batches)
-        mb_size = micro_batch_size or (64 if mode == "in-process" else config.get("engine.micro-batch-size"))
+        asked = parse_micro_batches(micro_batch_size, "--micro-batch-size")
+        mb_size = engine_batch_size(asked, mode == "in-process")
         engine_config = EngineConfig(
             micro_batch_size=mb_size, n_micro_batches=n_mb if isinstance(n_mb, int) else 1,
             max_step_tokens=max(config.get("engine.max-step-tokens"), mb_size),
@@ -95,6 +97,7 @@ def generate(
     with tls_client(scheduler, security) as client, LLM(
         model, mode=mode, scheduler=scheduler, client=client, device=device, dtype=dtype,
         engine_config=engine_config, n_micro_batches=n_mb, n_slices=slices, latency=latency,
+        micro_batch_size="auto" if asked == "auto" else None,
     ) as llm:
         if llm.dashboard_link:
             click.echo(f"dask dashboard: {llm.dashboard_link} (glinthawk page: {llm.dashboard_page})", err=True)
@@ -133,21 +136,28 @@ def generate(
               help="Where the model runs [default: two-tier, from glinthawk.engine.mode].")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Dask scheduler of a running cluster [default: start a local one].")
-@click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="Slots per micro-batch.")
+@click.option("--micro-batch-size", default=None, metavar="N|auto",
+              help="Slots per micro-batch; auto: planned from the cluster's profile.")
 @click.option("--micro-batches", default=None, metavar="N|auto", help="Micro-batches in flight per dense worker.")
+@click.option("--max-seq-len", type=click.IntRange(min=2), default=None,
+              help="KV slot capacity [default: prompt + new tokens].")
+@click.option("--latency", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Milliseconds added to every inter-tier message.")
 @click.option("--device", default=None, help="cpu, cuda, ... [default: cuda if available]")
 @click.option("--dtype", default=None, help="float32, bfloat16, float16 [default: by device]")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
 @tls_options("client")
 @user_errors
 def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode: str | None,
-          scheduler: str | None, micro_batch_size: int | None, micro_batches: str | None, device: str | None,
-          dtype: str | None, as_json: bool, tls_ca_file: str | None, tls_cert: str | None,
+          scheduler: str | None, micro_batch_size: str | None, micro_batches: str | None,
+          max_seq_len: int | None, latency: float, device: str | None, dtype: str | None, as_json: bool, tls_ca_file: str | None, tls_cert: str | None,
           tls_key: str | None) -> None:
     """Generation throughput: N synthetic prompts, greedy, a fixed number of new tokens each.
 
     The model is loaded and warmed up on one short prompt first; only the timed
-    generate call counts (prefill included).  benchmarks/ has the fuller scripts.
+    generate call counts (prefill included).  Distributed runs also print the planner's
+    prediction for the plan they ran (from the cluster's profile, measured once and
+    kept on the scheduler).  benchmarks/ has the fuller scripts.
     """
     import random
 
@@ -165,16 +175,21 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
     rows = [{"id": f"bench-{i}",
              "prompt_token_ids": [rng.randrange(1, model_config.vocab_size) for _ in range(prompt_tokens)]}
             for i in range(n_prompts)]
+    if max_seq_len is not None and max_seq_len <= prompt_tokens:
+        raise GlinthawkError(f"--max-seq-len {max_seq_len} leaves no room after prompts of {prompt_tokens} tokens")
     n_mb = parse_micro_batches(micro_batches)
+    asked = parse_micro_batches(micro_batch_size, "--micro-batch-size")
     in_process = (mode or config.get("engine.mode")) == "in-process"
-    mb_size = micro_batch_size or (64 if in_process else config.get("engine.micro-batch-size"))
+    mb_size = engine_batch_size(asked, in_process)
     engine_config = EngineConfig(micro_batch_size=mb_size, n_micro_batches=n_mb if isinstance(n_mb, int) else 1,
-                                 max_step_tokens=max(config.get("engine.max-step-tokens"), mb_size))
+                                 max_step_tokens=max(config.get("engine.max-step-tokens"), mb_size),
+                                 max_seq_len=max_seq_len)
     security = security_from("client", tls_ca_file, tls_cert, tls_key)
     t0 = time.perf_counter()
     with tls_client(scheduler, security) as client, LLM(
         model, mode=mode, scheduler=scheduler, client=client, device=device, dtype=dtype,
-        engine_config=engine_config, n_micro_batches=n_mb,
+        engine_config=engine_config, n_micro_batches=n_mb, latency=latency / 1e3,
+        micro_batch_size="auto" if asked == "auto" else None,
     ) as llm:
         llm.generate(rows[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up: weights, kernels
         t_load = time.perf_counter() - t0
@@ -182,14 +197,19 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
         results = llm.generate(rows, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         elapsed = time.perf_counter() - t0
         where = llm.mode if llm.client is None else f"{llm.mode} on {llm.client.scheduler.address}"
+        summary = getattr(llm.engine, "last_summary", None)
+        predicted = _predicted(llm, summary, rows, prompt_tokens, max_tokens, max_seq_len, latency / 1e3)
     failed = [c for c in results if c.error is not None]
     if failed:
         raise GlinthawkError(f"{len(failed)} of {len(results)} prompts failed, e.g. {failed[0].error}")
     generated = sum(len(c.completion_token_ids) for c in results)
     numbers = {
         "model": model, "mode": llm.mode, "prompts": n_prompts, "prompt_tokens": prompt_tokens,
-        "max_tokens": max_tokens, "micro_batch_size": mb_size, "generated_tokens": generated,
-        "seconds": elapsed, "tokens_per_s": generated / elapsed, "load_seconds": t_load,
+        "max_tokens": max_tokens, "micro_batch_size": summary.micro_batch_size if summary else mb_size,
+        "micro_batches": summary.n_micro_batches if summary else engine_config.n_micro_batches,
+        "max_seq_len": max_seq_len, "latency_ms": latency, "generated_tokens": generated,
+        "seconds": elapsed, "tokens_per_s": generated / elapsed, "predicted_tokens_per_s": predicted,
+        "load_seconds": t_load,
     }
     if as_json:
         click.echo(json.dumps(numbers))
@@ -197,6 +217,39 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
     click.echo(f"{model}, {where}: {n_prompts} prompts x ({prompt_tokens} prompt + {max_tokens} new) tokens: "
                f"{generated} tokens in {elapsed:.2f} s = {generated / elapsed:.1f} tok/s "
                f"(load and warm-up {t_load:.1f} s)")
+    if summary is not None:
+        click.echo(f"plan: {summary.micro_batch_size} x {summary.n_micro_batches} micro-batches; predicted "
+                   + (f"{predicted:.1f} tok/s" if predicted else "n/a"))
+
+
+def engine_batch_size(asked: int | str | None, in_process: bool) -> int:
+    """The micro-batch size of an :class:`EngineConfig`: the one asked for, else the
+    default (64 in-process; "auto" is planned by distributed runs themselves)."""
+    from .. import config
+
+    size = asked or (64 if in_process else config.get("engine.micro-batch-size"))
+    return 64 if size == "auto" else int(size)
+
+
+def _predicted(llm: Any, summary: Any, rows: list, prompt_tokens: int, max_tokens: int, max_seq_len: int | None,
+               latency: float) -> float | None:
+    """The planner's tokens/s for the plan a distributed run used (None in-process)."""
+    if summary is None or llm.client is None:
+        return None
+    if summary.predicted_tokens_per_s:
+        return summary.predicted_tokens_per_s
+    from ..planner.simulate import RunConfig, Workload, simulate
+    from ..runtime.profiler import cluster_profile
+
+    profile, _ = llm.client.sync(cluster_profile, llm.client, llm.config, model=llm.model,
+                                 dtype=llm.engine.dtype)
+    plan = summary.plan
+    cfg = RunConfig(mode=plan["mode"], micro_batch_size=summary.micro_batch_size,
+                    micro_batches=summary.n_micro_batches, dense=len(plan["dense"]),
+                    attention=max(1, len({a for s in plan["attention"] for a in s}) // max(1, len(plan["dense"]))),
+                    max_seq_len=plan["max_seq_len"], max_step_tokens=llm.engine.max_step_tokens, latency=latency,
+                    dtype_bytes=llm.dtype.itemsize)
+    return simulate(profile, llm.config, Workload.uniform(len(rows), prompt_tokens, max_tokens), cfg).tokens_per_s
 
 
 def read_rows(stream: BinaryIO, name: str) -> Iterator[Any]:

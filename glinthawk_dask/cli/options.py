@@ -30,7 +30,8 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def parse_micro_batches(value: str | None) -> int | str | None:
+def parse_micro_batches(value: str | None, flag: str = "--micro-batches") -> int | str | None:
+    """A positive int or "auto" (None stays None)."""
     if value is None or value == "auto":
         return value
     try:
@@ -38,7 +39,7 @@ def parse_micro_batches(value: str | None) -> int | str | None:
     except ValueError:
         n = 0
     if n < 1:
-        raise click.UsageError(f"--micro-batches must be a positive integer or auto, not {value!r}")
+        raise click.UsageError(f"{flag} must be a positive integer or auto, not {value!r}")
     return n
 
 

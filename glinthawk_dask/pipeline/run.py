@@ -122,6 +122,7 @@ def run_pipeline(
         with contextlib.nullcontext(llm) if llm is not None else LLM(
             spec.model, mode=topo.mode, scheduler=scheduler, client=client, device=topo.device, dtype=topo.dtype,
             engine_config=_engine_config(spec, topo.mode), n_micro_batches=topo.micro_batches,
+            micro_batch_size=topo.micro_batch_size if topo.micro_batch_size == "auto" else None,
             n_slices=topo.dense_workers, local_workers=(topo.dense_workers, topo.attention_workers),
         ) as llm:
             if not given:
@@ -194,6 +195,7 @@ def _engine_config(spec: PipelineSpec, mode: str | None) -> EngineConfig:
     topo = spec.topology
     in_process = (mode or config.get("engine.mode")) == "in-process"
     size = topo.micro_batch_size or (64 if in_process else config.get("engine.micro-batch-size"))
+    size = 64 if size == "auto" else int(size)  # distributed runs plan "auto" themselves
     n_mb = topo.micro_batches if isinstance(topo.micro_batches, int) else 1
     return EngineConfig(
         micro_batch_size=size, n_micro_batches=n_mb if in_process else 1,

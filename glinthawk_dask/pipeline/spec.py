@@ -85,7 +85,7 @@ class TopologySpec:
     mode: str | None = None
     dense_workers: int = 1
     attention_workers: int | None = None
-    micro_batch_size: int | None = None
+    micro_batch_size: int | str | None = None  # or "auto": planned from the cluster's profile
     micro_batches: int | str | None = None
     max_seq_len: int = 512
     device: str | None = None
@@ -252,13 +252,15 @@ def _topology(v: "_Validator", t: dict) -> TopologySpec:
     mb = t.get("micro_batches")
     if mb is not None and mb != "auto":
         mb = v.integer(mb, "topology.micro_batches", minimum=1, also="or auto")
+    size = t.get("micro_batch_size")
+    if size is not None and size != "auto":
+        size = v.integer(size, "topology.micro_batch_size", minimum=1, also="or auto")
     att = t.get("attention_workers")
     return TopologySpec(
         mode=mode,
         dense_workers=v.integer(t.get("dense_workers", 1), "topology.dense_workers", minimum=1),
         attention_workers=None if att is None else v.integer(att, "topology.attention_workers", minimum=1),
-        micro_batch_size=None if t.get("micro_batch_size") is None
-        else v.integer(t["micro_batch_size"], "topology.micro_batch_size", minimum=1),
+        micro_batch_size=size,
         micro_batches=mb,
         max_seq_len=v.integer(t.get("max_seq_len", 512), "topology.max_seq_len", minimum=2),
         device=None if t.get("device") is None else v.string(t["device"], "topology.device"),

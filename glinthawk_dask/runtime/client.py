@@ -27,7 +27,6 @@ from .. import config
 from .compute import busy_seconds, overlap_seconds
 from .faults import WorkerFailure, is_worker_failure
 from .messages import DTYPES
-from .placement import auto_depth
 
 __all__ = ["DaskEngine", "RunSummary"]
 
@@ -49,6 +48,8 @@ class RunSummary:
     n_micro_batches: int
     plan: dict
     recoveries: list[dict] = dataclasses.field(default_factory=list)  # one per lost worker: what it cost
+    predicted_tokens_per_s: float | None = None  # the planner's prediction, when it chose the plan
+    profile_seconds: float = 0.0  # spent measuring the cluster's profile for this run (0: it was kept)
 
     @property
     def tokens_per_s(self) -> float:
@@ -60,10 +61,11 @@ class DaskEngine:
     :class:`AttentionWorkerPlugin`.
 
     ``mode`` is ``"two-tier"`` (attention on KV workers) or ``"single-tier"`` (KV on
-    the dense workers).  ``n_micro_batches`` is an int or ``"auto"``: enough
-    micro-batches that the dense worker does not wait for attention, from a measured
-    dense step and attention round trip.  ``latency`` (seconds) delays every
-    inter-tier message.  Unset knobs come from ``dask.config`` (``glinthawk.engine``).
+    the dense workers).  ``micro_batch_size`` and ``n_micro_batches`` are ints or
+    ``"auto"``: the planner (:mod:`glinthawk_dask.planner`) simulates the run's requests
+    on the cluster's profile (measured once per cluster and model, kept on the
+    scheduler) and picks the fastest.  ``latency`` (seconds) delays every inter-tier
+    message.  Unset knobs come from ``dask.config`` (``glinthawk.engine``).
     """
 
     def __init__(
@@ -73,7 +75,7 @@ class DaskEngine:
         *,
         mode: str | None = None,
         n_slices: int | None = None,
-        micro_batch_size: int | None = None,
+        micro_batch_size: int | str | None = None,
         n_micro_batches: int | str | None = None,
         max_step_tokens: int | None = None,
         max_seq_len: int | None = None,
@@ -87,7 +89,8 @@ class DaskEngine:
         if self.mode not in ("two-tier", "single-tier"):
             raise GlinthawkError(f"DaskEngine mode must be two-tier or single-tier, not {self.mode!r}")
         self.n_slices = n_slices
-        self.micro_batch_size = int(micro_batch_size or config.get("engine.micro-batch-size"))
+        mbs = micro_batch_size or config.get("engine.micro-batch-size")
+        self.micro_batch_size: int | str = mbs if mbs == "auto" else int(mbs)
         self.n_micro_batches = n_micro_batches or config.get("engine.micro-batches")
         self.max_step_tokens = int(max_step_tokens or config.get("engine.max-step-tokens"))
         self.max_seq_len = max_seq_len or config.get("engine.max-seq-len")
@@ -95,6 +98,7 @@ class DaskEngine:
         self.latency = float(config.get("engine.induced-latency") if latency is None else latency)
         self.model_config: ModelConfig = model_config or resolve_checkpoint(model).config
         self.last_summary: RunSummary | None = None
+        self.last_prediction: Any = None  # the planner's Prediction for the last auto plan
         self.last_timeline: dict[str, list] = {}
 
     # -- sync API ------------------------------------------------------------------
@@ -162,7 +166,8 @@ class DaskEngine:
         """Requests read before placing a run: all of them unless slots have a fixed size."""
         if not max_seq_len:
             return None
-        return self.micro_batch_size * int(config.get("engine.max-micro-batches"))
+        size = 64 if self.micro_batch_size == "auto" else self.micro_batch_size
+        return size * int(config.get("engine.max-micro-batches"))
 
     @staticmethod
     def _room(run: dict) -> int:
@@ -187,14 +192,13 @@ class DaskEngine:
         elem = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
         bpt_layer = cfg.kv_bytes_per_token(elem, 1)
         n = max(len(requests), size_hint)  # a restarted run keeps the size of the first
-        mb_size = min(self.micro_batch_size, n)
-        depth = self.n_micro_batches
-        max_depth = max(1, math.ceil(n / mb_size))
-        if depth == "auto" and max_depth == 1:
-            depth = 1
-        elif depth == "auto":
-            depth = await self._auto_depth(mb_size, min(int(config.get("engine.max-micro-batches")), max_depth))
-        depth = max(1, min(int(depth), max_depth))
+        mb_size, depth = self.micro_batch_size, self.n_micro_batches
+        prediction, profile_s = None, 0.0
+        if mb_size == "auto" or depth == "auto":
+            fixed = None if mb_size == "auto" else min(int(mb_size), n)
+            mb_size, depth, prediction, profile_s = await self._auto_plan(requests, seq_len, fixed)
+        mb_size = min(int(mb_size), n)
+        depth = max(1, min(int(depth), math.ceil(n / mb_size)))
         reply = await self.client.scheduler.glinthawk_plan(
             run_id=run_id, mode=self.mode, n_layers=cfg.n_layers, kv_bytes_per_token_layer=bpt_layer,
             max_seq_len=seq_len, micro_batch_size=mb_size, n_micro_batches=depth, n_slices=self.n_slices,
@@ -204,7 +208,7 @@ class DaskEngine:
         plan = _lists(reply["plan"])
         run = {"id": run_id, "plan": plan, "pending": set(), "requests": {}, "t0": time.time(),
                "n_requests": 0, "generated": 0, "stats": {}, "recoveries": [], "max_seq_len": max_seq_len,
-               "status": "running", "size": n}
+               "status": "running", "size": n, "prediction": prediction, "profile_seconds": profile_s}
         try:
             await self._open_workers(run)
         except BaseException:
@@ -343,23 +347,50 @@ class DaskEngine:
             n_steps=run["stats"].get("n_steps", 0), n_tokens=run["stats"].get("n_tokens", 0),
             generated_tokens=run["generated"], seconds=seconds, micro_batch_size=plan["micro_batch_size"],
             n_micro_batches=plan["n_micro_batches"], plan=plan, recoveries=list(run["recoveries"]),
+            predicted_tokens_per_s=run["prediction"].tokens_per_s if run.get("prediction") else None,
+            profile_seconds=run.get("profile_seconds", 0.0),
         )
 
-    async def _auto_depth(self, mb_size: int, max_depth: int) -> int:
-        """Depth from a measured dense layer step and attention round trip: requests of
-        the run's shapes from the dense worker to an attention worker over the data plane."""
+    async def _auto_plan(self, requests: list[Request], seq_len: int, mb_size: int | None):
+        """Micro-batch size (unless given) and depth from the planner: the run's requests
+        simulated on the cluster's profile.  Returns (size, depth, prediction, seconds
+        spent profiling)."""
+        from ..planner.plan import best, candidates
+        from ..planner.simulate import Workload
+        from .profiler import cluster_profile
+
+        n = len(requests)
         reg = await self.client.scheduler.glinthawk_registry()
-        if self.mode != "two-tier" or not reg["attention"] or not reg["dense"]:
-            return 1
-        cfg = dataclasses.asdict(self.model_config)
-        dense = reg["dense"][0]
-        rtt = await self._rpc(dense, "glinthawk_probe", address=reg["attention"][0], config=cfg, tokens=mb_size,
-                              dtype=self.dtype)
-        dense_s = await self._rpc(dense, "glinthawk_calibrate", config=cfg, tokens=mb_size, dtype=self.dtype)
-        depth = auto_depth(dense_s, rtt, self.latency, max_depth)
-        logger.info("glinthawk auto depth %d: dense layer step %.2f ms, attention round trip %.2f ms",
-                    depth, dense_s * 1e3, rtt * 1e3)
-        return depth
+        if not reg["dense"] or (self.mode == "two-tier" and not reg["attention"]):
+            return mb_size or min(32, n), 1, None, 0.0  # placement will say what is missing
+        profile, seconds = await cluster_profile(self.client, self.model_config, model=self.model, dtype=self.dtype)
+        k = min(self.n_slices or len(reg["dense"]), len(reg["dense"]))
+        per_slice = max(1, len(reg["attention"]) // k)
+        sample = requests if n <= 256 else requests[:: math.ceil(n / 256)]
+        workload = Workload(tuple(len(r.prompt_token_ids) for r in sample),
+                            tuple(max(1, min(r.params.max_tokens, seq_len - len(r.prompt_token_ids))) for r in sample))
+        elem = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
+        configs = [
+            dataclasses.replace(c, attention=min(per_slice, c.micro_batches))
+            for c in candidates(len(sample), modes=(self.mode,), dense=[k], attention=[per_slice],
+                                micro_batch_size=mb_size and min(mb_size, len(sample)),
+                                micro_batches=None if self.n_micro_batches == "auto" else int(self.n_micro_batches),
+                                max_depth=int(config.get("engine.max-micro-batches")), max_seq_len=seq_len,
+                                latency=self.latency, dtype_bytes=elem, max_step_tokens=self.max_step_tokens)
+        ]
+        loop = asyncio.get_running_loop()
+        preds = await loop.run_in_executor(None, _sweep, profile, self.model_config, workload, configs)
+        chosen = best(preds)
+        if chosen is None:
+            return mb_size or min(32, n), 1, None, seconds
+        size = chosen.micro_batch_size if mb_size is None else mb_size
+        if n > len(sample) and mb_size is None:  # the sample stood for more requests: scale the slots
+            size = min(n, round(chosen.micro_batch_size * n / len(sample)))
+        self.last_prediction = chosen
+        logger.info("glinthawk auto plan: %d x %d micro-batches, %.1f tok/s predicted (%s bound)%s", size,
+                    chosen.micro_batches, chosen.tokens_per_s, chosen.bottleneck,
+                    f"; profiled the cluster in {seconds:.1f} s" if seconds else "")
+        return size, chosen.micro_batches, chosen, seconds
 
     # -- measurements --------------------------------------------------------------
     def tier_overlap(self) -> dict[str, float]:
@@ -385,6 +416,12 @@ class _Feed:
         out = list(itertools.islice(self._it, n))
         self.exhausted = len(out) < n
         return out
+
+
+def _sweep(profile: Any, model: ModelConfig, workload: Any, configs: list) -> list:
+    from ..planner.plan import sweep
+
+    return sweep(profile, model, workload, configs)
 
 
 def _track(run: dict, requests: list[Request]) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["PlacementError", "Plan", "kv_budget_bytes", "split_layers", "make_plan", "auto_depth"]
+__all__ = ["PlacementError", "Plan", "kv_budget_bytes", "split_layers", "make_plan"]
 
 # A KV resource at or below this is a tag ("this worker is an attention worker"), and the
 # budget is a fraction of the worker's memory limit; above it, it is the budget in bytes.
@@ -127,12 +127,3 @@ def _fit(asked: int, fit: int, tier: str, max_seq_len: int) -> int:
             "lower max_seq_len or the number of micro-batches, or give the workers more memory"
         )
     return min(asked, fit)
-
-
-def auto_depth(dense_step_s: float, attention_rtt_s: float, latency_s: float, max_depth: int) -> int:
-    """Micro-batches in flight so the dense worker never waits for attention:
-    1 + (attention round trip + 2 × induced latency) / dense step time."""
-    if dense_step_s <= 0:
-        return max_depth
-    depth = 1 + math.ceil((attention_rtt_s + 2 * latency_s) / dense_step_s)
-    return max(1, min(max_depth, depth))

@@ -46,10 +46,10 @@ class Prices:
         return cls(**out)
 
 
-def _sizes(limit: int) -> list[int]:
-    """Powers of two up to ``limit`` and ``limit`` itself, none so small that 64
-    micro-batches of it would not hold the requests."""
-    smallest = max(1, limit // 64)
+def _sizes(limit: int, max_depth: int) -> list[int]:
+    """Powers of two up to ``limit`` and ``limit`` itself, none so small that the
+    deepest pipeline of them would hold less than half the requests at once."""
+    smallest = max(1, limit // (2 * max_depth))
     sizes = {limit}
     s = 1
     while s < limit:
@@ -74,11 +74,13 @@ def candidates(
     max_step_tokens: int = 512,
 ) -> list[RunConfig]:
     """Every configuration worth simulating; fixed knobs stay fixed.  ``dense`` and
-    ``attention`` are counts to use (a number: all of 1..n)."""
+    ``attention`` are counts to use (a number: all of 1..n); a plan uses no more
+    attention workers per dense worker than it has micro-batches."""
     dense_opts = range(1, dense + 1) if isinstance(dense, int) else list(dense)
     attn_opts = range(1, attention + 1) if isinstance(attention, int) else list(attention)
-    sizes = [micro_batch_size] if micro_batch_size else _sizes(n_requests)
-    out = []
+    sizes = [micro_batch_size] if micro_batch_size else _sizes(n_requests, max_depth)
+    out: list[RunConfig] = []
+    seen: set[RunConfig] = set()
     for mode in modes:
         for d in dense_opts:
             for a in (attn_opts if mode == "two-tier" else [1]):
@@ -86,11 +88,12 @@ def candidates(
                     most = max(1, math.ceil(n_requests / b))
                     depths = [micro_batches] if micro_batches else range(1, min(max_depth, most) + 1)
                     for m in depths:
-                        if mode == "two-tier" and a > m:
-                            continue  # an attention worker with no micro-batch
-                        out.append(RunConfig(mode=mode, micro_batch_size=b, micro_batches=m, dense=d, attention=a,
-                                             max_seq_len=max_seq_len, latency=latency, dtype_bytes=dtype_bytes,
-                                             max_step_tokens=max(max_step_tokens, b)))
+                        cfg = RunConfig(mode=mode, micro_batch_size=b, micro_batches=m, dense=d, attention=min(a, m),
+                                        max_seq_len=max_seq_len, latency=latency, dtype_bytes=dtype_bytes,
+                                        max_step_tokens=max(max_step_tokens, b))
+                        if cfg not in seen:
+                            seen.add(cfg)
+                            out.append(cfg)
     return out
 
 

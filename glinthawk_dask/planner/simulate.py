@@ -136,13 +136,13 @@ class MicroBatchShape:
 
     def bucket(self) -> "MicroBatchShape":
         """A nearby shape that rounds share (costs vary slowly with these sizes)."""
-        return MicroBatchShape(_b(self.tokens), _b(self.kv_read), _b(self.attn_units), _b(self.rows), _b(self.seqs))
+        return MicroBatchShape(_b(self.tokens), _b(self.kv_read, 1.2), _b(self.attn_units, 1.2), _b(self.rows),
+                               _b(self.seqs))
 
 
-def _b(x: int) -> int:
+def _b(x: int, step: float = 1.1) -> int:
     if x <= 16:
         return x
-    step = 1.08
     return int(round(step ** round(math.log(x, step))))
 
 
@@ -229,27 +229,20 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
     window: list[float] = [math.inf, 0.0]  # the measured window: cycles 2 .. end
 
     # when the attention side works (reading a request, computing, answering): a dense job
-    # slows by the share of its time that overlaps such work, up to the profile's slowdown
+    # that overlaps such work runs at the profile's both-compute speed
     active: list[tuple[float, float]] = []
 
-    def overlap(t0: float, t1: float) -> float:
-        active[:] = [iv for iv in active if iv[1] > t0 - 1.0]
-        spans = sorted((max(a, t0), min(b, t1)) for a, b in active if b > t0 and a < t1)
-        total, end = 0.0, t0
-        for a, b in spans:
-            a = max(a, end)
-            if b > a:
-                total += b - a
-                end = b
-        return total
+    def overlaps(t0: float, t1: float) -> bool:
+        active[:] = [iv for iv in active if iv[1] > t0]  # time only moves on: ended ones go
+        return any(a < t1 for a, _ in active)
 
     def dense_busy(t: float) -> bool:
         return any(d.busy_until > t for d in dense)
 
     def start(server: _Server, t: float, base: float, kind: str) -> float:
         dur = base
-        if shared and kind == "dense" and fd > 1.0:
-            dur *= fd if overlap(t, t + base) > 0 else 1.0
+        if shared and kind == "dense" and fd > 1.0 and overlaps(t, t + base):
+            dur *= fd
         elif shared and kind == "attention" and dense_busy(t):
             dur *= fa
         if kind == "dense" and t - server.idle_since > 5e-4 and server.busy_until <= t:
@@ -418,10 +411,15 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
     steps = generated = 0
 
     def period_of(shapes: list[MicroBatchShape]) -> tuple[float, float, float]:
-        key = (base_key, tuple(sh.bucket() for sh in shapes))
+        # a round costs as its micro-batches at their mean shape (they differ little once
+        # decoding; prefill rounds are few)
+        n = len(shapes)
+        mean = MicroBatchShape(*(max(1, round(sum(getattr(sh, f) for sh in shapes) / n))
+                                 for f in ("tokens", "kv_read", "attn_units", "rows", "seqs")))
+        key = (base_key, n, mean.bucket())
         hit = cache.get(key)
         if hit is None:
-            hit = cache[key] = round_period(profile, model, c, list(key[1]), layers)
+            hit = cache[key] = round_period(profile, model, c, [key[2]] * n, layers)
         return hit
 
     while waiting or any(running):

@@ -133,6 +133,9 @@ class FrameReader:
             self._start = self._end = 0
 
 
+SEND_BUFFER = 4 * 2**20  # bytes of kernel send buffer per data-plane socket
+
+
 class Link:
     """One data-plane socket served on a compute stream: frames in and out.
 
@@ -147,6 +150,13 @@ class Link:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Room in the kernel for whole messages: what a send leaves behind waits for this
+        # stream's thread, which may be busy with a dense job for milliseconds (Linux
+        # starts a connection at 16 KiB and grows it only as traffic goes by).
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError:  # a platform that refuses the size: its default stays
+            pass
         self.sock = sock
         self.stream = stream
         self.peer = peer

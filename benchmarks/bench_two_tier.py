@@ -219,9 +219,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=64, help="prompts of the throughput part (default 64)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per sequence there (default 128)")
-    p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="two-tier micro-batch size of the throughput part "
-                        "(default glinthawk.engine.micro-batch-size, capped by --batch)")
+    p.add_argument("--micro-batch-size", type=parse_depth, default="auto",
+                   help="two-tier micro-batch size of the throughput part: an int (capped by --batch) or "
+                        "'auto' (default: planned from the cluster's profile)")
     p.add_argument("--micro-batches", type=parse_depth, default="auto",
                    help="two-tier micro-batches in flight there: an int or 'auto' (default)")
     p.add_argument("--latency-prompts", type=int, default=256, help="prompts of the latency part (default 256)")
@@ -239,8 +239,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "latency_micro_batch_size", "latency_max_micro_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.micro_batch_size is not None and args.micro_batch_size < 1:
-        p.error("--micro-batch-size must be at least 1")
     return args
 
 
@@ -292,17 +290,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{cpu_text(cpus['hf-transformers'])}", flush=True)
 
     # -- two-tier: start the embedded cluster once ------------------------------------------
-    mb_size = min(args.micro_batch_size or int(gh_config.get("engine.micro-batch-size")), args.batch)
+    auto = args.micro_batch_size == "auto"
+    mb_size = args.batch if auto else min(args.micro_batch_size, args.batch)
     tt_steps = step_tokens_for(prompt_ids, mb_size)
     (base, start_s) = bi.timed(lambda: LLM(
         DEFAULT_MODEL, mode="two-tier", dtype="float32",
         engine_config=EngineConfig(micro_batch_size=mb_size, max_step_tokens=tt_steps),
-        n_micro_batches=args.micro_batches,
+        n_micro_batches=args.micro_batches, micro_batch_size="auto" if auto else None,
     ))
     try:
         warm_s = bi.timed(lambda: bi.engine_generate(base, [prompt_ids[0][:4]], 2))[1]
+        profiled = base.engine.last_summary.profile_seconds
         print(f"two-tier cluster: started in {start_s:.1f} s, warm-up generate (weights onto the "
-              f"workers) {warm_s:.1f} s, not timed", flush=True)
+              f"workers{f', the cluster profiled in {profiled:.1f} s' if profiled else ''}) {warm_s:.1f} s, "
+              "not timed", flush=True)
+        if auto or args.micro_batches == "auto":
+            from glinthawk_dask.runtime.profiler import cluster_profile
+
+            kept, _ = base.client.sync(cluster_profile, base.client, base.config, model=DEFAULT_MODEL,
+                                       dtype="float32")
+            report["profile"] = kept.to_json()
+            print(f"the cluster's profile (kept for auto plans): dense layer {kept.dense.layer_s(16) * 1e3:.2f} ms "
+                  f"at 16 tokens, {kept.dense.layer_s(64) * 1e3:.2f} ms at 64; head {kept.dense.head_s(16) * 1e3:.1f} "
+                  f"ms at 16 rows; round trip {kept.rtt_s * 1e3:.2f} ms; dense x{kept.dense_slowdown:.2f} while "
+                  f"attention computes", flush=True)
         (tt, cpus["two-tier"]), threads = thread_report(base, lambda: with_cpu(
             lambda: bench_two_tier(base, prompt_ids, args.batch, args.new_tokens)))
         summary = base.engine.last_summary
@@ -319,8 +330,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         hfr = next((r for r in results if r.engine == "hf-transformers"), None)
         expected = args.batch * args.new_tokens
         print(f"\ntwo-tier plan: micro-batch {summary.micro_batch_size} x {summary.n_micro_batches} "
-              f"micro-batches ({args.micro_batches!s} asked), max_step_tokens {tt_steps}, "
-              f"{summary.n_steps} micro-batch steps")
+              f"micro-batches ({args.micro_batch_size!s} x {args.micro_batches!s} asked), max_step_tokens "
+              f"{tt_steps}, {summary.n_steps} micro-batch steps; planner's prediction "
+              + (f"{summary.predicted_tokens_per_s:.1f} tok/s" if summary.predicted_tokens_per_s else "n/a"))
         print(f"tier overlap (two-tier run, {overlap['wall']:.2f} s wall): dense busy "
               f"{overlap['dense_busy']:.2f} s, attention busy {overlap['attention_busy']:.2f} s, "
               f"both busy {overlap['overlap']:.2f} s = {overlap['overlap_fraction']:.1%} of wall")
@@ -338,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report["throughput"].update({
             "results": {r.engine: {**r.to_dict(), "cpu": cpus.get(r.engine)} for r in results},
             "two_tier_plan": {"micro_batch_size": summary.micro_batch_size,
+                              "predicted_tokens_per_s": summary.predicted_tokens_per_s,
                               "n_micro_batches": summary.n_micro_batches,
                               "asked": args.micro_batches, "max_step_tokens": tt_steps,
                               "n_steps": summary.n_steps},

@@ -111,3 +111,12 @@ def test_fingerprint_tracks_what_decides_the_rows():
     # where and how fast it runs does not change the rows
     assert parse_spec(_with(topology={"micro_batch_size": 4, "mode": "in-process"})).fingerprint() == base
     assert parse_spec(_with(output__url="elsewhere.zarr", output__chunk_rows=3)).fingerprint() == base
+
+
+def test_micro_batch_knobs_take_auto_or_a_positive_int():
+    topo = parse_spec(_with(topology={"micro_batch_size": "auto", "micro_batches": "auto"})).topology
+    assert topo.micro_batch_size == "auto" and topo.micro_batches == "auto"
+    assert parse_spec(_with(topology={"micro_batch_size": 8})).topology.micro_batch_size == 8
+    for bad in ("fast", 0):
+        with pytest.raises(SpecError, match="topology.micro_batch_size"):
+            parse_spec(_with(topology={"micro_batch_size": bad}))

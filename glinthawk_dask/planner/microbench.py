@@ -68,7 +68,8 @@ def dense_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
 def cold_factor(config: dict, dtype: torch.dtype, device: torch.device, tokens: int, repeats: int = 8) -> float:
     """How much slower a dense layer runs after the worker idled for 2 ms while other
     work passed through the CPU caches (on a CPU; 1.0 elsewhere): what a dense worker
-    that waits on attention sees at every layer."""
+    that waits on attention sees at every layer.  A cluster's profile measures this
+    against real round trips instead (``glinthawk_profile_alternate``)."""
     if device.type != "cpu":
         return 1.0
     cfg, layers = _layers(ModelConfig(**config), dtype, device)

@@ -298,6 +298,7 @@ class DenseService:
             "glinthawk_results": self.results,
             "glinthawk_probe": self.probe,
             "glinthawk_profile_dense": self.profile,
+            "glinthawk_profile_alternate": self.profile_alternate,
             "glinthawk_slice_reroute": self.reroute,
         }
 
@@ -396,6 +397,51 @@ class DenseService:
             return out
 
         return await self.stream.submit(0, measure, kind="calibrate")
+
+    async def profile_alternate(self, address: str, config: dict, tokens: int, dtype: str = "float32",
+                                n: int = 16) -> dict:
+        """A dense layer's seconds as a run sees them: ``{"alone": ..., "alternating":
+        ...}``, the median of ``n`` layers back to back, and of ``n`` layers each after an
+        attention round trip to ``address`` of ``tokens`` tokens (sent and answered on
+        the compute stream, as a run's are)."""
+        from ..model.config import ModelConfig
+        from ..planner import microbench as mb
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dt = DTYPES[dtype]
+        cfg = ModelConfig(**config)
+        loop = asyncio.get_running_loop()
+        built = await loop.run_in_executor(None, mb._layers, cfg, dt, device)
+        mcfg, layers = built
+        q = torch.randn(tokens, cfg.n_heads, cfg.head_dim).to(dt)  # [T, H, D]
+        kv = torch.randn(tokens, cfg.n_kv_heads, cfg.head_dim).to(dt)  # [T, KVH, D]
+        x = torch.randn(tokens, cfg.dim, dtype=dt, device=device)  # [T, dim]
+        o = torch.randn(tokens, cfg.n_heads, cfg.head_dim, dtype=dt, device=device)  # [T, H, D]
+        cos = torch.ones(tokens, cfg.head_dim, dtype=dt, device=device)  # [T, D]
+        channel = await self.dataplane.channel(address, "attention")
+        done = loop.create_future()
+        times: list[float] = []
+
+        def layer() -> None:
+            i = len(times)
+            with torch.inference_mode():
+                t = time.perf_counter()
+                post_pre_attention(mcfg, layers[i % len(layers)], layers[(i + 1) % len(layers)], x, o, cos, cos)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t)
+            if len(times) == n + 2:
+                settle_threadsafe(done, None, None)
+            else:
+                channel.request("glinthawk_attend_probe", {"config": config}, {"q": q, "k": kv, "v": kv},
+                                lambda r, e: self.stream.push(0, layer, kind=None) if e is None
+                                else settle_threadsafe(done, None, e), 60.0)
+
+        await self.stream.run(layer)
+        await done
+        alternating = sorted(times[2:])[n // 2]
+        alone = await self.stream.run(lambda: mb._time_layers(mcfg, layers, tokens, dt, device, n))
+        return {"alone": alone, "alternating": alternating}
 
     async def probe(self, address: str, config: dict, tokens: int, dtype: str = "float32", n: int = 5,
                     detail: bool = False, echo: bool = False) -> float | dict:

@@ -66,6 +66,10 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
         cost = AttentionCost.fit([tuple(p) for p in a["points"]])
         attention = AttentionProfile(cost=cost, threads=a["threads"], kv_bytes=min(info["kv_free"].values()))
         rtt_s, net_GBps, msg_cpu_s, msg_cpu_GBps = await _network(client, dense, att, cfg, dtype, model_config)
+        # a dense layer between attention round trips, as in a run, against back to back
+        alts = [await _rpc(client, dense, "glinthawk_profile_alternate", address=att, config=cfg, tokens=t,
+                           dtype=dtype) for t in (16, 64)]
+        d["cold_factor"] = max(1.0, sum(x["alternating"] / x["alone"] for x in alts) / len(alts))
         hosts = info["hosts"]
         shared = hosts.get(dense) is not None and hosts.get(dense) == hosts.get(att)
         if shared:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
+
+import dask
 
 import pytest
 from click.testing import CliRunner
@@ -208,9 +212,14 @@ async def test_profile_measures_a_cluster_and_auto_plans_use_it(c, s, a, b):
     assert prof.shared_host and prof.attention.kv_bytes > 0 and prof.rtt_s > 0
     assert prof.dense.layer_s(64) >= prof.dense.layer_s(1) > 0 and prof.dense.head_s(1) > 0
     assert Profile.from_json(json.loads(json.dumps(prof.to_json()))).to_json() == prof.to_json()
-    kept, seconds = await cluster_profile(c, MODEL, model="random:tiny-gqa", dtype="float32")
-    again, seconds_again = await cluster_profile(c, MODEL, model="random:tiny-gqa", dtype="float32")
-    assert seconds > 0 and seconds_again == 0.0 and again.to_json() == kept.to_json()
+    with tempfile.TemporaryDirectory() as cache, dask.config.set({"glinthawk.planner.profile-cache": cache}):
+        kept, seconds = await cluster_profile(c, MODEL, model="random:tiny-gqa", dtype="float32")
+        again, seconds_again = await cluster_profile(c, MODEL, model="random:tiny-gqa", dtype="float32")
+        assert seconds > 0 and seconds_again == 0.0 and again.to_json() == kept.to_json()
+        assert len(os.listdir(cache)) == 1  # kept on disk for the next cluster of this shape on this machine
+        s.plugins["glinthawk"].profiles.clear()  # a new scheduler: the disk has it
+        from_disk, seconds_disk = await cluster_profile(c, MODEL, model="random:tiny-gqa", dtype="float32")
+        assert seconds_disk == 0.0 and from_disk.to_json() == kept.to_json()
 
     engine = DaskEngine(c, "random:tiny-gqa", micro_batch_size="auto", n_micro_batches="auto")
     reqs = [Request(f"r{i}", [1 + i, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True)) for i in range(6)]

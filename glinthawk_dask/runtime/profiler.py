@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from typing import Any
@@ -145,16 +146,73 @@ async def _contention(client, dense, att, cfg, dtype, d: dict, quick: bool) -> t
 
 
 async def cluster_profile(client: Any, model_config: ModelConfig, *, model: str, dtype: str) -> tuple[Profile, float]:
-    """The cluster's profile for ``model``: the one kept on the scheduler, else measured
-    now (quickly) and kept.  Returns it with the seconds spent measuring (0 if kept)."""
+    """The cluster's profile for ``model``: the one kept on the scheduler, else (for a
+    cluster on this machine) one kept on disk by an earlier cluster of the same shape
+    (``glinthawk.planner.profile-cache``), else measured now (quickly) and kept.  Returns
+    it with the seconds spent measuring (0 if kept)."""
     info = await client.scheduler.glinthawk_cluster_info()
     key = profile_key(model, dtype, info)
     doc = await client.scheduler.glinthawk_profile_get(key=key)
     if doc:
         return Profile.from_json(doc, "the cluster's profile"), 0.0
+    disk = await _disk_path(client, model_config, dtype, info)
+    if disk is not None:
+        profile = _read_kept(disk)
+        if profile is not None:
+            await client.scheduler.glinthawk_profile_put(key=key, profile=profile.to_json())
+            return profile, 0.0
     t0 = time.time()
     profile = await measure_profile(client, model_config, model=model, dtype=dtype, quick=True)
     seconds = time.time() - t0
     logger.info("glinthawk profiled the cluster for %s in %.1f s", model, seconds)
     await client.scheduler.glinthawk_profile_put(key=key, profile=profile.to_json())
+    if disk is not None:
+        try:
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            tmp = disk.with_suffix(".tmp")
+            profile.save(tmp)
+            tmp.replace(disk)
+        except OSError as e:  # a read-only home: measure again next time
+            logger.warning("glinthawk could not keep the cluster's profile in %s: %s", disk, e)
     return profile, seconds
+
+
+async def _disk_path(client: Any, model_config: ModelConfig, dtype: str, info: dict):
+    """Where a profile of this cluster is kept on disk: only for clusters whose workers
+    all run on this machine, named by what decides the costs (the model's shape, dtype,
+    tier sizes and threads, this machine, the software)."""
+    import hashlib
+    import os
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    from .. import __version__, config
+
+    where = config.get("planner.profile-cache")
+    if not where or not info["dense"]:
+        return None
+    local = {"127.0.0.1", "localhost", "::1", platform.node()}
+    if not set(info["hosts"].values()) <= local:
+        return None
+    pids = await client.run(os.getpid)  # workers in the client's own process (test clusters) differ
+    same_process = os.getpid() in pids.values()
+    m = model_config
+    ident = json.dumps([
+        __version__, torch.__version__, platform.node(), os.cpu_count(), dtype, same_process,
+        [m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size],
+        len(info["dense"]), len(info["attention"]), config.get("dense.threads"), config.get("attention.threads"),
+    ])
+    return Path(os.path.expanduser(where)) / f"{hashlib.sha256(ident.encode()).hexdigest()[:20]}.json"
+
+
+def _read_kept(path) -> Profile | None:
+    from .. import config
+
+    try:
+        if time.time() - path.stat().st_mtime > float(config.get("planner.profile-max-age")):
+            return None
+        return Profile.from_json(json.loads(path.read_text()), str(path))
+    except (OSError, ValueError, GlinthawkError):
+        return None  # missing, old, torn or from another version: measure again

@@ -51,6 +51,7 @@ def _assert_one_line_error(result, *fragments: str) -> None:
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == errors, result.output  # no usage block
     for f in fragments:
         assert f in errors[0], result.output
 
@@ -93,7 +94,7 @@ def _assert_gone(procs: list[psutil.Process], timeout: float = 20) -> None:
 
 
 @pytest.mark.parametrize("command", ["worker", "scheduler", "dask-scheduler", "cluster", "inspect", "bench",
-                                     "generate", "run", "export"])
+                                     "generate", "run", "export", "profile", "plan"])
 def test_every_command_has_help(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output, result.output
@@ -152,6 +153,27 @@ def test_inspect_errors_are_one_line(tmp_path):
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
     _assert_one_line_error(CliRunner().invoke(main, ["inspect", str(tmp_path / "other.zarr")]),
                            "not a glinthawk output")
+
+
+@pytest.mark.parametrize("command", [["bench"], ["generate", "--prompt", "x"], ["profile", "--out", "p.json"],
+                                     ["run", "pipelines/quickstart.yaml"]])
+def test_a_refused_scheduler_fails_at_once(command):
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(main, [*command, "--scheduler", "tcp://127.0.0.1:9"])
+    _assert_one_line_error(result, "cannot reach", "tcp://127.0.0.1:9", "refused")
+    assert time.perf_counter() - t0 < 2.0  # not Dask's 30 s connect timeout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["bench", "--max-tokens", "-1"], "--max-tokens"),
+    (["generate", "--input", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
+    (["plan"], "--profile"),
+    (["no-such-command"], "no-such-command"),
+])
+def test_usage_mistakes_are_one_line_without_the_usage_block(args, fragment):
+    result = CliRunner().invoke(main, args)
+    _assert_one_line_error(result, fragment)
+    assert "--help" in result.output  # the line says where the usage is
 
 
 def test_unreachable_or_tls_scheduler_is_one_line_for_clients(tmp_path, monkeypatch):

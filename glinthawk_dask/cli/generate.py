@@ -11,7 +11,7 @@ import click
 
 from ..errors import GlinthawkError
 from ._group import main
-from .options import parse_micro_batches, security_from, tls_client, tls_options, user_errors
+from .options import parse_micro_batches, scheduler_reachable, security_from, tls_client, tls_options, user_errors
 
 
 @main.command()
@@ -34,7 +34,7 @@ from .options import parse_micro_batches, security_from, tls_client, tls_options
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to prompts.")
 @click.option("--mode", type=click.Choice(["two-tier", "single-tier", "in-process"]), default=None,
               help="Where the model runs [default: two-tier, from glinthawk.engine.mode].")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
+@click.option("--scheduler", default=None, metavar="ADDRESS", callback=scheduler_reachable,
               help="Dask scheduler of a running cluster [default: start a local one].")
 @click.option("--micro-batch-size", default=None, metavar="N|auto",
               help="Slots per micro-batch; auto: planned from the cluster's profile [default: 32].")
@@ -134,7 +134,7 @@ def generate(
               help="Tokens generated for every prompt (EOS ignored).")
 @click.option("--mode", type=click.Choice(["two-tier", "single-tier", "in-process"]), default=None,
               help="Where the model runs [default: two-tier, from glinthawk.engine.mode].")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
+@click.option("--scheduler", default=None, metavar="ADDRESS", callback=scheduler_reachable,
               help="Dask scheduler of a running cluster [default: start a local one].")
 @click.option("--micro-batch-size", default=None, metavar="N|auto",
               help="Slots per micro-batch; auto: planned from the cluster's profile.")
@@ -150,8 +150,8 @@ def generate(
 @user_errors
 def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode: str | None,
           scheduler: str | None, micro_batch_size: str | None, micro_batches: str | None,
-          max_seq_len: int | None, latency: float, device: str | None, dtype: str | None, as_json: bool, tls_ca_file: str | None, tls_cert: str | None,
-          tls_key: str | None) -> None:
+          max_seq_len: int | None, latency: float, device: str | None, dtype: str | None, as_json: bool,
+          tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """Generation throughput: N synthetic prompts, greedy, a fixed number of new tokens each.
 
     The model is loaded and warmed up on one short prompt first; only the timed

@@ -12,8 +12,8 @@ import click
 from ..errors import GlinthawkError
 
 __all__ = [
-    "parse_memory_limit", "parse_micro_batches", "parse_size", "security_from", "tls_client", "tls_options",
-    "user_errors",
+    "parse_memory_limit", "parse_micro_batches", "parse_size", "scheduler_reachable", "security_from", "tls_client",
+    "tls_options", "user_errors",
 ]
 
 
@@ -28,6 +28,19 @@ def user_errors(fn: Callable) -> Callable:
             raise click.ClickException(str(e)) from None
 
     return wrapper
+
+
+def scheduler_reachable(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--scheduler`` callback: a refused connection is an error at once, before any
+    model is read (Dask's client would retry it for its whole connect timeout)."""
+    if value:
+        from ..runtime.cluster import refused_fast
+
+        try:
+            refused_fast(value)
+        except GlinthawkError as e:
+            raise click.ClickException(str(e)) from None
+    return value
 
 
 def parse_micro_batches(value: str | None, flag: str = "--micro-batches") -> int | str | None:

@@ -10,12 +10,12 @@ from typing import Any
 import click
 
 from ._group import main
-from .options import security_from, tls_client, tls_options, user_errors
+from .options import scheduler_reachable, security_from, tls_client, tls_options, user_errors
 
 
 @main.command()
 @click.argument("spec_path", metavar="SPEC")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
+@click.option("--scheduler", default=None, metavar="ADDRESS", callback=scheduler_reachable,
               help="Dask scheduler of a running cluster [default: start a local one].")
 @click.option("--output", "output_url", default=None, metavar="URL",
               help="Write here instead of the spec's output.url.")

@@ -10,13 +10,13 @@ import click
 
 from ..errors import GlinthawkError
 from ._group import main
-from .options import security_from, tls_client, tls_options, user_errors
+from .options import scheduler_reachable, security_from, tls_client, tls_options, user_errors
 
 
 @main.command()
 @click.option("--model", "-m", default="smollm2-135m-instruct", show_default=True,
               help="Preset name, GGUF file, Hugging Face directory, or random:<preset> (only its shape is used).")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
+@click.option("--scheduler", default=None, metavar="ADDRESS", callback=scheduler_reachable,
               help="Dask scheduler of the cluster to profile [default: start a local one].")
 @click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False, writable=True),
               help="Where to write the profile (JSON).")

@@ -81,6 +81,33 @@ def local_cluster(
                            name="glinthawk-local", silence_logs=silence_logs)
 
 
+def refused_fast(scheduler: str) -> None:
+    """Fail at once when nothing listens at a tcp:// scheduler address: Dask's client
+    retries a refused connection until its connect timeout (30 s).  (A tls:// address
+    goes to Dask first, which says what its TLS configuration lacks.)"""
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        protocol, loc = parse_address(scheduler)
+        if protocol != "tcp":
+            return
+        host, port = parse_host_port(loc)
+    except (ValueError, TypeError):
+        return  # Dask's own parsing says what is wrong
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            pass
+    except ConnectionRefusedError as e:
+        raise GlinthawkError(
+            f"cannot reach the Dask scheduler at {scheduler} ({e}); is it running? "
+            "Leave out --scheduler to start a local cluster"
+        ) from None
+    except OSError:
+        return  # slow or unreachable networks: Dask's connect timeout decides
+
+
 def ensure_plugins(client: Client) -> None:
     """Register the glinthawk plugins on the client's cluster (idempotent)."""
     client.register_plugin(GlinthawkSchedulerPlugin())
@@ -106,6 +133,7 @@ def connect(
         cluster = local_cluster(n_attention, n_dense)
         client = Client(cluster)
     else:
+        refused_fast(scheduler)
         try:
             client = Client(scheduler, security=security)
         except TypeError as e:  # a tls:// address and no TLS configuration

@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from . import config
 from .engine.engine import EngineConfig, InProcessEngine
+from .engine.progress import GenerationProgress, ProgressTracker
 from .engine.request import Completion, Request
 from .errors import GlinthawkError
 from .model.resolve import DEFAULT_MODEL, resolve_checkpoint
@@ -183,23 +184,48 @@ class LLM:
 
     # -- generation ----------------------------------------------------------------
     def stream(
-        self, rows: Iterable[Any], params: SamplingParams | None = None, *, chat: bool = False
+        self, rows: Iterable[Any], params: SamplingParams | None = None, *, chat: bool = False,
+        progress: Callable[[GenerationProgress], None] | None = None,
     ) -> Iterator[Completion]:
-        """Yield completions as they finish (error rows first)."""
-        entries = self.make_requests(rows, params, chat=chat)
-        yield from (e for e in entries if isinstance(e, Completion))
-        yield from self.engine.generate(e for e in entries if isinstance(e, Request))
+        """Yield completions as they finish (error rows first).
+
+        ``progress`` gets a :class:`~glinthawk_dask.engine.progress.GenerationProgress`
+        after every engine step or poll (often: rate-limit what you do with it) and once
+        more at the end."""
+        yield from self._run(self.make_requests(rows, params, chat=chat), progress)
 
     def generate(
-        self, rows: Iterable[Any] | str, params: SamplingParams | None = None, *, chat: bool = False
+        self, rows: Iterable[Any] | str, params: SamplingParams | None = None, *, chat: bool = False,
+        progress: Callable[[GenerationProgress], None] | None = None,
     ) -> list[Completion]:
-        """Complete every row; results in input order."""
+        """Complete every row; results in input order (``progress`` as for :meth:`stream`)."""
         if isinstance(rows, str):
             rows = [rows]
         entries = self.make_requests(rows, params, chat=chat)
-        index = {e.id: i for i, e in enumerate(entries) if isinstance(e, Request)}
+        index = {e.id: i for i, e in enumerate(entries)}
         results: list[Any] = list(entries)
-        for c in self.engine.generate(e for e in entries if isinstance(e, Request)):
+        for c in self._run(entries, progress):
             results[index[c.id]] = c
         return results
+
+    def _run(self, entries: list[Request | Completion],
+             progress: Callable[[GenerationProgress], None] | None) -> Iterator[Completion]:
+        requests = [e for e in entries if isinstance(e, Request)]
+        tracker = ProgressTracker(len(entries), sum(r.params.max_tokens for r in requests))
+        engine = self.engine
+
+        def tick() -> None:
+            tracker.tokens(engine.generated_tokens)
+            progress(tracker.snapshot())
+
+        for e in entries:
+            if isinstance(e, Completion):
+                tracker.row(error=True)
+                yield e
+        if requests:
+            for c in engine.generate(requests, on_tick=tick if progress is not None else None):
+                tracker.row(c.error is not None)
+                yield c
+        if progress is not None:
+            tick()
 

@@ -405,3 +405,26 @@ def test_cluster_command_serves_until_sigint():
             proc.kill()
             proc.wait()
     _assert_gone(procs)
+
+
+def test_generate_progress_line_and_quiet(capsys, tmp_path):
+    from glinthawk_dask.cli.generate import _progress_text
+    from glinthawk_dask.cli.options import ProgressLine
+    from glinthawk_dask.engine.progress import GenerationProgress
+
+    show = ProgressLine(_progress_text, every=0.0)
+    show(GenerationProgress(rows_done=3, rows_total=40, errors=1, generated_tokens=512, expected_tokens=5120,
+                            seconds=12.0, tokens_per_s=42.5, eta_seconds=108.0))
+    assert capsys.readouterr().err.strip() == "3/40 rows, 1 errors, 512 tokens, 42.5 tok/s, ETA 108 s"
+    progress = re.compile(r"^\d+/2 rows, 0 errors, \d+ tokens, [\d.]+ tok/s")
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"prompt_token_ids": [1, 2, 3]}\n{"prompt_token_ids": [4]}\n')
+    with dask.config.set({"glinthawk.cli.progress-interval": 0}):
+        for quiet in (False, True):
+            result = CliRunner().invoke(main, ["generate", "--model", MODEL, "--mode", "in-process",
+                                               "--max-tokens", "3", "--input", str(src),
+                                               *(["--quiet"] if quiet else [])])
+            assert result.exit_code == 0, result.output
+            assert sum(1 for line in result.output.splitlines() if line.startswith("{")) == 2
+            lines = [line for line in result.output.splitlines() if progress.match(line)]
+            assert (not lines) if quiet else lines[-1].startswith("2/2 rows"), result.output

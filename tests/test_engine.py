@@ -197,3 +197,40 @@ def test_rebuild_readmits_a_micro_batch_and_prefills_its_tokens_so_far():
     assert {s.id: (s.slot, list(s.token_ids)) for s in step.seqs} == before
     assert step.starts == [0, 0] and step.counts == [4, 4]  # prompt + the token generated so far
     assert sched.schedule(1).admitted == []  # the other micro-batch goes on
+
+
+# -- progress while generating ----------------------------------------------------------------
+
+
+def test_progress_tracker_rates_over_a_window_and_eta_from_tokens_left():
+    from glinthawk_dask.engine.progress import ProgressTracker
+
+    now = [0.0]
+    t = ProgressTracker(rows_total=4, expected_tokens=400, window=10.0, clock=lambda: now[0])
+    for second in range(1, 31):  # 10 tok/s for 20 s, then 2 tok/s
+        now[0] = float(second)
+        t.tokens(t.generated + (10 if second <= 20 else 2))
+    p = t.snapshot()
+    assert p.generated_tokens == 220 and p.tokens_per_s == pytest.approx(2.0)  # the last 10 s only
+    assert p.eta_seconds == pytest.approx((400 - 220) / 2.0)
+    t.tokens(100)  # a running total never goes back
+    assert t.snapshot().generated_tokens == 220
+    for _ in range(4):
+        t.row(error=False)
+    assert t.snapshot().eta_seconds == 0.0 and t.snapshot().rows_done == 4
+
+
+def test_llm_reports_progress_while_generating():
+    from glinthawk_dask import LLM
+
+    llm = LLM("random:tiny-gqa", mode="in-process", engine_config=EngineConfig(micro_batch_size=2))
+    seen = []
+    rows = [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4, 5]}, {"prompt_token_ids": []},
+            {"prompt_token_ids": [6]}]
+    out = llm.generate(rows, SamplingParams(max_tokens=5, ignore_eos=True), progress=seen.append)
+    assert len(seen) > 3
+    tokens = [p.generated_tokens for p in seen]
+    assert tokens == sorted(tokens) and tokens[-1] == sum(len(c.completion_token_ids) for c in out) == 15
+    last = seen[-1]
+    assert (last.rows_done, last.rows_total, last.errors, last.expected_tokens) == (4, 4, 1, 15)
+    assert last.eta_seconds == 0.0

@@ -183,3 +183,14 @@ async def test_requests_stream_in_with_back_pressure(c, s, a, b):
     assert got == _reference(requests)
     assert max(ahead) <= 2 * 8 + 4, max(ahead)  # first batch (8 slots' worth) + two rounds
     assert engine.last_summary.plan["max_seq_len"] == 200
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_generated_tokens_are_counted_while_a_run_goes(c, s, a, b):
+    await _setup(c)
+    engine = DaskEngine(c, MODEL, micro_batch_size=2, n_micro_batches=2)
+    counts = []
+    reqs = _requests(6, seed=9)
+    out = [x async for x in engine.agenerate(reqs, on_tick=lambda: counts.append(engine.generated_tokens))]
+    assert counts and counts == sorted(counts)
+    assert engine.generated_tokens == sum(len(x.completion_token_ids) for x in out)

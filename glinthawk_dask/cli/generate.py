@@ -11,7 +11,9 @@ import click
 
 from ..errors import GlinthawkError
 from ._group import main
-from .options import parse_micro_batches, scheduler_reachable, security_from, tls_client, tls_options, user_errors
+from .options import (
+    ProgressLine, parse_micro_batches, scheduler_reachable, security_from, tls_client, tls_options, user_errors,
+)
 
 
 @main.command()
@@ -44,6 +46,7 @@ from .options import parse_micro_batches, scheduler_reachable, security_from, tl
 @click.option("--latency", type=float, default=None, help="Seconds added to every inter-tier message.")
 @click.option("--device", default=None, help="cpu, cuda, ... [default: cuda if available]")
 @click.option("--dtype", default=None, help="float32, bfloat16, float16 [default: by device]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 @tls_options("client")
 @user_errors
 def generate(
@@ -51,7 +54,7 @@ def generate(
     output: TextIO, max_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float,
     seed: int | None, stop: tuple[str, ...], chat: bool, mode: str | None, scheduler: str | None,
     micro_batch_size: str | None, micro_batches: str | None, slices: int | None,
-    latency: float | None, device: str | None, dtype: str | None,
+    latency: float | None, device: str | None, dtype: str | None, quiet: bool,
     tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None,
 ) -> None:
     """Complete prompts and write one JSON line per prompt.
@@ -59,7 +62,9 @@ def generate(
     Prompts are the PROMPT arguments, --prompt options and the lines of --input; with
     none of them, JSONL lines are read from stdin (when it is not a terminal).  Each
     output line has id, prompt, completion, completion_token_ids (without the EOS that
-    ended it), finish_reason ("stop", "length" or "error") and token counts.
+    ended it), finish_reason ("stop", "length" or "error") and token counts.  While it
+    runs, a progress line on stderr shows rows, errors, tokens/s over the last 10 s and
+    the time left at that rate (--quiet: none).
     """
     from .. import config
     from ..api import LLM
@@ -104,7 +109,10 @@ def generate(
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
         n_tokens = n_errors = 0
-        results = llm.generate(rows, params, chat=chat)
+        show = None if quiet else ProgressLine(_progress_text)
+        results = llm.generate(rows, params, chat=chat, progress=show)
+        if show is not None:
+            show.end()
         elapsed = time.perf_counter() - t0
     for c in results:
         output.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
@@ -220,6 +228,12 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
     if summary is not None:
         click.echo(f"plan: {summary.micro_batch_size} x {summary.n_micro_batches} micro-batches; predicted "
                    + (f"{predicted:.1f} tok/s" if predicted else "n/a"))
+
+
+def _progress_text(p: Any) -> str:
+    eta = "" if p.eta_seconds is None else f", ETA {p.eta_seconds:.0f} s"
+    return (f"{p.rows_done}/{p.rows_total} rows, {p.errors} errors, {p.generated_tokens} tokens, "
+            f"{p.tokens_per_s:.1f} tok/s{eta}")
 
 
 def engine_batch_size(asked: int | str | None, in_process: bool) -> int:

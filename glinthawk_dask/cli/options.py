@@ -12,8 +12,8 @@ import click
 from ..errors import GlinthawkError
 
 __all__ = [
-    "parse_memory_limit", "parse_micro_batches", "parse_size", "scheduler_reachable", "security_from", "tls_client",
-    "tls_options", "user_errors",
+    "ProgressLine", "parse_memory_limit", "parse_micro_batches", "parse_size", "scheduler_reachable",
+    "security_from", "tls_client", "tls_options", "user_errors",
 ]
 
 
@@ -28,6 +28,41 @@ def user_errors(fn: Callable) -> Callable:
             raise click.ClickException(str(e)) from None
 
     return wrapper
+
+
+class ProgressLine:
+    """A progress callback that prints ``text(progress)`` on stderr: one line rewritten in
+    place on a terminal (at most 4 times a second), a new line every 10 s otherwise
+    (``glinthawk.cli.progress-interval`` sets another interval)."""
+
+    def __init__(self, text: Callable[[Any], str], every: float | None = None) -> None:
+        import sys
+        import time
+
+        from .. import config
+
+        self.text = text
+        self.tty = sys.stderr.isatty()
+        if every is None:
+            every = config.get("cli.progress-interval")
+        self.every = float(every) if every is not None else (0.25 if self.tty else 10.0)
+        self.clock = time.monotonic
+        self.last = self.clock()
+        self.shown = False
+
+    def __call__(self, p: Any) -> None:
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        line = self.text(p)
+        click.echo(f"\r{line}   " if self.tty else line, err=True, nl=not self.tty)
+        self.shown = self.tty
+
+    def end(self) -> None:
+        """Leave the rewritten line (a terminal's) before the summary."""
+        if self.shown:
+            click.echo("", err=True)
 
 
 def scheduler_reachable(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-import time
 from typing import Any
 
 import click
 
 from ._group import main
-from .options import scheduler_reachable, security_from, tls_client, tls_options, user_errors
+from .options import ProgressLine, scheduler_reachable, security_from, tls_client, tls_options, user_errors
 
 
 @main.command()
@@ -42,13 +40,13 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
         spec = spec.replace(output=dataclasses.replace(spec.output, url=output_url))
     if mode:
         spec = spec.replace(topology=dataclasses.replace(spec.topology, mode=mode))
-    show = None if quiet else _ProgressLine()
+    show = None if quiet else ProgressLine(_run_text)
     security = security_from("client", tls_ca_file, tls_cert, tls_key)
     with tls_client(scheduler, security) as client:
         report = run_pipeline(spec, scheduler=scheduler, client=client, overwrite=overwrite, force=force,
                               progress=show)
-    if show is not None and show.shown:
-        click.echo("", err=True)
+    if show is not None:
+        show.end()
     click.echo(
         f"{spec.name}: {report.rows_done} rows written ({report.errors} errors, {report.skipped} already done), "
         f"{report.generated_tokens} tokens in {report.seconds:.1f} s ({report.tokens_per_s:.1f} tok/s; "
@@ -59,26 +57,10 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
         click.echo(f"  error {line}", err=True)
 
 
-class _ProgressLine:
-    """Rows, errors, tokens/s and ETA on stderr: one line rewritten in place on a
-    terminal (at most 4 times a second), a new line every 10 s otherwise."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.every = 0.25 if self.tty else 10.0
-        self.last = 0.0
-        self.shown = False
-
-    def __call__(self, p: Any) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        eta = "" if p.eta_seconds is None else f", ETA {p.eta_seconds:.0f} s"
-        text = (f"{p.rows_done} rows, {p.errors} errors, {p.tokens_per_s:.1f} tok/s, "
-                f"shards {p.shards_read}/{p.shards_total}{eta}")
-        click.echo(f"\r{text}   " if self.tty else text, err=True, nl=not self.tty)
-        self.shown = self.tty
+def _run_text(p: Any) -> str:
+    eta = "" if p.eta_seconds is None else f", ETA {p.eta_seconds:.0f} s"
+    return (f"{p.rows_done} rows, {p.errors} errors, {p.tokens_per_s:.1f} tok/s, "
+            f"shards {p.shards_read}/{p.shards_total}{eta}")
 
 
 @main.command()

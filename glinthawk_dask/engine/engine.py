@@ -71,6 +71,7 @@ class InProcessEngine:
         self.rope = RopeTable.build(weights.config, dtype=weights.dtype, device=weights.device)
         self.cache: KVCache | None = None
         self.stats = {"steps": 0, "tokens": 0}
+        self.generated_tokens = 0  # tokens sampled so far by the current (or last) generate call
 
     def _cache_for(self, max_seq_len: int) -> KVCache:
         n_slots = self.config.micro_batch_size * self.config.n_micro_batches
@@ -83,14 +84,17 @@ class InProcessEngine:
             )
         return c
 
-    def generate(self, requests: Iterable[Request], *, max_seq_len: int | None = None) -> Iterator[Completion]:
+    def generate(self, requests: Iterable[Request], *, max_seq_len: int | None = None,
+                 on_tick: Callable[[], None] | None = None) -> Iterator[Completion]:
         """Run ``requests`` to completion, yielding each as it finishes.
 
         With a KV slot size (``max_seq_len``, else ``config.max_seq_len``), ``requests``
         is consumed lazily, a few micro-batches ahead of the free slots, so an input
         far larger than memory flows through; otherwise it is read whole to size the
-        slots.
+        slots.  ``on_tick()`` is called after every step, with :attr:`generated_tokens`
+        current.
         """
+        self.generated_tokens = 0
         cfg = self.config
         if max_seq_len is not None:
             cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len)
@@ -141,9 +145,12 @@ class InProcessEngine:
                         ).tolist()
                     self.stats["steps"] += 1
                     self.stats["tokens"] += step.n_tokens
+                    self.generated_tokens += len(tokens)
                     for done in sched.update(step, tokens):
                         cache.free(done.id)
                         yield done
+                    if on_tick is not None:
+                        on_tick()
         finally:  # closed early (cancelled, interrupted): free what is still running
             for running in sched.running:
                 for seq in running.values():

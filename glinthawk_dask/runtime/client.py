@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import uuid
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import torch
 
@@ -99,10 +99,12 @@ class DaskEngine:
         self.model_config: ModelConfig = model_config or resolve_checkpoint(model).config
         self.last_summary: RunSummary | None = None
         self.last_prediction: Any = None  # the planner's Prediction for the last auto plan
+        self.generated_tokens = 0  # tokens sampled so far by the current (or last) generate call
         self.last_timeline: dict[str, list] = {}
 
     # -- sync API ------------------------------------------------------------------
-    def generate(self, requests: Iterable[Request], *, max_seq_len: int | None = None) -> Iterator[Completion]:
+    def generate(self, requests: Iterable[Request], *, max_seq_len: int | None = None,
+                 on_tick: Callable[[], None] | None = None) -> Iterator[Completion]:
         """Yield completions as they finish (synchronous clients).
 
         With a KV slot size (``max_seq_len``, else the engine's), ``requests`` is
@@ -110,9 +112,11 @@ class DaskEngine:
         the driver: back-pressure for inputs far larger than memory.  Otherwise it is
         read whole to size the slots.  A run that loses a worker restarts on the
         workers left (see :mod:`~glinthawk_dask.runtime.faults`); every request is
-        completed once.
+        completed once.  ``on_tick()`` is called after every poll of the run (at least
+        every ``glinthawk.engine.poll-interval``), with :attr:`generated_tokens` current.
         """
         max_seq_len = max_seq_len or self.max_seq_len
+        self.generated_tokens = 0
         feed = _Feed(requests, self._first_batch_size(max_seq_len))
         if not feed.first:
             return
@@ -121,6 +125,8 @@ class DaskEngine:
             more = feed.first
             while True:
                 yield from self.client.sync(self._advance, run, more)
+                if on_tick is not None:
+                    on_tick()
                 more = feed.take(self._room(run))
                 if not more and not run["pending"] and feed.exhausted:
                     break
@@ -129,11 +135,13 @@ class DaskEngine:
 
     # -- async API -----------------------------------------------------------------
     async def agenerate(
-        self, requests: Iterable[Request], *, max_seq_len: int | None = None
+        self, requests: Iterable[Request], *, max_seq_len: int | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> AsyncIterator[Completion]:
         """Yield completions as they finish (asynchronous clients); arguments as for
         :meth:`generate` (the iterator must not block the event loop)."""
         max_seq_len = max_seq_len or self.max_seq_len
+        self.generated_tokens = 0
         feed = _Feed(requests, self._first_batch_size(max_seq_len))
         if not feed.first:
             return
@@ -143,6 +151,8 @@ class DaskEngine:
             while True:
                 for c in await self._advance(run, more):
                     yield c
+                if on_tick is not None:
+                    on_tick()
                 more = feed.take(self._room(run))
                 if not more and not run["pending"] and feed.exhausted:
                     break
@@ -274,7 +284,7 @@ class DaskEngine:
             "new_run": new["id"], "requests": len(pending), "rebuilt_tokens": int(rebuilt),
             "rebuilt_tokens_exact": lost_tokens is not None, "seconds": time.time() - t0,
         })
-        run.update(id=new["id"], plan=new["plan"], status="running")
+        run.update(id=new["id"], plan=new["plan"], status="running", generated_before=self.generated_tokens)
         if pending:
             await self._submit(run, pending)
 
@@ -300,6 +310,8 @@ class DaskEngine:
                 raise WorkerFailure(f"run {run['id']}: {reply['error']}")
             raise GlinthawkError(f"run {run['id']} failed: {reply['error']}")
         run["stats"] = {k: reply[k] for k in ("n_steps", "n_tokens")}
+        # tokens sampled by this run's driver, plus those of the runs a recovery replaced
+        self.generated_tokens = run.setdefault("generated_before", 0) + int(reply.get("n_generated", 0))
         run["recoveries"].extend(_lists(reply.get("moves", [])))
         out = []
         for d in reply["completions"]:

@@ -99,6 +99,7 @@ class RunDriver:
             "n_done": self.n_done,
             "n_steps": self.n_steps,
             "n_tokens": self.n_tokens,
+            "n_generated": self.n_generated,
         }
 
     # -- micro-batch loops ---------------------------------------------------------

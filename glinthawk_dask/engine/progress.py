@@ -1,0 +1,64 @@
+"""Where a generate call stands, while it runs: rows, errors, tokens, rate and ETA."""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+__all__ = ["GenerationProgress", "ProgressTracker"]
+
+
+@dataclass(frozen=True)
+class GenerationProgress:
+    """A snapshot of a generate call.
+
+    ``tokens_per_s`` is the rate of the last ``window`` seconds (tokens sampled, finished
+    rows or not); ``eta_seconds`` is the tokens still allowed (every unfinished row's
+    ``max_tokens`` less what it has) at that rate: an upper bound when rows stop early.
+    """
+
+    rows_done: int
+    rows_total: int
+    errors: int
+    generated_tokens: int
+    expected_tokens: int  # the sum of every row's max_tokens
+    seconds: float
+    tokens_per_s: float
+    eta_seconds: float | None
+
+
+class ProgressTracker:
+    """Builds :class:`GenerationProgress` snapshots from the counts a generate call sees."""
+
+    def __init__(self, rows_total: int, expected_tokens: int, window: float = 10.0,
+                 clock=time.monotonic) -> None:
+        self.rows_total = rows_total
+        self.expected_tokens = expected_tokens
+        self.window = window
+        self.clock = clock
+        self.t0 = clock()
+        self.rows_done = self.errors = self.generated = 0
+        self._samples: collections.deque[tuple[float, int]] = collections.deque([(self.t0, 0)])
+
+    def row(self, error: bool) -> None:
+        self.rows_done += 1
+        self.errors += error
+
+    def tokens(self, generated: int) -> None:
+        """The tokens sampled so far (a running total, never lower than before)."""
+        self.generated = max(self.generated, generated)
+        now = self.clock()
+        self._samples.append((now, self.generated))
+        while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
+            self._samples.popleft()
+
+    def snapshot(self) -> GenerationProgress:
+        now = self.clock()
+        (t_old, n_old) = self._samples[0]
+        span = now - t_old
+        rate = (self.generated - n_old) / span if span > 0 else 0.0
+        left = max(0, self.expected_tokens - self.generated)
+        eta = 0.0 if self.rows_done >= self.rows_total else (left / rate if rate > 0 else None)
+        return GenerationProgress(self.rows_done, self.rows_total, self.errors, self.generated,
+                                  self.expected_tokens, now - self.t0, rate, eta)

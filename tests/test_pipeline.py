@@ -274,3 +274,24 @@ def test_quickstart_spec_on_the_local_two_tier_cluster(tmp_path, llm):
     # rerunning resumes: nothing left to do
     again = subprocess.run(cmd + ["--mode", "in-process"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0 and "0 rows written (0 errors, 8 already done)" in again.stderr, again.stderr
+
+
+def test_progress_counts_tokens_of_running_rows_and_estimates_from_tokens_left(tmp_path):
+    from glinthawk_dask.pipeline.run import Progress
+
+    # while shards are unread, by the share read; then by the tokens left at the rate so far
+    assert Progress(shards_read=1, shards_total=4, seconds=10.0).eta_seconds == pytest.approx(30.0)
+    p = Progress(shards_read=4, shards_total=4, seconds=10.0, generated_tokens=200, tokens_left=300)
+    assert p.tokens_per_s == pytest.approx(20.0) and p.eta_seconds == pytest.approx(15.0)
+    assert Progress(shards_read=4, shards_total=4).eta_seconds is None  # nothing generated yet
+
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": f"Count to {i}:"} for i in range(6)])
+    spec = parse_spec(_spec(tmp_path, str(src), str(tmp_path / "o.zarr"),
+                            sampling={"max_tokens": 16, "ignore_eos": True},
+                            topology={"micro_batch_size": 3}))
+    seen = []
+    report = run_pipeline(spec, progress=lambda s: seen.append((s.rows_done, s.generated_tokens, s.eta_seconds)))
+    assert report.generated_tokens == 6 * 16 and report.rows_done == 6
+    # mid-run, tokens of rows still running count (before this, only finished rows did)
+    assert any(rows < 6 and tokens > 16 * rows for rows, tokens, _ in seen), seen
+    assert any(eta is not None and eta > 0 for rows, _, eta in seen if rows < 6), seen

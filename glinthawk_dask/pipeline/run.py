@@ -52,17 +52,24 @@ class Progress:
     shards_read: int = 0
     shards_total: int = 0
     seconds: float = 0.0  # since the engine was ready
+    tokens_left: int | None = None  # of the rows read: max_tokens not generated yet (once every shard is read)
 
     @property
     def tokens_per_s(self) -> float:
+        """Tokens sampled per second so far (rows still running included)."""
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def eta_seconds(self) -> float | None:
-        """Remaining time, by the share of shards read (None before the first)."""
-        if not self.shards_read or not self.shards_total:
+        """Remaining time: by the share of shards read while some are unread, then by the
+        tokens the rows read may still take at the rate so far (None when unknown)."""
+        if self.shards_total and self.shards_read < self.shards_total:
+            if not self.shards_read:
+                return None
+            return self.seconds * (self.shards_total - self.shards_read) / self.shards_read
+        if self.tokens_left is None or self.tokens_per_s <= 0:
             return None
-        return self.seconds * (self.shards_total - self.shards_read) / self.shards_read
+        return self.tokens_left / self.tokens_per_s
 
 
 @dataclass
@@ -133,23 +140,32 @@ def run_pipeline(
             feed = _RequestFeed(spec, shards, llm, source.config.vocab_size, committed)
             page = _page_reporter(llm, spec.name)
 
-            def note(record: dict) -> None:
-                sink.append([record])
-                state.rows_done += 1
-                state.generated_tokens += len(record["completion_token_ids"])
-                if record["error"]:
-                    state.errors += 1
-                    if len(examples) < 5:
-                        examples.append(f"{record['id']}: {record['error']}")
+            done_tokens = [0]  # tokens of the rows finished (the sampled ones include their stop tokens)
+
+            def refresh() -> None:
+                live = max(done_tokens[0], getattr(llm.engine, "generated_tokens", 0))
+                state.generated_tokens = live
                 state.shards_read, state.skipped = feed.shards_read, feed.skipped
+                state.tokens_left = max(0, feed.token_budget - live) if feed.shards_read == len(shards) else None
                 state.seconds = time.perf_counter() - t0
                 if progress is not None:
                     progress(state)
                 if page is not None:
                     page(state)
 
+            def note(record: dict) -> None:
+                sink.append([record])
+                state.rows_done += 1
+                done_tokens[0] += len(record["completion_token_ids"])
+                if record["error"]:
+                    state.errors += 1
+                    if len(examples) < 5:
+                        examples.append(f"{record['id']}: {record['error']}")
+                refresh()
+
             stop = cancel.is_set if cancel is not None else (lambda: False)
-            completions = llm.engine.generate(feed.requests(on_error=note, stop=stop), max_seq_len=topo.max_seq_len)
+            completions = llm.engine.generate(feed.requests(on_error=note, stop=stop), max_seq_len=topo.max_seq_len,
+                                              on_tick=refresh)
             with contextlib.closing(completions):  # a break closes the engine's run
                 for c in completions:
                     note(_record(c))
@@ -161,6 +177,7 @@ def run_pipeline(
         sink.close()  # commits every finished row, also when interrupted
     state.shards_read, state.skipped = feed.shards_read, feed.skipped
     state.seconds = time.perf_counter() - t0
+    state.generated_tokens, state.tokens_left = done_tokens[0], 0  # the rows' own tokens, exactly
     return RunReport(**vars(state), output=spec.output.url, rows_in_output=sink.rows, error_examples=examples,
                      startup_seconds=startup, cancelled=cancel is not None and cancel.is_set())
 
@@ -222,6 +239,7 @@ class _RequestFeed:
         self.repeats: collections.Counter[str] = collections.Counter()
         self.shards_read = 0
         self.skipped = 0
+        self.token_budget = 0  # max_tokens of the requests fed
 
     def requests(
         self, on_error: Callable[[dict], None], stop: Callable[[], bool] = lambda: False
@@ -236,6 +254,7 @@ class _RequestFeed:
                 if e is None:
                     continue
                 if isinstance(e, Request):
+                    self.token_budget += e.params.max_tokens
                     yield e
                 else:
                     on_error(_record(e))

@@ -67,7 +67,7 @@ def generate(
     the time left at that rate (--quiet: none).
     """
     from .. import config
-    from ..api import LLM
+    from ..api import LLM, engine_batch_size
     from ..engine.engine import EngineConfig
     from ..errors import InvalidRequestError
     from ..sampling import SamplingParams
@@ -170,7 +170,7 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
     import random
 
     from .. import config
-    from ..api import LLM
+    from ..api import LLM, engine_batch_size
     from ..engine.engine import EngineConfig
     from ..model.resolve import resolve_checkpoint
     from ..sampling import SamplingParams
@@ -234,15 +234,6 @@ def _progress_text(p: Any) -> str:
     eta = "" if p.eta_seconds is None else f", ETA {p.eta_seconds:.0f} s"
     return (f"{p.rows_done}/{p.rows_total} rows, {p.errors} errors, {p.generated_tokens} tokens, "
             f"{p.tokens_per_s:.1f} tok/s{eta}")
-
-
-def engine_batch_size(asked: int | str | None, in_process: bool) -> int:
-    """The micro-batch size of an :class:`EngineConfig`: the one asked for, else the
-    default (64 in-process; "auto" is planned by distributed runs themselves)."""
-    from .. import config
-
-    size = asked or (64 if in_process else config.get("engine.micro-batch-size"))
-    return 64 if size == "auto" else int(size)
 
 
 def _predicted(llm: Any, summary: Any, rows: list, prompt_tokens: int, max_tokens: int, max_seq_len: int | None,

@@ -209,10 +209,11 @@ def _load_worker_tokenizer(model: str) -> None:
 def _engine_config(spec: PipelineSpec, mode: str | None) -> EngineConfig:
     from .. import config
 
+    from ..api import engine_batch_size
+
     topo = spec.topology
     in_process = (mode or config.get("engine.mode")) == "in-process"
-    size = topo.micro_batch_size or (64 if in_process else config.get("engine.micro-batch-size"))
-    size = 64 if size == "auto" else int(size)  # distributed runs plan "auto" themselves
+    size = engine_batch_size(topo.micro_batch_size, in_process)
     n_mb = topo.micro_batches if isinstance(topo.micro_batches, int) else 1
     return EngineConfig(
         micro_batch_size=size, n_micro_batches=n_mb if in_process else 1,

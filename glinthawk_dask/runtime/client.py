@@ -367,7 +367,7 @@ class DaskEngine:
         """Micro-batch size (unless given) and depth from the planner: the run's requests
         simulated on the cluster's profile.  Returns (size, depth, prediction, seconds
         spent profiling)."""
-        from ..planner.plan import best, candidates
+        from ..planner.plan import best, candidates, sweep
         from ..planner.simulate import Workload
         from .profiler import cluster_profile
 
@@ -382,16 +382,13 @@ class DaskEngine:
         workload = Workload(tuple(len(r.prompt_token_ids) for r in sample),
                             tuple(max(1, min(r.params.max_tokens, seq_len - len(r.prompt_token_ids))) for r in sample))
         elem = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
-        configs = [
-            dataclasses.replace(c, attention=min(per_slice, c.micro_batches))
-            for c in candidates(len(sample), modes=(self.mode,), dense=[k], attention=[per_slice],
-                                micro_batch_size=mb_size and min(mb_size, len(sample)),
-                                micro_batches=None if self.n_micro_batches == "auto" else int(self.n_micro_batches),
-                                max_depth=int(config.get("engine.max-micro-batches")), max_seq_len=seq_len,
-                                latency=self.latency, dtype_bytes=elem, max_step_tokens=self.max_step_tokens)
-        ]
+        configs = candidates(len(sample), modes=(self.mode,), dense=[k], attention=[per_slice],
+                             micro_batch_size=mb_size and min(mb_size, len(sample)),
+                             micro_batches=None if self.n_micro_batches == "auto" else int(self.n_micro_batches),
+                             max_depth=int(config.get("engine.max-micro-batches")), max_seq_len=seq_len,
+                             latency=self.latency, dtype_bytes=elem, max_step_tokens=self.max_step_tokens)
         loop = asyncio.get_running_loop()
-        preds = await loop.run_in_executor(None, _sweep, profile, self.model_config, workload, configs)
+        preds = await loop.run_in_executor(None, sweep, profile, self.model_config, workload, configs)
         chosen = best(preds)
         if chosen is None:
             return mb_size or min(32, n), 1, None, seconds
@@ -428,12 +425,6 @@ class _Feed:
         out = list(itertools.islice(self._it, n))
         self.exhausted = len(out) < n
         return out
-
-
-def _sweep(profile: Any, model: ModelConfig, workload: Any, configs: list) -> list:
-    from ..planner.plan import sweep
-
-    return sweep(profile, model, workload, configs)
 
 
 def _track(run: dict, requests: list[Request]) -> None:

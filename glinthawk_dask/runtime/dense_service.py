@@ -278,6 +278,14 @@ class _TwoTierStep:
             settle_threadsafe(self.done, result, error)
 
 
+def _request_tensors(cfg: Any, tokens: int, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random q [T, H, D] and k/v [T, KVH, D] on the host: an attention request of a
+    micro-batch of ``tokens`` decode tokens (what probes send)."""
+    q = torch.randn(tokens, cfg.n_heads, cfg.head_dim).to(dt)  # [T, H, D]
+    kv = torch.randn(tokens, cfg.n_kv_heads, cfg.head_dim).to(dt)  # [T, KVH, D]
+    return q, kv
+
+
 class DenseService:
     """Holds layer slices (weights cached across runs) and their runs on one worker."""
 
@@ -365,13 +373,14 @@ class DenseService:
 
     async def profile(self, config: dict, dtype: str = "float32", tokens: list[int] | None = None,
                       rows: list[int] | None = None, attention: list[list[int]] | None = None,
-                      busy_for: float = 0.0, layer_only: bool = False) -> dict:
+                      busy_for: float = 0.0, layer_only: bool = False, cold: bool = True) -> dict:
         """Timings for a profile (see :mod:`glinthawk_dask.planner.microbench`), on this
         worker's device and compute stream: the dense layer curve at ``tokens``, the cold
-        factor, the head curve at ``rows``, attention points at ``attention`` shapes
-        ([sequences, context, new tokens]) and the driver's cost (with ``layer_only``,
-        the layer curve alone); or, with ``busy_for``, dense layers back to back for that
-        many seconds (load for a contention measure)."""
+        factor (unless not ``cold``: a profile with an attention worker measures it against
+        real round trips, :meth:`profile_alternate`), the head curve at ``rows``, attention
+        points at ``attention`` shapes ([sequences, context, new tokens]) and the driver's
+        cost (with ``layer_only``, the layer curve alone); or, with ``busy_for``, dense
+        layers back to back for that many seconds (load for a contention measure)."""
         from ..model.config import ModelConfig
         from ..planner import microbench as mb
 
@@ -388,7 +397,8 @@ class DenseService:
                 out["layer_s"] = mb.dense_layer_points(config, dt, device, tokens)
                 if layer_only:
                     return out
-                out["cold_factor"] = mb.cold_factor(config, dt, device, tokens[len(tokens) // 2])
+                if cold:
+                    out["cold_factor"] = mb.cold_factor(config, dt, device, tokens[len(tokens) // 2])
             if rows:
                 out["head_s"] = mb.head_points(config, dt, device, rows)
             if attention:
@@ -413,8 +423,7 @@ class DenseService:
         loop = asyncio.get_running_loop()
         built = await loop.run_in_executor(None, mb._layers, cfg, dt, device)
         mcfg, layers = built
-        q = torch.randn(tokens, cfg.n_heads, cfg.head_dim).to(dt)  # [T, H, D]
-        kv = torch.randn(tokens, cfg.n_kv_heads, cfg.head_dim).to(dt)  # [T, KVH, D]
+        q, kv = _request_tensors(cfg, tokens, dt)
         x = torch.randn(tokens, cfg.dim, dtype=dt, device=device)  # [T, dim]
         o = torch.randn(tokens, cfg.n_heads, cfg.head_dim, dtype=dt, device=device)  # [T, H, D]
         cos = torch.ones(tokens, cfg.head_dim, dtype=dt, device=device)  # [T, D]
@@ -455,8 +464,7 @@ class DenseService:
 
         cfg = ModelConfig(**config)
         dt = DTYPES[dtype]
-        q = torch.randn(tokens, cfg.n_heads, cfg.head_dim).to(dt)  # [T, H, D]
-        kv = torch.randn(tokens, cfg.n_kv_heads, cfg.head_dim).to(dt)  # [T, KVH, D]
+        q, kv = _request_tensors(cfg, tokens, dt)
         channel = await self.dataplane.channel(address, "attention")
         done = asyncio.get_running_loop().create_future()
         times: list[float] = []

@@ -53,10 +53,10 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
                              "`glinthawk worker --tier dense`")
     cfg = dataclasses.asdict(model_config)
     dense = info["dense"][0]
-    tokens = [t for t in (_TOKENS_QUICK if quick else _TOKENS)]
+    tokens = list(_TOKENS_QUICK if quick else _TOKENS)
     shapes = [s for s in _ATTENTION if s[1] + s[2] <= model_config.max_seq_len]
     d = await _rpc(client, dense, "glinthawk_profile_dense", config=cfg, dtype=dtype, tokens=tokens, rows=_ROWS,
-                   attention=shapes)
+                   attention=shapes, cold=not info["attention"])  # with attention workers: measured below
     local = AttentionCost.fit([tuple(p) for p in d["attention"]])
     attention = AttentionProfile(cost=local, threads=d["threads"])
     rtt_s, net_GBps, msg_cpu_s, msg_cpu_GBps = 0.0, float("inf"), 0.0, float("inf")

@@ -24,7 +24,7 @@ from .tokenizer import Tokenizer
 
 __all__ = ["LLM", "default_device", "default_dtype", "engine_batch_size"]
 
-MODES = ("two-tier", "single-tier", "in-process")
+MODES = ("two-tier", "single-tier", "hybrid", "in-process")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -65,9 +65,11 @@ class LLM:
 
     ``model`` is a preset name, a GGUF file, a Hugging Face directory or
     ``random:<preset>``.  ``mode`` is ``"two-tier"`` (dense workers + attention
-    workers), ``"single-tier"`` (KV on the dense workers) or ``"in-process"`` (no Dask);
-    by default ``glinthawk.engine.mode`` (two-tier).  ``engine_config`` sets the batching
-    knobs; in distributed modes ``n_micro_batches`` (an int or ``"auto"``, the default)
+    workers), ``"single-tier"`` (KV on the dense workers), ``"hybrid"`` (KV on the dense
+    workers as far as ``dense_kv_budget`` bytes per dense worker and the planner find it
+    pays, the rest on attention workers) or ``"in-process"`` (no Dask); by default
+    ``glinthawk.engine.mode`` (two-tier); ``dense_kv_budget`` also caps single-tier runs.
+    ``engine_config`` sets the batching knobs; in distributed modes ``n_micro_batches`` (an int or ``"auto"``, the default)
     replaces its ``n_micro_batches`` and ``micro_batch_size`` (an int or ``"auto"``)
     its ``micro_batch_size``: "auto" plans from the cluster's measured profile.  Distributed modes use ``client``,
     or connect to ``scheduler``, or start the embedded local cluster
@@ -94,6 +96,7 @@ class LLM:
         n_slices: int | None = None,
         latency: float | None = None,
         local_workers: tuple[int, int | None] = (1, None),
+        dense_kv_budget: int | None = None,
     ) -> None:
         self.model = model
         self.mode = mode or config.get("engine.mode")
@@ -134,6 +137,7 @@ class LLM:
             max_step_tokens=ec.max_step_tokens if ec else None,
             max_seq_len=ec.max_seq_len if ec else None,
             dtype=_DTYPE_NAMES[self.dtype], latency=latency, model_config=self.config,
+            dense_kv_budget=dense_kv_budget,
         )
 
     def close(self) -> None:

@@ -61,6 +61,36 @@ def test_timeline_read_hands_out_only_what_is_new():
 
 
 @gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120, scheduler_kwargs=DASHBOARD)
+async def test_page_shows_kv_of_both_tiers_and_where_a_hybrid_run_attends(c, s, a, b):
+    from glinthawk_dask.runtime.dashboard import GlinthawkPage
+
+    await _setup(c)
+    metrics = s.plugins["glinthawk"].metrics
+    page = GlinthawkPage(metrics)
+    engine = DaskEngine(c, MODEL, mode="hybrid", micro_batch_size=4, n_micro_batches=3, local_micro_batches=1)
+    seen: dict = {"workers": set(), "texts": set(), "dense_used": 0}
+
+    async def consume():
+        return [comp async for comp in engine.agenerate(_requests(16, 40))]
+
+    run = asyncio.create_task(consume())
+    while not run.done():
+        await metrics.poll()
+        page.update()
+        kv = page.kv_source.data
+        for worker, used in zip(kv["worker"], kv["used"]):
+            seen["workers"].add(worker)
+            if worker.startswith("dense"):
+                seen["dense_used"] = max(seen["dense_used"], used)
+        seen["texts"].update(page.rows_source.data["text"])
+        await asyncio.sleep(0.1)
+    assert len(await run) == 16
+    assert {w.split()[0] for w in seen["workers"]} == {"dense", "attention"}, seen
+    assert seen["dense_used"] > 0
+    assert any("attention of 1 of 3 micro-batches on the dense worker" in t for t in seen["texts"]), seen
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120, scheduler_kwargs=DASHBOARD)
 async def test_page_gets_intervals_kv_and_rates_during_a_run(c, s, a, b):
     from glinthawk_dask.runtime.dashboard import GlinthawkPage
 

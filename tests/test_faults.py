@@ -60,7 +60,7 @@ async def _run(c, fault, n=16, **kw):
     await c.register_plugin(DenseWorkerPlugin())
     await c.register_plugin(_plugin(fault))
     requests = _requests(n, seed=5)
-    engine = DaskEngine(c, MODEL, micro_batch_size=3, n_micro_batches=2, max_step_tokens=32, **kw)
+    engine = DaskEngine(c, MODEL, **{"micro_batch_size": 3, "n_micro_batches": 2, "max_step_tokens": 32, **kw})
     got = {}
     async for comp in engine.agenerate(requests):
         assert comp.id not in got, f"{comp.id} delivered twice"
@@ -88,6 +88,16 @@ async def test_a_wedged_attention_worker_is_detected_and_its_micro_batch_moves(c
     (rec,) = engine.last_summary.recoveries
     assert rec["kind"] == "moved micro-batch" and "TimeoutError" in rec["cause"]
     assert rec["requests"] > 0 and rec["rebuilt_tokens"] > 0  # only its sequences, from their tokens so far
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN, ATTN], timeout=120)
+async def test_hybrid_a_wedged_attention_worker_moves_only_remote_micro_batches(c, s, *workers):
+    """Micro-batch 0 keeps its KV on the dense worker: only remote ones move."""
+    with dask.config.set({"glinthawk.engine.peer-timeout": 4.0}):
+        engine = await _run(c, "drop", mode="hybrid", n_micro_batches=3, local_micro_batches=1)
+    (rec,) = engine.last_summary.recoveries
+    assert rec["kind"] == "moved micro-batch" and rec["micro_batch"] in (1, 2)
+    assert engine.last_summary.attention_of()[0] == "dense"
 
 
 @gen_cluster(client=True, nthreads=[DENSE, DENSE, ATTN, ATTN, ATTN], timeout=120)
@@ -142,11 +152,14 @@ def _kill_mid_run(llm, pick_victim):
     return got
 
 
-@pytest.mark.parametrize("tier", ["attention", "dense"])
-def test_sigkill_a_worker_mid_run(tier, reference):
+@pytest.mark.parametrize("tier,mode", [("attention", "two-tier"), ("dense", "two-tier"),
+                                       ("attention", "hybrid"), ("dense", "hybrid")])
+def test_sigkill_a_worker_mid_run(tier, mode, reference):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with dask.config.set({"glinthawk.engine.micro-batch-size": 4}):
-        llm = LLM(MODEL)
+        llm = LLM(MODEL, mode=mode)
+    if mode == "hybrid":  # micro-batch 0 local, 1 and 2 on the attention workers
+        llm.engine.n_micro_batches, llm.engine.local_micro_batches = 3, 1
     try:
         got = _kill_mid_run(llm, lambda reg: reg[tier][0])
         assert got == reference  # every row once, tokens identical
@@ -155,6 +168,9 @@ def test_sigkill_a_worker_mid_run(tier, reference):
         # a lost attention worker moves its micro-batches; a lost dense worker (the driver's) restarts the run
         kind = "moved micro-batch" if tier == "attention" else "restarted run"
         assert all(r["kind"] == kind for r in recoveries), recoveries
+        if mode == "hybrid":
+            assert llm.engine.last_summary.attention_of()[0] == "dense"
+            assert all(r["micro_batch"] != 0 for r in recoveries if tier == "attention"), recoveries
         assert llm.engine.last_summary.n_requests >= len(ROWS)
     finally:
         llm.close()

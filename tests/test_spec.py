@@ -120,3 +120,14 @@ def test_micro_batch_knobs_take_auto_or_a_positive_int():
     for bad in ("fast", 0):
         with pytest.raises(SpecError, match="topology.micro_batch_size"):
             parse_spec(_with(topology={"micro_batch_size": bad}))
+
+
+def test_hybrid_mode_and_a_dense_kv_budget():
+    topo = parse_spec(_with(topology={"mode": "hybrid", "dense_kv_budget": "200MB"})).topology
+    assert topo.mode == "hybrid" and topo.dense_kv_budget == 200_000_000
+    assert parse_spec(_with(topology={"mode": "single-tier", "dense_kv_budget": 1024})).topology.dense_kv_budget == 1024
+    for bad, why in (("lots", "must be a size"), (0, "must be positive")):
+        with pytest.raises(SpecError, match=f"topology.dense_kv_budget.*{why}"):
+            parse_spec(_with(topology={"mode": "hybrid", "dense_kv_budget": bad}))
+    with pytest.raises(SpecError, match="topology.dense_kv_budget.*single-tier or hybrid"):
+        parse_spec(_with(topology={"mode": "two-tier", "dense_kv_budget": "1GB"}))

@@ -177,8 +177,10 @@ main.add_command(_dask_scheduler, "dask-scheduler")
 @click.option("--tier", type=click.Choice(["dense", "attention"]), required=True,
               help="dense: carries GPU=1 and runs the layers' dense math; attention: carries KV and holds KV caches.")
 @click.option("--kv-bytes", default=None, metavar="SIZE",
-              help="Attention tier: the KV cache budget, like 8GiB, or 1 for a share "
-                   "(glinthawk.attention.kv-memory-fraction) of the memory limit [default: 1].")
+              help="The KV cache budget, like 8GiB.  Attention tier: or 1 for a share "
+                   "(glinthawk.attention.kv-memory-fraction) of the memory limit [default: 1].  Dense tier: "
+                   "KV its single-tier and hybrid runs may keep [default: on a GPU, its memory left by "
+                   "the weights and glinthawk.dense.workspace-bytes; else a share of the memory limit].")
 @click.option("--nthreads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Dask task threads (the tier's compute has a thread of its own).")
 @click.option("--memory-limit", default="auto", show_default=True, metavar="SIZE|FRACTION|auto|0",
@@ -220,11 +222,10 @@ def worker(scheduler: str, tier: str, kv_bytes: str | None, nthreads: int, memor
     from ..runtime.plugins import AttentionWorkerPlugin, DenseWorkerPlugin
 
     _scheduler_address(scheduler)
-    if kv_bytes is not None and tier != "attention":
-        raise GlinthawkError("--kv-bytes is for --tier attention")
-    kv = parse_size(kv_bytes, "--kv-bytes") if kv_bytes is not None else 1
-    if kv < 1:
-        raise GlinthawkError("--kv-bytes must be at least 1 (1: a share of the memory limit)")
+    kv = parse_size(kv_bytes, "--kv-bytes") if kv_bytes is not None else (1 if tier == "attention" else None)
+    if kv is not None and kv < 1:
+        raise GlinthawkError("--kv-bytes must be at least 1" + (" (1: a share of the memory limit)"
+                                                               if tier == "attention" else ""))
     limit = parse_memory_limit(memory_limit)
     timeout = _timeout(death_timeout, "--death-timeout")
     security = security_from("worker", tls_ca_file, tls_cert, tls_key)

@@ -12,7 +12,7 @@ import click
 from ..errors import GlinthawkError
 from ._group import main
 from .options import (
-    ProgressLine, parse_micro_batches, scheduler_reachable, security_from, tls_client, tls_options, user_errors,
+    ProgressLine, parse_micro_batches, parse_size, scheduler_reachable, security_from, tls_client, tls_options, user_errors,
 )
 
 
@@ -34,8 +34,12 @@ from .options import (
 @click.option("--seed", type=int, default=None, help="Seed of every sampled request.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to prompts.")
-@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "in-process"]), default=None,
-              help="Where the model runs [default: two-tier, from glinthawk.engine.mode].")
+@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "hybrid", "in-process"]), default=None,
+              help="Where the model runs [default: two-tier, from glinthawk.engine.mode]; hybrid keeps as much "
+                   "KV on the dense workers as pays and fits, the rest on attention workers.")
+@click.option("--dense-kv-budget", default=None, metavar="SIZE",
+              help="KV bytes a run may keep on each dense worker (single-tier and hybrid), like 200MB "
+                   "[default: the dense workers' own budget].")
 @click.option("--scheduler", default=None, metavar="ADDRESS", callback=scheduler_reachable,
               help="Dask scheduler of a running cluster [default: start a local one].")
 @click.option("--micro-batch-size", default=None, metavar="N|auto",
@@ -54,7 +58,7 @@ def generate(
     output: TextIO, max_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float,
     seed: int | None, stop: tuple[str, ...], chat: bool, mode: str | None, scheduler: str | None,
     micro_batch_size: str | None, micro_batches: str | None, slices: int | None,
-    latency: float | None, device: str | None, dtype: str | None, quiet: bool,
+    latency: float | None, device: str | None, dtype: str | None, quiet: bool, dense_kv_budget: str | None,
     tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None,
 ) -> None:
     """Complete prompts and write one JSON line per prompt.
@@ -85,6 +89,7 @@ def generate(
         n_mb = parse_micro_batches(micro_batches)
         asked = parse_micro_batches(micro_batch_size, "--micro-batch-size")
         mb_size = engine_batch_size(asked, mode == "in-process")
+        dense_kv = _dense_kv_budget(dense_kv_budget, mode)
         engine_config = EngineConfig(
             micro_batch_size=mb_size, n_micro_batches=n_mb if isinstance(n_mb, int) else 1,
             max_step_tokens=max(config.get("engine.max-step-tokens"), mb_size),
@@ -102,7 +107,7 @@ def generate(
     with tls_client(scheduler, security) as client, LLM(
         model, mode=mode, scheduler=scheduler, client=client, device=device, dtype=dtype,
         engine_config=engine_config, n_micro_batches=n_mb, n_slices=slices, latency=latency,
-        micro_batch_size="auto" if asked == "auto" else None,
+        micro_batch_size="auto" if asked == "auto" else None, dense_kv_budget=dense_kv,
     ) as llm:
         if llm.dashboard_link:
             click.echo(f"dask dashboard: {llm.dashboard_link} (glinthawk page: {llm.dashboard_page})", err=True)
@@ -140,8 +145,12 @@ def generate(
               help="Tokens of every prompt (random ids, seeded).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens generated for every prompt (EOS ignored).")
-@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "in-process"]), default=None,
-              help="Where the model runs [default: two-tier, from glinthawk.engine.mode].")
+@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "hybrid", "in-process"]), default=None,
+              help="Where the model runs [default: two-tier, from glinthawk.engine.mode]; hybrid keeps as much "
+                   "KV on the dense workers as pays and fits, the rest on attention workers.")
+@click.option("--dense-kv-budget", default=None, metavar="SIZE",
+              help="KV bytes a run may keep on each dense worker (single-tier and hybrid), like 200MB "
+                   "[default: the dense workers' own budget].")
 @click.option("--scheduler", default=None, metavar="ADDRESS", callback=scheduler_reachable,
               help="Dask scheduler of a running cluster [default: start a local one].")
 @click.option("--micro-batch-size", default=None, metavar="N|auto",
@@ -157,9 +166,9 @@ def generate(
 @tls_options("client")
 @user_errors
 def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode: str | None,
-          scheduler: str | None, micro_batch_size: str | None, micro_batches: str | None,
-          max_seq_len: int | None, latency: float, device: str | None, dtype: str | None, as_json: bool,
-          tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
+          dense_kv_budget: str | None, scheduler: str | None, micro_batch_size: str | None,
+          micro_batches: str | None, max_seq_len: int | None, latency: float, device: str | None,
+          dtype: str | None, as_json: bool, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """Generation throughput: N synthetic prompts, greedy, a fixed number of new tokens each.
 
     The model is loaded and warmed up on one short prompt first; only the timed
@@ -187,6 +196,7 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
         raise GlinthawkError(f"--max-seq-len {max_seq_len} leaves no room after prompts of {prompt_tokens} tokens")
     n_mb = parse_micro_batches(micro_batches)
     asked = parse_micro_batches(micro_batch_size, "--micro-batch-size")
+    dense_kv = _dense_kv_budget(dense_kv_budget, mode)
     in_process = (mode or config.get("engine.mode")) == "in-process"
     mb_size = engine_batch_size(asked, in_process)
     engine_config = EngineConfig(micro_batch_size=mb_size, n_micro_batches=n_mb if isinstance(n_mb, int) else 1,
@@ -197,7 +207,7 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
     with tls_client(scheduler, security) as client, LLM(
         model, mode=mode, scheduler=scheduler, client=client, device=device, dtype=dtype,
         engine_config=engine_config, n_micro_batches=n_mb, latency=latency / 1e3,
-        micro_batch_size="auto" if asked == "auto" else None,
+        micro_batch_size="auto" if asked == "auto" else None, dense_kv_budget=dense_kv,
     ) as llm:
         llm.generate(rows[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up: weights, kernels
         t_load = time.perf_counter() - t0
@@ -217,8 +227,11 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
         "micro_batches": summary.n_micro_batches if summary else engine_config.n_micro_batches,
         "max_seq_len": max_seq_len, "latency_ms": latency, "generated_tokens": generated,
         "seconds": elapsed, "tokens_per_s": generated / elapsed, "predicted_tokens_per_s": predicted,
-        "load_seconds": t_load,
+        "load_seconds": t_load, "dense_kv_budget": dense_kv,
     }
+    if summary is not None:
+        numbers.update(local_micro_batches=summary.local_micro_batches, micro_batch_sizes=summary.plan["sizes"],
+                       attention_of=summary.attention_of(), kv_bytes=summary.kv_bytes)
     if as_json:
         click.echo(json.dumps(numbers))
         return
@@ -226,7 +239,11 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
                f"{generated} tokens in {elapsed:.2f} s = {generated / elapsed:.1f} tok/s "
                f"(load and warm-up {t_load:.1f} s)")
     if summary is not None:
-        click.echo(f"plan: {summary.micro_batch_size} x {summary.n_micro_batches} micro-batches; predicted "
+        local = (f", {summary.local_micro_batches} of them local ({summary.plan['sizes'][0]} slots each)"
+                 if summary.local_micro_batches and summary.mode == "hybrid" else "")
+        kv = summary.kv_bytes
+        click.echo(f"plan: {summary.micro_batch_size} x {summary.n_micro_batches} micro-batches{local}; KV "
+                   f"{kv['dense'] / 2**20:.1f} MiB dense, {kv['attention'] / 2**20:.1f} MiB attention; predicted "
                    + (f"{predicted:.1f} tok/s" if predicted else "n/a"))
 
 
@@ -249,12 +266,26 @@ def _predicted(llm: Any, summary: Any, rows: list, prompt_tokens: int, max_token
     profile, _ = llm.client.sync(cluster_profile, llm.client, llm.config, model=llm.model,
                                  dtype=llm.engine.dtype)
     plan = summary.plan
-    cfg = RunConfig(mode=plan["mode"], micro_batch_size=summary.micro_batch_size,
+    local = [size for size, is_local in zip(plan["sizes"], plan["local"]) if is_local]
+    cfg = RunConfig(mode=plan["mode"], micro_batch_size=max(plan["sizes"]),
                     micro_batches=summary.n_micro_batches, dense=len(plan["dense"]),
-                    attention=max(1, len({a for s in plan["attention"] for a in s}) // max(1, len(plan["dense"]))),
+                    attention=max(1, len({a for s in plan["attention"] for a in s if a}) // max(1, len(plan["dense"]))),
+                    local_micro_batches=len(local), local_batch_size=local[0] if local else None,
                     max_seq_len=plan["max_seq_len"], max_step_tokens=llm.engine.max_step_tokens, latency=latency,
                     dtype_bytes=llm.dtype.itemsize)
     return simulate(profile, llm.config, Workload.uniform(len(rows), prompt_tokens, max_tokens), cfg).tokens_per_s
+
+
+def _dense_kv_budget(value: str | None, mode: str | None) -> int | None:
+    """--dense-kv-budget in bytes (None: not given)."""
+    if value is None:
+        return None
+    if mode in ("two-tier", "in-process"):
+        raise GlinthawkError(f"--dense-kv-budget is for --mode single-tier or hybrid, not {mode}")
+    budget = parse_size(value, "--dense-kv-budget")
+    if budget < 1:
+        raise GlinthawkError("--dense-kv-budget must be at least 1 byte")
+    return budget
 
 
 def read_rows(stream: BinaryIO, name: str) -> Iterator[Any]:

@@ -19,7 +19,7 @@ from .options import ProgressLine, scheduler_reachable, security_from, tls_clien
               help="Write here instead of the spec's output.url.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing output and start over.")
 @click.option("--force", is_flag=True, help="Continue an output started by a different spec or model.")
-@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "in-process"]), default=None,
+@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "hybrid", "in-process"]), default=None,
               help="Override topology.mode.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 @tls_options("client")

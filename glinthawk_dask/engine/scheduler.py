@@ -85,7 +85,9 @@ class Step:
 
 
 class BatchScheduler:
-    """Plans steps for ``n_micro_batches`` micro-batches of ``micro_batch_size`` slots.
+    """Plans steps for ``n_micro_batches`` micro-batches of ``micro_batch_size`` slots
+    (one size for all, or a list of one size per micro-batch; micro-batch ``m`` owns
+    slots ``[bases[m], bases[m] + sizes[m])``).
 
     ``max_step_tokens`` bounds the tokens of one step (decode tokens plus prefill
     chunks); ``max_seq_len`` is the KV capacity of a slot (prompt + generated).
@@ -97,18 +99,21 @@ class BatchScheduler:
         self,
         *,
         n_micro_batches: int,
-        micro_batch_size: int,
+        micro_batch_size: int | Seq[int],
         max_step_tokens: int,
         max_seq_len: int,
         eos_token_ids: Iterable[int] = (),
         detokenize: Callable[[list[int]], str] | None = None,
     ) -> None:
-        if n_micro_batches < 1 or micro_batch_size < 1:
-            raise ValueError("need at least one micro-batch of at least one slot")
-        if max_step_tokens < micro_batch_size:
+        sizes = [micro_batch_size] * n_micro_batches if isinstance(micro_batch_size, int) else list(micro_batch_size)
+        if n_micro_batches < 1 or len(sizes) != n_micro_batches or min(sizes) < 1:
+            raise ValueError("need at least one micro-batch of at least one slot (and one size per micro-batch)")
+        if max_step_tokens < max(sizes):
             raise ValueError("max_step_tokens must be at least micro_batch_size")
         self.n_micro_batches = n_micro_batches
-        self.micro_batch_size = micro_batch_size
+        self.sizes = sizes
+        self.bases = [sum(sizes[:m]) for m in range(n_micro_batches)]
+        self.micro_batch_size = max(sizes)
         self.max_step_tokens = max_step_tokens
         self.max_seq_len = max_seq_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -116,14 +121,13 @@ class BatchScheduler:
         self.waiting: collections.deque[tuple[Request, float]] = collections.deque()
         self.running: list[dict[int, Sequence]] = [{} for _ in range(n_micro_batches)]
         self._free_slots: list[list[int]] = [
-            list(range((m + 1) * micro_batch_size - 1, m * micro_batch_size - 1, -1))
-            for m in range(n_micro_batches)
+            list(range(b + n - 1, b - 1, -1)) for b, n in zip(self.bases, sizes)
         ]
 
     # -- queue ---------------------------------------------------------------------
     @property
     def n_slots(self) -> int:
-        return self.n_micro_batches * self.micro_batch_size
+        return sum(self.sizes)
 
     def add(self, request: Request) -> None:
         """Queue a request; it is admitted when a slot frees up."""

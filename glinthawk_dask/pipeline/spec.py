@@ -15,7 +15,8 @@
     chat: false                            # apply the chat template to plain prompts
     sampling: {max_tokens: 64, temperature: 0}
     topology:
-      mode: two-tier                       # two-tier | single-tier | in-process
+      mode: two-tier                       # two-tier | single-tier | hybrid | in-process
+      dense_kv_budget: null                # KV bytes per dense worker (single-tier, hybrid), e.g. 200MB
       dense_workers: 1                     # dense workers (layer slices)
       attention_workers: 2                 # attention worker processes of the local cluster
       micro_batch_size: 32
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 FORMATS = ("jsonl", "parquet", "csv", "text")
-MODES = ("two-tier", "single-tier", "in-process")
+MODES = ("two-tier", "single-tier", "hybrid", "in-process")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet",
                ".csv": "csv", ".txt": "text", ".text": "text"}
 _COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".lz4", ".snappy", ".zip"}
@@ -88,6 +89,7 @@ class TopologySpec:
     micro_batch_size: int | str | None = None  # or "auto": planned from the cluster's profile
     micro_batches: int | str | None = None
     max_seq_len: int = 512
+    dense_kv_budget: int | None = None  # KV bytes a run may keep on each dense worker
     device: str | None = None
     dtype: str | None = None
 
@@ -256,6 +258,16 @@ def _topology(v: "_Validator", t: dict) -> TopologySpec:
     if size is not None and size != "auto":
         size = v.integer(size, "topology.micro_batch_size", minimum=1, also="or auto")
     att = t.get("attention_workers")
+    budget = t.get("dense_kv_budget")
+    if budget is not None:
+        try:
+            budget = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+        except (ValueError, TypeError):
+            raise v.error("topology.dense_kv_budget", f"must be a size like 200MB or null (got {budget!r})") from None
+        if budget < 1:
+            raise v.error("topology.dense_kv_budget", f"must be positive (got {budget!r})")
+        if mode in ("two-tier", "in-process"):
+            raise v.error("topology.dense_kv_budget", f"is for mode single-tier or hybrid (mode is {mode})")
     return TopologySpec(
         mode=mode,
         dense_workers=v.integer(t.get("dense_workers", 1), "topology.dense_workers", minimum=1),
@@ -265,6 +277,7 @@ def _topology(v: "_Validator", t: dict) -> TopologySpec:
         max_seq_len=v.integer(t.get("max_seq_len", 512), "topology.max_seq_len", minimum=2),
         device=None if t.get("device") is None else v.string(t["device"], "topology.device"),
         dtype=None if t.get("dtype") is None else v.string(t["dtype"], "topology.dtype"),
+        dense_kv_budget=budget,
     )
 
 

@@ -55,13 +55,34 @@ class RunSummary:
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
+    @property
+    def local_micro_batches(self) -> int:
+        """Micro-batches whose KV and attention stayed on the dense workers."""
+        return sum(self.plan.get("local", []))
+
+    @property
+    def kv_bytes(self) -> dict[str, int]:
+        """KV bytes the run reserved on each tier (summed over its workers)."""
+        seq = self.plan.get("kv_bytes_per_token_layer", 0) * self.plan.get("max_seq_len", 0)
+        attention = sum(n * (b - a) * seq for (a, b), slots in zip(self.plan["slices"], self.plan["n_slots"])
+                        for n in slots.values())
+        return {"dense": int(sum(self.plan.get("dense_kv", {}).values())), "attention": int(attention)}
+
+    def attention_of(self) -> list[str]:
+        """Where each micro-batch's attention ran on the first slice: ``"dense"`` (its
+        KV on the dense worker) or the attention worker's address."""
+        plan = self.plan
+        return ["dense" if local else addr for local, addr in zip(plan.get("local", []), plan["attention"][0])]
+
 
 class DaskEngine:
     """Generate on a Dask cluster whose workers run :class:`DenseWorkerPlugin` and
     :class:`AttentionWorkerPlugin`.
 
-    ``mode`` is ``"two-tier"`` (attention on KV workers) or ``"single-tier"`` (KV on
-    the dense workers).  ``micro_batch_size`` and ``n_micro_batches`` are ints or
+    ``mode`` is ``"two-tier"`` (attention on KV workers), ``"single-tier"`` (KV on
+    the dense workers) or ``"hybrid"`` (some micro-batches' KV on the dense workers, as
+    much as ``dense_kv_budget`` bytes per dense worker and the planner find worth it,
+    the rest on KV workers; ``local_micro_batches`` fixes how many).  ``micro_batch_size`` and ``n_micro_batches`` are ints or
     ``"auto"``: the planner (:mod:`glinthawk_dask.planner`) simulates the run's requests
     on the cluster's profile (measured once per cluster and model, kept on the
     scheduler) and picks the fastest.  ``latency`` (seconds) delays every inter-tier
@@ -82,12 +103,18 @@ class DaskEngine:
         dtype: str = "float32",
         latency: float | None = None,
         model_config: ModelConfig | None = None,
+        dense_kv_budget: int | None = None,
+        local_micro_batches: int | None = None,
     ) -> None:
         self.client = client
         self.model = model
         self.mode = mode or config.get("engine.mode")
-        if self.mode not in ("two-tier", "single-tier"):
-            raise GlinthawkError(f"DaskEngine mode must be two-tier or single-tier, not {self.mode!r}")
+        if self.mode not in ("two-tier", "single-tier", "hybrid"):
+            raise GlinthawkError(f"DaskEngine mode must be two-tier, single-tier or hybrid, not {self.mode!r}")
+        if dense_kv_budget is not None and int(dense_kv_budget) < 1:
+            raise GlinthawkError("dense_kv_budget must be at least 1 byte (None: the dense workers' own)")
+        self.dense_kv_budget = None if dense_kv_budget is None else int(dense_kv_budget)
+        self.local_micro_batches = local_micro_batches  # hybrid: fixed, or None for the planner's choice
         self.n_slices = n_slices
         mbs = micro_batch_size or config.get("engine.micro-batch-size")
         self.micro_batch_size: int | str = mbs if mbs == "auto" else int(mbs)
@@ -183,7 +210,7 @@ class DaskEngine:
     def _room(run: dict) -> int:
         """How many more requests the driver should hold: two rounds of its slots."""
         plan = run["plan"]
-        return max(0, 2 * plan["micro_batch_size"] * plan["n_micro_batches"] - len(run["pending"]))
+        return max(0, 2 * sum(plan["sizes"]) - len(run["pending"]))
 
     # -- steps ---------------------------------------------------------------------
     def _seq_len(self, requests: list[Request], max_seq_len: int | None) -> int:
@@ -203,15 +230,20 @@ class DaskEngine:
         bpt_layer = cfg.kv_bytes_per_token(elem, 1)
         n = max(len(requests), size_hint)  # a restarted run keeps the size of the first
         mb_size, depth = self.micro_batch_size, self.n_micro_batches
-        prediction, profile_s = None, 0.0
-        if mb_size == "auto" or depth == "auto":
+        prediction, profile_s, n_local = None, 0.0, 0
+        if mb_size == "auto" or depth == "auto" or (self.mode == "hybrid" and self.local_micro_batches is None):
             fixed = None if mb_size == "auto" else min(int(mb_size), n)
-            mb_size, depth, prediction, profile_s = await self._auto_plan(requests, seq_len, fixed)
+            mb_size, depth, n_local, prediction, profile_s = await self._auto_plan(requests, seq_len, fixed)
+        if self.mode == "hybrid" and self.local_micro_batches is not None:
+            n_local = self.local_micro_batches
         mb_size = min(int(mb_size), n)
         depth = max(1, min(int(depth), math.ceil(n / mb_size)))
+        per_layer, ends = _weight_bytes(cfg, elem)
         reply = await self.client.scheduler.glinthawk_plan(
             run_id=run_id, mode=self.mode, n_layers=cfg.n_layers, kv_bytes_per_token_layer=bpt_layer,
             max_seq_len=seq_len, micro_batch_size=mb_size, n_micro_batches=depth, n_slices=self.n_slices,
+            dense_kv_budget=self.dense_kv_budget, local_micro_batches=min(n_local, depth),
+            layer_weight_bytes=per_layer, ends_weight_bytes=ends,
         )
         if "error" in reply:
             raise GlinthawkError(reply["error"])
@@ -230,13 +262,12 @@ class DaskEngine:
         plan, run_id = run["plan"], run["id"]
         cfg = dataclasses.asdict(self.model_config)
         opens = []
-        if plan["mode"] == "two-tier":
-            for s, (a, b) in enumerate(plan["slices"]):
-                for addr, n_slots in plan["n_slots"][s].items():
-                    opens.append(self._rpc(
-                        addr, "glinthawk_kv_open", run_id=run_id, config=cfg, layer_start=a, layer_stop=b,
-                        n_slots=n_slots, max_seq_len=plan["max_seq_len"], dtype=self.dtype, latency=self.latency,
-                    ))
+        for s, (a, b) in enumerate(plan["slices"]):  # the remote micro-batches' caches
+            for addr, n_slots in plan["n_slots"][s].items():
+                opens.append(self._rpc(
+                    addr, "glinthawk_kv_open", run_id=run_id, config=cfg, layer_start=a, layer_stop=b,
+                    n_slots=n_slots, max_seq_len=plan["max_seq_len"], dtype=self.dtype, latency=self.latency,
+                ))
         for s, (a, b) in enumerate(plan["slices"]):
             spec = {
                 "run_id": run_id, "model": self.model, "start": a, "stop": b,
@@ -245,6 +276,7 @@ class DaskEngine:
                 "next_address": plan["dense"][s + 1] if s + 1 < len(plan["dense"]) else None,
                 "attention": plan["attention"][s] if plan["attention"] else [],
                 "slot_base": plan["slot_base"][s] if plan["slot_base"] else [],
+                "local": plan["local"], "sizes": plan["sizes"],
                 "latency": self.latency, "engine": {"max_step_tokens": self.max_step_tokens},
                 "peer_timeout": float(config.get("engine.peer-timeout")),
                 "slice_index": s, "dense": plan["dense"], "slices": plan["slices"],
@@ -335,7 +367,7 @@ class DaskEngine:
         # wait out distributed's connect timeout
         reg = await self.client.scheduler.glinthawk_registry()
         closes = [self._rpc(a, "glinthawk_slice_close", run_id=run_id) for a in plan["dense"] if a in reg["dense"]]
-        if plan["mode"] == "two-tier":  # every attention worker: micro-batches may have moved anywhere
+        if plan["mode"] != "single-tier":  # every attention worker: micro-batches may have moved anywhere
             closes += [self._rpc(a, "glinthawk_kv_close", run_id=run_id) for a in reg["attention"]]
         await asyncio.gather(*(asyncio.wait_for(c, timeout) for c in closes), return_exceptions=True)
         await self.client.scheduler.glinthawk_run_closed(run_id=run_id)
@@ -364,42 +396,54 @@ class DaskEngine:
         )
 
     async def _auto_plan(self, requests: list[Request], seq_len: int, mb_size: int | None):
-        """Micro-batch size (unless given) and depth from the planner: the run's requests
-        simulated on the cluster's profile.  Returns (size, depth, prediction, seconds
-        spent profiling)."""
+        """Micro-batch size (unless given), depth (unless given) and, in hybrid mode, how
+        many micro-batches keep their KV on the dense workers, from the planner: the
+        run's requests simulated on the cluster's profile.  Returns (size, depth, local
+        micro-batches, prediction, seconds spent profiling)."""
         from ..planner.plan import best, candidates, sweep
         from ..planner.simulate import Workload
         from .profiler import cluster_profile
 
         n = len(requests)
-        reg = await self.client.scheduler.glinthawk_registry()
-        if not reg["dense"] or (self.mode == "two-tier" and not reg["attention"]):
-            return mb_size or min(32, n), 1, None, 0.0  # placement will say what is missing
+        depth_asked = None if self.n_micro_batches == "auto" else int(self.n_micro_batches)
+        fallback_size, fallback_depth = mb_size or min(32, n), depth_asked or 1
+        elem = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
+        info = await self.client.scheduler.glinthawk_cluster_info(weight_bytes=sum(_weight_bytes(
+            self.model_config, elem, self.model_config.n_layers)))
+        if not info["dense"] or (self.mode == "two-tier" and not info["attention"]):
+            return fallback_size, fallback_depth, 0, None, 0.0  # placement will say what is missing
+        if self.mode == "hybrid" and not info["attention"]:  # nowhere else to put KV
+            return fallback_size, fallback_depth, fallback_depth, None, 0.0
         profile, seconds = await cluster_profile(self.client, self.model_config, model=self.model, dtype=self.dtype)
-        k = min(self.n_slices or len(reg["dense"]), len(reg["dense"]))
-        per_slice = max(1, len(reg["attention"]) // k)
+        k = min(self.n_slices or len(info["dense"]), len(info["dense"]))
+        per_slice = max(1, len(info["attention"]) // k)
         sample = requests if n <= 256 else requests[:: math.ceil(n / 256)]
         workload = Workload(tuple(len(r.prompt_token_ids) for r in sample),
                             tuple(max(1, min(r.params.max_tokens, seq_len - len(r.prompt_token_ids))) for r in sample))
-        elem = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
+        dense_kv = min(info["dense_kv_free"].values())
+        if self.dense_kv_budget is not None:
+            dense_kv = min(dense_kv, self.dense_kv_budget)
+        scale = len(sample) / n  # a sample of the requests stands for all: so does its share of the KV
         configs = candidates(len(sample), modes=(self.mode,), dense=[k], attention=[per_slice],
-                             micro_batch_size=mb_size and min(mb_size, len(sample)),
-                             micro_batches=None if self.n_micro_batches == "auto" else int(self.n_micro_batches),
+                             micro_batch_size=mb_size and min(mb_size, len(sample)), micro_batches=depth_asked,
                              max_depth=int(config.get("engine.max-micro-batches")), max_seq_len=seq_len,
-                             latency=self.latency, dtype_bytes=elem, max_step_tokens=self.max_step_tokens)
+                             latency=self.latency, dtype_bytes=elem, max_step_tokens=self.max_step_tokens,
+                             dense_kv_budget=dense_kv * scale)
         loop = asyncio.get_running_loop()
         preds = await loop.run_in_executor(None, sweep, profile, self.model_config, workload, configs)
         chosen = best(preds)
         if chosen is None:
-            return mb_size or min(32, n), 1, None, seconds
+            return fallback_size, fallback_depth, 0 if info["attention"] else fallback_depth, None, seconds
         size = chosen.micro_batch_size if mb_size is None else mb_size
         if n > len(sample) and mb_size is None:  # the sample stood for more requests: scale the slots
             size = min(n, round(chosen.micro_batch_size * n / len(sample)))
+        n_local = chosen.local_micro_batches if self.mode == "hybrid" else 0
         self.last_prediction = chosen
-        logger.info("glinthawk auto plan: %d x %d micro-batches, %.1f tok/s predicted (%s bound)%s", size,
-                    chosen.micro_batches, chosen.tokens_per_s, chosen.bottleneck,
+        logger.info("glinthawk auto plan: %d x %d micro-batches%s, %.1f tok/s predicted (%s bound)%s", size,
+                    chosen.micro_batches, f" ({n_local} with KV on the dense workers)" if self.mode == "hybrid" else "",
+                    chosen.tokens_per_s, chosen.bottleneck,
                     f"; profiled the cluster in {seconds:.1f} s" if seconds else "")
-        return size, chosen.micro_batches, chosen, seconds
+        return size, chosen.micro_batches, n_local, chosen, seconds
 
     # -- measurements --------------------------------------------------------------
     def tier_overlap(self) -> dict[str, float]:
@@ -442,6 +486,16 @@ def _lists(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _lists(v) for k, v in x.items()}
     return x
+
+
+def _weight_bytes(cfg: ModelConfig, elem: int, layers: int | None = None) -> tuple[int, int]:
+    """Weight bytes of one layer and of the embedding and head (or, with ``layers``,
+    ``(layers' bytes, ends' bytes)``)."""
+    from ..planner.simulate import weight_bytes
+
+    ends = int(weight_bytes(cfg, 0, elem, ends=True))
+    per_layer = int(weight_bytes(cfg, 1, elem, ends=True)) - ends
+    return (per_layer if layers is None else per_layer * layers), ends
 
 
 def _workers_of(plan: dict) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from .. import config
 from ..errors import GlinthawkError
-from .plugins import AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
+from .plugins import DENSE_KV, AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
 
 __all__ = ["tier_worker_options", "local_cluster", "connect", "ensure_plugins"]
 
@@ -35,10 +35,14 @@ NANNY_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": No
 
 
 def tier_worker_options(tier: str, memory_limit: int | str | None = None, kv_bytes: int | None = None) -> dict:
-    """Nanny options for a worker of ``tier`` ("dense" or "attention")."""
+    """Nanny options for a worker of ``tier`` ("dense" or "attention"); ``kv_bytes`` is
+    its KV budget (an attention worker's 1: a share of its memory limit; a dense
+    worker's None: its GPU memory left by the weights, or a share of its memory limit)."""
     env: dict[str, str] = {}
     if tier == "dense":
         resources, memory = {"GPU": 1}, DENSE_MEMORY
+        if kv_bytes:
+            resources[DENSE_KV] = kv_bytes
     elif tier == "attention":
         resources, memory = {"KV": kv_bytes or 1}, ATTENTION_MEMORY
         # idle OpenMP threads of the attention tier sleep instead of spinning on shared cores
@@ -69,8 +73,10 @@ def local_cluster(
     processes on this machine (defaults from ``glinthawk.local-cluster``)."""
     n_attention = int(n_attention if n_attention is not None else config.get("local-cluster.attention-workers"))
     workers = {}
+    dense_kv = config.get("local-cluster.dense-kv-bytes")
+    dense_kv = parse_bytes(dense_kv) if isinstance(dense_kv, str) else dense_kv
     for i in range(n_dense):
-        opts = tier_worker_options("dense", config.get("local-cluster.dense-memory-limit"))
+        opts = tier_worker_options("dense", config.get("local-cluster.dense-memory-limit"), kv_bytes=dense_kv)
         workers[f"dense-{i}"] = {"cls": Nanny, "options": {**opts, "silence_logs": silence_logs}}
     for i in range(n_attention):
         opts = tier_worker_options("attention", config.get("local-cluster.attention-memory-limit"))

@@ -80,6 +80,12 @@ def worker_metrics(tier: str, service: Any, cursor: int = 0, limit: int = MAX_EV
             for run_id, run in list(service.runs.items())
             if getattr(run, "driver", None) is not None
         }
+        caches = [run.cache for run in list(service.runs.values()) if getattr(run, "cache", None) is not None]
+        budget = int(service.worker.state.total_resources.get("DENSE_KV", 0))
+        if caches or budget:  # KV of single-tier and hybrid runs' local micro-batches
+            allocated = sum(c.capacity_bytes for c in caches)
+            out["kv"] = {"budget": budget or allocated, "allocated": allocated,
+                         "used": sum(c.used_bytes for c in caches), "runs": len(caches)}
     return out
 
 
@@ -92,6 +98,7 @@ def _driver_stats(driver: Any, now: float) -> dict:
         "n_generated": getattr(driver, "n_generated", 0),
         "n_in_flight": getattr(driver, "n_in_flight", 0),
         "n_micro_batches": driver.run.spec.n_micro_batches,
+        "n_local": sum(driver.run.spec.local),  # micro-batches whose attention runs on the dense worker
         "age": now - getattr(driver, "t0", now),
         "error": driver.error,
     }
@@ -166,7 +173,9 @@ class PipelineMetrics:
         self.samples = _Ring(max_samples)
         self.lanes: dict[tuple[str, str], int] = {}  # (address, tier) -> row of the stream
         self.labels: dict[tuple[str, str], str] = {}
-        self.kv: dict[str, dict] = {}  # attention worker -> {"budget", "allocated", "used", "runs"}
+        # (worker, tier) -> {"budget", "allocated", "used", "runs"}: attention workers, and
+        # dense workers holding local micro-batches' KV
+        self.kv: dict[tuple[str, str], dict] = {}
         self.runs: dict[str, dict] = {}  # run id -> driver counters (first dense slice)
         self.pipelines: dict[str, dict] = {}  # pipeline name -> last reported progress
         self.dropped = 0  # intervals that workers did not hand out (more than a pull takes)
@@ -205,7 +214,7 @@ class PipelineMetrics:
             replies = await asyncio.gather(*[self._ask(a, t, timeout) for a, t in targets])
             now = time.time()
             runs: dict[str, dict] = {}
-            kv: dict[str, dict] = {}
+            kv: dict[tuple[str, str], dict] = {}
             rows = []
             # rates need the previous poll, and a recent one (not one before a pause)
             continued = bool(self._last_poll) and now - self._last_poll < (LEASE + 2) * self.interval
@@ -222,7 +231,7 @@ class PipelineMetrics:
                 for kind, start, stop, mb, layer in reply["events"]:
                     rows.append(((start + delay) * 1000, (stop + delay) * 1000, lane, kind, mb, layer))
                 if "kv" in reply:
-                    kv[addr] = reply["kv"]
+                    kv[addr, tier] = reply["kv"]
                 for run_id, st in reply.get("runs", {}).items():
                     runs[run_id] = {**st, "worker": addr}
                     in_flight += st["n_in_flight"]
@@ -500,7 +509,7 @@ class GlinthawkPage:
 
         self.kv_source = ColumnDataSource({k: [] for k in ("worker", "budget", "allocated", "used", "text")},
                                           name="glinthawk-kv")
-        self.kv = figure(title="KV memory per attention worker (used / allocated / budget)", y_range=FactorRange(),
+        self.kv = figure(title="KV memory per worker, both tiers (used / allocated / budget)", y_range=FactorRange(),
                          x_range=DataRange1d(start=0), height=200, tools="", name="glinthawk-kv", **sizing)
         self.kv.hbar(y="worker", left=0, right="budget", height=0.7, color="#dddddd", source=self.kv_source)
         self.kv.hbar(y="worker", left=0, right="allocated", height=0.7, color="#9ecae1", source=self.kv_source)
@@ -551,8 +560,8 @@ class GlinthawkPage:
                 "processed": [s[2] for s in samples], "in_flight": [s[3] for s in samples],
             }, rollover=m.samples.rows.maxlen)
 
-        kv = sorted(m.kv.items())
-        kv_labels = [m.labels.get((a, "attention"), a) for a, _ in kv]
+        kv = sorted(m.kv.items(), key=lambda item: (item[0][1] != "dense", item[0][0]))
+        kv_labels = [m.labels.get(key, key[0]) for key, _ in kv]
         if list(self.kv.y_range.factors) != kv_labels:
             self.kv.y_range.factors = kv_labels
         self.kv_source.data = {
@@ -568,7 +577,10 @@ class GlinthawkPage:
         for run_id, st in sorted(m.runs.items()):
             labels_.append(f"run {run_id}")
             fractions.append(st["n_done"] / st["n_submitted"] if st["n_submitted"] else 0.0)
-            texts.append(f"{st['n_done']} of {st['n_submitted']} rows submitted so far done"
+            n_local, n_mb = st.get("n_local", 0), st.get("n_micro_batches", 0)
+            where = (f"; attention of {n_local} of {n_mb} micro-batches on the dense worker"
+                     if 0 < n_local < n_mb else "; attention on the dense worker" if n_local else "")
+            texts.append(f"{st['n_done']} of {st['n_submitted']} rows submitted so far done{where}"
                          + (f"  error: {st['error']}" if st.get("error") else ""))
         for name, p in m.pipelines.items():
             labels_.append(f"pipeline {name}")
@@ -587,7 +599,7 @@ class GlinthawkPage:
             parts.append(f"{last[1]:.0f} generated tok/s, {last[2]:.0f} processed tok/s, "
                          f"{last[3]} micro-batch(es) in flight")
         n_dense = sum(1 for (_, t) in m.lanes if t == "dense")
-        parts.append(f"{n_dense} dense, {len(m.kv)} attention worker(s)")
+        parts.append(f"{n_dense} dense, {sum(1 for (_, t) in m.kv if t == 'attention')} attention worker(s)")
         if m.dropped:
             parts.append(f"{m.dropped} intervals not shown (more than {MAX_EVENTS_PER_PULL} per pull)")
         self.summary.text = "; ".join(parts)

@@ -7,7 +7,8 @@ micro-batch waits for attention another one computes.  The residual stream never
 leaves the worker; between slices only the hidden state travels, and the last slice
 samples the next tokens, which return to the first slice as the reply.
 
-In single-tier mode the KV cache lives here and a slice step is one compute job.
+Micro-batches whose KV lives here (every one in single-tier mode, the plan's local
+ones in hybrid mode) run a slice step as one compute job, attention included.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from dask.utils import parse_bytes
 
+from .. import config
 from ..engine.runner import run_layers
 from ..model.attention import AttentionBatch
 from ..model.kv_cache import KVCache
@@ -51,12 +54,14 @@ class SliceSpec:
     micro_batch_size: int
     n_micro_batches: int
     max_seq_len: int
-    mode: str = "two-tier"  # or "single-tier"
+    mode: str = "two-tier"  # or "single-tier" or "hybrid"
     dtype: str = "float32"
     device: str | None = None
     next_address: str | None = None  # the next slice's dense worker
-    attention: list[str] = field(default_factory=list)  # attention worker of each micro-batch
-    slot_base: list[int] = field(default_factory=list)  # first local KV slot of each micro-batch
+    attention: list[str] = field(default_factory=list)  # attention worker of each micro-batch ("": local)
+    slot_base: list[int] = field(default_factory=list)  # first slot of each micro-batch in the cache holding it
+    local: list[bool] = field(default_factory=list)  # per micro-batch: KV on this worker (default: single-tier)
+    sizes: list[int] = field(default_factory=list)  # slots per micro-batch (default: micro_batch_size each)
     latency: float = 0.0  # induced delay of every inter-tier message, seconds
     peer_timeout: float = 60.0  # a peer that does not answer within this is treated as lost
     slice_index: int = 0
@@ -75,14 +80,21 @@ class SliceRun:
         self.config = weights.config
         self.device = weights.device
         self.rope = RopeTable.build(self.config, spec.max_seq_len, dtype=weights.dtype, device=self.device)
-        self.cache: KVCache | None = None
-        if spec.mode == "single-tier":
+        n = spec.n_micro_batches
+        spec.sizes = list(spec.sizes) or [spec.micro_batch_size] * n
+        spec.local = list(spec.local) or [spec.mode == "single-tier"] * n
+        self.global_base = [sum(spec.sizes[:m]) for m in range(n)]  # the driver's slot numbers
+        if not spec.slot_base:
+            spec.slot_base = list(self.global_base)
+        self.cache: KVCache | None = None  # the local micro-batches' KV
+        n_local = sum(size for size, local in zip(spec.sizes, spec.local) if local)
+        if n_local:
             self.cache = KVCache(
-                self.config, spec.n_micro_batches * spec.micro_batch_size, spec.max_seq_len,
+                self.config, n_local, spec.max_seq_len,
                 layer_start=spec.start, layer_stop=spec.stop, dtype=weights.dtype, device=self.device,
             )
-        elif len(spec.attention) != spec.n_micro_batches:
-            raise ValueError("two-tier mode needs an attention worker for every micro-batch")
+        if any(not local and not spec.attention[m:m + 1] for m, local in enumerate(spec.local)):
+            raise ValueError("every remote micro-batch needs an attention worker")
         # the KV cache of each micro-batch on its attention worker: the run's own, or one
         # opened for it alone after it moved (see reroute)
         self.kv_runs = [spec.run_id] * spec.n_micro_batches
@@ -98,9 +110,7 @@ class SliceRun:
 
     # -- per step ------------------------------------------------------------------
     def _local_slot(self, mb: int, slot: int) -> int:
-        if self.cache is not None:
-            return slot
-        return self.spec.slot_base[mb] + slot - mb * self.spec.micro_batch_size
+        return self.spec.slot_base[mb] + slot - self.global_base[mb]
 
     def _layout(self, msg: dict) -> dict:
         mb = msg["mb"]
@@ -133,8 +143,8 @@ class SliceRun:
         ids = msg["sample"]
         return sample(logits, [self.params[i] for i in ids], [self.generators[i] for i in ids]).tolist()
 
-    def _inputs(self, msg: dict, x: torch.Tensor | None):
-        batch = AttentionBatch.build(msg["slots"], msg["starts"], msg["counts"], device=self.device)
+    def _inputs(self, msg: dict, x: torch.Tensor | None, slots: list[int] | None = None):
+        batch = AttentionBatch.build(slots or msg["slots"], msg["starts"], msg["counts"], device=self.device)
         cos, sin = self.rope.at(batch.positions, batch.max_position)
         if x is None:
             ids = torch.tensor(msg["input_ids"], dtype=torch.long, device=self.device)
@@ -146,9 +156,10 @@ class SliceRun:
     async def run_step(self, msg: dict, x: torch.Tensor | None = None) -> list[int]:
         """Run this slice for one micro-batch step; return the sampled tokens."""
         self._track_sampling(msg)
-        if self.cache is not None:
+        if self.spec.local[msg["mb"]]:
             result = await self.stream.submit(
-                0, lambda: self._single_tier(msg, x), kind="dense", micro_batch=msg["mb"], layer=self.spec.start
+                -self.spec.start, lambda: self._local(msg, x), kind="dense", micro_batch=msg["mb"],
+                layer=self.spec.start,
             )
         else:
             result = await self._two_tier(msg, x)
@@ -157,10 +168,11 @@ class SliceRun:
         return await self._forward_next(msg, result)
 
     @torch.inference_mode()
-    def _single_tier(self, msg: dict, x_in: torch.Tensor | None):
-        cache = self.cache
-        cache.apply(msg["released"], [(a[0], a[1]) for a in msg["admitted"]])
-        batch, cos, sin, x = self._inputs(msg, x_in)
+    def _local(self, msg: dict, x_in: torch.Tensor | None):
+        """A step of a micro-batch whose KV is here: every layer in one job."""
+        cache, layout = self.cache, self._layout(msg)
+        cache.apply(layout["released"], [(a[0], a[1]) for a in layout["admitted"]])
+        batch, cos, sin, x = self._inputs(msg, x_in, layout["slots"])
         x = run_layers(self.weights, cache, batch, x, cos, sin)
         return self._head_and_sample(x, msg) if self.weights.is_last else self.staging[msg["mb"]].to_host(x)[0]
 
@@ -308,7 +320,22 @@ class DenseService:
             "glinthawk_profile_dense": self.profile,
             "glinthawk_profile_alternate": self.profile_alternate,
             "glinthawk_slice_reroute": self.reroute,
+            "glinthawk_dense_capacity": self.capacity,
         }
+
+    def capacity(self, weight_bytes: int = 0) -> int | None:
+        """KV bytes this worker's device can hold once a slice of ``weight_bytes`` is
+        loaded: on a GPU, the memory free now plus what this worker's weights and local
+        caches hold (the scheduler accounts for those itself), less the slice and
+        ``glinthawk.dense.workspace-bytes``; None on a CPU (the memory limit decides)."""
+        if not torch.cuda.is_available():
+            return None
+        device = torch.device("cuda", torch.cuda.current_device())
+        free, _ = torch.cuda.mem_get_info(device)
+        held = sum(w.nbytes() for w in self._weights.values())
+        held += sum(r.cache.capacity_bytes for r in self.runs.values() if r.cache is not None)
+        workspace = parse_bytes(str(config.get("dense.workspace-bytes")))
+        return max(0, int(free + held - weight_bytes - workspace))
 
     def _load(self, spec: SliceSpec) -> SliceWeights:
         device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -38,8 +38,8 @@ class RunDriver:
         self.run = run
         self.sched = BatchScheduler(
             n_micro_batches=spec.n_micro_batches,
-            micro_batch_size=spec.micro_batch_size,
-            max_step_tokens=spec.engine.get("max_step_tokens", max(512, spec.micro_batch_size)),
+            micro_batch_size=spec.sizes,
+            max_step_tokens=spec.engine.get("max_step_tokens", max(512, *spec.sizes)),
             max_seq_len=spec.max_seq_len,
             eos_token_ids=tokenizer.eos_token_ids if tokenizer else (),
             detokenize=tokenizer.decode if tokenizer else None,
@@ -128,7 +128,7 @@ class RunDriver:
                 try:
                     tokens = await self.run.run_step(msg)
                 except AttentionLost as lost:
-                    if self.run.spec.mode != "two-tier":
+                    if self.run.spec.local[mb]:  # (its KV is on a dense worker: cannot happen)
                         raise
                     await self._move(lost, msg)
                     continue
@@ -169,7 +169,7 @@ class RunDriver:
         delay = 0.2
         while True:
             reply = await worker.scheduler.glinthawk_replace(
-                run_id=spec.run_id, lost=lost.address, slice_index=lost.slice_index, n_slots=spec.micro_batch_size,
+                run_id=spec.run_id, lost=lost.address, slice_index=lost.slice_index, n_slots=spec.sizes[mb],
                 n_layers=b - a, max_seq_len=spec.max_seq_len,
             )
             if "address" in reply:
@@ -177,7 +177,7 @@ class RunDriver:
                 try:
                     await asyncio.wait_for(worker.rpc(address).glinthawk_kv_open(
                         run_id=kv_run, config=dataclasses.asdict(self.run.config), layer_start=a, layer_stop=b,
-                        n_slots=spec.micro_batch_size, max_seq_len=spec.max_seq_len, dtype=spec.dtype,
+                        n_slots=spec.sizes[mb], max_seq_len=spec.max_seq_len, dtype=spec.dtype,
                         latency=spec.latency,
                     ), spec.peer_timeout)
                     break

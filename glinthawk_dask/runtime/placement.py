@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["PlacementError", "Plan", "kv_budget_bytes", "split_layers", "make_plan"]
+__all__ = ["MODES", "PlacementError", "Plan", "kv_budget_bytes", "split_layers", "make_plan"]
 
 # A KV resource at or below this is a tag ("this worker is an attention worker"), and the
 # budget is a fraction of the worker's memory limit; above it, it is the budget in bytes.
@@ -36,19 +36,31 @@ def split_layers(n_layers: int, n_slices: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(n_slices)]
 
 
+MODES = ("two-tier", "single-tier", "hybrid")
+
+
 @dataclass
 class Plan:
-    """The placement of one run."""
+    """The placement of one run.
+
+    Micro-batch ``m`` has ``sizes[m]`` slots and, on every slice, keeps its KV either on
+    the slice's dense worker (``local[m]``: attention in the dense worker's own compute
+    job) or on an attention worker (``attention[s][m]``).  Local micro-batches come
+    first.  ``slot_base[s][m]`` is the micro-batch's first slot in the cache that holds
+    it (the dense worker's or the attention worker's)."""
 
     mode: str
     slices: list[tuple[int, int]]
     dense: list[str]  # address per slice
-    attention: list[list[str]] = field(default_factory=list)  # per slice: address per micro-batch
-    slot_base: list[list[int]] = field(default_factory=list)  # per slice: first local slot per micro-batch
+    attention: list[list[str]] = field(default_factory=list)  # per slice: address per micro-batch ("" if local)
+    slot_base: list[list[int]] = field(default_factory=list)  # per slice: first slot per micro-batch
     n_slots: list[dict[str, int]] = field(default_factory=list)  # per slice: slots per attention worker
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1  # of the remote micro-batches (of all, in single-tier mode)
     n_micro_batches: int = 1
     max_seq_len: int = 1
+    local: list[bool] = field(default_factory=list)  # per micro-batch: KV on the dense worker
+    sizes: list[int] = field(default_factory=list)  # slots per micro-batch
+    dense_kv: dict[str, int] = field(default_factory=dict)  # KV bytes reserved on each dense worker
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,17 +77,23 @@ def make_plan(
     micro_batch_size: int,
     n_micro_batches: int,
     n_slices: int | None = None,
-    dense_kv_budget: dict[str, int] | None = None,
+    dense_kv_budget: dict[str, int | None] | None = None,
+    local_micro_batches: int = 0,
+    local_batch_size: int | None = None,
 ) -> Plan:
     """Place a run.
 
-    ``attention`` maps attention workers to their free KV bytes.  Attention workers are
-    dealt round-robin to slices; micro-batches round-robin to a slice's attention
-    workers.  The micro-batch size shrinks, if needed, until every worker's slots fit
-    its budget: requests then wait for slots instead of overrunning memory.
+    ``attention`` maps attention workers to their free KV bytes, ``dense_kv_budget``
+    dense workers to theirs (None or missing: no limit).  Single-tier runs keep every
+    micro-batch local, two-tier runs none, hybrid runs their first
+    ``local_micro_batches`` (of ``local_batch_size`` slots, default the micro-batch
+    size).  Attention workers are dealt round-robin to slices; remote micro-batches
+    round-robin to a slice's attention workers.  Micro-batch sizes shrink, if needed,
+    until every worker's slots fit its budget: requests then wait for slots instead of
+    overrunning memory.
     """
-    if mode not in ("two-tier", "single-tier"):
-        raise PlacementError(f"unknown mode {mode!r}; use two-tier or single-tier")
+    if mode not in MODES:
+        raise PlacementError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     if not dense:
         raise PlacementError("no dense workers: start workers with --resources GPU=1")
     k = n_slices or len(dense)
@@ -85,32 +103,46 @@ def make_plan(
     plan = Plan(mode=mode, slices=slices, dense=sorted(dense)[:k], max_seq_len=max_seq_len,
                 n_micro_batches=n_micro_batches)
     per_slot = [(b - a) * kv_bytes_per_token_layer * max_seq_len for a, b in slices]
+    n_local = {"single-tier": n_micro_batches, "two-tier": 0}.get(mode, max(0, min(local_micro_batches,
+                                                                                    n_micro_batches)))
+    n_remote = n_micro_batches - n_local
 
-    if mode == "single-tier":
+    local_size = 0
+    if n_local:
         budgets = dense_kv_budget or {}
-        fit = min(
-            budgets.get(addr, 0) // (per_slot[s] * n_micro_batches) for s, addr in enumerate(plan.dense)
-        ) if budgets else micro_batch_size
-        plan.micro_batch_size = _fit(micro_batch_size, fit, "dense", max_seq_len)
-        return plan
+        fit = min((budgets[addr] // (per_slot[s] * n_local) if budgets.get(addr) is not None else 1 << 40)
+                  for s, addr in enumerate(plan.dense))
+        asked = micro_batch_size if mode == "single-tier" else min(local_batch_size or micro_batch_size,
+                                                                     micro_batch_size)
+        local_size = _fit(asked, fit, "dense", max_seq_len)
+        plan.dense_kv = {addr: per_slot[s] * local_size * n_local for s, addr in enumerate(plan.dense)}
+    plan.micro_batch_size = local_size if mode == "single-tier" else micro_batch_size
 
-    workers = sorted(attention)
-    if len(workers) < k:
-        raise PlacementError(
-            f"two-tier mode needs at least one attention worker per slice ({k}); the cluster has "
-            f"{len(workers)}: start workers with --resources KV=<bytes>"
-        )
-    groups = [workers[s::k] for s in range(k)]
-    fit = micro_batch_size
-    for s, group in enumerate(groups):
-        mbs_per_worker = math.ceil(n_micro_batches / len(group))
-        for addr in group[: min(len(group), n_micro_batches)]:
-            fit = min(fit, attention[addr] // (per_slot[s] * mbs_per_worker))
-    plan.micro_batch_size = _fit(micro_batch_size, fit, "attention", max_seq_len)
-    for s, group in enumerate(groups):
+    groups: list[list[str]] = []
+    if n_remote:
+        workers = sorted(attention)
+        if len(workers) < k:
+            raise PlacementError(
+                f"{mode} mode needs at least one attention worker per slice ({k}); the cluster has "
+                f"{len(workers)}: start workers with --resources KV=<bytes>"
+            )
+        groups = [workers[s::k] for s in range(k)]
+        fit = micro_batch_size
+        for s, group in enumerate(groups):
+            mbs_per_worker = math.ceil(n_remote / len(group))
+            for addr in group[: min(len(group), n_remote)]:
+                fit = min(fit, attention[addr] // (per_slot[s] * mbs_per_worker))
+        plan.micro_batch_size = _fit(micro_batch_size, fit, "attention", max_seq_len)
+    plan.local = [True] * n_local + [False] * n_remote
+    plan.sizes = [local_size] * n_local + [plan.micro_batch_size] * n_remote
+    for s in range(k):
         addrs, bases, slots = [], [], {}
         for mb in range(n_micro_batches):
-            addr = group[mb % len(group)]
+            if mb < n_local:
+                addrs.append("")
+                bases.append(mb * local_size)
+                continue
+            addr = groups[s][(mb - n_local) % len(groups[s])]
             addrs.append(addr)
             bases.append(slots.get(addr, 0))
             slots[addr] = slots.get(addr, 0) + plan.micro_batch_size
@@ -125,5 +157,6 @@ def _fit(asked: int, fit: int, tier: str, max_seq_len: int) -> int:
         raise PlacementError(
             f"not one sequence of {max_seq_len} tokens fits the KV budget of the {tier} workers: "
             "lower max_seq_len or the number of micro-batches, or give the workers more memory"
+            + (" (--dense-kv-budget, or --kv-bytes on the dense workers)" if tier == "dense" else "")
         )
     return min(asked, fit)

@@ -11,6 +11,7 @@ records worker loss.  Neither carries activations: those go worker to worker.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -23,6 +24,9 @@ from . import dashboard
 from .attention_service import AttentionService
 from .dense_service import DenseService
 from .placement import PlacementError, kv_budget_bytes, make_plan
+
+# A dense worker's KV budget in bytes, when it sets one (`glinthawk worker --tier dense --kv-bytes`).
+DENSE_KV = "DENSE_KV"
 
 logger = logging.getLogger(__name__)
 
@@ -172,14 +176,18 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
             "runs": {k: {"lost": v["lost"]} for k, v in self.runs.items()},
         }
 
-    def cluster_info(self) -> dict:
-        """The tier workers with their hosts and free KV bytes (what a profile needs)."""
+    async def cluster_info(self, weight_bytes: int = 0) -> dict:
+        """The tier workers with their hosts and free KV bytes (what a profile and a plan
+        need); a dense worker's free KV is what it has left with ``weight_bytes`` of
+        weights loaded."""
         reg = self.registry()
         workers = reg["dense"] + reg["attention"]
         return {
             "dense": reg["dense"], "attention": reg["attention"],
             "hosts": {a: self.scheduler.workers[a].host for a in workers if a in self.scheduler.workers},
             "kv_free": {a: self._kv_free(a) for a in reg["attention"] if a in self.scheduler.workers},
+            "dense_kv_free": {a: await self._kv_free_dense(a, weight_bytes) for a in reg["dense"]
+                              if a in self.scheduler.workers},
         }
 
     def profile_get(self, key: str) -> dict | None:
@@ -198,7 +206,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         used = sum(r["kv"].get(addr, 0) for r in self.runs.values())
         return budget - used
 
-    def plan(
+    async def plan(
         self,
         run_id: str,
         mode: str,
@@ -208,9 +216,28 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         micro_batch_size: int,
         n_micro_batches: int,
         n_slices: int | None = None,
+        dense_kv_budget: int | None = None,
+        local_micro_batches: int = 0,
+        local_batch_size: int | None = None,
+        layer_weight_bytes: int = 0,
+        ends_weight_bytes: int = 0,
     ) -> dict:
-        """Place a run and reserve its KV bytes; errors come back as ``{"error": ...}``."""
+        """Place a run and reserve its KV bytes; errors come back as ``{"error": ...}``.
+
+        ``dense_kv_budget`` caps the KV the run may keep on each dense worker (within
+        the worker's own budget); the weight sizes let a GPU dense worker tell what its
+        device memory leaves for KV once the slice is loaded."""
         reg = self.registry()
+        dense_budget: dict[str, int | None] = {}
+        if mode != "two-tier":
+            k = min(n_slices or len(reg["dense"]), len(reg["dense"])) or 1
+            layers = -(-n_layers // k)
+            weights = layers * layer_weight_bytes + ends_weight_bytes
+            for a in reg["dense"]:
+                free = await self._kv_free_dense(a, weights)
+                if dense_kv_budget is not None:
+                    free = int(dense_kv_budget) if free is None else min(free, int(dense_kv_budget))
+                dense_budget[a] = free
         try:
             plan = make_plan(
                 mode=mode,
@@ -222,7 +249,9 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
                 micro_batch_size=micro_batch_size,
                 n_micro_batches=n_micro_batches,
                 n_slices=n_slices,
-                dense_kv_budget={a: self._kv_free_dense(a) for a in reg["dense"]},
+                dense_kv_budget=dense_budget,
+                local_micro_batches=local_micro_batches,
+                local_batch_size=local_batch_size,
             )
         except PlacementError as e:
             return {"error": str(e)}
@@ -231,9 +260,9 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
             for addr, slots in (plan.n_slots[s].items() if plan.n_slots else []):
                 kv[addr] = kv.get(addr, 0) + slots * (b - a) * kv_bytes_per_token_layer * max_seq_len
         workers = set(plan.dense) | set(kv)
-        self.runs[run_id] = {"kv": kv, "workers": workers, "lost": [],
+        self.runs[run_id] = {"kv": kv, "dense_kv": dict(plan.dense_kv), "workers": workers, "lost": [],
                              "plan": {**plan.to_dict(), "kv_bytes_per_token_layer": kv_bytes_per_token_layer}}
-        return {"plan": plan.to_dict()}
+        return {"plan": self.runs[run_id]["plan"]}
 
     def replace(self, run_id: str, lost: str, slice_index: int, n_slots: int, n_layers: int,
                 max_seq_len: int) -> dict:
@@ -258,9 +287,30 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         run["workers"].add(addr)
         return {"address": addr}
 
-    def _kv_free_dense(self, addr: str) -> int:
+    def dense_kv_budget(self, addr: str) -> int | None:
+        """The KV bytes a dense worker offers (its ``DENSE_KV`` resource), or None when
+        it sets none."""
         ws = self.scheduler.workers[addr]
-        return int((ws.memory_limit or _total_memory()) * config.get("attention.kv-memory-fraction"))
+        budget = ws.resources.get(DENSE_KV, 0)
+        return int(budget) if budget > 0 else None
+
+    async def _kv_free_dense(self, addr: str, weight_bytes: int) -> int | None:
+        """KV bytes a dense worker can still take: its ``DENSE_KV`` budget; else, on a
+        GPU, the device memory left after the slice's weights and a workspace margin; else
+        a share of its memory limit.  Less what open runs reserved there."""
+        budget = self.dense_kv_budget(addr)
+        if budget is None:
+            try:
+                budget = await asyncio.wait_for(
+                    self.scheduler.rpc(addr).glinthawk_dense_capacity(weight_bytes=weight_bytes), 10.0)
+            except Exception as e:  # an old or busy worker: fall back to its memory limit
+                logger.warning("glinthawk could not ask dense worker %s for its KV capacity: %s", addr, e)
+                budget = None
+        if budget is None:
+            ws = self.scheduler.workers[addr]
+            budget = int((ws.memory_limit or _total_memory()) * config.get("attention.kv-memory-fraction"))
+        used = sum(r.get("dense_kv", {}).get(addr, 0) for r in self.runs.values())
+        return int(budget) - used
 
     def run_closed(self, run_id: str) -> None:
         self.runs.pop(run_id, None)

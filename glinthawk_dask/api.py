@@ -68,7 +68,8 @@ class LLM:
     workers), ``"single-tier"`` (KV on the dense workers), ``"hybrid"`` (KV on the dense
     workers as far as ``dense_kv_budget`` bytes per dense worker and the planner find it
     pays, the rest on attention workers) or ``"in-process"`` (no Dask); by default
-    ``glinthawk.engine.mode`` (two-tier); ``dense_kv_budget`` also caps single-tier runs.
+    ``glinthawk.engine.mode`` (two-tier); ``dense_kv_budget`` also caps single-tier runs;
+    ``local_micro_batches`` fixes hybrid's split instead of the planner.
     ``engine_config`` sets the batching knobs; in distributed modes ``n_micro_batches`` (an int or ``"auto"``, the default)
     replaces its ``n_micro_batches`` and ``micro_batch_size`` (an int or ``"auto"``)
     its ``micro_batch_size``: "auto" plans from the cluster's measured profile.  Distributed modes use ``client``,
@@ -97,6 +98,7 @@ class LLM:
         latency: float | None = None,
         local_workers: tuple[int, int | None] = (1, None),
         dense_kv_budget: int | None = None,
+        local_micro_batches: int | None = None,
     ) -> None:
         self.model = model
         self.mode = mode or config.get("engine.mode")
@@ -137,7 +139,7 @@ class LLM:
             max_step_tokens=ec.max_step_tokens if ec else None,
             max_seq_len=ec.max_seq_len if ec else None,
             dtype=_DTYPE_NAMES[self.dtype], latency=latency, model_config=self.config,
-            dense_kv_budget=dense_kv_budget,
+            dense_kv_budget=dense_kv_budget, local_micro_batches=local_micro_batches,
         )
 
     def close(self) -> None:

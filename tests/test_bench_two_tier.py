@@ -16,15 +16,17 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_two_tier.py
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 def test_bench_two_tier_runs_and_reports(tmp_path):
     out = tmp_path / "bench.json"
-    # 4 prompts x 4 tokens, then 8 prompts x 2 tokens at 0 and 5 ms: ~45 s, most of it the
-    # cluster start and the workers' weight load.
+    # 4 prompts x 4 tokens, then 8 prompts x 2 tokens at 0 and 5 ms, then the three modes at
+    # three budgets: ~60 s, most of it the cluster start and the workers' weight load.
     cmd = [sys.executable, str(SCRIPT), "--batch", "4", "--new-tokens", "4", "--latency-prompts", "8",
-           "--latency-new-tokens", "2", "--latencies", "0,5", "--skip-hf", "--json", str(out)]
+           "--latency-new-tokens", "2", "--latencies", "0,5", "--skip-hf", "--budget-seqs", "2",
+           "--budget-max-seq-len", "64", "--long-budget-seqs", "1", "--long-max-seq-len", "128",
+           "--long-prompts", "2", "--long-new-tokens", "3", "--json", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=220, env=env, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
     text = proc.stdout
 
@@ -50,6 +52,20 @@ def test_bench_two_tier_runs_and_reports(tmp_path):
     assert re.search(r"^latency 5 ms costs -?[\d.]+% of the 0 ms throughput", text, re.MULTILINE), text
     assert "every latency run generated exactly 16 tokens: yes" in text
 
+    # part 3: each mode at each budget, token-identical; the dense budget honoured
+    modes = re.findall(r"^  (single-tier|two-tier|hybrid)\s+[\d.]+ tok/s  plan ([\d+]+) \((\d+) of (\d+) micro-batches "
+                       r"attend on the dense worker\); KV (\d+) MB dense, (\d+) MB attention; predicted [\d.]+; "
+                       r"identical (\d+)/(\d+)", text, re.MULTILINE)
+    assert [m[0] for m in modes] == ["single-tier", "two-tier", "hybrid"] * 3, text
+    assert all(m[6] == m[7] for m in modes), text
+    assert all(m[2] == m[3] for m in modes if m[0] == "single-tier") and all(
+        m[2] == "0" for m in modes if m[0] == "two-tier"), text
+    assert re.search(r"^budget of 2 x 64: better of two-tier and hybrid >= 2\.5x single-tier: [\d.]+x (PASS|SHORT)$",
+                     text, re.MULTILINE), text
+    assert re.search(r"^no budget: hybrid >= 0\.95x the better of single-tier and two-tier: [\d.]+x (PASS|SHORT)$",
+                     text, re.MULTILINE), text
+    assert "greedy tokens of all three modes identical to in-process: yes" in text
+
     # targets, honestly marked
     assert re.search(r"^two-tier >= 0\.9x in-process: [\d.]+x (PASS|SHORT)$", text, re.MULTILINE), text
     assert re.search(r"^two-tier >= 2x HF generate: n/a \(--skip-hf\)$", text, re.MULTILINE), text
@@ -60,3 +76,8 @@ def test_bench_two_tier_runs_and_reports(tmp_path):
     assert report["throughput"]["results"]["two-tier"]["generated_tokens"] == 16
     assert [r["latency_ms"] for r in report["latency"]["runs"]] == [0.0, 5.0]
     assert report["targets"]["two_tier_vs_hf"] is None
+    bound = report["budget"]["bound"]
+    slot = bound["dense_kv_budget"] // 2
+    for mode in ("single-tier", "hybrid"):
+        assert bound["runs"][mode]["kv_bytes"]["dense"] <= 2 * slot
+    assert sum(bound["runs"]["single-tier"]["micro_batch_sizes"]) <= 2

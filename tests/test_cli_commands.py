@@ -132,6 +132,7 @@ def test_worker_help_lists_the_deployment_flags():
         (["bench", "--max-tokens", "0"], ["--max-tokens"]),
         (["bench", "--mode", "hybrid", "--dense-kv-budget", "lots"], ["--dense-kv-budget", "lots"]),
         (["bench", "--mode", "two-tier", "--dense-kv-budget", "1GB"], ["single-tier or hybrid"]),
+        (["bench", "--mode", "single-tier", "--local-micro-batches", "1"], ["--mode hybrid"]),
         (["generate", "--model", MODEL, "--prompt", "x", "--mode", "in-process", "--dense-kv-budget", "1GB"],
          ["single-tier or hybrid"]),
         (["bench", "--model", "random:tiny-gqa", "--prompt-tokens", "250", "--max-tokens", "10",

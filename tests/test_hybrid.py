@@ -117,3 +117,20 @@ async def test_hybrid_without_attention_workers_keeps_every_micro_batch_local(c,
     await _setup(c)
     engine = await _check(c, _requests(12, seed=14), mode="hybrid", micro_batch_size=3, n_micro_batches=2)
     assert engine.last_summary.attention_of() == ["dense", "dense"]
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=180)
+async def test_hybrid_split_is_planned_from_the_clusters_profile(c, s, a, b):
+    """No split given: the planner simulates every one on the measured profile; the run
+    takes the one it predicts fastest, within the dense budget."""
+    await _setup(c)
+    requests = _requests(24, seed=15)
+    seq = max(len(r.prompt_token_ids) + r.params.max_tokens for r in requests)
+    budget = 5 * _slot_bytes(seq)
+    engine = await _check(c, requests, mode="hybrid", micro_batch_size=4, n_micro_batches=3,
+                          dense_kv_budget=budget)
+    chosen, summary = engine.last_prediction, engine.last_summary
+    assert chosen is not None and chosen.config.mode == "hybrid"
+    assert summary.local_micro_batches == chosen.local_micro_batches
+    assert summary.kv_bytes["dense"] <= budget
+    assert sum(w == "dense" for w in summary.attention_of()) == chosen.local_micro_batches

@@ -160,6 +160,166 @@ def test_sweep_and_best_prefer_the_fastest_and_the_cheapest():
     assert cheap.config.mode == "single-tier"  # attention workers priced out
 
 
+# -- hybrid runs: some micro-batches local, the rest two-tier ---------------------------------------
+
+
+def _kv_profile(*, worker_GBps=0.02, dense_GBps=2.0) -> Profile:
+    """Attention that costs by KV read: slow on the attention workers, fast on the dense one
+    (whose KV memory a budget then limits)."""
+    return Profile.from_json({
+        "glinthawk_profile": 1, "name": "kv", "source": "test", "model": dataclasses.asdict(MODEL),
+        "dense": {"layer_s": [[1, 1e-3], [4096, 1e-3]], "head_s": [[1, 2e-3], [4096, 2e-3]], "step_s": 1e-4,
+                  "attention": {"overhead_s": 1e-4, "kv_GBps": dense_GBps, "gflops": None}},
+        "attention": {"overhead_s": 1e-4, "kv_GBps": worker_GBps, "gflops": None, "kv_bytes": 1e12},
+        "network": {"rtt_s": 2e-4, "GBps": None, "msg_cpu_s": 0.0},
+        "host": {"shared": False},
+    })
+
+
+def _kv_slot(seq_len: int, elem: int = 4) -> int:
+    """KV bytes of one slot of ``seq_len`` tokens on a single slice of MODEL."""
+    return MODEL.kv_size * 2 * elem * L * seq_len
+
+
+def _fastest(preds):
+    return max(p.tokens_per_s for p in preds if p.feasible)
+
+
+@pytest.mark.parametrize("prof", [_profile(), _profile(shared=True, fd=1.5), _kv_profile()], ids=["hand", "shared",
+                                                                                                 "kv"])
+@pytest.mark.parametrize("size, depth, attention", [(4, 1, 1), (4, 3, 1), (4, 3, 2), (2, 4, 2), (8, 2, 2)])
+def test_hybrid_with_none_or_all_local_is_two_tier_or_single_tier(prof, size, depth, attention):
+    w = Workload((4, 2, 8, 1, 3, 5, 6, 2), (3, 9, 5, 1, 7, 2, 4, 6))
+    common = {"micro_batch_size": size, "micro_batches": depth, "latency": 1e-3}
+    two = simulate(prof, MODEL, w, RunConfig(mode="two-tier", attention=attention, **common))
+    single = simulate(prof, MODEL, w, RunConfig(mode="single-tier", **common))
+    none = simulate(prof, MODEL, w, RunConfig(mode="hybrid", attention=attention, local_micro_batches=0, **common))
+    every = simulate(prof, MODEL, w, RunConfig(mode="hybrid", attention=attention, local_micro_batches=depth,
+                                               **common))
+    assert none.feasible and every.feasible and two.feasible and single.feasible
+    assert none.tokens_per_s == pytest.approx(two.tokens_per_s, rel=1e-12) and none.steps == two.steps
+    assert every.tokens_per_s == pytest.approx(single.tokens_per_s, rel=1e-12) and every.steps == single.steps
+    assert none.local_micro_batches == 0 and none.kv_bytes_dense == 0
+    assert none.kv_bytes_attention == two.kv_bytes_attention and none.bottleneck == two.bottleneck
+    assert every.local_micro_batches == every.micro_batches == single.micro_batches
+    assert every.local_batch_size == single.micro_batch_size and every.kv_bytes_attention == 0
+    assert every.kv_bytes_dense == single.kv_bytes_dense and every.bottleneck == "dense"
+    # a real split lies in between in its memory: local KV on the dense worker, the rest remote
+    if depth > 1:
+        mid = simulate(prof, MODEL, w, RunConfig(mode="hybrid", attention=attention, local_micro_batches=1, **common))
+        assert mid.feasible and mid.local_micro_batches == 1 and mid.generated_tokens == sum(w.output_lens)
+        slot = _kv_slot(w.max_len)
+        assert mid.kv_bytes_dense == mid.local_batch_size * slot
+        remote = mid.micro_batches - 1  # (eight requests may not need them all)
+        assert mid.kv_bytes_attention == -(-remote // attention) * mid.micro_batch_size * slot
+
+
+def test_a_dense_budget_shrinks_single_tier_and_hybrid_beats_both_tiers():
+    prof = _kv_profile()
+    w = Workload.uniform(32, 8, 16)
+    budget = 8 * _kv_slot(w.max_len)  # eight slots of KV on the dense worker
+    single = simulate(prof, MODEL, w, RunConfig(mode="single-tier", micro_batch_size=32, micro_batches=1,
+                                                dense_kv_budget=budget))
+    assert single.feasible and single.micro_batch_size == 8 and single.kv_bytes_dense <= budget
+    two_mbs = simulate(prof, MODEL, w, RunConfig(mode="single-tier", micro_batch_size=16, micro_batches=2,
+                                                 dense_kv_budget=budget))
+    assert two_mbs.micro_batch_size == 4 and two_mbs.micro_batches == 2
+    # the profile's own dense KV memory binds the same way, the smaller of the two
+    tight = dataclasses.replace(prof, dense=dataclasses.replace(prof.dense, kv_bytes=2 * _kv_slot(w.max_len)))
+    assert simulate(tight, MODEL, w, RunConfig(mode="single-tier", micro_batch_size=32,
+                                               dense_kv_budget=budget)).micro_batch_size == 2
+    # hybrid: local micro-batches share the budget, remote ones keep their size
+    hyb = simulate(prof, MODEL, w, RunConfig(mode="hybrid", micro_batch_size=16, micro_batches=3,
+                                             local_micro_batches=2, dense_kv_budget=budget))
+    assert (hyb.local_micro_batches, hyb.local_batch_size, hyb.micro_batch_size, hyb.micro_batches) == (2, 4, 16, 3)
+    assert hyb.kv_bytes_dense == 8 * _kv_slot(w.max_len) and hyb.kv_bytes_attention == 16 * _kv_slot(w.max_len)
+
+    for attention in (1, 2):
+        by_mode = {mode: sweep(prof, MODEL, w, candidates(32, modes=(mode,), attention=attention, max_depth=4,
+                                                          dense_kv_budget=budget))
+                   for mode in ("single-tier", "two-tier", "hybrid")}
+        for preds in by_mode.values():
+            assert all(p.config.dense_kv_budget == budget for p in preds)
+            assert all(p.kv_bytes_dense <= budget for p in preds if p.feasible)
+        others = max(_fastest(by_mode["single-tier"]), _fastest(by_mode["two-tier"]))
+        chosen = best(by_mode["hybrid"])
+        assert _fastest(by_mode["hybrid"]) >= others * (1 - 1e-9)
+        assert chosen.tokens_per_s >= best(by_mode["single-tier"]).tokens_per_s
+        assert chosen.tokens_per_s >= best(by_mode["two-tier"]).tokens_per_s
+        # here the split is what wins: a local micro-batch in the dense worker's idle time
+        assert chosen.tokens_per_s > 1.05 * others
+        assert 0 < chosen.local_micro_batches < chosen.micro_batches and chosen.bottleneck in ("dense", "attention",
+                                                                                             "round trip")
+
+
+@pytest.mark.parametrize("prof", [_profile(), _kv_profile(), _profile(d=4e-3, att=1e-4, rtt=1e-4)],
+                         ids=["hand", "kv", "dense-heavy"])
+def test_without_a_budget_the_best_hybrid_is_the_better_tier(prof):
+    w = Workload.uniform(32, 8, 16)
+    fastest = {mode: _fastest(sweep(prof, MODEL, w, candidates(32, modes=(mode,), attention=2, max_depth=4)))
+               for mode in ("single-tier", "two-tier", "hybrid")}
+    assert fastest["hybrid"] == pytest.approx(max(fastest["single-tier"], fastest["two-tier"]), rel=1e-9)
+
+
+def test_hybrid_candidates_enumerate_the_local_split():
+    cs = candidates(16, modes=("hybrid",), attention=2, micro_batch_size=4, dense_kv_budget=1e6)
+    assert {c.mode for c in cs} == {"hybrid"} and all(c.dense_kv_budget == 1e6 for c in cs)
+    for depth in range(1, 5):
+        splits = sorted({c.local_micro_batches for c in cs if c.micro_batches == depth})
+        assert splits == list(range(depth + 1))
+    # no more attention workers than remote micro-batches (none remote: one, unused)
+    assert all(c.attention <= max(1, c.micro_batches - c.local_micro_batches) for c in cs)
+    fixed = candidates(16, modes=("hybrid",), micro_batch_size=4, local_micro_batches=2)
+    assert {c.local_micro_batches for c in fixed} == {1, 2}  # at most all of a depth's micro-batches
+    # swept with both tiers, the hybrid extremes are left to them
+    both = candidates(16, modes=("two-tier", "single-tier", "hybrid"), micro_batch_size=4)
+    assert all(0 < c.local_micro_batches < c.micro_batches for c in both if c.mode == "hybrid")
+    # the existing call still works, two-tier and single-tier only
+    assert {c.mode for c in candidates(16)} == {"two-tier", "single-tier"}
+
+
+def test_a_dense_budget_below_one_slot_is_infeasible_with_a_reason():
+    prof = _profile()
+    w = Workload.uniform(8, 4, 4)
+    slot = _kv_slot(w.max_len)
+    for cfg in (RunConfig(mode="single-tier", micro_batch_size=4, micro_batches=2, dense_kv_budget=slot - 1),
+                RunConfig(mode="hybrid", micro_batch_size=4, micro_batches=2, local_micro_batches=1,
+                          dense_kv_budget=slot / 2),
+                RunConfig(mode="hybrid", micro_batch_size=4, micro_batches=2, local_micro_batches=2,
+                          dense_kv_budget=1.5 * slot)):  # one slot each for two: not there
+        pred = simulate(prof, MODEL, w, cfg)
+        assert not pred.feasible, cfg
+        assert f"not one sequence of {w.max_len} tokens fits the dense KV budget" in pred.reason
+    # with none local the dense budget does not matter; exactly one slot each fits
+    assert simulate(prof, MODEL, w, RunConfig(mode="hybrid", micro_batch_size=4, micro_batches=2,
+                                              dense_kv_budget=0)).feasible
+    ok = simulate(prof, MODEL, w, RunConfig(mode="hybrid", micro_batch_size=4, micro_batches=2,
+                                            local_micro_batches=2, dense_kv_budget=2 * slot))
+    assert ok.feasible and ok.local_batch_size == 1 and ok.kv_bytes_dense == 2 * slot
+
+
+def test_hybrid_placement_drops_empty_micro_batches_and_prices_attention_only_when_used():
+    prof = _profile()
+    w = Workload.uniform(4, 2, 4)
+    pred = simulate(prof, MODEL, w, RunConfig(mode="hybrid", micro_batch_size=8, micro_batches=3,
+                                              local_micro_batches=2))
+    assert (pred.micro_batches, pred.local_micro_batches, pred.local_batch_size) == (1, 1, 4)
+    assert pred.kv_bytes_attention == 0 and pred.bottleneck == "dense"
+    assert pred.cost_per_million(1.0, None) is not None  # no attention workers to pay
+    small = simulate(prof, MODEL, w, RunConfig(mode="hybrid", micro_batch_size=4, micro_batches=3,
+                                               local_micro_batches=1, local_batch_size=2))
+    assert (small.micro_batches, small.local_micro_batches, small.local_batch_size) == (2, 1, 2)
+    assert small.generated_tokens == 16 and small.kv_bytes_attention == 4 * _kv_slot(w.max_len)
+    assert small.cost_per_million(1.0, None) is None
+    assert small.cost_per_million(1.0, 1.0) > pred.cost_per_million(1.0, 1.0) * 0  # priced with both tiers
+    with pytest.raises(ValueError, match="local micro-batches"):
+        RunConfig(mode="hybrid", micro_batches=2, local_micro_batches=3)
+    with pytest.raises(ValueError, match="local batch size"):
+        RunConfig(mode="hybrid", micro_batch_size=4, local_batch_size=5)
+    with pytest.raises(ValueError, match="dense KV budget"):
+        RunConfig(mode="single-tier", dense_kv_budget=-1)
+
+
 # -- commands ------------------------------------------------------------------------------------
 
 
@@ -182,6 +342,52 @@ def test_plan_samples_prompt_lengths_from_a_dataset(tmp_path):
                                        "--prompts-from", str(src), "--json"])
     assert result.exit_code == 0, result.output
     assert "3 rows" in json.loads(result.output)["workload"]
+
+
+def test_plan_hybrid_with_a_dense_budget_prints_the_split_and_its_options():
+    args = ["plan", "--model", "random:llama-2-7b", "--profile", "h200", "--requests", "64", "--prompt-tokens", "64",
+            "--output-tokens", "16", "--attention", "2", "--mode", "hybrid", "--dense-kv-budget", "200MB"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "dense KV budget 200MB" in out and " local x" in out  # the plan column: 16x4 (2 local x2)
+    best_line = next(ln for ln in out.splitlines() if ln.startswith("best:"))
+    assert "local micro-batch" in best_line and "remote of" in best_line
+    cli = next(ln for ln in out.splitlines() if ln.strip().startswith("CLI:"))
+    assert "--mode hybrid" in cli and "--local-micro-batches" in cli and "--dense-kv-budget 200MB" in cli
+    spec = next(ln for ln in out.splitlines() if ln.strip().startswith("spec:"))
+    assert "mode: hybrid" in spec and "local_micro_batches:" in spec and "dense_kv_budget: 200000000" in spec
+
+    result = CliRunner().invoke(main, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    chosen = doc["best"]
+    assert chosen["mode"] == "hybrid" and chosen["dense_kv_budget"] == 200e6
+    assert 0 < chosen["local_micro_batches"] < chosen["micro_batches"] and chosen["local_batch_size"] >= 1
+    assert 0 < chosen["kv_bytes_dense"] <= 200e6 and chosen["kv_bytes_attention"] > 0
+    assert f"--local-micro-batches {chosen['local_micro_batches']}" in chosen["options"]
+    assert chosen["spec"]["dense_kv_budget"] == 200_000_000
+    assert all(p["mode"] == "hybrid" for p in doc["predictions"])
+
+
+def test_plan_considers_hybrid_by_default():
+    result = CliRunner().invoke(main, ["plan", "--model", "random:llama-2-7b", "--profile", "h200", "--requests", "32",
+                                       "--prompt-tokens", "32", "--output-tokens", "8", "--json", "--top", "1000"])
+    assert result.exit_code == 0, result.output
+    assert {p["mode"] for p in json.loads(result.output)["predictions"]} == {"two-tier", "single-tier", "hybrid"}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["plan", "--profile", "vm-2core", "--dense-kv-budget", "lots"], "--dense-kv-budget 'lots' is not a size"),
+    (["plan", "--profile", "vm-2core", "--requests", "16", "--mode", "single-tier", "--dense-kv-budget", "1kB"],
+     "fits the dense KV budget"),
+])
+def test_plan_dense_budget_errors_are_one_line(args, fragment):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    lines = [ln for ln in result.output.strip().splitlines() if ln]
+    assert lines[-1].startswith("Error:") and fragment in lines[-1], result.output
+    assert not any(ln.startswith("Traceback") for ln in lines)
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -131,3 +131,7 @@ def test_hybrid_mode_and_a_dense_kv_budget():
             parse_spec(_with(topology={"mode": "hybrid", "dense_kv_budget": bad}))
     with pytest.raises(SpecError, match="topology.dense_kv_budget.*single-tier or hybrid"):
         parse_spec(_with(topology={"mode": "two-tier", "dense_kv_budget": "1GB"}))
+    topo = parse_spec(_with(topology={"mode": "hybrid", "local_micro_batches": 2})).topology
+    assert topo.local_micro_batches == 2
+    with pytest.raises(SpecError, match="topology.local_micro_batches.*for mode hybrid"):
+        parse_spec(_with(topology={"mode": "single-tier", "local_micro_batches": 1}))

@@ -40,6 +40,8 @@ from .options import (
 @click.option("--dense-kv-budget", default=None, metavar="SIZE",
               help="KV bytes a run may keep on each dense worker (single-tier and hybrid), like 200MB "
                    "[default: the dense workers' own budget].")
+@click.option("--local-micro-batches", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Hybrid: micro-batches whose KV stays on the dense worker [default: the planner's choice].")
 @click.option("--scheduler", default=None, metavar="ADDRESS", callback=scheduler_reachable,
               help="Dask scheduler of a running cluster [default: start a local one].")
 @click.option("--micro-batch-size", default=None, metavar="N|auto",
@@ -59,7 +61,7 @@ def generate(
     seed: int | None, stop: tuple[str, ...], chat: bool, mode: str | None, scheduler: str | None,
     micro_batch_size: str | None, micro_batches: str | None, slices: int | None,
     latency: float | None, device: str | None, dtype: str | None, quiet: bool, dense_kv_budget: str | None,
-    tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None,
+    local_micro_batches: int | None, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None,
 ) -> None:
     """Complete prompts and write one JSON line per prompt.
 
@@ -108,6 +110,7 @@ def generate(
         model, mode=mode, scheduler=scheduler, client=client, device=device, dtype=dtype,
         engine_config=engine_config, n_micro_batches=n_mb, n_slices=slices, latency=latency,
         micro_batch_size="auto" if asked == "auto" else None, dense_kv_budget=dense_kv,
+        local_micro_batches=_local_micro_batches(local_micro_batches, mode),
     ) as llm:
         if llm.dashboard_link:
             click.echo(f"dask dashboard: {llm.dashboard_link} (glinthawk page: {llm.dashboard_page})", err=True)
@@ -151,6 +154,8 @@ def generate(
 @click.option("--dense-kv-budget", default=None, metavar="SIZE",
               help="KV bytes a run may keep on each dense worker (single-tier and hybrid), like 200MB "
                    "[default: the dense workers' own budget].")
+@click.option("--local-micro-batches", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Hybrid: micro-batches whose KV stays on the dense worker [default: the planner's choice].")
 @click.option("--scheduler", default=None, metavar="ADDRESS", callback=scheduler_reachable,
               help="Dask scheduler of a running cluster [default: start a local one].")
 @click.option("--micro-batch-size", default=None, metavar="N|auto",
@@ -166,7 +171,7 @@ def generate(
 @tls_options("client")
 @user_errors
 def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode: str | None,
-          dense_kv_budget: str | None, scheduler: str | None, micro_batch_size: str | None,
+          dense_kv_budget: str | None, local_micro_batches: int | None, scheduler: str | None, micro_batch_size: str | None,
           micro_batches: str | None, max_seq_len: int | None, latency: float, device: str | None,
           dtype: str | None, as_json: bool, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """Generation throughput: N synthetic prompts, greedy, a fixed number of new tokens each.
@@ -208,6 +213,7 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
         model, mode=mode, scheduler=scheduler, client=client, device=device, dtype=dtype,
         engine_config=engine_config, n_micro_batches=n_mb, latency=latency / 1e3,
         micro_batch_size="auto" if asked == "auto" else None, dense_kv_budget=dense_kv,
+        local_micro_batches=_local_micro_batches(local_micro_batches, mode),
     ) as llm:
         llm.generate(rows[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up: weights, kernels
         t_load = time.perf_counter() - t0
@@ -286,6 +292,12 @@ def _dense_kv_budget(value: str | None, mode: str | None) -> int | None:
     if budget < 1:
         raise GlinthawkError("--dense-kv-budget must be at least 1 byte")
     return budget
+
+
+def _local_micro_batches(value: int | None, mode: str | None) -> int | None:
+    if value is not None and mode != "hybrid":
+        raise GlinthawkError("--local-micro-batches is for --mode hybrid")
+    return value
 
 
 def read_rows(stream: BinaryIO, name: str) -> Iterator[Any]:

@@ -10,7 +10,7 @@ import click
 
 from ..errors import GlinthawkError
 from ._group import main
-from .options import scheduler_reachable, security_from, tls_client, tls_options, user_errors
+from .options import parse_size, scheduler_reachable, security_from, tls_client, tls_options, user_errors
 
 
 @main.command()
@@ -90,8 +90,12 @@ def profile(model: str, scheduler: str | None, out: str, dtype: str, name: str |
               help="KV slot capacity [default: the longest prompt + output].")
 @click.option("--latency", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Milliseconds added to every inter-tier message.")
-@click.option("--mode", "modes", multiple=True, type=click.Choice(["two-tier", "single-tier"]),
-              help="Modes to consider (repeatable) [default: both].")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["two-tier", "single-tier", "hybrid"]),
+              help="Modes to consider (repeatable) [default: all three].  Hybrid runs keep the KV of their first "
+                   "micro-batches on the dense worker (every split is tried) and send the rest to attention workers.")
+@click.option("--dense-kv-budget", default=None, metavar="SIZE",
+              help="KV bytes one dense worker may hold (single-tier and hybrid local micro-batches shrink to fit), "
+                   "e.g. 180MB or 2GiB [default: what the profile's dense memory leaves].")
 @click.option("--prices", default=None, metavar="dense=X,attention=Y",
               help="$/hour of one dense and one attention worker [default: the profile's].")
 @click.option("--by", type=click.Choice(["speed", "cost"]), default="speed", show_default=True,
@@ -101,19 +105,22 @@ def profile(model: str, scheduler: str | None, out: str, dtype: str, name: str |
 @user_errors
 def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: int, prompt_tokens: int,
          output_tokens: int, prompts_from: str | None, fmt: str, max_seq_len: int | None, latency: float,
-         modes: tuple[str, ...], prices: str | None, by: str, top: int, as_json: bool) -> None:
+         modes: tuple[str, ...], dense_kv_budget: str | None, prices: str | None, by: str, top: int,
+         as_json: bool) -> None:
     """Predict the best configurations of a run from a hardware profile.
 
     Every combination of mode, dense workers, attention workers per dense worker,
-    micro-batch size and micro-batches in flight is simulated (continuous batching,
-    chunked prefill, the pipeline between the tiers, the latency); the fastest (or
-    cheapest, with --by cost) come first, with the options and spec fields that run them.
+    micro-batch size, micro-batches in flight and, for hybrid runs, how many of them are
+    local is simulated (continuous batching, chunked prefill, the pipeline between the
+    tiers, the latency); the fastest (or cheapest, with --by cost) come first, with the
+    options and spec fields that run them.
     """
     from ..model.resolve import resolve_checkpoint
-    from ..planner.plan import Prices, best, candidates, format_table, options_of, spec_fields, sweep
+    from ..planner.plan import Prices, best, candidates, format_table, options_of, size_text, spec_fields, sweep
     from ..planner.profile import load_profile
     from ..planner.simulate import Workload
 
+    budget = parse_size(dense_kv_budget, "--dense-kv-budget") if dense_kv_budget is not None else None
     prof = load_profile(profile_name)
     source = resolve_checkpoint(model)
     model_config = source.config
@@ -134,8 +141,9 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
         raise GlinthawkError(f"--max-seq-len {max_seq_len} leaves no room for prompts of "
                              f"{min(workload.prompt_lens)} tokens")
     elem = {"float32": 4}.get(prof.dense.dtype, 2)
-    configs = candidates(n_requests, modes=modes or ("two-tier", "single-tier"), dense=dense, attention=attention,
-                         max_seq_len=max_seq_len, latency=latency / 1e3, dtype_bytes=elem)
+    configs = candidates(n_requests, modes=modes or ("two-tier", "single-tier", "hybrid"), dense=dense,
+                         attention=attention, max_seq_len=max_seq_len, latency=latency / 1e3, dtype_bytes=elem,
+                         dense_kv_budget=budget)
     t0 = time.perf_counter()
     preds = sweep(prof, model_config, workload, configs)
     seconds = time.perf_counter() - t0
@@ -149,13 +157,20 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
         }, indent=1))
         return
     click.echo(f"{model} on profile {prof.name!r}: {n_requests} requests, {where}, {output_tokens} new tokens each"
-               f"{f', {latency:g} ms latency' if latency else ''}; {len(preds)} configurations simulated in "
-               f"{seconds:.1f} s")
+               f"{f', {latency:g} ms latency' if latency else ''}"
+               f"{f', dense KV budget {size_text(budget)}' if budget is not None else ''}; {len(preds)} configurations "
+               f"simulated in {seconds:.1f} s")
     click.echo(format_table(preds, price, top))
     if chosen is None:
         reasons = sorted({p.reason for p in preds if not p.feasible})
         raise GlinthawkError("no configuration fits: " + "; ".join(reasons[:3]))
-    click.echo(f"\nbest: {chosen.tokens_per_s:.1f} tok/s predicted ({chosen.bottleneck} bound)")
+    split = ""
+    if chosen.config.mode == "hybrid":
+        lm, remote = chosen.local_micro_batches, chosen.micro_batches - chosen.local_micro_batches
+        split = (f"; {lm} local micro-batch{'es' if lm != 1 else ''}"
+                 + (f" of {chosen.local_batch_size}" if lm else "") + " (KV on the dense worker), "
+                 f"{remote} remote of {chosen.micro_batch_size}")
+    click.echo(f"\nbest: {chosen.tokens_per_s:.1f} tok/s predicted ({chosen.bottleneck} bound){split}")
     click.echo(f"  CLI:  {options_of(chosen)}")
     click.echo("  spec: engine: " + ", ".join(f"{k}: {v}" for k, v in spec_fields(chosen).items()))
 
@@ -166,6 +181,8 @@ def _pred_json(p: Any, prices: Any) -> dict:
     c = p.config
     return {"mode": c.mode, "dense": c.dense, "attention_per_dense": c.attention,
             "micro_batch_size": p.micro_batch_size, "micro_batches": p.micro_batches,
+            "local_micro_batches": p.local_micro_batches, "local_batch_size": p.local_batch_size,
+            "dense_kv_budget": c.dense_kv_budget,
             "tokens_per_s": p.tokens_per_s, "seconds": p.seconds, "dense_util": p.dense_util,
             "attention_util": p.attention_util, "kv_bytes_attention": p.kv_bytes_attention,
             "kv_bytes_dense": p.kv_bytes_dense, "bottleneck": p.bottleneck, "feasible": p.feasible,

@@ -131,7 +131,7 @@ def run_pipeline(
             engine_config=_engine_config(spec, topo.mode), n_micro_batches=topo.micro_batches,
             micro_batch_size=topo.micro_batch_size if topo.micro_batch_size == "auto" else None,
             n_slices=topo.dense_workers, local_workers=(topo.dense_workers, topo.attention_workers),
-            dense_kv_budget=topo.dense_kv_budget,
+            dense_kv_budget=topo.dense_kv_budget, local_micro_batches=topo.local_micro_batches,
         ) as llm:
             if not given:
                 _load_model(llm, spec.model)

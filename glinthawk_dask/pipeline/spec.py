@@ -17,6 +17,7 @@
     topology:
       mode: two-tier                       # two-tier | single-tier | hybrid | in-process
       dense_kv_budget: null                # KV bytes per dense worker (single-tier, hybrid), e.g. 200MB
+      local_micro_batches: null            # hybrid: micro-batches with KV on the dense worker (null: planned)
       dense_workers: 1                     # dense workers (layer slices)
       attention_workers: 2                 # attention worker processes of the local cluster
       micro_batch_size: 32
@@ -90,6 +91,7 @@ class TopologySpec:
     micro_batches: int | str | None = None
     max_seq_len: int = 512
     dense_kv_budget: int | None = None  # KV bytes a run may keep on each dense worker
+    local_micro_batches: int | None = None  # hybrid: fixed split (None: the planner's)
     device: str | None = None
     dtype: str | None = None
 
@@ -268,6 +270,11 @@ def _topology(v: "_Validator", t: dict) -> TopologySpec:
             raise v.error("topology.dense_kv_budget", f"must be positive (got {budget!r})")
         if mode in ("two-tier", "in-process"):
             raise v.error("topology.dense_kv_budget", f"is for mode single-tier or hybrid (mode is {mode})")
+    local = t.get("local_micro_batches")
+    if local is not None:
+        local = v.integer(local, "topology.local_micro_batches", minimum=0)
+        if mode != "hybrid":
+            raise v.error("topology.local_micro_batches", f"is for mode hybrid (mode is {mode})")
     return TopologySpec(
         mode=mode,
         dense_workers=v.integer(t.get("dense_workers", 1), "topology.dense_workers", minimum=1),
@@ -278,6 +285,7 @@ def _topology(v: "_Validator", t: dict) -> TopologySpec:
         device=None if t.get("device") is None else v.string(t["device"], "topology.device"),
         dtype=None if t.get("dtype") is None else v.string(t["dtype"], "topology.dtype"),
         dense_kv_budget=budget,
+        local_micro_batches=local,
     )
 
 

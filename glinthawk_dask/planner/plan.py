@@ -1,8 +1,9 @@
 """Choose a plan: sweep configurations through the simulator and rank them.
 
 :func:`sweep` evaluates every combination of mode, dense workers, attention workers per
-dense worker, micro-batch size and depth that the cluster (or the ``--dense`` /
-``--attention`` limits) allows; :func:`best` picks the fastest (or the cheapest per
+dense worker, micro-batch size and depth (and, for hybrid runs, how many of the
+micro-batches are local) that the cluster (or the ``--dense`` / ``--attention`` limits)
+allows; :func:`best` picks the fastest (or the cheapest per
 token when prices are given and ``by="cost"``).  :func:`format_table` and
 :func:`options_of` turn predictions into what a user reads and types.
 """
@@ -17,7 +18,8 @@ from ..model.config import ModelConfig
 from .profile import Profile
 from .simulate import Prediction, RunConfig, Workload, simulate
 
-__all__ = ["Prices", "candidates", "sweep", "best", "format_table", "options_of", "spec_fields"]
+__all__ = ["Prices", "candidates", "sweep", "best", "format_table", "options_of", "spec_fields", "plan_text",
+           "size_text"]
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,17 @@ def candidates(
     latency: float = 0.0,
     dtype_bytes: int = 4,
     max_step_tokens: int = 512,
+    dense_kv_budget: float | None = None,
+    local_micro_batches: int | None = None,
 ) -> list[RunConfig]:
     """Every configuration worth simulating; fixed knobs stay fixed.  ``dense`` and
     ``attention`` are counts to use (a number: all of 1..n); a plan uses no more
-    attention workers per dense worker than it has micro-batches."""
+    attention workers per dense worker than it has remote micro-batches.  Hybrid plans
+    take every number of local micro-batches, 0 to all (``local_micro_batches``: that
+    many, at most all), their slots shrunk to ``dense_kv_budget`` (bytes of KV per dense
+    worker, which every configuration carries; None: the profile's).  Hybrid plans with
+    none local (two-tier) or all local (single-tier) are left to those modes when they are
+    swept too."""
     dense_opts = range(1, dense + 1) if isinstance(dense, int) else list(dense)
     attn_opts = range(1, attention + 1) if isinstance(attention, int) else list(attention)
     sizes = [micro_batch_size] if micro_batch_size else _sizes(n_requests, max_depth)
@@ -83,17 +92,28 @@ def candidates(
     seen: set[RunConfig] = set()
     for mode in modes:
         for d in dense_opts:
-            for a in (attn_opts if mode == "two-tier" else [1]):
+            for a in (attn_opts if mode in ("two-tier", "hybrid") else [1]):
                 for b in sizes:
                     most = max(1, math.ceil(n_requests / b))
                     depths = [micro_batches] if micro_batches else range(1, min(max_depth, most) + 1)
                     for m in depths:
-                        cfg = RunConfig(mode=mode, micro_batch_size=b, micro_batches=m, dense=d, attention=min(a, m),
-                                        max_seq_len=max_seq_len, latency=latency, dtype_bytes=dtype_bytes,
-                                        max_step_tokens=max(max_step_tokens, b))
-                        if cfg not in seen:
-                            seen.add(cfg)
-                            out.append(cfg)
+                        if mode != "hybrid":
+                            locals_ = [0]
+                        elif local_micro_batches is not None:
+                            locals_ = [min(local_micro_batches, m)]
+                        else:  # none local is two-tier, all local single-tier: not twice
+                            locals_ = [lm for lm in range(m + 1) if not (lm == 0 and "two-tier" in modes)
+                                       and not (lm == m and "single-tier" in modes)]
+                        for lm in locals_:
+                            remote = m - lm if mode == "hybrid" else m
+                            cfg = RunConfig(mode=mode, micro_batch_size=b, micro_batches=m, dense=d,
+                                            attention=max(1, min(a, remote)), max_seq_len=max_seq_len,
+                                            latency=latency, dtype_bytes=dtype_bytes,
+                                            max_step_tokens=max(max_step_tokens, b), local_micro_batches=lm,
+                                            dense_kv_budget=dense_kv_budget)
+                            if cfg not in seen:
+                                seen.add(cfg)
+                                out.append(cfg)
     return out
 
 
@@ -126,40 +146,81 @@ def options_of(p: Prediction) -> str:
     """The CLI options that run this plan."""
     c = p.config
     opts = [f"--mode {c.mode}", f"--micro-batch-size {p.micro_batch_size}", f"--micro-batches {p.micro_batches}"]
+    if c.mode == "hybrid":
+        opts.append(f"--local-micro-batches {p.local_micro_batches}")
     if c.dense > 1:
         opts.append(f"--slices {c.dense}")
     if c.max_seq_len:
         opts.append(f"--max-seq-len {c.max_seq_len}")
+    if _budgeted(p):
+        opts.append(f"--dense-kv-budget {size_text(c.dense_kv_budget)}")
     return " ".join(opts)
 
 
 def spec_fields(p: Prediction) -> dict:
-    """The pipeline spec fields (``engine:`` section) that run this plan."""
+    """The pipeline spec fields (``topology:`` section) that run this plan."""
     c = p.config
     out = {"mode": c.mode, "micro_batch_size": p.micro_batch_size, "micro_batches": p.micro_batches}
+    if c.mode == "hybrid":
+        out["local_micro_batches"] = p.local_micro_batches
     if c.dense > 1:
-        out["slices"] = c.dense
+        out["dense_workers"] = c.dense
     if c.max_seq_len:
         out["max_seq_len"] = c.max_seq_len
+    if _budgeted(p):
+        out["dense_kv_budget"] = int(c.dense_kv_budget)
     return out
 
 
+def _budgeted(p: Prediction) -> bool:
+    """Whether the plan was made under a dense KV budget the run must be given too."""
+    return p.config.dense_kv_budget is not None and p.config.mode in ("single-tier", "hybrid")
+
+
+def size_text(nbytes: float) -> str:
+    """Bytes as ``--kv-bytes``-style options take them: ``180MB``, ``4GiB`` when exact,
+    else a plain number."""
+    n = int(nbytes)
+    for unit, scale in (("GiB", 2**30), ("GB", 10**9), ("MiB", 2**20), ("MB", 10**6), ("KiB", 2**10), ("kB", 10**3)):
+        if n and n == nbytes and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def plan_text(p: Prediction) -> str:
+    """Micro-batch size x micro-batches, and for hybrid plans how many are local, of
+    how many slots: ``16x4 (2 local x8)``."""
+    text = f"{p.micro_batch_size}x{p.micro_batches}"
+    if p.config.mode == "hybrid":
+        text += f" ({p.local_micro_batches} local x{p.local_batch_size})" if p.local_micro_batches else " (0 local)"
+    return text
+
+
 def format_table(preds: Sequence[Prediction], prices: Prices | None = None, limit: int = 10) -> str:
-    """The best predictions as a readable table."""
+    """The best predictions as a readable table (a plan that places as another one
+    already shown, e.g. two micro-batch sizes a dense KV budget shrinks alike, once)."""
     priced = prices is not None and prices.dense is not None
-    head = ["mode", "dense", "attn/dense", "mb size", "mbs", "tok/s", "dense %", "attn %", "KV/attn GiB",
-            "KV/dense GiB", "bottleneck"] + (["$/M tok"] if priced else [])
-    rows = []
-    for p in [p for p in preds if p.feasible][:limit]:
+    head = ["mode", "dense", "attn/dense", "plan", "tok/s", "dense %", "attn %", "KV/attn GiB", "KV/dense GiB",
+            "bottleneck"] + (["$/M tok"] if priced else [])
+    rows: list[list[str]] = []
+    shown: set = set()
+    for p in preds:
+        if len(rows) >= limit:
+            break
+        if not p.feasible:
+            continue
         c = p.config
-        row = [c.mode, str(c.dense), str(c.attention) if c.mode == "two-tier" else "-", str(p.micro_batch_size),
-               str(p.micro_batches), f"{p.tokens_per_s:.1f}", f"{100 * p.dense_util:.0f}",
-               f"{100 * p.attention_util:.0f}" if c.mode == "two-tier" else "-",
-               f"{p.kv_bytes_attention / 2**30:.2f}" if c.mode == "two-tier" else "-",
-               f"{p.kv_bytes_dense / 2**30:.2f}" if c.mode != "two-tier" else "-", p.bottleneck]
+        remote = p.remote
+        row = [c.mode, str(c.dense), str(c.attention) if remote else "-", plan_text(p), f"{p.tokens_per_s:.1f}",
+               f"{100 * p.dense_util:.0f}", f"{100 * p.attention_util:.0f}" if remote else "-",
+               f"{p.kv_bytes_attention / 2**30:.2f}" if remote else "-",
+               f"{p.kv_bytes_dense / 2**30:.2f}" if p.local_micro_batches else "-", p.bottleneck]
         if priced:
             cost = p.cost_per_million(prices.dense, prices.attention)
             row.append("-" if cost is None else f"{cost:.2f}")
+        if tuple(row) in shown:
+            continue
+        shown.add(tuple(row))
         rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]

@@ -18,12 +18,16 @@ Two levels:
   cost.  Rounds of the same shape (tokens, context read, rows) are simulated once.
 
 Single-tier and in-process runs have no attention tier: attention runs on the dense
-worker, inside its job.  Everything here is pure Python on numbers.
+worker, inside its job.  A hybrid run mixes both: its first ``local_micro_batches``
+micro-batches keep their KV on the dense worker and run a whole slice as one job, as
+single-tier ones do; the rest are two-tier.  (Single-tier is hybrid with every
+micro-batch local, two-tier hybrid with none.)  Everything here is pure Python on numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import math
 import random
@@ -35,7 +39,7 @@ from .profile import Profile
 
 __all__ = ["Workload", "RunConfig", "Prediction", "MicroBatchShape", "simulate", "round_period"]
 
-MODES = ("two-tier", "single-tier", "in-process")
+MODES = ("two-tier", "single-tier", "in-process", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -85,12 +89,30 @@ class RunConfig:
     max_step_tokens: int = 512
     latency: float = 0.0  # seconds added to every inter-tier message
     dtype_bytes: int = 4
+    local_micro_batches: int = 0  # hybrid: how many micro-batches (the first ones) are local
+    local_batch_size: int | None = None  # hybrid: slots of each local micro-batch (None: micro_batch_size)
+    dense_kv_budget: float | None = None  # KV bytes one dense worker may hold (single-tier, hybrid)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if min(self.micro_batch_size, self.micro_batches, self.dense, self.attention) < 1:
             raise ValueError("micro-batch size, micro-batches, dense and attention workers must be at least 1")
+        if self.local_micro_batches < 0 or (self.mode == "hybrid" and self.local_micro_batches > self.micro_batches):
+            raise ValueError(f"local micro-batches must be 0..{self.micro_batches} (the micro-batches), "
+                             f"not {self.local_micro_batches}")
+        if self.local_batch_size is not None and not 1 <= self.local_batch_size <= self.micro_batch_size:
+            raise ValueError(f"the local batch size must be 1..{self.micro_batch_size} (the micro-batch size), "
+                             f"not {self.local_batch_size}")
+        if self.dense_kv_budget is not None and not self.dense_kv_budget >= 0:
+            raise ValueError(f"the dense KV budget must be a number of bytes, not {self.dense_kv_budget!r}")
+
+    @property
+    def n_local(self) -> int:
+        """Micro-batches whose KV and attention stay on the dense worker."""
+        if self.mode == "hybrid":
+            return self.local_micro_batches
+        return 0 if self.mode == "two-tier" else self.micro_batches
 
 
 @dataclass
@@ -108,8 +130,11 @@ class Prediction:
     kv_bytes_attention: float = 0.0  # KV reserved on the fullest attention worker
     kv_bytes_dense: float = 0.0  # KV reserved on each dense worker
     bottleneck: str = ""  # "dense", "attention" or "round trip"
-    micro_batch_size: int = 0  # as placed (the workload may fill fewer slots than asked)
-    micro_batches: int = 0
+    micro_batch_size: int = 0  # as placed (the workload may fill fewer slots than asked, a dense KV
+    # budget shrinks single-tier micro-batches); hybrid: the size of the remote micro-batches
+    micro_batches: int = 0  # all of them, local ones included
+    local_micro_batches: int = 0  # micro-batches with KV on the dense worker, as placed (single-tier: all)
+    local_batch_size: int = 0  # slots of each of them (0: none local)
 
     @property
     def tokens_per_s(self) -> float:
@@ -117,11 +142,17 @@ class Prediction:
 
     def cost_per_million(self, dense_price: float | None, attention_price: float | None) -> float | None:
         """Dollars per million generated tokens at these $/hour prices (None if unpriced)."""
-        if dense_price is None or (self.config.mode == "two-tier" and attention_price is None):
+        if dense_price is None or (self.remote and attention_price is None):
             return None
         c = self.config
-        per_hour = c.dense * dense_price + (c.dense * c.attention * attention_price if c.mode == "two-tier" else 0)
+        per_hour = c.dense * dense_price + (c.dense * c.attention * attention_price if self.remote else 0)
         return per_hour / 3600.0 / self.tokens_per_s * 1e6 if self.tokens_per_s else None
+
+    @property
+    def remote(self) -> bool:
+        """Whether the run uses attention workers (two-tier, or hybrid with remote micro-batches)."""
+        c = self.config
+        return c.mode == "two-tier" or (c.mode == "hybrid" and self.micro_batches > self.local_micro_batches)
 
 
 @dataclass(frozen=True)
@@ -140,6 +171,7 @@ class MicroBatchShape:
                                _b(self.seqs))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _b(x: int, step: float = 1.1) -> int:
     if x <= 16:
         return x
@@ -161,7 +193,12 @@ class _Costs:
     hop: float  # to the next slice (hidden states) or back to the driver (tokens)
 
 
-def _stage_costs(p: Profile, m: ModelConfig, c: RunConfig, s: MicroBatchShape, n_slices: int) -> list[_Costs]:
+def _stage_costs(p: Profile, m: ModelConfig, c: RunConfig, s: MicroBatchShape, n_slices: int,
+                 local: bool | None = None) -> list[_Costs]:
+    """Costs of a micro-batch: ``local`` ones (default: not two-tier) compute attention
+    in the dense job; the others send it to an attention worker."""
+    if local is None:
+        local = c.mode != "two-tier"
     elem = c.dtype_bytes
     d = p.dense_layer_s(m, s.tokens, elem)
     kv_bytes = s.kv_read * m.kv_size * 2 * elem
@@ -173,7 +210,7 @@ def _stage_costs(p: Profile, m: ModelConfig, c: RunConfig, s: MicroBatchShape, n
         first_extra = driver if k == 0 else 0.0
         last_extra = head if k == n_slices - 1 else 0.0
         hop = p.net_s(s.tokens * m.dim * elem) if k + 1 < n_slices else (p.rtt_s if n_slices > 1 else 0.0)
-        if c.mode == "two-tier":
+        if not local:
             nbytes = s.tokens * (2 * m.q_size + 2 * m.kv_size) * elem  # q, k, v out and o back
             msg = p.msg_cpu(nbytes)
             a = p.attention.cost.seconds(kv_bytes, flops)
@@ -196,15 +233,20 @@ class _Server:
 
 
 def round_period(profile: Profile, model: ModelConfig, config: RunConfig, shapes: Sequence[MicroBatchShape],
-                 layers: int, *, cycles: int = 5) -> tuple[float, float, float]:
+                 layers: int, *, cycles: int = 5, n_local: int | None = None) -> tuple[float, float, float]:
     """Steady-state seconds per step when micro-batches of ``shapes`` cycle through
     ``layers`` layers per slice together; with the busy shares of the dense and
-    attention streams.  Exact for ``layers`` up to 6; beyond, the period is extended
-    linearly in the layers from 3 and 6 (every middle layer costs the same)."""
+    attention streams.  The first ``n_local`` shapes are local micro-batches (attention
+    on the dense worker; default: all of them, none for two-tier, the config's local
+    ones for hybrid), the rest remote; remote ones are dealt round-robin to the
+    slice's attention workers.  Exact for ``layers`` up to 6; beyond, the period is
+    extended linearly in the layers from 3 and 6 (every middle layer costs the same)."""
+    if n_local is None:
+        n_local = min(config.n_local, len(shapes))
     if layers <= 6:
-        return _simulate_round(profile, model, config, shapes, layers, cycles)
-    p3, d3, a3 = _simulate_round(profile, model, config, shapes, 3, cycles)
-    p6, d6, a6 = _simulate_round(profile, model, config, shapes, 6, cycles)
+        return _simulate_round(profile, model, config, shapes, layers, cycles, n_local)
+    p3, d3, a3 = _simulate_round(profile, model, config, shapes, 3, cycles, n_local)
+    p6, d6, a6 = _simulate_round(profile, model, config, shapes, 6, cycles, n_local)
     f = (layers - 6) / 3.0
     period = p6 + (p6 - p3) * f
     dense_busy = d6 * p6 + (d6 * p6 - d3 * p3) * f
@@ -213,10 +255,10 @@ def round_period(profile: Profile, model: ModelConfig, config: RunConfig, shapes
 
 
 def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, shapes: Sequence[MicroBatchShape],
-                    layers: int, cycles: int) -> tuple[float, float, float]:
+                    layers: int, cycles: int, n_local: int) -> tuple[float, float, float]:
     n_slices = config.dense
-    two_tier = config.mode == "two-tier"
-    costs = [_stage_costs(profile, model, config, s, n_slices) for s in shapes]
+    remote = [mb >= n_local for mb in range(len(shapes))]  # attention on an attention worker
+    costs = [_stage_costs(profile, model, config, s, n_slices, local=not remote[mb]) for mb, s in enumerate(shapes)]
     dense = [_Server() for _ in range(n_slices)]
     attn = [[_Server() for _ in range(config.attention)] for _ in range(n_slices)]
     shared, fd, fa = profile.shared_host, profile.dense_slowdown, profile.attention_slowdown
@@ -267,7 +309,7 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
             heapq.heappush(srv.queue, (-(k * layers + layer), t, mb, state))  # higher layers first
             return
         c = costs[mb][k]
-        if not two_tier:
+        if not remote[mb]:
             base = c.first + c.dense * layers + c.last
             push(start(srv, t, base, "dense"), mb, (cyc, k, layers, "done_dense"))
             return
@@ -276,7 +318,7 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
 
     def run_attention(t: float, mb: int, state: tuple, queued: bool = False) -> None:
         cyc, k, layer, _ = state
-        srv = attn[k][mb % config.attention]
+        srv = attn[k][(mb - n_local) % config.attention]
         if not queued and (srv.busy_until > t or srv.queue):
             srv.queue.append((t, mb, state))
             return
@@ -305,7 +347,7 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
         if phase == "dense":
             run_dense(t, mb, state)
         elif phase == "done_dense":
-            if layer < layers and two_tier:
+            if layer < layers and remote[mb]:
                 if shared:  # the attention side's work for this request (induced latency is idle time)
                     lat = config.latency
                     active.append((t + lat, t + lat + (c.net - 2 * lat) + c.attention))
@@ -316,7 +358,7 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
         elif phase == "attention":
             run_attention(t, mb, state)
         elif phase == "done_attention":
-            release(attn[k][mb % config.attention], t, "attention")
+            release(attn[k][(mb - n_local) % config.attention], t, "attention")
             push(t + c.net / 2, mb, (cyc, k, layer + 1, "dense"))
         elif phase == "hop":
             if k + 1 < n_slices:
@@ -365,14 +407,20 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
     """Predict a run of ``workload`` under ``config`` on ``profile``'s hardware.
 
     ``cache`` (a dict, shared by the calls of a sweep) keeps simulated rounds, which
-    configurations of the same mode, workers and latency have in common."""
+    configurations of the same workers and latency have in common."""
     c = config
     n = workload.n
     seq_len = min(c.max_seq_len or workload.max_len, model.max_seq_len)
     mb_size = min(c.micro_batch_size, n)
-    depth = max(1, min(c.micro_batches, math.ceil(n / mb_size)))
-    c = dataclasses.replace(c, micro_batch_size=mb_size, micro_batches=depth)
-    pred = Prediction(config=c, feasible=True, micro_batch_size=mb_size, micro_batches=depth)
+    local_size = min(c.local_batch_size or mb_size, mb_size) if c.mode == "hybrid" else mb_size
+    asked = max(1, min(c.micro_batches, math.ceil(n / mb_size)))
+    c = dataclasses.replace(c, micro_batch_size=mb_size, micro_batches=asked,
+                            local_micro_batches=min(c.local_micro_batches, asked) if c.mode == "hybrid"
+                            else c.local_micro_batches,
+                            local_batch_size=None if c.local_batch_size is None else min(c.local_batch_size,
+                                                                                         mb_size))
+    pred = Prediction(config=c, feasible=True, micro_batch_size=mb_size, micro_batches=asked,
+                      local_micro_batches=c.n_local, local_batch_size=local_size if c.n_local else 0)
     if c.dense > model.n_layers:
         return _infeasible(pred, f"{c.dense} slices for {model.n_layers} layers")
     layers = math.ceil(model.n_layers / c.dense)
@@ -382,66 +430,92 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
     if dense_cap is not None and dense_cap < 0:
         return _infeasible(pred, f"a slice's weights ({weights / 2**30:.1f} GiB) do not fit a dense worker: "
                                  "use more dense workers")
-    if c.mode == "two-tier":
-        per_worker = math.ceil(depth / c.attention) * mb_size * kv_slot
+
+    if c.mode in ("single-tier", "hybrid"):
+        budget = min((b for b in (dense_cap, c.dense_kv_budget) if b is not None), default=None)
+        # micro-batches as asked: local ones the budget shrinks may need more than ceil(n / size)
+        placed = _place(n, mb_size, config.micro_batches, config.n_local, local_size, kv_slot, budget, seq_len)
+        if isinstance(placed, str):
+            return _infeasible(pred, placed)
+        depth, n_local, local_size = placed
+        if c.mode == "single-tier":
+            mb_size = local_size
+            c = dataclasses.replace(c, micro_batches=depth)
+        else:
+            c = dataclasses.replace(c, micro_batches=depth, local_micro_batches=n_local)
+        pred.config, pred.micro_batch_size, pred.micro_batches = c, mb_size, depth
+        pred.local_micro_batches, pred.local_batch_size = n_local, local_size if n_local else 0
+        pred.kv_bytes_dense = n_local * local_size * kv_slot
+    depth, n_local = c.micro_batches, c.n_local
+    if depth > n_local:  # remote micro-batches: KV on the attention workers
+        per_worker = math.ceil((depth - n_local) / c.attention) * mb_size * kv_slot
         pred.kv_bytes_attention = per_worker
         cap = profile.attention.kv_bytes
         if cap is not None and per_worker > cap:
             return _infeasible(pred, f"KV of {per_worker / 2**30:.2f} GiB per attention worker exceeds its "
                                      f"{cap / 2**30:.2f} GiB")
-    else:
+    if c.mode == "in-process":
         pred.kv_bytes_dense = depth * mb_size * kv_slot
         if dense_cap is not None and pred.kv_bytes_dense > dense_cap:
             return _infeasible(pred, f"KV of {pred.kv_bytes_dense / 2**30:.2f} GiB per dense worker exceeds its "
                                      f"{dense_cap / 2**30:.2f} GiB")
-    if c.max_step_tokens < mb_size:
+    if c.max_step_tokens < max(mb_size, pred.local_batch_size):
         return _infeasible(pred, "max_step_tokens below the micro-batch size")
     too_long = [p for p in workload.prompt_lens if p >= seq_len]
     if too_long:
         return _infeasible(pred, f"a prompt of {too_long[0]} tokens leaves no room in KV slots of {seq_len}")
 
+    sizes = [pred.local_batch_size if mb < n_local else mb_size for mb in range(depth)]
     waiting = [(_Seq(p, min(o, seq_len - p))) for p, o in zip(workload.prompt_lens, workload.output_lens)]
     waiting.reverse()  # pop() takes the first request
     running: list[list[_Seq]] = [[] for _ in range(depth)]
     if cache is None:
         cache = {}
-    base_key = (id(profile), model.name, model.dim, model.n_layers, c.mode, c.dense, c.attention, c.latency,
+    # what a round depends on besides its shapes (the mode only through where attention
+    # runs, which the key's local/remote split says: single-tier, two-tier and hybrid
+    # rounds of the same split are the same rounds)
+    base_key = (id(profile), model.name, model.dim, model.n_layers, c.mode == "in-process", c.dense,
                 c.dtype_bytes, layers)
+    remote_key = (c.attention, c.latency)
     total = dense_busy = attn_busy = 0.0
     steps = generated = 0
 
-    def period_of(shapes: list[MicroBatchShape]) -> tuple[float, float, float]:
+    def period_of(groups: tuple, j: int) -> tuple[float, float, float]:
         # a round costs as its micro-batches at their mean shape (they differ little once
-        # decoding; prefill rounds are few)
-        n = len(shapes)
-        mean = MicroBatchShape(*(max(1, round(sum(getattr(sh, f) for sh in shapes) / n))
-                                 for f in ("tokens", "kv_read", "attn_units", "rows", "seqs")))
-        key = (base_key, n, mean.bucket())
+        # decoding; prefill rounds are few), local and remote ones averaged apart;
+        # ``groups`` holds each side's count and sums of the shape fields, ``j`` the
+        # decode steps since (every sequence's context grown by j)
+        (nl, local), (nr, remote) = groups
+        ml = _mean_bucket(nl, local, j) if nl else None
+        mr = _mean_bucket(nr, remote, j) if nr else None
+        key = (base_key, nl, ml, nr, mr, remote_key if nr else None)
         hit = cache.get(key)
         if hit is None:
-            hit = cache[key] = round_period(profile, model, c, [key[2]] * n, layers)
+            hit = cache[key] = round_period(profile, model, c, [ml] * nl + [mr] * nr, layers, n_local=nl)
         return hit
 
     while waiting or any(running):
-        shapes, plans = [], []
+        plans = []
+        sums = ([0, [0] * 5], [0, [0] * 5])  # local, remote: micro-batches and sums of their shapes
         for mb in range(depth):
-            while len(running[mb]) < mb_size and waiting:
+            while len(running[mb]) < sizes[mb] and waiting:
                 running[mb].append(waiting.pop())
             plan = _plan_step(running[mb], c.max_step_tokens)
             if plan is None:
                 continue
-            shapes.append(plan[0])
             plans.append((mb, plan[1]))
+            sh, side = plan[0], sums[mb >= n_local]
+            side[0] += 1
+            side[1] = [a + b for a, b in zip(side[1], (sh.tokens, sh.kv_read, sh.attn_units, sh.rows, sh.seqs))]
+        groups = tuple((k, tuple(v)) for k, v in sums)
         # rounds of decode alone, nobody finishing or joining: only the contexts grow, so
         # they are costed without planning each step again
         repeat = 1
-        full = not waiting or all(len(r) == mb_size for r in running)  # no slot to admit into
+        full = not waiting or all(len(r) == sizes[mb] for mb, r in enumerate(running))  # no slot to admit into
         if full and all(cnt == 1 for _, segs in plans for _, cnt in segs):
             repeat = min(sq.out - sq.made for _, segs in plans for sq, _ in segs)
         for j in range(repeat):
-            grown = shapes if j == 0 else [dataclasses.replace(
-                sh, kv_read=sh.kv_read + j * sh.seqs, attn_units=sh.attn_units + j * sh.seqs) for sh in shapes]
-            period, du, au = period_of(grown)
+            period, du, au = period_of(groups, j)
             total += period
             dense_busy += du * period
             attn_busy += au * period
@@ -456,13 +530,56 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
     pred.seconds, pred.generated_tokens, pred.steps = total, generated, steps
     pred.dense_util = dense_busy / total if total else 0.0
     pred.attention_util = attn_busy / total if total else 0.0
-    if c.mode != "two-tier":
+    if not pred.remote:
         pred.bottleneck = "dense"
     elif max(pred.dense_util, pred.attention_util) < 0.8:
         pred.bottleneck = "round trip"
     else:
         pred.bottleneck = "dense" if pred.dense_util >= pred.attention_util else "attention"
     return pred
+
+
+def _mean_bucket(k: int, sums: tuple, j: int) -> MicroBatchShape:
+    """The bucketed mean shape of ``k`` micro-batches whose shape fields sum to ``sums``,
+    after ``j`` more decode steps (each sequence reads one position more per step)."""
+    tokens, kv_read, units, rows, seqs = sums  # (as MicroBatchShape(means).bucket(), without the detour)
+    return MicroBatchShape(_b(max(1, round(tokens / k))), _b(max(1, round((kv_read + j * seqs) / k)), 1.2),
+                           _b(max(1, round((units + j * seqs) / k)), 1.2), _b(max(1, round(rows / k))),
+                           _b(max(1, round(seqs / k))))
+
+
+def _place(n: int, size: int, depth: int, n_local: int, local_size: int, kv_slot: float, budget: float | None,
+           seq_len: int) -> tuple[int, int, int] | str:
+    """Micro-batches, local ones and their slots as placed under a dense KV ``budget``
+    (bytes, None: unbounded): each of the ``n_local`` local micro-batches (the first
+    ones) gets ``min(local_size, budget // (kv_slot * n_local))`` slots, the others
+    ``size``.  Micro-batches that the ``n`` requests (admitted in order) would leave
+    empty are dropped, and the budget shared again among the local ones left.  A reason
+    when not one slot fits."""
+    while True:
+        slots = local_size
+        if n_local and budget is not None:
+            slots = min(local_size, int(budget // (kv_slot * n_local)))
+            if slots < 1:
+                return (f"not one sequence of {seq_len} tokens fits the dense KV budget ({_size(budget)} for "
+                        f"{n_local} micro-batch{'es' if n_local > 1 else ''} on a dense worker, {_size(kv_slot)} a "
+                        "slot): lower max_seq_len or the micro-batches on the dense worker, or raise the budget")
+        held = used = 0
+        for mb in range(depth):
+            used += 1
+            held += slots if mb < n_local else size
+            if held >= n:
+                break
+        if used == depth or n_local <= used:
+            return used, min(n_local, used), slots
+        depth, n_local = used, used
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 def weight_bytes(model: ModelConfig, layers: int, elem: int, ends: bool = True) -> float:

@@ -467,3 +467,25 @@ def test_paper_cluster_script_prints_both_ratios(tmp_path):
     assert "two-tier / single-tier: throughput" in proc.stdout and "(paper 5.9x)" in proc.stdout
     row = json.loads(out.read_text())["results"][0]
     assert row["throughput_ratio"] > 0 and row["cost_ratio"] > 0
+
+
+@pytest.mark.parametrize("name", ["vm-2core", "h200"])
+@pytest.mark.parametrize("slots", [None, 8])
+def test_two_stage_hybrid_sweep_finds_what_the_full_sweep_finds(name, slots):
+    """Auto plans of hybrid runs sweep every split only for the best sizes and depths of
+    single-tier and two-tier: at or above the better of those, and here at or near the full sweep's best."""
+    from glinthawk_dask.model import from_name
+    from glinthawk_dask.planner.plan import sweep_hybrid
+
+    prof = load_profile(name)
+    model = from_name("llama-2-7b" if name == "h200" else "smollm2-135m-instruct")
+    w = Workload.uniform(64, 32, 64)
+    slot = model.kv_bytes_per_token(4 if name == "vm-2core" else 2) * 128
+    kw = dict(dense=[1], attention=[2], max_depth=8, max_seq_len=128, dtype_bytes=4 if name == "vm-2core" else 2,
+              dense_kv_budget=None if slots is None else slots * slot)
+    fast = best(sweep_hybrid(prof, model, w, **kw))
+    full = best(sweep(prof, model, w, candidates(64, modes=("hybrid",), **kw)))
+    extremes = best(sweep(prof, model, w, candidates(64, modes=("single-tier", "two-tier"), **kw)))
+    assert fast.config.mode == "hybrid"
+    assert fast.tokens_per_s >= extremes.tokens_per_s * (1 - 1e-9)
+    assert fast.tokens_per_s >= full.tokens_per_s * 0.98  # (it also tries local micro-batches beyond n / size)

@@ -18,7 +18,7 @@ from ..model.config import ModelConfig
 from .profile import Profile
 from .simulate import Prediction, RunConfig, Workload, simulate
 
-__all__ = ["Prices", "candidates", "sweep", "best", "format_table", "options_of", "spec_fields", "plan_text",
+__all__ = ["Prices", "candidates", "sweep", "sweep_hybrid", "best", "format_table", "options_of", "spec_fields", "plan_text",
            "size_text"]
 
 
@@ -117,11 +117,40 @@ def candidates(
     return out
 
 
-def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Iterable[RunConfig]) -> list[Prediction]:
-    """Predictions for ``configs``, fastest first (infeasible ones last)."""
-    cache: dict = {}
+def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Iterable[RunConfig],
+          cache: dict | None = None) -> list[Prediction]:
+    """Predictions for ``configs``, fastest first (infeasible ones last); ``cache`` keeps
+    simulated rounds across sweeps of one profile, model and workload."""
+    cache = {} if cache is None else cache
     preds = [simulate(profile, model, workload, c, cache) for c in configs]
     return sorted(preds, key=lambda p: (not p.feasible, -p.tokens_per_s))
+
+
+def sweep_hybrid(profile: Profile, model: ModelConfig, workload: Workload, *, top: int = 3,
+                 **kwargs) -> list[Prediction]:
+    """Hybrid plans in two stages, a few times faster than every split of every plan:
+    single-tier and two-tier plans first (``kwargs`` as for :func:`candidates`), then,
+    for the ``top`` sizes and depths among them, every split of that depth and of one or
+    two micro-batches more (local ones added beside the remote ones).  Both extremes are
+    hybrid plans too, so the best is never slower than the better of single-tier and
+    two-tier, as predicted.  Hybrid predictions, fastest first."""
+    kwargs.pop("modes", None)
+    cache: dict = {}
+    first = sweep(profile, model, workload, candidates(workload.n, modes=("two-tier", "single-tier"), **kwargs),
+                  cache)
+    shapes: list[tuple[int, int]] = []
+    for p in first:
+        key = (p.config.micro_batch_size, p.config.micro_batches)
+        if p.feasible and key not in shapes:
+            shapes.append(key)
+        if len(shapes) == top:
+            break
+    max_depth = kwargs.get("max_depth", 8)
+    depths = {(b, d) for b, m in shapes
+              for d in ([m] if kwargs.get("micro_batches") else range(m, min(m + 2, max_depth) + 1))}
+    configs = [c for b, d in sorted(depths) for c in candidates(
+        workload.n, **{**kwargs, "modes": ("hybrid",), "micro_batch_size": b, "micro_batches": d})]
+    return sweep(profile, model, workload, configs, cache)
 
 
 def best(preds: Sequence[Prediction], prices: Prices | None = None, by: str = "speed") -> Prediction | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -237,7 +238,8 @@ class DaskEngine:
         if self.mode == "hybrid" and self.local_micro_batches is not None:
             n_local = self.local_micro_batches
         mb_size = min(int(mb_size), n)
-        depth = max(1, min(int(depth), math.ceil(n / mb_size)))
+        # (hybrid: local micro-batches the dense budget shrinks may stand beside as many remote ones)
+        depth = max(1, min(int(depth), math.ceil(n / mb_size) + (n_local if self.mode == "hybrid" else 0)))
         per_layer, ends = _weight_bytes(cfg, elem)
         reply = await self.client.scheduler.glinthawk_plan(
             run_id=run_id, mode=self.mode, n_layers=cfg.n_layers, kv_bytes_per_token_layer=bpt_layer,
@@ -400,7 +402,7 @@ class DaskEngine:
         many micro-batches keep their KV on the dense workers, from the planner: the
         run's requests simulated on the cluster's profile.  Returns (size, depth, local
         micro-batches, prediction, seconds spent profiling)."""
-        from ..planner.plan import best, candidates, sweep
+        from ..planner.plan import best, candidates, sweep, sweep_hybrid
         from ..planner.simulate import Workload
         from .profiler import cluster_profile
 
@@ -424,13 +426,17 @@ class DaskEngine:
         if self.dense_kv_budget is not None:
             dense_kv = min(dense_kv, self.dense_kv_budget)
         scale = len(sample) / n  # a sample of the requests stands for all: so does its share of the KV
-        configs = candidates(len(sample), modes=(self.mode,), dense=[k], attention=[per_slice],
-                             micro_batch_size=mb_size and min(mb_size, len(sample)), micro_batches=depth_asked,
-                             max_depth=int(config.get("engine.max-micro-batches")), max_seq_len=seq_len,
-                             latency=self.latency, dtype_bytes=elem, max_step_tokens=self.max_step_tokens,
-                             dense_kv_budget=dense_kv * scale)
+        knobs = dict(dense=[k], attention=[per_slice], micro_batch_size=mb_size and min(mb_size, len(sample)),
+                     micro_batches=depth_asked, max_depth=int(config.get("engine.max-micro-batches")),
+                     max_seq_len=seq_len, latency=self.latency, dtype_bytes=elem,
+                     max_step_tokens=self.max_step_tokens, dense_kv_budget=dense_kv * scale)
         loop = asyncio.get_running_loop()
-        preds = await loop.run_in_executor(None, sweep, profile, self.model_config, workload, configs)
+        if self.mode == "hybrid":  # every split, of the sizes and depths that plan well
+            preds = await loop.run_in_executor(None, functools.partial(
+                sweep_hybrid, profile, self.model_config, workload, **knobs))
+        else:
+            configs = candidates(len(sample), modes=(self.mode,), **knobs)
+            preds = await loop.run_in_executor(None, sweep, profile, self.model_config, workload, configs)
         chosen = best(preds)
         if chosen is None:
             return fallback_size, fallback_depth, 0 if info["attention"] else fallback_depth, None, seconds

@@ -24,7 +24,7 @@ def test_bench_two_tier_runs_and_reports(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--batch", "4", "--new-tokens", "4", "--latency-prompts", "8",
            "--latency-new-tokens", "2", "--latencies", "0,5", "--skip-hf", "--budget-seqs", "2",
            "--budget-max-seq-len", "64", "--long-budget-seqs", "1", "--long-max-seq-len", "128",
-           "--long-prompts", "2", "--long-new-tokens", "3", "--json", str(out)]
+           "--long-prompts", "2", "--long-new-tokens", "3", "--budget-repeats", "1", "--json", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=220, env=env, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]

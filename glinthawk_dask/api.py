@@ -142,6 +142,14 @@ class LLM:
             dense_kv_budget=dense_kv_budget, local_micro_batches=local_micro_batches,
         )
 
+    def cluster_status(self) -> dict:
+        """The cluster's workers, KV and open runs (see :func:`glinthawk_dask.runtime.cluster_status`)."""
+        if self.client is None:
+            raise GlinthawkError("an in-process LLM has no cluster")
+        from .runtime.cluster import cluster_status
+
+        return cluster_status(self.client)
+
     def close(self) -> None:
         """Stop the local cluster this LLM started (if any)."""
         if self._own_client and self.client is not None:

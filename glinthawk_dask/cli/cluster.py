@@ -12,7 +12,7 @@ import click
 
 from ..errors import GlinthawkError
 from ._group import main
-from .options import parse_memory_limit, parse_size, security_from, tls_options, user_errors
+from .options import parse_memory_limit, parse_size, scheduler_reachable, security_from, tls_options, user_errors
 
 
 # -- the processes of a cluster ------------------------------------------------------------------
@@ -328,3 +328,60 @@ def cluster(n_dense: int, n_attention: int | None, dashboard_address: str) -> No
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     _stopped_by(caught[0] if caught else None, "glinthawk cluster")
+
+
+@main.command()
+@click.option("--scheduler", required=True, metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS",
+              callback=scheduler_reachable,
+              help="The cluster's scheduler, like tcp://host:8786 [env: DASK_SCHEDULER_ADDRESS].")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@tls_options("client")
+@user_errors
+def status(scheduler: str, as_json: bool, tls_ca_file: str | None, tls_cert: str | None,
+           tls_key: str | None) -> None:
+    """What a cluster holds: tier workers with their KV budgets and the KV reserved,
+    allocated and used on each, and the open runs with their client, age, plan and
+    tokens done."""
+    import json
+
+    from ..runtime.cluster import cluster_status, connect
+
+    client, _ = connect(scheduler, security=security_from("client", tls_ca_file, tls_cert, tls_key))
+    try:
+        info = cluster_status(client)
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(status_text(info))
+
+
+def status_text(info: dict) -> str:
+    """``glinthawk status`` as a person reads it."""
+    def size(n: Any) -> str:
+        if n is None:
+            return "-"
+        for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if n >= scale:
+                return f"{n / scale:.1f} {unit}"
+        return f"{n} B"
+
+    lines = [f"scheduler {info['scheduler']}"]
+    for tier in ("dense", "attention"):
+        workers = info["workers"][tier]
+        lines.append(f"{tier} workers: {len(workers)}")
+        for w in workers:
+            budget = size(w["kv_budget"]) if w["kv_budget"] is not None else "its memory limit's share"
+            lines.append(f"  {w['address']} ({w['name']}, {w['nthreads']} threads): KV budget {budget}, "
+                         f"reserved {size(w['kv_reserved'])}, allocated {size(w['kv_allocated'])}, "
+                         f"used {size(w['kv_used'])}")
+    lines.append(f"open runs: {len(info['runs'])}")
+    for r in info["runs"]:
+        split = f", {r['local_micro_batches']} local" if r["mode"] == "hybrid" else ""
+        lines.append(f"  {r['run_id']} by client {r['client']}: {r['mode']}, {r['model']}, "
+                     f"{'+'.join(map(str, r['sizes']))} slots in {r['micro_batches']} micro-batches{split}, "
+                     f"age {r['age_s']:.0f} s, {r['generated_tokens']} tokens, KV reserved "
+                     f"{size(r['kv_reserved']['dense'])} dense, {size(r['kv_reserved']['attention'])} attention, "
+                     f"lease left {max(0.0, r['lease_left_s']):.0f} s")
+    return "\n".join(lines)

@@ -254,6 +254,9 @@ def round_period(profile: Profile, model: ModelConfig, config: RunConfig, shapes
     return period, min(1.0, dense_busy / period), min(1.0, attn_busy / period)
 
 
+_EPS = 1e-9  # seconds: instants closer than this are the same instant
+
+
 def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, shapes: Sequence[MicroBatchShape],
                     layers: int, cycles: int, n_local: int) -> tuple[float, float, float]:
     n_slices = config.dense
@@ -275,11 +278,14 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
     active: list[tuple[float, float]] = []
 
     def overlaps(t0: float, t1: float) -> bool:
-        active[:] = [iv for iv in active if iv[1] > t0]  # time only moves on: ended ones go
-        return any(a < t1 for a, _ in active)
+        # time only moves on: ended ones go.  A job that starts as the attention work it
+        # waited for ends does not overlap it (the sums of floats that make the two
+        # instants differ in the last bits, which decided contention at random)
+        active[:] = [iv for iv in active if iv[1] > t0 + _EPS]
+        return any(a < t1 - _EPS for a, _ in active)
 
     def dense_busy(t: float) -> bool:
-        return any(d.busy_until > t for d in dense)
+        return any(d.busy_until > t + _EPS for d in dense)
 
     def start(server: _Server, t: float, base: float, kind: str) -> float:
         dur = base

@@ -26,7 +26,7 @@ from ..model.config import ModelConfig
 from ..model.resolve import resolve_checkpoint
 from .. import config
 from .compute import busy_seconds, overlap_seconds
-from .faults import WorkerFailure, is_worker_failure
+from .faults import Unplaceable, WorkerFailure, is_worker_failure
 from .messages import DTYPES
 
 __all__ = ["DaskEngine", "RunSummary"]
@@ -193,12 +193,31 @@ class DaskEngine:
         try:
             if more:
                 await self._submit(run, more)
-            return await self._poll(run) if run["pending"] else []
+            out = await self._poll(run) if run["pending"] else []
         except Exception as e:
             if not is_worker_failure(e):
                 raise
             await self._recover(run, e)
             return []
+        if time.time() >= run["renew_at"]:
+            await self._renew(run)
+        return out
+
+    async def _renew(self, run: dict) -> None:
+        """Renew the run's lease on the scheduler (which closes the runs of clients that
+        stop renewing), with the tokens done so far for ``glinthawk status``."""
+        timeout = float(config.get("engine.peer-timeout"))
+        try:
+            reply = await asyncio.wait_for(self.client.scheduler.glinthawk_renew(
+                run_id=run["id"], generated=int(self.generated_tokens)), timeout)
+        except Exception as e:
+            if not is_worker_failure(e):
+                raise
+            raise GlinthawkError(f"run {run['id']} lost the Dask scheduler at {self.client.scheduler.address} "
+                                 f"({type(e).__name__}: {e}); its workers cannot be trusted to go on") from None
+        if "error" in reply:
+            raise GlinthawkError(f"run {run['id']}: {reply['error']}")
+        run["renew_at"] = time.time() + run["lease"] / 3
 
     def _first_batch_size(self, max_seq_len: int | None) -> int | None:
         """Requests read before placing a run: all of them unless slots have a fixed size."""
@@ -241,18 +260,31 @@ class DaskEngine:
         # (hybrid: local micro-batches the dense budget shrinks may stand beside as many remote ones)
         depth = max(1, min(int(depth), math.ceil(n / mb_size) + (n_local if self.mode == "hybrid" else 0)))
         per_layer, ends = _weight_bytes(cfg, elem)
-        reply = await self.client.scheduler.glinthawk_plan(
-            run_id=run_id, mode=self.mode, n_layers=cfg.n_layers, kv_bytes_per_token_layer=bpt_layer,
-            max_seq_len=seq_len, micro_batch_size=mb_size, n_micro_batches=depth, n_slices=self.n_slices,
-            dense_kv_budget=self.dense_kv_budget, local_micro_batches=min(n_local, depth),
-            layer_weight_bytes=per_layer, ends_weight_bytes=ends,
-        )
-        if "error" in reply:
-            raise GlinthawkError(reply["error"])
+        lease = float(config.get("engine.lease"))
+        deadline, delay, waited = time.time() + float(config.get("engine.placement-timeout")), 0.2, False
+        while True:
+            reply = await self.client.scheduler.glinthawk_plan(
+                run_id=run_id, mode=self.mode, n_layers=cfg.n_layers, kv_bytes_per_token_layer=bpt_layer,
+                max_seq_len=seq_len, micro_batch_size=mb_size, n_micro_batches=depth, n_slices=self.n_slices,
+                dense_kv_budget=self.dense_kv_budget, local_micro_batches=min(n_local, depth),
+                layer_weight_bytes=per_layer, ends_weight_bytes=ends, client=self.client.id, lease=lease,
+                model=self.model,
+            )
+            if "error" not in reply:
+                break
+            if not reply.get("wait") or size_hint or time.time() > deadline:  # (a recovery waits itself)
+                raise Unplaceable(reply["error"] + (" (waited for other runs to finish)" if waited else ""),
+                                  wait=bool(reply.get("wait")))
+            if not waited:
+                logger.warning("glinthawk run %s waits to be placed: %s", run_id, reply["error"])
+                waited = True
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 5.0)
         plan = _lists(reply["plan"])
         run = {"id": run_id, "plan": plan, "pending": set(), "requests": {}, "t0": time.time(),
                "n_requests": 0, "generated": 0, "stats": {}, "recoveries": [], "max_seq_len": max_seq_len,
-               "status": "running", "size": n, "prediction": prediction, "profile_seconds": profile_s}
+               "status": "running", "size": n, "prediction": prediction, "profile_seconds": profile_s,
+               "lease": lease, "renew_at": time.time() + lease / 3}
         try:
             await self._open_workers(run)
         except BaseException:
@@ -290,6 +322,7 @@ class DaskEngine:
         """Start the run over as a new epoch on the workers there are (waiting for some
         if none is left), with every unfinished request resubmitted."""
         t0 = time.time()
+        await self._renew(run)  # a run the scheduler closed on purpose (its lease ran out) stays closed
         lost_tokens = run.pop("in_flight_tokens", None)
         logger.warning("glinthawk run %s lost a worker (%s); restarting it", run["id"], error)
         if len(run["recoveries"]) >= int(config.get("engine.max-recoveries")):
@@ -302,8 +335,8 @@ class DaskEngine:
             try:
                 new = await self._open(pending, run["max_seq_len"], size_hint=run["size"])
                 break
-            except Exception as e:
-                if not (is_worker_failure(e) or isinstance(e, GlinthawkError)) or time.time() > deadline:
+            except Exception as e:  # only lost workers and a cluster too small for now are worth waiting out
+                if not (is_worker_failure(e) or isinstance(e, Unplaceable)) or time.time() > deadline:
                     raise GlinthawkError(
                         f"run {run['id']} lost a worker ({error}) and could not restart: {e}"
                     ) from e
@@ -318,7 +351,8 @@ class DaskEngine:
             "new_run": new["id"], "requests": len(pending), "rebuilt_tokens": int(rebuilt),
             "rebuilt_tokens_exact": lost_tokens is not None, "seconds": time.time() - t0,
         })
-        run.update(id=new["id"], plan=new["plan"], status="running", generated_before=self.generated_tokens)
+        run.update(id=new["id"], plan=new["plan"], status="running", generated_before=self.generated_tokens,
+                   renew_at=new["renew_at"])
         if pending:
             await self._submit(run, pending)
 
@@ -334,10 +368,21 @@ class DaskEngine:
     async def _poll(self, run: dict) -> list[Completion]:
         first = run["plan"]["dense"][0]
         wait = float(config.get("engine.poll-interval"))
-        reply = await asyncio.wait_for(
-            self._rpc(first, "glinthawk_results", run_id=run["id"], timeout=wait),
-            wait + float(config.get("engine.peer-timeout")),
-        )
+        poll = asyncio.ensure_future(self._rpc(first, "glinthawk_results", run_id=run["id"], timeout=wait))
+        deadline = time.time() + wait + float(config.get("engine.peer-timeout"))
+        try:
+            # a poll answers within `wait`; one that takes longer asks the scheduler whether
+            # the worker is still there (Dask retries connecting to a dead one for its
+            # whole connect timeout)
+            while not (await asyncio.wait({poll}, timeout=wait + 1.0))[0]:
+                reg = await self.client.scheduler.glinthawk_registry()
+                if first not in reg["dense"]:
+                    raise WorkerFailure(f"run {run['id']}: dense worker {first} left the cluster")
+                if time.time() > deadline:
+                    raise asyncio.TimeoutError(f"dense worker {first} did not answer")
+            reply = poll.result()
+        finally:
+            poll.cancel()
         if reply["error"]:
             if reply.get("worker_failure"):
                 run["in_flight_tokens"] = reply.get("in_flight_tokens")
@@ -375,9 +420,12 @@ class DaskEngine:
         await self.client.scheduler.glinthawk_run_closed(run_id=run_id)
 
     async def _close(self, run: dict) -> None:
+        if self.client.status in ("closing", "closed"):  # the scheduler closes a departed client's runs
+            return
         plan, run_id = run["plan"], run["id"]
         seconds = time.time() - run["t0"]
-        tiers = _workers_of(plan)
+        reg = await self.client.scheduler.glinthawk_registry()  # (lost workers would only time out)
+        tiers = [(a, tier) for a, tier in _workers_of(plan) if a in reg[tier]]
         timeout = float(config.get("engine.peer-timeout"))
         timelines = await asyncio.gather(
             *[asyncio.wait_for(self._rpc(a, f"glinthawk_{tier}_timeline", since=run["t0"]), timeout)

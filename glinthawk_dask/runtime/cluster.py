@@ -20,7 +20,7 @@ from .. import config
 from ..errors import GlinthawkError
 from .plugins import DENSE_KV, AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
 
-__all__ = ["tier_worker_options", "local_cluster", "connect", "ensure_plugins"]
+__all__ = ["tier_worker_options", "local_cluster", "connect", "ensure_plugins", "cluster_status"]
 
 # KV caches are unmanaged memory: nothing to spill; pause only near the limit.
 ATTENTION_MEMORY = {"target": False, "spill": False, "pause": 0.92, "terminate": 0.97}
@@ -160,3 +160,18 @@ def connect(
             ) from None
     ensure_plugins(client)
     return client, cluster
+
+
+def cluster_status(client: Client) -> dict:
+    """What a glinthawk cluster holds (a coroutine for an asynchronous client): its tier
+    workers, each with its resources, KV budget and the KV that runs reserved, allocated
+    and fill; and its open runs, each with its client, age, plan, KV reserved per tier,
+    tokens generated (as of the client's last lease renewal) and lease left."""
+    if client.asynchronous:
+        async def status() -> dict:
+            await client.register_plugin(GlinthawkSchedulerPlugin())
+            return await client.scheduler.glinthawk_status()
+
+        return status()  # type: ignore[return-value]
+    client.register_plugin(GlinthawkSchedulerPlugin())
+    return client.sync(client.scheduler.glinthawk_status)

@@ -321,7 +321,16 @@ class DenseService:
             "glinthawk_profile_alternate": self.profile_alternate,
             "glinthawk_slice_reroute": self.reroute,
             "glinthawk_dense_capacity": self.capacity,
+            "glinthawk_dense_kv_info": self.kv_info,
         }
+
+    def kv_info(self) -> dict:
+        """KV this worker holds for its runs' local micro-batches (single-tier, hybrid)."""
+        caches = {run_id: run.cache for run_id, run in self.runs.items() if run.cache is not None}
+        return {"kv_allocated": sum(c.capacity_bytes for c in caches.values()),
+                "kv_used": sum(c.used_bytes for c in caches.values()),
+                "runs": {run_id: {"n_slots": c.n_slots, "live": len(c), "used_bytes": c.used_bytes,
+                                  "capacity_bytes": c.capacity_bytes} for run_id, c in caches.items()}}
 
     def capacity(self, weight_bytes: int = 0) -> int | None:
         """KV bytes this worker's device can hold once a slice of ``weight_bytes`` is

@@ -19,8 +19,16 @@ the old run id, which no worker holds any more: they are refused
 from __future__ import annotations
 
 import asyncio
+import errno
 
-__all__ = ["AttentionLost", "StaleRunError", "WorkerFailure", "is_worker_failure"]
+from ..errors import GlinthawkError
+
+__all__ = ["AttentionLost", "StaleRunError", "Unplaceable", "WorkerFailure", "is_worker_failure"]
+
+# errno values of an OSError that mean the network or a peer, not this machine's files
+_NETWORK_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ECONNREFUSED", "ECONNRESET", "ECONNABORTED", "EPIPE", "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN",
+    "ENETRESET", "EHOSTDOWN", "ETIMEDOUT", "ENOTCONN", "ESHUTDOWN") if hasattr(errno, name))
 
 
 class StaleRunError(RuntimeError):
@@ -44,8 +52,27 @@ class AttentionLost(WorkerFailure):
         return f"attention worker {self.address} (slice {self.slice_index}, micro-batch {self.micro_batch}): {self.cause}"
 
 
+class Unplaceable(GlinthawkError):
+    """The cluster cannot host the run now: too few tier workers, or too little free KV
+    (``wait``: because other runs hold it, so waiting may help)."""
+
+    def __init__(self, message: str, wait: bool = False) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
 def is_worker_failure(error: BaseException) -> bool:
     """True for errors that mean "a peer is gone or wedged" rather than a bug or a
-    user mistake: broken connections, timeouts, and stale-run refusals (a worker that
-    restarted forgot the run)."""
-    return isinstance(error, (OSError, asyncio.TimeoutError, StaleRunError, WorkerFailure))
+    user mistake: broken connections (Dask's ``CommClosedError``, connection errors, a
+    connect that timed out, network errno values), timeouts, and stale-run refusals (a
+    worker that restarted forgot the run).  Every other error, a missing file on a
+    worker included, is permanent: retrying cannot help."""
+    from distributed.comm.core import CommClosedError
+
+    if isinstance(error, (StaleRunError, WorkerFailure, TimeoutError, asyncio.TimeoutError, ConnectionError,
+                          CommClosedError)):
+        return True
+    if isinstance(error, OSError):
+        # Dask raises a bare OSError("Timed out trying to connect ...") for a peer that is gone
+        return error.errno in _NETWORK_ERRNOS or (type(error) is OSError and error.errno is None)
+    return False

@@ -133,6 +133,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         self.runs: dict[str, dict] = {}
         self.lost: list[tuple[float, str]] = []
         self.profiles: dict[str, dict] = {}  # measured profiles by cluster and model (see planner)
+        self.closed: dict[str, str] = {}  # runs the scheduler closed itself, and why
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -143,6 +144,9 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["glinthawk_cluster_info"] = self.cluster_info
         scheduler.handlers["glinthawk_profile_get"] = self.profile_get
         scheduler.handlers["glinthawk_profile_put"] = self.profile_put
+        scheduler.handlers["glinthawk_renew"] = self.renew
+        scheduler.handlers["glinthawk_status"] = self.status
+        self._leases = asyncio.create_task(self._watch_leases())
         self.metrics = dashboard.PipelineMetrics(scheduler, lambda: self.tiers)
         scheduler.handlers["glinthawk_progress"] = self.metrics.report_progress
         self._page = dashboard.install_page(scheduler)
@@ -151,6 +155,8 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
             self.add_worker(scheduler, addr)
 
     async def close(self) -> None:
+        if getattr(self, "_leases", None) is not None:
+            self._leases.cancel()
         if hasattr(self, "metrics"):
             await self.metrics.close()
             dashboard.uninstall_page(self.scheduler, self._page)
@@ -159,6 +165,45 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         ws = scheduler.workers.get(worker)
         if ws is not None:
             self.tiers[worker] = worker_tiers(ws.resources)
+
+    def remove_client(self, scheduler: Any, client: str) -> None:
+        """A client left (closed, or its process died): close the runs it opened."""
+        for run_id in [r for r, run in self.runs.items() if run.get("client") == client]:
+            asyncio.ensure_future(self.close_run_everywhere(run_id, f"its client {client} left"))
+
+    async def _watch_leases(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for run_id in [r for r, run in self.runs.items() if run.get("lease_until", now + 1) < now]:
+                await self.close_run_everywhere(run_id, f"its client {self.runs[run_id].get('client')} "
+                                                        f"stopped renewing its {self.runs[run_id]['lease']:.0f} s lease")
+
+    async def close_run_everywhere(self, run_id: str, why: str) -> None:
+        """Close a run on every worker that may hold part of it (its slices and drivers,
+        its KV caches, moved micro-batches' caches included) and return its reservation."""
+        run = self.runs.pop(run_id, None)
+        if run is None:
+            return
+        logger.warning("glinthawk closes run %s: %s", run_id, why)
+        self.closed[run_id] = why
+        while len(self.closed) > 1000:  # (the oldest go first)
+            self.closed.pop(next(iter(self.closed)))
+        reg = self.registry()
+        calls = [self.scheduler.rpc(a).glinthawk_slice_close(run_id=run_id) for a in run["plan"]["dense"]
+                 if a in reg["dense"]]
+        calls += [self.scheduler.rpc(a).glinthawk_kv_close(run_id=run_id) for a in reg["attention"]]
+        await asyncio.gather(*(asyncio.wait_for(c, 10.0) for c in calls), return_exceptions=True)
+
+    def renew(self, run_id: str, generated: int = 0) -> dict:
+        """The client of ``run_id`` is alive: extend the run's lease."""
+        run = self.runs.get(run_id)
+        if run is None:
+            why = self.closed.get(run_id, "it is not open")
+            return {"error": f"the scheduler closed the run: {why}"}
+        run["lease_until"] = time.time() + run["lease"]
+        run["generated"] = int(generated)
+        return {"ok": True}
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         self.tiers.pop(worker, None)
@@ -221,12 +266,18 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         local_batch_size: int | None = None,
         layer_weight_bytes: int = 0,
         ends_weight_bytes: int = 0,
+        client: str | None = None,
+        lease: float | None = None,
+        model: str = "",
     ) -> dict:
         """Place a run and reserve its KV bytes; errors come back as ``{"error": ...}``.
 
         ``dense_kv_budget`` caps the KV the run may keep on each dense worker (within
         the worker's own budget); the weight sizes let a GPU dense worker tell what its
-        device memory leaves for KV once the slice is loaded."""
+        device memory leaves for KV once the slice is loaded.  The run belongs to
+        ``client``: it is closed when that client leaves or stops renewing its ``lease``
+        (seconds).  An error says ``"wait": True`` when the run would fit a cluster that
+        other runs did not share."""
         reg = self.registry()
         dense_budget: dict[str, int | None] = {}
         if mode != "two-tier":
@@ -254,14 +305,22 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
                 local_batch_size=local_batch_size,
             )
         except PlacementError as e:
-            return {"error": str(e)}
+            return {"error": str(e), "wait": bool(self.runs) and self._fits_alone(
+                mode=mode, dense=reg["dense"], n_layers=n_layers, kv_bytes_per_token_layer=kv_bytes_per_token_layer,
+                max_seq_len=max_seq_len, micro_batch_size=micro_batch_size, n_micro_batches=n_micro_batches,
+                n_slices=n_slices, local_micro_batches=local_micro_batches, local_batch_size=local_batch_size,
+                dense_kv_budget={a: None if b is None else b + self._dense_reserved(a) for a, b in
+                                 dense_budget.items()})}
         kv: dict[str, int] = {}
         for s, (a, b) in enumerate(plan.slices):
             for addr, slots in (plan.n_slots[s].items() if plan.n_slots else []):
                 kv[addr] = kv.get(addr, 0) + slots * (b - a) * kv_bytes_per_token_layer * max_seq_len
         workers = set(plan.dense) | set(kv)
+        lease = float(lease or config.get("engine.lease"))
         self.runs[run_id] = {"kv": kv, "dense_kv": dict(plan.dense_kv), "workers": workers, "lost": [],
-                             "plan": {**plan.to_dict(), "kv_bytes_per_token_layer": kv_bytes_per_token_layer}}
+                             "plan": {**plan.to_dict(), "kv_bytes_per_token_layer": kv_bytes_per_token_layer},
+                             "client": client, "lease": lease, "lease_until": time.time() + lease,
+                             "t0": time.time(), "model": model, "generated": 0}
         return {"plan": self.runs[run_id]["plan"]}
 
     def replace(self, run_id: str, lost: str, slice_index: int, n_slots: int, n_layers: int,
@@ -309,8 +368,70 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         if budget is None:
             ws = self.scheduler.workers[addr]
             budget = int((ws.memory_limit or _total_memory()) * config.get("attention.kv-memory-fraction"))
-        used = sum(r.get("dense_kv", {}).get(addr, 0) for r in self.runs.values())
-        return int(budget) - used
+        return int(budget) - self._dense_reserved(addr)
+
+    def _dense_reserved(self, addr: str) -> int:
+        return sum(r.get("dense_kv", {}).get(addr, 0) for r in self.runs.values())
+
+    def _fits_alone(self, **kwargs: Any) -> bool:
+        """Whether a run that does not fit now would fit the cluster's KV with no other run."""
+        reg = self.registry()
+        budgets = {a: self._kv_free(a) + sum(r["kv"].get(a, 0) for r in self.runs.values())
+                   for a in reg["attention"]}
+        try:
+            make_plan(attention=budgets, **kwargs)
+            return True
+        except PlacementError:
+            return False
+
+    async def status(self) -> dict:
+        """What the cluster holds: tier workers with their budgets and reserved and used
+        KV, and the open runs with their client, age, plan and tokens done."""
+        reg = self.registry()
+        now = time.time()
+
+        async def ask(addr: str, op: str) -> dict | None:
+            try:
+                return await asyncio.wait_for(getattr(self.scheduler.rpc(addr), op)(), 5.0)
+            except Exception:
+                return None
+
+        dense_info = await asyncio.gather(*(ask(a, "glinthawk_dense_kv_info") for a in reg["dense"]))
+        attn_info = await asyncio.gather(*(ask(a, "glinthawk_kv_info") for a in reg["attention"]))
+        workers: dict[str, list] = {"dense": [], "attention": []}
+        for tier, addrs, infos in (("dense", reg["dense"], dense_info), ("attention", reg["attention"], attn_info)):
+            for a, info in zip(addrs, infos):
+                ws = self.scheduler.workers.get(a)
+                if ws is None:
+                    continue
+                if tier == "dense":
+                    budget = self.dense_kv_budget(a)
+                    reserved = self._dense_reserved(a)
+                else:
+                    budget = kv_budget_bytes(ws.resources.get("KV", 0), ws.memory_limit,
+                                             config.get("attention.kv-memory-fraction"), _total_memory())
+                    reserved = sum(r["kv"].get(a, 0) for r in self.runs.values())
+                used = None if info is None else int(info.get("kv_used", sum(
+                    r.get("used_bytes", 0) for r in info.get("runs", {}).values())))
+                workers[tier].append({
+                    "address": a, "name": str(ws.name), "host": ws.host, "nthreads": ws.nthreads,
+                    "memory_limit": ws.memory_limit, "resources": dict(ws.resources), "kv_budget": budget,
+                    "kv_reserved": reserved, "kv_allocated": None if info is None else int(info.get("kv_allocated", 0)),
+                    "kv_used": used,
+                })
+        runs = []
+        for run_id, r in self.runs.items():
+            plan = r["plan"]
+            runs.append({
+                "run_id": run_id, "client": r.get("client"), "model": r.get("model", ""),
+                "age_s": now - r.get("t0", now), "lease_left_s": r.get("lease_until", now) - now,
+                "mode": plan["mode"], "micro_batches": plan["n_micro_batches"], "sizes": plan.get("sizes", []),
+                "local_micro_batches": sum(plan.get("local", [])), "max_seq_len": plan["max_seq_len"],
+                "dense": plan["dense"], "kv_reserved": {"dense": sum(r.get("dense_kv", {}).values()),
+                                                        "attention": sum(r["kv"].values())},
+                "generated_tokens": r.get("generated", 0), "lost_workers": list(r["lost"]),
+            })
+        return {"scheduler": self.scheduler.address, "time": now, "workers": workers, "runs": runs}
 
     def run_closed(self, run_id: str) -> None:
         self.runs.pop(run_id, None)

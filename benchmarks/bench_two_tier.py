@@ -247,6 +247,12 @@ def budget_section(base: LLM, name: str, prompt_ids: Sequence[list[int]], new_to
                "generated_tokens": sum(map(len, outputs)), "micro_batch_sizes": s.plan["sizes"],
                "local_micro_batches": s.local_micro_batches, "attention_of": where, "kv_bytes": s.kv_bytes,
                "predicted_tokens_per_s": s.predicted_tokens_per_s, "identical_to_inprocess": same, "cpu": cpu}
+        n_local = sum(w == "dense" for w in where)
+        print(f"  {mode:<11} {run['tokens_per_s']:7.1f} tok/s  plan {'+'.join(map(str, s.plan['sizes']))} "
+              f"({n_local} of {len(where)} micro-batches attend on the dense worker); KV "
+              f"{s.kv_bytes['dense'] / 1e6:.0f} MB dense, {s.kv_bytes['attention'] / 1e6:.0f} MB attention; "
+              f"predicted {s.predicted_tokens_per_s or 0:.1f}; identical {same}/{len(prompt_ids)}; "
+              f"CPU {cpu_text(cpu)}", flush=True)
         kept = out["runs"].get(mode)
         if kept is not None:
             run["rounds_tokens_per_s"] = kept["rounds_tokens_per_s"] + [run["tokens_per_s"]]
@@ -257,12 +263,6 @@ def budget_section(base: LLM, name: str, prompt_ids: Sequence[list[int]], new_to
         else:
             run["rounds_tokens_per_s"] = [run["tokens_per_s"]]
         out["runs"][mode] = run
-        n_local = sum(w == "dense" for w in where)
-        print(f"  {mode:<11} {run['tokens_per_s']:7.1f} tok/s  plan {'+'.join(map(str, s.plan['sizes']))} "
-              f"({n_local} of {len(where)} micro-batches attend on the dense worker); KV "
-              f"{s.kv_bytes['dense'] / 1e6:.0f} MB dense, {s.kv_bytes['attention'] / 1e6:.0f} MB attention; "
-              f"predicted {s.predicted_tokens_per_s or 0:.1f}; identical {same}/{len(prompt_ids)}; "
-              f"CPU {cpu_text(cpu)}", flush=True)
     if repeats > 1:
         print("  fastest of " + str(repeats) + " rounds kept: " + ", ".join(
             f"{m} {'/'.join(f'{x:.1f}' for x in r['rounds_tokens_per_s'])}" for m, r in out["runs"].items()))

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import dask
 import pytest
 from distributed.utils_test import gen_cluster
 
@@ -128,6 +129,13 @@ async def test_page_gets_intervals_kv_and_rates_during_a_run(c, s, a, b):
     assert page.kv_source.data["budget"] == [2**28]
     assert 0 < seen["used"] <= seen["allocated"] <= 2**28, seen
     assert f"run {engine.last_summary.run_id}" in seen["rows"]
+    # after the run: it stays listed, finished, and nothing is in flight any more
+    await metrics.poll()
+    page.update()
+    assert f"run {engine.last_summary.run_id}" in page.rows_source.data["label"]
+    assert any(t.endswith("finished") for t in page.rows_source.data["text"]), page.rows_source.data
+    assert page.rate_source.data["in_flight"][-1] == 0
+    assert "busy over the last minute: attention" in page.summary.text
     lanes = {metrics.labels[k] for k in metrics.lanes}
     assert lanes == {f"dense {a.address}", f"attention {b.address}"}
     stream = page.stream_source.data
@@ -205,7 +213,11 @@ for (const m of docs[0].all_models) {
   };
   out[src.name] = {n: src.get_length() || 0, kind: [...new Set(col('kind'))],
                    generated: Math.max(0, ...col('generated')), budget: Math.max(0, ...col('budget')),
-                   label: col('label')};
+                   label: col('label'), text: col('text')};
+}
+for (const m of docs[0].all_models) {  // the ranges and texts the page sets
+  if (m.name === 'glinthawk-rates-y') out.rates_y_end = m.end;
+  if (m.name === 'glinthawk-stream-legend') out.stream_legend = m.text;
 }
 return out;
 """
@@ -214,7 +226,9 @@ return out;
 @pytest.mark.timeout(240)
 def test_page_in_a_browser(tmp_path):
     """A real process cluster, a pipeline then a long generation, and headless Chromium
-    on ``/glinthawk``: the plots get data, and a screenshot is saved."""
+    on ``/glinthawk``: the plots get data, the stream has its legend; once the generation
+    ends, its run stays listed as finished and the tokens/s axis shrinks to what the
+    (4 s) window shows; a screenshot is saved."""
     browser, chromedriver = _chromium()
     if not browser or not chromedriver:
         pytest.skip("chromium and chromedriver are not installed (bash .ci/browser installs them)")
@@ -247,7 +261,8 @@ def test_page_in_a_browser(tmp_path):
                 "--window-size=1400,1100"):
         options.add_argument(arg)
 
-    with local_cluster(n_attention=1) as cluster, Client(cluster) as client:
+    with dask.config.set({"glinthawk.dashboard.window": 4}), local_cluster(n_attention=1) as cluster, \
+            Client(cluster) as client:
         # a small pipeline first: its read-shard tasks are ordinary Dask tasks
         reporter = ProgressReporter(client, spec.name)
         with get_task_stream(client) as stream:
@@ -286,6 +301,19 @@ def test_page_in_a_browser(tmp_path):
                         and len(sources.get("glinthawk-rows", {}).get("label", [])) >= 2):
                     break
                 time.sleep(0.5)
+            assert sources, f"no Bokeh document on {url}"
+            peak = sources["glinthawk-rates"]["generated"]
+            stop.set()  # the generation ends: its run must stay listed, finished, and the axis shrink
+            worker.join(timeout=60)
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                after = driver.execute_script(_SOURCES_JS)
+                rows = after.get("glinthawk-rows", {})
+                finished = [t for lab, t in zip(rows.get("label", []), rows.get("text", []))
+                            if lab.startswith("run ") and "finished" in t]
+                if finished and after.get("rates_y_end", peak) < min(peak, 5.0):
+                    break
+                time.sleep(0.5)
             time.sleep(1.0)  # let the canvases draw
             shots = [tmp_path / "glinthawk-page.png"]
             if os.environ.get("GLINTHAWK_ARTIFACTS"):
@@ -293,11 +321,13 @@ def test_page_in_a_browser(tmp_path):
                 shots[-1].parent.mkdir(parents=True, exist_ok=True)
             for shot in shots:
                 driver.save_screenshot(str(shot))
-            assert sources, f"no Bokeh document on {url}"
             assert {"dense", "attention"} <= set(sources["glinthawk-stream"]["kind"]), sources
             assert sources["glinthawk-rates"]["generated"] > 0, sources
             assert sources["glinthawk-kv"]["budget"] > 0, sources
             assert "pipeline dashboard-test" in sources["glinthawk-rows"]["label"], sources
+            assert "micro-batch" in sources["stream_legend"] and "#bbbbbb" in sources["stream_legend"], sources
+            assert finished, after  # the generate run, finished, still listed
+            assert after["rates_y_end"] < min(peak, 5.0), (peak, after)  # the spike left the window
             assert driver.find_element(By.LINK_TEXT, "Glinthawk").get_attribute("href").endswith("/glinthawk")
             assert shots[0].stat().st_size > 10_000
         finally:
@@ -305,3 +335,47 @@ def test_page_in_a_browser(tmp_path):
             driver.quit()
             worker.join(timeout=60)
         assert not failures, failures
+
+
+class _Scheduler:
+    workers: dict = {}
+
+
+def test_page_y_ranges_follow_the_window_and_a_finished_run_stays_listed():
+    from glinthawk_dask.runtime.dashboard import GlinthawkPage, PipelineMetrics
+
+    m = PipelineMetrics(_Scheduler(), lambda: {})
+    page = GlinthawkPage(m, follow_ms=20_000)
+    t0 = time.time() * 1000 - 60_000
+    # a prefill spike, then a minute of steady decoding
+    m.samples.extend([(t0, 700.0, 2000.0, 2)] + [(t0 + 1000 * i, 30.0 + i % 3, 35.0, 2) for i in range(1, 61)])
+    page.update()
+    assert 32 * 1.1 - 1e-9 <= page.rates.y_range.end < 50  # the spike left the window: so did the range
+    assert page.in_flight.y_range.end < 4
+    m.samples.extend([(t0 + 61_000, 650.0, 900.0, 8)])  # a new spike in the window stretches it again
+    page.update()
+    assert page.rates.y_range.end >= 900 and page.in_flight.y_range.end >= 8
+    # a run that ended is listed, marked finished, until a newer run starts
+    m.finished["gh-old"] = {"n_done": 5, "n_submitted": 5, "n_local": 0, "n_micro_batches": 2, "error": None,
+                            "finished_at": time.time()}
+    page.update()
+    assert "run gh-old" in page.rows_source.data["label"]
+    assert any("finished" in t for t in page.rows_source.data["text"])
+    assert page.rates.legend[0] in page.rates.right  # beside the plot, not over the lines
+    assert "micro-batch" in page.stream_legend.text and "#bbbbbb" in page.stream_legend.text
+    assert page.rates.yaxis[0].axis_label == "tokens/s" and page.kv.xaxis[0].axis_label == "KV bytes"
+
+
+def test_utilisation_per_tier_over_the_last_minute():
+    from glinthawk_dask.runtime.dashboard import PipelineMetrics
+
+    m = PipelineMetrics(_Scheduler(), lambda: {})
+    m.lanes = {("d", "dense"): 0, ("a1", "attention"): 1, ("a2", "attention"): 2}
+    now = time.time() * 1000
+    rows = []
+    for i in range(60):  # a minute: dense busy 600 of every 1000 ms, each attention worker 100
+        t = now - 60_000 + 1000 * i
+        rows += [(t, t + 600, 0, "dense", 0, 0), (t, t + 100, 1, "attention", 0, 0), (t, t + 100, 2, "attention", 1, 0)]
+    m.intervals.extend(rows)
+    util = m.utilisation(60.0)
+    assert util["dense"] == pytest.approx(0.6, abs=0.02) and util["attention"] == pytest.approx(0.1, abs=0.02)

@@ -55,6 +55,8 @@ INTERVAL = 1.0
 MAX_EVENTS_PER_PULL = 4000
 #: A page refresh keeps the scheduler pulling for this many intervals
 LEASE = 3
+#: Seconds a finished run stays on the page (unless a newer run starts first)
+FINISHED_KEEP = 600.0
 
 
 # -- worker side --------------------------------------------------------------------
@@ -177,6 +179,8 @@ class PipelineMetrics:
         # dense workers holding local micro-batches' KV
         self.kv: dict[tuple[str, str], dict] = {}
         self.runs: dict[str, dict] = {}  # run id -> driver counters (first dense slice)
+        # runs that ended, kept (marked finished) until a newer run starts or FINISHED_KEEP passes
+        self.finished: dict[str, dict] = {}
         self.pipelines: dict[str, dict] = {}  # pipeline name -> last reported progress
         self.dropped = 0  # intervals that workers did not hand out (more than a pull takes)
         self.n_polls = 0
@@ -246,11 +250,22 @@ class PipelineMetrics:
             rows.sort()
             self.intervals.extend(rows)
             self.kv = kv
+            for run_id, st in self.runs.items():
+                if run_id not in runs:
+                    self.finished[run_id] = {**st, "finished_at": now}
             self.runs = runs
+            started = [now - st["age"] for st in runs.values()]
+            self.finished = {r: st for r, st in self.finished.items()
+                             if now - st["finished_at"] < FINISHED_KEEP and r not in runs
+                             and not any(t > st["finished_at"] for t in started)}
+            while len(self.finished) > 3:
+                self.finished.pop(next(iter(self.finished)))
             self._baseline = baseline
             if continued:
                 dt = max(now - self._last_poll, 1e-6)
                 self.samples.extend([(now * 1000, generated / dt, processed / dt, in_flight)])
+            elif not runs:  # after a pause with nothing open: draw the end, not the last value
+                self.samples.extend([(now * 1000, 0.0, 0.0, 0)])
             self._last_poll = now
             self.n_polls += 1
 
@@ -271,6 +286,25 @@ class PipelineMetrics:
             name = ws.name if ws is not None and isinstance(ws.name, str) and ws.name != addr else addr
             self.labels[key] = name if name.startswith(tier) else f"{tier} {name}"
         return self.lanes[key]
+
+    def utilisation(self, window_s: float = 60.0) -> dict[str, float]:
+        """Each tier's busy share over the last ``window_s`` seconds (or since the page
+        began pulling, if later): compute time of its workers / (window x workers)."""
+        if not self.intervals.rows:
+            return {}
+        now_ms = time.time() * 1000
+        start = max(now_ms - window_s * 1000, self.intervals.rows[0][0])
+        span = now_ms - start
+        if span <= 0:
+            return {}
+        tier_of = {lane: key[1] for key, lane in self.lanes.items()}
+        busy: dict[str, float] = {}
+        for left, right, lane, kind, _, _ in self.intervals.rows:
+            if right > start and kind != "calibrate":
+                tier = tier_of.get(lane, "")
+                busy[tier] = busy.get(tier, 0.0) + min(right, now_ms) - max(left, start)
+        workers = {t: sum(1 for k in self.lanes if k[1] == t) for t in ("dense", "attention")}
+        return {t: min(1.0, busy.get(t, 0.0) / (span * n)) for t, n in workers.items() if n}
 
     def _time_delay(self, addr: str) -> float:
         ws = self.scheduler.workers.get(addr)
@@ -461,13 +495,18 @@ class GlinthawkPage:
     """The page's Bokeh models and their refresh (:meth:`update`), over a
     :class:`PipelineMetrics`; usable without a server, as distributed's components are."""
 
-    def __init__(self, metrics: PipelineMetrics, n_rectangles: int = 10_000, follow_ms: int = 20_000,
+    def __init__(self, metrics: PipelineMetrics, n_rectangles: int = 10_000, follow_ms: int | None = None,
                  **kwargs: Any) -> None:
         from bokeh.layouts import column, row
         from bokeh.models import ColumnDataSource, DataRange1d, Div, FactorRange, HoverTool, LabelSet, Range1d
         from bokeh.plotting import figure
 
+        from .. import config
+
+        if follow_ms is None:
+            follow_ms = int(float(config.get("dashboard.window")) * 1000)
         self.metrics = metrics
+        self.follow_ms = follow_ms
         self.n_rectangles = n_rectangles
         self._seen_intervals = 0
         self._seen_samples = 0
@@ -490,22 +529,40 @@ class GlinthawkPage:
                                                   ("duration", "@duration{0.000} ms")]))
         self.stream.yaxis.minor_tick_line_color = None
         self.stream.ygrid.grid_line_color = None
+        self.stream.xaxis.axis_label = "time (scheduler clock)"
+        swatches = "".join(f'<span style="background:{c};display:inline-block;width:12px;height:10px;'
+                           f'margin:0 1px"></span>' for c in _PALETTE)
+        self.stream_legend = Div(
+            text=(f"<small>Each bar is one compute job of a worker's stream. Colour: the micro-batch "
+                  f"(0, 1, 2, ... cycling through {swatches}); grey "
+                  '<span style="background:#bbbbbb;display:inline-block;width:12px;height:10px"></span>: '
+                  "profiling the cluster for a plan. Dense lanes: a layer's dense math (or, for micro-batches "
+                  "whose KV is on the dense worker, a whole step with attention); attention lanes: one "
+                  "layer's attention for a micro-batch.</small>"),
+            name="glinthawk-stream-legend", **sizing)
 
         self.rate_source = ColumnDataSource({k: [] for k in ("t", "generated", "processed", "in_flight")},
                                             name="glinthawk-rates")
+        # y ranges are set by update() from the samples in the visible window (a range over
+        # the whole buffer stays stretched by a prefill spike long after it scrolled away)
         self.rates = figure(title="Tokens/s (generated; processed incl. prefill)", x_axis_type="datetime",
-                            x_range=x_range, y_range=DataRange1d(start=0), height=200, tools="xpan,xwheel_zoom,reset",
-                            name="glinthawk-rates",
-                            **sizing)
+                            x_range=x_range, y_range=Range1d(0, 1, name="glinthawk-rates-y"), height=200,
+                            tools="xpan,xwheel_zoom,reset", name="glinthawk-rates", **sizing)
         self.rates.line("t", "generated", source=self.rate_source, line_width=2, legend_label="generated")
         self.rates.line("t", "processed", source=self.rate_source, line_width=1, line_dash="dashed",
                         color="#ff7f0e", legend_label="processed")
+        legend = self.rates.legend[0]
         self.rates.legend.location = "top_left"
+        self.rates.add_layout(legend, "right")  # beside the plot: it never covers the lines
+        self.rates.yaxis.axis_label = "tokens/s"
+        self.rates.xaxis.axis_label = "time"
         self.in_flight = figure(title="Micro-batches in flight", x_axis_type="datetime", x_range=x_range,
-                                y_range=DataRange1d(start=0), height=200, tools="xpan,xwheel_zoom,reset",
-                                name="glinthawk-in-flight", **sizing)
+                                y_range=Range1d(0, 1, name="glinthawk-in-flight-y"), height=200,
+                                tools="xpan,xwheel_zoom,reset", name="glinthawk-in-flight", **sizing)
         self.in_flight.step("t", "in_flight", source=self.rate_source, mode="after", line_width=2,
                             color="#2ca02c")
+        self.in_flight.yaxis.axis_label = "micro-batches"
+        self.in_flight.xaxis.axis_label = "time"
 
         self.kv_source = ColumnDataSource({k: [] for k in ("worker", "budget", "allocated", "used", "text")},
                                           name="glinthawk-kv")
@@ -515,8 +572,9 @@ class GlinthawkPage:
         self.kv.hbar(y="worker", left=0, right="allocated", height=0.7, color="#9ecae1", source=self.kv_source)
         self.kv.hbar(y="worker", left=0, right="used", height=0.7, color="#08519c", source=self.kv_source)
         self.kv.add_layout(LabelSet(x=0, y="worker", text="text", x_offset=4, y_offset=-6, text_font_size="10px",
-                                    source=self.kv_source))
+                                    source=self.kv_source, **_LABEL_STYLE))
         self.kv.xaxis.formatter = _bytes_formatter()
+        self.kv.xaxis.axis_label = "KV bytes"
 
         self.rows_source = ColumnDataSource({k: [] for k in ("label", "fraction", "text")}, name="glinthawk-rows")
         self.rows = figure(title="Rows done", y_range=FactorRange(), x_range=Range1d(0, 1), height=200, tools="",
@@ -524,11 +582,12 @@ class GlinthawkPage:
         self.rows.hbar(y="label", left=0, right=1, height=0.7, color="#eeeeee", source=self.rows_source)
         self.rows.hbar(y="label", left=0, right="fraction", height=0.7, color="#31a354", source=self.rows_source)
         self.rows.add_layout(LabelSet(x=0, y="label", text="text", x_offset=4, y_offset=-6, text_font_size="10px",
-                                      source=self.rows_source))
+                                      source=self.rows_source, **_LABEL_STYLE))
+        self.rows.xaxis.axis_label = "share of the rows (runs: of those submitted so far; pipelines: of the shards)"
 
         self.summary = Div(text="<b>Glinthawk</b>: waiting for the first numbers", name="glinthawk-summary",
                            **sizing)
-        self.root = column(self.summary, self.stream, row(self.rates, self.in_flight, **sizing),
+        self.root = column(self.summary, self.stream, self.stream_legend, row(self.rates, self.in_flight, **sizing),
                            row(self.kv, self.rows, **sizing), **sizing)
 
     def update(self) -> None:
@@ -560,6 +619,8 @@ class GlinthawkPage:
                 "processed": [s[2] for s in samples], "in_flight": [s[3] for s in samples],
             }, rollover=m.samples.rows.maxlen)
 
+        self._follow_y()
+
         kv = sorted(m.kv.items(), key=lambda item: (item[0][1] != "dense", item[0][0]))
         kv_labels = [m.labels.get(key, key[0]) for key, _ in kv]
         if list(self.kv.y_range.factors) != kv_labels:
@@ -574,13 +635,16 @@ class GlinthawkPage:
         }
 
         labels_, fractions, texts = [], [], []
-        for run_id, st in sorted(m.runs.items()):
+        runs = [(r, st, False) for r, st in sorted(m.runs.items())]
+        runs += [(r, st, True) for r, st in m.finished.items()]
+        for run_id, st, finished in runs:
             labels_.append(f"run {run_id}")
             fractions.append(st["n_done"] / st["n_submitted"] if st["n_submitted"] else 0.0)
             n_local, n_mb = st.get("n_local", 0), st.get("n_micro_batches", 0)
             where = (f"; attention of {n_local} of {n_mb} micro-batches on the dense worker"
                      if 0 < n_local < n_mb else "; attention on the dense worker" if n_local else "")
             texts.append(f"{st['n_done']} of {st['n_submitted']} rows submitted so far done{where}"
+                         + (", finished" if finished else "")
                          + (f"  error: {st['error']}" if st.get("error") else ""))
         for name, p in m.pipelines.items():
             labels_.append(f"pipeline {name}")
@@ -600,9 +664,28 @@ class GlinthawkPage:
                          f"{last[3]} micro-batch(es) in flight")
         n_dense = sum(1 for (_, t) in m.lanes if t == "dense")
         parts.append(f"{n_dense} dense, {sum(1 for (_, t) in m.kv if t == 'attention')} attention worker(s)")
+        util = m.utilisation(60.0)
+        if util:
+            parts.append("busy over the last minute: " + ", ".join(f"{t} {u:.0%}" for t, u in sorted(util.items())))
         if m.dropped:
             parts.append(f"{m.dropped} intervals not shown (more than {MAX_EVENTS_PER_PULL} per pull)")
         self.summary.text = "; ".join(parts)
+
+
+    def _follow_y(self) -> None:
+        """Fit the rate and in-flight y ranges to the samples of the visible window."""
+        rows = self.metrics.samples.rows
+        if not rows:
+            return
+        since = rows[-1][0] - self.follow_ms
+        visible = [r for r in rows if r[0] >= since]
+        top = max(max(r[1], r[2]) for r in visible)
+        self.rates.y_range.end = max(1.0, top * 1.1)
+        self.in_flight.y_range.end = max(1.0, max(r[3] for r in visible) * 1.1 + 0.5)
+
+
+#: Labels over bars: dark text on a light box, readable on the darkest bar
+_LABEL_STYLE = {"text_color": "#222222", "background_fill_color": "#ffffff", "background_fill_alpha": 0.75}
 
 
 def _bytes_formatter():

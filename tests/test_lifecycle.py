@@ -294,3 +294,35 @@ def test_eight_runs_from_four_client_processes_share_the_cluster(process_cluster
     info = _status(process_cluster)
     assert not info["runs"]
     assert all(w["kv_reserved"] == 0 for tier in info["workers"].values() for w in tier), info
+
+
+def test_a_scheduler_that_goes_away_is_a_clear_error_not_a_hang():
+    """SIGKILL the process of the scheduler (a `glinthawk cluster`) mid-run: the client's
+    next lease renewal fails, and generate raises an error that says so."""
+    proc = subprocess.Popen([sys.executable, "-m", "glinthawk_dask", "cluster", "--dashboard-address", ":0",
+                             "--attention", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)  # (its worker processes go with its group)
+    try:
+        address = proc.stdout.readline().split()[-1]
+        with dask.config.set({"glinthawk.engine.lease": 3.0, "distributed.comm.timeouts.connect": "3s"}):
+            client = Client(address)
+            try:
+                llm = LLM(MODEL, client=client, micro_batch_size=2, n_micro_batches=1, latency=0.002)
+                rows = [dict(r, max_tokens=200) for r in ROWS]
+                stream = llm.engine.generate(list(llm.make_requests(rows, SamplingParams())))
+                next(stream)
+                os.kill(proc.pid, signal.SIGKILL)
+                t0 = time.time()
+                with pytest.raises(GlinthawkError, match="lost the Dask scheduler"):
+                    for _ in stream:
+                        pass
+                took = time.time() - t0
+            finally:
+                client.close(timeout=5)
+        assert took < 3.0 / 3 + 3.0 + float(dask.config.get("glinthawk.engine.peer-timeout")), took
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)

@@ -424,18 +424,24 @@ class DaskEngine:
             return
         plan, run_id = run["plan"], run["id"]
         seconds = time.time() - run["t0"]
-        reg = await self.client.scheduler.glinthawk_registry()  # (lost workers would only time out)
-        tiers = [(a, tier) for a, tier in _workers_of(plan) if a in reg[tier]]
         timeout = float(config.get("engine.peer-timeout"))
-        timelines = await asyncio.gather(
-            *[asyncio.wait_for(self._rpc(a, f"glinthawk_{tier}_timeline", since=run["t0"]), timeout)
-              for a, tier in tiers],
-            return_exceptions=True,
-        )
-        self.last_timeline = {
-            f"{tier} {addr}": t["events"] for (addr, tier), t in zip(tiers, timelines) if isinstance(t, dict)
-        }
-        await self._release(run)
+        try:
+            reg = await asyncio.wait_for(self.client.scheduler.glinthawk_registry(), timeout)
+            tiers = [(a, tier) for a, tier in _workers_of(plan) if a in reg[tier]]  # (lost ones would time out)
+            timelines = await asyncio.gather(
+                *[asyncio.wait_for(self._rpc(a, f"glinthawk_{tier}_timeline", since=run["t0"]), timeout)
+                  for a, tier in tiers],
+                return_exceptions=True,
+            )
+            self.last_timeline = {
+                f"{tier} {addr}": t["events"] for (addr, tier), t in zip(tiers, timelines) if isinstance(t, dict)
+            }
+            await self._release(run)
+        except Exception as e:  # a scheduler that is gone: an error on the way out must not hide the first
+            if not is_worker_failure(e):
+                raise
+            logger.warning("glinthawk run %s could not be closed (%s: %s); its workers close it with the "
+                           "scheduler", run_id, type(e).__name__, e)
         self.last_summary = RunSummary(
             run_id=run_id, mode=plan["mode"], n_requests=run["n_requests"],
             n_steps=run["stats"].get("n_steps", 0), n_tokens=run["stats"].get("n_tokens", 0),

@@ -481,6 +481,8 @@ class DataPlane:
     async def _connect(self, peer: str, tier: str, timeout: float) -> Channel:
         t0 = time.monotonic()
         where = await asyncio.wait_for(self.worker.rpc(peer).glinthawk_dataplane(tier=tier), timeout)
+        if not isinstance(where, dict):  # a worker closing (its tier's handlers already gone)
+            raise ConnectionRefusedError(f"{peer} serves no glinthawk {tier} data plane (is it closing?)")
         left = max(0.1, timeout - (time.monotonic() - t0))
         ctx = self._tls(False) if where["tls"] else None
 

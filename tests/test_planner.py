@@ -488,4 +488,8 @@ def test_two_stage_hybrid_sweep_finds_what_the_full_sweep_finds(name, slots):
     extremes = best(sweep(prof, model, w, candidates(64, modes=("single-tier", "two-tier"), **kw)))
     assert fast.config.mode == "hybrid"
     assert fast.tokens_per_s >= extremes.tokens_per_s * (1 - 1e-9)
-    assert fast.tokens_per_s >= full.tokens_per_s * 0.98  # (it also tries local micro-batches beyond n / size)
+    if prof.shared_host:  # the tiers share cores: no splits, only the better extreme
+        assert fast.local_micro_batches in (0, fast.micro_batches)
+        assert fast.tokens_per_s == pytest.approx(extremes.tokens_per_s, rel=1e-9)
+    else:
+        assert fast.tokens_per_s >= full.tokens_per_s * 0.98  # (it also tries local micro-batches beyond n / size)

@@ -379,8 +379,14 @@ class DenseService:
 
     async def close_run(self, run_id: str) -> None:
         run = self.runs.pop(run_id, None)
-        if run is not None and run.driver is not None:
+        if run is None:
+            return
+        if run.driver is not None:
             await run.driver.close()
+        # the driver and its run refer to each other: left to the cyclic collector, a
+        # closed run's KV cache (GBs) outlived it until the worker's memory limit paused
+        # or restarted the worker after a few single-tier runs
+        run.driver, run.cache, run.staging = None, None, []
 
     def _run(self, run_id: str) -> SliceRun:
         run = self.runs.get(run_id)

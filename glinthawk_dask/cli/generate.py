@@ -16,6 +16,23 @@ from .options import (
 )
 
 
+def _mode_options(fn):
+    """--mode, --dense-kv-budget and --local-micro-batches (generate and bench)."""
+    for option in reversed([
+        click.option("--mode", type=click.Choice(["two-tier", "single-tier", "hybrid", "in-process"]), default=None,
+                     help="Where the model runs [default: two-tier, from glinthawk.engine.mode]; hybrid keeps as "
+                          "much KV on the dense workers as pays and fits, the rest on attention workers."),
+        click.option("--dense-kv-budget", default=None, metavar="SIZE",
+                     help="KV bytes a run may keep on each dense worker (single-tier and hybrid), like 200MB "
+                          "[default: the dense workers' own budget]."),
+        click.option("--local-micro-batches", type=click.IntRange(min=0), default=None, metavar="N",
+                     help="Hybrid: micro-batches whose KV stays on the dense worker [default: the planner's "
+                          "choice]."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("prompt_args", nargs=-1, metavar="[PROMPT]...")
 @click.option("--model", "-m", default="smollm2-135m-instruct", show_default=True,
@@ -34,14 +51,7 @@ from .options import (
 @click.option("--seed", type=int, default=None, help="Seed of every sampled request.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to prompts.")
-@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "hybrid", "in-process"]), default=None,
-              help="Where the model runs [default: two-tier, from glinthawk.engine.mode]; hybrid keeps as much "
-                   "KV on the dense workers as pays and fits, the rest on attention workers.")
-@click.option("--dense-kv-budget", default=None, metavar="SIZE",
-              help="KV bytes a run may keep on each dense worker (single-tier and hybrid), like 200MB "
-                   "[default: the dense workers' own budget].")
-@click.option("--local-micro-batches", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Hybrid: micro-batches whose KV stays on the dense worker [default: the planner's choice].")
+@_mode_options
 @click.option("--scheduler", default=None, metavar="ADDRESS", callback=scheduler_reachable,
               help="Dask scheduler of a running cluster [default: start a local one].")
 @click.option("--micro-batch-size", default=None, metavar="N|auto",
@@ -148,14 +158,7 @@ def generate(
               help="Tokens of every prompt (random ids, seeded).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens generated for every prompt (EOS ignored).")
-@click.option("--mode", type=click.Choice(["two-tier", "single-tier", "hybrid", "in-process"]), default=None,
-              help="Where the model runs [default: two-tier, from glinthawk.engine.mode]; hybrid keeps as much "
-                   "KV on the dense workers as pays and fits, the rest on attention workers.")
-@click.option("--dense-kv-budget", default=None, metavar="SIZE",
-              help="KV bytes a run may keep on each dense worker (single-tier and hybrid), like 200MB "
-                   "[default: the dense workers' own budget].")
-@click.option("--local-micro-batches", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Hybrid: micro-batches whose KV stays on the dense worker [default: the planner's choice].")
+@_mode_options
 @click.option("--scheduler", default=None, metavar="ADDRESS", callback=scheduler_reachable,
               help="Dask scheduler of a running cluster [default: start a local one].")
 @click.option("--micro-batch-size", default=None, metavar="N|auto",

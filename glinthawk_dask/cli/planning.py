@@ -116,7 +116,9 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
     options and spec fields that run them.
     """
     from ..model.resolve import resolve_checkpoint
-    from ..planner.plan import Prices, best, candidates, format_table, options_of, size_text, spec_fields, sweep
+    from ..planner.plan import (
+        Prices, best, candidates, format_table, mixes_pay, options_of, size_text, spec_fields, sweep, without_mixes,
+    )
     from ..planner.profile import load_profile
     from ..planner.simulate import Workload
 
@@ -144,8 +146,8 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
     configs = candidates(n_requests, modes=modes or ("two-tier", "single-tier", "hybrid"), dense=dense,
                          attention=attention, max_seq_len=max_seq_len, latency=latency / 1e3, dtype_bytes=elem,
                          dense_kv_budget=budget)
-    if prof.shared_host:  # tiers that share cores: hybrid runs keep to the extremes (see sweep_hybrid)
-        configs = [c for c in configs if not (c.mode == "hybrid" and 0 < c.local_micro_batches < c.micro_batches)]
+    if not mixes_pay(prof):  # tiers that share cores: hybrid runs keep to the extremes (see sweep_hybrid)
+        configs = without_mixes(configs)
     t0 = time.perf_counter()
     preds = sweep(prof, model_config, workload, configs)
     seconds = time.perf_counter() - t0

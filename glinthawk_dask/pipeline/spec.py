@@ -237,14 +237,7 @@ def _input(v: "_Validator", inp: dict, base: str | None) -> InputSpec:
     text_mode = inp.get("text_mode", "line")
     if text_mode not in ("line", "file"):
         raise v.error("input.text_mode", f"must be line or file (got {text_mode!r})")
-    blocksize = inp.get("blocksize", 64 * 2**20)
-    if blocksize is not None:
-        try:
-            blocksize = parse_bytes(blocksize) if isinstance(blocksize, str) else int(blocksize)
-        except (ValueError, TypeError):
-            raise v.error("input.blocksize", f"must be a size like 64MiB or null (got {blocksize!r})") from None
-        if blocksize < 1:
-            raise v.error("input.blocksize", f"must be positive (got {blocksize!r})")
+    blocksize = v.size(inp.get("blocksize", 64 * 2**20), "input.blocksize", "64MiB")
     return InputSpec(tuple(urls), fmt, compression, text_mode, blocksize)
 
 
@@ -260,14 +253,8 @@ def _topology(v: "_Validator", t: dict) -> TopologySpec:
     if size is not None and size != "auto":
         size = v.integer(size, "topology.micro_batch_size", minimum=1, also="or auto")
     att = t.get("attention_workers")
-    budget = t.get("dense_kv_budget")
+    budget = v.size(t.get("dense_kv_budget"), "topology.dense_kv_budget", "200MB")
     if budget is not None:
-        try:
-            budget = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-        except (ValueError, TypeError):
-            raise v.error("topology.dense_kv_budget", f"must be a size like 200MB or null (got {budget!r})") from None
-        if budget < 1:
-            raise v.error("topology.dense_kv_budget", f"must be positive (got {budget!r})")
         if mode in ("two-tier", "in-process"):
             raise v.error("topology.dense_kv_budget", f"is for mode single-tier or hybrid (mode is {mode})")
     local = t.get("local_micro_batches")
@@ -390,6 +377,18 @@ class _Validator:
         if minimum is not None and x < minimum:
             raise self.error(where, f"must be at least {minimum} (got {x})")
         return x
+
+    def size(self, x: Any, where: str, example: str) -> int | None:
+        """Bytes from ``64MiB``-like text or a number (None stays None)."""
+        if x is None:
+            return None
+        try:
+            n = parse_bytes(x) if isinstance(x, str) else int(x)
+        except (ValueError, TypeError):
+            raise self.error(where, f"must be a size like {example} or null (got {x!r})") from None
+        if n < 1:
+            raise self.error(where, f"must be positive (got {x!r})")
+        return n
 
     def boolean(self, x: Any, where: str) -> bool:
         if not isinstance(x, bool):

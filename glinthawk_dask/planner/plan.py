@@ -18,7 +18,7 @@ from ..model.config import ModelConfig
 from .profile import Profile
 from .simulate import Prediction, RunConfig, Workload, simulate
 
-__all__ = ["Prices", "candidates", "sweep", "sweep_hybrid", "best", "format_table", "options_of", "spec_fields", "plan_text",
+__all__ = ["Prices", "candidates", "sweep", "sweep_hybrid", "mixes_pay", "without_mixes", "best", "format_table", "options_of", "spec_fields", "plan_text",
            "size_text"]
 
 
@@ -144,7 +144,7 @@ def sweep_hybrid(profile: Profile, model: ModelConfig, workload: Workload, *, to
     kwargs.pop("modes", None)
     cache: dict = {}
     extremes = candidates(workload.n, modes=("two-tier", "single-tier"), **kwargs)
-    if profile.shared_host:
+    if not mixes_pay(profile):
         return sweep(profile, model, workload, [_as_hybrid(c) for c in extremes], cache)
     first = sweep(profile, model, workload, extremes, cache)
     shapes: list[tuple[int, int]] = []
@@ -160,6 +160,18 @@ def sweep_hybrid(profile: Profile, model: ModelConfig, workload: Workload, *, to
     configs = [c for b, d in sorted(depths) for c in candidates(
         workload.n, **{**kwargs, "modes": ("hybrid",), "micro_batch_size": b, "micro_batches": d})]
     return sweep(profile, model, workload, configs, cache)
+
+
+def mixes_pay(profile: Profile) -> bool:
+    """Whether hybrid plans that mix local and remote micro-batches are worth simulating
+    on ``profile``'s hardware: not where the tiers share a host's cores (see
+    :func:`sweep_hybrid`)."""
+    return not profile.shared_host
+
+
+def without_mixes(configs: Iterable[RunConfig]) -> list[RunConfig]:
+    """``configs`` less the hybrid ones that mix local and remote micro-batches."""
+    return [c for c in configs if not (c.mode == "hybrid" and 0 < c.local_micro_batches < c.micro_batches)]
 
 
 def _as_hybrid(c: RunConfig) -> RunConfig:

@@ -424,7 +424,9 @@ class DataPlane:
             rid, op = meta["i"], meta["op"]
             handler = self.worker.handlers.get(op) if op in self.ops else None
             if handler is None:
-                now += _reply(rid, None, RemoteError(f"no data-plane handler {op!r} on {self.worker.address}"))
+                error = (StaleRunError(f"{self.worker.address} no longer serves {op!r} (its tier is closing)")
+                         if op in self.ops else RemoteError(f"no data-plane handler {op!r} on {self.worker.address}"))
+                now += _reply(rid, None, error)
                 continue
             kwargs = {**meta["a"], **tensors}
             fast = self.inline.get(op)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import dask
 import pytest
-from distributed.utils_test import gen_cluster
+from distributed.utils_test import gen_cluster, gen_test
 
 from glinthawk_dask.engine.request import Request
 from glinthawk_dask.runtime import AttentionWorkerPlugin, DaskEngine, DenseWorkerPlugin, GlinthawkSchedulerPlugin
@@ -160,6 +160,42 @@ async def test_page_gets_intervals_kv_and_rates_during_a_run(c, s, a, b):
         return
     code, text = await _get(base + "/metrics")
     assert 'dask_glinthawk_compute_seconds_total{kind="dense",tier="dense"}' in text, text[-2000:]
+
+
+@gen_test(timeout=60)
+async def test_each_scheduler_exports_its_own_metrics_and_a_closed_ones_are_gone():
+    """Two schedulers in one process, as in tests: ``/metrics`` (the process-wide
+    registry) shows the newest open scheduler's numbers, once; when it closes, the other
+    one's come back; when both are closed, nothing of glinthawk is left in the registry."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from distributed import Scheduler
+
+    from glinthawk_dask.runtime.dashboard import prometheus
+
+    key = ("glinthawk", "dense", "dense", "seconds")
+    series = 'dask_glinthawk_compute_seconds_total{kind="dense",tier="dense"}'
+
+    async def scrape(s) -> str:
+        code, text = await _get(f"http://127.0.0.1:{s.http_server.port}/metrics")
+        assert code == 200, text
+        return text
+
+    async with Scheduler(dashboard=True, dashboard_address="127.0.0.1:0") as s1:
+        await s1.register_scheduler_plugin(GlinthawkSchedulerPlugin(), idempotent=True)
+        s1.cumulative_worker_metrics[key] = 1.5
+        assert f"{series} 1.5" in await scrape(s1)
+        async with Scheduler(dashboard=True, dashboard_address="127.0.0.1:0") as s2:
+            await s2.register_scheduler_plugin(GlinthawkSchedulerPlugin(), idempotent=True)
+            s2.cumulative_worker_metrics[key] = 2.5
+            text = await scrape(s1)
+            assert f"{series} 2.5" in text and f"{series} 1.5" not in text, text
+            assert text.count(series) == 1, text
+            assert [c.server for c in prometheus._open] == [s1, s2]
+        assert [c.server for c in prometheus._open] == [s1]  # s2 closed: its collector is gone
+        text = await scrape(s1)
+        assert f"{series} 1.5" in text and f"{series} 2.5" not in text, text
+    assert prometheus._open == [] and prometheus._registered is None
+    assert "glinthawk" not in prometheus_client.generate_latest().decode()
 
 
 @gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=60, scheduler_kwargs=DASHBOARD)

@@ -24,7 +24,7 @@ One module per process it runs in:
   to ``Worker.digest_metric`` under ``("glinthawk", tier, kind, "seconds"|"count")``
   about once a second (:class:`TierDigests`).  Heartbeats, which exist anyway, carry
   them to ``Scheduler.cumulative_worker_metrics``; :mod:`.prometheus`
-  (:func:`register_prometheus`) exports them
+  (:func:`register_prometheus`, for as long as the scheduler plugin runs) exports them
   on the scheduler's ``/metrics`` as ``dask_glinthawk_compute_seconds_total`` and
   ``dask_glinthawk_compute_intervals_total`` (labels ``tier``, ``kind``).
   Dask's fine performance metrics page and spans only attribute ``execute``
@@ -43,7 +43,7 @@ from typing import Any
 
 __all__ = [
     "PAGE", "GlinthawkPage", "PipelineMetrics", "ProgressReporter", "TierDigests", "glinthawk_doc", "install_page",
-    "page_link", "register_prometheus", "uninstall_page", "worker_metrics",
+    "page_link", "register_prometheus", "uninstall_page", "unregister_prometheus", "worker_metrics",
 ]
 
 # Shared by the parts above, which run in different processes.
@@ -62,7 +62,7 @@ _LAZY = {
     "PipelineMetrics": "poller", "LEASE": "poller", "FINISHED_KEEP": "poller",
     "GlinthawkPage": "page", "glinthawk_doc": "page", "install_page": "page", "uninstall_page": "page",
     "page_link": "page",
-    "register_prometheus": "prometheus",
+    "register_prometheus": "prometheus", "unregister_prometheus": "prometheus",
     "ProgressReporter": "progress",
 }
 

@@ -7,13 +7,16 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dask
 import pytest
-from distributed.utils_test import gen_cluster
+from distributed.utils_test import gen_cluster, gen_test
 
 from glinthawk_dask.engine.request import Request
 from glinthawk_dask.runtime import AttentionWorkerPlugin, DaskEngine, DenseWorkerPlugin, GlinthawkSchedulerPlugin
@@ -46,6 +49,39 @@ async def _get(url: str) -> tuple[int, str]:
     return response.code, response.body.decode()
 
 
+async def _wait_until(condition: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
+    """Wait until ``condition()`` holds; fail after ``timeout`` seconds saying ``what()``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"after {timeout} s: {what()}")
+        await asyncio.sleep(0.01)
+
+
+async def _generate_while_the_page_looks(engine: DaskEngine, requests: list[Request], page, look: Callable,
+                                         every: float, timeout: float = 90.0) -> list:
+    """Run ``requests`` on ``engine`` while the scheduler polls the workers and ``page``
+    refreshes every ``every`` seconds, calling ``look(page)`` after each refresh; the
+    completions.  Fails if the run takes more than ``timeout`` seconds."""
+    metrics = page.metrics
+
+    async def consume():
+        return [comp async for comp in engine.agenerate(requests)]
+
+    run = asyncio.create_task(consume())
+    deadline = time.monotonic() + timeout
+    while not run.done():
+        if time.monotonic() > deadline:
+            run.cancel()
+            pytest.fail(f"the run of {len(requests)} requests did not finish within {timeout} s "
+                        f"({metrics.n_polls} polls; runs seen: {sorted(metrics.runs)})")
+        await metrics.poll()
+        page.update()
+        look(page)
+        await asyncio.sleep(every)
+    return await run
+
+
 def test_timeline_read_hands_out_only_what_is_new():
     tl = Timeline(maxlen=5)
     for i in range(3):
@@ -71,21 +107,15 @@ async def test_page_shows_kv_of_both_tiers_and_where_a_hybrid_run_attends(c, s, 
     engine = DaskEngine(c, MODEL, mode="hybrid", micro_batch_size=4, n_micro_batches=3, local_micro_batches=1)
     seen: dict = {"workers": set(), "texts": set(), "dense_used": 0}
 
-    async def consume():
-        return [comp async for comp in engine.agenerate(_requests(16, 40))]
-
-    run = asyncio.create_task(consume())
-    while not run.done():
-        await metrics.poll()
-        page.update()
+    def look(page):
         kv = page.kv_source.data
         for worker, used in zip(kv["worker"], kv["used"]):
             seen["workers"].add(worker)
             if worker.startswith("dense"):
                 seen["dense_used"] = max(seen["dense_used"], used)
         seen["texts"].update(page.rows_source.data["text"])
-        await asyncio.sleep(0.1)
-    assert len(await run) == 16
+
+    assert len(await _generate_while_the_page_looks(engine, _requests(16, 40), page, look, every=0.1)) == 16
     assert {w.split()[0] for w in seen["workers"]} == {"dense", "attention"}, seen
     assert seen["dense_used"] > 0
     assert any("attention of 1 of 3 micro-batches on the dense worker" in t for t in seen["texts"]), seen
@@ -106,20 +136,14 @@ async def test_page_gets_intervals_kv_and_rates_during_a_run(c, s, a, b):
     engine = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=4)
     seen = {"allocated": 0, "used": 0, "rows": set()}
 
-    async def consume():
-        return [comp async for comp in engine.agenerate(_requests(16, 40))]
-
-    run = asyncio.create_task(consume())
-    while not run.done():
-        await metrics.poll()
-        page.update()
+    def look(page):
         kv = page.kv_source.data
         if kv["allocated"]:
             seen["allocated"] = max(seen["allocated"], max(kv["allocated"]))
             seen["used"] = max(seen["used"], max(kv["used"]))
         seen["rows"].update(page.rows_source.data["label"])
-        await asyncio.sleep(0.15)
-    assert len(await run) == 16
+
+    assert len(await _generate_while_the_page_looks(engine, _requests(16, 40), page, look, every=0.15)) == 16
     assert metrics.n_polls >= 3
     assert sum(v for k, v in counts.items() if k != "heartbeat_worker") <= 6, counts
     rates = page.rate_source.data
@@ -162,6 +186,54 @@ async def test_page_gets_intervals_kv_and_rates_during_a_run(c, s, a, b):
     assert 'dask_glinthawk_compute_seconds_total{kind="dense",tier="dense"}' in text, text[-2000:]
 
 
+@gen_test(timeout=60)
+async def test_each_scheduler_exports_its_own_metrics_and_a_closed_ones_are_gone():
+    """Two schedulers in one process, as in tests: ``/metrics`` (the process-wide
+    registry) shows the newest open scheduler's numbers, once; when it closes, the other
+    one's come back; when both are closed, nothing of glinthawk is left in the registry."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from distributed import Scheduler
+
+    from glinthawk_dask.runtime.dashboard import prometheus
+
+    key = ("glinthawk", "dense", "dense", "seconds")
+    series = 'dask_glinthawk_compute_seconds_total{kind="dense",tier="dense"}'
+
+    async def scrape(s) -> str:
+        code, text = await _get(f"http://127.0.0.1:{s.http_server.port}/metrics")
+        assert code == 200, text
+        return text
+
+    async with Scheduler(dashboard=True, dashboard_address="127.0.0.1:0") as s1:
+        await s1.register_scheduler_plugin(GlinthawkSchedulerPlugin(), idempotent=True)
+        s1.cumulative_worker_metrics[key] = 1.5
+        assert f"{series} 1.5" in await scrape(s1)
+        async with Scheduler(dashboard=True, dashboard_address="127.0.0.1:0") as s2:
+            await s2.register_scheduler_plugin(GlinthawkSchedulerPlugin(), idempotent=True)
+            s2.cumulative_worker_metrics[key] = 2.5
+            text = await scrape(s1)
+            assert f"{series} 2.5" in text and f"{series} 1.5" not in text, text
+            assert text.count(series) == 1, text
+            assert [c.server for c in prometheus._open] == [s1, s2]
+        assert [c.server for c in prometheus._open] == [s1]  # s2 closed: its collector is gone
+        text = await scrape(s1)
+        assert f"{series} 1.5" in text and f"{series} 2.5" not in text, text
+    assert prometheus._open == [] and prometheus._registered is None
+    assert "glinthawk" not in prometheus_client.generate_latest().decode()
+
+
+def test_the_worker_side_loads_neither_bokeh_nor_the_page():
+    code = ("import sys; import glinthawk_dask.runtime.plugins; "
+            "from glinthawk_dask.runtime.dashboard import TierDigests, worker_metrics, MAX_EVENTS_PER_PULL; "
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'bokeh' or m.endswith('dashboard.page')); "
+            "assert not loaded, loaded")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+
+
 @gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=60, scheduler_kwargs=DASHBOARD)
 async def test_pulls_only_while_a_page_looks_and_progress_is_rate_limited(c, s, a, b):
     from glinthawk_dask.pipeline.run import Progress
@@ -185,8 +257,9 @@ async def test_pulls_only_while_a_page_looks_and_progress_is_rate_limited(c, s, 
     for i in range(200):
         reporter(Progress(rows_done=i, shards_read=1, shards_total=4, generated_tokens=3 * i, seconds=1.0))
     reporter.close()
-    while len(calls) < 2:
-        await asyncio.sleep(0.01)
+    await _wait_until(lambda: len(calls) >= 2, 10.0,
+                      lambda: f"the scheduler got {len(calls)} progress report(s), not 2 (the first one, then "
+                              f"the last one on close): {calls}")
     assert len(calls) == 2 and calls[-1]["progress"]["rows_done"] == 199 and calls[-1]["progress"]["done"]
     page.update()
     assert page.rows_source.data["label"] == ["pipeline my-pipeline"]
@@ -221,6 +294,30 @@ for (const m of docs[0].all_models) {  // the ranges and texts the page sets
 }
 return out;
 """
+
+
+def _page_data_once(driver, ready: Callable[[dict], bool], timeout: float) -> dict | None:
+    """The page's data (:data:`_SOURCES_JS`) once ``ready(data)`` holds, or as last seen
+    after ``timeout`` seconds (the caller's assertions then say what is missing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = driver.execute_script(_SOURCES_JS)
+        if (data and ready(data)) or time.monotonic() > deadline:
+            return data
+        time.sleep(0.5)
+
+
+def _every_plot_has_data(data: dict) -> bool:
+    return (data.get("glinthawk-stream", {}).get("n", 0) > 0 and data.get("glinthawk-rates", {}).get("generated", 0) > 0
+            and data.get("glinthawk-kv", {}).get("budget", 0) > 0
+            and len(data.get("glinthawk-rows", {}).get("label", [])) >= 2)
+
+
+def _finished_runs(data: dict) -> list[str]:
+    """Texts of the runs the page lists as finished."""
+    rows = data.get("glinthawk-rows", {})
+    return [t for label, t in zip(rows.get("label", []), rows.get("text", []))
+            if label.startswith("run ") and "finished" in t]
 
 
 @pytest.mark.timeout(240)
@@ -291,29 +388,16 @@ def test_page_in_a_browser(tmp_path):
         try:
             url = page_link(client)
             driver.get(url)
-            deadline = time.time() + 60
-            sources = None
-            while time.time() < deadline:
-                sources = driver.execute_script(_SOURCES_JS)
-                if (sources and sources.get("glinthawk-stream", {}).get("n", 0) > 0
-                        and sources.get("glinthawk-rates", {}).get("generated", 0) > 0
-                        and sources.get("glinthawk-kv", {}).get("budget", 0) > 0
-                        and len(sources.get("glinthawk-rows", {}).get("label", [])) >= 2):
-                    break
-                time.sleep(0.5)
+            sources = _page_data_once(driver, _every_plot_has_data, timeout=60)
             assert sources, f"no Bokeh document on {url}"
             peak = sources["glinthawk-rates"]["generated"]
             stop.set()  # the generation ends: its run must stay listed, finished, and the axis shrink
             worker.join(timeout=60)
-            deadline = time.time() + 30
-            while time.time() < deadline:
-                after = driver.execute_script(_SOURCES_JS)
-                rows = after.get("glinthawk-rows", {})
-                finished = [t for lab, t in zip(rows.get("label", []), rows.get("text", []))
-                            if lab.startswith("run ") and "finished" in t]
-                if finished and after.get("rates_y_end", peak) < min(peak, 5.0):
-                    break
-                time.sleep(0.5)
+            assert not worker.is_alive(), "the generation did not stop within 60 s of closing its generator"
+            after = _page_data_once(driver, lambda d: bool(_finished_runs(d))
+                                    and d.get("rates_y_end", peak) < min(peak, 5.0), timeout=30)
+            assert after, f"the Bokeh document on {url} went away"
+            finished = _finished_runs(after)
             time.sleep(1.0)  # let the canvases draw
             shots = [tmp_path / "glinthawk-page.png"]
             if os.environ.get("GLINTHAWK_ARTIFACTS"):

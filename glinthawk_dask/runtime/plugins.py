@@ -160,6 +160,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         if hasattr(self, "metrics"):
             await self.metrics.close()
             dashboard.uninstall_page(self.scheduler, self._page)
+            dashboard.unregister_prometheus(self.scheduler)
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
         ws = scheduler.workers.get(worker)

@@ -17,7 +17,6 @@ import asyncio
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,39 +34,14 @@ from ..tokenizer import Tokenizer
 from .compute import ComputeStream, settle_threadsafe
 from .dataplane import DataPlane
 from .faults import AttentionLost, StaleRunError
-from .messages import DTYPES
+from .messages import (
+    DTYPES, AttendReply, AttendRequest, ForwardReply, ForwardRequest, SliceSpec, StepLayout, StepMessage,
+)
 from .staging import HostStaging
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DenseService", "SliceSpec", "SliceRun"]
-
-
-@dataclass
-class SliceSpec:
-    """What a dense worker needs to take part in a run."""
-
-    run_id: str
-    model: str
-    start: int
-    stop: int
-    micro_batch_size: int
-    n_micro_batches: int
-    max_seq_len: int
-    mode: str = "two-tier"  # or "single-tier" or "hybrid"
-    dtype: str = "float32"
-    device: str | None = None
-    next_address: str | None = None  # the next slice's dense worker
-    attention: list[str] = field(default_factory=list)  # attention worker of each micro-batch ("": local)
-    slot_base: list[int] = field(default_factory=list)  # first slot of each micro-batch in the cache holding it
-    local: list[bool] = field(default_factory=list)  # per micro-batch: KV on this worker (default: single-tier)
-    sizes: list[int] = field(default_factory=list)  # slots per micro-batch (default: micro_batch_size each)
-    latency: float = 0.0  # induced delay of every inter-tier message, seconds
-    peer_timeout: float = 60.0  # a peer that does not answer within this is treated as lost
-    slice_index: int = 0
-    dense: list[str] = field(default_factory=list)  # every slice's dense worker (the driver reroutes)
-    slices: list[list[int]] = field(default_factory=list)  # every slice's [start, stop) layers
-    engine: dict = field(default_factory=dict)  # first slice: scheduler settings
 
 
 class SliceRun:
@@ -99,7 +73,6 @@ class SliceRun:
         # opened for it alone after it moved (see reroute)
         self.kv_runs = [spec.run_id] * spec.n_micro_batches
         self.staging = [HostStaging(self.device) for _ in range(spec.n_micro_batches)]  # device → wire
-        spec.attention, spec.slot_base = list(spec.attention), list(spec.slot_base)  # msgpack gives tuples
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator | None] = {}
         self.driver: Any = None  # set on the first slice
@@ -112,53 +85,50 @@ class SliceRun:
     def _local_slot(self, mb: int, slot: int) -> int:
         return self.spec.slot_base[mb] + slot - self.global_base[mb]
 
-    def _layout(self, msg: dict) -> dict:
-        mb = msg["mb"]
-        return {
-            "slots": [self._local_slot(mb, s) for s in msg["slots"]],
-            "starts": msg["starts"],
-            "counts": msg["counts"],
-            "admitted": [[a[0], self._local_slot(mb, a[1])] for a in msg["admitted"]],
-            "released": msg["released"],
-        }
+    def _layout(self, msg: StepMessage) -> StepLayout:
+        mb = msg.mb
+        return StepLayout(
+            slots=[self._local_slot(mb, s) for s in msg.slots], starts=msg.starts, counts=msg.counts,
+            admitted=[[a[0], self._local_slot(mb, a[1])] for a in msg.admitted], released=msg.released,
+        )
 
-    def _track_sampling(self, msg: dict) -> None:
+    def _track_sampling(self, msg: StepMessage) -> None:
         if not self.weights.is_last:
             return
-        for seq_id in msg["released"]:
+        for seq_id in msg.released:
             self.params.pop(seq_id, None)
             self.generators.pop(seq_id, None)
-        for seq_id, _, params in msg["admitted"]:
+        for seq_id, _, params in msg.admitted:
             if seq_id in self.params:  # re-admitted to rebuild its KV: its generator goes on
                 continue
             p = SamplingParams.from_dict(params)
             self.params[seq_id] = p
             self.generators[seq_id] = None if p.is_greedy else make_generator(p.seed)
 
-    def _head_and_sample(self, x: torch.Tensor, msg: dict) -> list[int]:
-        rows = torch.tensor(msg["sample_rows"], dtype=torch.long, device=x.device)
+    def _head_and_sample(self, x: torch.Tensor, msg: StepMessage) -> list[int]:
+        rows = torch.tensor(msg.sample_rows, dtype=torch.long, device=x.device)
         if not len(rows):
             return []
         logits = head(self.weights, x[rows])  # [N, V]
-        ids = msg["sample"]
+        ids = msg.sample
         return sample(logits, [self.params[i] for i in ids], [self.generators[i] for i in ids]).tolist()
 
-    def _inputs(self, msg: dict, x: torch.Tensor | None, slots: list[int] | None = None):
-        batch = AttentionBatch.build(slots or msg["slots"], msg["starts"], msg["counts"], device=self.device)
+    def _inputs(self, msg: StepMessage, x: torch.Tensor | None, slots: list[int] | None = None):
+        batch = AttentionBatch.build(slots or msg.slots, msg.starts, msg.counts, device=self.device)
         cos, sin = self.rope.at(batch.positions, batch.max_position)
         if x is None:
-            ids = torch.tensor(msg["input_ids"], dtype=torch.long, device=self.device)
+            ids = torch.tensor(msg.input_ids, dtype=torch.long, device=self.device)
             x = embed(self.weights, ids)  # [T, dim]
         else:  # from the previous slice, on the host
             x = x.to(self.device, non_blocking=True).to(self.weights.dtype)
         return batch, cos, sin, x
 
-    async def run_step(self, msg: dict, x: torch.Tensor | None = None) -> list[int]:
+    async def run_step(self, msg: StepMessage, x: torch.Tensor | None = None) -> list[int]:
         """Run this slice for one micro-batch step; return the sampled tokens."""
         self._track_sampling(msg)
-        if self.spec.local[msg["mb"]]:
+        if self.spec.local[msg.mb]:
             result = await self.stream.submit(
-                -self.spec.start, lambda: self._local(msg, x), kind="dense", micro_batch=msg["mb"],
+                -self.spec.start, lambda: self._local(msg, x), kind="dense", micro_batch=msg.mb,
                 layer=self.spec.start,
             )
         else:
@@ -168,16 +138,16 @@ class SliceRun:
         return await self._forward_next(msg, result)
 
     @torch.inference_mode()
-    def _local(self, msg: dict, x_in: torch.Tensor | None):
+    def _local(self, msg: StepMessage, x_in: torch.Tensor | None):
         """A step of a micro-batch whose KV is here: every layer in one job."""
         cache, layout = self.cache, self._layout(msg)
-        cache.apply(layout["released"], [(a[0], a[1]) for a in layout["admitted"]])
-        batch, cos, sin, x = self._inputs(msg, x_in, layout["slots"])
+        cache.apply(layout.released, [(a[0], a[1]) for a in layout.admitted])
+        batch, cos, sin, x = self._inputs(msg, x_in, layout.slots)
         x = run_layers(self.weights, cache, batch, x, cos, sin)
-        return self._head_and_sample(x, msg) if self.weights.is_last else self.staging[msg["mb"]].to_host(x)[0]
+        return self._head_and_sample(x, msg) if self.weights.is_last else self.staging[msg.mb].to_host(x)[0]
 
-    async def _two_tier(self, msg: dict, x_in: torch.Tensor | None):
-        mb = msg["mb"]
+    async def _two_tier(self, msg: StepMessage, x_in: torch.Tensor | None):
+        mb = msg.mb
         address = self.spec.attention[mb]
         try:
             channel = await self.service.dataplane.channel(address, "attention", self.spec.peer_timeout)
@@ -194,14 +164,14 @@ class SliceRun:
         self.spec.slot_base[mb] = 0
         self.kv_runs[mb] = kv_run
 
-    async def _forward_next(self, msg: dict, x: torch.Tensor) -> list[int]:
+    async def _forward_next(self, msg: StepMessage, x: torch.Tensor) -> list[int]:
         # the next slices may each wait a peer timeout before they report a lost attention worker
         downstream = max(1, len(self.spec.slices) - self.spec.slice_index - 1)
         timeout = self.spec.peer_timeout * (downstream + 1)
         channel = await self.service.dataplane.channel(self.spec.next_address, "dense", self.spec.peer_timeout)
-        reply = await channel.arequest("glinthawk_forward", {"run_id": self.spec.run_id, "msg": msg}, {"x": x},
-                                       timeout=timeout)
-        return reply["tokens"]
+        request = ForwardRequest(run_id=self.spec.run_id, msg=msg.to_wire())
+        reply = await channel.arequest("glinthawk_forward", request.to_wire(), {"x": x}, timeout=timeout)
+        return ForwardReply.from_wire(reply).tokens
 
 
 class _TwoTierStep:
@@ -213,10 +183,10 @@ class _TwoTierStep:
     hidden state [T, dim] on the host for the next slice, or the error).
     """
 
-    def __init__(self, run: SliceRun, msg: dict, x_in: torch.Tensor | None, channel: Any,
+    def __init__(self, run: SliceRun, msg: StepMessage, x_in: torch.Tensor | None, channel: Any,
                  done: asyncio.Future) -> None:
         self.run, self.msg, self.x_in, self.channel, self.done = run, msg, x_in, channel, done
-        self.mb = msg["mb"]
+        self.mb = msg.mb
         self.stream = run.stream
         self.staging = run.staging[self.mb]
         self.layers = run.weights.layers
@@ -247,10 +217,10 @@ class _TwoTierStep:
 
     def _send(self, layer: int, qkv: tuple[torch.Tensor, ...]) -> None:
         spec = self.run.spec
-        args = {"run_id": self.run.kv_runs[self.mb], "micro_batch": self.mb, "step": self.msg["step"],
-                "layer": layer, "layout": self.run._layout(self.msg) if layer == spec.start else None}
+        args = AttendRequest(run_id=self.run.kv_runs[self.mb], micro_batch=self.mb, step=self.msg.step, layer=layer,
+                             layout=self.run._layout(self.msg).to_wire() if layer == spec.start else None)
         request = functools.partial(
-            self.channel.request, "glinthawk_attend", args, {"q": qkv[0], "k": qkv[1], "v": qkv[2]},
+            self.channel.request, "glinthawk_attend", args.to_wire(), {"q": qkv[0], "k": qkv[1], "v": qkv[2]},
             functools.partial(self._reply, layer), spec.peer_timeout,
         )
         if spec.latency:
@@ -262,14 +232,16 @@ class _TwoTierStep:
         if self.finished or self.done.done():  # settled, or nobody waits (the run closed)
             return
         spec = self.run.spec
-        if error is None and "o" not in reply:  # refused: the attention worker does not hold the run
-            error = StaleRunError(reply.get("stale"))
+        if error is None:
+            reply = AttendReply.from_wire(reply)
+            if reply.stale is not None:  # refused: the attention worker does not hold the run
+                error = StaleRunError(reply.stale)
         if error is not None:
             if isinstance(error, (OSError, TimeoutError, StaleRunError)):
                 error = AttentionLost(self.channel.peer, spec.slice_index, self.mb, f"{type(error).__name__}: {error}")
             self.finish(error=error)
             return
-        self.stream.push(-(layer + 1), self._guarded(self._dense, layer, reply["o"]), kind="dense",
+        self.stream.push(-(layer + 1), self._guarded(self._dense, layer, reply.o), kind="dense",
                          micro_batch=self.mb, layer=layer)
 
     def _dense(self, layer: int, o: torch.Tensor) -> None:
@@ -365,7 +337,7 @@ class DenseService:
         """Load the slice (off the event loop) and prepare the run."""
         if run_id in self.runs:
             return {"ok": True}
-        s = SliceSpec(**spec)
+        s = SliceSpec.from_wire(spec)
         loop = asyncio.get_running_loop()
         weights = await loop.run_in_executor(None, self._load, s)
         run = SliceRun(self, s, weights)
@@ -399,11 +371,12 @@ class DenseService:
         self._run(run_id).reroute(micro_batch, address, kv_run)
 
     async def forward(self, run_id: str, msg: dict, x: torch.Tensor) -> dict:
-        """From the previous slice, over the data plane: hidden states ``x`` [T, dim] of a
-        micro-batch step (on the host); the sampled tokens go back as the reply."""
+        """From the previous slice, over the data plane (a :class:`~.messages.ForwardRequest`):
+        hidden states ``x`` [T, dim] of a micro-batch step (on the host); the sampled
+        tokens go back as the reply (a :class:`~.messages.ForwardReply`)."""
         run = self._run(run_id)
-        tokens = await run.run_step(msg, x)
-        return {"tokens": tokens}
+        tokens = await run.run_step(StepMessage.from_wire(msg), x)
+        return ForwardReply(tokens).to_wire()
 
     def submit(self, run_id: str, requests: list[dict]) -> int:
         """Queue requests of a run (first slice only); returns how many are queued in all."""
@@ -411,7 +384,7 @@ class DenseService:
 
     async def results(self, run_id: str, timeout: float = 1.0) -> dict:
         """Completions finished since the last call (waits up to ``timeout`` for one)."""
-        return await self._run(run_id).driver.take_results(timeout)
+        return (await self._run(run_id).driver.take_results(timeout)).to_wire()
 
     async def profile(self, config: dict, dtype: str = "float32", tokens: list[int] | None = None,
                       rows: list[int] | None = None, attention: list[list[int]] | None = None,

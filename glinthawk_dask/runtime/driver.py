@@ -21,6 +21,7 @@ from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .. import config
 from .faults import AttentionLost, WorkerFailure, is_worker_failure
+from .messages import Results, StepMessage
 
 if TYPE_CHECKING:
     from .dense_service import SliceRun
@@ -81,7 +82,7 @@ class RunDriver:
         return self.n_submitted
 
     # -- output --------------------------------------------------------------------
-    async def take_results(self, timeout: float) -> dict:
+    async def take_results(self, timeout: float) -> Results:
         if not self._results and not self.error:
             try:
                 await asyncio.wait_for(self._results_ready.wait(), timeout)
@@ -89,18 +90,11 @@ class RunDriver:
                 pass
         out, self._results = self._results, []
         self._results_ready.clear()
-        return {
-            "completions": out,
-            "moves": self._take_moves(),
-            "error": self.error,
-            "worker_failure": self.worker_failure,
-            "in_flight_tokens": self.sched.n_tokens_in_flight() if self.error else 0,
-            "n_submitted": self.n_submitted,
-            "n_done": self.n_done,
-            "n_steps": self.n_steps,
-            "n_tokens": self.n_tokens,
-            "n_generated": self.n_generated,
-        }
+        return Results(
+            completions=out, moves=self._take_moves(), error=self.error, worker_failure=self.worker_failure,
+            in_flight_tokens=self.sched.n_tokens_in_flight() if self.error else 0, n_submitted=self.n_submitted,
+            n_done=self.n_done, n_steps=self.n_steps, n_tokens=self.n_tokens, n_generated=self.n_generated,
+        )
 
     # -- micro-batch loops ---------------------------------------------------------
     async def _loop(self, mb: int) -> None:
@@ -111,18 +105,11 @@ class RunDriver:
                     await self._arrived.wait()
                     continue
                 self._step_no[mb] += 1
-                msg = {
-                    "mb": mb,
-                    "step": self._step_no[mb],
-                    "slots": step.slots,
-                    "starts": step.starts,
-                    "counts": step.counts,
-                    "input_ids": step.input_ids,
-                    "admitted": [[s.id, s.slot, s.params.to_dict()] for s in step.admitted],
-                    "released": self._released[mb],
-                    "sample_rows": step.sample_rows,
-                    "sample": [s.id for s in step.sample_seqs],
-                }
+                msg = StepMessage(
+                    mb=mb, step=self._step_no[mb], slots=step.slots, starts=step.starts, counts=step.counts,
+                    input_ids=step.input_ids, admitted=[[s.id, s.slot, s.params.to_dict()] for s in step.admitted],
+                    released=self._released[mb], sample_rows=step.sample_rows, sample=[s.id for s in step.sample_seqs],
+                )
                 self._released[mb] = []
                 self.n_in_flight += 1
                 try:
@@ -155,11 +142,11 @@ class RunDriver:
             self._results_ready.set()
 
     # -- attention worker lost -----------------------------------------------------
-    async def _move(self, lost: AttentionLost, msg: dict) -> None:
-        """Give micro-batch ``msg["mb"]`` of the lost worker's slice a KV cache on another
+    async def _move(self, lost: AttentionLost, msg: StepMessage) -> None:
+        """Give micro-batch ``msg.mb`` of the lost worker's slice a KV cache on another
         attention worker (waiting for one if there is none) and rebuild its sequences'
         KV there; the other micro-batches go on meanwhile."""
-        mb, spec, t0 = msg["mb"], self.run.spec, time.time()
+        mb, spec, t0 = msg.mb, self.run.spec, time.time()
         logger.warning("glinthawk run %s: %s; moving micro-batch %d", spec.run_id, lost, mb)
         worker = self.run.service.worker
         a, b = spec.slices[lost.slice_index]
@@ -195,7 +182,7 @@ class RunDriver:
             await worker.rpc(spec.dense[lost.slice_index]).glinthawk_slice_reroute(
                 run_id=spec.run_id, micro_batch=mb, address=address, kv_run=kv_run)
         # releases of the failed step may not have reached every slice: send them again
-        self._released[mb] = list(msg["released"]) + self._released[mb]
+        self._released[mb] = list(msg.released) + self._released[mb]
         rebuilt = self.sched.rebuild(mb)
         self._moves.append({
             "kind": "moved micro-batch", "cause": str(lost), "micro_batch": mb, "to": address,

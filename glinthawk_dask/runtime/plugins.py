@@ -318,7 +318,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         workers = set(plan.dense) | set(kv)
         lease = float(lease or config.get("engine.lease"))
         self.runs[run_id] = {"kv": kv, "dense_kv": dict(plan.dense_kv), "workers": workers, "lost": [],
-                             "plan": {**plan.to_dict(), "kv_bytes_per_token_layer": kv_bytes_per_token_layer},
+                             "plan": plan.to_wire(),
                              "client": client, "lease": lease, "lease_until": time.time() + lease,
                              "t0": time.time(), "model": model, "generated": 0}
         return {"plan": self.runs[run_id]["plan"]}

@@ -23,10 +23,10 @@ import torch
 from dask.utils import parse_bytes
 
 from .. import config
-from ..engine.runner import run_layers
+from ..engine.runner import SliceLayers, attend_locally, run_layers
 from ..model.attention import AttentionBatch
 from ..model.kv_cache import KVCache
-from ..model.ops import RopeTable, embed, head, post_attention, post_pre_attention, pre_attention
+from ..model.ops import RopeTable, embed, head, post_pre_attention
 from ..model.resolve import resolve_checkpoint
 from ..model.weights import SliceWeights, load_slice
 from ..sampling import SamplingParams, make_generator, sample
@@ -143,7 +143,7 @@ class SliceRun:
         cache, layout = self.cache, self._layout(msg)
         cache.apply(layout.released, [(a[0], a[1]) for a in layout.admitted])
         batch, cos, sin, x = self._inputs(msg, x_in, layout.slots)
-        x = run_layers(self.weights, cache, batch, x, cos, sin)
+        x = run_layers(self.weights, x, cos, sin, attend_locally(cache, batch))
         return self._head_and_sample(x, msg) if self.weights.is_last else self.staging[msg.mb].to_host(x)[0]
 
     async def _two_tier(self, msg: StepMessage, x_in: torch.Tensor | None):
@@ -189,10 +189,8 @@ class _TwoTierStep:
         self.mb = msg.mb
         self.stream = run.stream
         self.staging = run.staging[self.mb]
-        self.layers = run.weights.layers
+        self.layers: SliceLayers | None = None  # the dense half of the slice's layers, set by the first job
         self.finished = False
-        self.x: torch.Tensor | None = None  # the residual stream [T, dim]
-        self.cos = self.sin = None  # [T, D] rotary rows
 
     def start(self) -> None:
         start = self.run.spec.start
@@ -211,9 +209,9 @@ class _TwoTierStep:
     # -- on the stream thread --------------------------------------------------------
     def _first(self) -> None:
         run = self.run
-        batch, self.cos, self.sin, self.x = run._inputs(self.msg, self.x_in)
-        q, k, v = pre_attention(run.config, self.layers[0], self.x, self.cos, self.sin)
-        self._send(run.spec.start, self.staging.to_host(q, k, v))
+        _, cos, sin, x = run._inputs(self.msg, self.x_in)
+        self.layers = SliceLayers(run.weights, x, cos, sin)
+        self._send(run.spec.start, self.staging.to_host(*self.layers.begin()))
 
     def _send(self, layer: int, qkv: tuple[torch.Tensor, ...]) -> None:
         spec = self.run.spec
@@ -245,14 +243,11 @@ class _TwoTierStep:
                          micro_batch=self.mb, layer=layer)
 
     def _dense(self, layer: int, o: torch.Tensor) -> None:
-        run, cfg = self.run, self.run.config
-        i = layer - run.spec.start
-        o = o.to(run.device, non_blocking=True).to(run.weights.dtype)  # [T, H, D]
-        if i + 1 < len(self.layers):
-            self.x, q, k, v = post_pre_attention(cfg, self.layers[i], self.layers[i + 1], self.x, o, self.cos, self.sin)
-            self._send(layer + 1, self.staging.to_host(q, k, v))
+        qkv = self.layers.resume(layer, o)  # o [T, H, D] on the host
+        if qkv is not None:
+            self._send(layer + 1, self.staging.to_host(*qkv))
             return
-        x = post_attention(cfg, self.layers[i], self.x, o)  # [T, dim]
+        run, x = self.run, self.layers.x  # [T, dim]
         self.finish(run._head_and_sample(x, self.msg) if run.weights.is_last else self.staging.to_host(x)[0])
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:

@@ -27,7 +27,8 @@ from ..model.resolve import resolve_checkpoint
 from .. import config
 from .compute import busy_seconds, overlap_seconds
 from .faults import Unplaceable, WorkerFailure, is_worker_failure
-from .messages import DTYPES, Plan, Results, SliceSpec, lists
+from .messages import DTYPES, Plan, Results, SliceSpec
+from .retry import retry_until
 
 __all__ = ["DaskEngine", "RunSummary"]
 
@@ -306,8 +307,9 @@ class DaskEngine:
         depth = max(1, min(int(depth), math.ceil(n / mb_size) + (n_local if self.mode == "hybrid" else 0)))
         per_layer, ends = _weight_bytes(cfg, elem)
         lease = float(config.get("engine.lease"))
-        deadline, delay, waited = time.time() + float(config.get("engine.placement-timeout")), 0.2, False
-        while True:
+        waits: list[Unplaceable] = []
+
+        async def place() -> dict:
             reply = await self.client.scheduler.glinthawk_plan(
                 run_id=run_id, mode=self.mode, n_layers=cfg.n_layers, kv_bytes_per_token_layer=bpt_layer,
                 max_seq_len=seq_len, micro_batch_size=mb_size, n_micro_batches=depth, n_slices=self.n_slices,
@@ -315,16 +317,23 @@ class DaskEngine:
                 layer_weight_bytes=per_layer, ends_weight_bytes=ends, client=self.client.id, lease=lease,
                 model=self.model,
             )
-            if "error" not in reply:
-                break
-            if not reply.get("wait") or size_hint or time.time() > deadline:  # (a recovery waits itself)
-                raise Unplaceable(reply["error"] + (" (waited for other runs to finish)" if waited else ""),
-                                  wait=bool(reply.get("wait")))
-            if not waited:
-                logger.warning("glinthawk run %s waits to be placed: %s", run_id, reply["error"])
-                waited = True
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 5.0)
+            if "error" in reply:
+                raise Unplaceable(reply["error"], wait=bool(reply.get("wait")))
+            return reply
+
+        def waiting(e: Exception) -> None:
+            if not waits:
+                logger.warning("glinthawk run %s waits to be placed: %s", run_id, e)
+            waits.append(e)
+
+        try:  # other runs may free room; a recovery waits itself
+            reply = await retry_until(place, deadline=time.time() + float(config.get("engine.placement-timeout")),
+                                      retry_on=lambda e: isinstance(e, Unplaceable) and e.wait and not size_hint,
+                                      on_retry=waiting)
+        except Unplaceable as e:
+            if waits:
+                raise Unplaceable(f"{e} (waited for other runs to finish)", wait=e.wait) from None
+            raise
         run = _Run(id=run_id, plan=Plan.from_wire(reply["plan"]), max_seq_len=max_seq_len, size=n, lease=lease,
                    renew_at=time.time() + lease / 3, prediction=prediction, profile_seconds=profile_s)
         try:
@@ -364,21 +373,18 @@ class DaskEngine:
         await self._release(run)
         deadline = t0 + float(config.get("engine.recovery-timeout"))
         pending = [run.requests[i] for i in sorted(run.pending)]
-        delay = 0.2
-        while True:
-            try:
-                new = await self._open(pending, run.max_seq_len, size_hint=run.size)
-                break
-            except Exception as e:  # only lost workers and a cluster too small for now are worth waiting out
-                if not (is_worker_failure(e) or isinstance(e, Unplaceable)) or time.time() > deadline:
-                    raise GlinthawkError(
-                        f"run {run.id} lost a worker ({error}) and could not restart: {e}"
-                    ) from e
-                if run.status == "running":
-                    logger.warning("glinthawk run %s is waiting for workers to restart on: %s", run.id, e)
-                run.status = f"waiting for workers: {e}"
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 5.0)
+
+        def waiting(e: Exception) -> None:
+            if run.status == "running":
+                logger.warning("glinthawk run %s is waiting for workers to restart on: %s", run.id, e)
+            run.status = f"waiting for workers: {e}"
+
+        try:  # only lost workers and a cluster too small for now are worth waiting out
+            new = await retry_until(lambda: self._open(pending, run.max_seq_len, size_hint=run.size),
+                                    deadline=deadline, on_retry=waiting,
+                                    retry_on=lambda e: is_worker_failure(e) or isinstance(e, Unplaceable))
+        except Exception as e:
+            raise GlinthawkError(f"run {run.id} lost a worker ({error}) and could not restart: {e}") from e
         rebuilt = lost_tokens if lost_tokens is not None else sum(len(r.prompt_token_ids) for r in pending)
         run.recoveries.append({
             "kind": "restarted run", "cause": f"{type(error).__name__}: {error}", "old_run": run.id,

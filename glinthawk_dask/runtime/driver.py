@@ -22,6 +22,7 @@ from ..tokenizer import Tokenizer
 from .. import config
 from .faults import AttentionLost, WorkerFailure, is_worker_failure
 from .messages import Results, StepMessage
+from .retry import retry_until
 
 if TYPE_CHECKING:
     from .dense_service import SliceRun
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunDriver"]
+
+
+class _NoAttentionWorker(Exception):
+    """No attention worker could take a moved micro-batch yet (one may join or free room)."""
 
 
 class RunDriver:
@@ -152,30 +157,32 @@ class RunDriver:
         a, b = spec.slices[lost.slice_index]
         self._n_moves += 1
         kv_run = f"{spec.run_id}/mb{mb}-{self._n_moves}"
-        deadline = t0 + float(config.get("engine.recovery-timeout"))
-        delay = 0.2
-        while True:
+
+        async def attempt() -> str:
             reply = await worker.scheduler.glinthawk_replace(
                 run_id=spec.run_id, lost=lost.address, slice_index=lost.slice_index, n_slots=spec.sizes[mb],
                 n_layers=b - a, max_seq_len=spec.max_seq_len,
             )
-            if "address" in reply:
-                address = reply["address"]
-                try:
-                    await asyncio.wait_for(worker.rpc(address).glinthawk_kv_open(
-                        run_id=kv_run, config=dataclasses.asdict(self.run.config), layer_start=a, layer_stop=b,
-                        n_slots=spec.sizes[mb], max_seq_len=spec.max_seq_len, dtype=spec.dtype,
-                        latency=spec.latency,
-                    ), spec.peer_timeout)
-                    break
-                except Exception as e:
-                    if not is_worker_failure(e):
-                        raise
-                    reply = {"error": f"{address}: {e}"}
-            if time.time() > deadline:
-                raise WorkerFailure(f"no attention worker could take micro-batch {mb}: {reply['error']}")
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 5.0)
+            if "address" not in reply:
+                raise _NoAttentionWorker(reply["error"])
+            address = reply["address"]
+            try:
+                await asyncio.wait_for(worker.rpc(address).glinthawk_kv_open(
+                    run_id=kv_run, config=dataclasses.asdict(self.run.config), layer_start=a, layer_stop=b,
+                    n_slots=spec.sizes[mb], max_seq_len=spec.max_seq_len, dtype=spec.dtype,
+                    latency=spec.latency,
+                ), spec.peer_timeout)
+            except Exception as e:
+                if not is_worker_failure(e):
+                    raise
+                raise _NoAttentionWorker(f"{address}: {e}") from None
+            return address
+
+        try:
+            address = await retry_until(attempt, deadline=t0 + float(config.get("engine.recovery-timeout")),
+                                        retry_on=lambda e: isinstance(e, _NoAttentionWorker))
+        except _NoAttentionWorker as e:
+            raise WorkerFailure(f"no attention worker could take micro-batch {mb}: {e}") from None
         if lost.slice_index == 0:
             self.run.reroute(mb, address, kv_run)
         else:

@@ -14,6 +14,7 @@ ones in hybrid mode) run a slice step as one compute job, attention included.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -33,7 +34,8 @@ from ..sampling import SamplingParams, make_generator, sample
 from ..tokenizer import Tokenizer
 from .compute import ComputeStream, settle_threadsafe
 from .dataplane import DataPlane
-from .faults import AttentionLost, StaleRunError
+from .driver import NoAttentionWorker, RunDriver
+from .faults import AttentionLost, StaleRunError, is_worker_failure
 from .messages import (
     DTYPES, AttendReply, AttendRequest, ForwardReply, ForwardRequest, SliceSpec, StepLayout, StepMessage,
 )
@@ -75,7 +77,7 @@ class SliceRun:
         self.staging = [HostStaging(self.device) for _ in range(spec.n_micro_batches)]  # device → wire
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator | None] = {}
-        self.driver: Any = None  # set on the first slice
+        self.driver: RunDriver | None = None  # on the first slice
 
     @property
     def stream(self) -> ComputeStream:
@@ -163,6 +165,41 @@ class SliceRun:
         self.spec.attention[mb] = address
         self.spec.slot_base[mb] = 0
         self.kv_runs[mb] = kv_run
+
+    # -- a lost attention worker (the driver's side, see RunDriver) ------------------
+    async def open_moved_cache(self, lost: AttentionLost, mb: int, kv_run: str) -> str:
+        """One try at a new attention worker for micro-batch ``mb`` of slice
+        ``lost.slice_index``: the scheduler picks one (and reserves its KV), and the
+        cache ``kv_run`` of the micro-batch's slots opens there; its address.  Raises
+        :class:`~.driver.NoAttentionWorker` when none can take it yet."""
+        spec, worker = self.spec, self.service.worker
+        a, b = spec.slices[lost.slice_index]
+        reply = await worker.scheduler.glinthawk_replace(
+            run_id=spec.run_id, lost=lost.address, slice_index=lost.slice_index, n_slots=spec.sizes[mb],
+            n_layers=b - a, max_seq_len=spec.max_seq_len,
+        )
+        if "address" not in reply:
+            raise NoAttentionWorker(reply["error"])
+        address = reply["address"]
+        try:
+            await asyncio.wait_for(worker.rpc(address).glinthawk_kv_open(
+                run_id=kv_run, config=dataclasses.asdict(self.config), layer_start=a, layer_stop=b,
+                n_slots=spec.sizes[mb], max_seq_len=spec.max_seq_len, dtype=spec.dtype, latency=spec.latency,
+            ), spec.peer_timeout)
+        except Exception as e:
+            if not is_worker_failure(e):
+                raise
+            raise NoAttentionWorker(f"{address}: {e}") from None
+        return address
+
+    async def reroute_slice(self, slice_index: int, mb: int, address: str, kv_run: str) -> None:
+        """:meth:`reroute` micro-batch ``mb`` on slice ``slice_index`` (this one, or
+        another dense worker's)."""
+        if slice_index == self.spec.slice_index:
+            self.reroute(mb, address, kv_run)
+        else:
+            await self.service.worker.rpc(self.spec.dense[slice_index]).glinthawk_slice_reroute(
+                run_id=self.spec.run_id, micro_batch=mb, address=address, kv_run=kv_run)
 
     async def _forward_next(self, msg: StepMessage, x: torch.Tensor) -> list[int]:
         # the next slices may each wait a peer timeout before they report a lost attention worker
@@ -337,8 +374,6 @@ class DenseService:
         weights = await loop.run_in_executor(None, self._load, s)
         run = SliceRun(self, s, weights)
         if weights.is_first:
-            from .driver import RunDriver
-
             tokenizer = await loop.run_in_executor(None, self.tokenizer, s.model)
             run.driver = RunDriver(run, tokenizer)
         self.runs[run_id] = run

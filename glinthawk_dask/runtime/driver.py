@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..engine.request import Request
 from ..engine.scheduler import BatchScheduler
@@ -21,25 +21,41 @@ from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .. import config
 from .faults import AttentionLost, WorkerFailure, is_worker_failure
-from .messages import Results, StepMessage
+from .messages import Results, SliceSpec, StepMessage
 from .retry import retry_until
-
-if TYPE_CHECKING:
-    from .dense_service import SliceRun
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunDriver"]
+__all__ = ["NoAttentionWorker", "RunDriver", "SliceRunner"]
 
 
-class _NoAttentionWorker(Exception):
+class NoAttentionWorker(Exception):
     """No attention worker could take a moved micro-batch yet (one may join or free room)."""
+
+
+class SliceRunner(Protocol):
+    """What the driver needs of the first slice of its run (a dense worker's
+    :class:`~.dense_service.SliceRun`)."""
+
+    spec: SliceSpec
+
+    async def run_step(self, msg: StepMessage) -> list[int]:
+        """Push a micro-batch step through every slice; the sampled tokens."""
+
+    async def open_moved_cache(self, lost: AttentionLost, mb: int, kv_run: str) -> str:
+        """One try at a new attention worker for micro-batch ``mb`` of the slice that
+        ``lost`` names: the scheduler picks one and a cache ``kv_run`` of the
+        micro-batch's slots opens there; its address.  Raises :class:`NoAttentionWorker`
+        when none can take it (yet)."""
+
+    async def reroute_slice(self, slice_index: int, mb: int, address: str, kv_run: str) -> None:
+        """Send micro-batch ``mb``'s attention on slice ``slice_index`` to ``address``'s cache ``kv_run``."""
 
 
 class RunDriver:
     """Continuous batching for one run, feeding the slice pipeline."""
 
-    def __init__(self, run: "SliceRun", tokenizer: Tokenizer | None) -> None:
+    def __init__(self, run: SliceRunner, tokenizer: Tokenizer | None) -> None:
         spec = run.spec
         self.run = run
         self.sched = BatchScheduler(
@@ -153,41 +169,15 @@ class RunDriver:
         KV there; the other micro-batches go on meanwhile."""
         mb, spec, t0 = msg.mb, self.run.spec, time.time()
         logger.warning("glinthawk run %s: %s; moving micro-batch %d", spec.run_id, lost, mb)
-        worker = self.run.service.worker
-        a, b = spec.slices[lost.slice_index]
         self._n_moves += 1
         kv_run = f"{spec.run_id}/mb{mb}-{self._n_moves}"
-
-        async def attempt() -> str:
-            reply = await worker.scheduler.glinthawk_replace(
-                run_id=spec.run_id, lost=lost.address, slice_index=lost.slice_index, n_slots=spec.sizes[mb],
-                n_layers=b - a, max_seq_len=spec.max_seq_len,
-            )
-            if "address" not in reply:
-                raise _NoAttentionWorker(reply["error"])
-            address = reply["address"]
-            try:
-                await asyncio.wait_for(worker.rpc(address).glinthawk_kv_open(
-                    run_id=kv_run, config=dataclasses.asdict(self.run.config), layer_start=a, layer_stop=b,
-                    n_slots=spec.sizes[mb], max_seq_len=spec.max_seq_len, dtype=spec.dtype,
-                    latency=spec.latency,
-                ), spec.peer_timeout)
-            except Exception as e:
-                if not is_worker_failure(e):
-                    raise
-                raise _NoAttentionWorker(f"{address}: {e}") from None
-            return address
-
         try:
-            address = await retry_until(attempt, deadline=t0 + float(config.get("engine.recovery-timeout")),
-                                        retry_on=lambda e: isinstance(e, _NoAttentionWorker))
-        except _NoAttentionWorker as e:
+            address = await retry_until(lambda: self.run.open_moved_cache(lost, mb, kv_run),
+                                        deadline=t0 + float(config.get("engine.recovery-timeout")),
+                                        retry_on=lambda e: isinstance(e, NoAttentionWorker))
+        except NoAttentionWorker as e:
             raise WorkerFailure(f"no attention worker could take micro-batch {mb}: {e}") from None
-        if lost.slice_index == 0:
-            self.run.reroute(mb, address, kv_run)
-        else:
-            await worker.rpc(spec.dense[lost.slice_index]).glinthawk_slice_reroute(
-                run_id=spec.run_id, micro_batch=mb, address=address, kv_run=kv_run)
+        await self.run.reroute_slice(lost.slice_index, mb, address, kv_run)
         # releases of the failed step may not have reached every slice: send them again
         self._released[mb] = list(msg.released) + self._released[mb]
         rebuilt = self.sched.rebuild(mb)

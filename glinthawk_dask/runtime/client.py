@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import itertools
 import logging
 import math
@@ -27,105 +26,14 @@ from ..model.resolve import resolve_checkpoint
 from .. import config
 from .compute import busy_seconds, overlap_seconds
 from .faults import Unplaceable, WorkerFailure, is_worker_failure
+from .autoplan import auto_plan, weight_bytes
 from .messages import DTYPES, Plan, Results, SliceSpec
 from .retry import retry_until
+from .runs import RunState, RunSummary
 
 __all__ = ["DaskEngine", "RunSummary"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class RunSummary:
-    """What a finished run did."""
-
-    run_id: str
-    mode: str
-    n_requests: int
-    n_steps: int
-    n_tokens: int
-    generated_tokens: int
-    seconds: float
-    micro_batch_size: int
-    n_micro_batches: int
-    plan: dict
-    recoveries: list[dict] = dataclasses.field(default_factory=list)  # one per lost worker: what it cost
-    predicted_tokens_per_s: float | None = None  # the planner's prediction, when it chose the plan
-    profile_seconds: float = 0.0  # spent measuring the cluster's profile for this run (0: it was kept)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.generated_tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def placement(self) -> Plan:
-        """:attr:`plan` as a :class:`~.messages.Plan`."""
-        return Plan.from_wire(self.plan)
-
-    @property
-    def local_micro_batches(self) -> int:
-        """Micro-batches whose KV and attention stayed on the dense workers."""
-        return sum(self.placement.local)
-
-    @property
-    def kv_bytes(self) -> dict[str, int]:
-        """KV bytes the run reserved on each tier (summed over its workers)."""
-        return self.placement.kv_bytes()
-
-    def attention_of(self) -> list[str]:
-        """Where each micro-batch's attention ran on the first slice: ``"dense"`` (its
-        KV on the dense worker) or the attention worker's address."""
-        plan = self.placement
-        return ["dense" if local else addr for local, addr in zip(plan.local, plan.attention[0])]
-
-
-@dataclasses.dataclass
-class _Run:
-    """The caller's state of one run (the same object across the restarts of a recovery)."""
-
-    id: str
-    plan: Plan
-    max_seq_len: int | None  # the KV slot size asked for (None: sized to the requests)
-    size: int  # requests the run was sized for (a restarted run keeps the size of the first)
-    lease: float  # seconds
-    renew_at: float
-    prediction: Any = None  # the planner's Prediction, when it chose the plan
-    profile_seconds: float = 0.0
-    t0: float = dataclasses.field(default_factory=time.time)
-    pending: set[str] = dataclasses.field(default_factory=set)  # ids submitted, not yet delivered
-    requests: dict[str, Request] = dataclasses.field(default_factory=dict)  # the pending requests by id
-    n_requests: int = 0
-    generated: int = 0  # tokens of the delivered completions
-    stats: dict = dataclasses.field(default_factory=dict)  # the driver's n_steps and n_tokens
-    recoveries: list[dict] = dataclasses.field(default_factory=list)
-    status: str = "running"  # or "waiting for workers: ..."
-    in_flight_tokens: int | None = None  # KV tokens the failed run held (what a restart rebuilds)
-    generated_before: int = 0  # tokens sampled by the runs a recovery replaced
-
-    def track(self, requests: list[Request]) -> None:
-        """Record requests as pending before they are sent, so a failure cannot lose them."""
-        for r in requests:
-            self.requests[r.id] = r
-            self.pending.add(r.id)
-        self.n_requests += len(requests)
-
-    def room(self) -> int:
-        """How many more requests the driver should hold: two rounds of its slots."""
-        return max(0, 2 * sum(self.plan.sizes) - len(self.pending))
-
-    def deliver(self, c: Completion) -> bool:
-        """Mark ``c`` delivered; False if it already was (a duplicate from a replayed step)."""
-        if c.id not in self.pending:
-            return False
-        self.pending.discard(c.id)
-        self.requests.pop(c.id, None)
-        self.generated += len(c.completion_token_ids)
-        return True
-
-    def restart_as(self, new: "_Run", generated_before: int) -> None:
-        """Go on as ``new``, the run a recovery opened."""
-        self.id, self.plan, self.renew_at = new.id, new.plan, new.renew_at
-        self.status, self.generated_before = "running", generated_before
 
 
 class DaskEngine:
@@ -239,7 +147,7 @@ class DaskEngine:
         finally:
             await self._close(run)
 
-    async def _advance(self, run: _Run, more: list[Request]) -> list[Completion]:
+    async def _advance(self, run: RunState, more: list[Request]) -> list[Completion]:
         """Submit ``more``, then collect what finished; a lost worker restarts the run."""
         run.track(more)
         try:
@@ -255,7 +163,7 @@ class DaskEngine:
             await self._renew(run)
         return out
 
-    async def _renew(self, run: _Run) -> None:
+    async def _renew(self, run: RunState) -> None:
         """Renew the run's lease on the scheduler (which closes the runs of clients that
         stop renewing), with the tokens done so far for ``glinthawk status``."""
         timeout = float(config.get("engine.peer-timeout"))
@@ -288,7 +196,7 @@ class DaskEngine:
     async def _rpc(self, addr: str, op: str, **kwargs: Any) -> Any:
         return await getattr(self.client.rpc(addr), op)(**kwargs)
 
-    async def _open(self, requests: list[Request], max_seq_len: int | None, size_hint: int = 0) -> _Run:
+    async def _open(self, requests: list[Request], max_seq_len: int | None, size_hint: int = 0) -> RunState:
         cfg = self.model_config
         run_id = f"gh-{uuid.uuid4().hex[:12]}"
         seq_len = self._seq_len(requests, max_seq_len)
@@ -298,14 +206,21 @@ class DaskEngine:
         mb_size, depth = self.micro_batch_size, self.n_micro_batches
         prediction, profile_s, n_local = None, 0.0, 0
         if mb_size == "auto" or depth == "auto" or (self.mode == "hybrid" and self.local_micro_batches is None):
-            fixed = None if mb_size == "auto" else min(int(mb_size), n)
-            mb_size, depth, n_local, prediction, profile_s = await self._auto_plan(requests, seq_len, fixed)
+            chosen = await auto_plan(
+                self.client, cfg, requests, model=self.model, mode=self.mode, dtype=self.dtype, seq_len=seq_len,
+                micro_batch_size=None if mb_size == "auto" else min(int(mb_size), n),
+                n_micro_batches=None if depth == "auto" else int(depth), n_slices=self.n_slices,
+                dense_kv_budget=self.dense_kv_budget, latency=self.latency, max_step_tokens=self.max_step_tokens,
+            )
+            mb_size, depth, n_local, prediction, profile_s = chosen
+            if prediction is not None:
+                self.last_prediction = prediction
         if self.mode == "hybrid" and self.local_micro_batches is not None:
             n_local = self.local_micro_batches
         mb_size = min(int(mb_size), n)
         # (hybrid: local micro-batches the dense budget shrinks may stand beside as many remote ones)
         depth = max(1, min(int(depth), math.ceil(n / mb_size) + (n_local if self.mode == "hybrid" else 0)))
-        per_layer, ends = _weight_bytes(cfg, elem)
+        per_layer, ends = weight_bytes(cfg, elem)
         lease = float(config.get("engine.lease"))
         waits: list[Unplaceable] = []
 
@@ -334,7 +249,7 @@ class DaskEngine:
             if waits:
                 raise Unplaceable(f"{e} (waited for other runs to finish)", wait=e.wait) from None
             raise
-        run = _Run(id=run_id, plan=Plan.from_wire(reply["plan"]), max_seq_len=max_seq_len, size=n, lease=lease,
+        run = RunState(id=run_id, plan=Plan.from_wire(reply["plan"]), max_seq_len=max_seq_len, size=n, lease=lease,
                    renew_at=time.time() + lease / 3, prediction=prediction, profile_seconds=profile_s)
         try:
             await self._open_workers(run)
@@ -343,7 +258,7 @@ class DaskEngine:
             raise
         return run
 
-    async def _open_workers(self, run: _Run) -> None:
+    async def _open_workers(self, run: RunState) -> None:
         plan, run_id = run.plan, run.id
         cfg = dataclasses.asdict(self.model_config)
         opens = []
@@ -361,7 +276,7 @@ class DaskEngine:
             opens.append(self._rpc(plan.dense[s], "glinthawk_slice_open", run_id=run_id, spec=spec.to_wire()))
         await asyncio.gather(*opens)
 
-    async def _recover(self, run: _Run, error: BaseException) -> None:
+    async def _recover(self, run: RunState, error: BaseException) -> None:
         """Start the run over as a new epoch on the workers there are (waiting for some
         if none is left), with every unfinished request resubmitted."""
         t0 = time.time()
@@ -395,7 +310,7 @@ class DaskEngine:
         if pending:
             await self._submit(run, pending)
 
-    async def _submit(self, run: _Run, requests: list[Request]) -> None:
+    async def _submit(self, run: RunState, requests: list[Request]) -> None:
         rows = [
             {"id": r.id, "prompt_token_ids": list(r.prompt_token_ids), "prompt": r.prompt,
              "params": r.params.to_dict()}
@@ -403,7 +318,7 @@ class DaskEngine:
         ]
         await self._rpc(run.plan.dense[0], "glinthawk_submit", run_id=run.id, requests=rows)
 
-    async def _poll(self, run: _Run) -> list[Completion]:
+    async def _poll(self, run: RunState) -> list[Completion]:
         first = run.plan.dense[0]
         wait = float(config.get("engine.poll-interval"))
         poll = asyncio.ensure_future(self._rpc(first, "glinthawk_results", run_id=run.id, timeout=wait))
@@ -437,7 +352,7 @@ class DaskEngine:
                 out.append(c)
         return out
 
-    async def _release(self, run: _Run) -> None:
+    async def _release(self, run: RunState) -> None:
         """Close the run on its workers and free its placement (lost workers skipped)."""
         plan, run_id = run.plan, run.id
         timeout = float(config.get("engine.peer-timeout"))
@@ -450,7 +365,7 @@ class DaskEngine:
         await asyncio.gather(*(asyncio.wait_for(c, timeout) for c in closes), return_exceptions=True)
         await self.client.scheduler.glinthawk_run_closed(run_id=run_id)
 
-    async def _close(self, run: _Run) -> None:
+    async def _close(self, run: RunState) -> None:
         if self.client.status in ("closing", "closed"):  # the scheduler closes a departed client's runs
             return
         plan, run_id = run.plan, run.id
@@ -482,60 +397,6 @@ class DaskEngine:
             profile_seconds=run.profile_seconds,
         )
 
-    async def _auto_plan(self, requests: list[Request], seq_len: int, mb_size: int | None):
-        """Micro-batch size (unless given), depth (unless given) and, in hybrid mode, how
-        many micro-batches keep their KV on the dense workers, from the planner: the
-        run's requests simulated on the cluster's profile.  Returns (size, depth, local
-        micro-batches, prediction, seconds spent profiling)."""
-        from ..planner.plan import best, candidates, sweep, sweep_hybrid
-        from ..planner.simulate import Workload
-        from .profiler import cluster_profile
-
-        n = len(requests)
-        depth_asked = None if self.n_micro_batches == "auto" else int(self.n_micro_batches)
-        fallback_size, fallback_depth = mb_size or min(32, n), depth_asked or 1
-        elem = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
-        info = await self.client.scheduler.glinthawk_cluster_info(weight_bytes=sum(_weight_bytes(
-            self.model_config, elem, self.model_config.n_layers)))
-        if not info["dense"] or (self.mode == "two-tier" and not info["attention"]):
-            return fallback_size, fallback_depth, 0, None, 0.0  # placement will say what is missing
-        if self.mode == "hybrid" and not info["attention"]:  # nowhere else to put KV
-            return fallback_size, fallback_depth, fallback_depth, None, 0.0
-        profile, seconds = await cluster_profile(self.client, self.model_config, model=self.model, dtype=self.dtype)
-        k = min(self.n_slices or len(info["dense"]), len(info["dense"]))
-        per_slice = max(1, len(info["attention"]) // k)
-        sample = requests if n <= 256 else requests[:: math.ceil(n / 256)]
-        workload = Workload(tuple(len(r.prompt_token_ids) for r in sample),
-                            tuple(max(1, min(r.params.max_tokens, seq_len - len(r.prompt_token_ids))) for r in sample))
-        dense_kv = min(info["dense_kv_free"].values())
-        if self.dense_kv_budget is not None:
-            dense_kv = min(dense_kv, self.dense_kv_budget)
-        scale = len(sample) / n  # a sample of the requests stands for all: so does its share of the KV
-        knobs = dict(dense=[k], attention=[per_slice], micro_batch_size=mb_size and min(mb_size, len(sample)),
-                     micro_batches=depth_asked, max_depth=int(config.get("engine.max-micro-batches")),
-                     max_seq_len=seq_len, latency=self.latency, dtype_bytes=elem,
-                     max_step_tokens=self.max_step_tokens, dense_kv_budget=dense_kv * scale)
-        loop = asyncio.get_running_loop()
-        if self.mode == "hybrid":  # every split, of the sizes and depths that plan well
-            preds = await loop.run_in_executor(None, functools.partial(
-                sweep_hybrid, profile, self.model_config, workload, **knobs))
-        else:
-            configs = candidates(len(sample), modes=(self.mode,), **knobs)
-            preds = await loop.run_in_executor(None, sweep, profile, self.model_config, workload, configs)
-        chosen = best(preds)
-        if chosen is None:
-            return fallback_size, fallback_depth, 0 if info["attention"] else fallback_depth, None, seconds
-        size = chosen.micro_batch_size if mb_size is None else mb_size
-        if n > len(sample) and mb_size is None:  # the sample stood for more requests: scale the slots
-            size = min(n, round(chosen.micro_batch_size * n / len(sample)))
-        n_local = chosen.local_micro_batches if self.mode == "hybrid" else 0
-        self.last_prediction = chosen
-        logger.info("glinthawk auto plan: %d x %d micro-batches%s, %.1f tok/s predicted (%s bound)%s", size,
-                    chosen.micro_batches, f" ({n_local} with KV on the dense workers)" if self.mode == "hybrid" else "",
-                    chosen.tokens_per_s, chosen.bottleneck,
-                    f"; profiled the cluster in {seconds:.1f} s" if seconds else "")
-        return size, chosen.micro_batches, n_local, chosen, seconds
-
     # -- measurements --------------------------------------------------------------
     def tier_overlap(self) -> dict[str, float]:
         """Busy seconds of each tier in the last run and the time both were busy at once."""
@@ -560,16 +421,6 @@ class _Feed:
         out = list(itertools.islice(self._it, n))
         self.exhausted = len(out) < n
         return out
-
-
-def _weight_bytes(cfg: ModelConfig, elem: int, layers: int | None = None) -> tuple[int, int]:
-    """Weight bytes of one layer and of the embedding and head (or, with ``layers``,
-    ``(layers' bytes, ends' bytes)``)."""
-    from ..planner.simulate import weight_bytes
-
-    ends = int(weight_bytes(cfg, 0, elem, ends=True))
-    per_layer = int(weight_bytes(cfg, 1, elem, ends=True)) - ends
-    return (per_layer if layers is None else per_layer * layers), ends
 
 
 def _workers_of(plan: Plan) -> list[tuple[str, str]]:

@@ -35,7 +35,7 @@ class NoAttentionWorker(Exception):
 
 class SliceRunner(Protocol):
     """What the driver needs of the first slice of its run (a dense worker's
-    :class:`~.dense_service.SliceRun`)."""
+    :class:`~.slice_run.SliceRun`)."""
 
     spec: SliceSpec
 

@@ -24,7 +24,8 @@ import torch
 from distributed.utils_test import gen_test
 
 from glinthawk_dask.runtime.compute import ComputeStream
-from glinthawk_dask.runtime.dataplane import STAGING_BYTES, DataPlane, FrameReader, RemoteError
+from glinthawk_dask.runtime.dataplane import DataPlane, RemoteError
+from glinthawk_dask.runtime.link import STAGING_BYTES, FrameReader
 from glinthawk_dask.runtime.faults import AttentionLost
 from glinthawk_dask.runtime.wire import PREFIX, decode, encode
 

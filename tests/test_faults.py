@@ -134,20 +134,31 @@ def _pid(client, address):
     return client.run(os.getpid, workers=[address])[address]
 
 
+def _driver_progress(llm, address):
+    """``(n_done, n_submitted)`` of the run open on the dense worker ``address`` (its driver)."""
+    metrics = llm.client.sync(lambda: llm.client.rpc(address).glinthawk_dense_metrics(limit=0))
+    (stats,) = metrics["runs"].values()
+    return stats["n_done"], stats["n_submitted"]
+
+
 def _kill_mid_run(llm, pick_victim):
-    """Generate ROWS; after the first completions, SIGKILL the worker ``pick_victim``
-    chooses from the run's plan.  Returns completions by id (each asserted once)."""
+    """Generate ROWS; at the first completion streamed back, SIGKILL the worker
+    ``pick_victim`` chooses from the registry, having read on the run's driver (the
+    first dense worker) just before that the run still had requests to finish.
+    Returns completions by id (each asserted once)."""
     got = {}
     killed = None
     requests = [r for r in llm.make_requests(ROWS, SamplingParams())]
     for comp in llm.engine.generate(requests):
         assert comp.id not in got, f"{comp.id} delivered twice"
         got[comp.id] = comp.completion_token_ids
-        if killed is None and len(got) == 3:
+        if killed is None:
             reg = llm.client.sync(llm.client.scheduler.glinthawk_registry)
-            victim = pick_victim(reg)
-            killed = _pid(llm.client, victim)
-            os.kill(killed, signal.SIGKILL)
+            pid = _pid(llm.client, pick_victim(reg))
+            done, submitted = _driver_progress(llm, reg["dense"][0])
+            os.kill(pid, signal.SIGKILL)
+            killed = pid
+            assert done < len(ROWS), f"the run was over before the kill ({done} of {submitted} submitted done)"
     assert killed is not None and not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
     return got
 

@@ -103,7 +103,7 @@ async def test_a_run_whose_lease_expires_is_closed_and_its_client_told(c, s, a, 
         run = await engine._open(_requests(4, seed=22), None)  # opened, then never renewed
 
         async def closed():
-            return run["id"] not in s.plugins["glinthawk"].runs
+            return run.id not in s.plugins["glinthawk"].runs
 
         assert await _until(closed, 4.0) < 4.0
         assert not a.plugins["glinthawk-dense"].service.runs and not b.plugins["glinthawk-attention"].service.runs
@@ -172,7 +172,7 @@ async def test_a_run_waits_for_kv_that_another_run_holds(c, s, a, b):
     reqs = _WAIT_REQUESTS
     first = DaskEngine(c, MODEL, micro_batch_size=3, n_micro_batches=1)
     hold = await first._open(reqs, None)
-    assert hold["plan"]["sizes"] == [3]
+    assert hold.plan.sizes == [3]
     second = DaskEngine(c, MODEL, micro_batch_size=2, n_micro_batches=1)
     task = asyncio.create_task(_collect(second, reqs))
     await asyncio.sleep(1.0)

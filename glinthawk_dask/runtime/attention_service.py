@@ -25,7 +25,7 @@ from ..model.config import ModelConfig
 from ..model.kv_cache import KVCache
 from .compute import ComputeStream
 from .dataplane import DataPlane
-from .messages import DTYPES, pack, unpack
+from .messages import DTYPES, AttendReply, StepLayout, pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,12 @@ class AttentionService:
         layout: dict | None = None,
     ) -> dict:
         """Append k/v of ``layer`` and return attention outputs ``{"o": [T, H, D]}`` for one
-        micro-batch step, or ``{"stale": why}`` when the run or step is not held here.
+        micro-batch step, or ``{"stale": why}`` when the run or step is not held here
+        (the arguments are an :class:`~.messages.AttendRequest` and its tensors; the
+        reply an :class:`~.messages.AttendReply`).
 
-        The first layer of a step carries the ``layout`` (segments, admitted and
-        released sequences); the following layers refer to it by ``step``.  The data
+        The first layer of a step carries the ``layout`` (a :class:`~.messages.StepLayout`:
+        segments, admitted and released sequences); the following layers refer to it by ``step``.  The data
         plane runs this inline on the compute stream (:meth:`attend_now`); called as a
         coroutine (over rpc, with packed tensors answered packed, or by a wrapper) it
         runs there too, and the run's induced latency is awaited before the reply.
@@ -160,19 +162,21 @@ class AttentionService:
         with self._lock:
             run = self.runs.get(run_id)
             if run is None:
-                return {"stale": f"run {run_id!r} is not open on {self.worker.address}"}
+                return AttendReply(stale=f"run {run_id!r} is not open on {self.worker.address}").to_wire()
             if layout is not None:
-                batch = AttentionBatch.build(layout["slots"], layout["starts"], layout["counts"])
+                steps = StepLayout.from_wire(layout)
+                batch = AttentionBatch.build(steps.slots, steps.starts, steps.counts)
                 run.batches[micro_batch] = (step, batch)
-                run.cache.apply(layout.get("released", []), layout.get("admitted", []))
+                run.cache.apply(steps.released, steps.admitted)
             else:
                 held = run.batches.get(micro_batch)
                 if held is None or held[0] != step:  # refused, never applied: the sender treats this peer as lost
-                    return {"stale": f"run {run_id!r} micro-batch {micro_batch}: no layout for step {step}"}
+                    return AttendReply(stale=f"run {run_id!r} micro-batch {micro_batch}: "
+                                             f"no layout for step {step}").to_wire()
                 batch = held[1]
             o = run.cache.attend(layer, q, k, v, batch)  # [T, H, D]
         self.stream.timeline.record("attention", start, time.time(), micro_batch, layer)
-        return {"o": o}
+        return AttendReply(o=o).to_wire()
 
     async def probe(self, config: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
         """A decode attention request shaped like a run's (``q`` [T, H, D], ``k``/``v``

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import itertools
 import logging
 import math
@@ -27,53 +26,14 @@ from ..model.resolve import resolve_checkpoint
 from .. import config
 from .compute import busy_seconds, overlap_seconds
 from .faults import Unplaceable, WorkerFailure, is_worker_failure
-from .messages import DTYPES
+from .autoplan import auto_plan, weight_bytes
+from .messages import DTYPES, Plan, Results, SliceSpec
+from .retry import retry_until
+from .runs import RunState, RunSummary
 
 __all__ = ["DaskEngine", "RunSummary"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class RunSummary:
-    """What a finished run did."""
-
-    run_id: str
-    mode: str
-    n_requests: int
-    n_steps: int
-    n_tokens: int
-    generated_tokens: int
-    seconds: float
-    micro_batch_size: int
-    n_micro_batches: int
-    plan: dict
-    recoveries: list[dict] = dataclasses.field(default_factory=list)  # one per lost worker: what it cost
-    predicted_tokens_per_s: float | None = None  # the planner's prediction, when it chose the plan
-    profile_seconds: float = 0.0  # spent measuring the cluster's profile for this run (0: it was kept)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.generated_tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def local_micro_batches(self) -> int:
-        """Micro-batches whose KV and attention stayed on the dense workers."""
-        return sum(self.plan.get("local", []))
-
-    @property
-    def kv_bytes(self) -> dict[str, int]:
-        """KV bytes the run reserved on each tier (summed over its workers)."""
-        seq = self.plan.get("kv_bytes_per_token_layer", 0) * self.plan.get("max_seq_len", 0)
-        attention = sum(n * (b - a) * seq for (a, b), slots in zip(self.plan["slices"], self.plan["n_slots"])
-                        for n in slots.values())
-        return {"dense": int(sum(self.plan.get("dense_kv", {}).values())), "attention": int(attention)}
-
-    def attention_of(self) -> list[str]:
-        """Where each micro-batch's attention ran on the first slice: ``"dense"`` (its
-        KV on the dense worker) or the attention worker's address."""
-        plan = self.plan
-        return ["dense" if local else addr for local, addr in zip(plan.get("local", []), plan["attention"][0])]
 
 
 class DaskEngine:
@@ -155,8 +115,8 @@ class DaskEngine:
                 yield from self.client.sync(self._advance, run, more)
                 if on_tick is not None:
                     on_tick()
-                more = feed.take(self._room(run))
-                if not more and not run["pending"] and feed.exhausted:
+                more = feed.take(run.room())
+                if not more and not run.pending and feed.exhausted:
                     break
         finally:
             self.client.sync(self._close, run)
@@ -181,43 +141,43 @@ class DaskEngine:
                     yield c
                 if on_tick is not None:
                     on_tick()
-                more = feed.take(self._room(run))
-                if not more and not run["pending"] and feed.exhausted:
+                more = feed.take(run.room())
+                if not more and not run.pending and feed.exhausted:
                     break
         finally:
             await self._close(run)
 
-    async def _advance(self, run: dict, more: list[Request]) -> list[Completion]:
+    async def _advance(self, run: RunState, more: list[Request]) -> list[Completion]:
         """Submit ``more``, then collect what finished; a lost worker restarts the run."""
-        _track(run, more)
+        run.track(more)
         try:
             if more:
                 await self._submit(run, more)
-            out = await self._poll(run) if run["pending"] else []
+            out = await self._poll(run) if run.pending else []
         except Exception as e:
             if not is_worker_failure(e):
                 raise
             await self._recover(run, e)
             return []
-        if time.time() >= run["renew_at"]:
+        if time.time() >= run.renew_at:
             await self._renew(run)
         return out
 
-    async def _renew(self, run: dict) -> None:
+    async def _renew(self, run: RunState) -> None:
         """Renew the run's lease on the scheduler (which closes the runs of clients that
         stop renewing), with the tokens done so far for ``glinthawk status``."""
         timeout = float(config.get("engine.peer-timeout"))
         try:
             reply = await asyncio.wait_for(self.client.scheduler.glinthawk_renew(
-                run_id=run["id"], generated=int(self.generated_tokens)), timeout)
+                run_id=run.id, generated=int(self.generated_tokens)), timeout)
         except Exception as e:
             if not is_worker_failure(e):
                 raise
-            raise GlinthawkError(f"run {run['id']} lost the Dask scheduler at {self.client.scheduler.address} "
+            raise GlinthawkError(f"run {run.id} lost the Dask scheduler at {self.client.scheduler.address} "
                                  f"({type(e).__name__}: {e}); its workers cannot be trusted to go on") from None
         if "error" in reply:
-            raise GlinthawkError(f"run {run['id']}: {reply['error']}")
-        run["renew_at"] = time.time() + run["lease"] / 3
+            raise GlinthawkError(f"run {run.id}: {reply['error']}")
+        run.renew_at = time.time() + run.lease / 3
 
     def _first_batch_size(self, max_seq_len: int | None) -> int | None:
         """Requests read before placing a run: all of them unless slots have a fixed size."""
@@ -225,12 +185,6 @@ class DaskEngine:
             return None
         size = 64 if self.micro_batch_size == "auto" else self.micro_batch_size
         return size * int(config.get("engine.max-micro-batches"))
-
-    @staticmethod
-    def _room(run: dict) -> int:
-        """How many more requests the driver should hold: two rounds of its slots."""
-        plan = run["plan"]
-        return max(0, 2 * sum(plan["sizes"]) - len(run["pending"]))
 
     # -- steps ---------------------------------------------------------------------
     def _seq_len(self, requests: list[Request], max_seq_len: int | None) -> int:
@@ -242,7 +196,7 @@ class DaskEngine:
     async def _rpc(self, addr: str, op: str, **kwargs: Any) -> Any:
         return await getattr(self.client.rpc(addr), op)(**kwargs)
 
-    async def _open(self, requests: list[Request], max_seq_len: int | None, size_hint: int = 0) -> dict:
+    async def _open(self, requests: list[Request], max_seq_len: int | None, size_hint: int = 0) -> RunState:
         cfg = self.model_config
         run_id = f"gh-{uuid.uuid4().hex[:12]}"
         seq_len = self._seq_len(requests, max_seq_len)
@@ -252,17 +206,25 @@ class DaskEngine:
         mb_size, depth = self.micro_batch_size, self.n_micro_batches
         prediction, profile_s, n_local = None, 0.0, 0
         if mb_size == "auto" or depth == "auto" or (self.mode == "hybrid" and self.local_micro_batches is None):
-            fixed = None if mb_size == "auto" else min(int(mb_size), n)
-            mb_size, depth, n_local, prediction, profile_s = await self._auto_plan(requests, seq_len, fixed)
+            chosen = await auto_plan(
+                self.client, cfg, requests, model=self.model, mode=self.mode, dtype=self.dtype, seq_len=seq_len,
+                micro_batch_size=None if mb_size == "auto" else min(int(mb_size), n),
+                n_micro_batches=None if depth == "auto" else int(depth), n_slices=self.n_slices,
+                dense_kv_budget=self.dense_kv_budget, latency=self.latency, max_step_tokens=self.max_step_tokens,
+            )
+            mb_size, depth, n_local, prediction, profile_s = chosen
+            if prediction is not None:
+                self.last_prediction = prediction
         if self.mode == "hybrid" and self.local_micro_batches is not None:
             n_local = self.local_micro_batches
         mb_size = min(int(mb_size), n)
         # (hybrid: local micro-batches the dense budget shrinks may stand beside as many remote ones)
         depth = max(1, min(int(depth), math.ceil(n / mb_size) + (n_local if self.mode == "hybrid" else 0)))
-        per_layer, ends = _weight_bytes(cfg, elem)
+        per_layer, ends = weight_bytes(cfg, elem)
         lease = float(config.get("engine.lease"))
-        deadline, delay, waited = time.time() + float(config.get("engine.placement-timeout")), 0.2, False
-        while True:
+        waits: list[Unplaceable] = []
+
+        async def place() -> dict:
             reply = await self.client.scheduler.glinthawk_plan(
                 run_id=run_id, mode=self.mode, n_layers=cfg.n_layers, kv_bytes_per_token_layer=bpt_layer,
                 max_seq_len=seq_len, micro_batch_size=mb_size, n_micro_batches=depth, n_slices=self.n_slices,
@@ -270,21 +232,25 @@ class DaskEngine:
                 layer_weight_bytes=per_layer, ends_weight_bytes=ends, client=self.client.id, lease=lease,
                 model=self.model,
             )
-            if "error" not in reply:
-                break
-            if not reply.get("wait") or size_hint or time.time() > deadline:  # (a recovery waits itself)
-                raise Unplaceable(reply["error"] + (" (waited for other runs to finish)" if waited else ""),
-                                  wait=bool(reply.get("wait")))
-            if not waited:
-                logger.warning("glinthawk run %s waits to be placed: %s", run_id, reply["error"])
-                waited = True
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 5.0)
-        plan = _lists(reply["plan"])
-        run = {"id": run_id, "plan": plan, "pending": set(), "requests": {}, "t0": time.time(),
-               "n_requests": 0, "generated": 0, "stats": {}, "recoveries": [], "max_seq_len": max_seq_len,
-               "status": "running", "size": n, "prediction": prediction, "profile_seconds": profile_s,
-               "lease": lease, "renew_at": time.time() + lease / 3}
+            if "error" in reply:
+                raise Unplaceable(reply["error"], wait=bool(reply.get("wait")))
+            return reply
+
+        def waiting(e: Exception) -> None:
+            if not waits:
+                logger.warning("glinthawk run %s waits to be placed: %s", run_id, e)
+            waits.append(e)
+
+        try:  # other runs may free room; a recovery waits itself
+            reply = await retry_until(place, deadline=time.time() + float(config.get("engine.placement-timeout")),
+                                      retry_on=lambda e: isinstance(e, Unplaceable) and e.wait and not size_hint,
+                                      on_retry=waiting)
+        except Unplaceable as e:
+            if waits:
+                raise Unplaceable(f"{e} (waited for other runs to finish)", wait=e.wait) from None
+            raise
+        run = RunState(id=run_id, plan=Plan.from_wire(reply["plan"]), max_seq_len=max_seq_len, size=n, lease=lease,
+                   renew_at=time.time() + lease / 3, prediction=prediction, profile_seconds=profile_s)
         try:
             await self._open_workers(run)
         except BaseException:
@@ -292,83 +258,70 @@ class DaskEngine:
             raise
         return run
 
-    async def _open_workers(self, run: dict) -> None:
-        plan, run_id = run["plan"], run["id"]
+    async def _open_workers(self, run: RunState) -> None:
+        plan, run_id = run.plan, run.id
         cfg = dataclasses.asdict(self.model_config)
         opens = []
-        for s, (a, b) in enumerate(plan["slices"]):  # the remote micro-batches' caches
-            for addr, n_slots in plan["n_slots"][s].items():
+        for s, (a, b) in enumerate(plan.slices):  # the remote micro-batches' caches
+            for addr, n_slots in plan.n_slots[s].items():
                 opens.append(self._rpc(
                     addr, "glinthawk_kv_open", run_id=run_id, config=cfg, layer_start=a, layer_stop=b,
-                    n_slots=n_slots, max_seq_len=plan["max_seq_len"], dtype=self.dtype, latency=self.latency,
+                    n_slots=n_slots, max_seq_len=plan.max_seq_len, dtype=self.dtype, latency=self.latency,
                 ))
-        for s, (a, b) in enumerate(plan["slices"]):
-            spec = {
-                "run_id": run_id, "model": self.model, "start": a, "stop": b,
-                "micro_batch_size": plan["micro_batch_size"], "n_micro_batches": plan["n_micro_batches"],
-                "max_seq_len": plan["max_seq_len"], "mode": plan["mode"], "dtype": self.dtype,
-                "next_address": plan["dense"][s + 1] if s + 1 < len(plan["dense"]) else None,
-                "attention": plan["attention"][s] if plan["attention"] else [],
-                "slot_base": plan["slot_base"][s] if plan["slot_base"] else [],
-                "local": plan["local"], "sizes": plan["sizes"],
-                "latency": self.latency, "engine": {"max_step_tokens": self.max_step_tokens},
-                "peer_timeout": float(config.get("engine.peer-timeout")),
-                "slice_index": s, "dense": plan["dense"], "slices": plan["slices"],
-            }
-            opens.append(self._rpc(plan["dense"][s], "glinthawk_slice_open", run_id=run_id, spec=spec))
+        for s in range(len(plan.slices)):
+            spec = SliceSpec.of_plan(
+                plan, s, run_id=run_id, model=self.model, dtype=self.dtype, latency=self.latency,
+                engine={"max_step_tokens": self.max_step_tokens}, peer_timeout=float(config.get("engine.peer-timeout")),
+            )
+            opens.append(self._rpc(plan.dense[s], "glinthawk_slice_open", run_id=run_id, spec=spec.to_wire()))
         await asyncio.gather(*opens)
 
-    async def _recover(self, run: dict, error: BaseException) -> None:
+    async def _recover(self, run: RunState, error: BaseException) -> None:
         """Start the run over as a new epoch on the workers there are (waiting for some
         if none is left), with every unfinished request resubmitted."""
         t0 = time.time()
         await self._renew(run)  # a run the scheduler closed on purpose (its lease ran out) stays closed
-        lost_tokens = run.pop("in_flight_tokens", None)
-        logger.warning("glinthawk run %s lost a worker (%s); restarting it", run["id"], error)
-        if len(run["recoveries"]) >= int(config.get("engine.max-recoveries")):
-            raise GlinthawkError(f"run {run['id']} lost workers {len(run['recoveries'])} times; last: {error}")
+        lost_tokens, run.in_flight_tokens = run.in_flight_tokens, None
+        logger.warning("glinthawk run %s lost a worker (%s); restarting it", run.id, error)
+        if len(run.recoveries) >= int(config.get("engine.max-recoveries")):
+            raise GlinthawkError(f"run {run.id} lost workers {len(run.recoveries)} times; last: {error}")
         await self._release(run)
         deadline = t0 + float(config.get("engine.recovery-timeout"))
-        pending = [run["requests"][i] for i in sorted(run["pending"])]
-        delay = 0.2
-        while True:
-            try:
-                new = await self._open(pending, run["max_seq_len"], size_hint=run["size"])
-                break
-            except Exception as e:  # only lost workers and a cluster too small for now are worth waiting out
-                if not (is_worker_failure(e) or isinstance(e, Unplaceable)) or time.time() > deadline:
-                    raise GlinthawkError(
-                        f"run {run['id']} lost a worker ({error}) and could not restart: {e}"
-                    ) from e
-                if run["status"] == "running":
-                    logger.warning("glinthawk run %s is waiting for workers to restart on: %s", run["id"], e)
-                run["status"] = f"waiting for workers: {e}"
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 5.0)
+        pending = [run.requests[i] for i in sorted(run.pending)]
+
+        def waiting(e: Exception) -> None:
+            if run.status == "running":
+                logger.warning("glinthawk run %s is waiting for workers to restart on: %s", run.id, e)
+            run.status = f"waiting for workers: {e}"
+
+        try:  # only lost workers and a cluster too small for now are worth waiting out
+            new = await retry_until(lambda: self._open(pending, run.max_seq_len, size_hint=run.size),
+                                    deadline=deadline, on_retry=waiting,
+                                    retry_on=lambda e: is_worker_failure(e) or isinstance(e, Unplaceable))
+        except Exception as e:
+            raise GlinthawkError(f"run {run.id} lost a worker ({error}) and could not restart: {e}") from e
         rebuilt = lost_tokens if lost_tokens is not None else sum(len(r.prompt_token_ids) for r in pending)
-        run["recoveries"].append({
-            "kind": "restarted run", "cause": f"{type(error).__name__}: {error}", "old_run": run["id"],
-            "new_run": new["id"], "requests": len(pending), "rebuilt_tokens": int(rebuilt),
+        run.recoveries.append({
+            "kind": "restarted run", "cause": f"{type(error).__name__}: {error}", "old_run": run.id,
+            "new_run": new.id, "requests": len(pending), "rebuilt_tokens": int(rebuilt),
             "rebuilt_tokens_exact": lost_tokens is not None, "seconds": time.time() - t0,
         })
-        run.update(id=new["id"], plan=new["plan"], status="running", generated_before=self.generated_tokens,
-                   renew_at=new["renew_at"])
+        run.restart_as(new, generated_before=self.generated_tokens)
         if pending:
             await self._submit(run, pending)
 
-    async def _submit(self, run: dict, requests: list[Request]) -> None:
+    async def _submit(self, run: RunState, requests: list[Request]) -> None:
         rows = [
             {"id": r.id, "prompt_token_ids": list(r.prompt_token_ids), "prompt": r.prompt,
              "params": r.params.to_dict()}
             for r in requests
         ]
-        first = run["plan"]["dense"][0]
-        await self._rpc(first, "glinthawk_submit", run_id=run["id"], requests=rows)
+        await self._rpc(run.plan.dense[0], "glinthawk_submit", run_id=run.id, requests=rows)
 
-    async def _poll(self, run: dict) -> list[Completion]:
-        first = run["plan"]["dense"][0]
+    async def _poll(self, run: RunState) -> list[Completion]:
+        first = run.plan.dense[0]
         wait = float(config.get("engine.poll-interval"))
-        poll = asyncio.ensure_future(self._rpc(first, "glinthawk_results", run_id=run["id"], timeout=wait))
+        poll = asyncio.ensure_future(self._rpc(first, "glinthawk_results", run_id=run.id, timeout=wait))
         deadline = time.time() + wait + float(config.get("engine.peer-timeout"))
         try:
             # a poll answers within `wait`; one that takes longer asks the scheduler whether
@@ -377,59 +330,52 @@ class DaskEngine:
             while not (await asyncio.wait({poll}, timeout=wait + 1.0))[0]:
                 reg = await self.client.scheduler.glinthawk_registry()
                 if first not in reg["dense"]:
-                    raise WorkerFailure(f"run {run['id']}: dense worker {first} left the cluster")
+                    raise WorkerFailure(f"run {run.id}: dense worker {first} left the cluster")
                 if time.time() > deadline:
                     raise asyncio.TimeoutError(f"dense worker {first} did not answer")
-            reply = poll.result()
+            reply = Results.from_wire(poll.result())
         finally:
             poll.cancel()
-        if reply["error"]:
-            if reply.get("worker_failure"):
-                run["in_flight_tokens"] = reply.get("in_flight_tokens")
-                raise WorkerFailure(f"run {run['id']}: {reply['error']}")
-            raise GlinthawkError(f"run {run['id']} failed: {reply['error']}")
-        run["stats"] = {k: reply[k] for k in ("n_steps", "n_tokens")}
+        if reply.error:
+            if reply.worker_failure:
+                run.in_flight_tokens = reply.in_flight_tokens
+                raise WorkerFailure(f"run {run.id}: {reply.error}")
+            raise GlinthawkError(f"run {run.id} failed: {reply.error}")
+        run.stats = {"n_steps": reply.n_steps, "n_tokens": reply.n_tokens}
         # tokens sampled by this run's driver, plus those of the runs a recovery replaced
-        self.generated_tokens = run.setdefault("generated_before", 0) + int(reply.get("n_generated", 0))
-        run["recoveries"].extend(_lists(reply.get("moves", [])))
+        self.generated_tokens = run.generated_before + int(reply.n_generated)
+        run.recoveries.extend(reply.moves)
         out = []
-        for d in reply["completions"]:
+        for d in reply.completions:
             c = Completion(**d)
-            c.prompt_token_ids = list(c.prompt_token_ids)
-            c.completion_token_ids = list(c.completion_token_ids)
-            c.prompt = _lists(c.prompt)
-            if c.id not in run["pending"]:
-                continue  # already delivered (a duplicate from a replayed step)
-            run["pending"].discard(c.id)
-            run["requests"].pop(c.id, None)
-            run["generated"] += len(c.completion_token_ids)
-            out.append(c)
+            if run.deliver(c):  # (not a duplicate from a replayed step)
+                out.append(c)
         return out
 
-    async def _release(self, run: dict) -> None:
+    async def _release(self, run: RunState) -> None:
         """Close the run on its workers and free its placement (lost workers skipped)."""
-        plan, run_id = run["plan"], run["id"]
+        plan, run_id = run.plan, run.id
         timeout = float(config.get("engine.peer-timeout"))
         # workers the scheduler no longer knows are gone: connecting to them would only
         # wait out distributed's connect timeout
         reg = await self.client.scheduler.glinthawk_registry()
-        closes = [self._rpc(a, "glinthawk_slice_close", run_id=run_id) for a in plan["dense"] if a in reg["dense"]]
-        if plan["mode"] != "single-tier":  # every attention worker: micro-batches may have moved anywhere
+        closes = [self._rpc(a, "glinthawk_slice_close", run_id=run_id) for a in plan.dense if a in reg["dense"]]
+        if plan.mode != "single-tier":  # every attention worker: micro-batches may have moved anywhere
             closes += [self._rpc(a, "glinthawk_kv_close", run_id=run_id) for a in reg["attention"]]
         await asyncio.gather(*(asyncio.wait_for(c, timeout) for c in closes), return_exceptions=True)
         await self.client.scheduler.glinthawk_run_closed(run_id=run_id)
 
-    async def _close(self, run: dict) -> None:
+    async def _close(self, run: RunState) -> None:
         if self.client.status in ("closing", "closed"):  # the scheduler closes a departed client's runs
             return
-        plan, run_id = run["plan"], run["id"]
-        seconds = time.time() - run["t0"]
+        plan, run_id = run.plan, run.id
+        seconds = time.time() - run.t0
         timeout = float(config.get("engine.peer-timeout"))
         try:
             reg = await asyncio.wait_for(self.client.scheduler.glinthawk_registry(), timeout)
             tiers = [(a, tier) for a, tier in _workers_of(plan) if a in reg[tier]]  # (lost ones would time out)
             timelines = await asyncio.gather(
-                *[asyncio.wait_for(self._rpc(a, f"glinthawk_{tier}_timeline", since=run["t0"]), timeout)
+                *[asyncio.wait_for(self._rpc(a, f"glinthawk_{tier}_timeline", since=run.t0), timeout)
                   for a, tier in tiers],
                 return_exceptions=True,
             )
@@ -443,67 +389,13 @@ class DaskEngine:
             logger.warning("glinthawk run %s could not be closed (%s: %s); its workers close it with the "
                            "scheduler", run_id, type(e).__name__, e)
         self.last_summary = RunSummary(
-            run_id=run_id, mode=plan["mode"], n_requests=run["n_requests"],
-            n_steps=run["stats"].get("n_steps", 0), n_tokens=run["stats"].get("n_tokens", 0),
-            generated_tokens=run["generated"], seconds=seconds, micro_batch_size=plan["micro_batch_size"],
-            n_micro_batches=plan["n_micro_batches"], plan=plan, recoveries=list(run["recoveries"]),
-            predicted_tokens_per_s=run["prediction"].tokens_per_s if run.get("prediction") else None,
-            profile_seconds=run.get("profile_seconds", 0.0),
+            run_id=run_id, mode=plan.mode, n_requests=run.n_requests,
+            n_steps=run.stats.get("n_steps", 0), n_tokens=run.stats.get("n_tokens", 0),
+            generated_tokens=run.generated, seconds=seconds, micro_batch_size=plan.micro_batch_size,
+            n_micro_batches=plan.n_micro_batches, plan=plan.to_wire(), recoveries=list(run.recoveries),
+            predicted_tokens_per_s=run.prediction.tokens_per_s if run.prediction else None,
+            profile_seconds=run.profile_seconds,
         )
-
-    async def _auto_plan(self, requests: list[Request], seq_len: int, mb_size: int | None):
-        """Micro-batch size (unless given), depth (unless given) and, in hybrid mode, how
-        many micro-batches keep their KV on the dense workers, from the planner: the
-        run's requests simulated on the cluster's profile.  Returns (size, depth, local
-        micro-batches, prediction, seconds spent profiling)."""
-        from ..planner.plan import best, candidates, sweep, sweep_hybrid
-        from ..planner.simulate import Workload
-        from .profiler import cluster_profile
-
-        n = len(requests)
-        depth_asked = None if self.n_micro_batches == "auto" else int(self.n_micro_batches)
-        fallback_size, fallback_depth = mb_size or min(32, n), depth_asked or 1
-        elem = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
-        info = await self.client.scheduler.glinthawk_cluster_info(weight_bytes=sum(_weight_bytes(
-            self.model_config, elem, self.model_config.n_layers)))
-        if not info["dense"] or (self.mode == "two-tier" and not info["attention"]):
-            return fallback_size, fallback_depth, 0, None, 0.0  # placement will say what is missing
-        if self.mode == "hybrid" and not info["attention"]:  # nowhere else to put KV
-            return fallback_size, fallback_depth, fallback_depth, None, 0.0
-        profile, seconds = await cluster_profile(self.client, self.model_config, model=self.model, dtype=self.dtype)
-        k = min(self.n_slices or len(info["dense"]), len(info["dense"]))
-        per_slice = max(1, len(info["attention"]) // k)
-        sample = requests if n <= 256 else requests[:: math.ceil(n / 256)]
-        workload = Workload(tuple(len(r.prompt_token_ids) for r in sample),
-                            tuple(max(1, min(r.params.max_tokens, seq_len - len(r.prompt_token_ids))) for r in sample))
-        dense_kv = min(info["dense_kv_free"].values())
-        if self.dense_kv_budget is not None:
-            dense_kv = min(dense_kv, self.dense_kv_budget)
-        scale = len(sample) / n  # a sample of the requests stands for all: so does its share of the KV
-        knobs = dict(dense=[k], attention=[per_slice], micro_batch_size=mb_size and min(mb_size, len(sample)),
-                     micro_batches=depth_asked, max_depth=int(config.get("engine.max-micro-batches")),
-                     max_seq_len=seq_len, latency=self.latency, dtype_bytes=elem,
-                     max_step_tokens=self.max_step_tokens, dense_kv_budget=dense_kv * scale)
-        loop = asyncio.get_running_loop()
-        if self.mode == "hybrid":  # every split, of the sizes and depths that plan well
-            preds = await loop.run_in_executor(None, functools.partial(
-                sweep_hybrid, profile, self.model_config, workload, **knobs))
-        else:
-            configs = candidates(len(sample), modes=(self.mode,), **knobs)
-            preds = await loop.run_in_executor(None, sweep, profile, self.model_config, workload, configs)
-        chosen = best(preds)
-        if chosen is None:
-            return fallback_size, fallback_depth, 0 if info["attention"] else fallback_depth, None, seconds
-        size = chosen.micro_batch_size if mb_size is None else mb_size
-        if n > len(sample) and mb_size is None:  # the sample stood for more requests: scale the slots
-            size = min(n, round(chosen.micro_batch_size * n / len(sample)))
-        n_local = chosen.local_micro_batches if self.mode == "hybrid" else 0
-        self.last_prediction = chosen
-        logger.info("glinthawk auto plan: %d x %d micro-batches%s, %.1f tok/s predicted (%s bound)%s", size,
-                    chosen.micro_batches, f" ({n_local} with KV on the dense workers)" if self.mode == "hybrid" else "",
-                    chosen.tokens_per_s, chosen.bottleneck,
-                    f"; profiled the cluster in {seconds:.1f} s" if seconds else "")
-        return size, chosen.micro_batches, n_local, chosen, seconds
 
     # -- measurements --------------------------------------------------------------
     def tier_overlap(self) -> dict[str, float]:
@@ -531,36 +423,6 @@ class _Feed:
         return out
 
 
-def _track(run: dict, requests: list[Request]) -> None:
-    """Record requests as pending before they are sent, so a failure cannot lose them."""
-    for r in requests:
-        run["requests"][r.id] = r
-        run["pending"].add(r.id)
-    run["n_requests"] += len(requests)
-
-
-def _lists(x: Any) -> Any:
-    """msgpack gives tuples back for lists: restore lists (e.g. chat messages)."""
-    if isinstance(x, (list, tuple)):
-        return [_lists(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _lists(v) for k, v in x.items()}
-    return x
-
-
-def _weight_bytes(cfg: ModelConfig, elem: int, layers: int | None = None) -> tuple[int, int]:
-    """Weight bytes of one layer and of the embedding and head (or, with ``layers``,
-    ``(layers' bytes, ends' bytes)``)."""
-    from ..planner.simulate import weight_bytes
-
-    ends = int(weight_bytes(cfg, 0, elem, ends=True))
-    per_layer = int(weight_bytes(cfg, 1, elem, ends=True)) - ends
-    return (per_layer if layers is None else per_layer * layers), ends
-
-
-def _workers_of(plan: dict) -> list[tuple[str, str]]:
+def _workers_of(plan: Plan) -> list[tuple[str, str]]:
     """(address, tier) of every worker in a plan."""
-    out = [(a, "dense") for a in plan["dense"]]
-    for slots in plan["n_slots"]:
-        out += [(a, "attention") for a in slots if (a, "attention") not in out]
-    return out
+    return [(a, "dense") for a in plan.dense] + [(a, "attention") for a in plan.attention_workers()]

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..engine.request import Request
 from ..engine.scheduler import BatchScheduler
@@ -21,19 +21,41 @@ from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .. import config
 from .faults import AttentionLost, WorkerFailure, is_worker_failure
-
-if TYPE_CHECKING:
-    from .dense_service import SliceRun
+from .messages import Results, SliceSpec, StepMessage
+from .retry import retry_until
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunDriver"]
+__all__ = ["NoAttentionWorker", "RunDriver", "SliceRunner"]
+
+
+class NoAttentionWorker(Exception):
+    """No attention worker could take a moved micro-batch yet (one may join or free room)."""
+
+
+class SliceRunner(Protocol):
+    """What the driver needs of the first slice of its run (a dense worker's
+    :class:`~.slice_run.SliceRun`)."""
+
+    spec: SliceSpec
+
+    async def run_step(self, msg: StepMessage) -> list[int]:
+        """Push a micro-batch step through every slice; the sampled tokens."""
+
+    async def open_moved_cache(self, lost: AttentionLost, mb: int, kv_run: str) -> str:
+        """One try at a new attention worker for micro-batch ``mb`` of the slice that
+        ``lost`` names: the scheduler picks one and a cache ``kv_run`` of the
+        micro-batch's slots opens there; its address.  Raises :class:`NoAttentionWorker`
+        when none can take it (yet)."""
+
+    async def reroute_slice(self, slice_index: int, mb: int, address: str, kv_run: str) -> None:
+        """Send micro-batch ``mb``'s attention on slice ``slice_index`` to ``address``'s cache ``kv_run``."""
 
 
 class RunDriver:
     """Continuous batching for one run, feeding the slice pipeline."""
 
-    def __init__(self, run: "SliceRun", tokenizer: Tokenizer | None) -> None:
+    def __init__(self, run: SliceRunner, tokenizer: Tokenizer | None) -> None:
         spec = run.spec
         self.run = run
         self.sched = BatchScheduler(
@@ -81,7 +103,7 @@ class RunDriver:
         return self.n_submitted
 
     # -- output --------------------------------------------------------------------
-    async def take_results(self, timeout: float) -> dict:
+    async def take_results(self, timeout: float) -> Results:
         if not self._results and not self.error:
             try:
                 await asyncio.wait_for(self._results_ready.wait(), timeout)
@@ -89,18 +111,11 @@ class RunDriver:
                 pass
         out, self._results = self._results, []
         self._results_ready.clear()
-        return {
-            "completions": out,
-            "moves": self._take_moves(),
-            "error": self.error,
-            "worker_failure": self.worker_failure,
-            "in_flight_tokens": self.sched.n_tokens_in_flight() if self.error else 0,
-            "n_submitted": self.n_submitted,
-            "n_done": self.n_done,
-            "n_steps": self.n_steps,
-            "n_tokens": self.n_tokens,
-            "n_generated": self.n_generated,
-        }
+        return Results(
+            completions=out, moves=self._take_moves(), error=self.error, worker_failure=self.worker_failure,
+            in_flight_tokens=self.sched.n_tokens_in_flight() if self.error else 0, n_submitted=self.n_submitted,
+            n_done=self.n_done, n_steps=self.n_steps, n_tokens=self.n_tokens, n_generated=self.n_generated,
+        )
 
     # -- micro-batch loops ---------------------------------------------------------
     async def _loop(self, mb: int) -> None:
@@ -111,18 +126,11 @@ class RunDriver:
                     await self._arrived.wait()
                     continue
                 self._step_no[mb] += 1
-                msg = {
-                    "mb": mb,
-                    "step": self._step_no[mb],
-                    "slots": step.slots,
-                    "starts": step.starts,
-                    "counts": step.counts,
-                    "input_ids": step.input_ids,
-                    "admitted": [[s.id, s.slot, s.params.to_dict()] for s in step.admitted],
-                    "released": self._released[mb],
-                    "sample_rows": step.sample_rows,
-                    "sample": [s.id for s in step.sample_seqs],
-                }
+                msg = StepMessage(
+                    mb=mb, step=self._step_no[mb], slots=step.slots, starts=step.starts, counts=step.counts,
+                    input_ids=step.input_ids, admitted=[[s.id, s.slot, s.params.to_dict()] for s in step.admitted],
+                    released=self._released[mb], sample_rows=step.sample_rows, sample=[s.id for s in step.sample_seqs],
+                )
                 self._released[mb] = []
                 self.n_in_flight += 1
                 try:
@@ -155,47 +163,23 @@ class RunDriver:
             self._results_ready.set()
 
     # -- attention worker lost -----------------------------------------------------
-    async def _move(self, lost: AttentionLost, msg: dict) -> None:
-        """Give micro-batch ``msg["mb"]`` of the lost worker's slice a KV cache on another
+    async def _move(self, lost: AttentionLost, msg: StepMessage) -> None:
+        """Give micro-batch ``msg.mb`` of the lost worker's slice a KV cache on another
         attention worker (waiting for one if there is none) and rebuild its sequences'
         KV there; the other micro-batches go on meanwhile."""
-        mb, spec, t0 = msg["mb"], self.run.spec, time.time()
+        mb, spec, t0 = msg.mb, self.run.spec, time.time()
         logger.warning("glinthawk run %s: %s; moving micro-batch %d", spec.run_id, lost, mb)
-        worker = self.run.service.worker
-        a, b = spec.slices[lost.slice_index]
         self._n_moves += 1
         kv_run = f"{spec.run_id}/mb{mb}-{self._n_moves}"
-        deadline = t0 + float(config.get("engine.recovery-timeout"))
-        delay = 0.2
-        while True:
-            reply = await worker.scheduler.glinthawk_replace(
-                run_id=spec.run_id, lost=lost.address, slice_index=lost.slice_index, n_slots=spec.sizes[mb],
-                n_layers=b - a, max_seq_len=spec.max_seq_len,
-            )
-            if "address" in reply:
-                address = reply["address"]
-                try:
-                    await asyncio.wait_for(worker.rpc(address).glinthawk_kv_open(
-                        run_id=kv_run, config=dataclasses.asdict(self.run.config), layer_start=a, layer_stop=b,
-                        n_slots=spec.sizes[mb], max_seq_len=spec.max_seq_len, dtype=spec.dtype,
-                        latency=spec.latency,
-                    ), spec.peer_timeout)
-                    break
-                except Exception as e:
-                    if not is_worker_failure(e):
-                        raise
-                    reply = {"error": f"{address}: {e}"}
-            if time.time() > deadline:
-                raise WorkerFailure(f"no attention worker could take micro-batch {mb}: {reply['error']}")
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 5.0)
-        if lost.slice_index == 0:
-            self.run.reroute(mb, address, kv_run)
-        else:
-            await worker.rpc(spec.dense[lost.slice_index]).glinthawk_slice_reroute(
-                run_id=spec.run_id, micro_batch=mb, address=address, kv_run=kv_run)
+        try:
+            address = await retry_until(lambda: self.run.open_moved_cache(lost, mb, kv_run),
+                                        deadline=t0 + float(config.get("engine.recovery-timeout")),
+                                        retry_on=lambda e: isinstance(e, NoAttentionWorker))
+        except NoAttentionWorker as e:
+            raise WorkerFailure(f"no attention worker could take micro-batch {mb}: {e}") from None
+        await self.run.reroute_slice(lost.slice_index, mb, address, kv_run)
         # releases of the failed step may not have reached every slice: send them again
-        self._released[mb] = list(msg["released"]) + self._released[mb]
+        self._released[mb] = list(msg.released) + self._released[mb]
         rebuilt = self.sched.rebuild(mb)
         self._moves.append({
             "kind": "moved micro-batch", "cause": str(lost), "micro_batch": mb, "to": address,

@@ -1,15 +1,30 @@
-"""Tensors in messages of distributed's rpc (the data plane has its own frames, see
-:mod:`~glinthawk_dask.runtime.wire`).
+"""The messages of a run, typed: what the client, the driver and the two tiers send
+each other, and the run's placement.
 
-Tensors travel as ``{"dtype", "shape", "data"}`` where ``data`` is a numpy byte view
-wrapped for distributed's zero-copy frame serialization; no pickle is involved.
-bfloat16 (which numpy lacks) travels as its 16-bit pattern.  Everything else in a
-message is msgpack-able (ints, strings, lists, dicts).
+Each message is a dataclass with ``to_wire()`` (plain msgpack-able data: ints,
+floats, strings, lists, dicts) and ``from_wire()`` (its inverse; lists that msgpack
+gave back as tuples become lists again).  Nothing here is pickled.
+
+* :class:`Plan`: where a run goes (the scheduler plugin places it, the client reads it);
+* :class:`SliceSpec`: what a dense worker needs to take part in a run (client → dense);
+* :class:`StepMessage`: one micro-batch step (driver → every slice, forwarded slice to slice);
+* :class:`StepLayout`: the step's layout as an attention worker's cache sees it, and
+  :class:`AttendRequest` / :class:`AttendReply` (dense ↔ attention, per layer);
+* :class:`ForwardRequest` / :class:`ForwardReply` (slice → next slice: hidden states in, tokens back);
+* :class:`Results`: what a run finished since the last poll (driver → client).
+
+Tensors in messages of distributed's rpc travel as ``{"dtype", "shape", "data"}``
+(:func:`pack`, :func:`unpack`) where ``data`` is a numpy byte view wrapped for
+distributed's zero-copy frame serialization; bfloat16 (which numpy lacks) travels as
+its 16-bit pattern.  The data plane has its own frames (:mod:`~.wire`): there the
+tensors travel beside a message, not inside it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -17,7 +32,211 @@ from distributed.protocol import to_serialize
 
 from .wire import CARRIERS, DTYPE_NAMES, DTYPES
 
-__all__ = ["pack", "unpack", "DTYPES"]
+__all__ = [
+    "AttendReply", "AttendRequest", "DTYPES", "ForwardReply", "ForwardRequest", "Plan", "Results",
+    "SliceSpec", "StepLayout", "StepMessage", "pack", "unpack",
+]
+
+W = TypeVar("W", bound="_Wire")
+
+
+def lists(x: Any) -> Any:
+    """msgpack gives tuples back for lists: restore lists (nested ones too)."""
+    if isinstance(x, (list, tuple)):
+        return [lists(v) for v in x]
+    if isinstance(x, dict):
+        return {k: lists(v) for k, v in x.items()}
+    return x
+
+
+class _Wire:
+    """``to_wire``/``from_wire`` for a dataclass of plain fields."""
+
+    def to_wire(self) -> dict[str, Any]:
+        """This message as plain msgpack-able data."""
+        return {f.name: lists(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_wire(cls: type[W], d: dict[str, Any]) -> W:
+        """The message ``to_wire`` gave (after a trip through msgpack)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}: the peer runs another "
+                             "version of glinthawk-dask; run the same version on every worker and client")
+        return cls(**{k: lists(v) for k, v in d.items()})
+
+
+# -- placement ---------------------------------------------------------------------------
+
+
+@dataclass
+class Plan(_Wire):
+    """The placement of one run.
+
+    Micro-batch ``m`` has ``sizes[m]`` slots and, on every slice, keeps its KV either on
+    the slice's dense worker (``local[m]``: attention in the dense worker's own compute
+    job) or on an attention worker (``attention[s][m]``).  Local micro-batches come
+    first.  ``slot_base[s][m]`` is the micro-batch's first slot in the cache that holds
+    it (the dense worker's or the attention worker's)."""
+
+    mode: str
+    slices: list[list[int]]  # per slice: [start, stop) layers
+    dense: list[str]  # address per slice
+    attention: list[list[str]] = field(default_factory=list)  # per slice: address per micro-batch ("" if local)
+    slot_base: list[list[int]] = field(default_factory=list)  # per slice: first slot per micro-batch
+    n_slots: list[dict[str, int]] = field(default_factory=list)  # per slice: slots per attention worker
+    micro_batch_size: int = 1  # of the remote micro-batches (of all, in single-tier mode)
+    n_micro_batches: int = 1
+    max_seq_len: int = 1
+    local: list[bool] = field(default_factory=list)  # per micro-batch: KV on the dense worker
+    sizes: list[int] = field(default_factory=list)  # slots per micro-batch
+    dense_kv: dict[str, int] = field(default_factory=dict)  # KV bytes reserved on each dense worker
+    kv_bytes_per_token_layer: int = 0  # of the run's dtype
+
+    def attention_workers(self) -> list[str]:
+        """Every attention worker holding a cache of the run at the start (sorted)."""
+        return sorted({a for slots in self.n_slots for a in slots})
+
+    def kv_bytes(self) -> dict[str, int]:
+        """KV bytes the run reserved on each tier (summed over its workers)."""
+        seq = self.kv_bytes_per_token_layer * self.max_seq_len
+        attention = sum(n * (b - a) * seq for (a, b), slots in zip(self.slices, self.n_slots) for n in slots.values())
+        return {"dense": int(sum(self.dense_kv.values())), "attention": int(attention)}
+
+
+@dataclass
+class SliceSpec(_Wire):
+    """What a dense worker needs to take part in a run."""
+
+    run_id: str
+    model: str
+    start: int
+    stop: int
+    micro_batch_size: int
+    n_micro_batches: int
+    max_seq_len: int
+    mode: str = "two-tier"  # or "single-tier" or "hybrid"
+    dtype: str = "float32"
+    device: str | None = None
+    next_address: str | None = None  # the next slice's dense worker
+    attention: list[str] = field(default_factory=list)  # attention worker of each micro-batch ("": local)
+    slot_base: list[int] = field(default_factory=list)  # first slot of each micro-batch in the cache holding it
+    local: list[bool] = field(default_factory=list)  # per micro-batch: KV on this worker (default: single-tier)
+    sizes: list[int] = field(default_factory=list)  # slots per micro-batch (default: micro_batch_size each)
+    latency: float = 0.0  # induced delay of every inter-tier message, seconds
+    peer_timeout: float = 60.0  # a peer that does not answer within this is treated as lost
+    slice_index: int = 0
+    dense: list[str] = field(default_factory=list)  # every slice's dense worker (the driver reroutes)
+    slices: list[list[int]] = field(default_factory=list)  # every slice's [start, stop) layers
+    engine: dict = field(default_factory=dict)  # first slice: scheduler settings
+
+    @classmethod
+    def of_plan(cls, plan: Plan, s: int, **kw: Any) -> "SliceSpec":
+        """Slice ``s`` of ``plan`` (``kw``: the run's other settings)."""
+        a, b = plan.slices[s]
+        return cls(
+            start=a, stop=b, micro_batch_size=plan.micro_batch_size, n_micro_batches=plan.n_micro_batches,
+            max_seq_len=plan.max_seq_len, mode=plan.mode,
+            next_address=plan.dense[s + 1] if s + 1 < len(plan.dense) else None,
+            attention=list(plan.attention[s]) if plan.attention else [],
+            slot_base=list(plan.slot_base[s]) if plan.slot_base else [],
+            local=list(plan.local), sizes=list(plan.sizes), slice_index=s, dense=list(plan.dense),
+            slices=lists(plan.slices), **kw,
+        )
+
+
+# -- a step through the slices -----------------------------------------------------------
+
+
+@dataclass
+class StepMessage(_Wire):
+    """One step of micro-batch ``mb``, as the driver plans it (slots are the driver's
+    numbering: each slice maps them to the cache that holds the micro-batch)."""
+
+    mb: int
+    step: int  # the micro-batch's step number (from 1)
+    slots: list[int]  # per segment
+    starts: list[int]  # per segment: position of its first token
+    counts: list[int]  # per segment: tokens
+    input_ids: list[int]  # [T] tokens of all segments end to end
+    admitted: list[list]  # [seq id, slot, sampling params as a dict] of sequences new in a slot
+    released: list[str]  # sequences whose slots are free again
+    sample_rows: list[int]  # row of each sampled sequence's last token
+    sample: list[str]  # ids of the sampled sequences
+
+
+@dataclass
+class StepLayout(_Wire):
+    """A step's segments in the slots of the cache that holds its micro-batch."""
+
+    slots: list[int]
+    starts: list[int]
+    counts: list[int]
+    admitted: list[list]  # [seq id, slot]
+    released: list[str]
+
+
+@dataclass
+class AttendRequest(_Wire):
+    """Attention for one layer of a micro-batch step (the tensors q [T, H, D] and k, v
+    [T, KVH, D] travel beside it).  The first layer of a step carries its ``layout``;
+    the following layers refer to it by ``step``."""
+
+    run_id: str  # the cache: the run's own, or one opened for a micro-batch that moved
+    micro_batch: int
+    step: int
+    layer: int
+    layout: dict | None = None  # StepLayout.to_wire()
+
+
+@dataclass
+class AttendReply(_Wire):
+    """Attention outputs ``o`` [T, H, D], or why the request was refused (``stale``:
+    the run or the step's layout is not held there, nothing was applied)."""
+
+    o: Any = None
+    stale: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"o": self.o} if self.stale is None else {"stale": self.stale}
+
+
+@dataclass
+class ForwardRequest(_Wire):
+    """A step's hidden states for the next slice (``x`` [T, dim] travels beside it)."""
+
+    run_id: str
+    msg: dict  # StepMessage.to_wire()
+
+
+@dataclass
+class ForwardReply(_Wire):
+    """The tokens the last slice sampled for a step."""
+
+    tokens: list[int]
+
+
+# -- driver → client ---------------------------------------------------------------------
+
+
+@dataclass
+class Results(_Wire):
+    """What a run did since the caller's last poll."""
+
+    completions: list[dict]  # Completion fields
+    moves: list[dict]  # micro-batches moved to another attention worker (recovery records)
+    error: str | None
+    worker_failure: bool  # the error means a lost or wedged worker: the run can restart
+    in_flight_tokens: int  # tokens whose KV the run held when it failed (0 while it runs)
+    n_submitted: int
+    n_done: int
+    n_steps: int
+    n_tokens: int
+    n_generated: int
+
+
+# -- tensors in rpc messages -------------------------------------------------------------
 
 
 def pack(t: torch.Tensor) -> dict[str, Any]:

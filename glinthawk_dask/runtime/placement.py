@@ -5,7 +5,8 @@ and how many KV slots fit.  Pure functions, used by the scheduler plugin.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+
+from .messages import Plan
 
 __all__ = ["MODES", "PlacementError", "Plan", "kv_budget_bytes", "split_layers", "make_plan"]
 
@@ -37,33 +38,6 @@ def split_layers(n_layers: int, n_slices: int) -> list[tuple[int, int]]:
 
 
 MODES = ("two-tier", "single-tier", "hybrid")
-
-
-@dataclass
-class Plan:
-    """The placement of one run.
-
-    Micro-batch ``m`` has ``sizes[m]`` slots and, on every slice, keeps its KV either on
-    the slice's dense worker (``local[m]``: attention in the dense worker's own compute
-    job) or on an attention worker (``attention[s][m]``).  Local micro-batches come
-    first.  ``slot_base[s][m]`` is the micro-batch's first slot in the cache that holds
-    it (the dense worker's or the attention worker's)."""
-
-    mode: str
-    slices: list[tuple[int, int]]
-    dense: list[str]  # address per slice
-    attention: list[list[str]] = field(default_factory=list)  # per slice: address per micro-batch ("" if local)
-    slot_base: list[list[int]] = field(default_factory=list)  # per slice: first slot per micro-batch
-    n_slots: list[dict[str, int]] = field(default_factory=list)  # per slice: slots per attention worker
-    micro_batch_size: int = 1  # of the remote micro-batches (of all, in single-tier mode)
-    n_micro_batches: int = 1
-    max_seq_len: int = 1
-    local: list[bool] = field(default_factory=list)  # per micro-batch: KV on the dense worker
-    sizes: list[int] = field(default_factory=list)  # slots per micro-batch
-    dense_kv: dict[str, int] = field(default_factory=dict)  # KV bytes reserved on each dense worker
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def make_plan(
@@ -100,8 +74,8 @@ def make_plan(
     if k > len(dense):
         raise PlacementError(f"{k} slices need {k} dense workers, the cluster has {len(dense)}")
     slices = split_layers(n_layers, k)
-    plan = Plan(mode=mode, slices=slices, dense=sorted(dense)[:k], max_seq_len=max_seq_len,
-                n_micro_batches=n_micro_batches)
+    plan = Plan(mode=mode, slices=[list(s) for s in slices], dense=sorted(dense)[:k], max_seq_len=max_seq_len,
+                n_micro_batches=n_micro_batches, kv_bytes_per_token_layer=kv_bytes_per_token_layer)
     per_slot = [(b - a) * kv_bytes_per_token_layer * max_seq_len for a, b in slices]
     n_local = {"single-tier": n_micro_batches, "two-tier": 0}.get(mode, max(0, min(local_micro_batches,
                                                                                     n_micro_batches)))

@@ -243,14 +243,19 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
     def profile_put(self, key: str, profile: dict) -> None:
         self.profiles[key] = profile
 
-    def _kv_free(self, addr: str) -> int:
+    def _attention_budget(self, addr: str) -> int:
+        """The KV bytes attention worker ``addr`` offers in all (its ``KV`` resource, or a
+        share of its memory limit)."""
         ws = self.scheduler.workers[addr]
-        budget = kv_budget_bytes(
-            ws.resources.get("KV", 0), ws.memory_limit, config.get("attention.kv-memory-fraction"),
-            _total_memory(),
-        )
-        used = sum(r["kv"].get(addr, 0) for r in self.runs.values())
-        return budget - used
+        return kv_budget_bytes(ws.resources.get("KV", 0), ws.memory_limit, config.get("attention.kv-memory-fraction"),
+                               _total_memory())
+
+    def _attention_reserved(self, addr: str) -> int:
+        """The KV bytes open runs reserved on attention worker ``addr``."""
+        return sum(r["kv"].get(addr, 0) for r in self.runs.values())
+
+    def _kv_free(self, addr: str) -> int:
+        return self._attention_budget(addr) - self._attention_reserved(addr)
 
     async def plan(
         self,
@@ -319,7 +324,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         workers = set(plan.dense) | set(kv)
         lease = float(lease or config.get("engine.lease"))
         self.runs[run_id] = {"kv": kv, "dense_kv": dict(plan.dense_kv), "workers": workers, "lost": [],
-                             "plan": {**plan.to_dict(), "kv_bytes_per_token_layer": kv_bytes_per_token_layer},
+                             "plan": plan.to_wire(),
                              "client": client, "lease": lease, "lease_until": time.time() + lease,
                              "t0": time.time(), "model": model, "generated": 0}
         return {"plan": self.runs[run_id]["plan"]}
@@ -377,8 +382,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
     def _fits_alone(self, **kwargs: Any) -> bool:
         """Whether a run that does not fit now would fit the cluster's KV with no other run."""
         reg = self.registry()
-        budgets = {a: self._kv_free(a) + sum(r["kv"].get(a, 0) for r in self.runs.values())
-                   for a in reg["attention"]}
+        budgets = {a: self._attention_budget(a) for a in reg["attention"]}
         try:
             make_plan(attention=budgets, **kwargs)
             return True
@@ -409,9 +413,8 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
                     budget = self.dense_kv_budget(a)
                     reserved = self._dense_reserved(a)
                 else:
-                    budget = kv_budget_bytes(ws.resources.get("KV", 0), ws.memory_limit,
-                                             config.get("attention.kv-memory-fraction"), _total_memory())
-                    reserved = sum(r["kv"].get(a, 0) for r in self.runs.values())
+                    budget = self._attention_budget(a)
+                    reserved = self._attention_reserved(a)
                 used = None if info is None else int(info.get("kv_used", sum(
                     r.get("used_bytes", 0) for r in info.get("runs", {}).values())))
                 workers[tier].append({

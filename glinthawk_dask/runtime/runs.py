@@ -1,0 +1,109 @@
+"""A run as its caller sees it: the state the client keeps while it goes
+(:class:`RunState`, the same object across the restarts of a recovery) and what it did
+once it is over (:class:`RunSummary`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from ..engine.request import Completion, Request
+from .messages import Plan
+
+__all__ = ["RunState", "RunSummary"]
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a finished run did."""
+
+    run_id: str
+    mode: str
+    n_requests: int
+    n_steps: int
+    n_tokens: int
+    generated_tokens: int
+    seconds: float
+    micro_batch_size: int
+    n_micro_batches: int
+    plan: dict
+    recoveries: list[dict] = dataclasses.field(default_factory=list)  # one per lost worker: what it cost
+    predicted_tokens_per_s: float | None = None  # the planner's prediction, when it chose the plan
+    profile_seconds: float = 0.0  # spent measuring the cluster's profile for this run (0: it was kept)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def placement(self) -> Plan:
+        """:attr:`plan` as a :class:`~.messages.Plan`."""
+        return Plan.from_wire(self.plan)
+
+    @property
+    def local_micro_batches(self) -> int:
+        """Micro-batches whose KV and attention stayed on the dense workers."""
+        return sum(self.placement.local)
+
+    @property
+    def kv_bytes(self) -> dict[str, int]:
+        """KV bytes the run reserved on each tier (summed over its workers)."""
+        return self.placement.kv_bytes()
+
+    def attention_of(self) -> list[str]:
+        """Where each micro-batch's attention ran on the first slice: ``"dense"`` (its
+        KV on the dense worker) or the attention worker's address."""
+        plan = self.placement
+        return ["dense" if local else addr for local, addr in zip(plan.local, plan.attention[0])]
+
+
+@dataclasses.dataclass
+class RunState:
+    """The caller's state of one run (the same object across the restarts of a recovery)."""
+
+    id: str
+    plan: Plan
+    max_seq_len: int | None  # the KV slot size asked for (None: sized to the requests)
+    size: int  # requests the run was sized for (a restarted run keeps the size of the first)
+    lease: float  # seconds
+    renew_at: float
+    prediction: Any = None  # the planner's Prediction, when it chose the plan
+    profile_seconds: float = 0.0
+    t0: float = dataclasses.field(default_factory=time.time)
+    pending: set[str] = dataclasses.field(default_factory=set)  # ids submitted, not yet delivered
+    requests: dict[str, Request] = dataclasses.field(default_factory=dict)  # the pending requests by id
+    n_requests: int = 0
+    generated: int = 0  # tokens of the delivered completions
+    stats: dict = dataclasses.field(default_factory=dict)  # the driver's n_steps and n_tokens
+    recoveries: list[dict] = dataclasses.field(default_factory=list)
+    status: str = "running"  # or "waiting for workers: ..."
+    in_flight_tokens: int | None = None  # KV tokens the failed run held (what a restart rebuilds)
+    generated_before: int = 0  # tokens sampled by the runs a recovery replaced
+
+    def track(self, requests: list[Request]) -> None:
+        """Record requests as pending before they are sent, so a failure cannot lose them."""
+        for r in requests:
+            self.requests[r.id] = r
+            self.pending.add(r.id)
+        self.n_requests += len(requests)
+
+    def room(self) -> int:
+        """How many more requests the driver should hold: two rounds of its slots."""
+        return max(0, 2 * sum(self.plan.sizes) - len(self.pending))
+
+    def deliver(self, c: Completion) -> bool:
+        """Mark ``c`` delivered; False if it already was (a duplicate from a replayed step)."""
+        if c.id not in self.pending:
+            return False
+        self.pending.discard(c.id)
+        self.requests.pop(c.id, None)
+        self.generated += len(c.completion_token_ids)
+        return True
+
+    def restart_as(self, new: "RunState", generated_before: int) -> None:
+        """Go on as ``new``, the run a recovery opened."""
+        self.id, self.plan, self.renew_at = new.id, new.plan, new.renew_at
+        self.status, self.generated_before = "running", generated_before
+
+

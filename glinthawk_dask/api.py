@@ -22,7 +22,7 @@ from .prompts import PromptRow, RequestBuilder
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
-__all__ = ["LLM", "default_device", "default_dtype", "engine_batch_size"]
+__all__ = ["LLM", "default_device", "default_dtype"]
 
 MODES = ("two-tier", "single-tier", "hybrid", "in-process")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -30,14 +30,6 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def engine_batch_size(asked: int | str | None, in_process: bool) -> int:
-    """The micro-batch size of an :class:`EngineConfig`: the one asked for, else the
-    default (64 in-process, ``glinthawk.engine.micro-batch-size`` otherwise); "auto"
-    stands as 64 there, since distributed runs plan it themselves."""
-    size = asked or (64 if in_process else config.get("engine.micro-batch-size"))
-    return 64 if size == "auto" else int(size)
 
 
 def default_device() -> torch.device:

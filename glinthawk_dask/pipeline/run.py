@@ -128,7 +128,9 @@ def run_pipeline(
     try:
         with contextlib.nullcontext(llm) if llm is not None else LLM(
             spec.model, mode=topo.mode, scheduler=scheduler, client=client, device=topo.device, dtype=topo.dtype,
-            engine_config=_engine_config(spec, topo.mode), n_micro_batches=topo.micro_batches,
+            engine_config=EngineConfig.from_options(mode=topo.mode, micro_batch_size=topo.micro_batch_size,
+                                                  n_micro_batches=topo.micro_batches),
+            n_micro_batches=topo.micro_batches,
             micro_batch_size=topo.micro_batch_size if topo.micro_batch_size == "auto" else None,
             n_slices=topo.dense_workers, local_workers=(topo.dense_workers, topo.attention_workers),
             dense_kv_budget=topo.dense_kv_budget, local_micro_batches=topo.local_micro_batches,
@@ -205,21 +207,6 @@ def _load_model(llm: Any, model: str) -> None:
 
 def _load_worker_tokenizer(model: str) -> None:
     _worker_tokenizer(model)
-
-
-def _engine_config(spec: PipelineSpec, mode: str | None) -> EngineConfig:
-    from .. import config
-
-    from ..api import engine_batch_size
-
-    topo = spec.topology
-    in_process = (mode or config.get("engine.mode")) == "in-process"
-    size = engine_batch_size(topo.micro_batch_size, in_process)
-    n_mb = topo.micro_batches if isinstance(topo.micro_batches, int) else 1
-    return EngineConfig(
-        micro_batch_size=size, n_micro_batches=n_mb if in_process else 1,
-        max_step_tokens=max(config.get("engine.max-step-tokens"), size),
-    )
 
 
 class _RequestFeed:

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import html
 import itertools
-import math
 import os
 import threading
 import time
@@ -34,7 +33,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
-from .engine.request import FINISH_ERROR, Completion, Request
+from .engine.request import FINISH_ERROR, ROW_FIELDS, Completion, Request
 from .errors import GlinthawkError
 from .pipeline.run import Progress, RunReport, run_pipeline
 from .pipeline.sink import OutputError, read_output
@@ -45,9 +44,9 @@ __all__ = [
     "COLUMNS", "GenerationJob", "JobCancelledError", "JobProgress", "PipelineJob", "submit", "submit_prompts",
 ]
 
-#: the columns of ``to_pandas()``
-COLUMNS = ("id", "prompt", "completion", "finish_reason", "prompt_tokens", "completion_tokens",
-           "time_to_first_token", "time_per_token", "error")
+#: the columns of ``to_pandas()``: a completion row (:data:`~glinthawk_dask.engine.request.ROW_FIELDS`)
+#: without its token ids
+COLUMNS = tuple(name for name in ROW_FIELDS if name != "completion_token_ids")
 
 QUEUED, RUNNING, FINISHED, CANCELLED, FAILED = "queued", "running", "finished", "cancelled", "failed"
 ENDED = (FINISHED, CANCELLED, FAILED)
@@ -339,7 +338,8 @@ class GenerationJob(_Job):
         """The completions finished so far as a DataFrame (:data:`COLUMNS`), in input order."""
         import pandas as pd
 
-        return pd.DataFrame([_completion_row(c) for c in self.completions()], columns=list(COLUMNS))
+        df = pd.DataFrame([c.to_row() for c in self.completions()], columns=list(COLUMNS))
+        return df.astype({"time_to_first_token": float, "time_per_token": float})  # unknown: NaN
 
 
 class PipelineJob(_Job):
@@ -449,20 +449,6 @@ def submit_prompts(
     job = GenerationJob(llm, rows, params, chat)
     job._start()
     return job
-
-
-def _completion_row(c: Completion) -> dict[str, Any]:
-    return {
-        "id": c.id,
-        "prompt": c.prompt,
-        "completion": c.completion,
-        "finish_reason": c.finish_reason,
-        "prompt_tokens": len(c.prompt_token_ids),
-        "completion_tokens": len(c.completion_token_ids),
-        "time_to_first_token": math.nan if c.time_to_first_token is None else c.time_to_first_token,
-        "time_per_token": math.nan if c.time_per_token is None else c.time_per_token,
-        "error": c.error,
-    }
 
 
 # -- taking turns on an LLM ------------------------------------------------------------------

@@ -171,7 +171,7 @@ def run_pipeline(
                                               on_tick=refresh)
             with contextlib.closing(completions):  # a break closes the engine's run
                 for c in completions:
-                    note(_record(c))
+                    note(c.to_row())
                     if stop():
                         break
             if page is not None:
@@ -246,7 +246,7 @@ class _RequestFeed:
                     self.token_budget += e.params.max_tokens
                     yield e
                 else:
-                    on_error(_record(e))
+                    on_error(e.to_row())
 
     def _dedupe(self, e: Request | Completion) -> Request | Completion | None:
         if e.id in self.seen:
@@ -317,18 +317,3 @@ def _cpu_workers(client: Any) -> list[str] | None:
     reg = client.sync(client.scheduler.glinthawk_registry)
     return list(reg["attention"]) or None
 
-
-def _record(c: Completion) -> dict[str, Any]:
-    """A completion as an output record."""
-    return {
-        "id": c.id,
-        "prompt": c.prompt,
-        "completion": c.completion,
-        "completion_token_ids": list(c.completion_token_ids),
-        "finish_reason": c.finish_reason,
-        "error": c.error,
-        "prompt_tokens": len(c.prompt_token_ids),
-        "completion_tokens": len(c.completion_token_ids),
-        "time_to_first_token": c.time_to_first_token,
-        "time_per_token": c.time_per_token,
-    }

@@ -36,13 +36,13 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.errors import ContainsArrayError
 from zarr.storage import FsspecStore, LocalStore
 
-from ..engine.request import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
+from ..engine.request import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, ROW_FIELDS
 from ..errors import GlinthawkError
 from .spec import options_for
 
 __all__ = [
     "OutputError", "ZarrSink", "OutputTable", "read_output",
-    "FORMAT", "ROW_COLUMNS", "TOKEN_IDS", "OFFSETS",
+    "FORMAT", "FIELD_DTYPES", "ROW_COLUMNS", "ROW_FIELDS", "TOKEN_IDS", "OFFSETS",
 ]
 
 #: version of the layout above, stored in the attributes
@@ -52,18 +52,17 @@ TOKEN_CHUNK = 65536
 
 TOKEN_IDS = "completion_token_ids"
 OFFSETS = "completion_offsets"
-#: the per-row arrays and their dtypes (``str``: Zarr's variable-length UTF-8 strings)
-ROW_COLUMNS: dict[str, Any] = {
-    "id": str,
-    "prompt": str,
-    "prompt_is_json": "bool",
-    "completion": str,
-    "finish_reason": str,
-    "error": str,
-    "prompt_tokens": "int32",
-    "completion_tokens": "int32",
-    "time_to_first_token": "float32",
+#: how every field of a row (:data:`ROW_FIELDS`) is stored (``str``: Zarr's variable-length UTF-8 strings)
+FIELD_DTYPES: dict[str, Any] = {
+    "id": str, "prompt": str, "completion": str, TOKEN_IDS: "int32", "finish_reason": str, "error": str,
+    "prompt_tokens": "int32", "completion_tokens": "int32", "time_to_first_token": "float32",
     "time_per_token": "float32",
+}
+#: the per-row arrays and their dtypes: every field but the token ids (one flat array of every
+#: row's ids), whether the prompt is stored as JSON, and where each row's ids start
+ROW_COLUMNS: dict[str, Any] = {
+    **{name: dtype for name, dtype in FIELD_DTYPES.items() if name != TOKEN_IDS},
+    "prompt_is_json": "bool",
     OFFSETS: "int64",
 }
 _FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ERROR)

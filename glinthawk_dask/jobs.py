@@ -300,7 +300,7 @@ class GenerationJob(_Job):
                 self._note(i, e)  # a row that could not be processed
         requests = itertools.takewhile(lambda _: not self._cancel.is_set(),
                                        (e for e in entries if isinstance(e, Request)))
-        with contextlib.closing(self._llm.engine.generate(requests)) as completions:
+        with contextlib.closing(self._llm.stream_requests(requests)) as completions:
             for c in completions:
                 self._note(index[c.id], c)
                 if self._cancel.is_set():

@@ -215,7 +215,7 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
         results = llm.generate(rows, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         elapsed = time.perf_counter() - t0
         where = llm.mode if llm.client is None else f"{llm.mode} on {llm.client.scheduler.address}"
-        summary = getattr(llm.engine, "last_summary", None)
+        summary = llm.last_summary
         predicted = _predicted(llm, summary, rows, prompt_tokens, max_tokens, max_seq_len, latency / 1e3)
     failed = [c for c in results if c.error is not None]
     if failed:
@@ -263,15 +263,14 @@ def _predicted(llm: Any, summary: Any, rows: list, prompt_tokens: int, max_token
     from ..planner.simulate import RunConfig, Workload, simulate
     from ..runtime.profiler import cluster_profile
 
-    profile, _ = llm.client.sync(cluster_profile, llm.client, llm.config, model=llm.model,
-                                 dtype=llm.engine.dtype)
+    profile, _ = llm.client.sync(cluster_profile, llm.client, llm.config, model=llm.model, dtype=llm.dtype_name)
     plan = summary.plan
     local = [size for size, is_local in zip(plan["sizes"], plan["local"]) if is_local]
     cfg = RunConfig(mode=plan["mode"], micro_batch_size=max(plan["sizes"]),
                     micro_batches=summary.n_micro_batches, dense=len(plan["dense"]),
                     attention=max(1, len({a for s in plan["attention"] for a in s if a}) // max(1, len(plan["dense"]))),
                     local_micro_batches=len(local), local_batch_size=local[0] if local else None,
-                    max_seq_len=plan["max_seq_len"], max_step_tokens=llm.engine.max_step_tokens, latency=latency,
+                    max_seq_len=plan["max_seq_len"], max_step_tokens=llm.max_step_tokens, latency=latency,
                     dtype_bytes=llm.dtype.itemsize)
     return simulate(profile, llm.config, Workload.uniform(len(rows), prompt_tokens, max_tokens), cfg).tokens_per_s
 

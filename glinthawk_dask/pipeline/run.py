@@ -146,7 +146,7 @@ def run_pipeline(
             done_tokens = [0]  # tokens of the rows finished (the sampled ones include their stop tokens)
 
             def refresh() -> None:
-                live = max(done_tokens[0], getattr(llm.engine, "generated_tokens", 0))
+                live = max(done_tokens[0], llm.generated_tokens)
                 state.generated_tokens = live
                 state.shards_read, state.skipped = feed.shards_read, feed.skipped
                 state.tokens_left = max(0, feed.token_budget - live) if feed.shards_read == len(shards) else None
@@ -167,7 +167,7 @@ def run_pipeline(
                 refresh()
 
             stop = cancel.is_set if cancel is not None else (lambda: False)
-            completions = llm.engine.generate(feed.requests(on_error=note, stop=stop), max_seq_len=topo.max_seq_len,
+            completions = llm.stream_requests(feed.requests(on_error=note, stop=stop), max_seq_len=topo.max_seq_len,
                                               on_tick=refresh)
             with contextlib.closing(completions):  # a break closes the engine's run
                 for c in completions:

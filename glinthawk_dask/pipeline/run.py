@@ -202,7 +202,7 @@ def _load_model(llm: Any, model: str) -> None:
 
     list(llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, ignore_eos=True)))
     if llm.client is not None:
-        llm.client.run(_load_worker_tokenizer, model, workers=_cpu_workers(llm.client))
+        llm.client.run(_load_worker_tokenizer, model, workers=_cpu_workers(llm))
 
 
 def _load_worker_tokenizer(model: str) -> None:
@@ -269,7 +269,7 @@ class _RequestFeed:
             for shard in self.shards:
                 yield _tokenize(builder, spec, shard)
             return
-        workers = _cpu_workers(client)
+        workers = _cpu_workers(self.llm)
         pending: collections.deque = collections.deque()
         todo = iter(self.shards)
         run = f"{spec.name}-{spec.fingerprint()[:8]}"
@@ -312,8 +312,8 @@ def _worker_tokenizer(model: str) -> tuple[Tokenizer | None, int]:
     return Tokenizer.from_checkpoint(source), source.config.vocab_size
 
 
-def _cpu_workers(client: Any) -> list[str] | None:
-    """Attention (CPU) workers of the cluster, where shards are read and tokenized."""
-    reg = client.sync(client.scheduler.glinthawk_registry)
-    return list(reg["attention"]) or None
+def _cpu_workers(llm: Any) -> list[str] | None:
+    """Attention (CPU) workers of the LLM's cluster, where shards are read and tokenized
+    (None: any worker)."""
+    return [w["address"] for w in llm.cluster_status()["workers"]["attention"]] or None
 

@@ -10,18 +10,20 @@
 >>> pipe.cancel()         # stops between completions; the committed rows stay, submitting again resumes
 >>> pipe.to_pandas()      # the committed rows of the output
 
-Both :func:`submit` and :func:`submit_prompts` return at once; the work runs in a daemon
-thread of its own.  Jobs given the same :class:`~glinthawk_dask.LLM` take turns: one
-generates at a time (an engine runs one generation at a time), the others wait as
-``queued``; do not call ``llm.generate`` while a job runs on that LLM.  When the
-interpreter exits, running jobs are cancelled and waited for, so a pipeline keeps every
-row it finished.
+Both :func:`submit` and :func:`submit_prompts` return at once; the work runs in a
+``concurrent.futures`` executor with one worker thread per :class:`~glinthawk_dask.LLM`,
+so jobs given the same LLM take turns in submission order: one generates at a time (an
+engine runs one generation at a time), the others wait as ``queued``; do not call
+``llm.generate`` while a job runs on that LLM.  A pipeline loading its own model runs in
+a thread of its own.  When the interpreter exits, running jobs are cancelled and waited
+for, so a pipeline keeps every row it finished; queued ones end without running.
 """
 
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import concurrent.futures.thread  # its exit handler is registered before ours (see the end)
 import contextlib
 import dataclasses
 import html
@@ -31,7 +33,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .engine.request import FINISH_ERROR, ROW_FIELDS, Completion, Request
 from .errors import GlinthawkError
@@ -104,39 +106,50 @@ class JobProgress:
 
 
 class _Job:
-    """What both handles share: the thread, status, progress, waiting, cancelling, display."""
+    """What both handles share: the task, status, progress, waiting, cancelling, display.
+
+    The work is a task of the LLM's executor (see :class:`_Lanes`); the job's outcome is a
+    ``concurrent.futures.Future`` of its own, set when the task ends or is cancelled
+    while still queued.
+    """
 
     def __init__(self, llm: Any, progress: JobProgress) -> None:
         self._llm = llm
         self._lock = threading.Lock()
         self._cancel = threading.Event()
-        self._done = threading.Event()
         self._progress = progress
+        self._outcome: concurrent.futures.Future = concurrent.futures.Future()
+        self._task: concurrent.futures.Future | None = None
         self._value: Any = None
         self._exception: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name=f"glinthawk-{type(self).__name__}", daemon=True)
 
-    # -- the work (in the job's thread) ---------------------------------------------
+    # -- the work (in the LLM's worker thread) ---------------------------------------
     def _start(self) -> None:
         _live.add(self)
-        self._thread.start()
+        self._task = _lanes.submit(self._llm if self._llm is not None else self, self._work, self._settle)
 
-    def _main(self) -> None:
-        status = FAILED
+    def _work(self) -> Any:
+        self._update(status=RUNNING)
+        return self._run()
+
+    def _settle(self, task: concurrent.futures.Future) -> None:
+        """Record how the task ended (or that it was cancelled while queued) in the outcome."""
         try:
-            with _turn(self._llm, self._cancel) as got_turn:
-                if got_turn:
-                    self._update(status=RUNNING)
-                    self._value = self._run()
-                else:  # cancelled while queued
-                    self._value = self._not_run()
-            status = CANCELLED if self._was_cancelled() else FINISHED
-        except BaseException as e:  # re-raised by result()
+            if task.cancelled():
+                self._value = self._not_run()
+            elif task.exception() is not None:
+                self._exception = task.exception()
+            else:
+                self._value = task.result()
+        except BaseException as e:  # _not_run failed
             self._exception = e
-        finally:
-            self._update(status=status)
-            self._done.set()
-            _live.discard(self)
+        status = FAILED if self._exception is not None else CANCELLED if self._was_cancelled() else FINISHED
+        self._update(status=status)
+        if self._exception is not None:
+            self._outcome.set_exception(self._exception)
+        else:
+            self._outcome.set_result(self._value)
+        _live.discard(self)
 
     def _run(self) -> Any:
         raise NotImplementedError
@@ -164,37 +177,40 @@ class _Job:
 
     def done(self) -> bool:
         """Whether the job has ended (finished, cancelled or failed)."""
-        return self._done.is_set()
+        return self._outcome.done()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the job ends, at most ``timeout`` seconds; returns :meth:`done`."""
-        return self._done.wait(timeout)
+        concurrent.futures.wait([self._outcome], timeout)
+        return self.done()
 
     def cancel(self) -> bool:
         """Ask the job to stop, between two completions; returns False if it had already ended.
 
-        It does not wait: :meth:`wait` for that.
+        A queued job ends at once without running; a running one is not waited for:
+        :meth:`wait` for that.
         """
         if self.done():
             return False
         self._cancel.set()
+        if self._task is not None:
+            self._task.cancel()  # succeeds only while queued
         return True
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the job failed with (None if it did not), after waiting for it to end."""
-        self._wait_or_raise(timeout)
+        if not self.wait(timeout):
+            raise self._still_going(timeout)
         return self._exception
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the job to end and return its result; the job's exception is raised again."""
-        self._wait_or_raise(timeout)
-        if self._exception is not None:
-            raise self._exception
-        return self._value
+        if not self.wait(timeout):
+            raise self._still_going(timeout)
+        return self._outcome.result()
 
-    def _wait_or_raise(self, timeout: float | None) -> None:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"{self!r} is still going after {timeout} s")
+    def _still_going(self, timeout: float | None) -> TimeoutError:
+        return TimeoutError(f"{self!r} is still going after {timeout} s")
 
     def to_pandas(self) -> Any:
         raise NotImplementedError
@@ -219,7 +235,7 @@ class _Job:
 
         def follow() -> None:
             try:
-                while not self._done.wait(interval):
+                while not self.wait(interval):
                     update()
                 update()
             finally:
@@ -319,6 +335,9 @@ class GenerationJob(_Job):
 
     def _was_cancelled(self) -> bool:
         return self._cancel.is_set() and self._progress.rows_done < len(self._rows)
+
+    def _not_run(self) -> list[Completion | None]:
+        return self._completions
 
     def result(self, timeout: float | None = None) -> list[Completion]:
         """Every completion in input order (error rows have ``finish_reason == "error"``)."""
@@ -451,29 +470,42 @@ def submit_prompts(
     return job
 
 
-# -- taking turns on an LLM ------------------------------------------------------------------
-
-_turns: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_turns_lock = threading.Lock()
+# -- one lane per LLM ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _turn(llm: Any, cancel: threading.Event) -> Iterator[bool]:
-    """Hold ``llm``'s turn while the block runs: yields True, or False if ``cancel`` was
-    set while waiting for it.  No LLM (a pipeline loading its own): nothing to wait for."""
-    if llm is None:
-        yield True
-        return
-    with _turns_lock:
-        lock = _turns.setdefault(llm, threading.Lock())
-    while not lock.acquire(timeout=0.1):
-        if cancel.is_set():
-            yield False
-            return
-    try:
-        yield True
-    finally:
-        lock.release()
+class _Lanes:
+    """A single-thread executor per key (an LLM, or a job running alone): its tasks run one
+    at a time, in submission order.  An executor is shut down, and its thread ends, once
+    it has no task left; the key's next task starts a new one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lanes: dict[Any, tuple[concurrent.futures.ThreadPoolExecutor, int]] = {}  # key: (executor, tasks)
+
+    def submit(self, key: Any, fn: Callable[[], Any],
+               on_done: Callable[[concurrent.futures.Future], None]) -> concurrent.futures.Future:
+        """Run ``fn()`` after the key's earlier tasks; ``on_done(task)`` once it ended or was cancelled."""
+        with self._lock:
+            executor, tasks = self._lanes.get(key, (None, 0))
+            if executor is None:
+                executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="glinthawk-job")
+            self._lanes[key] = (executor, tasks + 1)
+            task = executor.submit(fn)
+        task.add_done_callback(on_done)
+        task.add_done_callback(lambda _: self._release(key))
+        return task
+
+    def _release(self, key: Any) -> None:
+        with self._lock:
+            executor, tasks = self._lanes[key]
+            if tasks > 1:
+                self._lanes[key] = (executor, tasks - 1)
+                return
+            del self._lanes[key]
+        executor.shutdown(wait=False)
+
+
+_lanes = _Lanes()
 
 
 # -- interpreter exit --------------------------------------------------------------------------
@@ -483,8 +515,7 @@ EXIT_WAIT_S = 60.0
 
 
 def _cancel_live_jobs() -> None:
-    """At exit, before other atexit handlers close clusters: cancel running jobs and let
-    them commit what they finished."""
+    """At exit, before executors shut down: cancel running jobs and let them commit what they finished."""
     jobs = list(_live)
     for job in jobs:
         job.cancel()
@@ -493,7 +524,11 @@ def _cancel_live_jobs() -> None:
         job.wait(max(0.0, deadline - time.monotonic()))
 
 
-try:  # as concurrent.futures does: when the main thread ends, before atexit handlers (which close clusters)
+# When the main thread ends, concurrent.futures' own exit handler makes every executor in the
+# process refuse new work, and Zarr's codecs need one to commit a chunk.  Python offers no
+# public hook that runs before it; this is the one concurrent.futures itself uses, and handlers
+# run in reverse order of registration: registered after it (imported above), ours runs first.
+try:
     threading._register_atexit(_cancel_live_jobs)  # type: ignore[attr-defined]
 except AttributeError:  # pragma: no cover
     atexit.register(_cancel_live_jobs)

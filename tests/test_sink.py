@@ -300,7 +300,7 @@ def test_random_appends_flushes_and_crashes_commit_each_record_once(chunk_rows, 
 def test_reopen_checks_spec_and_model(url):
     with open_sink(url, chunk_rows=4) as sink:
         sink.append(record(i) for i in range(5))
-    with pytest.raises(OutputError, match="different spec: rerun with --overwrite .* or --force"):
+    with pytest.raises(OutputError, match=r"different spec: to start over, pass overwrite=True \(--overwrite .*\); .* force=True \(--force"):
         open_sink(url, fingerprint="fp-2")
     with pytest.raises(OutputError, match="different model \\('tiny', now 'big'\\)"):
         open_sink(url, model="big")

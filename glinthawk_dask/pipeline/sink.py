@@ -66,6 +66,8 @@ ROW_COLUMNS: dict[str, Any] = {
     OFFSETS: "int64",
 }
 _FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ERROR)
+#: how to replace an output, from Python and from the command line
+OVERWRITE = "pass overwrite=True (--overwrite on the command line)"
 
 
 class OutputError(GlinthawkError):
@@ -108,11 +110,11 @@ class _Location:
             if self.is_empty():
                 return None
             raise OutputError(f"{self.url} exists and is not a Zarr group, so not a glinthawk output (to write "
-                              "one there, rerun with --overwrite to replace it)") from None
+                              f"one there, replace it: {OVERWRITE})") from None
         meta = group.attrs.get("glinthawk")
         if not isinstance(meta, dict):
             raise OutputError(f"{self.url} is a Zarr group but not a glinthawk output (to write one there, "
-                              "rerun with --overwrite to replace it)")
+                              f"replace it: {OVERWRITE})")
         if meta.get("format") != FORMAT:
             raise OutputError(f"{self.url} is a glinthawk output of format {meta.get('format')!r}; this version "
                               f"reads and writes format {FORMAT}")
@@ -146,11 +148,11 @@ def _arrays(url: str, group: zarr.Group, meta: Mapping[str, Any]) -> dict[str, z
         try:
             array = group[name]
         except KeyError:
-            raise OutputError(f"{url} is damaged: the array {name!r} is missing; rerun with --overwrite") from None
+            raise OutputError(f"{url} is damaged: the array {name!r} is missing; start over: {OVERWRITE}") from None
         committed = meta["tokens"] if name == TOKEN_IDS else meta["rows"]
         if array.shape[0] < committed:
             raise OutputError(f"{url} is damaged: {name!r} holds {array.shape[0]} of {committed} committed "
-                              "entries; rerun with --overwrite")
+                              f"entries; start over: {OVERWRITE}")
         arrays[name] = array
     return arrays
 
@@ -409,8 +411,8 @@ def _check_same_run(url: str, meta: Mapping[str, Any], run: Mapping[str, Any], f
     if meta.get("model") != run["model"]:
         differences.append(f"a different model ({meta.get('model')!r}, now {run['model']!r})")
     if differences and not force:
-        raise OutputError(f"{url} was started with {' and '.join(differences)}: rerun with --overwrite to start "
-                          "over, or --force to continue anyway")
+        raise OutputError(f"{url} was started with {' and '.join(differences)}: to start over, {OVERWRITE}; "
+                          "to continue anyway, pass force=True (--force on the command line)")
 
 
 # -- reading -----------------------------------------------------------------------------------

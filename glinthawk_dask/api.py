@@ -16,6 +16,7 @@ from .engine.engine import EngineConfig, InProcessEngine
 from .engine.progress import GenerationProgress, ProgressTracker
 from .engine.request import Completion, Request
 from .errors import GlinthawkError
+from .handles import GenerationJob, submit_prompts
 from .model.resolve import DEFAULT_MODEL, resolve_checkpoint
 from .model.weights import load_slice
 from .prompts import PromptRow, RequestBuilder
@@ -170,11 +171,10 @@ class LLM:
 
         return page_link(self.client)
 
-    def submit(self, rows: Iterable[Any], params: SamplingParams | None = None, *, chat: bool = False) -> Any:
+    def submit(self, rows: Iterable[Any], params: SamplingParams | None = None, *,
+               chat: bool = False) -> GenerationJob:
         """Generate in the background: returns a :class:`~glinthawk_dask.jobs.GenerationJob`
         at once (progress, ``result()``, ``to_pandas()``, ``cancel()``)."""
-        from .jobs import submit_prompts
-
         return submit_prompts(self, rows, params, chat=chat)
 
     def __repr__(self) -> str:

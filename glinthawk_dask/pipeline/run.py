@@ -23,11 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from ..api import LLM
 from ..engine.engine import EngineConfig
 from ..engine.request import FINISH_ERROR, Completion, Request
 from ..errors import GlinthawkError
 from ..model.resolve import resolve_checkpoint
 from ..prompts import RequestBuilder
+from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .sink import ZarrSink
 from .sources import Shard, list_shards, read_shard
@@ -106,8 +108,6 @@ def run_pipeline(
     the engine's run is closed, the rows finished so far are committed, and the report
     has ``cancelled`` set.  A rerun resumes from there.
     """
-    from ..api import LLM
-
     source = resolve_checkpoint(spec.model)  # unknown model: fails here, before anything runs
     shards = list_shards(
         spec.input.urls, format=spec.input.format, compression=spec.input.compression,
@@ -198,8 +198,6 @@ def _load_model(llm: Any, model: str) -> None:
     """Load the model where it runs (weights on the dense workers with a one-token
     generation, the tokenizer on the CPU workers that read shards), so that start-up
     and generation are timed apart."""
-    from ..sampling import SamplingParams
-
     list(llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, ignore_eos=True)))
     if llm.client is not None:
         llm.client.run(_load_worker_tokenizer, model, workers=_cpu_workers(llm))

@@ -29,7 +29,8 @@ from typing import Any, Mapping
 from .errors import GlinthawkError
 from .handles import COLUMNS, GenerationJob, JobCancelledError, JobProgress, _Job, submit_prompts
 from .pipeline.run import Progress, RunReport, run_pipeline
-from .pipeline.sink import OutputError, read_output
+from .pipeline.layout import OutputError
+from .pipeline.table import read_output
 from .pipeline.spec import PipelineSpec, load_spec, parse_spec
 
 __all__ = [

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .sink import FIELD_DTYPES, OFFSETS, TOKEN_IDS, OutputError, OutputTable, read_output
+from .layout import FIELD_DTYPES, OFFSETS, TOKEN_IDS, OutputError
+from .table import OutputTable, read_output
 from .spec import options_for
 
 __all__ = ["FORMATS", "PARQUET_SCHEMA", "export_output"]

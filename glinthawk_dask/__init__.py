@@ -5,35 +5,55 @@ CPU-tagged workers (after Glinthawk, arXiv 2501.11779).  This package also carri
 in-process engine that the distributed one is checked against.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from .api import LLM
-from .engine.engine import EngineConfig, InProcessEngine
-from .engine.request import Completion, Request
-from .errors import GlinthawkError, InvalidRequestError, ModelLoadError
-from .jobs import GenerationJob, JobCancelledError, JobProgress, PipelineJob, submit, submit_prompts
-from .sampling import SamplingParams
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("glinthawk-dask")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = [
-    "LLM",
-    "EngineConfig",
-    "InProcessEngine",
-    "Completion",
-    "Request",
-    "SamplingParams",
-    "GlinthawkError",
-    "InvalidRequestError",
-    "ModelLoadError",
-    "submit",
-    "submit_prompts",
-    "PipelineJob",
-    "GenerationJob",
-    "JobProgress",
-    "JobCancelledError",
-    "__version__",
-]
+#: public name -> the module that defines it, imported on first use (PEP 562): workers
+#: that import ``glinthawk_dask.model`` load neither the API, the pipeline, Zarr nor fsspec
+_LAZY = {
+    "LLM": "api",
+    "EngineConfig": "engine.engine",
+    "InProcessEngine": "engine.engine",
+    "Completion": "engine.request",
+    "Request": "engine.request",
+    "SamplingParams": "sampling",
+    "GlinthawkError": "errors",
+    "InvalidRequestError": "errors",
+    "ModelLoadError": "errors",
+    "submit": "jobs",
+    "submit_prompts": "jobs",
+    "PipelineJob": "jobs",
+    "GenerationJob": "jobs",
+    "JobProgress": "jobs",
+    "JobCancelledError": "jobs",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .api import LLM
+    from .engine.engine import EngineConfig, InProcessEngine
+    from .engine.request import Completion, Request
+    from .errors import GlinthawkError, InvalidRequestError, ModelLoadError
+    from .jobs import GenerationJob, JobCancelledError, JobProgress, PipelineJob, submit, submit_prompts
+    from .sampling import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

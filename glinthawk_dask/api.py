@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 import torch
 
@@ -16,13 +16,14 @@ from .engine.engine import EngineConfig, InProcessEngine
 from .engine.progress import GenerationProgress, ProgressTracker
 from .engine.request import Completion, Request
 from .errors import GlinthawkError
+from .handles import GenerationJob, submit_prompts
 from .model.resolve import DEFAULT_MODEL, resolve_checkpoint
 from .model.weights import load_slice
 from .prompts import PromptRow, RequestBuilder
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
-__all__ = ["LLM", "default_device", "default_dtype", "engine_batch_size"]
+__all__ = ["LLM", "default_device", "default_dtype"]
 
 MODES = ("two-tier", "single-tier", "hybrid", "in-process")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -30,14 +31,6 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def engine_batch_size(asked: int | str | None, in_process: bool) -> int:
-    """The micro-batch size of an :class:`EngineConfig`: the one asked for, else the
-    default (64 in-process, ``glinthawk.engine.micro-batch-size`` otherwise); "auto"
-    stands as 64 there, since distributed runs plan it themselves."""
-    size = asked or (64 if in_process else config.get("engine.micro-batch-size"))
-    return 64 if size == "auto" else int(size)
 
 
 def default_device() -> torch.device:
@@ -138,7 +131,7 @@ class LLM:
             n_micro_batches=n_micro_batches,
             max_step_tokens=ec.max_step_tokens if ec else None,
             max_seq_len=ec.max_seq_len if ec else None,
-            dtype=_DTYPE_NAMES[self.dtype], latency=latency, model_config=self.config,
+            dtype=self.dtype_name, latency=latency, model_config=self.config,
             dense_kv_budget=dense_kv_budget, local_micro_batches=local_micro_batches,
         )
 
@@ -178,11 +171,10 @@ class LLM:
 
         return page_link(self.client)
 
-    def submit(self, rows: Iterable[Any], params: SamplingParams | None = None, *, chat: bool = False) -> Any:
+    def submit(self, rows: Iterable[Any], params: SamplingParams | None = None, *,
+               chat: bool = False) -> GenerationJob:
         """Generate in the background: returns a :class:`~glinthawk_dask.jobs.GenerationJob`
         at once (progress, ``result()``, ``to_pandas()``, ``cancel()``)."""
-        from .jobs import submit_prompts
-
         return submit_prompts(self, rows, params, chat=chat)
 
     def __repr__(self) -> str:
@@ -205,6 +197,45 @@ class LLM:
         return self.requests.build(rows, params, chat=chat, seen=set())
 
     # -- generation ----------------------------------------------------------------
+    def stream_requests(
+        self, requests: Iterable[Request], *, max_seq_len: int | None = None,
+        on_tick: Callable[[], None] | None = None,
+    ) -> Generator[Completion, None, None]:
+        """Generate built requests (see :meth:`make_requests`), yielding each completion as it finishes.
+
+        ``max_seq_len`` is the KV capacity of a sequence (prompt + completion): with it (or
+        the engine config's), ``requests`` is consumed lazily, a little ahead of the free
+        slots, so an input far larger than memory flows through; without, it is read
+        whole to size the slots.  ``on_tick()`` is called after every engine step or poll,
+        with :attr:`generated_tokens` current.  The result is a generator: closing it
+        (``close()``, or ``contextlib.closing`` around a loop that may stop early) ends the
+        run at once and frees its KV cache.  One generation at a time per LLM.
+        """
+        return self.engine.generate(requests, max_seq_len=max_seq_len, on_tick=on_tick)
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens sampled so far by the current (or last) generation."""
+        return self.engine.generated_tokens
+
+    @property
+    def last_summary(self) -> Any:
+        """What the last distributed generation ran (a :class:`~glinthawk_dask.runtime.client.RunSummary`:
+        plan, micro-batches, KV per tier, timings); None in-process or before the first."""
+        return getattr(self.engine, "last_summary", None)
+
+    @property
+    def dtype_name(self) -> str:
+        """The name of :attr:`dtype`: ``float32``, ``bfloat16`` or ``float16``."""
+        return _DTYPE_NAMES[self.dtype]
+
+    @property
+    def max_step_tokens(self) -> int:
+        """Tokens one micro-batch step may take (decode tokens and prefill chunks)."""
+        if self.mode == "in-process":
+            return self.engine.config.max_step_tokens
+        return self.engine.max_step_tokens
+
     def stream(
         self, rows: Iterable[Any], params: SamplingParams | None = None, *, chat: bool = False,
         progress: Callable[[GenerationProgress], None] | None = None,
@@ -234,10 +265,9 @@ class LLM:
              progress: Callable[[GenerationProgress], None] | None) -> Iterator[Completion]:
         requests = [e for e in entries if isinstance(e, Request)]
         tracker = ProgressTracker(len(entries), sum(r.params.max_tokens for r in requests))
-        engine = self.engine
 
         def tick() -> None:
-            tracker.tokens(engine.generated_tokens)
+            tracker.tokens(self.generated_tokens)
             progress(tracker.snapshot())
 
         for e in entries:
@@ -245,7 +275,7 @@ class LLM:
                 tracker.row(error=True)
                 yield e
         if requests:
-            for c in engine.generate(requests, on_tick=tick if progress is not None else None):
+            for c in self.stream_requests(requests, on_tick=tick if progress is not None else None):
                 tracker.row(c.error is not None)
                 yield c
         if progress is not None:

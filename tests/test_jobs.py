@@ -229,6 +229,36 @@ def test_errors_are_raised_again_by_result(tmp_path, llm, monkeypatch):
         submit({**_spec(tmp_path, _rows(1)), "model": "random:tiny-mha"}, llm=llm)
 
 
+EXIT_SCRIPT = """
+import atexit, json, sys, time
+from glinthawk_dask import LLM, SamplingParams, submit, submit_prompts
+from glinthawk_dask.engine.engine import EngineConfig
+
+spec = json.loads(sys.argv[1])
+llm = LLM(spec["model"], mode="in-process", engine_config=EngineConfig(micro_batch_size=4))
+running = submit(spec, llm=llm)
+queued = submit_prompts(llm, ["Hello"], SamplingParams(max_tokens=2))
+atexit.register(lambda: print("at exit:", running.status, queued.status, running.result().rows_done, flush=True))
+while running.progress.rows_done < 2:
+    time.sleep(0.01)
+"""
+
+
+def test_at_interpreter_exit_running_jobs_stop_and_commit_and_queued_ones_do_not_run(tmp_path):
+    import subprocess
+    import sys
+
+    rows = _rows(48)
+    spec = _spec(tmp_path, rows, max_tokens=20)
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, json.dumps(spec)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    status = done.stdout.split("at exit:")[1].split()
+    assert status[:2] == ["cancelled", "cancelled"]  # before atexit handlers (which close clusters)
+    committed = len(read_output(spec["output"]["url"]))
+    assert 2 <= committed == int(status[2]) < len(rows)
+
+
 def test_no_job_threads_are_left_behind():
     time.sleep(0.2)
     assert not [t for t in threading.enumerate() if t.name.startswith("glinthawk-") and t.is_alive()]

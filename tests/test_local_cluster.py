@@ -51,7 +51,7 @@ def test_llm_starts_and_stops_the_local_cluster(reference):
         assert len(_children() - before) >= 3  # worker processes
         got = {c.id: c.completion_token_ids for c in llm.generate(ROWS, SamplingParams(ignore_eos=True))}
         assert got == reference
-        summary = llm.engine.last_summary
+        summary = llm.last_summary
         assert summary.mode == "two-tier" and len(summary.plan["dense"]) == 1
     gone = psutil.wait_procs([psutil.Process(p) for p in _children() - before if psutil.pid_exists(p)], timeout=30)
     assert not gone[1], "worker processes outlived LLM.close()"

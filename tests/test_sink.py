@@ -141,6 +141,29 @@ def test_round_trip_readable_by_plain_zarr(url):
     assert summary["mean_time_to_first_token"] == pytest.approx(np.mean([0.125 * i for i in range(10) if i % 4 != 3]))
 
 
+def test_one_row_schema_from_completion_to_output_to_dataframes(tmp_path):
+    from glinthawk_dask.engine.request import ROW_FIELDS, Completion
+    from glinthawk_dask.jobs import COLUMNS
+    from glinthawk_dask.pipeline.export import PARQUET_SCHEMA
+    from glinthawk_dask.pipeline.sink import FIELD_DTYPES
+
+    done = Completion("a", "hi", [1, 2], "yo", [3], "stop", time_to_first_token=0.5)
+    failed = Completion("b", "x" * 9, [], "", [], "error", error="prompt too long")
+    assert tuple(done.to_row()) == ROW_FIELDS == tuple(FIELD_DTYPES)
+    assert done.to_dict() == {k: v for k, v in done.to_row().items() if k not in ("error", "time_per_token")}
+    assert failed.to_dict()["error"] == "prompt too long" and "time_to_first_token" not in failed.to_dict()
+    assert COLUMNS == tuple(f for f in ROW_FIELDS if f != "completion_token_ids")
+    assert [f.name for f in PARQUET_SCHEMA if f.name != "prompt_is_json"] == list(ROW_FIELDS)
+
+    url = str(tmp_path / "out.zarr")
+    with open_sink(url) as sink:
+        sink.append([done.to_row(), failed.to_row()])
+    table = read_output(url)
+    assert [tuple(r) for r in table.records()] == [ROW_FIELDS] * 2
+    assert tuple(table.to_pandas().columns) == ROW_FIELDS
+    assert next(table.records()) == {**done.to_row(), "time_to_first_token": 0.5}
+
+
 def test_commits_a_chunk_at_a_time():
     url = memory_url()
     sink = open_sink(url, chunk_rows=4)
@@ -277,7 +300,7 @@ def test_random_appends_flushes_and_crashes_commit_each_record_once(chunk_rows, 
 def test_reopen_checks_spec_and_model(url):
     with open_sink(url, chunk_rows=4) as sink:
         sink.append(record(i) for i in range(5))
-    with pytest.raises(OutputError, match="different spec: rerun with --overwrite .* or --force"):
+    with pytest.raises(OutputError, match=r"different spec: to start over, pass overwrite=True \(--overwrite .*\); .* force=True \(--force"):
         open_sink(url, fingerprint="fp-2")
     with pytest.raises(OutputError, match="different model \\('tiny', now 'big'\\)"):
         open_sink(url, model="big")

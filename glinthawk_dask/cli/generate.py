@@ -82,8 +82,7 @@ def generate(
     runs, a progress line on stderr shows rows, errors, tokens/s over the last 10 s and
     the time left at that rate (--quiet: none).
     """
-    from .. import config
-    from ..api import LLM, engine_batch_size
+    from ..api import LLM
     from ..engine.engine import EngineConfig
     from ..errors import InvalidRequestError
     from ..sampling import SamplingParams
@@ -100,12 +99,8 @@ def generate(
                                 top_k=top_k, min_p=min_p, seed=seed, stop=stop)
         n_mb = parse_micro_batches(micro_batches)
         asked = parse_micro_batches(micro_batch_size, "--micro-batch-size")
-        mb_size = engine_batch_size(asked, mode == "in-process")
         dense_kv = _dense_kv_budget(dense_kv_budget, mode)
-        engine_config = EngineConfig(
-            micro_batch_size=mb_size, n_micro_batches=n_mb if isinstance(n_mb, int) else 1,
-            max_step_tokens=max(config.get("engine.max-step-tokens"), mb_size),
-        )
+        engine_config = EngineConfig.from_options(mode=mode, micro_batch_size=asked, n_micro_batches=n_mb)
     except (InvalidRequestError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     rows: list[Any] = [{"prompt": p} for p in prompts]
@@ -186,8 +181,7 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
     """
     import random
 
-    from .. import config
-    from ..api import LLM, engine_batch_size
+    from ..api import LLM
     from ..engine.engine import EngineConfig
     from ..model.resolve import resolve_checkpoint
     from ..sampling import SamplingParams
@@ -205,11 +199,8 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
     n_mb = parse_micro_batches(micro_batches)
     asked = parse_micro_batches(micro_batch_size, "--micro-batch-size")
     dense_kv = _dense_kv_budget(dense_kv_budget, mode)
-    in_process = (mode or config.get("engine.mode")) == "in-process"
-    mb_size = engine_batch_size(asked, in_process)
-    engine_config = EngineConfig(micro_batch_size=mb_size, n_micro_batches=n_mb if isinstance(n_mb, int) else 1,
-                                 max_step_tokens=max(config.get("engine.max-step-tokens"), mb_size),
-                                 max_seq_len=max_seq_len)
+    engine_config = EngineConfig.from_options(mode=mode, micro_batch_size=asked, n_micro_batches=n_mb,
+                                              max_seq_len=max_seq_len)
     security = security_from("client", tls_ca_file, tls_cert, tls_key)
     t0 = time.perf_counter()
     with tls_client(scheduler, security) as client, LLM(
@@ -224,7 +215,7 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
         results = llm.generate(rows, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         elapsed = time.perf_counter() - t0
         where = llm.mode if llm.client is None else f"{llm.mode} on {llm.client.scheduler.address}"
-        summary = getattr(llm.engine, "last_summary", None)
+        summary = llm.last_summary
         predicted = _predicted(llm, summary, rows, prompt_tokens, max_tokens, max_seq_len, latency / 1e3)
     failed = [c for c in results if c.error is not None]
     if failed:
@@ -232,7 +223,7 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
     generated = sum(len(c.completion_token_ids) for c in results)
     numbers = {
         "model": model, "mode": llm.mode, "prompts": n_prompts, "prompt_tokens": prompt_tokens,
-        "max_tokens": max_tokens, "micro_batch_size": summary.micro_batch_size if summary else mb_size,
+        "max_tokens": max_tokens, "micro_batch_size": summary.micro_batch_size if summary else engine_config.micro_batch_size,
         "micro_batches": summary.n_micro_batches if summary else engine_config.n_micro_batches,
         "max_seq_len": max_seq_len, "latency_ms": latency, "generated_tokens": generated,
         "seconds": elapsed, "tokens_per_s": generated / elapsed, "predicted_tokens_per_s": predicted,
@@ -272,15 +263,14 @@ def _predicted(llm: Any, summary: Any, rows: list, prompt_tokens: int, max_token
     from ..planner.simulate import RunConfig, Workload, simulate
     from ..runtime.profiler import cluster_profile
 
-    profile, _ = llm.client.sync(cluster_profile, llm.client, llm.config, model=llm.model,
-                                 dtype=llm.engine.dtype)
+    profile, _ = llm.client.sync(cluster_profile, llm.client, llm.config, model=llm.model, dtype=llm.dtype_name)
     plan = summary.plan
     local = [size for size, is_local in zip(plan["sizes"], plan["local"]) if is_local]
     cfg = RunConfig(mode=plan["mode"], micro_batch_size=max(plan["sizes"]),
                     micro_batches=summary.n_micro_batches, dense=len(plan["dense"]),
                     attention=max(1, len({a for s in plan["attention"] for a in s if a}) // max(1, len(plan["dense"]))),
                     local_micro_batches=len(local), local_batch_size=local[0] if local else None,
-                    max_seq_len=plan["max_seq_len"], max_step_tokens=llm.engine.max_step_tokens, latency=latency,
+                    max_seq_len=plan["max_seq_len"], max_step_tokens=llm.max_step_tokens, latency=latency,
                     dtype_bytes=llm.dtype.itemsize)
     return simulate(profile, llm.config, Workload.uniform(len(rows), prompt_tokens, max_tokens), cfg).tokens_per_s
 

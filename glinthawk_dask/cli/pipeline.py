@@ -88,7 +88,7 @@ def export(output_url: str, fmt: str, dest: str | None) -> None:
 @user_errors
 def inspect(output_url: str, as_json: bool) -> None:
     """Summarize the Zarr output OUT of a pipeline: rows, errors, tokens, timings, provenance."""
-    from ..pipeline.sink import read_output
+    from ..pipeline.table import read_output
 
     info = _output_info(read_output(output_url))
     if as_json:

@@ -11,6 +11,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from .. import config
 from ..model.attention import AttentionBatch
 from ..model.kv_cache import KVCache
 from ..model.ops import RopeTable
@@ -20,7 +21,11 @@ from .request import Completion, Request
 from .runner import forward_step
 from .scheduler import BatchScheduler
 
-__all__ = ["EngineConfig", "InProcessEngine"]
+__all__ = ["EngineConfig", "InProcessEngine", "IN_PROCESS_MICRO_BATCH_SIZE"]
+
+#: slots per micro-batch of the in-process engine when none is asked for; also what
+#: ``"auto"`` stands for in an :class:`EngineConfig` (distributed runs plan "auto" themselves)
+IN_PROCESS_MICRO_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -29,12 +34,43 @@ class EngineConfig:
 
     ``max_seq_len`` is the KV capacity of one sequence (prompt + completion); by
     default it is sized to the requests of a run, capped by the model's context.
+    Entry points build one with :meth:`from_options`.
     """
 
-    micro_batch_size: int = 64
+    micro_batch_size: int = IN_PROCESS_MICRO_BATCH_SIZE
     n_micro_batches: int = 1
     max_step_tokens: int = 512
     max_seq_len: int | None = None
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        mode: str | None = None,
+        micro_batch_size: int | str | None = None,
+        n_micro_batches: int | str | None = None,
+        max_seq_len: int | None = None,
+    ) -> EngineConfig:
+        """The config of a run in ``mode`` (None: ``glinthawk.engine.mode``) from user options.
+
+        ``micro_batch_size`` (an int, ``"auto"`` or None) defaults to
+        :data:`IN_PROCESS_MICRO_BATCH_SIZE` in-process and to
+        ``glinthawk.engine.micro-batch-size`` otherwise; ``"auto"`` stands as
+        :data:`IN_PROCESS_MICRO_BATCH_SIZE` here, since distributed runs plan it
+        themselves.  ``n_micro_batches`` (an int, ``"auto"`` or None) counts only
+        in-process; ``max_step_tokens`` is ``glinthawk.engine.max-step-tokens``, raised to
+        the micro-batch size.
+        """
+        in_process = (mode or config.get("engine.mode")) == "in-process"
+        size = micro_batch_size or (IN_PROCESS_MICRO_BATCH_SIZE if in_process
+                                    else config.get("engine.micro-batch-size"))
+        size = IN_PROCESS_MICRO_BATCH_SIZE if size == "auto" else int(size)
+        return cls(
+            micro_batch_size=size,
+            n_micro_batches=n_micro_batches if in_process and isinstance(n_micro_batches, int) else 1,
+            max_step_tokens=max(int(config.get("engine.max-step-tokens")), size),
+            max_seq_len=max_seq_len,
+        )
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "n_micro_batches", "max_step_tokens"):

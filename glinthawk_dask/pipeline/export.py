@@ -17,27 +17,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .sink import OFFSETS, TOKEN_IDS, OutputError, OutputTable, read_output
+from .layout import FIELD_DTYPES, OFFSETS, TOKEN_IDS, OutputError
+from .table import OutputTable, read_output
 from .spec import options_for
 
 __all__ = ["FORMATS", "PARQUET_SCHEMA", "export_output"]
 
 FORMATS = ("jsonl", "parquet")
 
-#: the Parquet columns
-PARQUET_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("prompt", pa.string()),
-    ("prompt_is_json", pa.bool_()),
-    ("completion", pa.string()),
-    (TOKEN_IDS, pa.list_(pa.int32())),
-    ("finish_reason", pa.string()),
-    ("error", pa.string()),  # null when none
-    ("prompt_tokens", pa.int32()),
-    ("completion_tokens", pa.int32()),
-    ("time_to_first_token", pa.float32()),  # seconds, null when unknown
-    ("time_per_token", pa.float32()),
-])
+_ARROW_TYPES = {str: pa.string(), "int32": pa.int32(), "float32": pa.float32()}
+
+
+def _parquet_schema() -> pa.Schema:
+    columns = []
+    for name, dtype in FIELD_DTYPES.items():
+        columns.append((name, pa.list_(pa.int32()) if name == TOKEN_IDS else _ARROW_TYPES[dtype]))
+        if name == "prompt":
+            columns.append(("prompt_is_json", pa.bool_()))
+    return pa.schema(columns)
+
+
+#: the Parquet columns: the fields of a row (``error`` and unknown timings null), with
+#: ``prompt_is_json`` after ``prompt``
+PARQUET_SCHEMA = _parquet_schema()
 
 
 def export_output(

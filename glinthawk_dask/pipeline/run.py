@@ -23,11 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from ..api import LLM
 from ..engine.engine import EngineConfig
 from ..engine.request import FINISH_ERROR, Completion, Request
 from ..errors import GlinthawkError
 from ..model.resolve import resolve_checkpoint
 from ..prompts import RequestBuilder
+from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .sink import ZarrSink
 from .sources import Shard, list_shards, read_shard
@@ -106,8 +108,6 @@ def run_pipeline(
     the engine's run is closed, the rows finished so far are committed, and the report
     has ``cancelled`` set.  A rerun resumes from there.
     """
-    from ..api import LLM
-
     source = resolve_checkpoint(spec.model)  # unknown model: fails here, before anything runs
     shards = list_shards(
         spec.input.urls, format=spec.input.format, compression=spec.input.compression,
@@ -128,7 +128,9 @@ def run_pipeline(
     try:
         with contextlib.nullcontext(llm) if llm is not None else LLM(
             spec.model, mode=topo.mode, scheduler=scheduler, client=client, device=topo.device, dtype=topo.dtype,
-            engine_config=_engine_config(spec, topo.mode), n_micro_batches=topo.micro_batches,
+            engine_config=EngineConfig.from_options(mode=topo.mode, micro_batch_size=topo.micro_batch_size,
+                                                  n_micro_batches=topo.micro_batches),
+            n_micro_batches=topo.micro_batches,
             micro_batch_size=topo.micro_batch_size if topo.micro_batch_size == "auto" else None,
             n_slices=topo.dense_workers, local_workers=(topo.dense_workers, topo.attention_workers),
             dense_kv_budget=topo.dense_kv_budget, local_micro_batches=topo.local_micro_batches,
@@ -144,7 +146,7 @@ def run_pipeline(
             done_tokens = [0]  # tokens of the rows finished (the sampled ones include their stop tokens)
 
             def refresh() -> None:
-                live = max(done_tokens[0], getattr(llm.engine, "generated_tokens", 0))
+                live = max(done_tokens[0], llm.generated_tokens)
                 state.generated_tokens = live
                 state.shards_read, state.skipped = feed.shards_read, feed.skipped
                 state.tokens_left = max(0, feed.token_budget - live) if feed.shards_read == len(shards) else None
@@ -165,11 +167,11 @@ def run_pipeline(
                 refresh()
 
             stop = cancel.is_set if cancel is not None else (lambda: False)
-            completions = llm.engine.generate(feed.requests(on_error=note, stop=stop), max_seq_len=topo.max_seq_len,
+            completions = llm.stream_requests(feed.requests(on_error=note, stop=stop), max_seq_len=topo.max_seq_len,
                                               on_tick=refresh)
             with contextlib.closing(completions):  # a break closes the engine's run
                 for c in completions:
-                    note(_record(c))
+                    note(c.to_row())
                     if stop():
                         break
             if page is not None:
@@ -196,30 +198,13 @@ def _load_model(llm: Any, model: str) -> None:
     """Load the model where it runs (weights on the dense workers with a one-token
     generation, the tokenizer on the CPU workers that read shards), so that start-up
     and generation are timed apart."""
-    from ..sampling import SamplingParams
-
     list(llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, ignore_eos=True)))
     if llm.client is not None:
-        llm.client.run(_load_worker_tokenizer, model, workers=_cpu_workers(llm.client))
+        llm.client.run(_load_worker_tokenizer, model, workers=_cpu_workers(llm))
 
 
 def _load_worker_tokenizer(model: str) -> None:
     _worker_tokenizer(model)
-
-
-def _engine_config(spec: PipelineSpec, mode: str | None) -> EngineConfig:
-    from .. import config
-
-    from ..api import engine_batch_size
-
-    topo = spec.topology
-    in_process = (mode or config.get("engine.mode")) == "in-process"
-    size = engine_batch_size(topo.micro_batch_size, in_process)
-    n_mb = topo.micro_batches if isinstance(topo.micro_batches, int) else 1
-    return EngineConfig(
-        micro_batch_size=size, n_micro_batches=n_mb if in_process else 1,
-        max_step_tokens=max(config.get("engine.max-step-tokens"), size),
-    )
 
 
 class _RequestFeed:
@@ -259,7 +244,7 @@ class _RequestFeed:
                     self.token_budget += e.params.max_tokens
                     yield e
                 else:
-                    on_error(_record(e))
+                    on_error(e.to_row())
 
     def _dedupe(self, e: Request | Completion) -> Request | Completion | None:
         if e.id in self.seen:
@@ -282,7 +267,7 @@ class _RequestFeed:
             for shard in self.shards:
                 yield _tokenize(builder, spec, shard)
             return
-        workers = _cpu_workers(client)
+        workers = _cpu_workers(self.llm)
         pending: collections.deque = collections.deque()
         todo = iter(self.shards)
         run = f"{spec.name}-{spec.fingerprint()[:8]}"
@@ -325,23 +310,8 @@ def _worker_tokenizer(model: str) -> tuple[Tokenizer | None, int]:
     return Tokenizer.from_checkpoint(source), source.config.vocab_size
 
 
-def _cpu_workers(client: Any) -> list[str] | None:
-    """Attention (CPU) workers of the cluster, where shards are read and tokenized."""
-    reg = client.sync(client.scheduler.glinthawk_registry)
-    return list(reg["attention"]) or None
+def _cpu_workers(llm: Any) -> list[str] | None:
+    """Attention (CPU) workers of the LLM's cluster, where shards are read and tokenized
+    (None: any worker)."""
+    return [w["address"] for w in llm.cluster_status()["workers"]["attention"]] or None
 
-
-def _record(c: Completion) -> dict[str, Any]:
-    """A completion as an output record."""
-    return {
-        "id": c.id,
-        "prompt": c.prompt,
-        "completion": c.completion,
-        "completion_token_ids": list(c.completion_token_ids),
-        "finish_reason": c.finish_reason,
-        "error": c.error,
-        "prompt_tokens": len(c.prompt_token_ids),
-        "completion_tokens": len(c.completion_token_ids),
-        "time_to_first_token": c.time_to_first_token,
-        "time_per_token": c.time_per_token,
-    }

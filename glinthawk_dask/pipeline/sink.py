@@ -1,162 +1,31 @@
-"""The output of a pipeline: one Zarr v3 group, written exactly once per row, crash-safe.
+"""Writing the output of a pipeline: rows appended, committed a chunk at a time, exactly once.
 
-Layout (every array 1-D, readable by plain ``zarr.open_group``; dimension names for xarray)::
-
-    id, prompt, completion, finish_reason, error        str      [row]
-    prompt_is_json                                       bool     [row]  prompt holds JSON text
-    prompt_tokens, completion_tokens                     int32    [row]
-    time_to_first_token, time_per_token                  float32  [row]  seconds, NaN when unknown
-    completion_offsets                                   int64    [row]  start of the row's ids
-    completion_token_ids                                 int32    [token] every row's ids, end to end
-
-Group attribute ``glinthawk`` describes the run (fingerprint, model, spec, sampling, ...) and
-holds ``rows`` and ``tokens``: the committed lengths.  A commit (1) writes the new rows'
-chunks beyond the arrays' persisted shapes, where no reader looks, (2) grows every array's
-shape (metadata only), (3) rewrites the group attributes: that single write is the commit
-point.  Reopening cuts every array back to the committed lengths, so a crash anywhere
-leaves no half row behind.  Readers use ``rows``/``tokens``, never the arrays' shapes.
+The layout and its commit protocol are described in :mod:`.layout`; :mod:`.table` reads
+an output (``read_output`` and ``OutputTable`` are also importable from here).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import Counter
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import cached_property
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
-import fsspec
 import numpy as np
 import zarr
-from fsspec.implementations.local import LocalFileSystem
-from zarr.errors import ContainsArrayError
-from zarr.storage import FsspecStore, LocalStore
 
-from ..engine.request import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
-from ..errors import GlinthawkError
-from .spec import options_for
+from ..engine.request import FINISH_ERROR
+from .layout import (
+    FIELD_DTYPES, FINISH_REASONS, FORMAT, OFFSETS, OVERWRITE, ROW_COLUMNS, ROW_FIELDS, TOKEN_CHUNK, TOKEN_IDS,
+    Location, OutputError, committed_arrays, storage_access,
+)
+from .table import OutputTable, read_output
 
 __all__ = [
     "OutputError", "ZarrSink", "OutputTable", "read_output",
-    "FORMAT", "ROW_COLUMNS", "TOKEN_IDS", "OFFSETS",
+    "FORMAT", "FIELD_DTYPES", "ROW_COLUMNS", "ROW_FIELDS", "TOKEN_IDS", "OFFSETS",
 ]
-
-#: version of the layout above, stored in the attributes
-FORMAT = 1
-#: token ids per chunk of ``completion_token_ids``
-TOKEN_CHUNK = 65536
-
-TOKEN_IDS = "completion_token_ids"
-OFFSETS = "completion_offsets"
-#: the per-row arrays and their dtypes (``str``: Zarr's variable-length UTF-8 strings)
-ROW_COLUMNS: dict[str, Any] = {
-    "id": str,
-    "prompt": str,
-    "prompt_is_json": "bool",
-    "completion": str,
-    "finish_reason": str,
-    "error": str,
-    "prompt_tokens": "int32",
-    "completion_tokens": "int32",
-    "time_to_first_token": "float32",
-    "time_per_token": "float32",
-    OFFSETS: "int64",
-}
-_FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ERROR)
-
-
-class OutputError(GlinthawkError):
-    """The output location cannot be used: not writable, started by another spec, not a glinthawk output."""
-
-
-# -- the location ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Location:
-    """An output URL: a synchronous filesystem to inspect it, and Zarr stores on it."""
-
-    url: str
-    options: dict[str, Any]
-    fs: fsspec.AbstractFileSystem
-    path: str
-
-    @classmethod
-    def parse(cls, url: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> _Location:
-        options = options_for(url, storage_options)
-        fs, path = fsspec.url_to_fs(url, **options)
-        return cls(url, options, fs, path)
-
-    def store(self, read_only: bool) -> LocalStore | FsspecStore:
-        # LocalStore writes a file and renames it into place: each write is atomic, as on object stores.
-        if isinstance(self.fs, LocalFileSystem):
-            return LocalStore(self.path, read_only=read_only)
-        return FsspecStore.from_url(self.url, storage_options=self.options, read_only=read_only)
-
-    def is_empty(self) -> bool:
-        """Nothing there, or an empty directory."""
-        return not self.fs.exists(self.path) or (self.fs.isdir(self.path) and not self.fs.ls(self.path))
-
-    def existing_meta(self) -> dict[str, Any] | None:
-        """The ``glinthawk`` attributes of the output here; None when the location is empty."""
-        try:
-            group = zarr.open_group(self.store(read_only=True), mode="r")
-        except (FileNotFoundError, ContainsArrayError):
-            if self.is_empty():
-                return None
-            raise OutputError(f"{self.url} exists and is not a Zarr group, so not a glinthawk output (to write "
-                              "one there, rerun with --overwrite to replace it)") from None
-        meta = group.attrs.get("glinthawk")
-        if not isinstance(meta, dict):
-            raise OutputError(f"{self.url} is a Zarr group but not a glinthawk output (to write one there, "
-                              "rerun with --overwrite to replace it)")
-        if meta.get("format") != FORMAT:
-            raise OutputError(f"{self.url} is a glinthawk output of format {meta.get('format')!r}; this version "
-                              f"reads and writes format {FORMAT}")
-        return meta
-
-
-@contextmanager
-def _storage_access(url: str, action: str) -> Iterator[None]:
-    """Report a storage failure as an OutputError that says what to check.
-
-    Backends raise unrelated types for the same problem (OSError, botocore's credential
-    errors, HTTP client errors), so everything but our own errors is translated; the
-    original stays chained as the cause.
-    """
-    try:
-        yield
-    except GlinthawkError:
-        raise
-    except Exception as e:
-        raise OutputError(
-            f"cannot {action} {url} ({type(e).__name__}: {e}): check that the location exists and is "
-            f"{'writable' if action == 'write' else 'readable'}, and for object stores the bucket name and "
-            "the credentials (storage_options or the environment)"
-        ) from e
-
-
-def _arrays(url: str, group: zarr.Group, meta: Mapping[str, Any]) -> dict[str, zarr.Array]:
-    """Every array of the layout, checked to hold at least the committed lengths."""
-    arrays: dict[str, zarr.Array] = {}
-    for name in (*ROW_COLUMNS, TOKEN_IDS):
-        try:
-            array = group[name]
-        except KeyError:
-            raise OutputError(f"{url} is damaged: the array {name!r} is missing; rerun with --overwrite") from None
-        committed = meta["tokens"] if name == TOKEN_IDS else meta["rows"]
-        if array.shape[0] < committed:
-            raise OutputError(f"{url} is damaged: {name!r} holds {array.shape[0]} of {committed} committed "
-                              "entries; rerun with --overwrite")
-        arrays[name] = array
-    return arrays
-
-
-# -- writing -----------------------------------------------------------------------------------
 
 
 class _Row(NamedTuple):
@@ -174,8 +43,8 @@ def _row(record: Mapping[str, Any]) -> _Row:
     if not isinstance(rid, str) or not rid:
         raise ValueError(f"a record needs a non-empty string id, got {rid!r}")
     finish = record.get("finish_reason")
-    if finish not in _FINISH_REASONS:
-        raise ValueError(f"record {rid!r}: finish_reason must be one of {_FINISH_REASONS}, got {finish!r}")
+    if finish not in FINISH_REASONS:
+        raise ValueError(f"record {rid!r}: finish_reason must be one of {FINISH_REASONS}, got {finish!r}")
     ids = np.asarray(record.get("completion_token_ids") or [], dtype=np.int32)
     n = record.get("completion_tokens")
     if n is not None and n != len(ids):
@@ -285,14 +154,14 @@ class ZarrSink:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
         run = json.loads(json.dumps({"fingerprint": fingerprint, "model": model, "spec": spec,
                                      "sampling": sampling}))
-        location = _Location.parse(url, storage_options)
-        with _storage_access(url, "write"):
+        location = Location.parse(url, storage_options)
+        with storage_access(url, "write"):
             meta = None if overwrite else location.existing_meta()
             if meta is None:
                 return cls._create(location, run, chunk_rows)
             _check_same_run(url, meta, run, force)
             group = zarr.open_group(location.store(read_only=False), mode="r+")
-            arrays = _arrays(url, group, meta)
+            arrays = committed_arrays(url, group, meta)
             for name, array in arrays.items():
                 committed = meta["tokens"] if name == TOKEN_IDS else meta["rows"]
                 if array.shape[0] > committed:  # a commit cut short by a crash
@@ -302,7 +171,7 @@ class ZarrSink:
         return cls(url, group, meta, arrays)
 
     @classmethod
-    def _create(cls, location: _Location, run: dict[str, Any], chunk_rows: int) -> ZarrSink:
+    def _create(cls, location: Location, run: dict[str, Any], chunk_rows: int) -> ZarrSink:
         now = _now()
         meta = {"format": FORMAT, "rows": 0, "tokens": 0, **run, "version": _package_version(),
                 "created": now, "updated": now, "errors": 0}
@@ -410,136 +279,5 @@ def _check_same_run(url: str, meta: Mapping[str, Any], run: Mapping[str, Any], f
     if meta.get("model") != run["model"]:
         differences.append(f"a different model ({meta.get('model')!r}, now {run['model']!r})")
     if differences and not force:
-        raise OutputError(f"{url} was started with {' and '.join(differences)}: rerun with --overwrite to start "
-                          "over, or --force to continue anyway")
-
-
-# -- reading -----------------------------------------------------------------------------------
-
-
-def read_output(url: str, *, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> OutputTable:
-    """Open the output at ``url`` for reading: its committed rows only."""
-    location = _Location.parse(url, storage_options)
-    with _storage_access(url, "read"):
-        meta = location.existing_meta()
-        if meta is None:
-            raise OutputError(f"there is no glinthawk output at {url}")
-        group = zarr.open_group(location.store(read_only=True), mode="r")
-        return OutputTable(url, meta, _arrays(url, group, meta))
-
-
-class OutputTable:
-    """The committed rows of an output, read from Zarr on demand.
-
-    ``attrs`` is the ``glinthawk`` attribute dict; ``columns`` loads the per-row arrays
-    whole; :meth:`batches` and :meth:`records` stream one row chunk at a time.
-    """
-
-    def __init__(self, url: str, attrs: dict[str, Any], arrays: dict[str, zarr.Array]):
-        self.url = url
-        self.attrs = attrs
-        self._arrays = arrays
-
-    def __len__(self) -> int:
-        return self.attrs["rows"]
-
-    def __repr__(self) -> str:
-        return f"OutputTable({self.url!r}, rows={len(self)}, model={self.attrs.get('model')!r})"
-
-    @cached_property
-    def columns(self) -> dict[str, np.ndarray]:
-        """Every per-row array (not the flat token ids: see :meth:`token_ids`), committed rows only."""
-        return self._read(ROW_COLUMNS, 0, len(self))
-
-    def token_ids(self, i: int) -> list[int]:
-        """The completion token ids of row ``i``."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"row {i} out of range for {len(self)} rows")
-        start = int(self._arrays[OFFSETS][i])
-        return self._arrays[TOKEN_IDS][start : start + int(self._arrays["completion_tokens"][i])].tolist()
-
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """The committed rows a row chunk at a time: the per-row arrays, plus ``completion_token_ids``
-        holding the batch's ids end to end, with ``completion_offsets`` counted from its start."""
-        size = self._arrays["id"].chunks[0]
-        for start in range(0, len(self), size):
-            batch = self._read(ROW_COLUMNS, start, min(start + size, len(self)))
-            first = int(batch[OFFSETS][0])
-            last = int(batch[OFFSETS][-1] + batch["completion_tokens"][-1])
-            batch[TOKEN_IDS] = self._arrays[TOKEN_IDS][first:last]
-            batch[OFFSETS] = batch[OFFSETS] - first
-            yield batch
-
-    def records(self) -> Iterator[dict[str, Any]]:
-        """The committed rows as JSON-able records (the shape :meth:`ZarrSink.append` takes).
-
-        ``error`` and unknown timings are None; a prompt stored as JSON is decoded.
-        """
-        for batch in self.batches():
-            for j in range(len(batch["id"])):
-                yield _record(batch, j)
-
-    def to_pandas(self) -> Any:
-        """The committed rows as a ``pandas.DataFrame``, with the columns of :meth:`records`
-        (``error`` None when there is none; unknown timings NaN).  Loads the whole output."""
-        import pandas as pd
-
-        c = self.columns
-        flat = self._arrays[TOKEN_IDS][: self.attrs["tokens"]]
-        return pd.DataFrame({
-            "id": c["id"].tolist(),
-            "prompt": [json.loads(p) if j else p for p, j in zip(c["prompt"].tolist(), c["prompt_is_json"])],
-            "completion": c["completion"].tolist(),
-            TOKEN_IDS: [flat[o : o + n].tolist() for o, n in zip(c[OFFSETS], c["completion_tokens"])],
-            "finish_reason": c["finish_reason"].tolist(),
-            "error": [e or None for e in c["error"].tolist()],
-            "prompt_tokens": c["prompt_tokens"].astype(np.int64),
-            "completion_tokens": c["completion_tokens"].astype(np.int64),
-            "time_to_first_token": c["time_to_first_token"].astype(np.float64),
-            "time_per_token": c["time_per_token"].astype(np.float64),
-        })
-
-    def summary(self) -> dict[str, Any]:
-        """Row and token counts, finish reasons, mean timings (None when unknown)."""
-        c = self._read(["finish_reason", "prompt_tokens", "completion_tokens", "time_to_first_token",
-                        "time_per_token"], 0, len(self))
-        reasons = Counter(str(r) for r in c["finish_reason"])
-        return {
-            "rows": len(self),
-            "errors": reasons.get(FINISH_ERROR, 0),
-            "prompt_tokens": int(c["prompt_tokens"].sum(dtype=np.int64)),
-            "completion_tokens": int(c["completion_tokens"].sum(dtype=np.int64)),
-            "finish_reasons": dict(reasons),
-            "mean_time_to_first_token": _mean(c["time_to_first_token"]),
-            "mean_time_per_token": _mean(c["time_per_token"]),
-        }
-
-    def _read(self, names: Iterable[str], start: int, stop: int) -> dict[str, np.ndarray]:
-        return {name: self._arrays[name][start:stop] for name in names}
-
-
-def _record(batch: Mapping[str, np.ndarray], j: int) -> dict[str, Any]:
-    """Row ``j`` of a batch from :meth:`OutputTable.batches` as a record."""
-    start, n = int(batch[OFFSETS][j]), int(batch["completion_tokens"][j])
-    prompt = str(batch["prompt"][j])
-    return {
-        "id": str(batch["id"][j]),
-        "prompt": json.loads(prompt) if batch["prompt_is_json"][j] else prompt,
-        "completion": str(batch["completion"][j]),
-        "completion_token_ids": batch[TOKEN_IDS][start : start + n].tolist(),
-        "finish_reason": str(batch["finish_reason"][j]),
-        "error": str(batch["error"][j]) or None,
-        "prompt_tokens": int(batch["prompt_tokens"][j]),
-        "completion_tokens": n,
-        "time_to_first_token": _optional(batch["time_to_first_token"][j]),
-        "time_per_token": _optional(batch["time_per_token"][j]),
-    }
-
-
-def _optional(seconds: np.floating) -> float | None:
-    return None if math.isnan(seconds) else float(seconds)
-
-
-def _mean(seconds: np.ndarray) -> float | None:
-    known = seconds[~np.isnan(seconds)]
-    return float(known.mean()) if len(known) else None
+        raise OutputError(f"{url} was started with {' and '.join(differences)}: to start over, {OVERWRITE}; "
+                          "to continue anyway, pass force=True (--force on the command line)")

@@ -33,6 +33,8 @@ DENSE_MEMORY = {"target": False, "spill": False, "pause": 0.9, "terminate": 0.95
 # at 64-256 tokens 1.4-1.6x slower).  Tier workers keep glibc's own thresholds.
 NANNY_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
+_LOCAL_CLUSTER = "Leave out the scheduler address (--scheduler on the command line) to start a local cluster"
+
 
 def tier_worker_options(tier: str, memory_limit: int | str | None = None, kv_bytes: int | None = None) -> dict:
     """Nanny options for a worker of ``tier`` ("dense" or "attention"); ``kv_bytes`` is
@@ -108,7 +110,7 @@ def refused_fast(scheduler: str) -> None:
     except ConnectionRefusedError as e:
         raise GlinthawkError(
             f"cannot reach the Dask scheduler at {scheduler} ({e}); is it running? "
-            "Leave out --scheduler to start a local cluster"
+            f"{_LOCAL_CLUSTER}"
         ) from None
     except OSError:
         return  # slow or unreachable networks: Dask's connect timeout decides
@@ -135,7 +137,8 @@ def connect(
     cluster = None
     if scheduler is None:
         if security is not None:
-            raise GlinthawkError("TLS options need the address of a running scheduler (--scheduler tls://...)")
+            raise GlinthawkError("security (TLS) needs the address of a running scheduler: pass "
+                                 "scheduler='tls://HOST:PORT' (--scheduler tls://HOST:PORT on the command line)")
         cluster = local_cluster(n_attention, n_dense)
         client = Client(cluster)
     else:
@@ -146,17 +149,18 @@ def connect(
             if "ssl" not in str(e).lower():
                 raise
             raise GlinthawkError(
-                f"the scheduler at {scheduler} uses TLS: give --tls-ca-file, --tls-cert and --tls-key "
-                "(or set distributed.comm.tls.* in Dask's configuration)"
+                f"the scheduler at {scheduler} uses TLS: pass security=glinthawk_dask.runtime.tls.security("
+                "'client', ca_file, cert, key) (--tls-ca-file, --tls-cert and --tls-key on the command line), "
+                "or set distributed.comm.tls.* in Dask's configuration"
             ) from None
         except ValueError as e:  # an address Dask cannot parse
             raise GlinthawkError(f"bad scheduler address {scheduler!r} ({e})") from None
         except (OSError, TimeoutError) as e:
-            hint = ("; a TLS scheduler needs a tls:// address and the client's certificates"
+            hint = ("; a TLS scheduler needs a tls:// address and the client's certificates (security=)"
                     if security is not None or scheduler.startswith("tls://") else "")
             raise GlinthawkError(
                 f"cannot reach the Dask scheduler at {scheduler} ({e}); is it running? "
-                f"Leave out --scheduler to start a local cluster{hint}"
+                f"{_LOCAL_CLUSTER}{hint}"
             ) from None
     ensure_plugins(client)
     return client, cluster

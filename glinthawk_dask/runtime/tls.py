@@ -118,16 +118,16 @@ def security(role: str, ca_file: str | None = None, cert: str | None = None, key
 
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
-    given = {"--tls-ca-file": ca_file, "--tls-cert": cert, "--tls-key": key}
+    given = {"ca_file (--tls-ca-file)": ca_file, "cert (--tls-cert)": cert, "key (--tls-key)": key}
     if not any(given.values()):
         return None
-    missing = [flag for flag, value in given.items() if not value]
+    missing = [name for name, value in given.items() if not value]
     if missing:
-        raise GlinthawkError("TLS needs --tls-ca-file, --tls-cert and --tls-key together; "
-                             f"missing {', '.join(missing)}")
-    for flag, value in given.items():
+        raise GlinthawkError("TLS needs ca_file, cert and key together (--tls-ca-file, --tls-cert and --tls-key "
+                             f"on the command line); missing {', '.join(missing)}")
+    for name, value in given.items():
         if not os.path.isfile(value):
-            raise GlinthawkError(f"{flag} {value}: no such file")
+            raise GlinthawkError(f"{name} {value}: no such file")
     return Security(**{"tls_ca_file": ca_file, f"tls_{role}_cert": cert, f"tls_{role}_key": key,
                        "require_encryption": True})
 

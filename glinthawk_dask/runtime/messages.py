@@ -23,6 +23,7 @@ tensors travel beside a message, not inside it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -54,17 +55,22 @@ class _Wire:
 
     def to_wire(self) -> dict[str, Any]:
         """This message as plain msgpack-able data."""
-        return {f.name: lists(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {name: lists(getattr(self, name)) for name in _fields(type(self))}
 
     @classmethod
     def from_wire(cls: type[W], d: dict[str, Any]) -> W:
         """The message ``to_wire`` gave (after a trip through msgpack)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        unknown = d.keys() - _fields(cls)
         if unknown:
             raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}: the peer runs another "
                              "version of glinthawk-dask; run the same version on every worker and client")
         return cls(**{k: lists(v) for k, v in d.items()})
+
+
+@functools.cache
+def _fields(cls: type) -> frozenset[str]:
+    """The field names of a message class (looked up once: messages go by per layer)."""
+    return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 # -- placement ---------------------------------------------------------------------------
@@ -189,6 +195,18 @@ class AttendRequest(_Wire):
     layer: int
     layout: dict | None = None  # StepLayout.to_wire()
 
+    # one per layer and micro-batch: written out, not walked field by field
+    def to_wire(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "micro_batch": self.micro_batch, "step": self.step, "layer": self.layer,
+                "layout": self.layout}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "AttendRequest":
+        try:
+            return cls(d["run_id"], d["micro_batch"], d["step"], d["layer"], lists(d.get("layout")))
+        except KeyError:
+            return super().from_wire(d)  # the generic path names what is wrong
+
 
 @dataclass
 class AttendReply(_Wire):
@@ -200,6 +218,12 @@ class AttendReply(_Wire):
 
     def to_wire(self) -> dict[str, Any]:
         return {"o": self.o} if self.stale is None else {"stale": self.stale}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "AttendReply":
+        if len(d) == 1 and ("o" in d or "stale" in d):  # one per layer and micro-batch: the short way
+            return cls(o=d.get("o"), stale=d.get("stale"))
+        return super().from_wire(d)
 
 
 @dataclass

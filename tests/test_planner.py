@@ -82,6 +82,26 @@ def test_shipped_profiles_load_and_plan(name):
 # -- the simulator against closed forms ------------------------------------------------------------
 
 
+def test_local_profile_measures_this_process_for_the_in_process_engine():
+    """The in-process engine's profile, measured where it runs: a layer curve at the
+    quick points, no attention tier, and a prediction that follows the curve."""
+    import torch
+
+    from glinthawk_dask.planner.microbench import local_profile
+
+    model = ModelConfig.from_name("tiny-gqa")
+    prof = local_profile(model, torch.float32, quick=True)
+    assert prof.model == model and prof.dense.device == "cpu" and prof.dense.threads == torch.get_num_threads()
+    assert [x for x, _ in prof.dense.layer_s.points] == [1, 16, 64, 256]
+    assert all(t > 0 for _, t in prof.dense.layer_s.points + prof.dense.head_s.points)
+    assert prof.rtt_s == 0 and not prof.shared_host and prof.dense.cold_factor == 1.0
+    assert Profile.from_json(json.loads(json.dumps(prof.to_json()))).dense.layer_s(16) == prof.dense.layer_s(16)
+    pred = simulate(prof, model, Workload.uniform(4, 8, 4), RunConfig(mode="in-process", micro_batch_size=4))
+    assert pred.feasible and pred.generated_tokens == 16
+    step = model.n_layers * prof.dense_layer_s(model, 4, 4)  # a decode step is at least its layers
+    assert pred.seconds >= 3 * step
+
+
 def test_one_micro_batch_no_latency_is_the_sum_of_its_stages():
     d, head, step, att, rtt = 1e-3, 2e-3, 1e-4, 5e-4, 2e-4
     prof = _profile(d=d, head=head, step=step, att=att, rtt=rtt)

@@ -6,6 +6,7 @@ Every function returns plain numbers; none knows of Dask.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -19,10 +20,19 @@ from ..model.ops import head, post_pre_attention
 from ..model.synthetic import SyntheticCheckpoint
 from ..model.weights import load_slice
 from ..sampling import SamplingParams
+from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile
 
-__all__ = ["dense_layer_points", "cold_factor", "head_points", "attention_points", "driver_cost", "busy_loop"]
+__all__ = ["dense_layer_points", "cold_factor", "head_points", "attention_points", "driver_cost", "busy_loop",
+           "local_profile", "TOKENS", "TOKENS_QUICK", "ROWS", "ATTENTION_SHAPES"]
 
 _N_LAYERS = 4  # distinct layers cycled through, so their weights are read as in a run
+
+# the points a profile measures: tokens of a dense layer, rows of the head, and
+# [sequences, context, new tokens] of attention (decode at short and long contexts, a prefill chunk)
+TOKENS = [1, 4, 16, 64, 256]
+TOKENS_QUICK = [1, 16, 64, 256]
+ROWS = [1, 16, 64]
+ATTENTION_SHAPES = [[1, 64, 1], [16, 256, 1], [64, 128, 1], [32, 1024, 1], [8, 2048, 1], [2, 128, 64]]
 
 
 def _sync(device: torch.device) -> None:
@@ -164,3 +174,33 @@ def busy_loop(seconds: float, fn) -> int:
         fn()
         n += 1
     return n
+
+
+def local_profile(model: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                  *, quick: bool = False) -> Profile:
+    """A profile of this process, for the in-process engine: it runs where it is
+    called, not on a dense worker, so a cluster's profile (measured on the workers'
+    compute streams, in their processes) need not tell its speed.  Layer and head
+    curves, attention through the KV cache and the driver's cost, measured here on
+    random weights of ``model``'s shape; no attention tier, no round trips, no cold
+    factor (the engine runs its steps back to back)."""
+    t0 = time.time()
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = dataclasses.asdict(model)
+    shapes = [s for s in ATTENTION_SHAPES if s[1] + s[2] <= model.max_seq_len]
+    layer = dense_layer_points(config, dtype, device, TOKENS_QUICK if quick else TOKENS)
+    head_s = head_points(config, dtype, device, ROWS)
+    attention = AttentionCost.fit([tuple(p) for p in attention_points(config, dtype, device, shapes)])
+    step_s, per_seq = driver_cost()
+    threads = torch.get_num_threads()
+    dtype_name = str(dtype).removeprefix("torch.")
+    return Profile(
+        name=f"here-{device.type}",
+        source=(f"measured in this process on {time.strftime('%Y-%m-%d %H:%M')} in {time.time() - t0:.1f} s "
+                f"({device.type}, {threads} threads); random weights of {model.name}'s shape"),
+        dense=DenseProfile(device=device.type, dtype=dtype_name, threads=threads,
+                           layer_s=Curve(tuple(map(tuple, layer))), head_s=Curve(tuple(map(tuple, head_s))),
+                           step_s=step_s, step_per_seq_s=per_seq, attention=attention),
+        attention=AttentionProfile(cost=attention, threads=threads),
+        model=model,
+    )

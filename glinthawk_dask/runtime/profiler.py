@@ -20,17 +20,13 @@ from typing import Any
 
 from ..errors import GlinthawkError
 from ..model.config import ModelConfig
+from ..planner.microbench import ATTENTION_SHAPES, ROWS, TOKENS, TOKENS_QUICK
 from ..planner.profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile
 
 __all__ = ["measure_profile", "cluster_profile", "profile_key"]
 
 logger = logging.getLogger(__name__)
 
-_TOKENS = [1, 4, 16, 64, 256]
-_TOKENS_QUICK = [1, 16, 64, 256]
-_ROWS = [1, 16, 64]
-# [sequences, context, new tokens]: decode at short and long contexts, and a prefill chunk
-_ATTENTION = [[1, 64, 1], [16, 256, 1], [64, 128, 1], [32, 1024, 1], [8, 2048, 1], [2, 128, 64]]
 _PROBE_TOKENS = [1, 16, 64, 256]
 
 
@@ -53,9 +49,9 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
                              "`glinthawk worker --tier dense`")
     cfg = dataclasses.asdict(model_config)
     dense = info["dense"][0]
-    tokens = list(_TOKENS_QUICK if quick else _TOKENS)
-    shapes = [s for s in _ATTENTION if s[1] + s[2] <= model_config.max_seq_len]
-    d = await _rpc(client, dense, "glinthawk_profile_dense", config=cfg, dtype=dtype, tokens=tokens, rows=_ROWS,
+    tokens = list(TOKENS_QUICK if quick else TOKENS)
+    shapes = [s for s in ATTENTION_SHAPES if s[1] + s[2] <= model_config.max_seq_len]
+    d = await _rpc(client, dense, "glinthawk_profile_dense", config=cfg, dtype=dtype, tokens=tokens, rows=ROWS,
                    attention=shapes, cold=not info["attention"])  # with attention workers: measured below
     local = AttentionCost.fit([tuple(p) for p in d["attention"]])
     attention = AttentionProfile(cost=local, threads=d["threads"])

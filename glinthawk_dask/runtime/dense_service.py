@@ -29,7 +29,7 @@ from .slice_run import SliceRun
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DenseService", "SliceSpec", "SliceRun"]
+__all__ = ["DenseService"]
 
 
 class DenseService:

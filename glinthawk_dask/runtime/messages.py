@@ -54,8 +54,9 @@ class _Wire:
     """``to_wire``/``from_wire`` for a dataclass of plain fields."""
 
     def to_wire(self) -> dict[str, Any]:
-        """This message as plain msgpack-able data."""
-        return {name: lists(getattr(self, name)) for name in _fields(type(self))}
+        """This message as plain msgpack-able data (its fields as they are: msgpack packs
+        tuples as lists, and :meth:`from_wire` turns them back into lists)."""
+        return {name: getattr(self, name) for name in _fields(type(self))}
 
     @classmethod
     def from_wire(cls: type[W], d: dict[str, Any]) -> W:
@@ -195,17 +196,11 @@ class AttendRequest(_Wire):
     layer: int
     layout: dict | None = None  # StepLayout.to_wire()
 
-    # one per layer and micro-batch: written out, not walked field by field
+    # one per layer and micro-batch: written out, not walked field by field (the attention
+    # worker's handler takes these fields as its arguments: no from_wire on the hot path)
     def to_wire(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "micro_batch": self.micro_batch, "step": self.step, "layer": self.layer,
                 "layout": self.layout}
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> "AttendRequest":
-        try:
-            return cls(d["run_id"], d["micro_batch"], d["step"], d["layer"], lists(d.get("layout")))
-        except KeyError:
-            return super().from_wire(d)  # the generic path names what is wrong
 
 
 @dataclass

@@ -8,7 +8,7 @@ import math
 
 from .messages import Plan
 
-__all__ = ["MODES", "PlacementError", "Plan", "kv_budget_bytes", "split_layers", "make_plan"]
+__all__ = ["MODES", "PlacementError", "kv_budget_bytes", "split_layers", "make_plan"]
 
 # A KV resource at or below this is a tag ("this worker is an attention worker"), and the
 # budget is a fraction of the worker's memory limit; above it, it is the budget in bytes.

@@ -143,6 +143,15 @@ class LLM:
 
         return cluster_status(self.client)
 
+    def tier_workers(self) -> dict[str, list[str]]:
+        """The addresses of the cluster's dense and attention workers (see
+        :func:`glinthawk_dask.runtime.cluster.tier_workers`)."""
+        if self.client is None:
+            raise GlinthawkError("an in-process LLM has no cluster")
+        from .runtime.cluster import tier_workers
+
+        return tier_workers(self.client)
+
     def close(self) -> None:
         """Stop the local cluster this LLM started (if any)."""
         if self._own_client and self.client is not None:

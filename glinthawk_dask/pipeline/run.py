@@ -313,5 +313,5 @@ def _worker_tokenizer(model: str) -> tuple[Tokenizer | None, int]:
 def _cpu_workers(llm: Any) -> list[str] | None:
     """Attention (CPU) workers of the LLM's cluster, where shards are read and tokenized
     (None: any worker)."""
-    return [w["address"] for w in llm.cluster_status()["workers"]["attention"]] or None
+    return llm.tier_workers()["attention"] or None
 

@@ -20,7 +20,7 @@ from .. import config
 from ..errors import GlinthawkError
 from .plugins import DENSE_KV, AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
 
-__all__ = ["tier_worker_options", "local_cluster", "connect", "ensure_plugins", "cluster_status"]
+__all__ = ["tier_worker_options", "local_cluster", "connect", "ensure_plugins", "tier_workers", "cluster_status"]
 
 # KV caches are unmanaged memory: nothing to spill; pause only near the limit.
 ATTENTION_MEMORY = {"target": False, "spill": False, "pause": 0.92, "terminate": 0.97}
@@ -164,6 +164,14 @@ def connect(
             ) from None
     ensure_plugins(client)
     return client, cluster
+
+
+def tier_workers(client: Client) -> dict[str, list[str]]:
+    """The addresses of a glinthawk cluster's tier workers, ``{"dense": [...],
+    "attention": [...]}``: the scheduler's registry, one cheap call (a synchronous
+    client; :func:`cluster_status` asks every worker for its KV as well)."""
+    reg = client.sync(client.scheduler.glinthawk_registry)
+    return {"dense": list(reg["dense"]), "attention": list(reg["attention"])}
 
 
 def cluster_status(client: Client) -> dict:

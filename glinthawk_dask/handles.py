@@ -105,8 +105,6 @@ class _Job:
         self._progress = progress
         self._outcome: concurrent.futures.Future = concurrent.futures.Future()
         self._task: concurrent.futures.Future | None = None
-        self._value: Any = None
-        self._exception: BaseException | None = None
 
     # -- the work (in the LLM's worker thread) ---------------------------------------
     def _start(self) -> None:
@@ -119,21 +117,21 @@ class _Job:
 
     def _settle(self, task: concurrent.futures.Future) -> None:
         """Record how the task ended (or that it was cancelled while queued) in the outcome."""
+        value, error = None, None
         try:
             if task.cancelled():
-                self._value = self._not_run()
+                value = self._not_run()
             elif task.exception() is not None:
-                self._exception = task.exception()
+                error = task.exception()
             else:
-                self._value = task.result()
+                value = task.result()
         except BaseException as e:  # _not_run failed
-            self._exception = e
-        status = FAILED if self._exception is not None else CANCELLED if self._was_cancelled() else FINISHED
-        self._update(status=status)
-        if self._exception is not None:
-            self._outcome.set_exception(self._exception)
+            error = e
+        self._update(status=FAILED if error is not None else CANCELLED if self._was_cancelled(value) else FINISHED)
+        if error is not None:
+            self._outcome.set_exception(error)
         else:
-            self._outcome.set_result(self._value)
+            self._outcome.set_result(value)
         _live.discard(self)
 
     def _run(self) -> Any:
@@ -142,7 +140,8 @@ class _Job:
     def _not_run(self) -> Any:
         return None
 
-    def _was_cancelled(self) -> bool:
+    def _was_cancelled(self, value: Any) -> bool:
+        """Whether the job, ending with ``value``, was stopped before it finished."""
         raise NotImplementedError
 
     def _update(self, **changes: Any) -> None:
@@ -186,7 +185,7 @@ class _Job:
         """The exception the job failed with (None if it did not), after waiting for it to end."""
         if not self.wait(timeout):
             raise self._still_going(timeout)
-        return self._exception
+        return self._outcome.exception()
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the job to end and return its result; the job's exception is raised again."""
@@ -254,8 +253,9 @@ class _Job:
             items.append(("skipped", str(p.skipped)))
         if not p.done and eta is not None:
             items.append(("ETA", f"{eta:.0f} s"))
-        if self._exception is not None:
-            items.append(("error", f"{type(self._exception).__name__}: {self._exception}"))
+        error = self._outcome.exception() if self._outcome.done() else None
+        if error is not None:
+            items.append(("error", f"{type(error).__name__}: {error}"))
         return items
 
     def _where(self) -> list[tuple[str, str]]:
@@ -318,7 +318,7 @@ class GenerationJob(_Job):
                 seconds=time.perf_counter() - self._t0,
             )
 
-    def _was_cancelled(self) -> bool:
+    def _was_cancelled(self, value: Any) -> bool:
         return self._cancel.is_set() and self._progress.rows_done < len(self._rows)
 
     def _not_run(self) -> list[Completion | None]:

@@ -73,8 +73,8 @@ class PipelineJob(_Job):
         self._update(rows_done=p.rows_done, errors=p.errors, skipped=p.skipped, generated_tokens=p.generated_tokens,
                      seconds=p.seconds, shards_read=p.shards_read, shards_total=p.shards_total)
 
-    def _was_cancelled(self) -> bool:
-        return bool(self._value is not None and self._value.cancelled)
+    def _was_cancelled(self, value: Any) -> bool:
+        return bool(value is not None and value.cancelled)
 
     def result(self, timeout: float | None = None) -> RunReport:
         """The run's report (``cancelled`` set if it was stopped early)."""

@@ -145,7 +145,7 @@ def test_one_row_schema_from_completion_to_output_to_dataframes(tmp_path):
     from glinthawk_dask.engine.request import ROW_FIELDS, Completion
     from glinthawk_dask.jobs import COLUMNS
     from glinthawk_dask.pipeline.export import PARQUET_SCHEMA
-    from glinthawk_dask.pipeline.sink import FIELD_DTYPES
+    from glinthawk_dask.pipeline.layout import FIELD_DTYPES
 
     done = Completion("a", "hi", [1, 2], "yo", [3], "stop", time_to_first_token=0.5)
     failed = Completion("b", "x" * 9, [], "", [], "error", error="prompt too long")

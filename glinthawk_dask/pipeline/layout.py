@@ -32,12 +32,12 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.errors import ContainsArrayError
 from zarr.storage import FsspecStore, LocalStore
 
-from ..engine.request import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, ROW_FIELDS
+from ..engine.request import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
 from ..errors import GlinthawkError
 from .spec import options_for
 
 __all__ = [
-    "FORMAT", "FIELD_DTYPES", "ROW_COLUMNS", "ROW_FIELDS", "TOKEN_CHUNK", "TOKEN_IDS", "OFFSETS", "OVERWRITE",
+    "FORMAT", "FIELD_DTYPES", "ROW_COLUMNS", "TOKEN_CHUNK", "TOKEN_IDS", "OFFSETS", "OVERWRITE",
     "FINISH_REASONS", "OutputError", "Location", "storage_access", "committed_arrays",
 ]
 
@@ -48,7 +48,7 @@ TOKEN_CHUNK = 65536
 
 TOKEN_IDS = "completion_token_ids"
 OFFSETS = "completion_offsets"
-#: how every field of a row (:data:`ROW_FIELDS`) is stored (``str``: Zarr's variable-length UTF-8 strings)
+#: how every field of a row (:data:`~glinthawk_dask.engine.request.ROW_FIELDS`) is stored (``str``: Zarr's variable-length UTF-8 strings)
 FIELD_DTYPES: dict[str, Any] = {
     "id": str, "prompt": str, "completion": str, TOKEN_IDS: "int32", "finish_reason": str, "error": str,
     "prompt_tokens": "int32", "completion_tokens": "int32", "time_to_first_token": "float32",

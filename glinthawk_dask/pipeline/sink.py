@@ -17,14 +17,14 @@ import zarr
 
 from ..engine.request import FINISH_ERROR
 from .layout import (
-    FIELD_DTYPES, FINISH_REASONS, FORMAT, OFFSETS, OVERWRITE, ROW_COLUMNS, ROW_FIELDS, TOKEN_CHUNK, TOKEN_IDS,
-    Location, OutputError, committed_arrays, storage_access,
+    FINISH_REASONS, FORMAT, OFFSETS, OVERWRITE, ROW_COLUMNS, TOKEN_CHUNK, TOKEN_IDS, Location, OutputError,
+    committed_arrays, storage_access,
 )
 from .table import OutputTable, read_output
 
 __all__ = [
     "OutputError", "ZarrSink", "OutputTable", "read_output",
-    "FORMAT", "FIELD_DTYPES", "ROW_COLUMNS", "ROW_FIELDS", "TOKEN_IDS", "OFFSETS",
+    "FORMAT", "ROW_COLUMNS", "TOKEN_IDS", "OFFSETS",
 ]
 
 

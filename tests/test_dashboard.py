@@ -16,7 +16,7 @@ from pathlib import Path
 
 import dask
 import pytest
-from distributed.utils_test import gen_cluster, gen_test
+from distributed.utils_test import async_poll_for, gen_cluster, gen_test
 
 from glinthawk_dask.engine.request import Request
 from glinthawk_dask.runtime import AttentionWorkerPlugin, DaskEngine, DenseWorkerPlugin, GlinthawkSchedulerPlugin
@@ -47,15 +47,6 @@ async def _get(url: str) -> tuple[int, str]:
 
     response = await AsyncHTTPClient().fetch(url, raise_error=False)
     return response.code, response.body.decode()
-
-
-async def _wait_until(condition: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    """Wait until ``condition()`` holds; fail after ``timeout`` seconds saying ``what()``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"after {timeout} s: {what()}")
-        await asyncio.sleep(0.01)
 
 
 async def _generate_while_the_page_looks(engine: DaskEngine, requests: list[Request], page, look: Callable,
@@ -257,9 +248,9 @@ async def test_pulls_only_while_a_page_looks_and_progress_is_rate_limited(c, s, 
     for i in range(200):
         reporter(Progress(rows_done=i, shards_read=1, shards_total=4, generated_tokens=3 * i, seconds=1.0))
     reporter.close()
-    await _wait_until(lambda: len(calls) >= 2, 10.0,
-                      lambda: f"the scheduler got {len(calls)} progress report(s), not 2 (the first one, then "
-                              f"the last one on close): {calls}")
+    await async_poll_for(lambda: len(calls) >= 2, 10.0, period=0.01, fail_func=lambda: pytest.fail(
+        f"after 10 s the scheduler got {len(calls)} progress report(s), not 2 (the first one, then the last one "
+        f"on close): {calls}"))
     assert len(calls) == 2 and calls[-1]["progress"]["rows_done"] == 199 and calls[-1]["progress"]["done"]
     page.update()
     assert page.rows_source.data["label"] == ["pipeline my-pipeline"]

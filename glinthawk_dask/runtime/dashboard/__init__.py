@@ -59,7 +59,7 @@ MAX_EVENTS_PER_PULL = 4000
 # name -> module that defines it (loaded on first use)
 _LAZY = {
     "worker_metrics": "worker", "TierDigests": "worker",
-    "PipelineMetrics": "poller", "LEASE": "poller", "FINISHED_KEEP": "poller",
+    "PipelineMetrics": "poller",
     "GlinthawkPage": "page", "glinthawk_doc": "page", "install_page": "page", "uninstall_page": "page",
     "page_link": "page",
     "register_prometheus": "prometheus", "unregister_prometheus": "prometheus",

@@ -10,11 +10,12 @@ The scheduler plugin registers its scheduler's collector when it starts
 (:func:`register_prometheus`) and unregisters it when it closes
 (:func:`unregister_prometheus`).  ``/metrics`` serves the process-wide
 ``prometheus_client.REGISTRY``, where two collectors of the same metrics cannot
-both be, and distributed's own collectors there
-(``distributed.http.scheduler.prometheus``) report the newest scheduler of the
-process.  So, where several schedulers run in one process (as in tests), each has its
+both be.  So, where several schedulers run in one process (as in tests), each has its
 own collector, the newest open scheduler's is the one in the registry, and a closed
-scheduler's collector is never left behind.
+scheduler's collector is never left behind.  (distributed's own collectors there,
+``distributed.http.scheduler.prometheus``, are registered once and pointed at the
+scheduler whose ``/metrics`` is being served: scraping an older scheduler while a
+newer one is open gives its ``dask_*`` metrics beside the newer one's glinthawk ones.)
 """
 
 from __future__ import annotations

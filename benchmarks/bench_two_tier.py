@@ -537,15 +537,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if 3 in args.parts:
             print("\n== 3. single-tier, two-tier and hybrid at equal dense KV memory ==", flush=True)
             long_ids = prompt_ids[: args.long_prompts]
-            cases = {
-                "bound": lambda: budget_section(base, "budget binds", prompt_ids, args.new_tokens, ip.outputs,
-                                                args.budget_seqs, args.budget_max_seq_len, args.budget_repeats),
-                "long": lambda: budget_section(base, "long slots", long_ids, args.long_new_tokens, ip.outputs,
-                                               args.long_budget_seqs, args.long_max_seq_len, args.budget_repeats),
-                "unbound": lambda: budget_section(base, "no budget", prompt_ids, args.new_tokens, ip.outputs,
-                                                  None, args.budget_max_seq_len, args.budget_repeats),
+            cases = {  # name: (title, prompts, new tokens, budget in sequences, slot size)
+                "bound": ("budget binds", prompt_ids, args.new_tokens, args.budget_seqs, args.budget_max_seq_len),
+                "long": ("long slots", long_ids, args.long_new_tokens, args.long_budget_seqs, args.long_max_seq_len),
+                "unbound": ("no budget", prompt_ids, args.new_tokens, None, args.budget_max_seq_len),
             }
-            report["budget"] = {name: cases[name]() for name in args.budget_cases}
+            report["budget"] = {}
+            for name in args.budget_cases:
+                title, ids, new, seqs, seq_len = cases[name]
+                report["budget"][name] = budget_section(base, title, ids, new, ip.outputs, seqs, seq_len,
+                                                        args.budget_repeats)
     finally:
         base.close()
 

@@ -105,12 +105,14 @@ def _dense_share_while_others_attend(timeline: dict[str, list]) -> float:
     for e in sorted((e for e in events if e[0] == "dense"), key=lambda e: e[1]):
         dense.setdefault(e[3], []).append(e)
     out: dict[int, list[tuple[float, float]]] = {m: [] for m in dense}  # attention round trips per micro-batch
+    starts = {m: [j[1] for j in jobs] for m, jobs in dense.items()}
+    stops = {m: [j[2] for j in jobs] for m, jobs in dense.items()}
     for kind, start, stop, mb, _ in events:
         if kind != "attention" or mb not in dense:
             continue
         jobs = dense[mb]
-        i = bisect.bisect_right([j[2] for j in jobs], start) - 1  # the job that sent it
-        k = bisect.bisect_left([j[1] for j in jobs], stop)  # the job that took its output
+        i = bisect.bisect_right(stops[mb], start) - 1  # the job that sent it
+        k = bisect.bisect_left(starts[mb], stop)  # the job that took its output
         if i >= 0 and k < len(jobs):
             out[mb].append((jobs[i][2], jobs[k][1]))
     hidden = sum(overlap_seconds([(j[1], j[2]) for j in jobs], [w for m, ws in out.items() if m != mb for w in ws])

@@ -23,7 +23,7 @@ from ..sampling import SamplingParams
 from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile
 
 __all__ = ["dense_layer_points", "cold_factor", "head_points", "attention_points", "driver_cost", "busy_loop",
-           "local_profile", "TOKENS", "TOKENS_QUICK", "ROWS", "ATTENTION_SHAPES"]
+           "local_profile", "attention_shapes", "TOKENS", "TOKENS_QUICK", "ROWS", "ATTENTION_SHAPES"]
 
 _N_LAYERS = 4  # distinct layers cycled through, so their weights are read as in a run
 
@@ -33,6 +33,11 @@ TOKENS = [1, 4, 16, 64, 256]
 TOKENS_QUICK = [1, 16, 64, 256]
 ROWS = [1, 16, 64]
 ATTENTION_SHAPES = [[1, 64, 1], [16, 256, 1], [64, 128, 1], [32, 1024, 1], [8, 2048, 1], [2, 128, 64]]
+
+
+def attention_shapes(model: ModelConfig) -> list[list[int]]:
+    """The :data:`ATTENTION_SHAPES` that fit ``model``'s context."""
+    return [s for s in ATTENTION_SHAPES if s[1] + s[2] <= model.max_seq_len]
 
 
 def _sync(device: torch.device) -> None:
@@ -187,7 +192,7 @@ def local_profile(model: ModelConfig, dtype: torch.dtype = torch.float32, device
     t0 = time.time()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = dataclasses.asdict(model)
-    shapes = [s for s in ATTENTION_SHAPES if s[1] + s[2] <= model.max_seq_len]
+    shapes = attention_shapes(model)
     layer = dense_layer_points(config, dtype, device, TOKENS_QUICK if quick else TOKENS)
     head_s = head_points(config, dtype, device, ROWS)
     attention = AttentionCost.fit([tuple(p) for p in attention_points(config, dtype, device, shapes)])

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import GlinthawkError
 from ..model.config import ModelConfig
-from ..planner.microbench import ATTENTION_SHAPES, ROWS, TOKENS, TOKENS_QUICK
+from ..planner.microbench import ROWS, TOKENS, TOKENS_QUICK, attention_shapes
 from ..planner.profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile
 
 __all__ = ["measure_profile", "cluster_profile", "profile_key"]
@@ -50,7 +50,7 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
     cfg = dataclasses.asdict(model_config)
     dense = info["dense"][0]
     tokens = list(TOKENS_QUICK if quick else TOKENS)
-    shapes = [s for s in ATTENTION_SHAPES if s[1] + s[2] <= model_config.max_seq_len]
+    shapes = attention_shapes(model_config)
     d = await _rpc(client, dense, "glinthawk_profile_dense", config=cfg, dtype=dtype, tokens=tokens, rows=ROWS,
                    attention=shapes, cold=not info["attention"])  # with attention workers: measured below
     local = AttentionCost.fit([tuple(p) for p in d["attention"]])

@@ -33,3 +33,25 @@ def test_bench_inprocess_runs_and_reports(tmp_path):
     for name in ("in-process", "hf-transformers"):
         assert report["results"][name]["generated_tokens"] == 8
     assert report["ratio_inprocess_over_hf"] > 0
+
+
+def test_bench_quickstart_runs_a_spec_and_its_requests_in_process(tmp_path):
+    """The quickstart benchmark at a tiny size, on a spec that runs in-process: the same
+    requests through the pipeline, the in-process engine and the pipeline's LLM alone."""
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Count to {i}:"}) + "\n"
+                                               for i in range(3)))
+    (tmp_path / "spec.yaml").write_text(
+        "name: tiny\nmodel: smollm2-135m-instruct\ninput: {urls: in.jsonl}\n"
+        "sampling: {max_tokens: 4, ignore_eos: true}\ntopology: {mode: in-process, max_seq_len: 64}\n"
+        "output: {url: unused.zarr}\n")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_quickstart.py"), "--spec", str(tmp_path / "spec.yaml"),
+           "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["requests"] == 3 and report["rows"] == 3 and report["same_tokens"] == 3
+    assert {k: [r["tokens"] for r in v] for k, v in report["runs"].items()} == {
+        "in-process": [12], "pipeline": [12], "engine": [12]}
+    assert report["ratio"] > 0 and "quickstart pipeline >= 0.7x in-process" in proc.stdout
+    assert not (tmp_path / "unused.zarr").exists()  # the benchmark writes its own output elsewhere

@@ -295,3 +295,25 @@ def test_progress_counts_tokens_of_running_rows_and_estimates_from_tokens_left(t
     # mid-run, tokens of rows still running count (before this, only finished rows did)
     assert any(rows < 6 and tokens > 16 * rows for rows, tokens, _ in seen), seen
     assert any(eta is not None and eta > 0 for rows, _, eta in seen if rows < 6), seen
+
+
+def test_run_seconds_end_at_the_last_commit_and_the_close_is_reported_apart(tmp_path, monkeypatch):
+    """The run's tokens/s is over generation and commits alone: closing the LLM made for
+    the run (a whole local cluster, usually) is ``shutdown_seconds``, as start-up is
+    ``startup_seconds``."""
+    closed_at = []
+    close = LLM.close
+
+    def slow_close(self):
+        closed_at.append(time.perf_counter())
+        time.sleep(0.6)
+        close(self)
+
+    monkeypatch.setattr(LLM, "close", slow_close)
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": f"Count to {i}:"} for i in range(3)])
+    spec = parse_spec(_spec(tmp_path, str(src), str(tmp_path / "o.zarr"), sampling={"max_tokens": 4}))
+    before = time.perf_counter()
+    report = run_pipeline(spec)
+    assert report.rows_done == 3 and len(_table(str(tmp_path / "o.zarr"))) == 3
+    assert len(closed_at) == 1 and report.shutdown_seconds >= 0.6
+    assert before + report.startup_seconds + report.seconds <= closed_at[0]

@@ -50,7 +50,8 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
     click.echo(
         f"{spec.name}: {report.rows_done} rows written ({report.errors} errors, {report.skipped} already done), "
         f"{report.generated_tokens} tokens in {report.seconds:.1f} s ({report.tokens_per_s:.1f} tok/s; "
-        f"started in {report.startup_seconds:.1f} s); {report.rows_in_output} rows in {report.output}",
+        f"started in {report.startup_seconds:.1f} s, closed in {report.shutdown_seconds:.1f} s); "
+        f"{report.rows_in_output} rows in {report.output}",
         err=True,
     )
     for line in report.error_examples:

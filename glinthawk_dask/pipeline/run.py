@@ -35,7 +35,7 @@ from .sink import ZarrSink
 from .sources import Shard, list_shards, read_shard
 from .spec import PipelineSpec
 
-__all__ = ["Progress", "RunReport", "run_pipeline", "tokenize_shard"]
+__all__ = ["Progress", "RunReport", "load_model", "pipeline_llm", "run_pipeline", "tokenize_shard"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class RunReport(Progress):
     rows_in_output: int = 0
     error_examples: list[str] = field(default_factory=list)
     startup_seconds: float = 0.0  # cluster start and model load, before the first row
+    shutdown_seconds: float = 0.0  # after the last commit: closing the run (and the cluster made for it)
     cancelled: bool = False  # stopped early by ``cancel``: a rerun resumes
 
 
@@ -126,17 +127,9 @@ def run_pipeline(
     if llm is not None and llm.model != spec.model:
         raise GlinthawkError(f"the spec's model is {spec.model!r} but the LLM given runs {llm.model!r}")
     try:
-        with contextlib.nullcontext(llm) if llm is not None else LLM(
-            spec.model, mode=topo.mode, scheduler=scheduler, client=client, device=topo.device, dtype=topo.dtype,
-            engine_config=EngineConfig.from_options(mode=topo.mode, micro_batch_size=topo.micro_batch_size,
-                                                  n_micro_batches=topo.micro_batches),
-            n_micro_batches=topo.micro_batches,
-            micro_batch_size=topo.micro_batch_size if topo.micro_batch_size == "auto" else None,
-            n_slices=topo.dense_workers, local_workers=(topo.dense_workers, topo.attention_workers),
-            dense_kv_budget=topo.dense_kv_budget, local_micro_batches=topo.local_micro_batches,
-        ) as llm:
+        with contextlib.nullcontext(llm) if given else pipeline_llm(spec, scheduler=scheduler, client=client) as llm:
             if not given:
-                _load_model(llm, spec.model)
+                load_model(llm, spec.model)
             t0 = time.perf_counter()
             startup = t0 - t_start
             committed = sink.committed_ids()
@@ -176,13 +169,17 @@ def run_pipeline(
                         break
             if page is not None:
                 page.close()
+            sink.close()  # the last rows committed: the run's work is done
+            state.seconds = time.perf_counter() - t0
+            t_close = time.perf_counter()
     finally:
         sink.close()  # commits every finished row, also when interrupted
+    shutdown = time.perf_counter() - t_close  # the cluster's (if made for the run) and the run's close
     state.shards_read, state.skipped = feed.shards_read, feed.skipped
-    state.seconds = time.perf_counter() - t0
     state.generated_tokens, state.tokens_left = done_tokens[0], 0  # the rows' own tokens, exactly
     return RunReport(**vars(state), output=spec.output.url, rows_in_output=sink.rows, error_examples=examples,
-                     startup_seconds=startup, cancelled=cancel is not None and cancel.is_set())
+                     startup_seconds=startup, shutdown_seconds=shutdown,
+                     cancelled=cancel is not None and cancel.is_set())
 
 
 def _page_reporter(llm: Any, name: str) -> Any:
@@ -194,7 +191,23 @@ def _page_reporter(llm: Any, name: str) -> Any:
     return ProgressReporter(llm.client, name)
 
 
-def _load_model(llm: Any, model: str) -> None:
+def pipeline_llm(spec: PipelineSpec, *, scheduler: str | None = None, client: Any = None) -> LLM:
+    """The :class:`~glinthawk_dask.LLM` a run of ``spec`` makes for itself (its
+    topology: mode, workers, plan, device and dtype): on ``client``, on the cluster at
+    ``scheduler``, or on the embedded local cluster."""
+    topo = spec.topology
+    return LLM(
+        spec.model, mode=topo.mode, scheduler=scheduler, client=client, device=topo.device, dtype=topo.dtype,
+        engine_config=EngineConfig.from_options(mode=topo.mode, micro_batch_size=topo.micro_batch_size,
+                                              n_micro_batches=topo.micro_batches),
+        n_micro_batches=topo.micro_batches,
+        micro_batch_size=topo.micro_batch_size if topo.micro_batch_size == "auto" else None,
+        n_slices=topo.dense_workers, local_workers=(topo.dense_workers, topo.attention_workers),
+        dense_kv_budget=topo.dense_kv_budget, local_micro_batches=topo.local_micro_batches,
+    )
+
+
+def load_model(llm: Any, model: str) -> None:
     """Load the model where it runs (weights on the dense workers with a one-token
     generation, the tokenizer on the CPU workers that read shards), so that start-up
     and generation are timed apart."""

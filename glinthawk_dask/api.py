@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Callable, Generator, Iterable, Iterator
 
 import torch
@@ -63,9 +65,11 @@ class LLM:
     pays, the rest on attention workers) or ``"in-process"`` (no Dask); by default
     ``glinthawk.engine.mode`` (two-tier); ``dense_kv_budget`` also caps single-tier runs;
     ``local_micro_batches`` fixes hybrid's split instead of the planner.
-    ``engine_config`` sets the batching knobs; in distributed modes ``n_micro_batches`` (an int or ``"auto"``, the default)
-    replaces its ``n_micro_batches`` and ``micro_batch_size`` (an int or ``"auto"``)
-    its ``micro_batch_size``: "auto" plans from the cluster's measured profile.  Distributed modes use ``client``,
+    ``engine_config`` sets the batching knobs (by default
+    :meth:`~glinthawk_dask.engine.engine.EngineConfig.from_options` of the mode and the
+    two below); ``micro_batch_size`` and ``n_micro_batches`` (ints, or ``"auto"``)
+    replace its fields: in distributed modes "auto" (the default depth) plans from the
+    cluster's measured profile, in-process it keeps the config's.  Distributed modes use ``client``,
     or connect to ``scheduler``, or start the embedded local cluster
     (``local_workers``: dense and attention worker processes, by default 1 and
     ``glinthawk.local-cluster.attention-workers``), which :meth:`close` stops.
@@ -108,10 +112,19 @@ class LLM:
         eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
         self.client = self.cluster = None
         self._own_client = False
+        ec = engine_config or EngineConfig.from_options(mode=self.mode, micro_batch_size=micro_batch_size,
+                                                         n_micro_batches=n_micro_batches)
+        if self.mode == "in-process":  # ints given beside a config replace its fields
+            size = micro_batch_size if isinstance(micro_batch_size, int) else ec.micro_batch_size
+            ec = dataclasses.replace(
+                ec, micro_batch_size=size, max_step_tokens=max(ec.max_step_tokens, size),
+                n_micro_batches=n_micro_batches if isinstance(n_micro_batches, int) else ec.n_micro_batches,
+            )
+        self.engine_config = ec  # the batching knobs it runs with (distributed: before any auto plan)
         if self.mode == "in-process":
             self.weights = load_slice(source, dtype=self.dtype, device=self.device)
             self.engine: Any = InProcessEngine(
-                self.weights, config=engine_config or EngineConfig(), eos_token_ids=eos,
+                self.weights, config=ec, eos_token_ids=eos,
                 detokenize=self.tokenizer.decode if self.tokenizer else None,
             )
             return
@@ -124,13 +137,12 @@ class LLM:
         else:
             self.client = client
             ensure_plugins(client)
-        ec = engine_config
         self.engine = DaskEngine(
             self.client, model, mode=self.mode, n_slices=n_slices,
-            micro_batch_size=micro_batch_size or (ec.micro_batch_size if ec else None),
+            micro_batch_size=micro_batch_size or ec.micro_batch_size,
             n_micro_batches=n_micro_batches,
-            max_step_tokens=ec.max_step_tokens if ec else None,
-            max_seq_len=ec.max_seq_len if ec else None,
+            max_step_tokens=ec.max_step_tokens,
+            max_seq_len=ec.max_seq_len,
             dtype=self.dtype_name, latency=latency, model_config=self.config,
             dense_kv_budget=dense_kv_budget, local_micro_batches=local_micro_batches,
         )

@@ -234,3 +234,23 @@ def test_llm_reports_progress_while_generating():
     last = seen[-1]
     assert (last.rows_done, last.rows_total, last.errors, last.expected_tokens) == (4, 4, 1, 15)
     assert last.eta_seconds == 0.0
+
+
+def test_llm_builds_its_batching_config_from_its_options():
+    """The plan options an LLM takes mean the same in every mode: in-process they were
+    ignored unless an EngineConfig carried them."""
+    from glinthawk_dask import LLM
+    from glinthawk_dask.engine.engine import IN_PROCESS_MICRO_BATCH_SIZE
+
+    llm = LLM("random:tiny-gqa", mode="in-process", micro_batch_size=3, n_micro_batches=2)
+    assert (llm.engine_config.micro_batch_size, llm.engine_config.n_micro_batches) == (3, 2)
+    assert llm.engine.config is llm.engine_config
+    # "auto" keeps the config's, whose own default is the in-process one
+    assert LLM("random:tiny-gqa", mode="in-process", micro_batch_size="auto",
+               n_micro_batches="auto").engine_config.micro_batch_size == IN_PROCESS_MICRO_BATCH_SIZE
+    # ints beside a config replace its fields; the step budget grows to hold a micro-batch
+    given = EngineConfig(micro_batch_size=2, max_step_tokens=4, max_seq_len=32)
+    cfg = LLM("random:tiny-gqa", mode="in-process", engine_config=given, micro_batch_size=8).engine_config
+    assert (cfg.micro_batch_size, cfg.max_step_tokens, cfg.max_seq_len) == (8, 8, 32)
+    reqs = [Request(f"r{i}", [1 + i, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)) for i in range(5)]
+    assert all(len(c.completion_token_ids) == 3 for c in llm.engine.generate(reqs))

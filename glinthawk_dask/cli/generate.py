@@ -83,7 +83,6 @@ def generate(
     the time left at that rate (--quiet: none).
     """
     from ..api import LLM
-    from ..engine.engine import EngineConfig
     from ..errors import InvalidRequestError
     from ..sampling import SamplingParams
 
@@ -100,7 +99,6 @@ def generate(
         n_mb = parse_micro_batches(micro_batches)
         asked = parse_micro_batches(micro_batch_size, "--micro-batch-size")
         dense_kv = _dense_kv_budget(dense_kv_budget, mode)
-        engine_config = EngineConfig.from_options(mode=mode, micro_batch_size=asked, n_micro_batches=n_mb)
     except (InvalidRequestError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     rows: list[Any] = [{"prompt": p} for p in prompts]
@@ -113,8 +111,7 @@ def generate(
     t0 = time.perf_counter()
     with tls_client(scheduler, security) as client, LLM(
         model, mode=mode, scheduler=scheduler, client=client, device=device, dtype=dtype,
-        engine_config=engine_config, n_micro_batches=n_mb, n_slices=slices, latency=latency,
-        micro_batch_size="auto" if asked == "auto" else None, dense_kv_budget=dense_kv,
+        micro_batch_size=asked, n_micro_batches=n_mb, n_slices=slices, latency=latency, dense_kv_budget=dense_kv,
         local_micro_batches=_local_micro_batches(local_micro_batches, mode),
     ) as llm:
         if llm.dashboard_link:
@@ -199,14 +196,13 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
     n_mb = parse_micro_batches(micro_batches)
     asked = parse_micro_batches(micro_batch_size, "--micro-batch-size")
     dense_kv = _dense_kv_budget(dense_kv_budget, mode)
-    engine_config = EngineConfig.from_options(mode=mode, micro_batch_size=asked, n_micro_batches=n_mb,
-                                              max_seq_len=max_seq_len)
+    engine_config = EngineConfig.from_options(mode=mode, max_seq_len=max_seq_len)
     security = security_from("client", tls_ca_file, tls_cert, tls_key)
     t0 = time.perf_counter()
     with tls_client(scheduler, security) as client, LLM(
         model, mode=mode, scheduler=scheduler, client=client, device=device, dtype=dtype,
-        engine_config=engine_config, n_micro_batches=n_mb, latency=latency / 1e3,
-        micro_batch_size="auto" if asked == "auto" else None, dense_kv_budget=dense_kv,
+        engine_config=engine_config, micro_batch_size=asked, n_micro_batches=n_mb, latency=latency / 1e3,
+        dense_kv_budget=dense_kv,
         local_micro_batches=_local_micro_batches(local_micro_batches, mode),
     ) as llm:
         llm.generate(rows[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up: weights, kernels
@@ -221,10 +217,11 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
     if failed:
         raise GlinthawkError(f"{len(failed)} of {len(results)} prompts failed, e.g. {failed[0].error}")
     generated = sum(len(c.completion_token_ids) for c in results)
+    ec = llm.engine_config
     numbers = {
         "model": model, "mode": llm.mode, "prompts": n_prompts, "prompt_tokens": prompt_tokens,
-        "max_tokens": max_tokens, "micro_batch_size": summary.micro_batch_size if summary else engine_config.micro_batch_size,
-        "micro_batches": summary.n_micro_batches if summary else engine_config.n_micro_batches,
+        "max_tokens": max_tokens, "micro_batch_size": summary.micro_batch_size if summary else ec.micro_batch_size,
+        "micro_batches": summary.n_micro_batches if summary else ec.n_micro_batches,
         "max_seq_len": max_seq_len, "latency_ms": latency, "generated_tokens": generated,
         "seconds": elapsed, "tokens_per_s": generated / elapsed, "predicted_tokens_per_s": predicted,
         "load_seconds": t_load, "dense_kv_budget": dense_kv,

@@ -117,7 +117,7 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
     """
     from ..model.resolve import resolve_checkpoint
     from ..planner.plan import (
-        Prices, best, candidates, format_table, mixes_pay, options_of, size_text, spec_fields, sweep, without_mixes,
+        Prices, best, candidates, format_table, mixes_pay, options_of, size_text, spec_fields, sweep,
     )
     from ..planner.profile import load_profile
     from ..planner.simulate import Workload
@@ -145,9 +145,7 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
     elem = {"float32": 4}.get(prof.dense.dtype, 2)
     configs = candidates(n_requests, modes=modes or ("two-tier", "single-tier", "hybrid"), dense=dense,
                          attention=attention, max_seq_len=max_seq_len, latency=latency / 1e3, dtype_bytes=elem,
-                         dense_kv_budget=budget)
-    if not mixes_pay(prof):  # tiers that share cores: hybrid runs keep to the extremes (see sweep_hybrid)
-        configs = without_mixes(configs)
+                         dense_kv_budget=budget, mixes=mixes_pay(prof))  # (see sweep_hybrid)
     t0 = time.perf_counter()
     preds = sweep(prof, model_config, workload, configs)
     seconds = time.perf_counter() - t0

@@ -34,7 +34,7 @@ class EngineConfig:
 
     ``max_seq_len`` is the KV capacity of one sequence (prompt + completion); by
     default it is sized to the requests of a run, capped by the model's context.
-    Entry points build one with :meth:`from_options`.
+    :class:`~glinthawk_dask.LLM` builds one from its options with :meth:`from_options`.
     """
 
     micro_batch_size: int = IN_PROCESS_MICRO_BATCH_SIZE

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..api import LLM
-from ..engine.engine import EngineConfig
 from ..engine.request import FINISH_ERROR, Completion, Request
 from ..errors import GlinthawkError
 from ..model.resolve import resolve_checkpoint
@@ -198,11 +197,8 @@ def pipeline_llm(spec: PipelineSpec, *, scheduler: str | None = None, client: An
     topo = spec.topology
     return LLM(
         spec.model, mode=topo.mode, scheduler=scheduler, client=client, device=topo.device, dtype=topo.dtype,
-        engine_config=EngineConfig.from_options(mode=topo.mode, micro_batch_size=topo.micro_batch_size,
-                                              n_micro_batches=topo.micro_batches),
-        n_micro_batches=topo.micro_batches,
-        micro_batch_size=topo.micro_batch_size if topo.micro_batch_size == "auto" else None,
-        n_slices=topo.dense_workers, local_workers=(topo.dense_workers, topo.attention_workers),
+        micro_batch_size=topo.micro_batch_size, n_micro_batches=topo.micro_batches, n_slices=topo.dense_workers,
+        local_workers=(topo.dense_workers, topo.attention_workers),
         dense_kv_budget=topo.dense_kv_budget, local_micro_batches=topo.local_micro_batches,
     )
 

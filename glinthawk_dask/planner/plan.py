@@ -18,7 +18,7 @@ from ..model.config import ModelConfig
 from .profile import Profile
 from .simulate import Prediction, RunConfig, Workload, simulate
 
-__all__ = ["Prices", "candidates", "sweep", "sweep_hybrid", "mixes_pay", "without_mixes", "best", "format_table", "options_of", "spec_fields", "plan_text",
+__all__ = ["Prices", "candidates", "sweep", "sweep_hybrid", "mixes_pay", "best", "format_table", "options_of", "spec_fields", "plan_text",
            "size_text"]
 
 
@@ -76,6 +76,7 @@ def candidates(
     max_step_tokens: int = 512,
     dense_kv_budget: float | None = None,
     local_micro_batches: int | None = None,
+    mixes: bool = True,
 ) -> list[RunConfig]:
     """Every configuration worth simulating; fixed knobs stay fixed.  ``dense`` and
     ``attention`` are counts to use (a number: all of 1..n); a plan uses no more
@@ -84,7 +85,7 @@ def candidates(
     many, at most all), their slots shrunk to ``dense_kv_budget`` (bytes of KV per dense
     worker, which every configuration carries; None: the profile's).  Hybrid plans with
     none local (two-tier) or all local (single-tier) are left to those modes when they are
-    swept too."""
+    swept too; with ``mixes=False`` (see :func:`mixes_pay`) hybrid plans are only those two."""
     dense_opts = range(1, dense + 1) if isinstance(dense, int) else list(dense)
     attn_opts = range(1, attention + 1) if isinstance(attention, int) else list(attention)
     sizes = [micro_batch_size] if micro_batch_size else _sizes(n_requests, max_depth)
@@ -102,7 +103,8 @@ def candidates(
                         elif local_micro_batches is not None:
                             locals_ = [min(local_micro_batches, m)]
                         else:  # none local is two-tier, all local single-tier: not twice
-                            locals_ = [lm for lm in range(m + 1) if not (lm == 0 and "two-tier" in modes)
+                            locals_ = [lm for lm in range(m + 1) if (mixes or lm in (0, m))
+                                       and not (lm == 0 and "two-tier" in modes)
                                        and not (lm == m and "single-tier" in modes)]
                         for lm in locals_:
                             remote = m - lm if mode == "hybrid" else m
@@ -143,10 +145,11 @@ def sweep_hybrid(profile: Profile, model: ModelConfig, workload: Workload, *, to
     remote; the profile's contention factors come from steady loads and miss it)."""
     kwargs.pop("modes", None)
     cache: dict = {}
-    extremes = candidates(workload.n, modes=("two-tier", "single-tier"), **kwargs)
     if not mixes_pay(profile):
-        return sweep(profile, model, workload, [_as_hybrid(c) for c in extremes], cache)
-    first = sweep(profile, model, workload, extremes, cache)
+        return sweep(profile, model, workload, candidates(workload.n, modes=("hybrid",), mixes=False, **kwargs),
+                     cache)
+    first = sweep(profile, model, workload, candidates(workload.n, modes=("two-tier", "single-tier"), **kwargs),
+                  cache)
     shapes: list[tuple[int, int]] = []
     for p in first:
         key = (p.config.micro_batch_size, p.config.micro_batches)
@@ -167,20 +170,6 @@ def mixes_pay(profile: Profile) -> bool:
     on ``profile``'s hardware: not where the tiers share a host's cores (see
     :func:`sweep_hybrid`)."""
     return not profile.shared_host
-
-
-def without_mixes(configs: Iterable[RunConfig]) -> list[RunConfig]:
-    """``configs`` less the hybrid ones that mix local and remote micro-batches."""
-    return [c for c in configs if not (c.mode == "hybrid" and 0 < c.local_micro_batches < c.micro_batches)]
-
-
-def _as_hybrid(c: RunConfig) -> RunConfig:
-    """A single-tier or two-tier configuration as the hybrid one with all or no local
-    micro-batches (the same run)."""
-    import dataclasses
-
-    return dataclasses.replace(c, mode="hybrid", local_micro_batches=c.micro_batches if c.mode == "single-tier"
-                               else 0)
 
 
 def best(preds: Sequence[Prediction], prices: Prices | None = None, by: str = "speed") -> Prediction | None:

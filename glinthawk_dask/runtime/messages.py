@@ -105,11 +105,18 @@ class Plan(_Wire):
         """Every attention worker holding a cache of the run at the start (sorted)."""
         return sorted({a for slots in self.n_slots for a in slots})
 
+    def attention_kv(self) -> dict[str, int]:
+        """KV bytes the run takes on each attention worker (by address)."""
+        seq = self.kv_bytes_per_token_layer * self.max_seq_len
+        out: dict[str, int] = {}
+        for (a, b), slots in zip(self.slices, self.n_slots):
+            for addr, n in slots.items():
+                out[addr] = out.get(addr, 0) + n * (b - a) * seq
+        return out
+
     def kv_bytes(self) -> dict[str, int]:
         """KV bytes the run reserved on each tier (summed over its workers)."""
-        seq = self.kv_bytes_per_token_layer * self.max_seq_len
-        attention = sum(n * (b - a) * seq for (a, b), slots in zip(self.slices, self.n_slots) for n in slots.values())
-        return {"dense": int(sum(self.dense_kv.values())), "attention": int(attention)}
+        return {"dense": int(sum(self.dense_kv.values())), "attention": int(sum(self.attention_kv().values()))}
 
 
 @dataclass

@@ -317,10 +317,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
                 n_slices=n_slices, local_micro_batches=local_micro_batches, local_batch_size=local_batch_size,
                 dense_kv_budget={a: None if b is None else b + self._dense_reserved(a) for a, b in
                                  dense_budget.items()})}
-        kv: dict[str, int] = {}
-        for s, (a, b) in enumerate(plan.slices):
-            for addr, slots in (plan.n_slots[s].items() if plan.n_slots else []):
-                kv[addr] = kv.get(addr, 0) + slots * (b - a) * kv_bytes_per_token_layer * max_seq_len
+        kv = plan.attention_kv()
         workers = set(plan.dense) | set(kv)
         lease = float(lease or config.get("engine.lease"))
         self.runs[run_id] = {"kv": kv, "dense_kv": dict(plan.dense_kv), "workers": workers, "lost": [],

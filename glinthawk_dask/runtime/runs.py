@@ -5,6 +5,7 @@ once it is over (:class:`RunSummary`)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -36,9 +37,9 @@ class RunSummary:
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
-    @property
+    @functools.cached_property
     def placement(self) -> Plan:
-        """:attr:`plan` as a :class:`~.messages.Plan`."""
+        """:attr:`plan` as a :class:`~.messages.Plan` (read once)."""
         return Plan.from_wire(self.plan)
 
     @property
@@ -71,8 +72,7 @@ class RunState:
     prediction: Any = None  # the planner's Prediction, when it chose the plan
     profile_seconds: float = 0.0
     t0: float = dataclasses.field(default_factory=time.time)
-    pending: set[str] = dataclasses.field(default_factory=set)  # ids submitted, not yet delivered
-    requests: dict[str, Request] = dataclasses.field(default_factory=dict)  # the pending requests by id
+    requests: dict[str, Request] = dataclasses.field(default_factory=dict)  # submitted, not yet delivered, by id
     n_requests: int = 0
     generated: int = 0  # tokens of the delivered completions
     stats: dict = dataclasses.field(default_factory=dict)  # the driver's n_steps and n_tokens
@@ -81,11 +81,15 @@ class RunState:
     in_flight_tokens: int | None = None  # KV tokens the failed run held (what a restart rebuilds)
     generated_before: int = 0  # tokens sampled by the runs a recovery replaced
 
+    @property
+    def pending(self):
+        """The ids of the requests submitted and not yet delivered (a live view)."""
+        return self.requests.keys()
+
     def track(self, requests: list[Request]) -> None:
         """Record requests as pending before they are sent, so a failure cannot lose them."""
         for r in requests:
             self.requests[r.id] = r
-            self.pending.add(r.id)
         self.n_requests += len(requests)
 
     def room(self) -> int:
@@ -94,10 +98,8 @@ class RunState:
 
     def deliver(self, c: Completion) -> bool:
         """Mark ``c`` delivered; False if it already was (a duplicate from a replayed step)."""
-        if c.id not in self.pending:
+        if self.requests.pop(c.id, None) is None:
             return False
-        self.pending.discard(c.id)
-        self.requests.pop(c.id, None)
         self.generated += len(c.completion_token_ids)
         return True
 

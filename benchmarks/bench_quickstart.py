@@ -9,13 +9,15 @@ One run, one cluster, alternating:
   run's own: from the first request to the last commit (start-up and close apart);
 * the in-process engine as ``glinthawk generate --mode in-process`` runs (its default
   plan), on exactly the requests the pipeline builds (the spec's tokenizer, chat
-  template and sampling) with the spec's ``max_seq_len``;
+  template and sampling) with the spec's ``max_seq_len``: first alone, before the
+  cluster starts, then beside the idle cluster, alternating with the two below;
 * the pipeline's LLM on the same requests without the pipeline (``engine``): what
   reading, tokenizing on the workers and committing to Zarr add.
 
 It prints tokens/s of each repeat with the machine's CPU shares during it, the
-medians, their ratio against the target (>= 0.7x), the plan the pipeline ran, and
-how many rows have the same tokens in both.
+medians, the pipeline / in-process ratios (alternating, and against in-process alone)
+with the lower one against the target (>= 0.7x), the plan the pipeline ran, and how
+many rows have the same tokens in both.
 
     python benchmarks/bench_quickstart.py                 # 3 repeats, ~2 minutes on 2 cores
     python benchmarks/bench_quickstart.py --repeats 5 --json out.json
@@ -114,24 +116,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     inproc = LLM(spec.model, mode="in-process", dtype=topo.dtype)  # as `generate --mode in-process` makes it
     engine_run(inproc, requests[:1], topo.max_seq_len)  # warm-up
+    runs: dict[str, list[dict[str, Any]]] = {"in-process alone": [], "in-process": [], "pipeline": [], "engine": []}
+
+    def timed(i: int, name: str, fn) -> None:
+        r, cpu = with_cpu(fn)
+        r["cpu"] = cpu
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        runs[name].append(r)
+        print(f"repeat {i + 1} {name:16}: {r['tokens']} tokens in {r['seconds']:.2f} s = "
+              f"{r['tokens_per_s']:.1f} tok/s; machine CPU during it: {cpu_text(cpu)}", flush=True)
+
+    for i in range(args.repeats):  # before the cluster exists: nothing else on the machine
+        timed(i, "in-process alone", lambda: engine_run(inproc, requests, topo.max_seq_len))
     t0 = time.perf_counter()
     llm = pipeline_llm(spec)
     load_model(llm, spec.model)
     pipeline_run(spec, llm)  # warm-up: the plan's profile is measured here once
     print(f"pipeline LLM ({llm.mode}) started, loaded and warmed in {time.perf_counter() - t0:.1f} s", flush=True)
-
-    runs: dict[str, list[dict[str, Any]]] = {"in-process": [], "pipeline": [], "engine": []}
     try:
-        for i in range(args.repeats):
-            for name, fn in (("in-process", lambda: engine_run(inproc, requests, topo.max_seq_len)),
-                             ("pipeline", lambda: pipeline_run(spec, llm)),
-                             ("engine", lambda: engine_run(llm, requests, topo.max_seq_len))):
-                r, cpu = with_cpu(fn)
-                r["cpu"] = cpu
-                r["tokens_per_s"] = r["tokens"] / r["seconds"]
-                runs[name].append(r)
-                print(f"repeat {i + 1} {name:10}: {r['tokens']} tokens in {r['seconds']:.2f} s = "
-                      f"{r['tokens_per_s']:.1f} tok/s; machine CPU during it: {cpu_text(cpu)}", flush=True)
+        for i in range(args.repeats):  # alternating, the in-process runs beside the idle cluster
+            timed(i, "in-process", lambda: engine_run(inproc, requests, topo.max_seq_len))
+            timed(i, "pipeline", lambda: pipeline_run(spec, llm))
+            timed(i, "engine", lambda: engine_run(llm, requests, topo.max_seq_len))
         summary = llm.last_summary
     finally:
         llm.close()
@@ -139,23 +145,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(out_dir, ignore_errors=True)
 
     med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
-    ratio = med["pipeline"] / med["in-process"]
+    # the stricter of the two: against in-process beside the idle cluster (alternating, the
+    # same minutes) and against in-process alone (minutes earlier, nothing else running)
+    ratios = {"alternating": med["pipeline"] / med["in-process"], "alone": med["pipeline"] / med["in-process alone"]}
+    ratio = min(ratios.values())
     per_repeat = [p["tokens_per_s"] / q["tokens_per_s"] for p, q in zip(runs["pipeline"], runs["in-process"])]
     ref, got = runs["in-process"][-1]["completions"], runs["pipeline"][-1]["completions"]
     same = sum(ref.get(k) == v for k, v in got.items()) if len(got) == len(ref) else 0
     plan = (f"{summary.micro_batch_size} x {summary.n_micro_batches}" if summary is not None else "in-process")
-    print(f"\nmedian tokens/s: pipeline {med['pipeline']:.1f}, in-process {med['in-process']:.1f}, the pipeline's "
-          f"LLM on the requests alone (engine) {med['engine']:.1f}; pipeline / in-process "
-          f"per repeat: {', '.join(f'{x:.2f}x' for x in per_repeat)}")
+    print(f"\nmedian tokens/s: pipeline {med['pipeline']:.1f}, in-process {med['in-process']:.1f} beside the idle "
+          f"cluster and {med['in-process alone']:.1f} alone, the pipeline's LLM on the requests alone (engine) "
+          f"{med['engine']:.1f}")
+    print(f"pipeline / in-process: {ratios['alternating']:.2f}x alternating (per repeat "
+          f"{', '.join(f'{x:.2f}x' for x in per_repeat)}), {ratios['alone']:.2f}x against in-process alone")
     print(f"the pipeline's plan: {plan} micro-batches")
     print(f"rows with the same tokens in both: {same}/{len(ref)}")
-    print(f"{spec.name} pipeline >= {args.target}x in-process: {ratio:.2f}x "
+    print(f"{spec.name} pipeline >= {args.target}x in-process (the lower ratio): {ratio:.2f}x "
           f"{'PASS' if ratio >= args.target else 'SHORT'}")
     report = {
         "spec": args.spec, "requests": len(requests), "prompt_tokens": prompt_tokens, "plan": plan,
         "runs": {k: [{x: r[x] for x in ("seconds", "tokens", "tokens_per_s", "cpu")} for r in v]
                  for k, v in runs.items()},
-        "median_tokens_per_s": med, "ratio": ratio, "ratio_per_repeat": per_repeat, "target": args.target,
+        "median_tokens_per_s": med, "ratio": ratio, "ratios": ratios, "ratio_per_repeat": per_repeat, "target": args.target,
         "same_tokens": same, "rows": len(ref),
     }
     if args.json:

@@ -12,25 +12,22 @@ import click
 from ..errors import GlinthawkError
 from ._group import main
 from .options import (
-    ProgressLine, parse_micro_batches, parse_size, scheduler_reachable, security_from, tls_client, tls_options, user_errors,
+    ProgressLine, option_group, parse_micro_batches, parse_size, scheduler_reachable, security_from, tls_client,
+    tls_options, user_errors,
 )
 
 
-def _mode_options(fn):
-    """--mode, --dense-kv-budget and --local-micro-batches (generate and bench)."""
-    for option in reversed([
-        click.option("--mode", type=click.Choice(["two-tier", "single-tier", "hybrid", "in-process"]), default=None,
-                     help="Where the model runs [default: two-tier, from glinthawk.engine.mode]; hybrid keeps as "
-                          "much KV on the dense workers as pays and fits, the rest on attention workers."),
-        click.option("--dense-kv-budget", default=None, metavar="SIZE",
-                     help="KV bytes a run may keep on each dense worker (single-tier and hybrid), like 200MB "
-                          "[default: the dense workers' own budget]."),
-        click.option("--local-micro-batches", type=click.IntRange(min=0), default=None, metavar="N",
-                     help="Hybrid: micro-batches whose KV stays on the dense worker [default: the planner's "
-                          "choice]."),
-    ]):
-        fn = option(fn)
-    return fn
+_mode_options = option_group([  # generate and bench
+    click.option("--mode", type=click.Choice(["two-tier", "single-tier", "hybrid", "in-process"]), default=None,
+                 help="Where the model runs [default: two-tier, from glinthawk.engine.mode]; hybrid keeps as "
+                      "much KV on the dense workers as pays and fits, the rest on attention workers."),
+    click.option("--dense-kv-budget", default=None, metavar="SIZE",
+                 help="KV bytes a run may keep on each dense worker (single-tier and hybrid), like 200MB "
+                      "[default: the dense workers' own budget]."),
+    click.option("--local-micro-batches", type=click.IntRange(min=0), default=None, metavar="N",
+                 help="Hybrid: micro-batches whose KV stays on the dense worker [default: the planner's "
+                      "choice]."),
+])
 
 
 @main.command()

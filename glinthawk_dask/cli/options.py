@@ -100,6 +100,12 @@ def tls_options(role: str) -> Callable:
         click.option("--tls-key", type=pem, default=None, metavar="PEM", help=f"This {role}'s TLS private key."),
     ]
 
+    return option_group(options)
+
+
+def option_group(options: list[Callable]) -> Callable:
+    """One decorator applying click ``options`` in the order listed (as ``--help`` shows them)."""
+
     def decorate(fn: Callable) -> Callable:
         for option in reversed(options):
             fn = option(fn)

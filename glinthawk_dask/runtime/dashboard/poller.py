@@ -61,6 +61,7 @@ class PipelineMetrics:
         self.interval = interval
         #: (left_ms, right_ms, lane, kind, micro_batch, layer), scheduler clock
         self.intervals = _Ring(max_intervals)
+        self._utilisation: tuple[Any, dict[str, float]] = (None, {})  # (poll, rows, window) -> busy shares
         #: (t_ms, generated tokens/s, processed tokens/s, micro-batches in flight)
         self.samples = _Ring(max_samples)
         self.lanes: dict[tuple[str, str], int] = {}  # (address, tier) -> row of the stream
@@ -179,7 +180,14 @@ class PipelineMetrics:
 
     def utilisation(self, window_s: float = 60.0) -> dict[str, float]:
         """Each tier's busy share over the last ``window_s`` seconds (or since the page
-        began pulling, if later): compute time of its workers / (window x workers)."""
+        began pulling, if later): compute time of its workers / (window x workers).
+        Computed once per poll (every tab's refresh between two polls reads the same)."""
+        key = (self.n_polls, self.intervals.count, window_s)
+        if self._utilisation[0] != key:
+            self._utilisation = (key, self._busy_shares(window_s))
+        return self._utilisation[1]
+
+    def _busy_shares(self, window_s: float) -> dict[str, float]:
         if not self.intervals.rows:
             return {}
         now_ms = time.time() * 1000

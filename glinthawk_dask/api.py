@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any, Callable, Generator, Iterable, Iterator
 
 import torch

@@ -24,7 +24,8 @@ def test_bench_two_tier_runs_and_reports(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--batch", "4", "--new-tokens", "4", "--latency-prompts", "8",
            "--latency-new-tokens", "2", "--latencies", "0,5", "--skip-hf", "--budget-seqs", "2",
            "--budget-max-seq-len", "64", "--long-budget-seqs", "1", "--long-max-seq-len", "128",
-           "--long-prompts", "2", "--long-new-tokens", "3", "--budget-repeats", "1", "--json", str(out)]
+           "--long-prompts", "2", "--long-new-tokens", "3", "--budget-repeats", "1", "--alternate", "1",
+           "--json", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=220, env=env, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
@@ -44,6 +45,9 @@ def test_bench_two_tier_runs_and_reports(tmp_path):
     assert re.search(r"^greedy outputs of two-tier identical to in-process token for token: 4/4$",
                      text, re.MULTILINE), text
     assert "every engine generated exactly 16 tokens: yes" in text
+    # one alternating round, the lower ratio judged
+    assert re.search(r"^  round 1: in-process [\d.]+ tok/s \(busy .*\), two-tier [\d.]+ \(busy .*\): [\d.]+x$",
+                     text, re.MULTILINE), text
 
     # part 2: a row per latency, the cost of 5 ms relative to 0 ms
     lat = re.findall(r"^\s+(0|5)\s+(\d+)x(\d+)\s+16\s+[\d.]+\s+([\d.]+)\s+([\d.]+)x", text, re.MULTILINE)
@@ -73,6 +77,9 @@ def test_bench_two_tier_runs_and_reports(tmp_path):
 
     report = json.loads(out.read_text())
     assert report["throughput"]["identical_to_inprocess"] == 4
+    alt = report["throughput"]["alternating"]
+    assert len(alt["rounds"]) == 1 and report["throughput"]["ratio_two_tier_over_inprocess"] == min(
+        alt["ratio"], alt["first_ratio"])
     assert report["throughput"]["results"]["two-tier"]["generated_tokens"] == 16
     assert [r["latency_ms"] for r in report["latency"]["runs"]] == [0.0, 5.0]
     assert report["targets"]["two_tier_vs_hf"] is None

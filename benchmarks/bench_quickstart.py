@@ -43,9 +43,10 @@ from bench_two_tier import cpu_text, with_cpu  # noqa: E402
 
 from glinthawk_dask import LLM  # noqa: E402
 from glinthawk_dask.engine.request import Request  # noqa: E402
-from glinthawk_dask.pipeline.run import load_model, pipeline_llm, run_pipeline, tokenize_shard  # noqa: E402
+from glinthawk_dask.pipeline.run import (  # noqa: E402
+    load_model, pipeline_llm, run_pipeline, spec_shards, tokenize_shard,
+)
 from glinthawk_dask.pipeline.table import read_output  # noqa: E402
-from glinthawk_dask.pipeline.sources import list_shards  # noqa: E402
 from glinthawk_dask.pipeline.spec import load_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,12 +63,7 @@ def humaneval_file() -> str:
 
 def spec_requests(spec) -> list[Request]:
     """The requests a run of ``spec`` generates (its rows, tokenized as its workers do)."""
-    out = []
-    for shard in list_shards(spec.input.urls, format=spec.input.format, compression=spec.input.compression,
-                             text_mode=spec.input.text_mode, blocksize=spec.input.blocksize,
-                             storage_options=spec.storage_options):
-        out += [r for r in tokenize_shard(shard, spec) if isinstance(r, Request)]
-    return out
+    return [r for shard in spec_shards(spec) for r in tokenize_shard(shard, spec) if isinstance(r, Request)]
 
 
 def engine_run(llm: LLM, requests: list[Request], max_seq_len: int) -> dict[str, Any]:

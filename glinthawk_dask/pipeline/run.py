@@ -34,7 +34,7 @@ from .sink import ZarrSink
 from .sources import Shard, list_shards, read_shard
 from .spec import PipelineSpec
 
-__all__ = ["Progress", "RunReport", "load_model", "pipeline_llm", "run_pipeline", "tokenize_shard"]
+__all__ = ["Progress", "RunReport", "load_model", "pipeline_llm", "run_pipeline", "spec_shards", "tokenize_shard"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,7 @@ def run_pipeline(
     has ``cancelled`` set.  A rerun resumes from there.
     """
     source = resolve_checkpoint(spec.model)  # unknown model: fails here, before anything runs
-    shards = list_shards(
-        spec.input.urls, format=spec.input.format, compression=spec.input.compression,
-        text_mode=spec.input.text_mode, blocksize=spec.input.blocksize, storage_options=spec.storage_options,
-    )
+    shards = spec_shards(spec)
     sink = ZarrSink.open(
         spec.output.url, storage_options=spec.storage_options, fingerprint=spec.fingerprint(), model=spec.model,
         spec=spec.to_dict(), sampling=spec.sampling.to_dict(), chunk_rows=spec.output.chunk_rows,
@@ -188,6 +185,13 @@ def _page_reporter(llm: Any, name: str) -> Any:
     from ..runtime.dashboard import ProgressReporter
 
     return ProgressReporter(llm.client, name)
+
+
+def spec_shards(spec: PipelineSpec) -> list[Shard]:
+    """The shards of ``spec``'s input, as a run reads them."""
+    inp = spec.input
+    return list_shards(inp.urls, format=inp.format, compression=inp.compression, text_mode=inp.text_mode,
+                       blocksize=inp.blocksize, storage_options=spec.storage_options)
 
 
 def pipeline_llm(spec: PipelineSpec, *, scheduler: str | None = None, client: Any = None) -> LLM:

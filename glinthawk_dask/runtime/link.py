@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -111,7 +111,7 @@ class Link:
         self.reader = FrameReader()
         self.closed = False
         self._tls = isinstance(sock, ssl.SSLSocket)
-        self._out: list[memoryview] = []  # bytes the socket has not taken yet
+        self._out: list[Any] = []  # buffers the socket has not taken yet
         self._waiting = False  # for the socket to take more
         self.frames_in = self.writes = 0
 
@@ -139,15 +139,15 @@ class Link:
             self.frames_in += len(frames)
             self.on_frames(self, frames)
 
-    def send(self, buffers: list[memoryview]) -> None:
-        """Write the byte views of one or more frames (:func:`~.wire.encode`): at once, in
+    def send(self, buffers: list[Any]) -> None:
+        """Write the buffers of one or more frames (:func:`~.wire.encode`): at once, in
         one ``sendmsg``, as far as the socket takes them; the rest when it can take more
         (the thread never waits on a slow peer, so two workers sending to each other
         cannot block each other)."""
         if self.closed:
             raise ConnectionResetError(f"data-plane connection to {self.peer} is closed")
         if self._tls:  # no sendmsg on TLS sockets
-            buffers = [memoryview(b"".join(buffers))]
+            buffers = [b"".join(buffers)]
         if self._out:  # earlier bytes are still waiting: keep the order
             self._out += buffers
             return
@@ -158,19 +158,26 @@ class Link:
         out = self._out
         while out:
             try:
-                n = self.sock.send(out[0]) if self._tls else self.sock.sendmsg(out[:_IOV_MAX])
+                if self._tls:
+                    n = self.sock.send(out[0])
+                else:
+                    n = self.sock.sendmsg(out[:_IOV_MAX] if len(out) > _IOV_MAX else out)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 break
             except OSError as e:
                 self._fail(e)
                 return
             self.writes += 1
-            while n:
-                if n >= out[0].nbytes:
-                    n -= out.pop(0).nbytes
-                else:
-                    out[0] = out[0][n:]
-                    n = 0
+            taken = 0  # whole buffers the socket took
+            for b in out:
+                size = len(b) if type(b) is bytes else b.nbytes
+                if n < size:
+                    if n:  # a part of this one
+                        out[taken] = memoryview(b).cast("B")[n:]
+                    break
+                n -= size
+                taken += 1
+            del out[:taken]
         waiting = bool(out)
         if waiting != self._waiting and not self.closed:  # wait for the socket to take more, or stop
             self._waiting = waiting

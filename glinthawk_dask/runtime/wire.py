@@ -15,11 +15,13 @@ bfloat16 goes as its raw 16-bit pattern, like every other dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 __all__ = ["PREFIX", "DTYPES", "DTYPE_NAMES", "CARRIERS", "encode", "decode", "data_offset", "host_bytes"]
@@ -37,6 +39,12 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CARRIERS = {torch.bfloat16: torch.int16}  # dtypes numpy lacks, viewed as same-size ints
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+       torch.int16: np.int16}
+_PADS = [memoryview(bytes(n)) for n in range(ALIGN)]
+_PREFIX_PACK = PREFIX.pack
+_pack = functools.partial(msgpack.packb, use_bin_type=True)
+_unpack = functools.partial(msgpack.unpackb, raw=False)
 
 
 def _pad(n: int) -> int:
@@ -48,61 +56,62 @@ def data_offset(meta_len: int) -> int:
     return meta_len + _pad(meta_len)
 
 
-def host_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a CPU tensor (copied only if it is not contiguous)."""
+def host_bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a CPU tensor, as an array over its memory (copied only if the tensor
+    is not contiguous); any buffer-taking call (``sendmsg``, ``bytes``) reads them."""
     carrier = CARRIERS.get(t.dtype)
     try:  # the common case: a contiguous host tensor
-        return memoryview((t if carrier is None else t.view(carrier)).numpy()).cast("B")
+        raw = (t if carrier is None else t.view(carrier)).numpy()
+        if raw.flags.c_contiguous:
+            return raw
     except (TypeError, RuntimeError):
-        pass
-    if t.device.type != "cpu":
-        raise ValueError("only host tensors go on the wire: copy device tensors to the host first")
-    if not t.numel():
-        return memoryview(b"")
+        if t.device.type != "cpu":
+            raise ValueError("only host tensors go on the wire: copy device tensors to the host first") from None
     t = t.contiguous()
-    return memoryview((t.view(carrier) if carrier is not None else t).numpy()).cast("B")
+    return (t.view(carrier) if carrier is not None else t).numpy()
 
 
-def encode(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[memoryview]:
-    """The buffers of one frame (byte views, to be written in order): ``meta`` plus the
-    tensor table, then the tensors' bytes.  ``meta`` must be msgpack-able; tensors must be on the host.
+def encode(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[Any]:
+    """The buffers of one frame (objects with ``nbytes`` that expose their bytes through the
+    buffer protocol, to be written in order): ``meta`` plus the tensor table, then the
+    tensors' bytes.  ``meta`` must be msgpack-able; tensors must be on the host.
     ``meta`` gets the table as its ``"t"`` entry."""
-    table, buffers, offset = [], [], 0
+    out: list[Any] = [None, None]
+    table, offset = [], 0
     if tensors:
         for name, t in tensors.items():
             dtype_name = DTYPE_NAMES.get(t.dtype)
             if dtype_name is None:
                 raise TypeError(f"cannot send tensors of dtype {t.dtype}")
-            raw = host_bytes(t)
             table.append((name, dtype_name, t.shape, offset))
-            n = raw.nbytes
+            n = t.nbytes
             if n:  # an empty buffer would stall a writer that waits for bytes taken
-                buffers.append(raw)
-            pad = -n % ALIGN
-            if pad:
-                buffers.append(memoryview(_ZEROS[:pad]))
-            offset += n + pad
+                out.append(host_bytes(t))
+                pad = -n % ALIGN
+                if pad:
+                    out.append(_PADS[pad])
+                offset += n + pad
     meta["t"] = table
-    head = msgpack.packb(meta, use_bin_type=True)
+    head = _pack(meta)
     pad = -len(head) % ALIGN
-    out = [memoryview(PREFIX.pack(len(head), offset)), memoryview(head + _ZEROS[:pad] if pad else head)]
-    out += buffers
+    out[0] = _PREFIX_PACK(len(head), offset)
+    out[1] = head + _ZEROS[:pad] if pad else head
     return out
 
 
 def decode(body: bytearray | memoryview, meta_len: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A frame's body (after the prefix) → ``(meta, tensors)``; tensors are views of
     ``body``, which must be writable and must not be reused while they live."""
-    view = memoryview(body)
-    meta = msgpack.unpackb(view[:meta_len], raw=False)
-    base = data_offset(meta_len)
+    meta = _unpack(memoryview(body)[:meta_len])
+    base = meta_len + (-meta_len % ALIGN)
     tensors = {}
     for name, dtype_name, shape, offset in meta.pop("t", ()):
         dtype = DTYPES[dtype_name]
-        count = math.prod(shape)
-        if count:
-            t = torch.frombuffer(body, dtype=dtype, count=count, offset=base + offset)
+        carrier = CARRIERS.get(dtype)
+        if math.prod(shape):
+            # a numpy array over the buffer, then torch's view of it: the cheapest way in
+            t = torch.from_numpy(np.ndarray(shape, _NP[carrier or dtype], body, base + offset))
+            tensors[name] = t if carrier is None else t.view(dtype)
         else:
-            t = torch.empty(0, dtype=dtype)
-        tensors[name] = t.view(shape)
+            tensors[name] = torch.empty(shape, dtype=dtype)
     return meta, tensors

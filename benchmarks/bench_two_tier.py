@@ -217,6 +217,13 @@ def alternate(inproc: LLM, two_tier: LLM, prompt_ids: Sequence[list[int]], new_t
     return out
 
 
+def latency_floor(new_tokens: int, n_layers: int, latency: float) -> float:
+    """Seconds no run can beat at ``latency`` seconds per inter-tier message: one
+    sequence's ``new_tokens`` passes each cross the tiers at every one of ``n_layers``
+    layers, its request and its reply each delayed by ``latency``."""
+    return new_tokens * n_layers * 2 * latency
+
+
 def two_tier_on(base: LLM, *, mb_size: int, step_tokens: int, n_micro_batches: int | str,
                 latency: float = 0.0) -> LLM:
     """An LLM on ``base``'s cluster (nothing new is started; closing it stops nothing)."""
@@ -544,17 +551,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     print(f"  latency {ms:g} ms: {rows[-1]['tokens_per_s']:.1f} tokens/s, depth "
                           f"{s.n_micro_batches}; machine CPU during it: {cpu_text(cpu)}", flush=True)
             base_row = next((r for r in rows if r["latency_ms"] == 0), None)
+            n_layers = base.config.n_layers
             header = (f"{'latency ms':>10} {'plan':>8} {'generated':>9} {'seconds':>8} {'tokens/s':>9} "
-                      f"{'vs 0 ms':>8} {'dense busy':>10}")
+                      f"{'vs 0 ms':>8} {'dense busy':>10} {'floor s':>8} {'best vs 0 ms':>12}")
             print()
             print(header)
             print("-" * len(header))
             for r in rows:
+                # No plan hides the latency of one sequence's own chain: each of its
+                # new tokens is a pass through every layer, and each layer's request and
+                # reply are each delayed by the latency.
+                r["latency_floor_seconds"] = floor = latency_floor(args.latency_new_tokens, n_layers,
+                                                                   r["latency_ms"] / 1000)
                 r["relative_to_0ms"] = r["tokens_per_s"] / base_row["tokens_per_s"] if base_row else None
+                r["best_relative_to_0ms"] = (base_row["seconds"] / max(base_row["seconds"], floor)
+                                             if base_row else None)
                 rel = f"{r['relative_to_0ms']:.2f}x" if base_row else "n/a"
+                best = f"{r['best_relative_to_0ms']:.2f}x" if base_row else "n/a"
                 plan = f"{r['micro_batch_size']}x{r['n_micro_batches']}"
                 print(f"{r['latency_ms']:>10g} {plan:>8} {r['generated_tokens']:>9} {r['seconds']:>8.2f} "
-                      f"{r['tokens_per_s']:>9.1f} {rel:>8} {r['tier_overlap']['dense_busy']:>9.2f}s")
+                      f"{r['tokens_per_s']:>9.1f} {rel:>8} {r['tier_overlap']['dense_busy']:>9.2f}s "
+                      f"{floor:>8.2f} {best:>12}")
+            print(f"floor: {args.latency_new_tokens} passes x {n_layers} layers x 2 messages x the latency, "
+                  "the least time any plan takes at that latency; best: the 0 ms run's seconds against "
+                  "the larger of them and that floor")
             for r in rows:
                 if base_row and r is not base_row:
                     cost = 1 - r["relative_to_0ms"]
@@ -600,8 +620,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     at = next((r for r in rows if r["latency_ms"] == TARGET_LATENCY_MS), None)
     if at is not None and base_row is not None:
         targets["latency_50ms_cost"] = ok = at["cost_vs_0ms"] <= TARGET_LATENCY_COST
+        least = 1 - at["best_relative_to_0ms"]
         print(f"{TARGET_LATENCY_MS:g} ms latency costs <= {TARGET_LATENCY_COST:.0%}: "
-              f"{at['cost_vs_0ms']:.1%} {verdict(ok)}")
+              f"{at['cost_vs_0ms']:.1%} {verdict(ok)} (the latency floor allows no less than {least:.1%} here)")
     else:
         targets["latency_50ms_cost"] = None
         print(f"{TARGET_LATENCY_MS:g} ms latency costs <= {TARGET_LATENCY_COST:.0%}: "

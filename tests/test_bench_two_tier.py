@@ -50,9 +50,13 @@ def test_bench_two_tier_runs_and_reports(tmp_path):
                      text, re.MULTILINE), text
 
     # part 2: a row per latency, the cost of 5 ms relative to 0 ms
-    lat = re.findall(r"^\s+(0|5)\s+(\d+)x(\d+)\s+16\s+[\d.]+\s+([\d.]+)\s+([\d.]+)x", text, re.MULTILINE)
+    lat = re.findall(r"^\s+(0|5)\s+(\d+)x(\d+)\s+16\s+[\d.]+\s+([\d.]+)\s+([\d.]+)x\s+[\d.]+s\s+([\d.]+)\s+"
+                     r"([\d.]+)x$", text, re.MULTILINE)
     assert [r[0] for r in lat] == ["0", "5"], text
     assert all(int(r[1]) == 8 and float(r[3]) > 0 for r in lat)
+    # the latency floor: 2 passes x 30 layers x 2 messages x 5 ms; none at 0 ms
+    assert [float(r[5]) for r in lat] == [0.0, 0.6], text
+    assert float(lat[0][6]) == 1.0 and 0 < float(lat[1][6]) <= 1.0, text
     assert re.search(r"^latency 5 ms costs -?[\d.]+% of the 0 ms throughput", text, re.MULTILINE), text
     assert "every latency run generated exactly 16 tokens: yes" in text
 

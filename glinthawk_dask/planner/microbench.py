@@ -23,7 +23,7 @@ from ..sampling import SamplingParams
 from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile
 
 __all__ = ["dense_layer_points", "cold_factor", "head_points", "attention_points", "driver_cost", "busy_loop",
-           "local_profile", "attention_shapes", "TOKENS", "TOKENS_QUICK", "ROWS", "ATTENTION_SHAPES"]
+           "dense_points", "dense_profile", "local_profile", "attention_shapes", "TOKENS", "TOKENS_QUICK", "ROWS", "ATTENTION_SHAPES"]
 
 _N_LAYERS = 4  # distinct layers cycled through, so their weights are read as in a run
 
@@ -181,6 +181,38 @@ def busy_loop(seconds: float, fn) -> int:
     return n
 
 
+def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens: list[int] | None = None,
+                 rows: list[int] | None = None, shapes: list[list[int]] | None = None, *,
+                 cold: bool = False) -> dict:
+    """A dense worker's timings for a profile, measured here (plain numbers, ready to
+    cross the network): the layer curve at ``tokens`` and, with ``cold``, the cold
+    factor; the head curve at ``rows``; attention points at ``shapes``; the driver's
+    cost.  :func:`dense_profile` turns them into a :class:`DenseProfile`."""
+    out: dict = {"device": device.type, "dtype": str(dtype).removeprefix("torch."),
+                 "threads": torch.get_num_threads()}
+    if tokens:
+        out["layer_s"] = dense_layer_points(config, dtype, device, tokens)
+        if cold:
+            out["cold_factor"] = cold_factor(config, dtype, device, tokens[len(tokens) // 2])
+    if rows:
+        out["head_s"] = head_points(config, dtype, device, rows)
+    if shapes:
+        out["attention"] = attention_points(config, dtype, device, shapes)
+    out["step_s"], out["step_per_seq_s"] = driver_cost()
+    return out
+
+
+def dense_profile(points: dict, attention: AttentionCost | None = None) -> DenseProfile:
+    """The :class:`DenseProfile` of :func:`dense_points`' timings; ``attention``: the cost
+    of attention computed on the dense worker itself (hybrid and single-tier plans)."""
+    return DenseProfile(
+        device=points["device"], dtype=points["dtype"], threads=points["threads"],
+        layer_s=Curve(tuple(map(tuple, points["layer_s"]))), head_s=Curve(tuple(map(tuple, points["head_s"]))),
+        step_s=points["step_s"], step_per_seq_s=points["step_per_seq_s"],
+        cold_factor=points.get("cold_factor", 1.0), attention=attention,
+    )
+
+
 def local_profile(model: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
                   *, quick: bool = False) -> Profile:
     """A profile of this process, for the in-process engine: it runs where it is
@@ -191,21 +223,14 @@ def local_profile(model: ModelConfig, dtype: torch.dtype = torch.float32, device
     factor (the engine runs its steps back to back)."""
     t0 = time.time()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = dataclasses.asdict(model)
-    shapes = attention_shapes(model)
-    layer = dense_layer_points(config, dtype, device, TOKENS_QUICK if quick else TOKENS)
-    head_s = head_points(config, dtype, device, ROWS)
-    attention = AttentionCost.fit([tuple(p) for p in attention_points(config, dtype, device, shapes)])
-    step_s, per_seq = driver_cost()
-    threads = torch.get_num_threads()
-    dtype_name = str(dtype).removeprefix("torch.")
+    points = dense_points(dataclasses.asdict(model), dtype, device, TOKENS_QUICK if quick else TOKENS, ROWS,
+                          attention_shapes(model))
+    attention = AttentionCost.fit([tuple(p) for p in points["attention"]])
     return Profile(
         name=f"here-{device.type}",
         source=(f"measured in this process on {time.strftime('%Y-%m-%d %H:%M')} in {time.time() - t0:.1f} s "
-                f"({device.type}, {threads} threads); random weights of {model.name}'s shape"),
-        dense=DenseProfile(device=device.type, dtype=dtype_name, threads=threads,
-                           layer_s=Curve(tuple(map(tuple, layer))), head_s=Curve(tuple(map(tuple, head_s))),
-                           step_s=step_s, step_per_seq_s=per_seq, attention=attention),
-        attention=AttentionProfile(cost=attention, threads=threads),
+                f"({device.type}, {points['threads']} threads); random weights of {model.name}'s shape"),
+        dense=dense_profile(points, attention),
+        attention=AttentionProfile(cost=attention, threads=points["threads"]),
         model=model,
     )

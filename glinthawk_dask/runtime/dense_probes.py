@@ -55,19 +55,10 @@ class DenseProbes:
                 cfg, layers = mb._layers(ModelConfig(**config), dt, device)
                 n = mb.busy_loop(busy_for, lambda: mb._time_layers(cfg, layers, (tokens or [32])[0], dt, device, 1))
                 return {"layers": n}
-            out: dict = {"device": device.type, "dtype": dtype, "threads": torch.get_num_threads()}
-            if tokens:
-                out["layer_s"] = mb.dense_layer_points(config, dt, device, tokens)
-                if layer_only:
-                    return out
-                if cold:
-                    out["cold_factor"] = mb.cold_factor(config, dt, device, tokens[len(tokens) // 2])
-            if rows:
-                out["head_s"] = mb.head_points(config, dt, device, rows)
-            if attention:
-                out["attention"] = mb.attention_points(config, dt, device, attention)
-            out["step_s"], out["step_per_seq_s"] = mb.driver_cost()
-            return out
+            if layer_only:
+                return {"device": device.type, "dtype": dtype, "threads": torch.get_num_threads(),
+                        "layer_s": mb.dense_layer_points(config, dt, device, tokens or [])}
+            return mb.dense_points(config, dt, device, tokens, rows, attention, cold=cold)
 
         return await self.stream.submit(0, measure, kind="calibrate")
 

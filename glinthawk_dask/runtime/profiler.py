@@ -20,8 +20,8 @@ from typing import Any
 
 from ..errors import GlinthawkError
 from ..model.config import ModelConfig
-from ..planner.microbench import ROWS, TOKENS, TOKENS_QUICK, attention_shapes
-from ..planner.profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile
+from ..planner.microbench import ROWS, TOKENS, TOKENS_QUICK, attention_shapes, dense_profile
+from ..planner.profile import AttentionCost, AttentionProfile, Profile
 
 __all__ = ["measure_profile", "cluster_profile", "profile_key"]
 
@@ -76,12 +76,7 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
         source=(f"measured by glinthawk profile on {time.strftime('%Y-%m-%d %H:%M')} in {time.time() - t0:.1f} s: "
                 f"{len(info['dense'])} dense worker(s) ({d['device']}, {d['threads']} threads), "
                 f"{len(info['attention'])} attention worker(s); random weights of {model or 'the model'}'s shape"),
-        dense=DenseProfile(
-            device=d["device"], dtype=dtype, threads=d["threads"],
-            layer_s=Curve(tuple(map(tuple, d["layer_s"]))), head_s=Curve(tuple(map(tuple, d["head_s"]))),
-            step_s=d["step_s"], step_per_seq_s=d["step_per_seq_s"], cold_factor=d["cold_factor"],
-            attention=local,
-        ),
+        dense=dense_profile(d, local),
         attention=attention, rtt_s=rtt_s, net_GBps=net_GBps, msg_cpu_s=msg_cpu_s, msg_cpu_GBps=msg_cpu_GBps,
         shared_host=shared,
         dense_slowdown=fd, attention_slowdown=fa, model=model_config,

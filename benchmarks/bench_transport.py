@@ -15,6 +15,10 @@ Dask worker in this process and sends the requests two ways:
   multiplexed on it by id, one frame per message, each reply sending the next request
   from that thread (as a reply there queues the next dense job).
 
+* **floor**: the same request and reply bytes over a plain blocking socket to an echo
+  thread of the same worker, one at a time, no framing: what the kernel and the
+  interpreter's socket calls cost on their own, the floor any Python transport stands on.
+
 For each payload (``--payloads`` KB of q+k+v, fp32 and bf16), each number of requests
 in flight (``--in-flight``), without and with a background thread that holds the GIL
 half of the time (0.5 ms of pure Python, then 0.5 ms asleep), it prints the p50 and
@@ -37,6 +41,8 @@ import argparse
 import asyncio
 import json
 import os
+import socket
+import struct
 import sys
 import threading
 import time
@@ -74,13 +80,78 @@ def echo_inline(q, k, v):
     return {"o": q}, 0.0
 
 
-def install_echo(dask_worker) -> str:
-    """Run on the echo worker: serve ``glinthawk_echo`` over rpc and the data plane."""
+RAW_HEADER = "<QQ"  # request bytes to follow, reply bytes wanted (a format: the echo is shipped by value)
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> bool:
+    while view.nbytes:
+        n = sock.recv_into(view)
+        if not n:
+            return False
+        view = view[n:]
+    return True
+
+
+def _raw_echo_server(lsock: socket.socket) -> None:
+    """The floor's echo: plain blocking sockets, no framing beyond a 16-byte header."""
+    while True:
+        conn, _ = lsock.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head, buf, reply = bytearray(struct.calcsize(RAW_HEADER)), bytearray(1), b""
+        with conn:
+            while _recv_exactly(conn, memoryview(head)):
+                want, give = struct.unpack(RAW_HEADER, head)
+                if len(buf) < want:
+                    buf = bytearray(want)
+                if len(reply) != give:
+                    reply = bytes(give)
+                if not _recv_exactly(conn, memoryview(buf)[:want]):
+                    break
+                conn.sendall(reply)
+
+
+def install_echo(dask_worker) -> dict:
+    """Run on the echo worker: serve ``glinthawk_echo`` over rpc and the data plane, and
+    a plain socket echo for the floor; where to reach them."""
     dask_worker.handlers["glinthawk_echo"] = echo
     stream = ComputeStream("glinthawk-echo")
     DataPlane(dask_worker, stream, "attention", ["glinthawk_echo"],
               inline={"glinthawk_echo": (echo_inline, echo)}).register()
-    return dask_worker.address
+    host = dask_worker.address.rsplit("//", 1)[-1].rsplit(":", 1)[0]
+    lsock = socket.create_server((host, 0))
+    threading.Thread(target=_raw_echo_server, args=(lsock,), daemon=True, name="raw-echo").start()
+    return {"address": dask_worker.address, "raw": (host, lsock.getsockname()[1])}
+
+
+def measure_floor(raw: tuple[str, int], payload: dict[str, torch.Tensor], seconds: float) -> dict[str, float]:
+    """The floor: the same request and reply bytes over a plain blocking socket, one in
+    flight, no framing, no tensors; this thread's CPU per round trip."""
+    req = b"".join(bytes(t.numpy() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy())
+                   for t in payload.values())
+    rep_len = payload["q"].nbytes
+    rep = memoryview(bytearray(rep_len))
+    rtts: list[float] = []
+    with socket.create_connection(raw) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = struct.pack(RAW_HEADER, len(req), rep_len)
+
+        def once() -> None:
+            t = time.perf_counter()
+            sock.sendmsg([head, req])
+            _recv_exactly(sock, rep)
+            rtts.append(time.perf_counter() - t)
+
+        for _ in range(5):  # warm
+            once()
+        rtts.clear()
+        cpu0, t0 = time.thread_time(), time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            once()
+        cpu, wall = time.thread_time() - cpu0, time.perf_counter() - t0
+    rtts.sort()
+    n = len(rtts)
+    return {"messages": n, "p50_ms": rtts[n // 2] * 1e3, "p99_ms": rtts[min(n - 1, int(n * 0.99))] * 1e3,
+            "messages_per_s": n / wall, "cpu_us_per_message": cpu / n * 1e6, "loop_us_per_message": 0.0}
 
 
 class GilHolder:
@@ -182,16 +253,25 @@ async def run(args: argparse.Namespace) -> dict:
     async with Scheduler(dashboard_address=":0", port=0) as s:
         async with Nanny(s.address, nthreads=1) as nanny, Worker(s.address, nthreads=1) as dense:
             async with Client(s.address, asynchronous=True) as c:
-                peer = (await c.run(install_echo, workers=[nanny.worker_address]))[nanny.worker_address]
+                echo_at = (await c.run(install_echo, workers=[nanny.worker_address]))[nanny.worker_address]
+                peer, raw = echo_at["address"], tuple(echo_at["raw"])
                 plane = DataPlane(dense, ComputeStream("glinthawk-dense"), "dense", [])
                 rows = []
                 header = (f"{'payload':>8} {'dtype':>8} {'gil':>4} {'inflight':>8} | {'path':>6} {'p50 ms':>7} "
                           f"{'p99 ms':>7} {'msg/s':>8} {'CPU us/msg':>10} {'(loop)':>7}")
                 print(header)
                 print("-" * len(header), flush=True)
+                loop = asyncio.get_running_loop()
                 for kb in args.payloads:
                     for dtype in (torch.float32, torch.bfloat16):
                         payload = tensors(kb, dtype)
+                        r = await loop.run_in_executor(None, measure_floor, raw, payload, args.seconds)
+                        row = {"payload_kb": kb, "dtype": str(dtype).removeprefix("torch."), "gil_thread": False,
+                               "in_flight": 1, "path": "floor", **r}
+                        rows.append(row)
+                        print(f"{kb:>6g}KB {row['dtype']:>8} {'no':>4} {1:>8} | {'floor':>6} {r['p50_ms']:>7.3f} "
+                              f"{r['p99_ms']:>7.3f} {r['messages_per_s']:>8.0f} {r['cpu_us_per_message']:>10.1f} "
+                              f"{'-':>7}", flush=True)
                         for gil in (False, True):
                             for k in args.in_flight:
                                 for path in ("rpc", "stream"):
@@ -256,6 +336,12 @@ def targets(rows: list[dict]) -> dict:
     for key, what, value, ok, fmt in checks:
         out[key] = {"value": value, "ok": ok}
         print(f"{what}: {fmt.format(value)} {'PASS' if ok else 'SHORT'}")
+    floor = next((r for r in rows if r["payload_kb"] == 64 and r["dtype"] == "float32" and r["path"] == "floor"), None)
+    if floor is not None:
+        out["floor_cpu_us"] = floor["cpu_us_per_message"]
+        print(f"(the floor, the same bytes over a plain blocking socket one at a time: "
+              f"{floor['cpu_us_per_message']:.1f} us of CPU a round trip; the stream spends "
+              f"{s['cpu_us_per_message'] - floor['cpu_us_per_message']:.1f} us above it)")
     return out
 
 

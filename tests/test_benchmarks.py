@@ -55,3 +55,30 @@ def test_bench_quickstart_runs_a_spec_and_its_requests_in_process(tmp_path):
         "in-process alone": [12], "in-process": [12], "pipeline": [12], "engine": [12]}
     assert report["ratio"] > 0 and "tiny pipeline >= 0.7x in-process (the lower ratio)" in proc.stdout
     assert not (tmp_path / "unused.zarr").exists()  # the benchmark writes its own output elsewhere
+
+
+def test_bench_transport_runs_every_path_and_reads_its_targets(tmp_path):
+    """The transport benchmark at a tiny size: the floor, rpc and the data plane at 64 KB
+    with 4 in flight, with and without the GIL-holding thread, and the targets read from
+    those rows (numbers, not verdicts: this machine's speed is not under test)."""
+    out = tmp_path / "transport.json"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_transport.py"), "--payloads", "64", "--in-flight", "4",
+           "--seconds", "0.1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+
+    rows = json.loads(out.read_text())["rows"]
+    seen = {(r["dtype"], r["gil_thread"], r["in_flight"], r["path"]) for r in rows}
+    for dtype in ("float32", "bfloat16"):
+        assert (dtype, False, 1, "floor") in seen
+        for gil in (False, True):
+            assert {(dtype, gil, 4, "rpc"), (dtype, gil, 4, "stream")} <= seen
+    for r in rows:
+        assert r["messages"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] and r["cpu_us_per_message"] > 0
+    assert re.search(r"^CPU of the serving thread <= 50 us/message: [\d.]+ us (PASS|SHORT)$", text, re.MULTILINE)
+    assert re.search(r"^p99 round trip <= 1 ms with the GIL-holding thread: [\d.]+ ms (PASS|SHORT)$", text,
+                     re.MULTILINE)
+    assert re.search(r"^>= 3x fewer CPU us/message than rpc: [\d.]+x (PASS|SHORT)$", text, re.MULTILINE)
+    assert re.search(r"^\(the floor, .*: [\d.]+ us of CPU a round trip; the stream spends -?[\d.]+ us above it\)$",
+                     text, re.MULTILINE), text

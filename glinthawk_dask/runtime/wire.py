@@ -72,10 +72,11 @@ def host_bytes(t: torch.Tensor) -> np.ndarray:
 
 
 def encode(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[Any]:
-    """The buffers of one frame (objects with ``nbytes`` that expose their bytes through the
-    buffer protocol, to be written in order): ``meta`` plus the tensor table, then the
-    tensors' bytes.  ``meta`` must be msgpack-able; tensors must be on the host.
-    ``meta`` gets the table as its ``"t"`` entry."""
+    """The buffers of one frame, to be written in order: the prefix and header as
+    ``bytes``, then each tensor's bytes as a numpy array over its memory and padding as
+    memoryviews (all readable through the buffer protocol).  ``meta`` must be
+    msgpack-able; tensors must be on the host.  ``meta`` gets the tensor table as its
+    ``"t"`` entry."""
     out: list[Any] = [None, None]
     table, offset = [], 0
     if tensors:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -127,3 +129,46 @@ def test_mixed_batch_equals_sequences_alone():
     together = run([5, 0, 3, 7])
     for s in lens:
         torch.testing.assert_close(together[s], run([s])[s], rtol=0, atol=1e-6)
+
+
+def test_decode_steps_in_slot_order_take_the_short_path_with_the_same_outputs():
+    """A decode step whose rows are the slots lo..hi-1 in order attends straight over the
+    slot range (no scatter, no gather); its outputs are bit-identical to the general path's
+    and each sequence's on its own.  Layouts out of order or with holes keep the general path,
+    with the range's lengths (1 for a hole) and mask precomputed once for the step."""
+    torch.manual_seed(2)
+    cfg = from_name("tiny-gqa")
+    h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    lens = {0: 5, 1: 9, 2: 2, 3: 7, 4: 3}  # tokens already cached per slot
+    hist = {s: (torch.randn(n, kvh, d), torch.randn(n, kvh, d)) for s, n in lens.items()}
+    step = {s: (torch.randn(1, h, d), torch.randn(1, kvh, d), torch.randn(1, kvh, d)) for s in lens}
+
+    def decode(slots, general=False):
+        cache = KVCache(cfg, n_slots=6, max_seq_len=32, layer_stop=1)
+        for s in slots:
+            cache.allocate(f"s{s}", s)
+            k, v = hist[s]
+            cache.attend(0, torch.randn(len(k), h, d), k, v, AttentionBatch.build([s], [0], [len(k)]))
+        batch = AttentionBatch.build(slots, [lens[s] for s in slots], [1] * len(slots))
+        if general:
+            batch = dataclasses.replace(batch, all_decode_in_range_order=False)
+        q, k, v = (torch.cat([step[s][i] for s in slots]) for i in range(3))
+        return batch, dict(zip(slots, cache.attend(0, q, k, v, batch)))
+
+    in_order, fast = decode([0, 1, 2, 3, 4])
+    assert in_order.all_decode_in_range_order and in_order.decode_range == (0, 5) and in_order.decode_span == 10
+    _, general = decode([0, 1, 2, 3, 4], general=True)
+    for s in lens:
+        assert torch.equal(fast[s], general[s])
+        torch.testing.assert_close(fast[s], decode([s])[1][s], rtol=0, atol=1e-6)
+
+    shuffled, out = decode([3, 1, 4, 0, 2])
+    assert shuffled.decode_range == (0, 5) and not shuffled.all_decode_in_range_order
+    holes, out_holes = decode([0, 2, 4])
+    assert holes.decode_range == (0, 5) and not holes.all_decode_in_range_order
+    assert holes.range_lengths.tolist() == [6, 1, 3, 1, 4] and holes.range_index.tolist() == [0, 2, 4]
+    assert holes.range_masked.shape == (5, 6) and holes.range_masked.sum(1).tolist() == [0, 5, 3, 5, 2]
+    for s in lens:
+        torch.testing.assert_close(out[s], fast[s], rtol=0, atol=1e-6)
+    for s in (0, 2, 4):
+        torch.testing.assert_close(out_holes[s], fast[s], rtol=0, atol=1e-6)

@@ -39,6 +39,12 @@ class AttentionBatch:
     decode_range: tuple[int, int] | None  # (lo, hi) if decode slots are dense in [lo, hi)
     prefill: tuple[tuple[int, int, int, int], ...]  # (row, slot, start, count) of longer segments
     max_position: int = -1  # the largest position, known on the host (no device sync to check it)
+    # Derived once per step for every layer that attends with this layout:
+    decode_span: int = 0  # max(decode_lengths), on the host
+    range_index: torch.Tensor | None = None  # [Nd] row of each decode slot in [lo, hi) (decode_range only)
+    range_lengths: torch.Tensor | None = None  # [hi - lo] attended lengths, 1 for slots not in the batch
+    range_masked: torch.Tensor | None = None  # [hi - lo, decode_span] True where a position is not attended
+    all_decode_in_range_order: bool = False  # every token is a decode row and the rows are slots lo..hi-1
 
     @property
     def n_tokens(self) -> int:
@@ -74,14 +80,22 @@ class AttentionBatch:
             else:
                 prefill.append((row, slot, start, count))
             row += count
-        decode_range = None
+        def t(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        decode_range = range_index = range_lengths = range_masked = None
+        in_order = False
         if dec_slots:
             lo, hi = min(dec_slots), max(dec_slots) + 1
             if hi - lo <= 2 * len(dec_slots):
                 decode_range = (lo, hi)
-
-        def t(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
+                range_index = t([s - lo for s in dec_slots])
+                lengths = [1] * (hi - lo)  # rows of slots not in the batch: a dummy length, dropped
+                for s, n in zip(dec_slots, dec_lens):
+                    lengths[s - lo] = n
+                range_lengths = t(lengths)
+                range_masked = _masked(range_lengths, max(dec_lens))
+                in_order = len(dec_rows) == row and dec_slots == list(range(lo, hi))
 
         return cls(
             slots=slots, starts=starts, counts=counts,
@@ -89,7 +103,15 @@ class AttentionBatch:
             decode_rows=t(dec_rows), decode_slots=t(dec_slots), decode_lengths=t(dec_lens),
             decode_range=decode_range, prefill=tuple(prefill),
             max_position=max((s + c - 1 for s, c in zip(starts, counts)), default=-1),
+            decode_span=max(dec_lens, default=0), range_index=range_index, range_lengths=range_lengths,
+            range_masked=range_masked,
+            all_decode_in_range_order=in_order,
         )
+
+
+def _masked(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, L] True at positions ≥ each sequence's length (not attended)."""
+    return torch.arange(length, device=lengths.device)[None, :] >= lengths[:, None]
 
 
 def decode_attention(
@@ -97,17 +119,20 @@ def decode_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     lengths: torch.Tensor,
+    masked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence against its cached keys/values.
 
     q: [B, H, D]; k_cache, v_cache: [B, KVH, L, D] (L ≥ max(lengths), may be a strided
-    view of a larger cache); lengths: [B] → o [B, H, D].  Positions ≥ length are masked.
+    view of a larger cache); lengths: [B] → o [B, H, D].  Positions ≥ length are masked
+    (``masked`` [B, L], when the caller has it already: ``_masked(lengths, L)``).
     """
     b, h, d = q.shape
     kvh, length = k_cache.shape[1], k_cache.shape[2]
     qg = q.view(b, kvh, h // kvh, d)  # [B, KVH, G, D]
     scores = torch.matmul(qg, k_cache.transpose(-1, -2)) * d**-0.5  # [B, KVH, G, L]
-    masked = torch.arange(length, device=q.device)[None, :] >= lengths[:, None]  # [B, L]
+    if masked is None:
+        masked = _masked(lengths, length)  # [B, L]
     scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [B, KVH, G, L]
     return torch.matmul(probs, v_cache).view(b, h, d)  # [B, H, D]

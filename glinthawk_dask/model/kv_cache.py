@@ -188,6 +188,11 @@ class KVCache:
         kc[batch.token_slots, :, batch.positions] = k.to(self.dtype)  # rows [T, KVH, D]
         vc[batch.token_slots, :, batch.positions] = v.to(self.dtype)
         q = q.to(self.dtype)
+        if batch.all_decode_in_range_order:  # the common decode step: q's rows are the range's
+            lo, hi = batch.decode_range
+            span = batch.decode_span
+            return decode_attention(q, kc[lo:hi, :, :span], vc[lo:hi, :, :span], batch.range_lengths,
+                                    batch.range_masked)
         o = torch.empty_like(q)  # [T, H, D]
         if len(batch.decode_rows):
             o[batch.decode_rows] = self._decode(kc, vc, q[batch.decode_rows], batch)
@@ -202,18 +207,17 @@ class KVCache:
         self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
         # q: [Nd, H, D] → o [Nd, H, D]
-        span = int(batch.decode_lengths.max())
+        span = batch.decode_span
         if batch.decode_range is not None:
             # Attend over the whole slot range in place (a strided view, no gather);
             # rows of slots that are not in this batch are computed on a dummy length
             # and dropped.
             lo, hi = batch.decode_range
-            idx = batch.decode_slots - lo  # [Nd]
+            idx = batch.range_index  # [Nd]
             qr = q.new_zeros((hi - lo, *q.shape[1:]))  # [R, H, D]
             qr[idx] = q
-            lengths = torch.ones(hi - lo, dtype=torch.long, device=q.device)  # [R]
-            lengths[idx] = batch.decode_lengths
-            o = decode_attention(qr, kc[lo:hi, :, :span], vc[lo:hi, :, :span], lengths)
+            o = decode_attention(qr, kc[lo:hi, :, :span], vc[lo:hi, :, :span], batch.range_lengths,
+                                 batch.range_masked)
             return o[idx]
         ks = kc[batch.decode_slots, :, :span]  # gathered [Nd, KVH, span, D]
         vs = vc[batch.decode_slots, :, :span]

@@ -80,6 +80,7 @@ class AttentionBatch:
             else:
                 prefill.append((row, slot, start, count))
             row += count
+
         def t(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 

@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "spec": args.spec, "requests": len(requests), "prompt_tokens": prompt_tokens, "plan": plan,
         "runs": {k: [{x: r[x] for x in ("seconds", "tokens", "tokens_per_s", "cpu")} for r in v]
                  for k, v in runs.items()},
-        "median_tokens_per_s": med, "ratio": ratio, "ratios": ratios, "ratio_per_repeat": per_repeat, "target": args.target,
+        "median_tokens_per_s": med, "ratio": ratio, "ratios": ratios, "ratio_per_repeat": per_repeat,
+        "target": args.target,
         "same_tokens": same, "rows": len(ref),
     }
     if args.json:

@@ -60,6 +60,7 @@ from bench_two_tier import cpu_share, cpu_text, cpu_ticks
 from glinthawk_dask.runtime.compute import ComputeStream
 from glinthawk_dask.runtime.dataplane import DataPlane
 from glinthawk_dask.runtime.messages import pack, unpack
+from glinthawk_dask.runtime.wire import host_bytes
 
 H, KVH, D = 9, 3, 64  # SmolLM2-135M's attention shape
 TARGET_LOOP_US = 50.0
@@ -126,8 +127,7 @@ def install_echo(dask_worker) -> dict:
 def measure_floor(raw: tuple[str, int], payload: dict[str, torch.Tensor], seconds: float) -> dict[str, float]:
     """The floor: the same request and reply bytes over a plain blocking socket, one in
     flight, no framing, no tensors; this thread's CPU per round trip."""
-    req = b"".join(bytes(t.numpy() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy())
-                   for t in payload.values())
+    req = b"".join(bytes(host_bytes(t)) for t in payload.values())
     rep_len = payload["q"].nbytes
     rep = memoryview(bytearray(rep_len))
     rtts: list[float] = []
@@ -247,6 +247,17 @@ async def measure(worker: Worker, plane: DataPlane, peer: str, path: str, payloa
             "loop_us_per_message": cpu / n * 1e6}
 
 
+def report_row(kb: float, dtype: torch.dtype, gil: bool, in_flight: int, path: str, r: dict) -> dict:
+    """One row of the report, printed as it comes (the floor has no event loop: "-")."""
+    row = {"payload_kb": kb, "dtype": str(dtype).removeprefix("torch."), "gil_thread": gil, "in_flight": in_flight,
+           "path": path, **r}
+    loop = "-" if path == "floor" else f"{r['loop_us_per_message']:.1f}"
+    print(f"{kb:>6g}KB {row['dtype']:>8} {'yes' if gil else 'no':>4} {in_flight:>8} | {path:>6} "
+          f"{r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['messages_per_s']:>8.0f} {r['cpu_us_per_message']:>10.1f} "
+          f"{loop:>7}", flush=True)
+    return row
+
+
 async def run(args: argparse.Namespace) -> dict:
     from distributed import Client, Nanny
 
@@ -266,12 +277,7 @@ async def run(args: argparse.Namespace) -> dict:
                     for dtype in (torch.float32, torch.bfloat16):
                         payload = tensors(kb, dtype)
                         r = await loop.run_in_executor(None, measure_floor, raw, payload, args.seconds)
-                        row = {"payload_kb": kb, "dtype": str(dtype).removeprefix("torch."), "gil_thread": False,
-                               "in_flight": 1, "path": "floor", **r}
-                        rows.append(row)
-                        print(f"{kb:>6g}KB {row['dtype']:>8} {'no':>4} {1:>8} | {'floor':>6} {r['p50_ms']:>7.3f} "
-                              f"{r['p99_ms']:>7.3f} {r['messages_per_s']:>8.0f} {r['cpu_us_per_message']:>10.1f} "
-                              f"{'-':>7}", flush=True)
+                        rows.append(report_row(kb, dtype, False, 1, "floor", r))
                         for gil in (False, True):
                             for k in args.in_flight:
                                 for path in ("rpc", "stream"):
@@ -283,13 +289,7 @@ async def run(args: argparse.Namespace) -> dict:
                                     finally:
                                         if holder:
                                             holder.__exit__(None)
-                                    row = {"payload_kb": kb, "dtype": str(dtype).removeprefix("torch."),
-                                           "gil_thread": gil, "in_flight": k, "path": path, **r}
-                                    rows.append(row)
-                                    print(f"{kb:>6g}KB {row['dtype']:>8} {'yes' if gil else 'no':>4} {k:>8} | "
-                                          f"{path:>6} {r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} "
-                                          f"{r['messages_per_s']:>8.0f} {r['cpu_us_per_message']:>10.1f} "
-                                          f"{r['loop_us_per_message']:>7.1f}", flush=True)
+                                    rows.append(report_row(kb, dtype, gil, k, path, r))
                 plane.close()
                 plane.stream.close()
                 return {"rows": rows}

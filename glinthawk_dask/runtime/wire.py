@@ -39,8 +39,8 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CARRIERS = {torch.bfloat16: torch.int16}  # dtypes numpy lacks, viewed as same-size ints
-_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
-       torch.int16: np.int16}
+# the numpy dtype a received tensor of each wire dtype is read as (its carrier's, if any)
+_NUMPY = {t: torch.empty(0, dtype=CARRIERS.get(t, t)).numpy().dtype for t in DTYPES.values()}
 _PADS = [memoryview(bytes(n)) for n in range(ALIGN)]
 _PREFIX_PACK = PREFIX.pack
 _pack = functools.partial(msgpack.packb, use_bin_type=True)
@@ -104,15 +104,14 @@ def decode(body: bytearray | memoryview, meta_len: int) -> tuple[dict[str, Any],
     """A frame's body (after the prefix) → ``(meta, tensors)``; tensors are views of
     ``body``, which must be writable and must not be reused while they live."""
     meta = _unpack(memoryview(body)[:meta_len])
-    base = meta_len + (-meta_len % ALIGN)
+    base = data_offset(meta_len)
     tensors = {}
     for name, dtype_name, shape, offset in meta.pop("t", ()):
         dtype = DTYPES[dtype_name]
-        carrier = CARRIERS.get(dtype)
         if math.prod(shape):
             # a numpy array over the buffer, then torch's view of it: the cheapest way in
-            t = torch.from_numpy(np.ndarray(shape, _NP[carrier or dtype], body, base + offset))
-            tensors[name] = t if carrier is None else t.view(dtype)
+            t = torch.from_numpy(np.ndarray(shape, _NUMPY[dtype], body, base + offset))
+            tensors[name] = t if dtype not in CARRIERS else t.view(dtype)
         else:
             tensors[name] = torch.empty(shape, dtype=dtype)
     return meta, tensors

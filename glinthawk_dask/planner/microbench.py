@@ -23,7 +23,8 @@ from ..sampling import SamplingParams
 from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile
 
 __all__ = ["dense_layer_points", "cold_factor", "head_points", "attention_points", "driver_cost", "busy_loop",
-           "dense_points", "dense_profile", "local_profile", "attention_shapes", "TOKENS", "TOKENS_QUICK", "ROWS", "ATTENTION_SHAPES"]
+           "dense_points", "dense_profile", "local_profile", "attention_shapes", "TOKENS", "TOKENS_QUICK", "ROWS",
+           "ATTENTION_SHAPES"]
 
 _N_LAYERS = 4  # distinct layers cycled through, so their weights are read as in a run
 
@@ -183,11 +184,12 @@ def busy_loop(seconds: float, fn) -> int:
 
 def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens: list[int] | None = None,
                  rows: list[int] | None = None, shapes: list[list[int]] | None = None, *,
-                 cold: bool = False) -> dict:
+                 cold: bool = False, driver: bool = True) -> dict:
     """A dense worker's timings for a profile, measured here (plain numbers, ready to
     cross the network): the layer curve at ``tokens`` and, with ``cold``, the cold
-    factor; the head curve at ``rows``; attention points at ``shapes``; the driver's
-    cost.  :func:`dense_profile` turns them into a :class:`DenseProfile`."""
+    factor; the head curve at ``rows``; attention points at ``shapes``; unless not
+    ``driver``, the driver's cost.  :func:`dense_profile` turns them into a
+    :class:`DenseProfile`."""
     out: dict = {"device": device.type, "dtype": str(dtype).removeprefix("torch."),
                  "threads": torch.get_num_threads()}
     if tokens:
@@ -198,7 +200,8 @@ def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens:
         out["head_s"] = head_points(config, dtype, device, rows)
     if shapes:
         out["attention"] = attention_points(config, dtype, device, shapes)
-    out["step_s"], out["step_per_seq_s"] = driver_cost()
+    if driver:
+        out["step_s"], out["step_per_seq_s"] = driver_cost()
     return out
 
 

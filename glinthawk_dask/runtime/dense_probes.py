@@ -56,8 +56,7 @@ class DenseProbes:
                 n = mb.busy_loop(busy_for, lambda: mb._time_layers(cfg, layers, (tokens or [32])[0], dt, device, 1))
                 return {"layers": n}
             if layer_only:
-                return {"device": device.type, "dtype": dtype, "threads": torch.get_num_threads(),
-                        "layer_s": mb.dense_layer_points(config, dt, device, tokens or [])}
+                return mb.dense_points(config, dt, device, tokens, driver=False)
             return mb.dense_points(config, dt, device, tokens, rows, attention, cold=cold)
 
         return await self.stream.submit(0, measure, kind="calibrate")

@@ -84,6 +84,7 @@ class AttentionBatch:
         def t(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
+        decode_span = max(dec_lens, default=0)
         decode_range = range_index = range_lengths = range_masked = None
         in_order = False
         if dec_slots:
@@ -95,7 +96,7 @@ class AttentionBatch:
                 for s, n in zip(dec_slots, dec_lens):
                     lengths[s - lo] = n
                 range_lengths = t(lengths)
-                range_masked = _masked(range_lengths, max(dec_lens))
+                range_masked = _masked(range_lengths, decode_span)
                 in_order = len(dec_rows) == row and dec_slots == list(range(lo, hi))
 
         return cls(
@@ -104,7 +105,7 @@ class AttentionBatch:
             decode_rows=t(dec_rows), decode_slots=t(dec_slots), decode_lengths=t(dec_lens),
             decode_range=decode_range, prefill=tuple(prefill),
             max_position=max((s + c - 1 for s, c in zip(starts, counts)), default=-1),
-            decode_span=max(dec_lens, default=0), range_index=range_index, range_lengths=range_lengths,
+            decode_span=decode_span, range_index=range_index, range_lengths=range_lengths,
             range_masked=range_masked,
             all_decode_in_range_order=in_order,
         )

@@ -311,8 +311,9 @@ def test_start_cluster_run_and_stop_on_loopback(tmp_path, reference, tls):
     run_dir, certs = tmp_path / "run", tmp_path / "certs"
     start = [str(REPO / "deploy/local/start-cluster.sh"), "--dense", "1", "--attention", "2",
              "--run-dir", str(run_dir), "--port", "0", "--dashboard-address", ":0", "--timeout", "120"]
+    env = {k: v for k, v in _env().items() if k != "OMP_WAIT_POLICY"}
     started = subprocess.run(start + (["--tls", str(certs)] if tls else []), capture_output=True, text=True,
-                             timeout=240, env=_env())
+                             timeout=240, env=env)
     pids = [int(p.read_text()) for p in run_dir.glob("*.pid")]
     procs = _tree(pids)
     try:
@@ -342,6 +343,18 @@ def test_start_cluster_run_and_stop_on_loopback(tmp_path, reference, tls):
             assert resources == ['{"GPU": 1}', '{"KV": 1}', '{"KV": 1}']
             registry = client.sync(client.scheduler.glinthawk_registry)
             assert len(registry["dense"]) == 1 and len(registry["attention"]) == 2
+
+            # each worker process started with its tier's environment (OpenMP reads it as torch
+            # loads: set inside the process, it would come too late)
+            def environment_at_start() -> dict[str, str]:
+                with open("/proc/self/environ", "rb") as f:
+                    pairs = [p.split(b"=", 1) for p in f.read().split(b"\0") if b"=" in p]
+                return {k.decode(): v.decode() for k, v in pairs}
+
+            at_start = client.run(environment_at_start)
+            for tier, addresses in registry.items():
+                for a in addresses:
+                    assert at_start[a].get("OMP_WAIT_POLICY") == ("PASSIVE" if tier == "attention" else None), tier
 
         out = tmp_path / "out.zarr"
         spec = tmp_path / "spec.yaml"

@@ -44,8 +44,6 @@ __all__ = ["ATTENTION", "DENSE", "TierJob", "default_kv_bytes", "job_options", "
 
 logger = logging.getLogger("glinthawk.slurm")
 
-#: environment of the attention tier's jobs (as tier_worker_options sets for local workers)
-ATTENTION_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass
@@ -91,13 +89,14 @@ def job_options(
     log_directory: str | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``SLURMCluster``/``SLURMJob`` for one tier's jobs."""
+    from glinthawk_dask.runtime.cluster import tier_environment
+
     if job.tier not in ("dense", "attention"):
         raise ValueError(f"unknown tier {job.tier!r}; use dense or attention")
     env: dict[str, str] = {}
     threads_key = "DASK_GLINTHAWK__DENSE__THREADS" if job.tier == "dense" else "DASK_GLINTHAWK__ATTENTION__THREADS"
     env[threads_key] = str(job.cpus)
-    if job.tier == "attention":
-        env.update(ATTENTION_ENV)
+    env.update(tier_environment(job.tier))  # in the job's environment: read as torch loads
     if dask_worker:
         worker_command = "distributed.cli.dask_worker"
         kv = parse_bytes(job.kv_bytes) if job.kv_bytes else 1

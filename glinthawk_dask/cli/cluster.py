@@ -218,7 +218,7 @@ def worker(scheduler: str, tier: str, kv_bytes: str | None, nthreads: int, memor
     import dask.config
     from distributed import Nanny, Worker
 
-    from ..runtime.cluster import NANNY_CONFIG, tier_worker_options
+    from ..runtime.cluster import NANNY_CONFIG, tier_environment, tier_worker_options
     from ..runtime.plugins import AttentionWorkerPlugin, DenseWorkerPlugin
 
     _scheduler_address(scheduler)
@@ -233,7 +233,11 @@ def worker(scheduler: str, tier: str, kv_bytes: str | None, nthreads: int, memor
         raise GlinthawkError(f"the scheduler at {scheduler} uses TLS: give --tls-ca-file, --tls-cert and --tls-key "
                              "(or set distributed.comm.tls.* in Dask's configuration)")
     opts = tier_worker_options(tier, kv_bytes=kv)
-    env, memory_config = opts.pop("env"), opts.pop("config")
+    memory_config = opts.pop("config")
+    # in this process's environment, which the nanny's worker process starts with (a
+    # nanny's env= arrives after torch has loaded, too late for OpenMP); without a
+    # nanny, torch has loaded here already: the shell must set them
+    env = {k: v for k, v in tier_environment(tier).items() if k not in os.environ}
     if host and interface:
         raise GlinthawkError("give --host or --interface, not both")
     opts.update(nthreads=nthreads, memory_limit=limit, name=name, host=host, interface=interface,
@@ -244,10 +248,12 @@ def worker(scheduler: str, tier: str, kv_bytes: str | None, nthreads: int, memor
     async def main_() -> int | None:
         if nanny:
             with dask.config.set(NANNY_CONFIG):  # read by the nanny when it is made
-                server = Nanny(scheduler, port=nanny_port, worker_port=worker_port, env=env, config=memory_config,
-                               **opts)
+                os.environ.update(env)
+                server = Nanny(scheduler, port=nanny_port, worker_port=worker_port, config=memory_config, **opts)
         else:
-            os.environ.update(env)
+            if env:
+                click.echo(f"note: without a nanny, set {' '.join(f'{k}={v}' for k, v in env.items())} in the "
+                           f"environment that starts this worker (OpenMP reads it as torch loads)", err=True)
             dask.config.set(memory_config)
             server = Worker(scheduler, port=worker_port, **opts)
 

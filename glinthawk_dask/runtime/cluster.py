@@ -36,25 +36,33 @@ NANNY_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": No
 _LOCAL_CLUSTER = "Leave out the scheduler address (--scheduler on the command line) to start a local cluster"
 
 
+def tier_environment(tier: str) -> dict[str, str]:
+    """Environment variables a worker process of ``tier`` must start with.
+
+    OpenMP reads its settings once, as torch loads; a nanny's ``env`` is applied in the
+    worker process only after its modules (torch among them) are imported, so these
+    must be in the environment the process is started with.  Idle OpenMP threads of
+    the attention tier sleep instead of spinning on cores that other workers share.
+    """
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if tier == "attention" else {}
+
+
 def tier_worker_options(tier: str, memory_limit: int | str | None = None, kv_bytes: int | None = None) -> dict:
     """Nanny options for a worker of ``tier`` ("dense" or "attention"); ``kv_bytes`` is
     its KV budget (an attention worker's 1: a share of its memory limit; a dense
-    worker's None: its GPU memory left by the weights, or a share of its memory limit)."""
-    env: dict[str, str] = {}
+    worker's None: its GPU memory left by the weights, or a share of its memory limit).
+    The process's environment is :func:`tier_environment`'s business."""
     if tier == "dense":
         resources, memory = {"GPU": 1}, DENSE_MEMORY
         if kv_bytes:
             resources[DENSE_KV] = kv_bytes
     elif tier == "attention":
         resources, memory = {"KV": kv_bytes or 1}, ATTENTION_MEMORY
-        # idle OpenMP threads of the attention tier sleep instead of spinning on shared cores
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
     else:
         raise ValueError(f"unknown tier {tier!r}; use dense or attention")
     opts: dict[str, Any] = {
         "nthreads": 1,
         "resources": resources,
-        "env": env,
         # dotted keys: the nanny merges this dict shallowly into the worker's config
         "config": {f"distributed.worker.memory.{k}": v for k, v in memory.items()},
     }
@@ -72,7 +80,12 @@ def local_cluster(
     silence_logs: int = logging.WARNING,
 ) -> SpecCluster:
     """Start the embedded cluster: ``n_dense`` dense and ``n_attention`` attention worker
-    processes on this machine (defaults from ``glinthawk.local-cluster``)."""
+    processes on this machine (defaults from ``glinthawk.local-cluster``).
+
+    Its workers start in this process's environment: nannies started together cannot
+    each set their own before they spawn, so :func:`tier_environment` is not applied
+    (an attention worker computes on ``glinthawk.attention.threads`` torch threads, one
+    by default: no OpenMP threads wait idle)."""
     n_attention = int(n_attention if n_attention is not None else config.get("local-cluster.attention-workers"))
     workers = {}
     dense_kv = config.get("local-cluster.dense-kv-bytes")

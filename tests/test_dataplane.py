@@ -138,6 +138,21 @@ async def _pair():
 
 
 @gen_test(timeout=30)
+async def test_a_stream_keeps_its_torch_threads_and_its_side_thread_has_one():
+    """torch sets a thread's count up lazily from the value set last in the process: a
+    side thread's one thread, set after the stream set its own, must not become the
+    stream's (a dense worker computed on one thread of two that way)."""
+    stream = ComputeStream("test-threads", threads=2)
+    try:
+        await stream.run(lambda: None)  # the stream has set its count
+        side = await stream.offload(torch.get_num_threads)  # the side thread sets one, afterwards
+        assert side == 1
+        assert await stream.run(torch.get_num_threads) == 2  # the stream's first torch call
+    finally:
+        stream.close()
+
+
+@gen_test(timeout=30)
 async def test_requests_multiplexed_on_one_connection_and_coalesced_replies():
     async with _pair() as (server, client, _):
         channel = await client.channel("tcp://127.0.0.1:1", "attention")

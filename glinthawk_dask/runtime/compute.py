@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import heapq
 import itertools
 import logging
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ComputeStream", "Timeline", "busy_seconds", "overlap_seconds"]
+__all__ = ["ComputeStream", "Timeline", "busy_seconds", "one_torch_thread", "overlap_seconds"]
 
 
 class Timeline:
@@ -109,6 +110,32 @@ def overlap_seconds(a: Iterable[tuple[float, float]], b: Iterable[tuple[float, f
     return total
 
 
+def one_torch_thread() -> None:
+    """Keep this thread's torch work on this thread alone.
+
+    OpenMP keeps a team of threads for every thread that starts parallel work.  Once a
+    process holds more OpenMP threads than cores, libgomp makes every team's idle threads
+    sleep at once instead of waiting briefly for the next op, so each op of the compute
+    stream first wakes its helpers (a dense worker that had loaded its weights on a side
+    thread of two torch threads was in that state).  On a tier worker the compute stream
+    is the one thread that computes on several; the event loop and side threads call this.
+    """
+    set_torch_threads(1)
+
+
+def set_torch_threads(n: int) -> None:
+    """Give this thread ``n`` torch threads, for good.
+
+    torch sets up a thread's count lazily, at its first parallel op, from the value the
+    process set last (on any thread): set without that first, a count can be undone by
+    another thread's setting.
+    """
+    import torch
+
+    torch.get_num_threads()  # the lazy set-up, now
+    torch.set_num_threads(n)
+
+
 class ComputeStream:
     """A single thread that runs queued functions, lowest ``priority`` value first, and
     between them serves the sockets and timers given to it.
@@ -117,6 +144,7 @@ class ComputeStream:
     (a job, a timer, a socket callback) uses :meth:`push`, :meth:`call_later` and
     :meth:`watch`: the data plane's connections live here, so a reply that arrives
     becomes the next job on this thread without passing through the event loop.
+    Long work that must not hold the stream (loading weights) goes to :meth:`offload`.
     """
 
     def __init__(
@@ -136,6 +164,7 @@ class ComputeStream:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._sleeping = False
         self._closed = False
+        self._side: concurrent.futures.ThreadPoolExecutor | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -164,6 +193,14 @@ class ComputeStream:
     async def run(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn()`` on the stream before any other queued work; its result."""
         return await self.submit(-math.inf, fn, kind=None)
+
+    async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on this stream's side thread (torch on one thread there, see
+        :func:`one_torch_thread`) while the stream goes on; its result."""
+        if self._side is None:
+            self._side = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"{self._thread.name}-side", initializer=one_torch_thread)
+        return await asyncio.get_running_loop().run_in_executor(self._side, fn, *args)
 
     # -- from the stream itself --------------------------------------------------------
     def push(self, priority: float, fn: Callable[[], Any], *, kind: str | None = "dense", micro_batch: int = -1,
@@ -233,10 +270,8 @@ class ComputeStream:
 
     def _loop(self) -> None:
         if self._threads:
-            import torch
-
             # intra-op thread counts are per calling thread: set them where the work runs
-            torch.set_num_threads(self._threads)
+            set_torch_threads(self._threads)
         while True:
             with self._lock:
                 idle = not self._heap
@@ -284,6 +319,8 @@ class ComputeStream:
                 pass
         if not self.on_stream:
             self._thread.join(timeout=10)
+        if self._side is not None:
+            self._side.shutdown(wait=False)
 
 
 def _guarded(fn: Callable[[], Any]) -> None:

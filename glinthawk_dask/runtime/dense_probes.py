@@ -74,7 +74,7 @@ class DenseProbes:
         dt = DTYPES[dtype]
         cfg = ModelConfig(**config)
         loop = asyncio.get_running_loop()
-        built = await loop.run_in_executor(None, mb._layers, cfg, dt, device)
+        built = await self.stream.offload(mb._layers, cfg, dt, device)
         mcfg, layers = built
         q, kv = _request_tensors(cfg, tokens, dt)
         x = torch.randn(tokens, cfg.dim, dtype=dt, device=device)  # [T, dim]

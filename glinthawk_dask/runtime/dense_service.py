@@ -8,7 +8,6 @@ A dense worker hosts a contiguous slice of layers; each run it takes part in is 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -101,11 +100,10 @@ class DenseService:
         if run_id in self.runs:
             return {"ok": True}
         s = SliceSpec.from_wire(spec)
-        loop = asyncio.get_running_loop()
-        weights = await loop.run_in_executor(None, self._load, s)
+        weights = await self.stream.offload(self._load, s)
         run = SliceRun(s, weights, worker=self.worker, stream=self.stream, dataplane=self.dataplane)
         if weights.is_first:
-            tokenizer = await loop.run_in_executor(None, self.tokenizer, s.model)
+            tokenizer = await self.stream.offload(self.tokenizer, s.model)
             run.driver = RunDriver(run, tokenizer)
         self.runs[run_id] = run
         return {"ok": True, "n_layers": s.stop - s.start}

@@ -22,6 +22,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from .. import config
 from . import dashboard
 from .attention_service import AttentionService
+from .compute import one_torch_thread
 from .dense_service import DenseService
 from .placement import PlacementError, kv_budget_bytes, make_plan
 
@@ -69,6 +70,7 @@ class _TierPlugin(WorkerPlugin):
         resources = dict(worker.state.total_resources)
         if self.tier not in worker_tiers(resources):
             return
+        one_torch_thread()  # the loop's torch work (caches it allocates, say): the stream computes
         self.service = self.make_service(worker, resources)
         self._handlers = {**self.service.handlers(), f"glinthawk_{self.tier}_timeline": self.timeline,
                           f"glinthawk_{self.tier}_metrics": self.metrics}
@@ -96,6 +98,12 @@ class _TierPlugin(WorkerPlugin):
         return dashboard.worker_metrics(self.tier, self.service, cursor, limit)
 
 
+def dense_threads() -> int:
+    """Torch threads of a dense worker's compute stream (``glinthawk.dense.threads``, or
+    every core)."""
+    return int(config.get("dense.threads") or os.cpu_count())
+
+
 class DenseWorkerPlugin(_TierPlugin):
     """Tier 1 on ``GPU`` workers: layer slices (weights cached) and their runs."""
 
@@ -103,7 +111,7 @@ class DenseWorkerPlugin(_TierPlugin):
     tier = "dense"
 
     def make_service(self, worker: Any, resources: dict[str, float]) -> DenseService:
-        return DenseService(worker, threads=config.get("dense.threads") or os.cpu_count())
+        return DenseService(worker, threads=dense_threads())
 
 
 class AttentionWorkerPlugin(_TierPlugin):
@@ -117,8 +125,8 @@ class AttentionWorkerPlugin(_TierPlugin):
             resources.get("KV", 0), worker.memory_manager.memory_limit,
             config.get("attention.kv-memory-fraction"), _total_memory(),
         )
-        # a worker that is also dense keeps the dense tier's thread count
-        threads = None if "dense" in worker_tiers(resources) else int(config.get("attention.threads"))
+        # a worker that is also dense computes attention on the dense tier's thread count
+        threads = dense_threads() if "dense" in worker_tiers(resources) else int(config.get("attention.threads"))
         return AttentionService(worker, budget, threads=threads)
 
 

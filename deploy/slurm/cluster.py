@@ -45,7 +45,6 @@ __all__ = ["ATTENTION", "DENSE", "TierJob", "default_kv_bytes", "job_options", "
 logger = logging.getLogger("glinthawk.slurm")
 
 
-
 @dataclass
 class TierJob:
     """What one SLURM job of a tier asks for and runs (one Dask worker per job)."""

@@ -326,3 +326,33 @@ def test_a_scheduler_that_goes_away_is_a_clear_error_not_a_hang():
         except ProcessLookupError:
             pass
         proc.wait(10)
+
+
+def test_a_worker_heartbeat_that_fails_as_the_cluster_closes_is_one_line(caplog):
+    """Distributed logs a failed heartbeat with the closed connection's traceback; a
+    local cluster closing at the end of a command can race into it.  Tier workers log it
+    in one line that keeps the error (and other records keep theirs)."""
+    import logging
+
+    from glinthawk_dask.runtime.plugins import one_line_heartbeat_failures
+
+    one_line_heartbeat_failures()
+    one_line_heartbeat_failures()  # once per process, however many plugins set up
+    log = logging.getLogger("distributed.worker")
+    assert sum(type(f).__name__ == "OneLineHeartbeatFailure" for f in log.filters) == 1
+    with caplog.at_level(logging.ERROR, logger="distributed.worker"):
+        try:
+            raise CommClosedError(
+                "in <TCP (closed) ConnectionPool.heartbeat_worker local=tcp://127.0.0.1:1>: Stream is closed")
+        except OSError:
+            log.exception("Failed to communicate with scheduler during heartbeat.")
+        try:
+            raise ValueError("something else")
+        except ValueError:
+            log.exception("Unexpected exception during heartbeat. Closing worker.")
+    heartbeat, other = caplog.records
+    assert heartbeat.exc_info is None and "Traceback" not in caplog.text.split("Unexpected")[0]
+    assert heartbeat.getMessage() == ("Failed to communicate with scheduler during heartbeat (CommClosedError: in "
+                                      "<TCP (closed) ConnectionPool.heartbeat_worker local=tcp://127.0.0.1:1>: "
+                                      "Stream is closed)")
+    assert other.exc_info is not None  # only that message loses its traceback

@@ -83,6 +83,7 @@ from glinthawk_dask.model.resolve import (
     embedded_gguf_path,
     resolve_checkpoint,
 )
+from glinthawk_dask.runtime.plugins import dense_threads
 from glinthawk_dask.tokenizer import Tokenizer
 
 TARGET_VS_INPROCESS = 0.9
@@ -399,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, dask {dask.__version__}, "
           f"distributed {distributed.__version__}, os.cpu_count() = {os.cpu_count()}, "
           f"torch.get_num_threads() = {torch.get_num_threads()} (this process), {platform.machine()} CPU")
-    print(f"dense worker threads: {gh_config.get('dense.threads') or os.cpu_count()}, "
+    print(f"dense worker threads: {dense_threads()}, "
           f"attention worker threads: {gh_config.get('attention.threads')}")
 
     tokenizer = Tokenizer.from_checkpoint(resolve_checkpoint(DEFAULT_MODEL))

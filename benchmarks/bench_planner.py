@@ -9,12 +9,15 @@ in-process) and prints, for each, the simulator's predicted tokens/s next to the
 measured one and the error.  The in-process engine runs in this script's process, not
 on a dense worker: its predictions use a profile measured here (``local_profile``), the
 others the cluster's.  Every run is greedy with EOS ignored, on random prompts of
-``--prompt-tokens`` tokens, ``--new-tokens`` new tokens each (fewer under 50 ms).
+``--prompt-tokens`` tokens, ``--new-tokens`` new tokens each (fewer under 50 ms).  The
+profiles are measured once, at the start, as a user's would be; ``--profile-each``
+measures them again right before each run (this VM's speed drifts by a third between
+minutes, and a profile from other minutes counts that drift as the simulator's error).
 
 Usage::
 
     python benchmarks/bench_planner.py [--prompts 32] [--prompt-tokens 16] [--new-tokens 32]
-        [--profile-out FILE] [--json OUT]
+        [--profile-each] [--profile-out FILE] [--json OUT]
 """
 
 from __future__ import annotations
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--profile-out", help="also write the measured profile here")
+    p.add_argument("--profile-each", action="store_true",
+                   help="measure the profiles right before each run, not once at the start (this VM's speed "
+                        "drifts between minutes; a profile from other minutes counts that drift as the "
+                        "simulator's error)")
     p.add_argument("--json", help="write the numbers to this JSON file")
     args = p.parse_args(argv)
 
@@ -86,24 +93,37 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"id": f"p{i}", "prompt_token_ids": [rng.randrange(1, vocab) for _ in range(args.prompt_tokens)]}
             for i in range(args.prompts)]
     base.generate(rows[:2], SamplingParams(max_tokens=2, ignore_eos=True))  # weights onto the workers
-    t0 = time.perf_counter()
-    profile = base.client.sync(measure_profile, base.client, base.config, model=DEFAULT_MODEL, dtype="float32")
-    print(f"profile measured in {time.perf_counter() - t0:.1f} s: dense layer at 16 tokens "
-          f"{profile.dense.layer_s(16) * 1e3:.2f} ms, head at 16 rows {profile.dense.head_s(16) * 1e3:.2f} ms, "
-          f"round trip {profile.rtt_s * 1e3:.2f} ms, shared host: {profile.shared_host} "
-          f"(dense x{profile.dense_slowdown:.2f}, attention x{profile.attention_slowdown:.2f} while both compute), "
-          f"cold factor {profile.dense.cold_factor:.2f}")
+
+    def cluster_profile():
+        t0 = time.perf_counter()
+        profile = base.client.sync(measure_profile, base.client, base.config, model=DEFAULT_MODEL, dtype="float32")
+        print(f"  profile measured in {time.perf_counter() - t0:.1f} s: dense layer at 16 tokens "
+              f"{profile.dense.layer_s(16) * 1e3:.2f} ms, head at 16 rows {profile.dense.head_s(16) * 1e3:.2f} ms, "
+              f"round trip {profile.rtt_s * 1e3:.2f} ms, shared host: {profile.shared_host} (dense "
+              f"x{profile.dense_slowdown:.2f}, attention x{profile.attention_slowdown:.2f} while both compute two "
+              f"micro-batches deep, x{profile.slowdowns(3)[0]:.2f} and x{profile.slowdowns(3)[1]:.2f} three deep), "
+              f"cold factor {profile.dense.cold_factor:.2f}")
+        return profile
+
+    def here_profile():
+        t0 = time.perf_counter()
+        here = local_profile(base.config, torch.float32)
+        print(f"  in-process profile measured here in {time.perf_counter() - t0:.1f} s: dense layer at 16 tokens "
+              f"{here.dense.layer_s(16) * 1e3:.2f} ms, head at 16 rows {here.dense.head_s(16) * 1e3:.2f} ms")
+        return here
+
+    profile, here = (None, None) if args.profile_each else (cluster_profile(), here_profile())
     if args.profile_out:
-        profile.save(args.profile_out)
-    t0 = time.perf_counter()
-    here = local_profile(base.config, torch.float32)
-    print(f"in-process profile measured here in {time.perf_counter() - t0:.1f} s: dense layer at 16 tokens "
-          f"{here.dense.layer_s(16) * 1e3:.2f} ms, head at 16 rows {here.dense.head_s(16) * 1e3:.2f} ms")
+        (profile or cluster_profile()).save(args.profile_out)
     in_process = None
     results = []
     for label, cfg, new in configs(args.prompts, args.new_tokens):
         workload = Workload.uniform(args.prompts, args.prompt_tokens, new)
-        predicted = simulate(here if cfg.mode == "in-process" else profile, base.config, workload, cfg)
+        if cfg.mode == "in-process":
+            used = here_profile() if args.profile_each else here
+        else:
+            used = cluster_profile() if args.profile_each else profile
+        predicted = simulate(used, base.config, workload, cfg)
         if cfg.mode == "in-process":
             in_process = in_process or LLM(DEFAULT_MODEL, mode="in-process", dtype="float32",
                                            engine_config=EngineConfig(micro_batch_size=cfg.micro_batch_size))
@@ -125,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         err = predicted.tokens_per_s / measured - 1
         cpu = (busy1 - busy0) / max(total1 - total0, 1e-9)
         busy = llm.engine.tier_overlap() if cfg.mode != "in-process" else {}
-        results.append({"label": label, "mode": cfg.mode, "micro_batch_size": predicted.micro_batch_size,
+        results.append({"label": label, "mode": cfg.mode, "profile": used.to_json(), "micro_batch_size": predicted.micro_batch_size,
                         "micro_batches": predicted.micro_batches, "attention_workers": cfg.attention,
                         "latency_ms": cfg.latency * 1e3, "prompts": args.prompts, "new_tokens": new,
                         "measured_tokens_per_s": measured, "predicted_tokens_per_s": predicted.tokens_per_s,
@@ -143,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwithin {TARGET_ERROR:.0%}: {len(within)} of {len(results)} configurations "
           f"(target: at least {TARGET_COUNT}) {'PASS' if len(within) >= TARGET_COUNT else 'SHORT'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"profile": profile.to_json(), "in_process_profile": here.to_json(),
-                                               "runs": results}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"profile_each": args.profile_each, "runs": results}, indent=1) + "\n")
     return 0
 
 

@@ -154,6 +154,21 @@ def test_contention_on_a_shared_host_slows_overlapping_dense_work():
     assert shared.seconds > 1.2 * alone.seconds
 
 
+def test_a_pipeline_three_deep_takes_the_profiles_three_deep_slowdown():
+    w = Workload.uniform(12, 4, 16)
+    base = _profile(shared=True, fd=1.5)
+    deeper = dataclasses.replace(base, dense_slowdown_3=3.0)
+
+    def run(prof, depth):
+        return simulate(prof, MODEL, w, RunConfig(micro_batch_size=12 // depth, micro_batches=depth, attention=depth))
+
+    assert run(deeper, 2).seconds == run(base, 2).seconds  # two deep: the two-deep factor
+    assert run(deeper, 3).seconds > 1.3 * run(base, 3).seconds
+    assert base.slowdowns(3) == (1.5, 1.0) and deeper.slowdowns(3) == (3.0, 1.0) and deeper.slowdowns(2) == (1.5, 1.0)
+    assert dataclasses.replace(deeper, shared_host=False).slowdowns(3) == (1.0, 1.0)
+    assert Profile.from_json(json.loads(json.dumps(deeper.to_json()))).slowdowns(3) == (3.0, 1.0)
+
+
 def test_continuous_batching_admits_as_slots_free_and_counts_every_token():
     prof = _profile()
     outs = (3, 9, 5, 1, 7, 2)
@@ -436,6 +451,13 @@ async def test_profile_measures_a_cluster_and_auto_plans_use_it(c, s, a, b):
     await c.register_plugin(AttentionWorkerPlugin())
     prof = await measure_profile(c, MODEL, model="random:tiny-gqa", quick=True)
     assert prof.shared_host and prof.attention.kv_bytes > 0 and prof.rtt_s > 0
+    # contention measured in chains two and three deep, as a run's pipeline
+    assert prof.dense_slowdown >= 1.0 and prof.dense_slowdown_3 >= 1.0 and prof.attention_slowdown_3 >= 1.0
+    info = await c.scheduler.glinthawk_cluster_info()
+    chains = await c.rpc(info["dense"][0]).glinthawk_profile_alternate(
+        address=info["attention"] * 2, config=dataclasses.asdict(MODEL), tokens=4, n=4)
+    assert chains["job"] >= chains["alternating"] > 0 and chains["alone"] > 0
+    assert chains["cycle"] > 0 and chains["attention"] > 0  # the attention worker's own seconds, in its reply
     assert prof.dense.layer_s(64) >= prof.dense.layer_s(1) > 0 and prof.dense.head_s(1) > 0
     assert Profile.from_json(json.loads(json.dumps(prof.to_json()))).to_json() == prof.to_json()
     with tempfile.TemporaryDirectory() as cache, dask.config.set({"glinthawk.planner.profile-cache": cache}):

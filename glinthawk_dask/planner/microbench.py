@@ -22,7 +22,7 @@ from ..model.weights import load_slice
 from ..sampling import SamplingParams
 from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile
 
-__all__ = ["dense_layer_points", "cold_factor", "head_points", "attention_points", "driver_cost", "busy_loop",
+__all__ = ["dense_layer_points", "cold_factor", "head_points", "attention_points", "driver_cost",
            "dense_points", "dense_profile", "local_profile", "attention_shapes", "TOKENS", "TOKENS_QUICK", "ROWS",
            "ATTENTION_SHAPES"]
 
@@ -171,15 +171,6 @@ def driver_cost(max_seq_len: int = 4096, sizes: tuple[int, int] = (1, 64)) -> tu
     (n0, n1), (t0, t1) = sizes, per
     per_seq = max(0.0, (t1 - t0) / (n1 - n0))
     return max(0.0, t0 - per_seq * n0), per_seq
-
-
-def busy_loop(seconds: float, fn) -> int:
-    """Call ``fn`` until ``seconds`` have passed (load for contention measurements)."""
-    n, end = 0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        fn()
-        n += 1
-    return n
 
 
 def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens: list[int] | None = None,

@@ -22,7 +22,8 @@ A profile is a versioned JSON document (``"glinthawk_profile": 1``)::
       },
       "attention": {ATTENTION COSTS, "threads": 1, "kv_bytes": 4e9, "price_per_hour": 0.1},
       "network": {"rtt_s": 2e-4, "GBps": 1.0, "msg_cpu_s": 8e-5, "msg_cpu_GBps": 2.0},
-      "host": {"shared": true, "dense_slowdown": 1.4, "attention_slowdown": 1.3}
+      "host": {"shared": true, "dense_slowdown": 1.4, "attention_slowdown": 1.3,   # two micro-batches in flight
+               "dense_slowdown_3": 1.8, "attention_slowdown_3": 1.4}       # three or more (absent: as two)
     }
 
 ATTENTION COSTS is ``{"overhead_s", "kv_GBps", "gflops"}``: one layer's attention for a
@@ -177,12 +178,23 @@ class Profile:
     msg_cpu_s: float = 0.0  # the dense worker's compute-thread time per attention request
     msg_cpu_GBps: float = math.inf  # ... and per byte it carries
     shared_host: bool = False
-    dense_slowdown: float = 1.0  # dense work while attention computes on the same cores
+    dense_slowdown: float = 1.0  # a dense job while attention computes on the same cores, two micro-batches deep
     attention_slowdown: float = 1.0  # and the other way round
+    dense_slowdown_3: float | None = None  # the same three or more micro-batches deep (None: as two)
+    attention_slowdown_3: float | None = None
     model: ModelConfig | None = None
     extra: dict = field(default_factory=dict)  # fields this version does not read, kept
 
     # -- costs ---------------------------------------------------------------------
+    def slowdowns(self, depth: int) -> tuple[float, float]:
+        """(dense, attention) slowdown while both tiers compute on a shared host, for a
+        pipeline ``depth`` micro-batches deep (1.0 each where the tiers do not share)."""
+        if not self.shared_host:
+            return 1.0, 1.0
+        if depth >= 3:
+            return self.dense_slowdown_3 or self.dense_slowdown, self.attention_slowdown_3 or self.attention_slowdown
+        return self.dense_slowdown, self.attention_slowdown
+
     def dense_layer_s(self, model: ModelConfig, tokens: int, elem: int) -> float:
         """One layer's dense half for ``tokens`` tokens of ``model``."""
         d = self.dense
@@ -245,7 +257,9 @@ class Profile:
                         "msg_cpu_s": self.msg_cpu_s,
                         "msg_cpu_GBps": None if math.isinf(self.msg_cpu_GBps) else self.msg_cpu_GBps},
             "host": {"shared": self.shared_host, "dense_slowdown": self.dense_slowdown,
-                     "attention_slowdown": self.attention_slowdown},
+                     "attention_slowdown": self.attention_slowdown,
+                     **({"dense_slowdown_3": self.dense_slowdown_3} if self.dense_slowdown_3 else {}),
+                     **({"attention_slowdown_3": self.attention_slowdown_3} if self.attention_slowdown_3 else {})},
         }
         out.update(self.extra)
         return out
@@ -288,7 +302,9 @@ class Profile:
                 msg_cpu_GBps=float(net["msg_cpu_GBps"]) if net.get("msg_cpu_GBps") else math.inf,
                 shared_host=bool(host.get("shared", False)),
                 dense_slowdown=float(host.get("dense_slowdown") or 1.0),
-                attention_slowdown=float(host.get("attention_slowdown") or 1.0), model=model,
+                attention_slowdown=float(host.get("attention_slowdown") or 1.0),
+                dense_slowdown_3=_opt(host.get("dense_slowdown_3")),
+                attention_slowdown_3=_opt(host.get("attention_slowdown_3")), model=model,
                 extra={k: v for k, v in doc.items() if k not in known},
             )
         except ProfileError:

@@ -99,7 +99,8 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
     costs = [_stage_costs(profile, model, config, s, n_slices, local=not remote[mb]) for mb, s in enumerate(shapes)]
     dense = [_Server() for _ in range(n_slices)]
     attn = [[_Server() for _ in range(config.attention)] for _ in range(n_slices)]
-    shared, fd, fa = profile.shared_host, profile.dense_slowdown, profile.attention_slowdown
+    shared = profile.shared_host
+    fd, fa = profile.slowdowns(len(shapes))  # a slice's micro-batches are all in flight at once
     cold = profile.dense.cold_factor
     serial = config.mode == "in-process"  # the in-process engine runs micro-batches in turn
 

@@ -14,8 +14,9 @@ Two levels:
   order of arrival), then across slices.  The events are simulated until the cycle is
   steady, and the period of one step is read off it.  When the tiers share a machine's
   cores, a job that starts while the other tier computes runs slower by the profile's
-  slowdown; a dense job that starts after its worker idled runs at the profile's cold
-  cost.  Rounds of the same shape (tokens, context read, rows) are simulated once.
+  slowdown for a pipeline that deep (measured in chains of dense jobs and attention
+  round trips two and three deep); a dense job that starts after its worker idled runs
+  at the profile's cold cost.  Rounds of the same shape (tokens, context read, rows) are simulated once.
 
 Single-tier and in-process runs have no attention tier: attention runs on the dense
 worker, inside its job.  A hybrid run mixes both: its first ``local_micro_batches``

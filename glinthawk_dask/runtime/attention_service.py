@@ -181,7 +181,8 @@ class AttentionService:
     async def probe(self, config: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
         """A decode attention request shaped like a run's (``q`` [T, H, D], ``k``/``v``
         [T, KVH, D]) on a scratch cache, computed as :meth:`attend` computes: what a
-        dense worker times to choose the depth of its pipeline."""
+        dense worker times to choose the depth of its pipeline and to profile.  The
+        reply is ``{"o": [T, H, D], "s": seconds the computation took here}``."""
         return await self.stream.run(lambda: self._probe_inline(config, q, k, v)[0])
 
     @torch.inference_mode()
@@ -195,25 +196,19 @@ class AttentionService:
                 self._scratch.clear()
                 cache = self._scratch[key] = KVCache(cfg, n, 1, dtype=q.dtype)
             ids = list(range(n))
+            t = time.perf_counter()
             cache.apply(ids, [(i, i) for i in ids])
-            return {"o": cache.attend(0, q, k, v, AttentionBatch.build(ids, [0] * n, [1] * n))}, 0.0
+            o = cache.attend(0, q, k, v, AttentionBatch.build(ids, [0] * n, [1] * n))  # [T, H, D]
+            return {"o": o, "s": time.perf_counter() - t}, 0.0
 
-    async def profile(self, config: dict, shapes: list[list[int]], dtype: str = "float32",
-                      busy_for: float = 0.0) -> dict:
+    async def profile(self, config: dict, shapes: list[list[int]], dtype: str = "float32") -> dict:
         """Attention timings for a profile on this worker's compute stream: ``{"points":
-        [[kv_bytes, flops, seconds]]}`` for ``shapes`` ([sequences, context, new tokens]);
-        with ``busy_for``, the first shape computed again and again for that many seconds
-        (load for a contention measure)."""
+        [[kv_bytes, flops, seconds]]}`` for ``shapes`` ([sequences, context, new tokens])."""
         from ..planner import microbench as mb
 
-        def measure() -> dict:
-            if busy_for:
-                return {"n": mb.busy_loop(busy_for, lambda: mb.attention_points(config, DTYPES[dtype],
-                                                                               torch.device("cpu"), shapes[:1], 1))}
-            return {"points": mb.attention_points(config, DTYPES[dtype], torch.device("cpu"), shapes),
-                    "threads": torch.get_num_threads()}
-
-        return await self.stream.run(measure)
+        return await self.stream.run(lambda: {
+            "points": mb.attention_points(config, DTYPES[dtype], torch.device("cpu"), shapes),
+            "threads": torch.get_num_threads()})
 
     async def echo(self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> dict:
         """``{"o": q}``: a reply the size of an attention output, nothing computed (what a

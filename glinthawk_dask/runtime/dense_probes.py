@@ -36,37 +36,34 @@ class DenseProbes:
 
     async def profile(self, config: dict, dtype: str = "float32", tokens: list[int] | None = None,
                       rows: list[int] | None = None, attention: list[list[int]] | None = None,
-                      busy_for: float = 0.0, layer_only: bool = False, cold: bool = True) -> dict:
+                      cold: bool = True) -> dict:
         """Timings for a profile (see :mod:`glinthawk_dask.planner.microbench`), on this
         worker's device and compute stream: the dense layer curve at ``tokens``, the cold
         factor (unless not ``cold``: a profile with an attention worker measures it against
         real round trips, :meth:`profile_alternate`), the head curve at ``rows``, attention
         points at ``attention`` shapes ([sequences, context, new tokens]) and the driver's
-        cost (with ``layer_only``, the layer curve alone); or, with ``busy_for``, dense
-        layers back to back for that many seconds (load for a contention measure)."""
-        from ..model.config import ModelConfig
+        cost."""
         from ..planner import microbench as mb
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dt = DTYPES[dtype]
+        return await self.stream.submit(
+            0, lambda: mb.dense_points(config, dt, device, tokens, rows, attention, cold=cold), kind="calibrate")
 
-        def measure() -> dict:
-            if busy_for:
-                cfg, layers = mb._layers(ModelConfig(**config), dt, device)
-                n = mb.busy_loop(busy_for, lambda: mb._time_layers(cfg, layers, (tokens or [32])[0], dt, device, 1))
-                return {"layers": n}
-            if layer_only:
-                return mb.dense_points(config, dt, device, tokens, driver=False)
-            return mb.dense_points(config, dt, device, tokens, rows, attention, cold=cold)
+    async def profile_alternate(self, address: str | list[str], config: dict, tokens: int,
+                                dtype: str = "float32", n: int = 16) -> dict:
+        """A dense layer and an attention request as a run sees them.
 
-        return await self.stream.submit(0, measure, kind="calibrate")
-
-    async def profile_alternate(self, address: str, config: dict, tokens: int, dtype: str = "float32",
-                                n: int = 16) -> dict:
-        """A dense layer's seconds as a run sees them: ``{"alone": ..., "alternating":
-        ...}``, the median of ``n`` layers back to back, and of ``n`` layers each after an
-        attention round trip to ``address`` of ``tokens`` tokens (sent and answered on
-        the compute stream, as a run's are)."""
+        ``address`` names the attention worker of each chain (one address: one chain).  A
+        chain alternates a dense job on the compute stream (a layer, then sending its
+        attention request of ``tokens`` tokens) with the round trip to its worker,
+        answered on the stream as a run's are.  With two or more chains each dense job
+        runs while another chain's attention computes, as in a pipeline that many
+        micro-batches deep.  The medians of ``n``: ``{"alone": a dense layer back to
+        back, "alternating": a dense layer in the chains, "job": a dense job in the
+        chains (the layer and the send), "cycle": from a job's start to the start of
+        its chain's next job, "attention": an attention worker's compute seconds per
+        request in the chains}``."""
         from ..model.config import ModelConfig
         from ..planner import microbench as mb
 
@@ -74,36 +71,63 @@ class DenseProbes:
         dt = DTYPES[dtype]
         cfg = ModelConfig(**config)
         loop = asyncio.get_running_loop()
-        built = await self.stream.offload(mb._layers, cfg, dt, device)
-        mcfg, layers = built
+        mcfg, layers = await self.stream.offload(mb._layers, cfg, dt, device)
         q, kv = _request_tensors(cfg, tokens, dt)
         x = torch.randn(tokens, cfg.dim, dtype=dt, device=device)  # [T, dim]
         o = torch.randn(tokens, cfg.n_heads, cfg.head_dim, dtype=dt, device=device)  # [T, H, D]
         cos = torch.ones(tokens, cfg.head_dim, dtype=dt, device=device)  # [T, D]
-        channel = await self.dataplane.channel(address, "attention")
+        channels = [await self.dataplane.channel(a, "attention")
+                    for a in ([address] if isinstance(address, str) else address)]
+        warm = 2 * len(channels)  # each chain's first layers warm up
         done = loop.create_future()
-        times: list[float] = []
+        layer_s: list[float] = []
+        job_s: list[float] = []
+        cycle_s: list[float] = []
+        started: dict[int, float] = {}  # each chain's last job start
+        attention: list[float] = []
+        ended: list[bool] = []  # set once: replies still in flight then go nowhere
 
-        def layer() -> None:
-            i = len(times)
+        def finish(error: BaseException | None) -> None:
+            if not ended:
+                ended.append(True)
+                settle_threadsafe(done, None, error)
+
+        def job(channel: Any) -> None:  # on the stream thread, as a run's dense jobs
+            if ended:
+                return
+            i = len(job_s)
             with torch.inference_mode():
                 t = time.perf_counter()
+                if id(channel) in started:
+                    cycle_s.append(t - started[id(channel)])
+                started[id(channel)] = t
                 post_pre_attention(mcfg, layers[i % len(layers)], layers[(i + 1) % len(layers)], x, o, cos, cos)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t)
-            if len(times) == n + 2:
-                settle_threadsafe(done, None, None)
-            else:
+            layer_s.append(time.perf_counter() - t)
+            if i + 1 < n + warm:
                 channel.request("glinthawk_attend_probe", {"config": config}, {"q": q, "k": kv, "v": kv},
-                                lambda r, e: self.stream.push(0, layer, kind=None) if e is None
-                                else settle_threadsafe(done, None, e), 60.0)
+                                lambda r, e: answered(channel, r, e), 60.0)
+            job_s.append(time.perf_counter() - t)
+            if len(job_s) >= n + warm:
+                finish(None)
 
-        await self.stream.run(layer)
+        def answered(channel: Any, reply: Any, error: BaseException | None) -> None:
+            if error is not None:
+                finish(error)
+                return
+            attention.append(float(reply.get("s", 0.0)) if isinstance(reply, dict) else 0.0)
+            self.stream.push(0, lambda: job(channel), kind=None)
+
+        def start() -> None:
+            for ch in channels:
+                self.stream.push(0, lambda ch=ch: job(ch), kind=None)
+
+        await self.stream.run(start)
         await done
-        alternating = sorted(times[2:])[n // 2]
         alone = await self.stream.run(lambda: mb._time_layers(mcfg, layers, tokens, dt, device, n))
-        return {"alone": alone, "alternating": alternating}
+        return {"alone": alone, "alternating": _median(layer_s[warm:]), "job": _median(job_s[warm:]),
+                "cycle": _median(cycle_s[warm:]), "attention": _median(attention[len(channels):])}
 
     async def probe(self, address: str, config: dict, tokens: int, dtype: str = "float32", n: int = 5,
                     detail: bool = False, echo: bool = False) -> float | dict:
@@ -141,3 +165,7 @@ class DenseProbes:
         cpu = await done / n
         rtt = sorted(times[1:])[n // 4 if detail else n // 2]  # profiles take the lower quartile
         return {"rtt_s": rtt, "cpu_s": cpu} if detail else rtt
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2] if xs else 0.0

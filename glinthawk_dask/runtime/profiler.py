@@ -11,7 +11,6 @@ measure once.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -56,21 +55,35 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
     local = AttentionCost.fit([tuple(p) for p in d["attention"]])
     attention = AttentionProfile(cost=local, threads=d["threads"])
     rtt_s, net_GBps, msg_cpu_s, msg_cpu_GBps = 0.0, float("inf"), 0.0, float("inf")
-    shared, fd, fa = False, 1.0, 1.0
+    shared, fd, fa, fd3, fa3 = False, 1.0, 1.0, 1.0, 1.0
     if info["attention"]:
         att = info["attention"][0]
         a = await _rpc(client, att, "glinthawk_profile_attention", config=cfg, shapes=shapes, dtype=dtype)
         cost = AttentionCost.fit([tuple(p) for p in a["points"]])
-        attention = AttentionProfile(cost=cost, threads=a["threads"], kv_bytes=min(info["kv_free"].values()))
         rtt_s, net_GBps, msg_cpu_s, msg_cpu_GBps = await _network(client, dense, att, cfg, dtype, model_config)
-        # a dense layer between attention round trips, as in a run, against back to back
-        alts = [await _rpc(client, dense, "glinthawk_profile_alternate", address=att, config=cfg, tokens=t,
-                           dtype=dtype) for t in (16, 64)]
-        d["cold_factor"] = max(1.0, sum(x["alternating"] / x["alone"] for x in alts) / len(alts))
+        # a pipeline one micro-batch deep, as a run's: dense jobs alternating with attention
+        # round trips.  The cold factor is what makes the model's layer cycle (dense job,
+        # request sent, round trip, attention) the measured one: what the alternation costs
+        # beyond the parts measured alone (caches gone cold, attention woken on the
+        # sender's core)
+        n = 10 if quick else 16
+        elem = 2 if dtype in ("bfloat16", "float16") else 4
+        alts, colds = [], []
+        for t in (16, 64):
+            x = await _rpc(client, dense, "glinthawk_profile_alternate", address=att, config=cfg, tokens=t,
+                           dtype=dtype, n=n)
+            nbytes = t * (2 * model_config.q_size + 2 * model_config.kv_size) * elem
+            known = (msg_cpu_s + nbytes / (msg_cpu_GBps * 1e9) + rtt_s + nbytes / (net_GBps * 1e9)
+                     + cost.seconds(t * model_config.kv_size * 2 * elem, 4.0 * t * model_config.q_size))
+            alts.append(x)
+            colds.append((x["cycle"] - known) / x["alone"])
+        d["cold_factor"] = max(1.0, sum(colds) / len(colds))
+        attention = AttentionProfile(cost=cost, threads=a["threads"], kv_bytes=min(info["kv_free"].values()))
         hosts = info["hosts"]
         shared = hosts.get(dense) is not None and hosts.get(dense) == hosts.get(att)
         if shared:
-            fd, fa = await _contention(client, dense, att, cfg, dtype, d, quick)
+            (fd, fa), (fd3, fa3) = [await _contention(client, dense, info["attention"], k, cfg, dtype, alts[0], n)
+                                    for k in (2, 3)]
     profile = Profile(
         name=name or f"measured-{d['device']}",
         source=(f"measured by glinthawk profile on {time.strftime('%Y-%m-%d %H:%M')} in {time.time() - t0:.1f} s: "
@@ -79,7 +92,8 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
         dense=dense_profile(d, local),
         attention=attention, rtt_s=rtt_s, net_GBps=net_GBps, msg_cpu_s=msg_cpu_s, msg_cpu_GBps=msg_cpu_GBps,
         shared_host=shared,
-        dense_slowdown=fd, attention_slowdown=fa, model=model_config,
+        dense_slowdown=fd, attention_slowdown=fa, dense_slowdown_3=fd3, attention_slowdown_3=fa3,
+        model=model_config,
         extra={"workers": {"dense": len(info["dense"]), "attention": len(info["attention"])},
                "seconds": round(time.time() - t0, 2)},
     )
@@ -112,28 +126,17 @@ def _line(x: list[float], y: list[float]) -> tuple[float, float]:
     return base, (1e-9 / per_byte if per_byte > 0 else float("inf"))
 
 
-async def _contention(client, dense, att, cfg, dtype, d: dict, quick: bool) -> tuple[float, float]:
-    """How much slower each tier computes while the other one does (same host)."""
-    busy = 1.5 if quick else 2.5  # the load outlasts the measurement under it
-    t_mid = d["layer_s"][len(d["layer_s"]) // 2]
-    shape = [[32, 512, 1]]
-
-    async def later(coro):
-        await asyncio.sleep(0.3)
-        return await coro
-
-    loaded, _ = await asyncio.gather(
-        later(_rpc(client, dense, "glinthawk_profile_dense", config=cfg, dtype=dtype, tokens=[t_mid[0]],
-                   layer_only=True)),
-        _rpc(client, att, "glinthawk_profile_attention", config=cfg, shapes=shape, dtype=dtype, busy_for=busy),
-    )
-    fd = loaded["layer_s"][0][1] / t_mid[1]
-    idle = await _rpc(client, att, "glinthawk_profile_attention", config=cfg, shapes=shape, dtype=dtype)
-    _, under = await asyncio.gather(
-        _rpc(client, dense, "glinthawk_profile_dense", config=cfg, dtype=dtype, tokens=[t_mid[0]], busy_for=busy),
-        later(_rpc(client, att, "glinthawk_profile_attention", config=cfg, shapes=shape, dtype=dtype)),
-    )
-    fa = under["points"][0][2] / idle["points"][0][2]
+async def _contention(client, dense, attention: list[str], chains: int, cfg, dtype, one: dict,
+                      n: int) -> tuple[float, float]:
+    """How much slower each tier computes while the other one does (same host), in a
+    pipeline ``chains`` micro-batches deep: that many chains of a dense job and an
+    attention round trip (to as many attention workers as there are, in turn), so that
+    each dense job runs while another chain's attention computes.  The dense job
+    against a layer back to back; the attention request against ``one`` chain's."""
+    r = await _rpc(client, dense, "glinthawk_profile_alternate", address=(attention * chains)[:chains], config=cfg,
+                   tokens=16, dtype=dtype, n=n)
+    fd = r["job"] / r["alone"]
+    fa = r["attention"] / one["attention"] if one["attention"] > 0 else 1.0
     return max(1.0, fd), max(1.0, fa)
 
 

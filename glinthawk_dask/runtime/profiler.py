@@ -27,6 +27,7 @@ __all__ = ["measure_profile", "cluster_profile", "profile_key"]
 logger = logging.getLogger(__name__)
 
 _PROBE_TOKENS = [1, 16, 64, 256]
+_MEASURES = 2  # how profiles are measured: profiles kept on disk by other measures are not read
 
 
 def profile_key(model: str, dtype: str, info: dict) -> str:
@@ -195,7 +196,7 @@ async def _disk_path(client: Any, model_config: ModelConfig, dtype: str, info: d
     same_process = os.getpid() in pids.values()
     m = model_config
     ident = json.dumps([
-        __version__, torch.__version__, platform.node(), os.cpu_count(), dtype, same_process,
+        _MEASURES, __version__, torch.__version__, platform.node(), os.cpu_count(), dtype, same_process,
         [m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size],
         len(info["dense"]), len(info["attention"]), config.get("dense.threads"), config.get("attention.threads"),
     ])

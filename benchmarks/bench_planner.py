@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         err = predicted.tokens_per_s / measured - 1
         cpu = (busy1 - busy0) / max(total1 - total0, 1e-9)
         busy = llm.engine.tier_overlap() if cfg.mode != "in-process" else {}
-        results.append({"label": label, "mode": cfg.mode, "profile": used.to_json(), "micro_batch_size": predicted.micro_batch_size,
-                        "micro_batches": predicted.micro_batches, "attention_workers": cfg.attention,
+        results.append({"label": label, "mode": cfg.mode, "profile": used.to_json(),
+                        "micro_batch_size": predicted.micro_batch_size, "micro_batches": predicted.micro_batches, "attention_workers": cfg.attention,
                         "latency_ms": cfg.latency * 1e3, "prompts": args.prompts, "new_tokens": new,
                         "measured_tokens_per_s": measured, "predicted_tokens_per_s": predicted.tokens_per_s,
                         "error": err, "machine_cpu_busy": cpu, "bottleneck": predicted.bottleneck,

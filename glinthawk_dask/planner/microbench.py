@@ -175,12 +175,11 @@ def driver_cost(max_seq_len: int = 4096, sizes: tuple[int, int] = (1, 64)) -> tu
 
 def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens: list[int] | None = None,
                  rows: list[int] | None = None, shapes: list[list[int]] | None = None, *,
-                 cold: bool = False, driver: bool = True) -> dict:
+                 cold: bool = False) -> dict:
     """A dense worker's timings for a profile, measured here (plain numbers, ready to
     cross the network): the layer curve at ``tokens`` and, with ``cold``, the cold
-    factor; the head curve at ``rows``; attention points at ``shapes``; unless not
-    ``driver``, the driver's cost.  :func:`dense_profile` turns them into a
-    :class:`DenseProfile`."""
+    factor; the head curve at ``rows``; attention points at ``shapes``; the driver's
+    cost.  :func:`dense_profile` turns them into a :class:`DenseProfile`."""
     out: dict = {"device": device.type, "dtype": str(dtype).removeprefix("torch."),
                  "threads": torch.get_num_threads()}
     if tokens:
@@ -191,8 +190,7 @@ def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens:
         out["head_s"] = head_points(config, dtype, device, rows)
     if shapes:
         out["attention"] = attention_points(config, dtype, device, shapes)
-    if driver:
-        out["step_s"], out["step_per_seq_s"] = driver_cost()
+    out["step_s"], out["step_per_seq_s"] = driver_cost()
     return out
 
 

@@ -47,7 +47,7 @@ from ..errors import GlinthawkError
 from ..model.config import ModelConfig
 
 __all__ = ["VERSION", "Curve", "AttentionCost", "DenseProfile", "AttentionProfile", "Profile",
-           "load_profile", "shipped_profiles", "ProfileError"]
+           "load_profile", "shipped_profiles", "ProfileError", "request_bytes"]
 
 VERSION = 1
 _SHIPPED = Path(__file__).parent / "profiles"
@@ -335,6 +335,11 @@ def load_profile(name_or_path: str | Path) -> Profile:
 def shipped_profiles() -> list[str]:
     """Names of the profiles that come with glinthawk."""
     return sorted(p.stem for p in _SHIPPED.glob("*.json"))
+
+
+def request_bytes(model: ModelConfig, tokens: int, elem: int) -> int:
+    """Bytes one attention round trip of ``tokens`` tokens carries: q, k, v out and o back."""
+    return tokens * (2 * model.q_size + 2 * model.kv_size) * elem
 
 
 def _opt(x: Any) -> float | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..model.config import ModelConfig
-from .profile import Profile
+from .profile import Profile, request_bytes
 from .workload import MicroBatchShape, RunConfig
 
 __all__ = ["round_period"]
@@ -46,7 +46,7 @@ def _stage_costs(p: Profile, m: ModelConfig, c: RunConfig, s: MicroBatchShape, n
         last_extra = head if k == n_slices - 1 else 0.0
         hop = p.net_s(s.tokens * m.dim * elem) if k + 1 < n_slices else (p.rtt_s if n_slices > 1 else 0.0)
         if not local:
-            nbytes = s.tokens * (2 * m.q_size + 2 * m.kv_size) * elem  # q, k, v out and o back
+            nbytes = request_bytes(m, s.tokens, elem)
             msg = p.msg_cpu(nbytes)
             a = p.attention.cost.seconds(kv_bytes, flops)
             net = p.net_s(nbytes) + 2 * c.latency

@@ -20,7 +20,8 @@ from typing import Any
 from ..errors import GlinthawkError
 from ..model.config import ModelConfig
 from ..planner.microbench import ROWS, TOKENS, TOKENS_QUICK, attention_shapes, dense_profile
-from ..planner.profile import AttentionCost, AttentionProfile, Profile
+from ..planner.profile import AttentionCost, AttentionProfile, Profile, request_bytes
+from .messages import DTYPES
 
 __all__ = ["measure_profile", "cluster_profile", "profile_key"]
 
@@ -56,60 +57,72 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
     local = AttentionCost.fit([tuple(p) for p in d["attention"]])
     attention = AttentionProfile(cost=local, threads=d["threads"])
     rtt_s, net_GBps, msg_cpu_s, msg_cpu_GBps = 0.0, float("inf"), 0.0, float("inf")
-    shared, fd, fa, fd3, fa3 = False, 1.0, 1.0, 1.0, 1.0
+    elem = DTYPES[dtype].itemsize
+    shared = False
     if info["attention"]:
         att = info["attention"][0]
         a = await _rpc(client, att, "glinthawk_profile_attention", config=cfg, shapes=shapes, dtype=dtype)
-        cost = AttentionCost.fit([tuple(p) for p in a["points"]])
-        rtt_s, net_GBps, msg_cpu_s, msg_cpu_GBps = await _network(client, dense, att, cfg, dtype, model_config)
-        # a pipeline one micro-batch deep, as a run's: dense jobs alternating with attention
-        # round trips.  The cold factor is what makes the model's layer cycle (dense job,
-        # request sent, round trip, attention) the measured one: what the alternation costs
-        # beyond the parts measured alone (caches gone cold, attention woken on the
-        # sender's core)
-        n = 10 if quick else 16
-        elem = 2 if dtype in ("bfloat16", "float16") else 4
-        alts, colds = [], []
-        for t in (16, 64):
-            x = await _rpc(client, dense, "glinthawk_profile_alternate", address=att, config=cfg, tokens=t,
-                           dtype=dtype, n=n)
-            nbytes = t * (2 * model_config.q_size + 2 * model_config.kv_size) * elem
-            known = (msg_cpu_s + nbytes / (msg_cpu_GBps * 1e9) + rtt_s + nbytes / (net_GBps * 1e9)
-                     + cost.seconds(t * model_config.kv_size * 2 * elem, 4.0 * t * model_config.q_size))
-            alts.append(x)
-            colds.append((x["cycle"] - known) / x["alone"])
-        d["cold_factor"] = max(1.0, sum(colds) / len(colds))
-        attention = AttentionProfile(cost=cost, threads=a["threads"], kv_bytes=min(info["kv_free"].values()))
+        attention = AttentionProfile(cost=AttentionCost.fit([tuple(p) for p in a["points"]]), threads=a["threads"],
+                                     kv_bytes=min(info["kv_free"].values()))
+        rtt_s, net_GBps, msg_cpu_s, msg_cpu_GBps = await _network(client, dense, att, cfg, dtype, model_config, elem)
         hosts = info["hosts"]
         shared = hosts.get(dense) is not None and hosts.get(dense) == hosts.get(att)
-        if shared:
-            (fd, fa), (fd3, fa3) = [await _contention(client, dense, info["attention"], k, cfg, dtype, alts[0], n)
-                                    for k in (2, 3)]
     profile = Profile(
-        name=name or f"measured-{d['device']}",
+        name=name or f"measured-{d['device']}", source="",
+        dense=dense_profile(d, local),
+        attention=attention, rtt_s=rtt_s, net_GBps=net_GBps, msg_cpu_s=msg_cpu_s, msg_cpu_GBps=msg_cpu_GBps,
+        shared_host=shared, model=model_config,
+    )
+    if info["attention"]:
+        profile = await _run_shaped(client, profile, dense, info["attention"], cfg, dtype, elem, 10 if quick else 16)
+    return dataclasses.replace(
+        profile,
         source=(f"measured by glinthawk profile on {time.strftime('%Y-%m-%d %H:%M')} in {time.time() - t0:.1f} s: "
                 f"{len(info['dense'])} dense worker(s) ({d['device']}, {d['threads']} threads), "
                 f"{len(info['attention'])} attention worker(s); random weights of {model or 'the model'}'s shape"),
-        dense=dense_profile(d, local),
-        attention=attention, rtt_s=rtt_s, net_GBps=net_GBps, msg_cpu_s=msg_cpu_s, msg_cpu_GBps=msg_cpu_GBps,
-        shared_host=shared,
-        dense_slowdown=fd, attention_slowdown=fa, dense_slowdown_3=fd3, attention_slowdown_3=fa3,
-        model=model_config,
         extra={"workers": {"dense": len(info["dense"]), "attention": len(info["attention"])},
                "seconds": round(time.time() - t0, 2)},
     )
-    return profile
 
 
-async def _network(client, dense, att, cfg, dtype, model_config: ModelConfig):
+async def _run_shaped(client, profile: Profile, dense: str, attention: list[str], cfg: dict, dtype: str, elem: int,
+                      n: int) -> Profile:
+    """``profile`` with the costs only a run's shape shows, measured in chains of dense
+    jobs and attention round trips (``glinthawk_profile_alternate``).
+
+    One chain is a pipeline one micro-batch deep.  The cold factor is what makes the
+    model's layer cycle (the dense job, the request's CPU, the round trip, the attention)
+    the measured one: what the alternation costs beyond the parts measured alone
+    (caches gone cold, attention woken on the sender's core).  On a shared host, two and
+    three chains give how much each tier slows the other that many micro-batches deep."""
+    m = profile.model
+    alts, colds = [], []
+    for t in (16, 64):
+        x = await _rpc(client, dense, "glinthawk_profile_alternate", address=attention[0], config=cfg, tokens=t,
+                       dtype=dtype, n=n)
+        nbytes = request_bytes(m, t, elem)
+        # the probe's attention: t sequences decoding over a context of one
+        known = (profile.msg_cpu(nbytes) + profile.net_s(nbytes)
+                 + profile.attention.cost.seconds(t * m.kv_size * 2 * elem, 4.0 * t * m.q_size))
+        alts.append(x)
+        colds.append((x["cycle"] - known) / x["alone"])
+    profile = dataclasses.replace(
+        profile, dense=dataclasses.replace(profile.dense, cold_factor=max(1.0, sum(colds) / len(colds))))
+    if not profile.shared_host:
+        return profile
+    (fd, fa), (fd3, fa3) = [await _contention(client, dense, attention, k, cfg, dtype, alts[0], n) for k in (2, 3)]
+    return dataclasses.replace(profile, dense_slowdown=fd, attention_slowdown=fa, dense_slowdown_3=fd3,
+                               attention_slowdown_3=fa3)
+
+
+async def _network(client, dense, att, cfg, dtype, model_config: ModelConfig, elem: int):
     """Round trip and bandwidth of the data plane (requests answered without compute),
     and the dense compute thread's time per request."""
     points, cpus = [], []
-    elem = 2 if dtype in ("bfloat16", "float16") else 4
     for t in _PROBE_TOKENS:
         r = await _rpc(client, dense, "glinthawk_probe", address=att, config=cfg, tokens=t, dtype=dtype, n=9,
                        detail=True, echo=True)
-        nbytes = t * (2 * model_config.q_size + 2 * model_config.kv_size) * elem
+        nbytes = request_bytes(model_config, t, elem)
         points.append((nbytes, r["rtt_s"]))
         cpus.append(r["cpu_s"])
     base, gbps = _line([b for b, _ in points], [s for _, s in points])

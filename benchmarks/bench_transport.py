@@ -22,12 +22,14 @@ Dask worker in this process and sends the requests two ways:
 For each payload (``--payloads`` KB of q+k+v, fp32 and bf16), each number of requests
 in flight (``--in-flight``), without and with a background thread that holds the GIL
 half of the time (0.5 ms of pure Python, then 0.5 ms asleep), it prints the p50 and
-p99 round trip, messages per second, and the dense side's CPU per message in the
-thread that serves the transport: the event loop's for rpc, the compute stream's for
-the stream (each read with ``time.thread_time`` on that thread over the measured
-window, divided by the messages); the event loop's CPU per message during the stream
-rows is printed too.  The machine's CPU shares during the whole run are printed
-beside them.  Finally the issue's targets at 64 KB with 4 in flight.
+p99 round trip, round trips per second, and the dense side's CPU in the thread that
+serves the transport: the event loop's for rpc, the compute stream's for the stream
+(each read with ``time.thread_time`` on that thread over the measured window), per
+round trip and per message.  A round trip is two messages on the dense side, as one
+layer of a micro-batch is: the request it writes and the reply it reads.  The event
+loop's CPU per round trip during the stream rows is printed too.  The machine's CPU
+shares during the whole run are printed beside them.  Finally the issue's targets at
+64 KB with 4 in flight.
 
 Usage::
 
@@ -150,8 +152,8 @@ def measure_floor(raw: tuple[str, int], payload: dict[str, torch.Tensor], second
         cpu, wall = time.thread_time() - cpu0, time.perf_counter() - t0
     rtts.sort()
     n = len(rtts)
-    return {"messages": n, "p50_ms": rtts[n // 2] * 1e3, "p99_ms": rtts[min(n - 1, int(n * 0.99))] * 1e3,
-            "messages_per_s": n / wall, "cpu_us_per_message": cpu / n * 1e6, "loop_us_per_message": 0.0}
+    return {"round_trips": n, "p50_ms": rtts[n // 2] * 1e3, "p99_ms": rtts[min(n - 1, int(n * 0.99))] * 1e3,
+            **_per(n, wall, cpu, 0.0)}
 
 
 class GilHolder:
@@ -242,19 +244,29 @@ async def measure(worker: Worker, plane: DataPlane, peer: str, path: str, payloa
     rtts.sort()
     n = len(rtts)
     served_by = scpu if path == "stream" else cpu
-    return {"messages": n, "p50_ms": rtts[n // 2] * 1e3, "p99_ms": rtts[min(n - 1, int(n * 0.99))] * 1e3,
-            "messages_per_s": n / wall, "cpu_us_per_message": served_by / n * 1e6,
-            "loop_us_per_message": cpu / n * 1e6}
+    return {"round_trips": n, "p50_ms": rtts[n // 2] * 1e3, "p99_ms": rtts[min(n - 1, int(n * 0.99))] * 1e3,
+            **_per(n, wall, served_by, cpu)}
+
+
+MESSAGES_PER_ROUND_TRIP = 2  # on the dense side: the request written and the reply read
+
+
+def _per(n: int, wall: float, served_cpu: float, loop_cpu: float) -> dict[str, float]:
+    """Rates and CPU of ``n`` round trips in ``wall`` seconds: ``served_cpu`` seconds of
+    the thread serving the transport, ``loop_cpu`` of the event loop."""
+    return {"round_trips_per_s": n / wall, "cpu_us_per_round_trip": served_cpu / n * 1e6,
+            "cpu_us_per_message": served_cpu / (n * MESSAGES_PER_ROUND_TRIP) * 1e6,
+            "loop_us_per_round_trip": loop_cpu / n * 1e6}
 
 
 def report_row(kb: float, dtype: torch.dtype, gil: bool, in_flight: int, path: str, r: dict) -> dict:
     """One row of the report, printed as it comes (the floor has no event loop: "-")."""
     row = {"payload_kb": kb, "dtype": str(dtype).removeprefix("torch."), "gil_thread": gil, "in_flight": in_flight,
            "path": path, **r}
-    loop = "-" if path == "floor" else f"{r['loop_us_per_message']:.1f}"
+    loop = "-" if path == "floor" else f"{r['loop_us_per_round_trip']:.1f}"
     print(f"{kb:>6g}KB {row['dtype']:>8} {'yes' if gil else 'no':>4} {in_flight:>8} | {path:>6} "
-          f"{r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['messages_per_s']:>8.0f} {r['cpu_us_per_message']:>10.1f} "
-          f"{loop:>7}", flush=True)
+          f"{r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['round_trips_per_s']:>8.0f} "
+          f"{r['cpu_us_per_round_trip']:>9.1f} {r['cpu_us_per_message']:>9.1f} {loop:>7}", flush=True)
     return row
 
 
@@ -269,7 +281,7 @@ async def run(args: argparse.Namespace) -> dict:
                 plane = DataPlane(dense, ComputeStream("glinthawk-dense"), "dense", [])
                 rows = []
                 header = (f"{'payload':>8} {'dtype':>8} {'gil':>4} {'inflight':>8} | {'path':>6} {'p50 ms':>7} "
-                          f"{'p99 ms':>7} {'msg/s':>8} {'CPU us/msg':>10} {'(loop)':>7}")
+                          f"{'p99 ms':>7} {'rt/s':>8} {'us/rt':>9} {'us/msg':>9} {'(loop)':>7}")
                 print(header)
                 print("-" * len(header), flush=True)
                 loop = asyncio.get_running_loop()
@@ -324,9 +336,12 @@ def targets(rows: list[dict]) -> dict:
     if s is None or s_gil is None or rpc is None:
         print("n/a: run with 64 in --payloads and 4 in --in-flight")
         return out
+    # The issue's unit: a message, two of which (the request and its reply) make one
+    # layer's round trip on the dense side; per round trip is printed beside it.
     checks = [
         ("cpu_us", f"CPU of the serving thread <= {TARGET_LOOP_US:g} us/message", s["cpu_us_per_message"],
-         s["cpu_us_per_message"] <= TARGET_LOOP_US, "{:.1f} us"),
+         s["cpu_us_per_message"] <= TARGET_LOOP_US,
+         "{:.1f} us (%.1f us a round trip of two)" % s["cpu_us_per_round_trip"]),
         ("p99_gil", f"p99 round trip <= {TARGET_P99_MS:g} ms with the GIL-holding thread", s_gil["p99_ms"],
          s_gil["p99_ms"] <= TARGET_P99_MS, "{:.3f} ms"),
         ("ratio", f">= {TARGET_RATIO:g}x fewer CPU us/message than rpc",
@@ -338,10 +353,10 @@ def targets(rows: list[dict]) -> dict:
         print(f"{what}: {fmt.format(value)} {'PASS' if ok else 'SHORT'}")
     floor = next((r for r in rows if r["payload_kb"] == 64 and r["dtype"] == "float32" and r["path"] == "floor"), None)
     if floor is not None:
-        out["floor_cpu_us"] = floor["cpu_us_per_message"]
+        out["floor_cpu_us_per_round_trip"] = floor["cpu_us_per_round_trip"]
         print(f"(the floor, the same bytes over a plain blocking socket one at a time: "
-              f"{floor['cpu_us_per_message']:.1f} us of CPU a round trip; the stream spends "
-              f"{s['cpu_us_per_message'] - floor['cpu_us_per_message']:.1f} us above it)")
+              f"{floor['cpu_us_per_round_trip']:.1f} us of CPU a round trip; the stream spends "
+              f"{s['cpu_us_per_round_trip'] - floor['cpu_us_per_round_trip']:.1f} us above it)")
     return out
 
 

@@ -10,9 +10,12 @@ measured one and the error.  The in-process engine runs in this script's process
 on a dense worker: its predictions use a profile measured here (``local_profile``), the
 others the cluster's.  Every run is greedy with EOS ignored, on random prompts of
 ``--prompt-tokens`` tokens, ``--new-tokens`` new tokens each (fewer under 50 ms).  The
-profiles are measured once, at the start, as a user's would be; ``--profile-each``
-measures them again right before each run (this VM's speed drifts by a third between
-minutes, and a profile from other minutes counts that drift as the simulator's error).
+profiles are measured once, at the start, as a user's would be.  ``--profile-each``
+brackets every run instead: a profile right before it and one right after, and the
+prediction is the mean of the two profiles' predictions (each is printed too).  This
+VM's speed drifts by a third or more between minutes, and a profile of a few seconds
+from other minutes counts that drift as the simulator's error; the bracket measures the
+machine as it was around the run, so what error is left is the simulator's.
 
 Usage::
 
@@ -79,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--profile-out", help="also write the measured profile here")
     p.add_argument("--profile-each", action="store_true",
-                   help="measure the profiles right before each run, not once at the start (this VM's speed "
-                        "drifts between minutes; a profile from other minutes counts that drift as the "
-                        "simulator's error)")
+                   help="measure the profiles right before and right after each run and predict from both, not "
+                        "from one profile at the start (this VM's speed drifts between minutes; a profile from "
+                        "other minutes counts that drift as the simulator's error)")
     p.add_argument("--json", help="write the numbers to this JSON file")
     args = p.parse_args(argv)
 
@@ -119,10 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for label, cfg, new in configs(args.prompts, args.new_tokens):
         workload = Workload.uniform(args.prompts, args.prompt_tokens, new)
-        if cfg.mode == "in-process":
-            used = here_profile() if args.profile_each else here
-        else:
-            used = cluster_profile() if args.profile_each else profile
+        measure = here_profile if cfg.mode == "in-process" else cluster_profile
+        used = measure() if args.profile_each else (here if cfg.mode == "in-process" else profile)
         predicted = simulate(used, base.config, workload, cfg)
         if cfg.mode == "in-process":
             in_process = in_process or LLM(DEFAULT_MODEL, mode="in-process", dtype="float32",
@@ -142,20 +143,29 @@ def main(argv: list[str] | None = None) -> int:
         busy1, total1 = cpu_times()
         generated = sum(len(c.completion_token_ids) for c in out)
         measured = generated / seconds
-        err = predicted.tokens_per_s / measured - 1
+        before = after = predicted.tokens_per_s
+        bracket = {}
+        if args.profile_each:  # the machine right after the run, too: predict from both sides
+            after_profile = measure()
+            after = simulate(after_profile, base.config, workload, cfg).tokens_per_s
+            bracket = {"predicted_before": before, "predicted_after": after, "profile_after": after_profile.to_json()}
+        predicted_tps = (before + after) / 2
+        err = predicted_tps / measured - 1
         cpu = (busy1 - busy0) / max(total1 - total0, 1e-9)
         busy = llm.engine.tier_overlap() if cfg.mode != "in-process" else {}
         results.append({"label": label, "mode": cfg.mode, "profile": used.to_json(),
-                        "micro_batch_size": predicted.micro_batch_size, "micro_batches": predicted.micro_batches, "attention_workers": cfg.attention,
+                        "micro_batch_size": predicted.micro_batch_size, "micro_batches": predicted.micro_batches,
+                        "attention_workers": cfg.attention,
                         "latency_ms": cfg.latency * 1e3, "prompts": args.prompts, "new_tokens": new,
-                        "measured_tokens_per_s": measured, "predicted_tokens_per_s": predicted.tokens_per_s,
+                        "measured_tokens_per_s": measured, "predicted_tokens_per_s": predicted_tps, **bracket,
                         "error": err, "machine_cpu_busy": cpu, "bottleneck": predicted.bottleneck,
                         "dense_busy": busy.get("dense_busy", 0.0) / seconds,
                         "attention_busy": busy.get("attention_busy", 0.0) / seconds,
                         "predicted_dense_busy": predicted.dense_util,
                         "predicted_attention_busy": predicted.attention_util})
+        sides = f" (before {before:.1f}, after {after:.1f})" if args.profile_each else ""
         print(f"{label:32s} {predicted.micro_batch_size:3d} x {predicted.micro_batches}: measured "
-              f"{measured:7.1f} tok/s, predicted {predicted.tokens_per_s:7.1f} ({err:+.0%}); dense busy "
+              f"{measured:7.1f} tok/s, predicted {predicted_tps:7.1f}{sides} ({err:+.0%}); dense busy "
               f"{results[-1]['dense_busy']:.0%} (predicted {predicted.dense_util:.0%}); machine CPU busy {cpu:.0%}",
               flush=True)
     base.close()

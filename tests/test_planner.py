@@ -95,6 +95,8 @@ def test_local_profile_measures_this_process_for_the_in_process_engine():
     assert [x for x, _ in prof.dense.layer_s.points] == [1, 16, 64, 256]
     assert all(t > 0 for _, t in prof.dense.layer_s.points + prof.dense.head_s.points)
     assert prof.rtt_s == 0 and not prof.shared_host and prof.dense.cold_factor == 1.0
+    # a layer with its attention, as the engine runs it, against the two measured alone
+    assert 1.0 <= prof.dense.local_factor < 3.0
     assert Profile.from_json(json.loads(json.dumps(prof.to_json()))).dense.layer_s(16) == prof.dense.layer_s(16)
     pred = simulate(prof, model, Workload.uniform(4, 8, 4), RunConfig(mode="in-process", micro_batch_size=4))
     assert pred.feasible and pred.generated_tokens == 16
@@ -112,6 +114,21 @@ def test_one_micro_batch_no_latency_is_the_sum_of_its_stages():
     assert pred.seconds == pytest.approx(new * per_step, rel=1e-9)
     single = simulate(prof, MODEL, Workload.uniform(1, 1, new), RunConfig(mode="single-tier", micro_batch_size=1))
     assert single.seconds == pytest.approx(new * (L * (d + att) + head + step), rel=1e-9)
+
+
+def test_a_local_layer_costs_the_profiles_local_factor_more_and_a_remote_one_does_not():
+    """Attention computed where the dense half runs (single-tier, in-process) prices a
+    layer at (dense + attention) x local_factor; a two-tier layer is not touched."""
+    d, head, step, att, rtt, f = 1e-3, 2e-3, 1e-4, 5e-4, 2e-4, 1.25
+    base = _profile(d=d, head=head, step=step, att=att, rtt=rtt)
+    prof = dataclasses.replace(base, dense=dataclasses.replace(base.dense, local_factor=f))
+    assert Profile.from_json(json.loads(json.dumps(prof.to_json()))).dense.local_factor == f
+    new, w = 8, Workload.uniform(1, 1, 8)
+    for mode in ("single-tier", "in-process"):
+        pred = simulate(prof, MODEL, w, RunConfig(mode=mode, micro_batch_size=1))
+        assert pred.seconds == pytest.approx(new * (L * (d + att) * f + head + step), rel=1e-9), mode
+    two = RunConfig(micro_batch_size=1, micro_batches=1)
+    assert simulate(prof, MODEL, w, two).seconds == pytest.approx(simulate(base, MODEL, w, two).seconds, rel=1e-12)
 
 
 def test_dense_bound_depth_runs_at_the_dense_tier_rate():
@@ -535,3 +552,19 @@ def test_two_stage_hybrid_sweep_finds_what_the_full_sweep_finds(name, slots):
         assert fast.tokens_per_s == pytest.approx(extremes.tokens_per_s, rel=1e-9)
     else:
         assert fast.tokens_per_s >= full.tokens_per_s * 0.98  # (it also tries local micro-batches beyond n / size)
+
+
+def test_local_layer_points_time_the_layer_with_its_attention_and_without():
+    """The run-shaped local layer: for each shape its tokens, the KV bytes and FLOPs the
+    attention cost model takes, and the layer timed with and without its attention."""
+    import torch
+
+    from glinthawk_dask.planner.microbench import local_layer_points
+
+    cfg = dataclasses.asdict(MODEL)
+    points = local_layer_points(cfg, torch.float32, torch.device("cpu"), [[4, 16, 1], [8, 24, 1]], passes=2)
+    assert [p[0] for p in points] == [4, 8]
+    for (tokens, kv_bytes, flops, local, alone), (b, ctx, new) in zip(points, [[4, 16, 1], [8, 24, 1]]):
+        assert kv_bytes == b * (ctx + new) * MODEL.kv_size * 2 * 4
+        assert flops == 4.0 * b * new * (ctx + new) * MODEL.q_size
+        assert local > 0 and alone > 0

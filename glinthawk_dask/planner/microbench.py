@@ -22,11 +22,12 @@ from ..model.weights import load_slice
 from ..sampling import SamplingParams
 from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile
 
-__all__ = ["dense_layer_points", "cold_factor", "head_points", "attention_points", "driver_cost",
+__all__ = ["dense_layer_points", "cold_factor", "local_layer_points", "head_points", "attention_points", "driver_cost",
            "dense_points", "dense_profile", "local_profile", "attention_shapes", "TOKENS", "TOKENS_QUICK", "ROWS",
-           "ATTENTION_SHAPES"]
+           "ATTENTION_SHAPES", "LOCAL_SHAPES"]
 
 _N_LAYERS = 4  # distinct layers cycled through, so their weights are read as in a run
+ROUNDS = 24  # rounds through the layer curve's points (see _over_rounds): about 2 s here
 
 # the points a profile measures: tokens of a dense layer, rows of the head, and
 # [sequences, context, new tokens] of attention (decode at short and long contexts, a prefill chunk)
@@ -73,12 +74,27 @@ def _time_layers(cfg, layers, tokens: int, dtype, device, repeats: int, gap: flo
     return times[len(times) // 2]
 
 
+def _over_rounds(points: list, measure, rounds: int) -> list[float]:
+    """``measure(point)`` for every point, in ``rounds`` interleaved rounds: the mean
+    over rounds of each point's measure.  A VM's speed can swing by 2x between tenths
+    of a second (seen on this project's 2-core VM: a layer's median over 20 ms ranged
+    1.3-2.8 ms within 40 s), so one burst per point is a lottery, and a run's speed is
+    the mean over its seconds."""
+    sums = [0.0] * len(points)
+    for _ in range(rounds):
+        for i, p in enumerate(points):
+            sums[i] += measure(p)
+    return [v / rounds for v in sums]
+
+
 def dense_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
-                       tokens: list[int], repeats: int = 8) -> list[list[float]]:
+                       tokens: list[int], repeats: int = 2, rounds: int = ROUNDS) -> list[list[float]]:
     """``[[tokens, seconds]]``: one layer's dense half (post-attention of one layer and
-    pre-attention of the next), back to back over distinct layers (the median)."""
+    pre-attention of the next), back to back over distinct layers: the median of a
+    burst of ``repeats``, averaged over ``rounds`` rounds through every point."""
     cfg, layers = _layers(ModelConfig(**config), dtype, device)
-    return [[t, _time_layers(cfg, layers, t, dtype, device, repeats)] for t in tokens]
+    seconds = _over_rounds(tokens, lambda t: _time_layers(cfg, layers, t, dtype, device, repeats), rounds)
+    return [[t, s] for t, s in zip(tokens, seconds)]
 
 
 def cold_factor(config: dict, dtype: torch.dtype, device: torch.device, tokens: int, repeats: int = 8) -> float:
@@ -95,28 +111,72 @@ def cold_factor(config: dict, dtype: torch.dtype, device: torch.device, tokens: 
     return max(1.0, cold / hot)
 
 
+# [sequences, context, new tokens] of the run-shaped local layers: decode micro-batches
+LOCAL_SHAPES = [[16, 64, 1], [64, 64, 1]]
+
+
+@torch.inference_mode()
+def local_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
+                       shapes: list[list[int]] | None = None, passes: int = 4) -> list[list[float]]:
+    """A layer as a run that keeps its KV here computes it (in-process, single-tier and
+    the local micro-batches of hybrid): the dense half, then attention through the KV
+    cache, over distinct layers, in passes that alternate with the dense half alone (so
+    both see the machine of the same moments).  ``[[tokens, kv_bytes, flops, local
+    seconds, dense seconds]]`` for each ``[sequences, context, new tokens]`` (medians):
+    :func:`dense_profile` prices the same layer with the fitted curves and keeps the
+    ratio as the profile's ``local_factor``."""
+    cfg, layers = _layers(ModelConfig(**config), dtype, device)
+    n = len(layers)
+    out = []
+    for b, ctx, new in shapes or LOCAL_SHAPES:
+        t = b * new
+        cache = KVCache(cfg.replace(n_layers=n), b, ctx + new, dtype=dtype, device=device)
+        cache.apply([], [(i, i) for i in range(b)])
+        batch = AttentionBatch.build(list(range(b)), [ctx] * b, [new] * b, device=device)
+        x = torch.randn(t, cfg.dim, dtype=dtype, device=device)  # [T, dim]
+        o = torch.randn(t, cfg.n_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, H, D]
+        cos = torch.ones(t, cfg.head_dim, dtype=dtype, device=device)  # [T, D]
+        local, alone = [], []
+        for p in range(2 * passes + 2):
+            with_attention = p % 2 == 0
+            for i in range(n):
+                cache.lengths[:] = ctx  # every layer decodes at the same context
+                _sync(device)
+                t0 = time.perf_counter()
+                _, q, k, v = post_pre_attention(cfg, layers[i], layers[(i + 1) % n], x, o, cos, cos)
+                if with_attention:
+                    cache.attend(i, q, k, v, batch)  # [T, H, D]
+                _sync(device)
+                if p >= 2:  # the first pass of each kind warms up
+                    (local if with_attention else alone).append(time.perf_counter() - t0)
+        end = ctx + new
+        kv_bytes = b * end * cfg.kv_size * 2 * cache.k.element_size()
+        flops = 4.0 * b * new * end * cfg.q_size
+        out.append([t, kv_bytes, flops, sorted(local)[len(local) // 2], sorted(alone)[len(alone) // 2]])
+    return out
+
+
 def head_points(config: dict, dtype: torch.dtype, device: torch.device, rows: list[int],
-                repeats: int = 6) -> list[list[float]]:
-    """``[[rows, seconds]]``: final norm, LM head and a greedy pick for that many rows."""
+                repeats: int = 1, rounds: int = ROUNDS // 3) -> list[list[float]]:
+    """``[[rows, seconds]]``: final norm, LM head and a greedy pick for that many rows
+    (the median of a burst of ``repeats``, averaged over ``rounds`` rounds)."""
     cfg = ModelConfig(**config).replace(n_layers=1)
     w = load_slice(SyntheticCheckpoint(cfg), 0, 1, dtype=dtype, device=device)  # (not in inference mode)
+    xs = {n: torch.randn(n, cfg.dim, dtype=dtype, device=device) for n in rows}  # [N, dim]
     with torch.inference_mode():
-        return _time_head(cfg, w, dtype, device, rows, repeats)
+        seconds = _over_rounds(rows, lambda n: _time_head(w, xs[n], device, repeats), rounds)
+    return [[n, s] for n, s in zip(rows, seconds)]
 
 
-def _time_head(cfg, w, dtype, device, rows: list[int], repeats: int) -> list[list[float]]:
-    out = []
-    for n in rows:
-        x = torch.randn(n, cfg.dim, dtype=dtype, device=device)  # [N, dim]
-        times = []
-        for _ in range(repeats + 1):
-            _sync(device)
-            t = time.perf_counter()
-            head(w, x).argmax(dim=-1).tolist()  # [N, V] → N ids on the host, as sampling ends
-            times.append(time.perf_counter() - t)
-        times = sorted(times[1:])
-        out.append([n, times[len(times) // 2]])
-    return out
+def _time_head(w, x: torch.Tensor, device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t = time.perf_counter()
+        head(w, x).argmax(dim=-1).tolist()  # [N, V] → N ids on the host, as sampling ends
+        times.append(time.perf_counter() - t)
+    times = sorted(times[1:])
+    return times[len(times) // 2]
 
 
 @torch.inference_mode()
@@ -190,18 +250,26 @@ def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens:
         out["head_s"] = head_points(config, dtype, device, rows)
     if shapes:
         out["attention"] = attention_points(config, dtype, device, shapes)
+        out["local_layer"] = local_layer_points(config, dtype, device)
     out["step_s"], out["step_per_seq_s"] = driver_cost()
     return out
 
 
 def dense_profile(points: dict, attention: AttentionCost | None = None) -> DenseProfile:
     """The :class:`DenseProfile` of :func:`dense_points`' timings; ``attention``: the cost
-    of attention computed on the dense worker itself (hybrid and single-tier plans)."""
+    of attention computed on the dense worker itself (hybrid and single-tier plans).
+    Its ``local_factor`` is what makes such a layer's price (the dense half alone plus
+    ``attention``'s cost) the run-shaped layer :func:`local_layer_points` measured."""
+    local_factor = 1.0
+    if attention is not None and points.get("local_layer"):
+        ratios = [local / (alone + attention.seconds(kv_bytes, flops))
+                  for _, kv_bytes, flops, local, alone in points["local_layer"]]
+        local_factor = max(1.0, sum(ratios) / len(ratios))
     return DenseProfile(
         device=points["device"], dtype=points["dtype"], threads=points["threads"],
         layer_s=Curve(tuple(map(tuple, points["layer_s"]))), head_s=Curve(tuple(map(tuple, points["head_s"]))),
         step_s=points["step_s"], step_per_seq_s=points["step_per_seq_s"],
-        cold_factor=points.get("cold_factor", 1.0), attention=attention,
+        cold_factor=points.get("cold_factor", 1.0), local_factor=local_factor, attention=attention,
     )
 
 

@@ -14,6 +14,7 @@ A profile is a versioned JSON document (``"glinthawk_profile": 1``)::
         "head_s": [[rows, seconds], ...],          # final norm, LM head and sampling
         "step_s": 0.0004, "step_per_seq_s": 2e-5,  # the driver's cost per micro-batch step
         "cold_factor": 1.5,                        # a job after an idle gap (cold caches) costs this much more
+        "local_factor": 1.1,                       # a layer with its attention here, against the two alone
         "roofline": {"tflops": 500, "mem_GBps": 2300, "overhead_s": 2e-5} | absent,
         "attention": {ATTENTION COSTS} | absent,   # attention on the dense worker (single-tier)
         "kv_bytes": 12e9 | null,                   # KV memory per dense worker (null: not bounded, or
@@ -138,6 +139,9 @@ class DenseProfile:
     step_s: float = 0.0
     step_per_seq_s: float = 0.0
     cold_factor: float = 1.0  # a job that starts after the worker idled (caches cold) costs this much more
+    # a layer with its attention computed here costs this much more than the dense half
+    # and the attention, each measured alone (the two share the caches in a run)
+    local_factor: float = 1.0
     threads: int | None = None
     roofline: dict | None = None  # {"tflops", "mem_GBps", "overhead_s"}
     attention: AttentionCost | None = None
@@ -241,7 +245,7 @@ class Profile:
                  "layer_s": d.layer_s.to_json() if d.layer_s else None,
                  "head_s": d.head_s.to_json() if d.head_s else None,
                  "step_s": d.step_s, "step_per_seq_s": d.step_per_seq_s, "cold_factor": d.cold_factor,
-                 "kv_bytes": d.kv_bytes, "price_per_hour": d.price_per_hour,
+                 "local_factor": d.local_factor, "kv_bytes": d.kv_bytes, "price_per_hour": d.price_per_hour,
                  "memory_bytes": d.memory_bytes, "workspace_bytes": d.workspace_bytes}
         if d.roofline:
             dense["roofline"] = d.roofline
@@ -283,6 +287,7 @@ class Profile:
                 device=str(dn.get("device", "?")), dtype=str(dn.get("dtype", "float32")), layer_s=layer, head_s=head,
                 step_s=float(dn.get("step_s") or 0.0), step_per_seq_s=float(dn.get("step_per_seq_s") or 0.0),
                 cold_factor=float(dn.get("cold_factor") or 1.0),
+                local_factor=float(dn.get("local_factor") or 1.0),
                 threads=dn.get("threads"), roofline=dn.get("roofline"),
                 attention=AttentionCost.from_json(dn["attention"], f"{where} dense.attention")
                 if dn.get("attention") else None,

@@ -55,7 +55,8 @@ def _stage_costs(p: Profile, m: ModelConfig, c: RunConfig, s: MicroBatchShape, n
         else:
             local = p.dense.attention or p.attention.cost
             a = local.seconds(kv_bytes, flops)
-            out.append(_Costs(first=first_extra, dense=d + a, last=last_extra, attention=0.0, net=0.0, hop=hop))
+            out.append(_Costs(first=first_extra, dense=(d + a) * p.dense.local_factor, last=last_extra,
+                              attention=0.0, net=0.0, hop=hop))
     return out
 
 

@@ -28,7 +28,7 @@ __all__ = ["measure_profile", "cluster_profile", "profile_key"]
 logger = logging.getLogger(__name__)
 
 _PROBE_TOKENS = [1, 16, 64, 256]
-_MEASURES = 2  # how profiles are measured: profiles kept on disk by other measures are not read
+_MEASURES = 3  # how profiles are measured: profiles kept on disk by other measures are not read
 
 
 def profile_key(model: str, dtype: str, info: dict) -> str:

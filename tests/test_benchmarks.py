@@ -87,3 +87,21 @@ def test_bench_transport_runs_every_path_and_reads_its_targets(tmp_path):
     assert re.search(r"^>= 3x fewer CPU us/message than rpc: [\d.]+x (PASS|SHORT)$", text, re.MULTILINE)
     assert re.search(r"^\(the floor, .*: [\d.]+ us of CPU a round trip; the stream spends -?[\d.]+ us above it\)$",
                      text, re.MULTILINE), text
+
+
+def test_bench_housekeeping_switches_a_live_cluster_both_ways(tmp_path):
+    """The housekeeping benchmark at a tiny size: the idle cluster and one round under
+    each set of intervals, the tokens of every two-tier run the in-process engine's."""
+    out = tmp_path / "housekeeping.json"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_housekeeping.py"), "--model", "random:tiny-gqa",
+           "--prompts", "2", "--new-tokens", "3", "--rounds", "1", "--idle-seconds", "0.3", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["tables"]["quiet"]["profile"] is None and report["tables"]["quiet"]["tick"] == 1000
+    assert report["tables"]["dask"]["tick"] == 20 and report["tables"]["dask"]["profile"] == 10
+    assert [len(report["idle"][k]) for k in ("quiet", "dask")] == [2, 2]
+    assert sorted(r["housekeeping"] for r in report["rounds"]) == ["dask", "quiet"]
+    assert all(r["two_tier_tokens_per_s"] > 0 and r["in_process_tokens_per_s"] > 0 for r in report["rounds"])
+    assert report["identical"] is True
+    assert re.search(r"^two-tier faster with quiet housekeeping in [01] of 1 rounds", proc.stdout, re.MULTILINE)

@@ -75,15 +75,44 @@ def test_cli_modes_agree(mode, reference):
 
 
 def test_cli_on_an_existing_scheduler(reference):
+    import dask
     from distributed import Client
 
-    from glinthawk_dask.runtime.cluster import local_cluster
+    from glinthawk_dask.runtime.cluster import QUIET_HOUSEKEEPING, local_cluster
 
     rows = [dict(r, ignore_eos=True) for r in ROWS]
     with local_cluster(n_attention=1) as cluster, Client(cluster) as client:
         assert _cli("--scheduler", cluster.scheduler_address, input_rows=rows) == reference
         # the CLI leaves a cluster it did not start running
         assert len(client.scheduler_info()["workers"]) == 2
+        # Dask's housekeeping runs quietly in the embedded cluster's worker processes
+        # and its scheduler (they share this machine's cores with the tiers' compute)
+        quiet = QUIET_HOUSEKEEPING
+        on_workers = client.run(lambda: {k: dask.config.get(k) for k in quiet})
+        assert len(on_workers) == 2 and all(v == quiet for v in on_workers.values())
+        assert client.run_on_scheduler(lambda dask_scheduler: {
+            "tick": dask_scheduler.periodic_callbacks["tick"].callback_time}) == {"tick": 1000}
+        workers = client.run(lambda dask_worker: dask_worker.periodic_callbacks["tick"].callback_time)
+        assert set(workers.values()) == {1000}
+
+
+def test_local_cluster_housekeeping_is_dask_s_own_when_asked_and_checked():
+    import dask
+
+    from glinthawk_dask.errors import GlinthawkError
+    from glinthawk_dask.runtime.cluster import local_cluster
+
+    with dask.config.set({"glinthawk.local-cluster.housekeeping": "often"}):
+        with pytest.raises(GlinthawkError, match="use quiet or dask"):
+            local_cluster(n_attention=1)
+    with dask.config.set({"glinthawk.local-cluster.housekeeping": "dask"}), \
+            local_cluster(n_attention=1, asynchronous=False) as cluster:
+        from distributed import Client
+
+        with Client(cluster) as client:
+            assert set(client.run(lambda: dask.config.get("distributed.worker.profile.enabled")).values()) == {True}
+            ticks = client.run(lambda dask_worker: dask_worker.periodic_callbacks["tick"].callback_time)
+            assert set(ticks.values()) == {20}
 
 
 def test_cli_unreachable_scheduler_is_one_line():

@@ -22,6 +22,24 @@ from glinthawk_dask.model.config import ModelConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Profiles that tests measure (random tiny models, clusters shaped for a test, the real
+# model on a machine busy with the suite) are not kept where a user's runs would read
+# them: the suite keeps them in a directory of its own, for this process, its worker
+# processes (their nannies hand them this config) and the commands it starts.
+_PROFILES = Path(__import__("tempfile").mkdtemp(prefix="glinthawk-test-profiles-"))
+os.environ["DASK_GLINTHAWK__PLANNER__PROFILE_CACHE"] = str(_PROFILES)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_profile_cache():
+    """This process reads the suite's profile directory too (dask read its environment
+    before this file set it)."""
+    import dask
+
+    with dask.config.set({"glinthawk.planner.profile-cache": str(_PROFILES)}):
+        yield
+    shutil.rmtree(_PROFILES, ignore_errors=True)
+
 
 # -- checkpoint fixtures ------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ The embedded cluster's processes (the scheduler and nannies in this process, the
 processes beside it) share this machine's cores with the tiers' compute.  Dask wakes
 each of them on timers: a stack sample every 10 ms in every worker, an event-loop tick
 every 20 ms and a memory poll every 100 ms in every server, a system monitor every
-500 ms.  ``glinthawk.local-cluster.housekeeping: quiet`` (the default) stretches them
+500 ms.  ``glinthawk.housekeeping: quiet`` (the default) stretches them
 (:data:`glinthawk_dask.runtime.cluster.QUIET_HOUSEKEEPING`); ``dask`` keeps Dask's own.
 
 One cluster is started with Dask's intervals (so every timer exists), then switched
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     tables = {"quiet": intervals(QUIET_HOUSEKEEPING), "dask": intervals({})}
     for name, table in tables.items():
         print(f"{name:5s}: " + ", ".join(f"{k} {'off' if v is None else f'{v:g} ms'}" for k, v in table.items()))
-    with dask.config.set({"glinthawk.local-cluster.housekeeping": "dask"}):  # every timer exists
+    with dask.config.set({"glinthawk.housekeeping": "dask"}):  # every timer exists
         llm = LLM(args.model, mode="two-tier", dtype="float32")
     rng = random.Random(0)
     rows = [{"id": f"p{i}", "prompt_token_ids": [rng.randrange(1, llm.config.vocab_size) for _ in range(16)]}

@@ -55,10 +55,13 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_two_tier (cpu shares)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a checkout
 
+import dask
 import torch
 from distributed import Scheduler, Worker
 
 from bench_two_tier import cpu_share, cpu_text, cpu_ticks
+from glinthawk_dask import config as glinthawk_config
+from glinthawk_dask.runtime.cluster import housekeeping_config
 from glinthawk_dask.runtime.compute import ComputeStream
 from glinthawk_dask.runtime.dataplane import DataPlane
 from glinthawk_dask.runtime.messages import pack, unpack
@@ -271,6 +274,13 @@ def report_row(kb: float, dtype: torch.dtype, gil: bool, in_flight: int, path: s
 
 
 async def run(args: argparse.Namespace) -> dict:
+    # the scheduler, the echo worker and the dense side under the housekeeping that tier
+    # workers run with (glinthawk.housekeeping)
+    with dask.config.set(housekeeping_config()):
+        return await _run(args)
+
+
+async def _run(args: argparse.Namespace) -> dict:
     from distributed import Client, Nanny
 
     async with Scheduler(dashboard_address=":0", port=0) as s:
@@ -363,7 +373,8 @@ def targets(rows: list[dict]) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     print(f"torch {torch.__version__}, os.cpu_count() = {os.cpu_count()}; echo attention worker: a Dask worker "
-          f"process; dense side: a Dask worker on this process's loop\n")
+          f"process; dense side: a Dask worker on this process's loop; Dask's housekeeping: "
+          f"{glinthawk_config.get('housekeeping')} (glinthawk.housekeeping, as tier workers)\n")
     before = cpu_ticks()
     report = asyncio.run(run(args))
     share = cpu_share(before, cpu_ticks())

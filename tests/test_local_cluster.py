@@ -102,10 +102,10 @@ def test_local_cluster_housekeeping_is_dask_s_own_when_asked_and_checked():
     from glinthawk_dask.errors import GlinthawkError
     from glinthawk_dask.runtime.cluster import local_cluster
 
-    with dask.config.set({"glinthawk.local-cluster.housekeeping": "often"}):
-        with pytest.raises(GlinthawkError, match="use quiet or dask"):
+    with dask.config.set({"glinthawk.housekeeping": "often"}):
+        with pytest.raises(GlinthawkError, match="glinthawk.housekeeping is 'often': use quiet or dask"):
             local_cluster(n_attention=1)
-    with dask.config.set({"glinthawk.local-cluster.housekeeping": "dask"}), \
+    with dask.config.set({"glinthawk.housekeeping": "dask"}), \
             local_cluster(n_attention=1, asynchronous=False) as cluster:
         from distributed import Client
 
@@ -124,3 +124,18 @@ def test_cli_unreachable_scheduler_is_one_line():
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and "127.0.0.1:9" in proc.stderr
+
+
+def test_tier_workers_run_the_configured_housekeeping():
+    """`glinthawk worker` and the embedded cluster hand a tier worker its housekeeping
+    with its memory thresholds: quiet by default, Dask's own when asked."""
+    import dask
+
+    from glinthawk_dask.runtime.cluster import QUIET_HOUSEKEEPING, tier_worker_options
+
+    for tier in ("dense", "attention"):
+        opts = tier_worker_options(tier)
+        assert {k: opts["config"][k] for k in QUIET_HOUSEKEEPING} == QUIET_HOUSEKEEPING
+        assert "distributed.worker.memory.spill" in opts["config"]
+        with dask.config.set({"glinthawk.housekeeping": "dask"}):
+            assert not set(QUIET_HOUSEKEEPING) & set(tier_worker_options(tier)["config"])

@@ -20,7 +20,7 @@ from .. import config
 from ..errors import GlinthawkError
 from .plugins import DENSE_KV, AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
 
-__all__ = ["tier_worker_options", "local_cluster", "connect", "ensure_plugins", "tier_workers", "cluster_status"]
+__all__ = ["tier_worker_options", "housekeeping_config", "local_cluster", "connect", "ensure_plugins", "tier_workers", "cluster_status"]
 
 # KV caches are unmanaged memory: nothing to spill; pause only near the limit.
 ATTENTION_MEMORY = {"target": False, "spill": False, "pause": 0.92, "terminate": 0.97}
@@ -35,15 +35,24 @@ NANNY_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": No
 
 # Dask's periodic work at its defaults (a stack sample every 10 ms in every worker, an
 # event-loop tick every 20 ms and a memory poll every 100 ms in every server) kept an idle
-# embedded cluster at 8.3-8.7% of a 2-core machine; at these intervals, 1.3-1.4%.  Its
-# processes share the machine's cores with the tiers' compute, and every wake of a
-# housekeeping thread in a worker takes that worker's GIL from its compute stream.
+# embedded cluster at 8.3-8.7% of a 2-core machine; at these intervals, 1.3-1.4%.  Every
+# wake in a worker takes its GIL from its compute stream, and the statistical profiler
+# samples only Dask's task threads, never the tiers' compute streams.
 QUIET_HOUSEKEEPING = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.worker.memory.monitor-interval": "1s",
 }
+
+
+def housekeeping_config() -> dict:
+    """The Dask config of ``glinthawk.housekeeping``: :data:`QUIET_HOUSEKEEPING` for
+    "quiet", nothing (Dask's own intervals) for "dask"."""
+    housekeeping = config.get("housekeeping")
+    if housekeeping not in ("quiet", "dask"):
+        raise GlinthawkError(f"glinthawk.housekeeping is {housekeeping!r}: use quiet or dask")
+    return dict(QUIET_HOUSEKEEPING) if housekeeping == "quiet" else {}
 
 _LOCAL_CLUSTER = "Leave out the scheduler address (--scheduler on the command line) to start a local cluster"
 
@@ -63,7 +72,8 @@ def tier_worker_options(tier: str, memory_limit: int | str | None = None, kv_byt
     """Nanny options for a worker of ``tier`` ("dense" or "attention"); ``kv_bytes`` is
     its KV budget (an attention worker's 1: a share of its memory limit; a dense
     worker's None: its GPU memory left by the weights, or a share of its memory limit).
-    The process's environment is :func:`tier_environment`'s business."""
+    Its ``config`` holds the memory thresholds and :func:`housekeeping_config`.  The
+    process's environment is :func:`tier_environment`'s business."""
     if tier == "dense":
         resources, memory = {"GPU": 1}, DENSE_MEMORY
         if kv_bytes:
@@ -76,7 +86,7 @@ def tier_worker_options(tier: str, memory_limit: int | str | None = None, kv_byt
         "nthreads": 1,
         "resources": resources,
         # dotted keys: the nanny merges this dict shallowly into the worker's config
-        "config": {f"distributed.worker.memory.{k}": v for k, v in memory.items()},
+        "config": {**{f"distributed.worker.memory.{k}": v for k, v in memory.items()}, **housekeeping_config()},
     }
     if memory_limit is not None:
         opts["memory_limit"] = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit
@@ -94,8 +104,8 @@ def local_cluster(
     """Start the embedded cluster: ``n_dense`` dense and ``n_attention`` attention worker
     processes on this machine (defaults from ``glinthawk.local-cluster``).
 
-    Dask's periodic housekeeping runs at :data:`QUIET_HOUSEKEEPING`'s intervals unless
-    ``glinthawk.local-cluster.housekeeping`` is ``"dask"``.
+    Dask's periodic housekeeping runs at :data:`QUIET_HOUSEKEEPING`'s intervals in all of
+    its processes unless ``glinthawk.housekeeping`` is ``"dask"``.
 
     Its workers start in this process's environment: nannies started together cannot
     each set their own before they spawn, so :func:`tier_environment` is not applied
@@ -112,12 +122,8 @@ def local_cluster(
         opts = tier_worker_options("attention", config.get("local-cluster.attention-memory-limit"))
         workers[f"attention-{i}"] = {"cls": Nanny, "options": {**opts, "silence_logs": silence_logs}}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address, "host": "127.0.0.1"}}
-    housekeeping = config.get("local-cluster.housekeeping")
-    if housekeeping not in ("quiet", "dask"):
-        raise GlinthawkError(f"glinthawk.local-cluster.housekeeping is {housekeeping!r}: use quiet or dask")
-    quiet = QUIET_HOUSEKEEPING if housekeeping == "quiet" else {}
-    # read as the scheduler and nannies start; a nanny hands its config to its worker
-    with dask.config.set({"distributed.worker.daemon": False, **NANNY_CONFIG, **quiet}):
+    # read as the scheduler and nannies start (their own timers; their workers' are in opts)
+    with dask.config.set({"distributed.worker.daemon": False, **NANNY_CONFIG, **housekeeping_config()}):
         return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous,
                            name="glinthawk-local", silence_logs=silence_logs)
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from glinthawk_dask.model.config import ModelConfig  # noqa: E402
-from glinthawk_dask.planner.profile import AttentionCost, _layer_params  # noqa: E402
+from glinthawk_dask.planner.profile import AttentionCost, _layer_params, attention_work  # noqa: E402
 
 OUT = ROOT / "glinthawk_dask" / "planner" / "profiles"
 INPUTS = ROOT / "benchmarks" / "inputs"
@@ -50,7 +50,7 @@ def h200() -> dict:
     gpu_attn = []
     for shape, v in rig["gpu_attn"].items():
         b, ctx = (int(x) for x in shape.split("x"))
-        gpu_attn.append((b * ctx * m.kv_size * 2 * 2, 4.0 * b * ctx * m.q_size, v["s"]))
+        gpu_attn.append((*attention_work(m, b * ctx, b * ctx, 2), v["s"]))  # decode: one query a sequence
     gpu = AttentionCost.fit(gpu_attn)
     cpu = rig["cpu"]["attn_t16_bfloat16_B32_S1024_kvh32"]  # Llama-2-7B is MHA: 32 KV heads
     xfer = rig["xfer"]["1024"]

@@ -20,7 +20,7 @@ from ..model.ops import head, post_pre_attention
 from ..model.synthetic import SyntheticCheckpoint
 from ..model.weights import load_slice
 from ..sampling import SamplingParams
-from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile
+from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile, attention_work
 
 __all__ = ["dense_layer_points", "cold_factor", "local_layer_points", "head_points", "attention_points", "driver_cost",
            "dense_points", "dense_profile", "local_profile", "attention_shapes", "TOKENS", "TOKENS_QUICK", "ROWS",
@@ -150,8 +150,7 @@ def local_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
                 if p >= 2:  # the first pass of each kind warms up
                     (local if with_attention else alone).append(time.perf_counter() - t0)
         end = ctx + new
-        kv_bytes = b * end * cfg.kv_size * 2 * cache.k.element_size()
-        flops = 4.0 * b * new * end * cfg.q_size
+        kv_bytes, flops = attention_work(cfg, b * end, b * new * end, cache.k.element_size())
         out.append([t, kv_bytes, flops, sorted(local)[len(local) // 2], sorted(alone)[len(alone) // 2]])
     return out
 
@@ -203,8 +202,7 @@ def attention_points(config: dict, dtype: torch.dtype, device: torch.device, sha
             times.append(time.perf_counter() - t)
         times = sorted(times[1:])[: max(1, repeats // 2)]  # the lower half: other processes' bursts left out
         end = ctx + new
-        kv_bytes = b * end * cfg.kv_size * 2 * cache.k.element_size()
-        flops = 4.0 * b * new * end * cfg.q_size
+        kv_bytes, flops = attention_work(cfg, b * end, b * new * end, cache.k.element_size())
         out.append([kv_bytes, flops, times[len(times) // 2]])
     return out
 

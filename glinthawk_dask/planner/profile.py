@@ -48,7 +48,7 @@ from ..errors import GlinthawkError
 from ..model.config import ModelConfig
 
 __all__ = ["VERSION", "Curve", "AttentionCost", "DenseProfile", "AttentionProfile", "Profile",
-           "load_profile", "shipped_profiles", "ProfileError", "request_bytes"]
+           "load_profile", "shipped_profiles", "ProfileError", "request_bytes", "attention_work"]
 
 VERSION = 1
 _SHIPPED = Path(__file__).parent / "profiles"
@@ -345,6 +345,13 @@ def shipped_profiles() -> list[str]:
 def request_bytes(model: ModelConfig, tokens: int, elem: int) -> int:
     """Bytes one attention round trip of ``tokens`` tokens carries: q, k, v out and o back."""
     return tokens * (2 * model.q_size + 2 * model.kv_size) * elem
+
+
+def attention_work(model: ModelConfig, kv_read: int, attn_units: int, elem: int) -> tuple[float, float]:
+    """What one layer's attention costs by (:meth:`AttentionCost.seconds` takes it): KV
+    bytes read for ``kv_read`` cached positions (k and v), and FLOPs for ``attn_units``
+    (query token, key position) pairs (q.k and the weighted sum of v)."""
+    return kv_read * model.kv_size * 2 * elem, 4.0 * attn_units * model.q_size
 
 
 def _opt(x: Any) -> float | None:

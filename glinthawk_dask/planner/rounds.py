@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..model.config import ModelConfig
-from .profile import Profile, request_bytes
+from .profile import Profile, attention_work, request_bytes
 from .workload import MicroBatchShape, RunConfig
 
 __all__ = ["round_period"]
@@ -36,8 +36,7 @@ def _stage_costs(p: Profile, m: ModelConfig, c: RunConfig, s: MicroBatchShape, n
         local = c.mode != "two-tier"
     elem = c.dtype_bytes
     d = p.dense_layer_s(m, s.tokens, elem)
-    kv_bytes = s.kv_read * m.kv_size * 2 * elem
-    flops = 4.0 * s.attn_units * m.q_size
+    kv_bytes, flops = attention_work(m, s.kv_read, s.attn_units, elem)
     driver = p.dense.step_s + p.dense.step_per_seq_s * s.seqs
     head = p.head_s(m, s.rows, elem)
     out = []

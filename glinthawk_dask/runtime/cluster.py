@@ -20,7 +20,8 @@ from .. import config
 from ..errors import GlinthawkError
 from .plugins import DENSE_KV, AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
 
-__all__ = ["tier_worker_options", "housekeeping_config", "local_cluster", "connect", "ensure_plugins", "tier_workers", "cluster_status"]
+__all__ = ["tier_worker_options", "housekeeping_config", "local_cluster", "connect", "ensure_plugins", "tier_workers",
+           "cluster_status"]
 
 # KV caches are unmanaged memory: nothing to spill; pause only near the limit.
 ATTENTION_MEMORY = {"target": False, "spill": False, "pause": 0.92, "terminate": 0.97}

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import GlinthawkError
 from ..model.config import ModelConfig
 from ..planner.microbench import ROWS, TOKENS, TOKENS_QUICK, attention_shapes, dense_profile
-from ..planner.profile import AttentionCost, AttentionProfile, Profile, request_bytes
+from ..planner.profile import AttentionCost, AttentionProfile, Profile, attention_work, request_bytes
 from .messages import DTYPES
 
 __all__ = ["measure_profile", "cluster_profile", "profile_key"]
@@ -103,7 +103,7 @@ async def _run_shaped(client, profile: Profile, dense: str, attention: list[str]
         nbytes = request_bytes(m, t, elem)
         # the probe's attention: t sequences decoding over a context of one
         known = (profile.msg_cpu(nbytes) + profile.net_s(nbytes)
-                 + profile.attention.cost.seconds(t * m.kv_size * 2 * elem, 4.0 * t * m.q_size))
+                 + profile.attention.cost.seconds(*attention_work(m, t, t, elem)))
         alts.append(x)
         colds.append((x["cycle"] - known) / x["alone"])
     profile = dataclasses.replace(

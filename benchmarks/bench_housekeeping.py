@@ -166,11 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:5s}: idle cluster busy {'n/a' if idle is None else f'{idle:.1%}'} of the machine; medians: "
               f"two-tier {s['two_tier_tokens_per_s']:.1f} tok/s, in-process {s['in_process_tokens_per_s']:.1f}, "
               f"two-tier / in-process {s['ratio']:.2f}x")
-    pairs = [(a, b) for a, b in zip(report["rounds"][::2], report["rounds"][1::2])]
-    wins = sum(1 for a, b in pairs
-               if (a if a["housekeeping"] == "quiet" else b)["two_tier_tokens_per_s"]
-               > (b if a["housekeeping"] == "quiet" else a)["two_tier_tokens_per_s"])
-    print(f"two-tier faster with quiet housekeeping in {wins} of {len(pairs)} rounds; "
+    tps = {(x["round"], x["housekeeping"]): x["two_tier_tokens_per_s"] for x in report["rounds"]}
+    wins = sum(tps[r, "quiet"] > tps[r, "dask"] for r in range(args.rounds))
+    print(f"two-tier faster with quiet housekeeping in {wins} of {args.rounds} rounds; "
           f"two-tier tokens identical to in-process in every run: {same}")
     report.update(summary=summary, quiet_wins=wins, identical=same)
     if args.json:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # model on a machine busy with the suite) are not kept where a user's runs would read
 # them: the suite keeps them in a directory of its own, for this process, its worker
 # processes (their nannies hand them this config) and the commands it starts.
-_PROFILES = Path(__import__("tempfile").mkdtemp(prefix="glinthawk-test-profiles-"))
+_PROFILES = Path(tempfile.mkdtemp(prefix="glinthawk-test-profiles-"))
 os.environ["DASK_GLINTHAWK__PLANNER__PROFILE_CACHE"] = str(_PROFILES)
 
 

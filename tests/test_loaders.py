@@ -89,7 +89,7 @@ def test_gguf_global_tensors_equal_transformers(smollm2_checkpoint, hf_reference
 
 def _record_dequantized(monkeypatch, src: GGUFCheckpoint) -> list[str]:
     """Make every gguf dequantize call append the GGUF tensor name it read."""
-    by_id = {id(t.data): t.name for t in src.reader.tensors}
+    by_id = {id(t.data): t.name for t in src.file.tensors.values()}
     seen: list[str] = []
     real = gguf.quants.dequantize
 
@@ -174,7 +174,7 @@ def test_gguf_pickles_without_its_memory_map(tmp_path):
     tensors = random_tensors(TINY_GGUF)
     src = GGUFCheckpoint(build_llama_gguf(tmp_path / "m.gguf", TINY_GGUF, tensors))
     copy = pickle.loads(pickle.dumps(src))
-    assert copy._reader is None and copy.config == src.config
+    assert copy._file is None and copy.config == src.config
     assert torch.equal(copy.get("layers.1.wk"), tensors["layers.1.wk"])
 
 

@@ -1,9 +1,11 @@
 """Read Llama-family weights from a GGUF file (llama.cpp's format).
 
 :class:`GGUFCheckpoint` implements :class:`~glinthawk_dask.model.weights.CheckpointSource`.
-The file is memory-mapped by :class:`gguf.GGUFReader`; a tensor is dequantized (by the
-``gguf`` library, every type it supports) only when :meth:`GGUFCheckpoint.get` asks for
-it, so a worker that hosts layers ``[10, 12)`` touches only those layers' bytes.
+The file is memory-mapped and parsed by :class:`~.gguf_file.GGUFFile` (tens of
+milliseconds, where ``gguf.GGUFReader`` takes seconds over a large vocabulary); a tensor
+is dequantized (by the ``gguf`` library, every type it supports) only when
+:meth:`GGUFCheckpoint.get` asks for it, so a worker that hosts layers ``[10, 12)``
+touches only those layers' bytes.
 
 Tensors come back in the Hugging Face layout: ``[out_features, in_features]`` and the
 q/k rows in HF rotary order (llama.cpp's converter interleaves them; we undo it exactly
@@ -16,13 +18,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import gguf
 import gguf.quants
 import numpy as np
 import torch
 
 from ..errors import ModelLoadError
 from .config import ModelConfig
+from .gguf_file import GGUFArray, GGUFFile
 from .weights import MissingTensorError
 from .weights import GLOBAL_NAMES, LAYER_SUFFIXES
 
@@ -79,62 +81,54 @@ class GGUFCheckpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser().resolve()
-        reader = self._open()
-        self._reader: gguf.GGUFReader | None = reader
-        arch = self._meta(reader, "general.architecture")
+        file = self._open()
+        self._file: GGUFFile | None = file
+        self.metadata: dict[str, Any] = {k: v for k, v in file.metadata.items() if not isinstance(v, GGUFArray)}
+        arch = self.metadata.get("general.architecture")
         if arch != "llama":
             raise ModelLoadError(
                 f"{self.path}: GGUF architecture is {arch!r}; only 'llama' models are supported"
             )
-        self.metadata: dict[str, Any] = _scalar_metadata(reader)
         self.name: str = self.metadata.get("general.name") or self.path.stem
-        # GGUF lists dims innermost first; torch wants [out, in].
-        self._shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
-        self._tensor_index = {t.name: i for i, t in enumerate(reader.tensors)}
-        self.config: ModelConfig = self._build_config(reader)
+        self._shapes = {name: t.shape for name, t in file.tensors.items()}  # [out, in] or [n]
+        self.config: ModelConfig = self._build_config(file)
         self._check_tensors()
 
     # -- opening / metadata ------------------------------------------------------------
-    def _open(self) -> gguf.GGUFReader:
+    def _open(self) -> GGUFFile:
         if not self.path.is_file():
             raise ModelLoadError(f"GGUF file not found: {self.path}")
         try:
-            return gguf.GGUFReader(self.path)
-        except Exception as e:  # gguf raises ValueError/IndexError/OSError/... on garbage
+            return GGUFFile(self.path)
+        except Exception as e:  # ValueError on garbage; OSError, UnicodeDecodeError, ...
             raise ModelLoadError(
                 f"{self.path} is not a readable GGUF file (corrupt or truncated?): "
                 f"{type(e).__name__}: {e}"
             ) from e
 
     @property
-    def reader(self) -> gguf.GGUFReader:
-        """The underlying memory-mapped :class:`gguf.GGUFReader` (reopened after unpickling)."""
-        if self._reader is None:
-            self._reader = self._open()
-        return self._reader
+    def file(self) -> GGUFFile:
+        """The underlying memory-mapped :class:`~.gguf_file.GGUFFile` (reopened after unpickling)."""
+        if self._file is None:
+            self._file = self._open()
+        return self._file
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_reader"] = None  # a memory map does not travel; reopen lazily
+        state["_file"] = None  # a memory map does not travel; reopen lazily
         return state
 
-    def _meta(self, reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-        field = reader.fields.get(key)
-        if field is None or not field.types:
-            return default
-        try:
-            return _to_python(field.contents())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{self.path}: unreadable GGUF metadata {key!r}: {e}") from e
+    def _meta(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
 
-    def _build_config(self, reader: gguf.GGUFReader) -> ModelConfig:
+    def _build_config(self, file: GGUFFile) -> ModelConfig:
         def need(key: str) -> Any:
-            value = self._meta(reader, key)
+            value = self._meta(key)
             if value is None:
                 raise ModelLoadError(f"{self.path}: GGUF metadata lacks required key {key!r}")
             return value
 
-        scaling = self._meta(reader, "llama.rope.scaling.type")
+        scaling = self._meta("llama.rope.scaling.type")
         if scaling not in (None, "none") or "rope_freqs.weight" in self._shapes:
             raise ModelLoadError(
                 f"{self.path}: the model uses RoPE scaling ({scaling or 'rope_freqs'}), "
@@ -142,13 +136,13 @@ class GGUFCheckpoint:
             )
         dim = int(need("llama.embedding_length"))
         n_heads = int(need("llama.attention.head_count"))
-        head_dim = self._meta(reader, "llama.attention.key_length")
+        head_dim = self._meta("llama.attention.key_length")
         if head_dim is None:
-            head_dim = self._meta(reader, "llama.rope.dimension_count", dim // n_heads)
-        vocab = self._meta(reader, "llama.vocab_size")
+            head_dim = self._meta("llama.rope.dimension_count", dim // n_heads)
+        vocab = self._meta("llama.vocab_size")
         if vocab is None:
-            tokens = reader.fields.get("tokenizer.ggml.tokens")
-            vocab = len(tokens.data) if tokens is not None else self._shapes.get(
+            tokens = file.metadata.get("tokenizer.ggml.tokens")
+            vocab = len(tokens) if isinstance(tokens, GGUFArray) else self._shapes.get(
                 "token_embd.weight", (0,))[0]
         try:
             return ModelConfig(
@@ -156,13 +150,13 @@ class GGUFCheckpoint:
                 dim=dim,
                 n_layers=int(need("llama.block_count")),
                 n_heads=n_heads,
-                n_kv_heads=int(self._meta(reader, "llama.attention.head_count_kv", n_heads)),
+                n_kv_heads=int(self._meta("llama.attention.head_count_kv", n_heads)),
                 head_dim=int(head_dim),
                 ffn_dim=int(need("llama.feed_forward_length")),
                 vocab_size=int(vocab),
-                norm_eps=float(self._meta(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-                rope_theta=float(self._meta(reader, "llama.rope.freq_base", 10000.0)),
-                max_seq_len=int(self._meta(reader, "llama.context_length", 4096)),
+                norm_eps=float(self._meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(self._meta("llama.rope.freq_base", 10000.0)),
+                max_seq_len=int(self._meta("llama.context_length", 4096)),
                 tie_embeddings="output.weight" not in self._shapes,
             )
         except ValueError as e:
@@ -208,12 +202,12 @@ class GGUFCheckpoint:
         if not self.has(name):
             raise MissingTensorError(f"{self.path}: GGUF file has no tensor {name!r}")
         gname = canonical_to_gguf_name(name)
-        t = self.reader.tensors[self._tensor_index[gname]]
+        t = self.file.tensors[gname]
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = gguf.quants.dequantize(t.data, t.qtype)
         except NotImplementedError as e:
             raise ModelLoadError(
-                f"{self.path}: tensor {gname} has type {t.tensor_type.name}, "
+                f"{self.path}: tensor {gname} has type {t.qtype.name}, "
                 "which the gguf library cannot dequantize"
             ) from e
         w = np.asarray(w, dtype=np.float32).reshape(self._shapes[gname])  # [out, in] or [n]
@@ -227,21 +221,3 @@ class GGUFCheckpoint:
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, name={self.name!r})"
-
-
-def _to_python(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _scalar_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """All non-array metadata (strings, numbers, bools) as plain Python values."""
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
-            try:
-                out[key] = _to_python(field.contents())
-            except (ValueError, UnicodeDecodeError):
-                continue
-    return out

@@ -105,3 +105,19 @@ def test_bench_housekeeping_switches_a_live_cluster_both_ways(tmp_path):
     assert all(r["two_tier_tokens_per_s"] > 0 and r["in_process_tokens_per_s"] > 0 for r in report["rounds"])
     assert report["identical"] is True
     assert re.search(r"^two-tier faster with quiet housekeeping in [01] of 1 rounds", proc.stdout, re.MULTILINE)
+
+
+def test_bench_layer_cycle_splits_a_round_trip(tmp_path):
+    """The layer-cycle benchmark at a tiny size: every part of a layer's cycle measured,
+    one glue figure for each request whose attention and next job were found."""
+    out = tmp_path / "cycle.json"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_layer_cycle.py"), "--model", "random:tiny-gqa",
+           "--batch", "2", "--prompt-tokens", "3", "--new-tokens", "3", "--rounds", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())["rounds"]
+    m = row["medians_ms"]
+    assert row["tokens_per_s"] > 0
+    assert all(m[k] > 0 for k in ("math", "alone", "send", "to attention", "attention", "to next", "glue")), m
+    assert row["samples"]["send"] == row["samples"]["glue"] > 0
+    assert re.search(r"^\s+0\s+[\d.]+\s+\d+%", proc.stdout, re.MULTILINE)

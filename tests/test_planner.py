@@ -17,7 +17,7 @@ from glinthawk_dask.cli import main
 from glinthawk_dask.model.config import ModelConfig
 from glinthawk_dask.planner.plan import Prices, best, candidates, sweep
 from glinthawk_dask.planner.profile import (
-    AttentionCost, Curve, Profile, ProfileError, load_profile, shipped_profiles,
+    AttentionCost, Curve, Profile, ProfileError, fit_cold, load_profile, shipped_profiles,
 )
 from glinthawk_dask.planner.simulate import RunConfig, Workload, simulate
 
@@ -129,6 +129,39 @@ def test_a_local_layer_costs_the_profiles_local_factor_more_and_a_remote_one_doe
         assert pred.seconds == pytest.approx(new * (L * (d + att) * f + head + step), rel=1e-9), mode
     two = RunConfig(micro_batch_size=1, micro_batches=1)
     assert simulate(prof, MODEL, w, two).seconds == pytest.approx(simulate(base, MODEL, w, two).seconds, rel=1e-12)
+
+
+def test_cold_jobs_cost_the_factor_and_the_seconds_of_the_profile():
+    """A dense job after the worker waited (every job one micro-batch deep) costs
+    job x cold_factor + cold_s: cold_s once per such job, and the two terms add."""
+    d, att, rtt, c, extra = 1e-3, 5e-4, 2e-4, 1.5, 3e-4
+    base = _profile(d=d, att=att, rtt=rtt)
+
+    def seconds(factor: float, cold_s: float) -> float:
+        prof = dataclasses.replace(base, dense=dataclasses.replace(base.dense, cold_factor=factor, cold_s=cold_s))
+        return simulate(prof, MODEL, Workload.uniform(1, 1, 8), RunConfig(micro_batch_size=1, micro_batches=1)).seconds
+
+    plain = seconds(1.0, 0.0)
+    n_cold = (seconds(1.0, extra) - plain) / extra  # jobs that paid cold_s
+    assert n_cold == pytest.approx(round(n_cold), abs=1e-6) and round(n_cold) >= 8 * (L - 1)
+    share = seconds(c, 0.0) - plain  # what the factor alone added to those jobs
+    assert share >= (c - 1) * d * 8 * (L - 1)  # at least the middle layers' jobs, d each
+    assert seconds(c, extra) - plain == pytest.approx(share + n_cold * extra, rel=1e-9)
+    prof = dataclasses.replace(base, dense=dataclasses.replace(base.dense, cold_s=extra))
+    assert Profile.from_json(json.loads(json.dumps(prof.to_json()))).dense.cold_s == extra
+
+
+@pytest.mark.parametrize("points, want", [
+    ([(2e-3, 1.2e-3), (4e-3, 1.6e-3)], (1.2, 8e-4)),  # seconds and a share: both recovered
+    ([(2e-3, 1.0e-3), (4e-3, 0.8e-3)], (1.0, 9e-4)),  # shrinking with the job: a constant, their mean
+    ([(2e-3, 0.2e-3), (4e-3, 1.0e-3)], (1.175, 0.0)),  # growing faster than the job: a factor, the mean share
+    ([(3e-3, 1.5e-3)], (1.5, 0.0)),  # one point: a factor
+    ([(2e-3, -1e-4), (4e-3, -2e-4)], (1.0, 0.0)),  # faster than alone: no cold cost
+    ([], (1.0, 0.0)),
+])
+def test_fit_cold_splits_the_excess_into_seconds_and_a_share(points, want):
+    factor, seconds = fit_cold(points)
+    assert factor == pytest.approx(want[0], abs=1e-9) and seconds == pytest.approx(want[1], abs=1e-12)
 
 
 def test_dense_bound_depth_runs_at_the_dense_tier_rate():

@@ -14,6 +14,7 @@ A profile is a versioned JSON document (``"glinthawk_profile": 1``)::
         "head_s": [[rows, seconds], ...],          # final norm, LM head and sampling
         "step_s": 0.0004, "step_per_seq_s": 2e-5,  # the driver's cost per micro-batch step
         "cold_factor": 1.5,                        # a job after an idle gap (cold caches) costs this much more
+        "cold_s": 3e-4,                            # ... and this many seconds more (the round trip's hand-overs)
         "local_factor": 1.1,                       # a layer with its attention here, against the two alone
         "roofline": {"tflops": 500, "mem_GBps": 2300, "overhead_s": 2e-5} | absent,
         "attention": {ATTENTION COSTS} | absent,   # attention on the dense worker (single-tier)
@@ -42,13 +43,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import GlinthawkError
 from ..model.config import ModelConfig
 
 __all__ = ["VERSION", "Curve", "AttentionCost", "DenseProfile", "AttentionProfile", "Profile",
-           "load_profile", "shipped_profiles", "ProfileError", "request_bytes", "attention_work"]
+           "load_profile", "shipped_profiles", "ProfileError", "request_bytes", "attention_work", "fit_cold"]
 
 VERSION = 1
 _SHIPPED = Path(__file__).parent / "profiles"
@@ -97,11 +98,15 @@ class AttentionCost:
     @classmethod
     def fit(cls, points: list[tuple[float, float, float]]) -> "AttentionCost":
         """Fit to measured ``(kv_bytes, flops, seconds)`` by non-negative least squares
-        over the three coefficients (a tiny active-set solve)."""
+        over the three coefficients (a tiny active-set solve), in relative terms: each
+        point weighs by its own size, so the small calls a decode step makes (where the
+        fixed overhead is most of the time) count as much as the large ones (an absolute
+        fit let the largest shapes set the slopes and priced the overhead at zero)."""
         import numpy as np
 
-        a = np.array([[1.0, p[0], p[1]] for p in points])
-        b = np.array([p[2] for p in points])
+        w = np.array([1.0 / max(p[2], 1e-12) for p in points])  # [points]
+        a = np.array([[1.0, p[0], p[1]] for p in points]) * w[:, None]  # [points, 3]
+        b = np.array([p[2] for p in points]) * w  # [points]
         active = [0, 1, 2]
         while True:
             coef = np.zeros(3)
@@ -128,6 +133,31 @@ class AttentionCost:
             raise ProfileError(f"{where}: overhead_s, kv_GBps and gflops must be numbers ({e})") from None
 
 
+def fit_cold(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """``(cold_factor, cold_s)`` from ``[(alone, excess), ...]``: a dense job of
+    ``alone`` seconds measured in a pipeline one micro-batch deep, and what its cycle took
+    beyond the parts the model prices apart (the job alone, the request's CPU, the round
+    trip, the attention).  The excess is fitted as ``cold_s + (cold_factor - 1) * alone``
+    through the two points of the smallest and largest job (least squares would need more
+    points than a profile measures), neither term below zero; one point, or jobs of one
+    size, give the factor alone.  On the 2-core VM most of the excess is the hand-overs of
+    the round trip, the same at every size, which a factor alone overprices for large
+    jobs and underprices for small ones."""
+    pts = sorted((float(a), max(0.0, float(e))) for a, e in points if a > 0)
+    if not pts:
+        return 1.0, 0.0
+    (a0, e0), (a1, e1) = pts[0], pts[-1]
+    if a1 - a0 < 1e-9 * a1:
+        return 1.0 + sum(e / a for a, e in pts) / len(pts), 0.0
+    slope = (e1 - e0) / (a1 - a0)
+    if slope <= 0:  # the excess does not grow with the job: all of it a constant
+        return 1.0, sum(e for _, e in pts) / len(pts)
+    base = e0 - slope * a0
+    if base < 0:  # it grows faster than in proportion: all of it a factor
+        return 1.0 + sum(e / a for a, e in pts) / len(pts), 0.0
+    return 1.0 + slope, base
+
+
 @dataclass(frozen=True)
 class DenseProfile:
     """One dense worker: its layer and head curves, driver cost, memory and price."""
@@ -139,6 +169,7 @@ class DenseProfile:
     step_s: float = 0.0
     step_per_seq_s: float = 0.0
     cold_factor: float = 1.0  # a job that starts after the worker idled (caches cold) costs this much more
+    cold_s: float = 0.0  # ... and this many seconds more (a cycle's hand-overs, whatever the job's size)
     # a layer with its attention computed here costs this much more than the dense half
     # and the attention, each measured alone (the two share the caches in a run)
     local_factor: float = 1.0
@@ -245,7 +276,8 @@ class Profile:
                  "layer_s": d.layer_s.to_json() if d.layer_s else None,
                  "head_s": d.head_s.to_json() if d.head_s else None,
                  "step_s": d.step_s, "step_per_seq_s": d.step_per_seq_s, "cold_factor": d.cold_factor,
-                 "local_factor": d.local_factor, "kv_bytes": d.kv_bytes, "price_per_hour": d.price_per_hour,
+                 "cold_s": d.cold_s, "local_factor": d.local_factor, "kv_bytes": d.kv_bytes,
+                 "price_per_hour": d.price_per_hour,
                  "memory_bytes": d.memory_bytes, "workspace_bytes": d.workspace_bytes}
         if d.roofline:
             dense["roofline"] = d.roofline
@@ -286,7 +318,7 @@ class Profile:
             dense = DenseProfile(
                 device=str(dn.get("device", "?")), dtype=str(dn.get("dtype", "float32")), layer_s=layer, head_s=head,
                 step_s=float(dn.get("step_s") or 0.0), step_per_seq_s=float(dn.get("step_per_seq_s") or 0.0),
-                cold_factor=float(dn.get("cold_factor") or 1.0),
+                cold_factor=float(dn.get("cold_factor") or 1.0), cold_s=float(dn.get("cold_s") or 0.0),
                 local_factor=float(dn.get("local_factor") or 1.0),
                 threads=dn.get("threads"), roofline=dn.get("roofline"),
                 attention=AttentionCost.from_json(dn["attention"], f"{where} dense.attention")

@@ -101,7 +101,7 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
     attn = [[_Server() for _ in range(config.attention)] for _ in range(n_slices)]
     shared = profile.shared_host
     fd, fa = profile.slowdowns(len(shapes))  # a slice's micro-batches are all in flight at once
-    cold = profile.dense.cold_factor
+    cold, cold_s = profile.dense.cold_factor, profile.dense.cold_s
     serial = config.mode == "in-process"  # the in-process engine runs micro-batches in turn
 
     events: list = []  # (time, seq, mb, state)
@@ -130,7 +130,7 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
         elif shared and kind == "attention" and dense_busy(t):
             dur *= fa
         if kind == "dense" and t - server.idle_since > 5e-4 and server.busy_until <= t:
-            dur *= cold
+            dur = dur * cold + cold_s
         server.busy_until = t + dur
         server.idle_since = t + dur
         if window[0] <= t:

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import GlinthawkError
 from ..model.config import ModelConfig
 from ..planner.microbench import ROWS, TOKENS, TOKENS_QUICK, attention_shapes, dense_profile
-from ..planner.profile import AttentionCost, AttentionProfile, Profile, attention_work, request_bytes
+from ..planner.profile import AttentionCost, AttentionProfile, Profile, attention_work, fit_cold, request_bytes
 from .messages import DTYPES
 
 __all__ = ["measure_profile", "cluster_profile", "profile_key"]
@@ -90,13 +90,15 @@ async def _run_shaped(client, profile: Profile, dense: str, attention: list[str]
     """``profile`` with the costs only a run's shape shows, measured in chains of dense
     jobs and attention round trips (``glinthawk_profile_alternate``).
 
-    One chain is a pipeline one micro-batch deep.  The cold factor is what makes the
+    One chain is a pipeline one micro-batch deep.  The cold cost is what makes the
     model's layer cycle (the dense job, the request's CPU, the round trip, the attention)
-    the measured one: what the alternation costs beyond the parts measured alone
-    (caches gone cold, attention woken on the sender's core).  On a shared host, two and
+    the measured one: what the alternation costs beyond the parts measured alone (the
+    hand-overs between the tiers' threads, attention woken on the sender's core, caches),
+    fitted over chains of two job sizes as seconds plus a share of the job
+    (:func:`~glinthawk_dask.planner.profile.fit_cold`).  On a shared host, two and
     three chains give how much each tier slows the other that many micro-batches deep."""
     m = profile.model
-    alts, colds = [], []
+    alts, excess = [], []
     for t in (16, 64):
         x = await _rpc(client, dense, "glinthawk_profile_alternate", address=attention[0], config=cfg, tokens=t,
                        dtype=dtype, n=n)
@@ -105,9 +107,10 @@ async def _run_shaped(client, profile: Profile, dense: str, attention: list[str]
         known = (profile.msg_cpu(nbytes) + profile.net_s(nbytes)
                  + profile.attention.cost.seconds(*attention_work(m, t, t, elem)))
         alts.append(x)
-        colds.append((x["cycle"] - known) / x["alone"])
-    profile = dataclasses.replace(
-        profile, dense=dataclasses.replace(profile.dense, cold_factor=max(1.0, sum(colds) / len(colds))))
+        excess.append((x["alone"], x["cycle"] - known - x["alone"]))
+    factor, seconds = fit_cold(excess)
+    profile = dataclasses.replace(profile, dense=dataclasses.replace(profile.dense, cold_factor=factor,
+                                                                     cold_s=seconds))
     if not profile.shared_host:
         return profile
     (fd, fa), (fd3, fa3) = [await _contention(client, dense, attention, k, cfg, dtype, alts[0], n) for k in (2, 3)]

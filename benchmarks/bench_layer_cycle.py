@@ -41,7 +41,7 @@ from pathlib import Path
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a checkout
 
-from bench_planner import cpu_times  # noqa: E402
+from bench_planner import timed_generate  # noqa: E402
 
 from glinthawk_dask import LLM, SamplingParams  # noqa: E402
 from glinthawk_dask.model.resolve import DEFAULT_MODEL  # noqa: E402
@@ -172,17 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'round':>5} {'tok/s':>7} {'CPU':>5}  " + "  ".join(f"{k:>12}" for k in PARTS))
     results = []
     for r in range(args.rounds):
-        busy0, total0 = cpu_times()
-        t = time.perf_counter()
-        out = llm.generate(rows, params)
-        seconds = time.perf_counter() - t
-        busy1, total1 = cpu_times()
-        tokens = sum(len(c.completion_token_ids) for c in out)
+        _, seconds, tokens, cpu = timed_generate(llm, rows, params)
         marks = next(iter(llm.client.run(_take, workers=dense).values()))
         parts = breakdown(llm.engine.last_timeline, marks, n_layers)
         parts["alone"] = [next(iter(llm.client.run(_alone, args.model, args.batch, workers=dense).values()))]
         medians = {k: statistics.median(v) * 1e3 if v else float("nan") for k, v in parts.items()}
-        cpu = (busy1 - busy0) / max(total1 - total0, 1e-9)
         results.append({"round": r, "tokens_per_s": tokens / seconds, "machine_cpu_busy": cpu,
                         "medians_ms": medians, "samples": {k: len(v) for k, v in parts.items()}})
         print(f"{r:>5} {tokens / seconds:7.1f} {cpu:5.0%}  " + "  ".join(f"{medians[k]:12.3f}" for k in PARTS),

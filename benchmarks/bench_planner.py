@@ -75,6 +75,17 @@ def cpu_times() -> tuple[float, float]:
     return sum(parts) - idle, sum(parts)
 
 
+def timed_generate(llm, rows: list, params) -> tuple[list, float, int, float]:
+    """``llm.generate(rows, params)`` timed: its completions, seconds, generated tokens
+    and the machine's busy CPU share meanwhile."""
+    busy0, total0 = cpu_times()
+    t = time.perf_counter()
+    out = llm.generate(rows, params)
+    seconds = time.perf_counter() - t
+    busy1, total1 = cpu_times()
+    return out, seconds, sum(len(c.completion_token_ids) for c in out), (busy1 - busy0) / max(total1 - total0, 1e-9)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=32)
@@ -136,12 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                       n_micro_batches=cfg.micro_batches, latency=cfg.latency)
         params = SamplingParams(max_tokens=new, ignore_eos=True)
         llm.generate(rows[:1], SamplingParams(max_tokens=1, ignore_eos=True))  # weights (single-tier: its slice)
-        busy0, total0 = cpu_times()
-        t = time.perf_counter()
-        out = llm.generate(rows, params)
-        seconds = time.perf_counter() - t
-        busy1, total1 = cpu_times()
-        generated = sum(len(c.completion_token_ids) for c in out)
+        out, seconds, generated, cpu = timed_generate(llm, rows, params)
         measured = generated / seconds
         before = after = predicted.tokens_per_s
         bracket = {}
@@ -151,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
             bracket = {"predicted_before": before, "predicted_after": after, "profile_after": after_profile.to_json()}
         predicted_tps = (before + after) / 2
         err = predicted_tps / measured - 1
-        cpu = (busy1 - busy0) / max(total1 - total0, 1e-9)
         busy = llm.engine.tier_overlap() if cfg.mode != "in-process" else {}
         results.append({"label": label, "mode": cfg.mode, "profile": used.to_json(),
                         "micro_batch_size": predicted.micro_batch_size, "micro_batches": predicted.micro_batches,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import glob
 import math
-import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,7 +23,7 @@ from ..model.ops import head, post_pre_attention
 from ..model.synthetic import SyntheticCheckpoint
 from ..model.weights import load_slice
 from ..sampling import SamplingParams
-from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile, attention_work
+from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile, _layer_params, attention_work
 
 __all__ = ["dense_layer_points", "cold_factor", "local_layer_points", "head_points", "attention_points", "driver_cost",
            "dense_points", "dense_profile", "local_profile", "attention_shapes", "TOKENS", "TOKENS_QUICK", "ROWS",
@@ -59,7 +59,7 @@ def last_level_cache_bytes(device: torch.device) -> int:
     best = 0
     for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
         try:
-            size = open(os.path.join(index, "size")).read().strip().upper()
+            size = Path(index, "size").read_text().strip().upper()
         except OSError:
             continue
         scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
@@ -75,9 +75,7 @@ def _layer_count(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> 
     twice the last-level cache (a run reads each layer's weights from memory once a
     step, and on the 2-core VM four SmolLM2 layers, 54 MB of fp32, sat in its 300 MB L3
     and ran 15-25% faster than a run's), at most the model's own layer count."""
-    elem = torch.tensor([], dtype=dtype).element_size()
-    layer_bytes = elem * cfg.dim * ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim  # wqkv
-                                    + cfg.n_heads * cfg.head_dim + 3 * cfg.ffn_dim)  # wo, w_gate_up, w_down
+    layer_bytes = _layer_params(cfg) * torch.tensor([], dtype=dtype).element_size()
     need = math.ceil(2 * last_level_cache_bytes(device) / max(layer_bytes, 1))
     return max(_MIN_LAYERS, min(cfg.n_layers, need))
 

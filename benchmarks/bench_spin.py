@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""How long the embedded cluster's idle OpenMP threads spin, two settings in one run.
+
+The embedded cluster's tiers share this machine's cores, and an idle OpenMP thread of
+libgomp (torch's OpenMP on Linux) spins about 300,000 turns before it sleeps: the dense
+worker's helper thread holds a core through each attention round trip.  This starts two
+embedded clusters side by side (one dense and one attention worker each), each with its
+``GOMP_SPINCOUNT`` (``--spins``: libgomp's default and 10,000 turns, after which the
+helper sleeps within a fraction of a millisecond of the dense job's end), and runs
+``--batch`` prompts x ``--new-tokens`` greedy tokens (EOS ignored) two-tier at plan
+``batch x 1`` on each, in ``--rounds`` rounds: the in-process engine in this process first (the reference of the
+round's ratios), then the two clusters, their order alternating by round.  The idle
+cluster costs the other about 1% of the machine.  It prints each run's tokens/s, its
+ratio to in-process and the machine's CPU shares, then the medians and how many rounds
+each setting won, and checks every run's tokens against in-process.
+
+Usage::
+
+    python benchmarks/bench_spin.py [--batch 64] [--new-tokens 64] [--rounds 4] [--spins 300000,10000]
+        [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a checkout
+
+from bench_planner import timed_generate  # noqa: E402
+
+from glinthawk_dask import LLM, SamplingParams  # noqa: E402
+from glinthawk_dask.engine.engine import EngineConfig  # noqa: E402
+from glinthawk_dask.model.resolve import DEFAULT_MODEL  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--spins", default="300000,10000", help="GOMP_SPINCOUNT of each cluster")
+    p.add_argument("--json", help="write the numbers to this JSON file")
+    args = p.parse_args(argv)
+
+    rng = random.Random(0)
+    engine = EngineConfig(micro_batch_size=args.batch, max_step_tokens=max(256, args.batch * args.prompt_tokens))
+    in_process = LLM(args.model, mode="in-process", device="cpu", dtype="float32", engine_config=engine)
+    vocab = in_process.config.vocab_size
+    rows = [{"id": str(i), "prompt_token_ids": [rng.randrange(1, vocab) for _ in range(args.prompt_tokens)]}
+            for i in range(args.batch)]
+    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
+    warm = SamplingParams(max_tokens=4, ignore_eos=True)
+    in_process.generate(rows, warm)
+    clusters = {}
+    for spins in args.spins.split(","):
+        os.environ["GOMP_SPINCOUNT"] = spins  # the environment its worker processes spawn with
+        llm = LLM(args.model, mode="two-tier", dtype="float32", local_workers=(1, 1), engine_config=engine,
+                  n_micro_batches=1)
+        got = set(llm.client.run(lambda: os.environ.get("GOMP_SPINCOUNT")).values())
+        if got != {spins}:
+            raise SystemExit(f"the workers started with GOMP_SPINCOUNT {got}, not {spins}")
+        llm.generate(rows, warm)  # weights onto the workers, the data plane connected
+        clusters[f"spin {spins}"] = llm
+    names = list(clusters)
+    print(f"{args.model}, plan {args.batch} x 1, {args.batch} prompts of {args.prompt_tokens} tokens x "
+          f"{args.new_tokens} new; os.cpu_count() = {os.cpu_count()}")
+
+    reference, identical, rounds = None, True, []
+    for r in range(args.rounds):
+        out, seconds, tokens, cpu = timed_generate(in_process, rows, params)
+        reference = reference or [c.completion_token_ids for c in out]
+        row = {"in-process": {"tokens_per_s": tokens / seconds, "machine_cpu_busy": cpu}}
+        for name in (names if r % 2 == 0 else names[::-1]):
+            out, seconds, tokens, cpu = timed_generate(clusters[name], rows, params)
+            identical &= [c.completion_token_ids for c in out] == reference
+            row[name] = {"tokens_per_s": tokens / seconds, "machine_cpu_busy": cpu,
+                         "ratio": tokens / seconds / row["in-process"]["tokens_per_s"]}
+        rounds.append(row)
+        print(f"round {r + 1}: in-process {row['in-process']['tokens_per_s']:.1f} tok/s "
+              f"(CPU {row['in-process']['machine_cpu_busy']:.0%}); "
+              + "; ".join(f"{name}: {row[name]['tokens_per_s']:.1f} ({row[name]['ratio']:.2f}x, CPU "
+                          f"{row[name]['machine_cpu_busy']:.0%})" for name in names), flush=True)
+    medians = {name: statistics.median(row[name]["ratio"] for row in rounds) for name in names}
+    cpu = {name: statistics.median(row[name]["machine_cpu_busy"] for row in rounds) for name in names}
+    wins = {name: sum(max(names, key=lambda n: row[n]["tokens_per_s"]) == name for row in rounds) for name in names}
+    for name in names:
+        print(f"{name}: median ratio to in-process {medians[name]:.2f}x, machine CPU {cpu[name]:.0%}, "
+              f"fastest in {wins[name]} of {len(rounds)} rounds")
+    print(f"greedy tokens of every two-tier run identical to in-process: {'yes' if identical else 'NO'}")
+    for llm in clusters.values():
+        llm.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": args.model, "batch": args.batch, "new_tokens": args.new_tokens, "rounds": rounds,
+            "median_ratio": medians, "median_cpu": cpu, "wins": wins, "identical": identical,
+        }, indent=1) + "\n")
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -204,6 +204,15 @@ def test_contention_on_a_shared_host_slows_overlapping_dense_work():
     assert shared.seconds > 1.2 * alone.seconds
 
 
+def test_contention_factors_are_medians_of_repeated_measurements():
+    from glinthawk_dask.runtime.profiler import median_factors
+
+    # one outlying measurement (a quiet moment of the machine) does not set the factor
+    assert median_factors([(1.5, 1.1), (1.16, 1.0), (1.6, 1.3), (1.45, 1.05), (1.7, 1.2)]) == (1.5, 1.1)
+    assert median_factors([(0.9, 0.8), (0.95, 0.7), (1.2, 0.9)]) == (1.0, 1.0)  # never below 1
+    assert median_factors([(1.3, 1.2)]) == (1.3, 1.2)
+
+
 def test_a_pipeline_three_deep_takes_the_profiles_three_deep_slowdown():
     w = Workload.uniform(12, 4, 16)
     base = _profile(shared=True, fd=1.5)
@@ -508,6 +517,11 @@ async def test_profile_measures_a_cluster_and_auto_plans_use_it(c, s, a, b):
         address=info["attention"] * 2, config=dataclasses.asdict(MODEL), tokens=4, n=4)
     assert chains["job"] >= chains["alternating"] > 0 and chains["alone"] > 0
     assert chains["cycle"] > 0 and chains["attention"] > 0  # the attention worker's own seconds, in its reply
+    assert "rounds" not in chains
+    repeated = await c.rpc(info["dense"][0]).glinthawk_profile_alternate(
+        address=info["attention"] * 2, config=dataclasses.asdict(MODEL), tokens=4, n=4, repeats=3)
+    assert len(repeated["rounds"]) == 3 and repeated["job"] == repeated["rounds"][0]["job"]
+    assert all(r["job"] > 0 and r["alone"] > 0 and r["attention"] > 0 for r in repeated["rounds"])
     assert prof.dense.layer_s(64) >= prof.dense.layer_s(1) > 0 and prof.dense.head_s(1) > 0
     assert Profile.from_json(json.loads(json.dumps(prof.to_json()))).to_json() == prof.to_json()
     with tempfile.TemporaryDirectory() as cache, dask.config.set({"glinthawk.planner.profile-cache": cache}):

@@ -51,7 +51,7 @@ class DenseProbes:
             0, lambda: mb.dense_points(config, dt, device, tokens, rows, attention, cold=cold), kind="calibrate")
 
     async def profile_alternate(self, address: str | list[str], config: dict, tokens: int,
-                                dtype: str = "float32", n: int = 16) -> dict:
+                                dtype: str = "float32", n: int = 16, repeats: int = 1) -> dict:
         """A dense layer and an attention request as a run sees them.
 
         ``address`` names the attention worker of each chain (one address: one chain).  A
@@ -63,15 +63,26 @@ class DenseProbes:
         back, "alternating": a dense layer in the chains, "job": a dense job in the
         chains (the layer and the send), "cycle": from a job's start to the start of
         its chain's next job, "attention": an attention worker's compute seconds per
-        request in the chains}``."""
+        request in the chains}``.  With ``repeats`` above 1 the whole measurement runs
+        that many times on the same layers and ``"rounds"`` holds each one's dict (the
+        top-level values are the first round's)."""
         from ..model.config import ModelConfig
         from ..planner import microbench as mb
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dt = DTYPES[dtype]
         cfg = ModelConfig(**config)
-        loop = asyncio.get_running_loop()
         mcfg, layers = await self.stream.offload(mb._layers, cfg, dt, device)
+        rounds = [await self._alternate(address, config, cfg, mcfg, layers, tokens, dt, device, n)
+                  for _ in range(max(1, repeats))]
+        return {**rounds[0], "rounds": rounds} if repeats > 1 else rounds[0]
+
+    async def _alternate(self, address: str | list[str], config: dict, cfg: Any, mcfg: Any, layers: list,
+                         tokens: int, dt: torch.dtype, device: torch.device, n: int) -> dict:
+        """One measurement of :meth:`profile_alternate` on ``layers`` (of ``mcfg``)."""
+        from ..planner import microbench as mb
+
+        loop = asyncio.get_running_loop()
         q, kv = _request_tensors(cfg, tokens, dt)
         x = torch.randn(tokens, cfg.dim, dtype=dt, device=device)  # [T, dim]
         o = torch.randn(tokens, cfg.n_heads, cfg.head_dim, dtype=dt, device=device)  # [T, H, D]

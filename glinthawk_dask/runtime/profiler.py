@@ -154,10 +154,11 @@ async def _contention(client, dense, attention: list[str], chains: int, cfg, dty
     each dense job runs while another chain's attention computes.  The dense job
     against a layer back to back; the attention request against ``one`` chain's.
 
-    Each factor is the median of ``repeats`` measurements (on the same layers, a tenth
-    of a second each here): one measurement on a busy 2-core machine gave the dense tier
-    x1.16 two deep where others gave x1.43-1.68, and a plan chosen from it ran two
-    micro-batches deep at 0.59x of in-process, where one deep ran at 0.70x."""
+    Each factor is the median of ``repeats`` measurements, run on the same layers in one
+    call (a quick profile of the embedded cluster took 7.5 s with five, where one with a
+    single measurement had taken 6.0 s): one measurement on a busy 2-core machine gave
+    the dense tier x1.16 two deep where others gave x1.43-1.68, and a plan chosen from it
+    ran two micro-batches deep at 0.59x of in-process, where one deep ran at 0.70x."""
     r = await _rpc(client, dense, "glinthawk_profile_alternate", address=(attention * chains)[:chains], config=cfg,
                    tokens=16, dtype=dtype, n=n, repeats=repeats)
     return median_factors([(x["job"] / x["alone"], x["attention"] / one["attention"] if one["attention"] > 0 else 1.0)

@@ -1,22 +1,25 @@
 #!/usr/bin/env python
-"""How long the embedded cluster's idle OpenMP threads spin, two settings in one run.
+"""How long the embedded cluster's idle OpenMP threads spin (and how many threads attention
+computes on), two or more settings in one run.
 
 The embedded cluster's tiers share this machine's cores, and an idle OpenMP thread of
 libgomp (torch's OpenMP on Linux) spins about 300,000 turns before it sleeps: the dense
-worker's helper thread holds a core through each attention round trip.  This starts two
-embedded clusters side by side (one dense and one attention worker each), each with its
+worker's helper thread holds a core through each attention round trip.  This starts one
+embedded cluster per setting, side by side (one dense and one attention worker each), each with its
 ``GOMP_SPINCOUNT`` (``--spins``: libgomp's default and 10,000 turns, after which the
-helper sleeps within a fraction of a millisecond of the dense job's end), and runs
+helper sleeps within a fraction of a millisecond of the dense job's end) and, after a
+colon, its attention worker's torch threads (``glinthawk.attention.threads``, default 1:
+``10000:2`` lets attention use both cores while the dense helper sleeps), and runs
 ``--batch`` prompts x ``--new-tokens`` greedy tokens (EOS ignored) two-tier at plan
 ``batch x 1`` on each, in ``--rounds`` rounds: the in-process engine in this process first (the reference of the
-round's ratios), then the two clusters, their order alternating by round.  The idle
-cluster costs the other about 1% of the machine.  It prints each run's tokens/s, its
+round's ratios), then the clusters, their order reversed every other round.  An idle
+cluster costs the others about 1% of the machine.  It prints each run's tokens/s, its
 ratio to in-process and the machine's CPU shares, then the medians and how many rounds
 each setting won, and checks every run's tokens against in-process.
 
 Usage::
 
-    python benchmarks/bench_spin.py [--batch 64] [--new-tokens 64] [--rounds 4] [--spins 300000,10000]
+    python benchmarks/bench_spin.py [--batch 64] [--new-tokens 64] [--rounds 4] [--spins 300000,10000:2]
         [--json OUT]
 """
 
@@ -30,6 +33,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import dask
+
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a checkout
 
@@ -40,6 +45,11 @@ from glinthawk_dask.engine.engine import EngineConfig  # noqa: E402
 from glinthawk_dask.model.resolve import DEFAULT_MODEL  # noqa: E402
 
 
+def _worker_settings() -> tuple[str | None, int]:
+    """A worker's GOMP_SPINCOUNT and attention threads (run on each worker)."""
+    return os.environ.get("GOMP_SPINCOUNT"), int(dask.config.get("glinthawk.attention.threads"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -47,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--spins", default="300000,10000", help="GOMP_SPINCOUNT of each cluster")
+    p.add_argument("--spins", default="300000,10000",
+                   help="each cluster's GOMP_SPINCOUNT[:attention threads], comma-separated")
     p.add_argument("--json", help="write the numbers to this JSON file")
     args = p.parse_args(argv)
 
@@ -61,15 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     warm = SamplingParams(max_tokens=4, ignore_eos=True)
     in_process.generate(rows, warm)
     clusters = {}
-    for spins in args.spins.split(","):
+    for setting in args.spins.split(","):
+        spins, _, threads = setting.partition(":")
+        threads = int(threads or 1)
         os.environ["GOMP_SPINCOUNT"] = spins  # the environment its worker processes spawn with
-        llm = LLM(args.model, mode="two-tier", dtype="float32", local_workers=(1, 1), engine_config=engine,
-                  n_micro_batches=1)
-        got = set(llm.client.run(lambda: os.environ.get("GOMP_SPINCOUNT")).values())
-        if got != {spins}:
-            raise SystemExit(f"the workers started with GOMP_SPINCOUNT {got}, not {spins}")
+        # the workers take the config of this process as their nannies start
+        with dask.config.set({"glinthawk.attention.threads": threads}):
+            llm = LLM(args.model, mode="two-tier", dtype="float32", local_workers=(1, 1), engine_config=engine,
+                      n_micro_batches=1)
+        got = set(llm.client.run(_worker_settings).values())
+        if got != {(spins, threads)}:
+            raise SystemExit(f"the workers started with (GOMP_SPINCOUNT, attention threads) {got}, not "
+                             f"{(spins, threads)}")
         llm.generate(rows, warm)  # weights onto the workers, the data plane connected
-        clusters[f"spin {spins}"] = llm
+        clusters[f"spin {spins}" + (f", attention on {threads} threads" if threads != 1 else "")] = llm
     names = list(clusters)
     print(f"{args.model}, plan {args.batch} x 1, {args.batch} prompts of {args.prompt_tokens} tokens x "
           f"{args.new_tokens} new; os.cpu_count() = {os.cpu_count()}")

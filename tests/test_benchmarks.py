@@ -125,16 +125,19 @@ def test_bench_layer_cycle_splits_a_round_trip(tmp_path):
 
 def test_bench_spin_runs_two_clusters_with_their_own_openmp_spin(tmp_path):
     """The spin benchmark at a tiny size: two clusters whose workers started with the two
-    spin counts asked, each measured against in-process, tokens checked."""
+    spin counts (and attention threads) asked, each measured against in-process, tokens checked."""
     out = tmp_path / "spin.json"
     cmd = [sys.executable, str(BENCHMARKS / "bench_spin.py"), "--model", "random:tiny-gqa", "--batch", "2",
-           "--prompt-tokens", "3", "--new-tokens", "3", "--rounds", "2", "--spins", "300000,1000",
+           "--prompt-tokens", "3", "--new-tokens", "3", "--rounds", "2", "--spins", "300000,1000:2",
            "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = json.loads(out.read_text())
     assert got["identical"] is True and len(got["rounds"]) == 2
-    assert set(got["median_ratio"]) == {"spin 300000", "spin 1000"} and sum(got["wins"].values()) == 2
+    assert set(got["median_ratio"]) == {"spin 300000", "spin 1000, attention on 2 threads"}
+    assert sum(got["wins"].values()) == 2
     for row in got["rounds"]:
         assert all(row[k]["tokens_per_s"] > 0 and 0 < row[k]["machine_cpu_busy"] <= 1 for k in row)
-    assert re.search(r"^spin 1000: median ratio to in-process [\d.]+x, machine CPU \d+%", proc.stdout, re.MULTILINE)
+    assert re.search(r"^spin 1000, attention on 2 threads: median ratio to in-process [\d.]+x, machine CPU \d+%",
+                     proc.stdout, re.MULTILINE)
+

@@ -141,3 +141,50 @@ def test_bench_spin_runs_two_clusters_with_their_own_openmp_spin(tmp_path):
     assert re.search(r"^spin 1000, attention on 2 threads: median ratio to in-process [\d.]+x, machine CPU \d+%",
                      proc.stdout, re.MULTILINE)
 
+
+def test_replay_planner_predicts_kept_runs_again(tmp_path):
+    """Kept runs of bench_planner are predicted again from their own profiles: a run the
+    current simulator predicted gives the same numbers, a bracketed one the mean of its
+    two sides, one kept before profiles were recorded is skipped; errors are counted."""
+    import dataclasses
+
+    from glinthawk_dask.model.config import from_name
+    from glinthawk_dask.planner.profile import load_profile
+    from glinthawk_dask.planner.simulate import RunConfig, Workload, simulate
+
+    model = from_name("smollm2-135m-instruct")
+    fast = load_profile("vm-2core")
+    slow = dataclasses.replace(fast, rtt_s=fast.rtt_s + 0.002)  # a slower network: fewer tok/s
+    runs = []
+    for i, (mode, size, depth, attention, latency, new) in enumerate(
+            [("in-process", 8, 1, 1, 0.0, 6), ("two-tier", 4, 2, 2, 0.0, 6), ("two-tier", 2, 4, 3, 0.01, 3)]):
+        cfg = RunConfig(mode=mode, micro_batch_size=size, micro_batches=depth, attention=attention, latency=latency)
+        predicted = simulate(fast, model, Workload.uniform(8, 5, new), cfg).tokens_per_s
+        # measured: the first within 15% of the prediction, the others not
+        runs.append({"label": f"run {i}", "mode": mode, "micro_batch_size": size, "micro_batches": depth,
+                     "attention_workers": attention, "latency_ms": latency * 1e3, "prompts": 8,
+                     "prompt_tokens": 5, "new_tokens": new, "profile": fast.to_json(),
+                     "predicted_tokens_per_s": predicted,
+                     "measured_tokens_per_s": predicted * (1.1 if i == 0 else 2.0)})
+    bracketed = dict(runs[1], profile_after=slow.to_json())
+    (tmp_path / "planner-a.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "planner-b.json").write_text(json.dumps({"runs": [bracketed]}))
+    (tmp_path / "planner-old.json").write_text(json.dumps({"runs": [{k: v for k, v in runs[0].items()
+                                                                     if k != "profile"}]}))
+    out = tmp_path / "replay.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "replay_planner.py"), *(
+        str(tmp_path / f"planner-{n}.json") for n in ("a", "b", "old")), "--json", str(out)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(out.read_text())
+    assert [r["file"] for r in got["runs"]] == ["planner-a.json", "planner-b.json"]
+    assert "planner-old.json: skipped" in proc.stdout
+    for c in got["runs"][0]["configurations"]:
+        assert c["predicted_now"] == pytest.approx(c["predicted_then"], rel=1e-9)
+    assert got["runs"][0]["within"] == 1 and got["within"] == 1 and got["configurations"] == 4
+    both = got["runs"][1]["configurations"][0]["predicted_now"]
+    wl, cfg = Workload.uniform(8, 5, 6), RunConfig(micro_batch_size=4, micro_batches=2, attention=2)
+    assert both == pytest.approx((simulate(fast, model, wl, cfg).tokens_per_s
+                                  + simulate(slow, model, wl, cfg).tokens_per_s) / 2, rel=1e-9)
+    assert both < runs[1]["predicted_tokens_per_s"]
+    assert re.search(r"^all runs: 1 of 4 configurations within 15%", proc.stdout, re.MULTILINE)

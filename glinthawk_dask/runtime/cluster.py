@@ -10,6 +10,7 @@ managed to spill) and with pause/terminate thresholds above the KV budget.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import dask.config
@@ -111,7 +112,9 @@ def local_cluster(
     Its workers start in this process's environment: nannies started together cannot
     each set their own before they spawn, so :func:`tier_environment` is not applied
     (an attention worker computes on ``glinthawk.attention.threads`` torch threads, one
-    by default: no OpenMP threads wait idle)."""
+    by default: no OpenMP threads wait idle).  ``glinthawk.local-cluster.attention-threads``
+    gives its attention workers more, and ``glinthawk.local-cluster.openmp-spin`` sets
+    every worker's ``GOMP_SPINCOUNT`` before it spawns (one the environment already sets wins)."""
     n_attention = int(n_attention if n_attention is not None else config.get("local-cluster.attention-workers"))
     workers = {}
     dense_kv = config.get("local-cluster.dense-kv-bytes")
@@ -119,14 +122,28 @@ def local_cluster(
     for i in range(n_dense):
         opts = tier_worker_options("dense", config.get("local-cluster.dense-memory-limit"), kv_bytes=dense_kv)
         workers[f"dense-{i}"] = {"cls": Nanny, "options": {**opts, "silence_logs": silence_logs}}
+    attention_threads = config.get("local-cluster.attention-threads")
     for i in range(n_attention):
         opts = tier_worker_options("attention", config.get("local-cluster.attention-memory-limit"))
+        if attention_threads is not None:
+            opts["config"]["glinthawk.attention.threads"] = int(attention_threads)
         workers[f"attention-{i}"] = {"cls": Nanny, "options": {**opts, "silence_logs": silence_logs}}
+    environ = dict(NANNY_CONFIG)
+    spin = config.get("local-cluster.openmp-spin")
+    if spin is not None:  # OpenMP reads it as torch loads: set before the worker process spawns
+        environ["distributed.nanny.pre-spawn-environ.GOMP_SPINCOUNT"] = str(int(spin))
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address, "host": "127.0.0.1"}}
     # read as the scheduler and nannies start (their own timers; their workers' are in opts)
-    with dask.config.set({"distributed.worker.daemon": False, **NANNY_CONFIG, **housekeeping_config()}):
-        return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous,
-                           name="glinthawk-local", silence_logs=silence_logs)
+    before = os.environ.get("GOMP_SPINCOUNT")
+    try:
+        with dask.config.set({"distributed.worker.daemon": False, **environ, **housekeeping_config()}):
+            return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous,
+                               name="glinthawk-local", silence_logs=silence_logs)
+    finally:  # a nanny sets its pre-spawn environment in this process: keep ours as it was
+        if before is None:
+            os.environ.pop("GOMP_SPINCOUNT", None)
+        else:
+            os.environ["GOMP_SPINCOUNT"] = before
 
 
 def refused_fast(scheduler: str) -> None:

@@ -9,7 +9,9 @@ embedded cluster per setting, side by side (one dense and one attention worker e
 ``GOMP_SPINCOUNT`` (``--spins``: libgomp's default and 10,000 turns, after which the
 helper sleeps within a fraction of a millisecond of the dense job's end) and, after a
 colon, its attention worker's torch threads (``glinthawk.attention.threads``, default 1:
-``10000:2`` lets attention use both cores while the dense helper sleeps), and runs
+``10000:2`` lets attention use both cores while the dense helper sleeps), after another
+the threads its runs try (``glinthawk.attention.try-threads``: ``10000:1:2`` times steps on
+1 and 2 threads and keeps the faster, see ``ThreadTuner``; the picks are printed), and runs
 ``--batch`` prompts x ``--new-tokens`` greedy tokens (EOS ignored) two-tier at plan
 ``batch x 1`` on each, in ``--rounds`` rounds: the in-process engine in this process first (the reference of the
 round's ratios), then the clusters, their order reversed every other round.  An idle
@@ -45,9 +47,21 @@ from glinthawk_dask.engine.engine import EngineConfig  # noqa: E402
 from glinthawk_dask.model.resolve import DEFAULT_MODEL  # noqa: E402
 
 
-def _worker_settings() -> tuple[str | None, int]:
-    """A worker's GOMP_SPINCOUNT and attention threads (run on each worker)."""
-    return os.environ.get("GOMP_SPINCOUNT"), int(dask.config.get("glinthawk.attention.threads"))
+def _worker_settings() -> tuple[str | None, int, int | None]:
+    """A worker's GOMP_SPINCOUNT, attention threads and the threads its runs one deep
+    try (run on each worker)."""
+    from glinthawk_dask import config
+
+    try_threads = config.get("attention.try-threads")
+    return (os.environ.get("GOMP_SPINCOUNT"), int(config.get("attention.threads")),
+            int(try_threads) if try_threads else None)
+
+
+def _thread_picks(dask_worker=None) -> list[dict]:
+    """The thread counts an attention worker's runs picked (see ThreadTuner)."""
+    plugin = dask_worker.plugins.get("glinthawk-attention")
+    service = getattr(plugin, "service", None)
+    return list(service.thread_picks) if service is not None else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--spins", default="300000,10000",
-                   help="each cluster's GOMP_SPINCOUNT[:attention threads], comma-separated")
+                   help="each cluster's GOMP_SPINCOUNT[:attention threads[:threads a run tries]], comma-separated")
     p.add_argument("--json", help="write the numbers to this JSON file")
     args = p.parse_args(argv)
 
@@ -73,19 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     in_process.generate(rows, warm)
     clusters = {}
     for setting in args.spins.split(","):
-        spins, _, threads = setting.partition(":")
-        threads = int(threads or 1)
+        spins, threads, tries = (setting.split(":") + ["", ""])[:3]
+        threads, tries = int(threads or 1), (int(tries) if tries else None)
         os.environ["GOMP_SPINCOUNT"] = spins  # the environment its worker processes spawn with
         # the workers take the config of this process as their nannies start
-        with dask.config.set({"glinthawk.attention.threads": threads}):
+        with dask.config.set({"glinthawk.attention.threads": threads, "glinthawk.attention.try-threads": tries}):
             llm = LLM(args.model, mode="two-tier", dtype="float32", local_workers=(1, 1), engine_config=engine,
                       n_micro_batches=1)
         got = set(llm.client.run(_worker_settings).values())
-        if got != {(spins, threads)}:
-            raise SystemExit(f"the workers started with (GOMP_SPINCOUNT, attention threads) {got}, not "
-                             f"{(spins, threads)}")
+        if got != {(spins, threads, tries)}:
+            raise SystemExit(f"the workers started with (GOMP_SPINCOUNT, attention threads, tried) {got}, not "
+                             f"{(spins, threads, tries)}")
         llm.generate(rows, warm)  # weights onto the workers, the data plane connected
-        clusters[f"spin {spins}" + (f", attention on {threads} threads" if threads != 1 else "")] = llm
+        clusters[f"spin {spins}" + (f", attention on {threads} threads" if threads != 1 else "")
+                 + (f", runs try {tries} threads" if tries else "")] = llm
     names = list(clusters)
     print(f"{args.model}, plan {args.batch} x 1, {args.batch} prompts of {args.prompt_tokens} tokens x "
           f"{args.new_tokens} new; os.cpu_count() = {os.cpu_count()}")
@@ -112,12 +127,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: median ratio to in-process {medians[name]:.2f}x, machine CPU {cpu[name]:.0%}, "
               f"fastest in {wins[name]} of {len(rounds)} rounds")
     print(f"greedy tokens of every two-tier run identical to in-process: {'yes' if identical else 'NO'}")
+    picks = {}
+    for name, llm in clusters.items():
+        picks[name] = [p for ps in llm.client.run(_thread_picks).values() for p in ps]
+        if picks[name]:
+            chosen = [p["threads"] for p in picks[name]]
+            print(f"{name}: attention threads picked {len(chosen)} times: "
+                  + ", ".join(f"{n} threads {chosen.count(n)}x" for n in sorted(set(chosen)))
+                  + "; last medians " + ", ".join(f"{k} threads {v * 1e3:.1f} ms a step"
+                                                  for k, v in picks[name][-1]["step_s"].items()))
     for llm in clusters.values():
         llm.close()
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": args.model, "batch": args.batch, "new_tokens": args.new_tokens, "rounds": rounds,
             "median_ratio": medians, "median_cpu": cpu, "wins": wins, "identical": identical,
+            "thread_picks": picks, "prompt_tokens": args.prompt_tokens,
         }, indent=1) + "\n")
     return 0 if identical else 1
 

@@ -124,18 +124,24 @@ def test_bench_layer_cycle_splits_a_round_trip(tmp_path):
 
 
 def test_bench_spin_runs_two_clusters_with_their_own_openmp_spin(tmp_path):
-    """The spin benchmark at a tiny size: two clusters whose workers started with the two
-    spin counts (and attention threads) asked, each measured against in-process, tokens checked."""
+    """The spin benchmark at a tiny size: three clusters whose workers started with the
+    spin counts (and attention threads, and threads to try) asked, each measured against
+    in-process, tokens checked, the picks of the one that tries reported."""
     out = tmp_path / "spin.json"
     cmd = [sys.executable, str(BENCHMARKS / "bench_spin.py"), "--model", "random:tiny-gqa", "--batch", "2",
-           "--prompt-tokens", "3", "--new-tokens", "3", "--rounds", "2", "--spins", "300000,1000:2",
+           "--prompt-tokens", "3", "--new-tokens", "12", "--rounds", "2", "--spins", "300000,1000:2,1000:1:2",
            "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = json.loads(out.read_text())
     assert got["identical"] is True and len(got["rounds"]) == 2
-    assert set(got["median_ratio"]) == {"spin 300000", "spin 1000, attention on 2 threads"}
+    tries = "spin 1000, runs try 2 threads"
+    assert set(got["median_ratio"]) == {"spin 300000", "spin 1000, attention on 2 threads", tries}
     assert sum(got["wins"].values()) == 2
+    # a run of 12 tokens one deep times 4 decode steps on each count, then keeps one
+    assert got["thread_picks"]["spin 300000"] == [] and len(got["thread_picks"][tries]) >= 2
+    assert {p["threads"] for p in got["thread_picks"][tries]} <= {1, 2}
+    assert re.search(rf"^{tries}: attention threads picked \d+ times: ", proc.stdout, re.MULTILINE)
     for row in got["rounds"]:
         assert all(row[k]["tokens_per_s"] > 0 and 0 < row[k]["machine_cpu_busy"] <= 1 for k in row)
     assert re.search(r"^spin 1000, attention on 2 threads: median ratio to in-process [\d.]+x, machine CPU \d+%",

@@ -142,9 +142,10 @@ def test_tier_workers_run_the_configured_housekeeping():
 
 
 def test_local_cluster_gives_attention_more_threads_and_a_shorter_openmp_spin_when_asked():
-    """glinthawk.local-cluster.attention-threads reaches the attention workers' config and
-    openmp-spin every worker's environment before it spawns; this process's environment
-    stays as it was, and without them the workers keep the defaults."""
+    """glinthawk.local-cluster.attention-threads and attention-try-threads ("auto": the
+    cores) reach the attention workers' config and openmp-spin every worker's environment
+    before it spawns; this process's environment stays as it was, and without them the
+    workers keep the defaults."""
     import os
 
     import dask
@@ -153,16 +154,20 @@ def test_local_cluster_gives_attention_more_threads_and_a_shorter_openmp_spin_wh
     from glinthawk_dask.runtime.cluster import local_cluster
 
     def settings(dask_worker=None):
-        return (os.environ.get("GOMP_SPINCOUNT"), dask.config.get("glinthawk.attention.threads"),
-                "KV" in dask_worker.state.total_resources)
+        from glinthawk_dask import config
+
+        return (os.environ.get("GOMP_SPINCOUNT"), config.get("attention.threads"),
+                config.get("attention.try-threads"), "KV" in dask_worker.state.total_resources)
 
     if "GOMP_SPINCOUNT" in os.environ:
         pytest.skip("GOMP_SPINCOUNT is set in this environment, and it wins over the config")
-    asked = {"glinthawk.local-cluster.attention-threads": 2, "glinthawk.local-cluster.openmp-spin": 10000}
+    asked = {"glinthawk.local-cluster.attention-threads": 2, "glinthawk.local-cluster.openmp-spin": 10000,
+             "glinthawk.local-cluster.attention-try-threads": "auto"}
     with dask.config.set(asked):
         with local_cluster(n_attention=1) as cluster, Client(cluster) as client:
-            got = sorted(client.run(settings).values(), key=lambda x: x[2])
-    assert got == [("10000", 1, False), ("10000", 2, True)]
+            got = sorted(client.run(settings).values(), key=lambda x: x[3])
+    assert got == [("10000", 1, None, False), ("10000", 2, os.cpu_count(), True)]
     assert "GOMP_SPINCOUNT" not in os.environ
     with local_cluster(n_attention=1) as cluster, Client(cluster) as client:
-        assert sorted(client.run(settings).values(), key=lambda x: x[2]) == [(None, 1, False), (None, 1, True)]
+        assert sorted(client.run(settings).values(), key=lambda x: x[3]) == [(None, 1, None, False),
+                                                                              (None, 1, None, True)]

@@ -12,6 +12,7 @@ front within the worker's KV budget, so attention memory can never grow past it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from ..model.kv_cache import KVCache
 from .compute import ComputeStream
 from .dataplane import DataPlane
 from .messages import DTYPES, AttendReply, StepLayout, pack, unpack
+from .thread_tuner import ThreadTuner
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +38,24 @@ class _Run:
     cache: KVCache
     latency: float
     batches: dict[int, tuple[int, AttentionBatch]]  # micro-batch -> (step, layout)
+    tuner: ThreadTuner | None = None  # chooses the torch threads of the run's attention
+    threads: int | None = None  # what the tuner chose last (None: the worker's own)
 
 
 class AttentionService:
     """Holds the KV caches of runs and answers attention requests."""
 
-    def __init__(self, worker: Any, kv_budget: int, threads: int | None = None) -> None:
+    def __init__(self, worker: Any, kv_budget: int, threads: int | None = None,
+                 try_threads: int | None = None) -> None:
         self.worker = worker
         self.kv_budget = int(kv_budget)
         self.runs: dict[str, _Run] = {}
         self.stream = ComputeStream("glinthawk-attention", threads=threads)
+        self.threads = threads  # the stream's torch threads (None: torch's own count)
+        # runs one micro-batch deep also try attention on this many threads (a ThreadTuner)
+        self.try_threads = try_threads if try_threads and threads and try_threads > threads else None
+        self._threads_now = threads
+        self.thread_picks: collections.deque[dict] = collections.deque(maxlen=64)  # the tuners' picks, latest last
         self._scratch: dict[tuple, tuple[KVCache, AttentionBatch]] = {}  # the cache and layout of probe requests
         self._lock = threading.Lock()  # cache work: the stream thread, or the loop (rpc callers)
         self.dataplane = DataPlane(
@@ -77,8 +87,14 @@ class AttentionService:
         max_seq_len: int,
         dtype: str = "float32",
         latency: float = 0.0,
+        depth: int | None = None,
     ) -> dict:
-        """Allocate the KV cache of a run (idempotent for the same run)."""
+        """Allocate the KV cache of a run (idempotent for the same run).
+
+        ``depth`` is how many micro-batches the run keeps in flight: a run one deep (the
+        dense tier waits while attention computes) also tries attention on the worker's
+        ``try_threads`` (``glinthawk.attention.try-threads``) and keeps what is faster.
+        """
         if run_id in self.runs:
             return self.info(run_id)
         cfg = ModelConfig(**config)
@@ -92,7 +108,8 @@ class AttentionService:
             )
         cache = KVCache(cfg, n_slots, max_seq_len, layer_start=layer_start, layer_stop=layer_stop,
                         dtype=DTYPES[dtype])
-        self.runs[run_id] = _Run(cache, float(latency), {})
+        tuner = ThreadTuner((self.threads, self.try_threads)) if self.try_threads and depth == 1 else None
+        self.runs[run_id] = _Run(cache, float(latency), {}, tuner)
         logger.info("glinthawk run %s: %r", run_id, cache)
         return self.info(run_id)
 
@@ -105,7 +122,8 @@ class AttentionService:
         return sum(r.cache.capacity_bytes for r in self.runs.values())
 
     def info(self, run_id: str | None = None) -> dict:
-        out = {"kv_budget": self.kv_budget, "kv_allocated": self.used_bytes(), "runs": {}}
+        out = {"kv_budget": self.kv_budget, "kv_allocated": self.used_bytes(), "runs": {},
+               "thread_picks": [p for p in self.thread_picks if run_id is None or p["run_id"] == run_id]}
         for rid, r in self.runs.items():
             if run_id is None or rid == run_id:
                 out["runs"][rid] = {
@@ -168,15 +186,35 @@ class AttentionService:
                 batch = AttentionBatch.build(steps.slots, steps.starts, steps.counts)
                 run.batches[micro_batch] = (step, batch)
                 run.cache.apply(steps.released, steps.admitted)
+                if run.tuner is not None:
+                    picks = len(run.tuner.history)
+                    run.threads = run.tuner.layout(micro_batch, time.perf_counter(), all(c == 1 for c in steps.counts))
+                    if len(run.tuner.history) > picks:
+                        self._picked(run_id, run.tuner)
             else:
                 held = run.batches.get(micro_batch)
                 if held is None or held[0] != step:  # refused, never applied: the sender treats this peer as lost
                     return AttendReply(stale=f"run {run_id!r} micro-batch {micro_batch}: "
                                              f"no layout for step {step}").to_wire()
                 batch = held[1]
+            self._use_threads(run.threads)
             o = run.cache.attend(layer, q, k, v, batch)  # [T, H, D]
         self.stream.timeline.record("attention", start, time.time(), micro_batch, layer)
         return AttendReply(o=o).to_wire()
+
+    def _picked(self, run_id: str, tuner: ThreadTuner) -> None:
+        medians = tuner.history[-1]
+        self.thread_picks.append({"run_id": run_id, "threads": tuner.chosen,
+                                  "step_s": {str(c): round(s, 6) for c, s in medians.items()}})
+        logger.info("glinthawk run %s: attention on %d torch threads (median step %s)", run_id, tuner.chosen,
+                    ", ".join(f"{s * 1e3:.1f} ms on {c}" for c, s in medians.items()))
+
+    def _use_threads(self, n: int | None) -> None:
+        """Compute the next torch work of the stream on ``n`` threads (None: the worker's own)."""
+        n = n or self.threads
+        if n and n != self._threads_now and self.stream.on_stream:
+            torch.set_num_threads(n)
+            self._threads_now = n
 
     async def probe(self, config: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
         """A decode attention request shaped like a run's (``q`` [T, H, D], ``k``/``v``
@@ -206,6 +244,7 @@ class AttentionService:
                 cache.attend(0, q, k, v, batch)  # the step's first layer: lengths set, layout checked
                 entry = self._scratch[key] = (cache, batch)
             cache, batch = entry
+            self._use_threads(None)
             t = time.perf_counter()
             o = cache.attend(1, q, k, v, batch)  # [T, H, D]
             return {"o": o, "s": time.perf_counter() - t}, 0.0
@@ -215,9 +254,12 @@ class AttentionService:
         [[kv_bytes, flops, seconds]]}`` for ``shapes`` ([sequences, context, new tokens])."""
         from ..planner import microbench as mb
 
-        return await self.stream.run(lambda: {
-            "points": mb.attention_points(config, DTYPES[dtype], torch.device("cpu"), shapes),
-            "threads": torch.get_num_threads()})
+        def measure() -> dict:
+            self._use_threads(None)
+            return {"points": mb.attention_points(config, DTYPES[dtype], torch.device("cpu"), shapes),
+                    "threads": torch.get_num_threads()}
+
+        return await self.stream.run(measure)
 
     async def echo(self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> dict:
         """``{"o": q}``: a reply the size of an attention output, nothing computed (what a

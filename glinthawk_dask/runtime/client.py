@@ -267,6 +267,7 @@ class DaskEngine:
                 opens.append(self._rpc(
                     addr, "glinthawk_kv_open", run_id=run_id, config=cfg, layer_start=a, layer_stop=b,
                     n_slots=n_slots, max_seq_len=plan.max_seq_len, dtype=self.dtype, latency=self.latency,
+                    depth=plan.n_micro_batches,
                 ))
         for s in range(len(plan.slices)):
             spec = SliceSpec.of_plan(

@@ -113,8 +113,10 @@ def local_cluster(
     each set their own before they spawn, so :func:`tier_environment` is not applied
     (an attention worker computes on ``glinthawk.attention.threads`` torch threads, one
     by default: no OpenMP threads wait idle).  ``glinthawk.local-cluster.attention-threads``
-    gives its attention workers more, and ``glinthawk.local-cluster.openmp-spin`` sets
-    every worker's ``GOMP_SPINCOUNT`` before it spawns (one the environment already sets wins)."""
+    gives its attention workers more, ``glinthawk.local-cluster.attention-try-threads`` the
+    threads their runs one micro-batch deep try (``glinthawk.attention.try-threads``; "auto":
+    this machine's cores), and ``glinthawk.local-cluster.openmp-spin`` sets every worker's
+    ``GOMP_SPINCOUNT`` before it spawns (one the environment already sets wins)."""
     n_attention = int(n_attention if n_attention is not None else config.get("local-cluster.attention-workers"))
     workers = {}
     dense_kv = config.get("local-cluster.dense-kv-bytes")
@@ -123,10 +125,15 @@ def local_cluster(
         opts = tier_worker_options("dense", config.get("local-cluster.dense-memory-limit"), kv_bytes=dense_kv)
         workers[f"dense-{i}"] = {"cls": Nanny, "options": {**opts, "silence_logs": silence_logs}}
     attention_threads = config.get("local-cluster.attention-threads")
+    try_threads = config.get("local-cluster.attention-try-threads")
+    if try_threads == "auto":
+        try_threads = os.cpu_count() or 1
     for i in range(n_attention):
         opts = tier_worker_options("attention", config.get("local-cluster.attention-memory-limit"))
         if attention_threads is not None:
             opts["config"]["glinthawk.attention.threads"] = int(attention_threads)
+        if try_threads is not None:
+            opts["config"]["glinthawk.attention.try-threads"] = int(try_threads)
         workers[f"attention-{i}"] = {"cls": Nanny, "options": {**opts, "silence_logs": silence_logs}}
     environ = dict(NANNY_CONFIG)
     spin = config.get("local-cluster.openmp-spin")

@@ -155,8 +155,11 @@ class AttentionWorkerPlugin(_TierPlugin):
             config.get("attention.kv-memory-fraction"), _total_memory(),
         )
         # a worker that is also dense computes attention on the dense tier's thread count
-        threads = dense_threads() if "dense" in worker_tiers(resources) else int(config.get("attention.threads"))
-        return AttentionService(worker, budget, threads=threads)
+        if "dense" in worker_tiers(resources):
+            return AttentionService(worker, budget, threads=dense_threads())
+        try_threads = config.get("attention.try-threads")
+        return AttentionService(worker, budget, threads=int(config.get("attention.threads")),
+                                try_threads=int(try_threads) if try_threads else None)
 
 
 class GlinthawkSchedulerPlugin(SchedulerPlugin):

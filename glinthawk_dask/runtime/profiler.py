@@ -226,13 +226,21 @@ async def _disk_path(client: Any, model_config: ModelConfig, dtype: str, info: d
         return None
     pids = await client.run(os.getpid)  # workers in the client's own process (test clusters) differ
     same_process = os.getpid() in pids.values()
+    spins = sorted({str(s) for s in (await client.run(_openmp_spin)).values()})  # how idle OpenMP threads wait
     m = model_config
     ident = json.dumps([
         _MEASURES, __version__, torch.__version__, platform.node(), os.cpu_count(), dtype, same_process,
         [m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size],
         len(info["dense"]), len(info["attention"]), config.get("dense.threads"), config.get("attention.threads"),
+        spins,
     ])
     return Path(os.path.expanduser(where)) / f"{hashlib.sha256(ident.encode()).hexdigest()[:20]}.json"
+
+
+def _openmp_spin() -> str | None:
+    import os
+
+    return os.environ.get("GOMP_SPINCOUNT")
 
 
 def _read_kept(path) -> Profile | None:

@@ -174,6 +174,7 @@ class SliceRun:
             await asyncio.wait_for(worker.rpc(address).glinthawk_kv_open(
                 run_id=kv_run, config=dataclasses.asdict(self.config), layer_start=a, layer_stop=b,
                 n_slots=spec.sizes[mb], max_seq_len=spec.max_seq_len, dtype=spec.dtype, latency=spec.latency,
+                depth=len(spec.sizes),
             ), spec.peer_timeout)
         except Exception as e:
             if not is_worker_failure(e):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
 
-from glinthawk_dask.model import from_name
+from glinthawk_dask.model import cpu_attention, from_name
 from glinthawk_dask.model.attention import AttentionBatch, decode_attention, prefill_attention
 from glinthawk_dask.model.kv_cache import KVCache, KVCacheError, KVCacheFullError
 
@@ -102,7 +103,16 @@ def test_prefill_and_decode_kernels_match_naive(n_heads, n_kv_heads):
     torch.testing.assert_close(out[1], ref[-1], rtol=1e-5, atol=1e-6)
 
 
-def test_mixed_batch_equals_sequences_alone():
+@pytest.fixture(params=["compiled", "torch"])
+def kernel(request, monkeypatch):
+    """Each KV-cache test runs on the compiled CPU decode kernel and on torch's."""
+    monkeypatch.setenv("GLINTHAWK_TORCH_ATTENTION", "1" if request.param == "torch" else "0")
+    if request.param == "compiled":
+        assert cpu_attention.available()
+    return request.param
+
+
+def test_mixed_batch_equals_sequences_alone(kernel):
     """Decode rows, prefill chunks and scattered slots in one micro-batch give the same
     outputs as each sequence on its own."""
     torch.manual_seed(1)
@@ -131,7 +141,7 @@ def test_mixed_batch_equals_sequences_alone():
         torch.testing.assert_close(together[s], run([s])[s], rtol=0, atol=1e-6)
 
 
-def test_decode_steps_in_slot_order_take_the_short_path_with_the_same_outputs():
+def test_decode_steps_in_slot_order_take_the_short_path_with_the_same_outputs(kernel):
     """A decode step whose rows are the slots lo..hi-1 in order attends straight over the
     slot range (no scatter, no gather); its outputs are bit-identical to the general path's
     and each sequence's on its own.  Layouts out of order or with holes keep the general path,
@@ -172,3 +182,78 @@ def test_decode_steps_in_slot_order_take_the_short_path_with_the_same_outputs():
         torch.testing.assert_close(out[s], fast[s], rtol=0, atol=1e-6)
     for s in (0, 2, 4):
         torch.testing.assert_close(out_holes[s], fast[s], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,d", [(9, 3, 64), (6, 2, 16), (8, 1, 32), (4, 4, 8)])
+def test_compiled_decode_matches_the_torch_kernel_whatever_the_threads(n_heads, n_kv_heads, d, monkeypatch):
+    """The compiled kernel reads each sequence's slot up to its length only (garbage beyond
+    it never leaks in), matches the torch kernel on the gathered slots, and gives the same
+    bits on 1, 2 or 3 threads (each sequence and head is one thread's, in a fixed order)."""
+    torch.manual_seed(3)
+    n_slots, max_len = 11, 40
+    k_cache = torch.randn(n_slots, n_kv_heads, max_len, d)
+    v_cache = torch.randn(n_slots, n_kv_heads, max_len, d)
+    slots = torch.tensor([7, 2, 9, 0, 4, 5, 10])
+    lengths = torch.tensor([1, 17, 40, 3, 29, 8, 33])
+    for s, n in zip(slots.tolist(), lengths.tolist()):
+        k_cache[s, :, n:] = 1e3  # beyond the attended length: must not count
+        v_cache[s, :, n:] = -1e3
+    q = torch.randn(len(slots), n_heads, d)
+    span = int(lengths.max())
+    ref = decode_attention(q, k_cache[slots, :, :span], v_cache[slots, :, :span], lengths)
+    monkeypatch.setattr(cpu_attention, "PARALLEL_MIN_POSITIONS", 0)  # split even this small batch
+    outs = [cpu_attention.decode_attention_slots(q, k_cache, v_cache, slots, lengths, threads=t)
+            for t in (1, 2, 3)]
+    torch.testing.assert_close(outs[0], ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert cpu_attention.decode_attention_slots(q[:0], k_cache, v_cache, slots[:0], lengths[:0]).shape == (0, n_heads, d)
+
+
+def test_cache_attends_float32_on_the_cpu_with_the_compiled_kernel(monkeypatch):
+    """A float32 CPU cache sends its decode rows (in order, or mixed with a prefill chunk)
+    through the compiled kernel; bfloat16 and the torch switch keep the torch kernel."""
+    calls = []
+    compiled = cpu_attention.decode_attention_slots
+    monkeypatch.setattr(cpu_attention, "decode_attention_slots", lambda *a, **k: calls.append(len(a[0])) or compiled(*a, **k))
+    cfg = from_name("tiny-gqa")
+    h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def step(dtype):
+        cache = KVCache(cfg, n_slots=4, max_seq_len=16, layer_stop=1, dtype=dtype)
+        for s in range(3):
+            cache.allocate(s, s)
+        prefill = AttentionBatch.build([0, 1, 2], [0, 0, 0], [3, 2, 4])
+        cache.attend(0, torch.randn(9, h, d), torch.randn(9, kvh, d), torch.randn(9, kvh, d), prefill)
+        decode = AttentionBatch.build([0, 1, 2], [3, 2, 4], [1, 1, 1])
+        cache.attend(0, torch.randn(3, h, d), torch.randn(3, kvh, d), torch.randn(3, kvh, d), decode)
+        mixed = AttentionBatch.build([0, 1, 2], [4, 3, 5], [1, 3, 1])
+        return cache.attend(0, torch.randn(5, h, d), torch.randn(5, kvh, d), torch.randn(5, kvh, d), mixed)
+
+    assert step(torch.float32).shape == (5, h, d)
+    assert calls == [3, 2]
+    calls.clear()
+    step(torch.bfloat16)
+    monkeypatch.setenv("GLINTHAWK_TORCH_ATTENTION", "1")
+    step(torch.float32)
+    assert calls == []
+
+
+def test_without_numba_the_cache_keeps_the_torch_kernel(monkeypatch, caplog):
+    """A machine without Numba's wheels attends with the torch kernel and says so once."""
+    monkeypatch.setattr(cpu_attention, "_kernels", None)
+    monkeypatch.setattr(cpu_attention, "_missing", False)
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba → ImportError
+    with caplog.at_level("WARNING", logger=cpu_attention.__name__):
+        assert not cpu_attention.available()
+        assert not cpu_attention.available()
+    assert sum("Numba is not installed" in r.message for r in caplog.records) == 1
+    cfg = from_name("tiny-gqa")
+    cache = KVCache(cfg, n_slots=2, max_seq_len=8, layer_stop=1)
+    for s in range(2):
+        cache.allocate(s, s)
+    batch = AttentionBatch.build([0, 1], [0, 0], [1, 1])
+    q = torch.randn(2, cfg.n_heads, cfg.head_dim)
+    kv = torch.randn(2, cfg.n_kv_heads, cfg.head_dim)
+    assert cache.attend(0, q, kv, kv, batch).shape == q.shape
+    with pytest.raises(RuntimeError, match="pip install numba"):
+        cpu_attention.decode_attention_slots(q, cache.k[0], cache.v[0], batch.decode_slots, batch.decode_lengths)

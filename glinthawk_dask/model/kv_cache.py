@@ -11,6 +11,10 @@ Layout per layer: ``[n_slots, KVH, max_seq_len, D]``.  A contiguous range of slo
 a strided view, so a micro-batch's decode attention reads K/V in place, without a
 gather.  Memory is taken with ``torch.empty``: pages of a slot that were never written
 are not committed by the OS.
+
+Decode rows of a float32 cache on the CPU are attended by the compiled kernel of
+:mod:`~.cpu_attention` (on ``threads`` threads); other caches use the torch kernels of
+:mod:`~.attention`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Hashable
 import numpy as np
 import torch
 
+from . import cpu_attention
 from .attention import AttentionBatch, decode_attention, prefill_attention
 from .config import ModelConfig
 
@@ -47,6 +52,7 @@ class KVCache:
         layer_stop: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        threads: int | None = 1,
     ) -> None:
         layer_stop = config.n_layers if layer_stop is None else layer_stop
         if not 0 <= layer_start < layer_stop <= config.n_layers:
@@ -60,6 +66,8 @@ class KVCache:
         self.layer_stop = layer_stop
         self.dtype = dtype
         self.device = torch.device(device)
+        # threads of the compiled CPU decode kernel; None: torch's intra-op count at each call
+        self.threads = threads
         shape = (layer_stop - layer_start, n_slots, config.n_kv_heads, max_seq_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
@@ -188,6 +196,16 @@ class KVCache:
         kc[batch.token_slots, :, batch.positions] = k.to(self.dtype)  # rows [T, KVH, D]
         vc[batch.token_slots, :, batch.positions] = v.to(self.dtype)
         q = q.to(self.dtype)
+        if len(batch.decode_rows) and cpu_attention.supported(q, kc):  # compiled, read from the slots
+            threads = torch.get_num_threads() if self.threads is None else self.threads
+            if batch.all_decode_in_range_order:
+                return cpu_attention.decode_attention_slots(q, kc, vc, batch.decode_slots, batch.decode_lengths,
+                                                            threads)
+            o = torch.empty_like(q)  # [T, H, D]
+            o[batch.decode_rows] = cpu_attention.decode_attention_slots(
+                q[batch.decode_rows], kc, vc, batch.decode_slots, batch.decode_lengths, threads)
+            self._prefill(kc, vc, q, batch, o)
+            return o
         if batch.all_decode_in_range_order:  # the common decode step: q's rows are the range's
             lo, hi = batch.decode_range
             span = batch.decode_span
@@ -196,12 +214,18 @@ class KVCache:
         o = torch.empty_like(q)  # [T, H, D]
         if len(batch.decode_rows):
             o[batch.decode_rows] = self._decode(kc, vc, q[batch.decode_rows], batch)
+        self._prefill(kc, vc, q, batch, o)
+        return o
+
+    @staticmethod
+    def _prefill(kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, batch: AttentionBatch,
+                 o: torch.Tensor) -> None:
+        # each longer segment's rows of q [T, H, D] → the same rows of o [T, H, D]
         for row, slot, start, count in batch.prefill:
             end = start + count
             o[row : row + count] = prefill_attention(
                 q[row : row + count], kc[slot, :, :end], vc[slot, :, :end], start
             )
-        return o
 
     def _decode(
         self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, batch: AttentionBatch

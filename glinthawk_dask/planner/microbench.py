@@ -228,7 +228,7 @@ def attention_points(config: dict, dtype: torch.dtype, device: torch.device, sha
     cfg = ModelConfig(**config).replace(n_layers=1)
     out = []
     for b, ctx, new in shapes:
-        cache = KVCache(cfg, b, ctx + new, dtype=dtype, device=device)
+        cache = KVCache(cfg, b, ctx + new, dtype=dtype, device=device, threads=None)  # as an attention worker's
         cache.apply([], [(i, i) for i in range(b)])
         q = torch.randn(b * new, cfg.n_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, H, D]
         kv = torch.randn(b * new, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, KVH, D]

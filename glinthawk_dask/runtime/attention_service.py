@@ -107,7 +107,7 @@ class AttentionService:
                 "or add attention workers"
             )
         cache = KVCache(cfg, n_slots, max_seq_len, layer_start=layer_start, layer_stop=layer_stop,
-                        dtype=DTYPES[dtype])
+                        dtype=DTYPES[dtype], threads=None)  # the kernel on the threads each job runs with
         tuner = ThreadTuner((self.threads, self.try_threads)) if self.try_threads and depth == 1 else None
         self.runs[run_id] = _Run(cache, float(latency), {}, tuner)
         logger.info("glinthawk run %s: %r", run_id, cache)
@@ -237,7 +237,7 @@ class AttentionService:
             entry = self._scratch.get(key)
             if entry is None:
                 self._scratch.clear()
-                cache = KVCache(cfg, n, 1, dtype=q.dtype)
+                cache = KVCache(cfg, n, 1, dtype=q.dtype, threads=None)
                 ids = list(range(n))
                 cache.apply([], [(i, i) for i in ids])
                 batch = AttentionBatch.build(ids, [0] * n, [1] * n)

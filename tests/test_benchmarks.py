@@ -148,6 +148,25 @@ def test_bench_spin_runs_two_clusters_with_their_own_openmp_spin(tmp_path):
                      proc.stdout, re.MULTILINE)
 
 
+def test_bench_attention_kernel_compares_both_kernels_in_both_engines(tmp_path):
+    """The kernel benchmark at a tiny size: the kernel alone on 1 and 2 threads, then one
+    cluster and in-process switched between the kernels live, tokens checked per kernel."""
+    out = tmp_path / "kernel.json"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_attention_kernel.py"), "--model", "random:tiny-gqa", "--batch", "2",
+           "--prompt-tokens", "5", "--new-tokens", "8", "--rounds", "2", "--shapes", "4x16", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(out.read_text())
+    assert [(r["sequences"], r["context"], r["threads"]) for r in got["kernel"]] == [(4, 16, 1), (4, 16, 2)]
+    assert all(r["torch_us"] > 0 and r["compiled_us"] > 0 for r in got["kernel"])
+    engines = got["engines"]
+    assert engines["identical"] is True and len(engines["rounds"]) == 2
+    for row in engines["rounds"]:
+        assert set(row) == {"compiled", "torch"}
+        assert all(v["two_tier_tokens_per_s"] > 0 and v["in_process_tokens_per_s"] > 0 for v in row.values())
+    assert re.search(r"^two-tier: compiled / torch by round [\d.]+x, [\d.]+x$", proc.stdout, re.MULTILINE)
+
+
 def test_replay_planner_predicts_kept_runs_again(tmp_path):
     """Kept runs of bench_planner are predicted again from their own profiles: a run the
     current simulator predicted gives the same numbers, a bracketed one the mean of its

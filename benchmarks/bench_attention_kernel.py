@@ -29,21 +29,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_planner (timed runs)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_planner, bench_spin
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a checkout
 
 import torch  # noqa: E402
 
 from bench_planner import timed_generate  # noqa: E402
-from glinthawk_dask import LLM, SamplingParams  # noqa: E402
-from glinthawk_dask.engine.engine import EngineConfig  # noqa: E402
+from bench_spin import one_deep_workload  # noqa: E402
+from glinthawk_dask import LLM  # noqa: E402
 from glinthawk_dask.model import cpu_attention  # noqa: E402
 from glinthawk_dask.model.attention import _masked, decode_attention  # noqa: E402
 from glinthawk_dask.model.resolve import DEFAULT_MODEL  # noqa: E402
@@ -102,14 +101,8 @@ def _switch(kernel: str, dask_worker=None) -> str:
 
 
 def engine_part(args) -> dict:
-    rng = random.Random(0)
-    engine = EngineConfig(micro_batch_size=args.batch, max_step_tokens=max(256, args.batch * args.prompt_tokens))
-    in_process = LLM(args.model, mode="in-process", device="cpu", dtype="float32", engine_config=engine)
-    vocab = in_process.config.vocab_size
-    rows = [{"id": str(i), "prompt_token_ids": [rng.randrange(1, vocab) for _ in range(args.prompt_tokens)]}
-            for i in range(args.batch)]
-    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
-    warm = SamplingParams(max_tokens=4, ignore_eos=True)
+    engine, in_process, rows, params, warm = one_deep_workload(args.model, args.batch, args.prompt_tokens,
+                                                               args.new_tokens)
     llm = LLM(args.model, mode="two-tier", dtype="float32", local_workers=(1, 1), engine_config=engine,
               n_micro_batches=1)
     for kernel in KERNELS:

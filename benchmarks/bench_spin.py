@@ -64,6 +64,20 @@ def _thread_picks(dask_worker=None) -> list[dict]:
     return list(service.thread_picks) if service is not None else []
 
 
+def one_deep_workload(model: str, batch: int, prompt_tokens: int, new_tokens: int):
+    """What a one-deep comparison runs: the engine config of plan ``batch x 1``, the
+    in-process engine with it, ``batch`` random prompts of ``prompt_tokens`` tokens (seed
+    0), greedy sampling of ``new_tokens`` (EOS ignored) and a 4-token warm-up."""
+    rng = random.Random(0)
+    engine = EngineConfig(micro_batch_size=batch, max_step_tokens=max(256, batch * prompt_tokens))
+    in_process = LLM(model, mode="in-process", device="cpu", dtype="float32", engine_config=engine)
+    vocab = in_process.config.vocab_size
+    rows = [{"id": str(i), "prompt_token_ids": [rng.randrange(1, vocab) for _ in range(prompt_tokens)]}
+            for i in range(batch)]
+    return (engine, in_process, rows, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+            SamplingParams(max_tokens=4, ignore_eos=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -76,14 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the numbers to this JSON file")
     args = p.parse_args(argv)
 
-    rng = random.Random(0)
-    engine = EngineConfig(micro_batch_size=args.batch, max_step_tokens=max(256, args.batch * args.prompt_tokens))
-    in_process = LLM(args.model, mode="in-process", device="cpu", dtype="float32", engine_config=engine)
-    vocab = in_process.config.vocab_size
-    rows = [{"id": str(i), "prompt_token_ids": [rng.randrange(1, vocab) for _ in range(args.prompt_tokens)]}
-            for i in range(args.batch)]
-    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
-    warm = SamplingParams(max_tokens=4, ignore_eos=True)
+    engine, in_process, rows, params, warm = one_deep_workload(args.model, args.batch, args.prompt_tokens,
+                                                               args.new_tokens)
     in_process.generate(rows, warm)
     clusters = {}
     for setting in args.spins.split(","):

@@ -240,7 +240,7 @@ def test_cache_attends_float32_on_the_cpu_with_the_compiled_kernel(monkeypatch):
 
 def test_without_numba_the_cache_keeps_the_torch_kernel(monkeypatch, caplog):
     """A machine without Numba's wheels attends with the torch kernel and says so once."""
-    monkeypatch.setattr(cpu_attention, "_kernels", None)
+    monkeypatch.setattr(cpu_attention, "_kernel", None)
     monkeypatch.setattr(cpu_attention, "_missing", False)
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba → ImportError
     with caplog.at_level("WARNING", logger=cpu_attention.__name__):

@@ -28,6 +28,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,24 +41,24 @@ __all__ = ["available", "supported", "decode_attention_slots"]
 # threads costs more in hand-overs than it saves: about 0.1 ms of work on one core.
 PARALLEL_MIN_POSITIONS = 24_576
 
-_kernels: tuple | None = None  # (attend,), compiled on first use
+_kernel: Callable | None = None  # compiled on first use
 _missing = False  # Numba could not be imported
 _compile_lock = threading.Lock()
 
 
-def _compile() -> tuple | None:
+def _compile() -> Callable | None:
     """The kernel, compiled (from Numba's on-disk cache after the first time), or
     None where Numba is missing.  Imported lazily: Numba takes a second to import."""
-    global _kernels, _missing
-    if _kernels is not None or _missing:
-        return _kernels
+    global _kernel, _missing
+    if _kernel is not None or _missing:
+        return _kernel
     with _compile_lock:
-        if _kernels is None and not _missing:
-            _kernels, _missing = _build()
-    return _kernels
+        if _kernel is None and not _missing:
+            _kernel, _missing = _build()
+    return _kernel
 
 
-def _build() -> tuple[tuple | None, bool]:
+def _build() -> tuple[Callable | None, bool]:
     try:  # Numba is a dependency; a platform without its wheels keeps the torch kernel
         import numba
     except ImportError:  # pragma: no cover - exercised only where Numba is missing
@@ -132,16 +133,15 @@ def _build() -> tuple[tuple | None, bool]:
                         for d in range(d_n):
                             o[g, d] += w * vl[d]
 
-    kernels = (attend,)
     # Compile now, on a tiny problem, so that no run's first step pays for it.
     q = torch.zeros(1, 1, 1)
     cache = torch.zeros(1, 1, 1, 1)
-    _attend(kernels, q, cache, cache, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), 1)
-    return kernels, False
+    _attend(attend, q, cache, cache, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), 1)
+    return attend, False
 
 
 def available() -> bool:
-    """Whether the compiled kernels serve this process: Numba is installed and the
+    """Whether the compiled kernel serves this process: Numba is installed and the
     environment does not ask for the torch kernel (``GLINTHAWK_TORCH_ATTENTION=1``, for
     comparisons)."""
     return os.environ.get("GLINTHAWK_TORCH_ATTENTION", "") in ("", "0") and _compile() is not None
@@ -170,7 +170,7 @@ def _helpers(n: int) -> concurrent.futures.ThreadPoolExecutor:
         return _pool
 
 
-def _split(kernel, args: tuple, lengths: np.ndarray, kvh: int, threads: int) -> None:
+def _split(kernel: Callable, args: tuple, lengths: np.ndarray, kvh: int, threads: int) -> None:
     """Run ``kernel(*args, lo, hi, out)`` over ``[0, B)``: on this thread, or in ``threads``
     contiguous ranges of about equal work (cached positions) on the pool and this thread."""
     *head, out = args
@@ -206,15 +206,14 @@ def decode_attention_slots(
     rounding.  ``threads`` > 1 splits the sequences over that many threads (the result is
     the same bits).  Only for tensors :func:`supported` accepts.
     """
-    kernels = _compile()
-    if kernels is None:
+    kernel = _compile()
+    if kernel is None:
         raise RuntimeError("the compiled decode kernel needs Numba: pip install numba")
-    return _attend(kernels, q, k_cache, v_cache, slots, lengths, threads)
+    return _attend(kernel, q, k_cache, v_cache, slots, lengths, threads)
 
 
-def _attend(kernels: tuple, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+def _attend(attend: Callable, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
             lengths: torch.Tensor, threads: int) -> torch.Tensor:
-    (attend,) = kernels
     b, h, d = q.shape
     kvh = k_cache.shape[1]
     if b == 0:

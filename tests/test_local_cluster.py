@@ -115,6 +115,32 @@ def test_local_cluster_housekeeping_is_dask_s_own_when_asked_and_checked():
             assert set(ticks.values()) == {20}
 
 
+def test_embedded_clusters_keep_dask_s_logs_quiet_until_the_last_one_closes():
+    """Two embedded clusters in one process: closing the first leaves the second quiet
+    (Dask's own silence_logs restored INFO there); closing both restores the level."""
+    import logging
+
+    from glinthawk_dask.runtime.cluster import local_cluster
+
+    console = logging.StreamHandler()  # as Dask's own logging config installs outside pytest
+    logging.getLogger("distributed").addHandler(console)
+    try:
+        first = local_cluster(n_attention=0, n_dense=0)
+        second = local_cluster(n_attention=0, n_dense=0)
+        try:
+            assert console.level == logging.WARNING
+            first.close()
+            assert console.level == logging.WARNING
+            first.close()  # closing twice releases once
+            assert console.level == logging.WARNING
+        finally:
+            first.close()
+            second.close()
+        assert console.level == logging.NOTSET
+    finally:
+        logging.getLogger("distributed").removeHandler(console)
+
+
 def test_cli_unreachable_scheduler_is_one_line():
     proc = subprocess.run(
         [sys.executable, "-m", "glinthawk_dask", "generate", "--model", MODEL, "--prompt", "x",

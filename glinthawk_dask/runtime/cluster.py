@@ -9,13 +9,16 @@ managed to spill) and with pause/terminate thresholds above the KV budget.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from typing import Any
 
 import dask.config
 from dask.utils import parse_bytes
 from distributed import Client, Nanny, Scheduler, SpecCluster
+from distributed.utils import silence_logging_cmgr
 
 from .. import config
 from ..errors import GlinthawkError
@@ -55,6 +58,56 @@ def housekeeping_config() -> dict:
     if housekeeping not in ("quiet", "dask"):
         raise GlinthawkError(f"glinthawk.housekeeping is {housekeeping!r}: use quiet or dask")
     return dict(QUIET_HOUSEKEEPING) if housekeeping == "quiet" else {}
+
+
+class _QuietLogs:
+    """The stream handlers of Dask's loggers at one level while any embedded cluster of
+    this process lives.
+
+    Dask's own ``silence_logs`` restores the handlers as each cluster closes: with two
+    clusters in one process (a notebook comparing modes, a benchmark), closing the first
+    turned the second's scheduler, in this process, back to INFO lines and tracebacks of
+    comms it closes.  Here the level is restored when the last cluster closes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._stack: contextlib.ExitStack | None = None
+
+    def acquire(self, level: int | str) -> None:
+        with self._lock:
+            if self._users == 0:
+                stack = contextlib.ExitStack()
+                for root in ("distributed", "bokeh"):
+                    stack.enter_context(silence_logging_cmgr(level=level, root=root))
+                self._stack = stack
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._stack is not None:
+                self._stack.close()
+                self._stack = None
+
+
+_QUIET_LOGS = _QuietLogs()
+
+
+class _LocalCluster(SpecCluster):
+    """The embedded cluster: a :class:`SpecCluster` that holds :data:`_QUIET_LOGS` until
+    it closes."""
+
+    _quiet = False
+
+    async def _close(self) -> None:
+        try:
+            await super()._close()
+        finally:
+            if self._quiet:
+                self._quiet = False
+                _QUIET_LOGS.release()
+
 
 _LOCAL_CLUSTER = "Leave out the scheduler address (--scheduler on the command line) to start a local cluster"
 
@@ -107,7 +160,9 @@ def local_cluster(
     processes on this machine (defaults from ``glinthawk.local-cluster``).
 
     Dask's periodic housekeeping runs at :data:`QUIET_HOUSEKEEPING`'s intervals in all of
-    its processes unless ``glinthawk.housekeeping`` is ``"dask"``.
+    its processes unless ``glinthawk.housekeeping`` is ``"dask"``.  Dask's loggers in this
+    process (its scheduler and nannies) print ``silence_logs`` and above until the last
+    embedded cluster of the process closes.
 
     Its workers start in this process's environment: nannies started together cannot
     each set their own before they spawn, so :func:`tier_environment` is not applied
@@ -142,10 +197,18 @@ def local_cluster(
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address, "host": "127.0.0.1"}}
     # read as the scheduler and nannies start (their own timers; their workers' are in opts)
     before = os.environ.get("GOMP_SPINCOUNT")
+    if silence_logs:  # this process's scheduler and nannies; the workers get it in their options
+        _QUIET_LOGS.acquire(silence_logs)
     try:
         with dask.config.set({"distributed.worker.daemon": False, **environ, **housekeeping_config()}):
-            return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous,
-                               name="glinthawk-local", silence_logs=silence_logs)
+            cluster = _LocalCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous,
+                                    name="glinthawk-local", silence_logs=False)
+        cluster._quiet = bool(silence_logs)
+        return cluster
+    except BaseException:
+        if silence_logs:
+            _QUIET_LOGS.release()
+        raise
     finally:  # a nanny sets its pre-spawn environment in this process: keep ours as it was
         if before is None:
             os.environ.pop("GOMP_SPINCOUNT", None)

@@ -95,18 +95,29 @@ _QUIET_LOGS = _QuietLogs()
 
 
 class _LocalCluster(SpecCluster):
-    """The embedded cluster: a :class:`SpecCluster` that holds :data:`_QUIET_LOGS` until
-    it closes."""
+    """The embedded cluster: a :class:`SpecCluster` that holds :data:`_QUIET_LOGS` at
+    ``silence_logs`` (if any) from its start until it closes, or fails to start."""
 
-    _quiet = False
+    def __init__(self, *args: Any, silence_logs: int | str = 0, **kwargs: Any) -> None:
+        self._quiet = bool(silence_logs)
+        if self._quiet:
+            _QUIET_LOGS.acquire(silence_logs)
+        try:
+            super().__init__(*args, silence_logs=False, **kwargs)
+        except BaseException:
+            self._unquiet()
+            raise
+
+    def _unquiet(self) -> None:
+        if self._quiet:  # once, whether closed, closed again or never started
+            self._quiet = False
+            _QUIET_LOGS.release()
 
     async def _close(self) -> None:
         try:
             await super()._close()
         finally:
-            if self._quiet:
-                self._quiet = False
-                _QUIET_LOGS.release()
+            self._unquiet()
 
 
 _LOCAL_CLUSTER = "Leave out the scheduler address (--scheduler on the command line) to start a local cluster"
@@ -197,18 +208,10 @@ def local_cluster(
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address, "host": "127.0.0.1"}}
     # read as the scheduler and nannies start (their own timers; their workers' are in opts)
     before = os.environ.get("GOMP_SPINCOUNT")
-    if silence_logs:  # this process's scheduler and nannies; the workers get it in their options
-        _QUIET_LOGS.acquire(silence_logs)
-    try:
+    try:  # silence_logs: this process's scheduler and nannies; the workers get it in their options
         with dask.config.set({"distributed.worker.daemon": False, **environ, **housekeeping_config()}):
-            cluster = _LocalCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous,
-                                    name="glinthawk-local", silence_logs=False)
-        cluster._quiet = bool(silence_logs)
-        return cluster
-    except BaseException:
-        if silence_logs:
-            _QUIET_LOGS.release()
-        raise
+            return _LocalCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous,
+                                 name="glinthawk-local", silence_logs=silence_logs)
     finally:  # a nanny sets its pre-spawn environment in this process: keep ours as it was
         if before is None:
             os.environ.pop("GOMP_SPINCOUNT", None)

@@ -82,8 +82,8 @@ async def echo(q, k, v):
 
 
 def echo_inline(q, k, v):
-    """The same on the data plane's stream thread: (reply, delay)."""
-    return {"o": q}, 0.0
+    """The same on the data plane's stream thread."""
+    return {"o": q}
 
 
 RAW_HEADER = "<QQ"  # request bytes to follow, reply bytes wanted (a format: the echo is shipped by value)

@@ -50,13 +50,23 @@ def test_bench_two_tier_runs_and_reports(tmp_path):
                      text, re.MULTILINE), text
 
     # part 2: a row per latency, the cost of 5 ms relative to 0 ms
-    lat = re.findall(r"^\s+(0|5)\s+(\d+)x(\d+)\s+16\s+[\d.]+\s+([\d.]+)\s+([\d.]+)x\s+[\d.]+s\s+([\d.]+)\s+"
-                     r"([\d.]+)x$", text, re.MULTILINE)
+    prefill = re.search(r"^  prefill alone \(1 new token each, depth 1\): [\d.]+ s, the dense tier busy ([\d.]+) s",
+                        text, re.MULTILINE)
+    assert prefill and float(prefill[1]) > 0, text
+    lat = re.findall(r"^\s+(0|5)\s+(\d+)x(\d+)\s+16\s+[\d.]+\s+([\d.]+)\s+([\d.]+|n/a)\s+([\d.]+)x\s+[\d.]+s\s+"
+                     r"([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", text, re.MULTILINE)
     assert [r[0] for r in lat] == ["0", "5"], text
     assert all(int(r[1]) == 8 and float(r[3]) > 0 for r in lat)
     # the latency floor: 2 passes x 30 layers x 2 messages x 5 ms; none at 0 ms
-    assert [float(r[5]) for r in lat] == [0.0, 0.6], text
-    assert float(lat[0][6]) == 1.0 and 0 < float(lat[1][6]) <= 1.0, text
+    assert [float(r[6]) for r in lat] == [0.0, 0.6], text
+    # with every prompt in flight (8 prompts, micro-batches of 8): the prefill's dense
+    # work, then 1 pass x 30 layers x 2 messages x 5 ms; the floor alone where higher
+    report_rows = json.loads(out.read_text())["latency"]["runs"]
+    row5 = report_rows[1]
+    assert row5["prefill_floor_seconds"] == pytest.approx(max(0.6, row5["prefill_dense_seconds"] + 0.3))
+    assert float(lat[1][7]) == pytest.approx(row5["prefill_floor_seconds"], abs=0.006), text
+    assert float(lat[0][7]) == 0.0, text
+    assert float(lat[0][8]) == 1.0 and 0 < float(lat[1][8]) <= 1.0, text
     assert re.search(r"^latency 5 ms costs -?[\d.]+% of the 0 ms throughput", text, re.MULTILINE), text
     assert "every latency run generated exactly 16 tokens: yes" in text
 

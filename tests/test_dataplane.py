@@ -109,7 +109,7 @@ async def _pair():
     server_worker, client_worker = FakeWorker("1"), FakeWorker("2")
     streams = [ComputeStream("test-server"), ComputeStream("test-client")]
     server = DataPlane(server_worker, streams[0], "attention", ["echo", "slow", "hang", "boom"],
-                       inline={"echo": (lambda **kw: ({"o": kw["q"], "n": kw.get("n")}, 0.0), None)})
+                       inline={"echo": (lambda **kw: {"o": kw["q"], "n": kw.get("n")}, None)})
     server.register()
     client = DataPlane(client_worker, streams[1], "dense", [])
 
@@ -173,6 +173,41 @@ async def test_requests_multiplexed_on_one_connection_and_coalesced_replies():
         (link,) = server._served
         assert link.frames_in == 8
         assert link.writes < 8  # replies to requests read together leave in one write
+
+
+@gen_test(timeout=30)
+async def test_induced_latency_holds_the_request_and_its_reply_on_the_serving_side():
+    """Each message of an exchange is held ``latency(kwargs)`` on the serving side: the
+    request after it arrived (the handler runs no sooner), the reply before it leaves.
+    The requesting side sends at once: a job on its stream right after the send, longer
+    than the latency, does not hold the request (as a timer on that thread would)."""
+    lat = 0.15
+    async with _pair() as (server, client, _):
+        ran: list[float] = []
+        echo = server.inline["echo"]
+        server.inline["echo"] = (lambda **kw: (ran.append(time.monotonic()), echo[0](**kw))[1], echo[1])
+        server.latency = lambda kw: lat if kw.get("n", 0) >= 0 else 0.0
+        channel = await client.channel("tcp://127.0.0.1:1", "attention")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        sent: list[float] = []
+
+        def send_then_compute():  # the request, then 0.5 s of other work on the same stream
+            sent.append(time.monotonic())
+            channel.request("echo", {"n": 1}, _tensors(2),
+                            lambda r, e: loop.call_soon_threadsafe(fut.set_result, (r, e)), 10.0)
+            time.sleep(0.5)
+
+        await client.stream.run(send_then_compute)
+        reply, error = await fut
+        back = time.monotonic()
+        assert error is None and reply["n"] == 1
+        assert lat <= ran[0] - sent[0] < 0.45  # held on arrival, not behind the sender's 0.5 s job
+        assert back - ran[0] >= lat  # and the reply held before it left
+        server.latency = lambda kw: 0.0  # no latency: answered at once
+        t = time.monotonic()
+        assert (await channel.arequest("echo", {"n": 2}, _tensors(2)))["n"] == 2
+        assert time.monotonic() - t < lat
 
 
 @gen_test(timeout=60)

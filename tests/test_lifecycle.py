@@ -22,6 +22,7 @@ from distributed.comm.core import CommClosedError
 from distributed.utils_test import gen_cluster
 
 from glinthawk_dask import LLM, SamplingParams
+from glinthawk_dask import config as gh_config
 from glinthawk_dask.errors import GlinthawkError, ModelLoadError
 from glinthawk_dask.model import from_name
 from glinthawk_dask.runtime import DaskEngine, cluster_status
@@ -153,7 +154,7 @@ async def test_a_missing_model_file_during_recovery_fails_at_once_naming_it(c, s
                 pass
         took = time.time() - t0
         assert str(model_dir) in str(info.value), info.value
-        assert took < 2.0 + float(dask.config.get("glinthawk.engine.poll-interval")), took
+        assert took < 2.0 + float(gh_config.get("engine.poll-interval")), took
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -258,7 +259,7 @@ def test_sigkill_a_client_mid_run_frees_its_run_and_kv(process_cluster):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     t0 = time.time()
-    lease = float(dask.config.get("glinthawk.engine.lease"))
+    lease = float(gh_config.get("engine.lease"))
     while True:
         info = _status(process_cluster)
         reserved = [w["kv_reserved"] for tier in info["workers"].values() for w in tier]
@@ -319,7 +320,7 @@ def test_a_scheduler_that_goes_away_is_a_clear_error_not_a_hang():
                 took = time.time() - t0
             finally:
                 client.close(timeout=5)
-        assert took < 3.0 / 3 + 3.0 + float(dask.config.get("glinthawk.engine.peer-timeout")), took
+        assert took < 3.0 / 3 + 3.0 + float(gh_config.get("engine.peer-timeout")), took
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

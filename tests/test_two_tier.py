@@ -95,6 +95,13 @@ async def test_induced_latency_and_auto_depth(c, s, a, b):
     # machine busy with the rest of the suite (cold x5, x4 under contention): auto picks a
     # deep pipeline
     assert engine.last_summary.n_micro_batches >= 3
+    # every layer's round trip took both messages' latency: from the dense job that sent a
+    # micro-batch's q/k/v to the one that took its attention output for the next layer
+    jobs: dict[int, list] = {}
+    for e in sorted((e for ev in engine.last_timeline.values() for e in ev if e[0] == "dense"), key=lambda e: e[1]):
+        jobs.setdefault(e[3], []).append(e)
+    gaps = [b[1] - a[2] for ev in jobs.values() for a, b in zip(ev, ev[1:]) if b[4] == a[4] + 1]
+    assert gaps and min(gaps) >= 2 * 0.01, min(gaps)
 
 
 def _dense_share_while_others_attend(timeline: dict[str, list]) -> float:

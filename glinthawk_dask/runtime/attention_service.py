@@ -60,9 +60,10 @@ class AttentionService:
         self._lock = threading.Lock()  # cache work: the stream thread, or the loop (rpc callers)
         self.dataplane = DataPlane(
             worker, self.stream, "attention", ["glinthawk_attend", "glinthawk_attend_probe", "glinthawk_echo"],
-            inline={"glinthawk_attend": (self._attend_inline, self.attend),
+            inline={"glinthawk_attend": (self.attend_now, self.attend),
                     "glinthawk_attend_probe": (self._probe_inline, self.probe),
                     "glinthawk_echo": (self._echo_inline, self.echo)},
+            latency=lambda kwargs: self._latency(kwargs.get("run_id")),
         )
 
     # -- handlers (event loop) -------------------------------------------------------
@@ -154,24 +155,25 @@ class AttentionService:
         segments, admitted and released sequences); the following layers refer to it by ``step``.  The data
         plane runs this inline on the compute stream (:meth:`attend_now`); called as a
         coroutine (over rpc, with packed tensors answered packed, or by a wrapper) it
-        runs there too, and the run's induced latency is awaited before the reply.
+        runs there too.  Either way the run's induced latency holds the request before
+        it is computed and the reply after: the latency of both messages of the round trip.
         """
         packed = isinstance(q, dict)
         q, k, v = (unpack(t) if isinstance(t, dict) else t for t in (q, k, v))
-        reply = await self.stream.run(lambda: self.attend_now(run_id, micro_batch, step, layer, q, k, v, layout))
         latency = self._latency(run_id)
+        if latency:
+            await asyncio.sleep(latency)
+        reply = await self.stream.run(lambda: self.attend_now(run_id, micro_batch, step, layer, q, k, v, layout))
         if latency:
             await asyncio.sleep(latency)
         if packed and "o" in reply:
             reply["o"] = pack(reply["o"])
         return reply
 
-    def _latency(self, run_id: str) -> float:
-        run = self.runs.get(run_id)
+    def _latency(self, run_id: str | None) -> float:
+        """The induced latency of each message of run ``run_id`` (0 for none)."""
+        run = self.runs.get(run_id) if run_id is not None else None
         return run.latency if run is not None else 0.0
-
-    def _attend_inline(self, run_id: str, **kwargs: Any) -> tuple[dict, float]:
-        return self.attend_now(run_id, **kwargs), self._latency(run_id)
 
     @torch.inference_mode()
     def attend_now(self, run_id, micro_batch, step, layer, q, k, v, layout=None) -> dict:
@@ -221,10 +223,10 @@ class AttentionService:
         [T, KVH, D]) on a scratch cache, computed as :meth:`attend` computes: what a
         dense worker times to choose the depth of its pipeline and to profile.  The
         reply is ``{"o": [T, H, D], "s": seconds the computation took here}``."""
-        return await self.stream.run(lambda: self._probe_inline(config, q, k, v)[0])
+        return await self.stream.run(lambda: self._probe_inline(config, q, k, v))
 
     @torch.inference_mode()
-    def _probe_inline(self, config: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[dict, float]:
+    def _probe_inline(self, config: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
         """The probe as a run's layers after a step's first compute it: the scratch cache
         holds the step's layout (its sequences admitted, the batch built and checked once,
         by its first layer), and each request attends on a later layer of the step.
@@ -247,7 +249,7 @@ class AttentionService:
             self._use_threads(None)
             t = time.perf_counter()
             o = cache.attend(1, q, k, v, batch)  # [T, H, D]
-            return {"o": o, "s": time.perf_counter() - t}, 0.0
+            return {"o": o, "s": time.perf_counter() - t}
 
     async def profile(self, config: dict, shapes: list[list[int]], dtype: str = "float32") -> dict:
         """Attention timings for a profile on this worker's compute stream: ``{"points":
@@ -267,8 +269,8 @@ class AttentionService:
         return {"o": q}
 
     def _echo_inline(self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                     **_: Any) -> tuple[dict, float]:
-        return {"o": q}, 0.0
+                     **_: Any) -> dict:
+        return {"o": q}
 
     def close(self) -> None:
         self.runs.clear()

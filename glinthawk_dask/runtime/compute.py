@@ -1,9 +1,9 @@
 """One compute stream per worker, run by priority, and a timeline of what it ran.
 
 The dense worker has one device and therefore one stream of compute: every micro-batch
-in flight submits its next dense step here, and the deepest layer goes first (it is
-closest to producing tokens).  The event loop never computes; it only waits for
-results, so network messages keep flowing while the stream is busy.
+in flight submits its next dense step here, and they run in the order they became
+ready (the data plane's sends and control jobs first).  The event loop never computes;
+it only waits for results, so network messages keep flowing while the stream is busy.
 """
 
 from __future__ import annotations

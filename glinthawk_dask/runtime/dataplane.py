@@ -165,18 +165,22 @@ class DataPlane:
 
     ``ops`` are the handler names the tier serves here; ``inline`` maps some of them to
     ``(fn, handler)``: while ``worker.handlers[name] == handler``, requests run as
-    ``fn(**kwargs) -> (reply, delay_seconds)`` on the stream thread (the reply leaves
-    after ``delay_seconds``, the induced latency); otherwise ``worker.handlers[name]``
-    runs on the event loop.
+    ``fn(**kwargs) -> reply`` on the stream thread; otherwise ``worker.handlers[name]``
+    runs on the event loop.  ``latency(kwargs)`` (seconds, the induced latency of the
+    request's run) holds an inline request that long after it arrived and its reply that
+    long before it leaves: both messages of the exchange cross a slow network, whatever
+    the requesting side's thread is doing meanwhile.
     """
 
     def __init__(self, worker: Any, stream: ComputeStream, tier: str, ops: list[str],
-                 inline: dict[str, tuple[Callable[..., tuple[Any, float]], Any]] | None = None) -> None:
+                 inline: dict[str, tuple[Callable[..., Any], Any]] | None = None,
+                 latency: Callable[[dict], float] | None = None) -> None:
         self.worker = worker
         self.stream = stream
         self.tier = tier
         self.ops = set(ops)
         self.inline = inline or {}
+        self.latency = latency
         self._listener: socket.socket | None = None
         self._address: dict | None = None
         self._starting: asyncio.Future | None = None
@@ -257,20 +261,20 @@ class DataPlane:
             kwargs = {**meta["a"], **tensors}
             fast = self.inline.get(op)
             if fast is not None and handler == fast[1]:
-                try:
-                    result, delay = fast[0](**kwargs)
-                except Exception as e:
-                    now += _reply(rid, None, e)
-                    continue
-                if delay:
-                    frame = _reply(rid, result, None)
-                    self.stream.call_later(delay, lambda f=frame: _send_quietly(link, f))
+                delay = self.latency(kwargs) if self.latency is not None else 0.0
+                if delay:  # the request arrives after the latency; its reply leaves it behind
+                    self.stream.call_later(delay, functools.partial(self._serve_late, link, rid, fast[0], kwargs,
+                                                                    delay))
                 else:
-                    now += _reply(rid, result, None)
+                    now += _answer_inline(rid, fast[0], kwargs)
             else:
                 self._loop.call_soon_threadsafe(self._serve_on_loop, link, rid, handler, kwargs)
         if now:
             _send_quietly(link, now)
+
+    def _serve_late(self, link: Link, rid: int, fn: Callable[..., Any], kwargs: dict, delay: float) -> None:
+        frame = _answer_inline(rid, fn, kwargs)
+        self.stream.call_later(delay, lambda: _send_quietly(link, frame))
 
     def _serve_on_loop(self, link: Link, rid: int, handler: Callable, kwargs: dict) -> None:
         def answer(result: Any, error: BaseException | None) -> None:
@@ -355,6 +359,14 @@ def _outcome(f: asyncio.Future) -> tuple[Any, BaseException | None]:
         return None, asyncio.CancelledError("the handler was cancelled")
     e = f.exception()
     return (None, e) if e is not None else (f.result(), None)
+
+
+def _answer_inline(rid: int, fn: Callable[..., Any], kwargs: dict) -> list[Any]:
+    """The reply frame of ``fn(**kwargs)``, run here (its error, if it raises)."""
+    try:
+        return _reply(rid, fn(**kwargs), None)
+    except Exception as e:
+        return _reply(rid, None, e)
 
 
 def _reply(rid: int, result: Any, error: BaseException | None) -> list[Any]:

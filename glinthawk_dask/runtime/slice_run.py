@@ -35,6 +35,13 @@ from .staging import HostStaging
 
 __all__ = ["SliceRun"]
 
+# Every dense job runs at one priority: in the order it became ready.  (Deepest layer
+# first starved the micro-batches starting a step behind all the others: 50 ms from the
+# attention tier, the prompts of a pipeline sixteen deep went through prefill one after
+# another and each step's first job waited 50-65 ms a step; 5% slower in three runs of
+# each order, see benchmarks/LOG.md.)
+DENSE_PRIORITY = 0
+
 
 class SliceRun:
     """One run's state on one dense worker."""
@@ -119,7 +126,7 @@ class SliceRun:
         self._track_sampling(msg)
         if self.spec.local[msg.mb]:
             result = await self.stream.submit(
-                -self.spec.start, lambda: self._local(msg, x), kind="dense", micro_batch=msg.mb,
+                DENSE_PRIORITY, lambda: self._local(msg, x), kind="dense", micro_batch=msg.mb,
                 layer=self.spec.start,
             )
         else:
@@ -221,8 +228,8 @@ class _TwoTierStep:
 
     def start(self) -> None:
         start = self.run.spec.start
-        self.stream.submit(-start, self._guarded(self._first), kind="dense", micro_batch=self.mb, layer=start,
-                           on_done=lambda _, error: error and self.finish(error=error))
+        self.stream.submit(DENSE_PRIORITY, self._guarded(self._first), kind="dense", micro_batch=self.mb,
+                           layer=start, on_done=lambda _, error: error and self.finish(error=error))
 
     def _guarded(self, fn, *args):
         def job():
@@ -244,14 +251,10 @@ class _TwoTierStep:
         spec = self.run.spec
         args = AttendRequest(run_id=self.run.kv_runs[self.mb], micro_batch=self.mb, step=self.msg.step, layer=layer,
                              layout=self.run._layout(self.msg).to_wire() if layer == spec.start else None)
-        request = functools.partial(
-            self.channel.request, "glinthawk_attend", args.to_wire(), {"q": qkv[0], "k": qkv[1], "v": qkv[2]},
-            functools.partial(self._reply, layer), spec.peer_timeout,
-        )
-        if spec.latency:
-            self.stream.call_later(spec.latency, request)
-        else:
-            request()
+        # an induced latency is held on the attention side, on the request and on the
+        # reply (see DataPlane): here the request leaves now, its deadline the longer
+        self.channel.request("glinthawk_attend", args.to_wire(), {"q": qkv[0], "k": qkv[1], "v": qkv[2]},
+                             functools.partial(self._reply, layer), spec.peer_timeout + 2 * spec.latency)
 
     def _reply(self, layer: int, reply: Any, error: BaseException | None) -> None:
         if self.finished or self.done.done():  # settled, or nobody waits (the run closed)
@@ -266,7 +269,7 @@ class _TwoTierStep:
                 error = AttentionLost(self.channel.peer, spec.slice_index, self.mb, f"{type(error).__name__}: {error}")
             self.finish(error=error)
             return
-        self.stream.push(-(layer + 1), self._guarded(self._dense, layer, reply.o), kind="dense",
+        self.stream.push(DENSE_PRIORITY, self._guarded(self._dense, layer, reply.o), kind="dense",
                          micro_batch=self.mb, layer=layer)
 
     def _dense(self, layer: int, o: torch.Tensor) -> None:

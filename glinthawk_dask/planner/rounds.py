@@ -129,7 +129,7 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
             dur *= fd
         elif shared and kind == "attention" and dense_busy(t):
             dur *= fa
-        if kind == "dense" and t - server.idle_since > 5e-4 and server.busy_until <= t:
+        if kind == "dense" and t - server.idle_since > _EPS and server.busy_until <= t:
             dur = dur * cold + cold_s
         server.busy_until = t + dur
         server.idle_since = t + dur
@@ -148,7 +148,7 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
         cyc, k, layer, _ = state
         srv = dense[k]
         if not queued and (srv.busy_until > t or srv.queue):
-            heapq.heappush(srv.queue, (-(k * layers + layer), t, mb, state))  # higher layers first
+            heapq.heappush(srv.queue, (t, mb, state))  # in the order they became ready, as the runtime runs them
             return
         c = costs[mb][k]
         if not remote[mb]:
@@ -170,7 +170,7 @@ def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, sha
         if not srv.queue:
             return
         if kind == "dense":
-            _, _, mb, state = heapq.heappop(srv.queue)
+            _, mb, state = heapq.heappop(srv.queue)
             run_dense(t, mb, state, queued=True)
         else:
             _, mb, state = srv.queue.pop(0)

@@ -9,14 +9,16 @@ Two levels:
   does.  Each round every busy micro-batch takes one step.
 * **The pipeline of one round** (:func:`round_period`).  Micro-batches of given shapes
   cycle through the layers: a dense job per layer on their slice's dense worker (one
-  compute stream, higher layers first), a round trip to their attention worker (network
-  time plus induced latency each way) and the attention job there (one stream, in
-  order of arrival), then across slices.  The events are simulated until the cycle is
-  steady, and the period of one step is read off it.  When the tiers share a machine's
+  compute stream, in the order they become ready), a round trip to their attention
+  worker (network time plus induced latency each way) and the attention job there (one
+  stream, in order of arrival), then across slices.  The events are simulated until the
+  cycle is steady, and the period of one step is read off it.  When the tiers share a machine's
   cores, a job that starts while the other tier computes runs slower by the profile's
   slowdown for a pipeline that deep (measured in chains of dense jobs and attention
-  round trips two and three deep); a dense job that starts after its worker idled runs
-  at the profile's cold cost.  Rounds of the same shape (tokens, context read, rows) are simulated once.
+  round trips two and three deep); a dense job that starts after its worker idled,
+  however briefly (a pipeline one deep: every job after its round trip, as the profile
+  measured the cold cost), runs at the profile's cold cost.  Rounds of the same shape
+  (tokens, context read, rows) are simulated once.
 
 Single-tier and in-process runs have no attention tier: attention runs on the dense
 worker, inside its job.  A hybrid run mixes both: its first ``local_micro_batches``

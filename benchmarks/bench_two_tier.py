@@ -58,6 +58,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -142,6 +143,43 @@ def step_tokens_for(prompt_ids: Sequence[list[int]], mb_size: int) -> int:
     ``bench_inprocess`` does for its single micro-batch)."""
     longest = sorted((len(p) for p in prompt_ids), reverse=True)[:mb_size]
     return max(mb_size, sum(longest))
+
+
+def chain_report(timeline: dict[str, list]) -> dict[str, float] | None:
+    """Where one micro-batch's chain spends a layer, from a two-tier run's timeline
+    (events ``(kind, start, stop, micro_batch, layer)`` of every worker): mean
+    milliseconds of a middle dense job, from a dense job's end to its attention's start
+    (network and induced latency out), from the attention's end to the micro-batch's
+    next dense job (latency back and the wait behind other micro-batches' jobs), and
+    from a step's last dense job (the head) to the next step's first.  None without
+    remote attention events."""
+    dense: dict[int, list] = {}
+    attention: dict[int, list] = {}
+    for events in timeline.values():
+        for e in events:
+            if e[0] in ("dense", "attention"):
+                (dense if e[0] == "dense" else attention).setdefault(e[3], []).append(e)
+    if not attention:
+        return None
+    jobs, out, back, boundary = [], [], [], []
+    for mb, ev in dense.items():
+        ev.sort(key=lambda e: e[1])
+        att = sorted(attention.get(mb, []), key=lambda e: e[1])
+        starts = [e[1] for e in att]
+        for a, b in zip(ev, ev[1:]):
+            if b[4] in (a[4], a[4] + 1):  # a layer's round trip: a's q/k/v out, b takes the output
+                jobs.append(b[2] - b[1])
+                i = bisect.bisect_left(starts, a[2])
+                if i < len(att) and att[i][1] < b[1]:
+                    out.append(att[i][1] - a[2])
+                    back.append(b[1] - att[i][2])
+            elif b[4] < a[4]:  # the step's last job, then the next step's first
+                boundary.append(b[1] - a[2])
+
+    def ms(xs: list[float]) -> float:
+        return 1e3 * sum(xs) / len(xs) if xs else 0.0
+
+    return {"dense_job_ms": ms(jobs), "out_ms": ms(out), "back_ms": ms(back), "step_boundary_ms": ms(boundary)}
 
 
 def overlap_report(llm: LLM, seconds: float) -> dict[str, float]:
@@ -565,15 +603,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         lambda: bi.engine_generate(llm, lat_ids, args.latency_new_tokens)))
                     s = llm.engine.last_summary
                     ov = overlap_report(llm, seconds)
+                    chain = chain_report(llm.engine.last_timeline)
                     rows.append({"latency_ms": ms, "seconds": seconds,
                                  "generated_tokens": sum(map(len, outputs)),
                                  "tokens_per_s": sum(map(len, outputs)) / seconds,
                                  "predicted_tokens_per_s": s.predicted_tokens_per_s,
                                  "micro_batch_size": s.micro_batch_size, "n_micro_batches": s.n_micro_batches,
-                                 "tier_overlap": ov, "cpu": cpu})
+                                 "tier_overlap": ov, "chain": chain, "cpu": cpu})
                     llm.close()
                     print(f"  latency {ms:g} ms: {rows[-1]['tokens_per_s']:.1f} tokens/s, depth "
                           f"{s.n_micro_batches}; machine CPU during it: {cpu_text(cpu)}", flush=True)
+                    if chain:
+                        print(f"    a layer of a micro-batch's chain: dense job {chain['dense_job_ms']:.2f} ms, "
+                              f"out to attention {chain['out_ms']:.2f} ms, back to its next dense job "
+                              f"{chain['back_ms']:.2f} ms; step boundary {chain['step_boundary_ms']:.2f} ms",
+                              flush=True)
             base_row = next((r for r in rows if r["latency_ms"] == 0), None)
             n_layers = base.config.n_layers
             header = (f"{'latency ms':>10} {'plan':>8} {'generated':>9} {'seconds':>8} {'tokens/s':>9} "

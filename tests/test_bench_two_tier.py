@@ -68,6 +68,11 @@ def test_bench_two_tier_runs_and_reports(tmp_path):
     assert float(lat[0][7]) == 0.0, text
     assert float(lat[0][8]) == 1.0 and 0 < float(lat[1][8]) <= 1.0, text
     assert re.search(r"^latency 5 ms costs -?[\d.]+% of the 0 ms throughput", text, re.MULTILINE), text
+    # where a layer of the chain went: 5 ms each way, held on the attention side
+    chains = re.findall(r"^    a layer of a micro-batch's chain: dense job ([\d.]+) ms, out to attention ([\d.]+) ms, "
+                        r"back to its next dense job ([\d.]+) ms; step boundary ([\d.]+) ms$", text, re.MULTILINE)
+    assert len(chains) == 2, text
+    assert float(chains[1][1]) >= 5.0 and float(chains[1][2]) >= 5.0, text
     assert "every latency run generated exactly 16 tokens: yes" in text
 
     # part 3: each mode at each budget, token-identical; the dense budget honoured

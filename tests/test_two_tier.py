@@ -97,11 +97,18 @@ async def test_induced_latency_and_auto_depth(c, s, a, b):
     assert engine.last_summary.n_micro_batches >= 3
     # every layer's round trip took both messages' latency: from the dense job that sent a
     # micro-batch's q/k/v to the one that took its attention output for the next layer
-    jobs: dict[int, list] = {}
-    for e in sorted((e for ev in engine.last_timeline.values() for e in ev if e[0] == "dense"), key=lambda e: e[1]):
-        jobs.setdefault(e[3], []).append(e)
+    jobs = _dense_jobs(engine.last_timeline)
     gaps = [b[1] - a[2] for ev in jobs.values() for a, b in zip(ev, ev[1:]) if b[4] == a[4] + 1]
     assert gaps and min(gaps) >= 2 * 0.01, min(gaps)
+
+
+def _dense_jobs(timeline: dict[str, list]) -> dict[int, list]:
+    """Each micro-batch's dense jobs in the order they started (timeline events
+    ``(kind, start, stop, micro_batch, layer)`` of every worker)."""
+    dense: dict[int, list] = {}
+    for e in sorted((e for ev in timeline.values() for e in ev if e[0] == "dense"), key=lambda e: e[1]):
+        dense.setdefault(e[3], []).append(e)
+    return dense
 
 
 def _dense_share_while_others_attend(timeline: dict[str, list]) -> float:
@@ -110,9 +117,7 @@ def _dense_share_while_others_attend(timeline: dict[str, list]) -> float:
     that took the output.  0 when micro-batches take turns (or a dense job waits for
     its own attention); a pipeline that works fills those waits with the others' layers."""
     events = [e for ev in timeline.values() for e in ev]  # (kind, start, stop, micro_batch, layer)
-    dense: dict[int, list] = {}
-    for e in sorted((e for e in events if e[0] == "dense"), key=lambda e: e[1]):
-        dense.setdefault(e[3], []).append(e)
+    dense = _dense_jobs(timeline)
     out: dict[int, list[tuple[float, float]]] = {m: [] for m in dense}  # attention round trips per micro-batch
     starts = {m: [j[1] for j in jobs] for m, jobs in dense.items()}
     stops = {m: [j[2] for j in jobs] for m, jobs in dense.items()}

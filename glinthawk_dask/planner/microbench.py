@@ -26,7 +26,7 @@ from ..sampling import SamplingParams
 from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile, _layer_params, attention_work
 
 __all__ = ["dense_layer_points", "cold_factor", "local_layer_points", "head_points", "attention_points", "driver_cost",
-           "dense_points", "dense_profile", "local_profile", "attention_shapes", "TOKENS", "TOKENS_QUICK", "ROWS",
+           "dense_points", "dense_profile", "local_profile", "attention_shapes", "trimmed_mean", "TOKENS", "TOKENS_QUICK", "ROWS",
            "ATTENTION_SHAPES", "LOCAL_SHAPES"]
 
 _MIN_LAYERS = 4  # distinct layers cycled through at least (see _layer_count)
@@ -116,15 +116,30 @@ def _time_layers(cfg, layers, tokens: int, dtype, device, repeats: int, gap: flo
 
 def _over_rounds(points: list, measure, rounds: int) -> list[float]:
     """``measure(point)`` for every point, in ``rounds`` interleaved rounds: the mean
-    over rounds of each point's measure.  A VM's speed can swing by 2x between tenths
-    of a second (seen on this project's 2-core VM: a layer's median over 20 ms ranged
-    1.3-2.8 ms within 40 s), so one burst per point is a lottery, and a run's speed is
-    the mean over its seconds."""
-    sums = [0.0] * len(points)
+    over rounds of each point's measure, its highest and lowest sixth left out.
+
+    A VM's speed can swing by 2x between tenths of a second (seen on this project's
+    2-core VM: a layer's median over 20 ms ranged 1.3-2.8 ms within 40 s), so one burst
+    per point is a lottery, and a run's speed is the mean over its seconds.  But a
+    stall of a few hundred milliseconds inside one burst is a run's minute's worth of
+    stalls in a profile's two seconds: one profile there priced a 64-token layer at
+    25.4 ms, against 5.0-5.6 ms in the day's others (and its 16-token one at 5.7 ms
+    against 2.9), and every prediction made from it was 41-53% low.  The trimmed mean
+    keeps the swings and drops such bursts."""
+    samples: list[list[float]] = [[] for _ in points]
     for _ in range(rounds):
         for i, p in enumerate(points):
-            sums[i] += measure(p)
-    return [v / rounds for v in sums]
+            samples[i].append(measure(p))
+    return [trimmed_mean(s) for s in samples]
+
+
+def trimmed_mean(values: list[float], cut: int = 6) -> float:
+    """The mean of ``values`` without their highest and lowest ``1/cut`` (none cut from
+    fewer than ``cut`` values)."""
+    xs = sorted(values)
+    k = len(xs) // cut
+    kept = xs[k:len(xs) - k]
+    return sum(kept) / len(kept)
 
 
 def dense_layer_points(config: dict, dtype: torch.dtype, device: torch.device,

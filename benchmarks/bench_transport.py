@@ -21,7 +21,8 @@ Dask worker in this process and sends the requests two ways:
 
 For each payload (``--payloads`` KB of q+k+v, fp32 and bf16), each number of requests
 in flight (``--in-flight``), without and with a background thread that holds the GIL
-half of the time (0.5 ms of pure Python, then 0.5 ms asleep), it prints the p50 and
+half of the time (0.5 ms of pure Python, then 0.5 ms asleep), and for the stream beside
+a process that runs the same loop (a core's share without the GIL), it prints the p50 and
 p99 round trip, round trips per second, and the dense side's CPU in the thread that
 serves the transport: the event loop's for rpc, the compute stream's for the stream
 (each read with ``time.thread_time`` on that thread over the measured window), per
@@ -41,10 +42,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -182,6 +185,28 @@ class GilHolder:
         self._thread.join()
 
 
+_SPIN = ("import time\n"
+         "while True:\n"
+         "    end = time.perf_counter() + 0.0005\n"
+         "    while time.perf_counter() < end:\n"
+         "        pass\n"
+         "    time.sleep(0.0005)\n")
+
+
+class CpuHolder:
+    """The same half-time busy loop in a process of its own: it takes as much of a core
+    as :class:`GilHolder` but no GIL of the dense side, so the two rows beside each
+    other split the p99 into what the GIL costs and what sharing the cores does."""
+
+    def __enter__(self) -> "CpuHolder":
+        self._proc = subprocess.Popen([sys.executable, "-c", _SPIN])
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._proc.kill()
+        self._proc.wait()
+
+
 def tensors(payload_kb: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     elem = torch.tensor([], dtype=dtype).element_size()
     t = max(1, round(payload_kb * 1024 / ((H + 2 * KVH) * D * elem)))
@@ -262,12 +287,16 @@ def _per(n: int, wall: float, served_cpu: float, loop_cpu: float) -> dict[str, f
             "loop_us_per_round_trip": loop_cpu / n * 1e6}
 
 
-def report_row(kb: float, dtype: torch.dtype, gil: bool, in_flight: int, path: str, r: dict) -> dict:
-    """One row of the report, printed as it comes (the floor has no event loop: "-")."""
-    row = {"payload_kb": kb, "dtype": str(dtype).removeprefix("torch."), "gil_thread": gil, "in_flight": in_flight,
-           "path": path, **r}
+HOLDERS = {"no": contextlib.nullcontext, "gil": GilHolder, "cpu": CpuHolder}  # what runs beside the measure
+
+
+def report_row(kb: float, dtype: torch.dtype, holder: str, in_flight: int, path: str, r: dict) -> dict:
+    """One row of the report, printed as it comes (the floor has no event loop: "-");
+    ``holder`` is a key of :data:`HOLDERS`."""
+    row = {"payload_kb": kb, "dtype": str(dtype).removeprefix("torch."), "gil_thread": holder == "gil",
+           "cpu_process": holder == "cpu", "in_flight": in_flight, "path": path, **r}
     loop = "-" if path == "floor" else f"{r['loop_us_per_round_trip']:.1f}"
-    print(f"{kb:>6g}KB {row['dtype']:>8} {'yes' if gil else 'no':>4} {in_flight:>8} | {path:>6} "
+    print(f"{kb:>6g}KB {row['dtype']:>8} {holder:>6} {in_flight:>8} | {path:>6} "
           f"{r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['round_trips_per_s']:>8.0f} "
           f"{r['cpu_us_per_round_trip']:>9.1f} {r['cpu_us_per_message']:>9.1f} {loop:>7}", flush=True)
     return row
@@ -290,7 +319,7 @@ async def _run(args: argparse.Namespace) -> dict:
                 peer, raw = echo_at["address"], tuple(echo_at["raw"])
                 plane = DataPlane(dense, ComputeStream("glinthawk-dense"), "dense", [])
                 rows = []
-                header = (f"{'payload':>8} {'dtype':>8} {'gil':>4} {'inflight':>8} | {'path':>6} {'p50 ms':>7} "
+                header = (f"{'payload':>8} {'dtype':>8} {'beside':>6} {'inflight':>8} | {'path':>6} {'p50 ms':>7} "
                           f"{'p99 ms':>7} {'rt/s':>8} {'us/rt':>9} {'us/msg':>9} {'(loop)':>7}")
                 print(header)
                 print("-" * len(header), flush=True)
@@ -299,19 +328,13 @@ async def _run(args: argparse.Namespace) -> dict:
                     for dtype in (torch.float32, torch.bfloat16):
                         payload = tensors(kb, dtype)
                         r = await loop.run_in_executor(None, measure_floor, raw, payload, args.seconds)
-                        rows.append(report_row(kb, dtype, False, 1, "floor", r))
-                        for gil in (False, True):
+                        rows.append(report_row(kb, dtype, "no", 1, "floor", r))
+                        for holder in HOLDERS:
                             for k in args.in_flight:
-                                for path in ("rpc", "stream"):
-                                    holder = GilHolder() if gil else None
-                                    if holder:
-                                        holder.__enter__()
-                                    try:
+                                for path in ("rpc", "stream") if holder != "cpu" else ("stream",):
+                                    with HOLDERS[holder]():
                                         r = await measure(dense, plane, peer, path, payload, k, args.seconds)
-                                    finally:
-                                        if holder:
-                                            holder.__exit__(None)
-                                    rows.append(report_row(kb, dtype, gil, k, path, r))
+                                    rows.append(report_row(kb, dtype, holder, k, path, r))
                 plane.close()
                 plane.stream.close()
                 return {"rows": rows}
@@ -336,9 +359,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def targets(rows: list[dict]) -> dict:
     """The issue's targets, read at 64 KB fp32 with 4 in flight."""
-    def pick(path: str, gil: bool) -> dict | None:
+    def pick(path: str, gil: bool, cpu: bool = False) -> dict | None:
         return next((r for r in rows if r["payload_kb"] == 64 and r["dtype"] == "float32" and r["in_flight"] == 4
-                     and r["path"] == path and r["gil_thread"] == gil), None)
+                     and r["path"] == path and r["gil_thread"] == gil and r.get("cpu_process", False) == cpu), None)
 
     s, s_gil, rpc = pick("stream", False), pick("stream", True), pick("rpc", False)
     out: dict[str, Any] = {}
@@ -361,6 +384,11 @@ def targets(rows: list[dict]) -> dict:
     for key, what, value, ok, fmt in checks:
         out[key] = {"value": value, "ok": ok}
         print(f"{what}: {fmt.format(value)} {'PASS' if ok else 'SHORT'}")
+    s_cpu = pick("stream", False, cpu=True)
+    if s_cpu is not None:
+        out["p99_beside"] = {"nothing": s["p99_ms"], "cpu_process": s_cpu["p99_ms"], "gil_thread": s_gil["p99_ms"]}
+        print(f"(the p99 with nothing beside it: {s['p99_ms']:.3f} ms; beside a process busy the same half of the "
+              f"time, which holds a core but not this process's GIL: {s_cpu['p99_ms']:.3f} ms)")
     floor = next((r for r in rows if r["payload_kb"] == 64 and r["dtype"] == "float32" and r["path"] == "floor"), None)
     if floor is not None:
         out["floor_cpu_us_per_round_trip"] = floor["cpu_us_per_round_trip"]

@@ -61,8 +61,9 @@ def test_bench_quickstart_runs_a_spec_and_its_requests_in_process(tmp_path):
 
 def test_bench_transport_runs_every_path_and_reads_its_targets(tmp_path):
     """The transport benchmark at a tiny size: the floor, rpc and the data plane at 64 KB
-    with 4 in flight, with and without the GIL-holding thread, and the targets read from
-    those rows (numbers, not verdicts: this machine's speed is not under test)."""
+    with 4 in flight, with and without the GIL-holding thread (the stream also beside a
+    process busy the same way), and the targets read from those rows (numbers, not
+    verdicts: this machine's speed is not under test)."""
     out = tmp_path / "transport.json"
     cmd = [sys.executable, str(BENCHMARKS / "bench_transport.py"), "--payloads", "64", "--in-flight", "4",
            "--seconds", "0.1", "--json", str(out)]
@@ -76,6 +77,8 @@ def test_bench_transport_runs_every_path_and_reads_its_targets(tmp_path):
         assert (dtype, False, 1, "floor") in seen
         for gil in (False, True):
             assert {(dtype, gil, 4, "rpc"), (dtype, gil, 4, "stream")} <= seen
+    beside_a_process = {(r["dtype"], r["path"]) for r in rows if r["cpu_process"]}
+    assert beside_a_process == {("float32", "stream"), ("bfloat16", "stream")}
     for r in rows:
         assert r["round_trips"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] and r["cpu_us_per_round_trip"] > 0
         # a round trip is two messages on the dense side: the request and its reply
@@ -85,6 +88,8 @@ def test_bench_transport_runs_every_path_and_reads_its_targets(tmp_path):
     assert re.search(r"^p99 round trip <= 1 ms with the GIL-holding thread: [\d.]+ ms (PASS|SHORT)$", text,
                      re.MULTILINE)
     assert re.search(r"^>= 3x fewer CPU us/message than rpc: [\d.]+x (PASS|SHORT)$", text, re.MULTILINE)
+    assert re.search(r"^\(the p99 with nothing beside it: [\d.]+ ms; beside a process busy the same half of the "
+                     r"time, .*: [\d.]+ ms\)$", text, re.MULTILINE), text
     assert re.search(r"^\(the floor, .*: [\d.]+ us of CPU a round trip; the stream spends -?[\d.]+ us above it\)$",
                      text, re.MULTILINE), text
 

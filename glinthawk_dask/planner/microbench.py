@@ -146,7 +146,7 @@ def dense_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
                        tokens: list[int], repeats: int = 2, rounds: int = ROUNDS) -> list[list[float]]:
     """``[[tokens, seconds]]``: one layer's dense half (post-attention of one layer and
     pre-attention of the next), back to back over distinct layers: the median of a
-    burst of ``repeats``, averaged over ``rounds`` rounds through every point."""
+    burst of ``repeats``, a trimmed mean over ``rounds`` rounds through every point."""
     cfg, layers = _layers(ModelConfig(**config), dtype, device)
     seconds = _over_rounds(tokens, lambda t: _time_layers(cfg, layers, t, dtype, device, repeats), rounds)
     return [[t, s] for t, s in zip(tokens, seconds)]
@@ -214,7 +214,7 @@ def local_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
 def head_points(config: dict, dtype: torch.dtype, device: torch.device, rows: list[int],
                 repeats: int = 1, rounds: int = ROUNDS // 3) -> list[list[float]]:
     """``[[rows, seconds]]``: final norm, LM head and a greedy pick for that many rows
-    (the median of a burst of ``repeats``, averaged over ``rounds`` rounds)."""
+    (the median of a burst of ``repeats``, a trimmed mean over ``rounds`` rounds)."""
     cfg = ModelConfig(**config).replace(n_layers=1)
     w = load_slice(SyntheticCheckpoint(cfg), 0, 1, dtype=dtype, device=device)  # (not in inference mode)
     xs = {n: torch.randn(n, cfg.dim, dtype=dtype, device=device) for n in rows}  # [N, dim]

@@ -361,7 +361,7 @@ def targets(rows: list[dict]) -> dict:
     """The issue's targets, read at 64 KB fp32 with 4 in flight."""
     def pick(path: str, gil: bool, cpu: bool = False) -> dict | None:
         return next((r for r in rows if r["payload_kb"] == 64 and r["dtype"] == "float32" and r["in_flight"] == 4
-                     and r["path"] == path and r["gil_thread"] == gil and r.get("cpu_process", False) == cpu), None)
+                     and r["path"] == path and r["gil_thread"] == gil and r["cpu_process"] == cpu), None)
 
     s, s_gil, rpc = pick("stream", False), pick("stream", True), pick("rpc", False)
     out: dict[str, Any] = {}

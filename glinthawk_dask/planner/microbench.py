@@ -26,8 +26,8 @@ from ..sampling import SamplingParams
 from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile, _layer_params, attention_work
 
 __all__ = ["dense_layer_points", "cold_factor", "local_layer_points", "head_points", "attention_points", "driver_cost",
-           "dense_points", "dense_profile", "local_profile", "attention_shapes", "trimmed_mean", "TOKENS", "TOKENS_QUICK", "ROWS",
-           "ATTENTION_SHAPES", "LOCAL_SHAPES"]
+           "dense_points", "dense_profile", "local_profile", "attention_shapes", "trimmed_mean", "TOKENS",
+           "TOKENS_QUICK", "ROWS", "ATTENTION_SHAPES", "LOCAL_SHAPES"]
 
 _MIN_LAYERS = 4  # distinct layers cycled through at least (see _layer_count)
 _DEFAULT_CACHE_BYTES = 32 * 2**20  # a last-level cache, where the hardware does not say

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 
@@ -52,6 +53,12 @@ def test_attention_fit_recovers_its_coefficients():
     fit = AttentionCost.fit(pts)
     assert fit.overhead_s == pytest.approx(1e-4, rel=1e-6)
     assert fit.kv_GBps == pytest.approx(10.0, rel=1e-6) and fit.gflops == pytest.approx(50.0, rel=1e-6)
+    # decode shapes alone (FLOPs proportional to KV bytes) cannot split the two slopes:
+    # all of it goes to the KV read, the same costs, whatever the machine's LAPACK
+    decode = [(b, 2.0 * b, true.seconds(b, 2.0 * b)) for b in (1e5, 1e6, 1e7, 5e7)]
+    fit = AttentionCost.fit(decode)
+    assert fit.gflops == math.inf and fit.overhead_s == pytest.approx(1e-4, rel=1e-6)
+    assert all(fit.seconds(b, f) == pytest.approx(s, rel=1e-6) for b, f, s in decode)
 
 
 def test_profile_json_round_trip_and_errors(tmp_path):
@@ -236,6 +243,18 @@ def test_continuous_batching_admits_as_slots_free_and_counts_every_token():
     assert pred.generated_tokens == sum(outs)
     # two slots: at least as many steps as the longest pair needs, fewer than one request at a time
     assert max(outs) <= pred.steps < sum(outs) + len(outs)
+
+
+def test_prompts_chunked_one_token_a_step_are_prefill_not_decode():
+    prof = _profile()
+    w = Workload((3,) * 6, (4,) * 6)
+    # one slot, one token a step: each request takes its 3 prompt tokens (the last one
+    # samples) and 3 more decode steps, one request after another
+    one = simulate(prof, MODEL, w, RunConfig(micro_batch_size=1, micro_batches=1, max_step_tokens=1))
+    assert one.feasible and one.generated_tokens == 24 and one.steps == 6 * (3 + 4 - 1)
+    # a step budget below the micro-batch is raised to it, as runs raise it
+    six = simulate(prof, MODEL, w, RunConfig(micro_batch_size=6, micro_batches=1, max_step_tokens=1))
+    assert six.feasible and six.config.max_step_tokens == 6 and six.generated_tokens == 24
 
 
 def test_kv_that_does_not_fit_is_infeasible_with_a_reason():
@@ -540,6 +559,13 @@ async def test_profile_measures_a_cluster_and_auto_plans_use_it(c, s, a, b):
     summary = engine.last_summary
     assert summary.predicted_tokens_per_s and summary.predicted_tokens_per_s > 0
     assert summary.micro_batch_size * summary.n_micro_batches >= 1
+    # micro-batches larger than the step token budget (an auto plan's, or given): each
+    # step still holds a whole micro-batch's decode tokens, as in-process
+    for size in ("auto", 6):
+        small_steps = DaskEngine(c, "random:tiny-gqa", micro_batch_size=size, n_micro_batches=1, max_step_tokens=1)
+        out = [x async for x in small_steps.agenerate(reqs)]
+        assert len(out) == 6 and all(len(x.completion_token_ids) == 4 for x in out)
+        assert small_steps.last_summary.micro_batch_size > 1
 
 
 # -- the shipped profiles and the paper's comparison ------------------------------------------------

@@ -111,7 +111,7 @@ def candidates(
                             cfg = RunConfig(mode=mode, micro_batch_size=b, micro_batches=m, dense=d,
                                             attention=max(1, min(a, remote)), max_seq_len=max_seq_len,
                                             latency=latency, dtype_bytes=dtype_bytes,
-                                            max_step_tokens=max(max_step_tokens, b), local_micro_batches=lm,
+                                            max_step_tokens=max_step_tokens, local_micro_batches=lm,
                                             dense_kv_budget=dense_kv_budget)
                             if cfg not in seen:
                                 seen.add(cfg)

@@ -101,13 +101,23 @@ class AttentionCost:
         over the three coefficients (a tiny active-set solve), in relative terms: each
         point weighs by its own size, so the small calls a decode step makes (where the
         fixed overhead is most of the time) count as much as the large ones (an absolute
-        fit let the largest shapes set the slopes and priced the overhead at zero)."""
+        fit let the largest shapes set the slopes and priced the overhead at zero).
+
+        Points whose FLOPs are proportional to their KV bytes (decode shapes alone: one
+        query a sequence) cannot tell the two slopes apart; they are fitted to the KV
+        read alone (decode attention is bound by it), which gives the same costs for
+        such shapes, the same on every machine (the split of a least-squares solve
+        between two proportional columns depends on the linear algebra library)."""
         import numpy as np
 
         w = np.array([1.0 / max(p[2], 1e-12) for p in points])  # [points]
         a = np.array([[1.0, p[0], p[1]] for p in points]) * w[:, None]  # [points, 3]
         b = np.array([p[2] for p in points]) * w  # [points]
         active = [0, 1, 2]
+        slopes = a[:, 1:]  # [points, 2]
+        norms = np.linalg.norm(slopes, axis=0)  # [2]
+        if norms.min() == 0 or np.linalg.svd(slopes / norms, compute_uv=False)[-1] < 1e-9:
+            active = [0, 1] if norms[0] > 0 else [0, 2]  # proportional (or one unused): one slope
         while True:
             coef = np.zeros(3)
             if active:

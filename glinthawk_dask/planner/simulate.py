@@ -109,8 +109,9 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
         if dense_cap is not None and pred.kv_bytes_dense > dense_cap:
             return _infeasible(pred, f"KV of {pred.kv_bytes_dense / 2**30:.2f} GiB per dense worker exceeds its "
                                      f"{dense_cap / 2**30:.2f} GiB")
-    if c.max_step_tokens < max(mb_size, pred.local_batch_size):
-        return _infeasible(pred, "max_step_tokens below the micro-batch size")
+    if c.max_step_tokens < max(mb_size, pred.local_batch_size):  # a step holds a whole micro-batch, as runs do
+        c = dataclasses.replace(c, max_step_tokens=max(mb_size, pred.local_batch_size))
+        pred.config = c
     too_long = [p for p in workload.prompt_lens if p >= seq_len]
     if too_long:
         return _infeasible(pred, f"a prompt of {too_long[0]} tokens leaves no room in KV slots of {seq_len}")
@@ -159,10 +160,11 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
             side[1] = [a + b for a, b in zip(side[1], (sh.tokens, sh.kv_read, sh.attn_units, sh.rows, sh.seqs))]
         groups = tuple((k, tuple(v)) for k, v in sums)
         # rounds of decode alone, nobody finishing or joining: only the contexts grow, so
-        # they are costed without planning each step again
+        # they are costed without planning each step again (a prefill chunk of one token
+        # is not decode: it samples nothing unless it ends its prompt)
         repeat = 1
         full = not waiting or all(len(r) == sizes[mb] for mb, r in enumerate(running))  # no slot to admit into
-        if full and all(cnt == 1 for _, segs in plans for _, cnt in segs):
+        if full and all(cnt == 1 and sq.length - sq.cached == 1 for _, segs in plans for sq, cnt in segs):
             repeat = min(sq.out - sq.made for _, segs in plans for sq, _ in segs)
         for j in range(repeat):
             period, du, au = period_of(groups, j)

@@ -532,6 +532,9 @@ async def test_profile_measures_a_cluster_and_auto_plans_use_it(c, s, a, b):
     # contention measured in chains two and three deep, as a run's pipeline
     assert prof.dense_slowdown >= 1.0 and prof.dense_slowdown_3 >= 1.0 and prof.attention_slowdown_3 >= 1.0
     info = await c.scheduler.glinthawk_cluster_info()
+    # the dense tier's KV memory, as placement gives it (a CPU worker: its KV budget)
+    assert prof.dense.kv_bytes == min(info["dense_kv_free"].values()) > 0
+    assert prof.dense.kv_budget(10**6) == prof.dense.kv_bytes
     chains = await c.rpc(info["dense"][0]).glinthawk_profile_alternate(
         address=info["attention"] * 2, config=dataclasses.asdict(MODEL), tokens=4, n=4)
     assert chains["job"] >= chains["alternating"] > 0 and chains["alone"] > 0

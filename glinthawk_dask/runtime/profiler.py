@@ -20,7 +20,8 @@ from typing import Any
 from ..errors import GlinthawkError
 from ..model.config import ModelConfig
 from ..planner.microbench import ROWS, TOKENS, TOKENS_QUICK, attention_shapes, dense_profile
-from ..planner.profile import AttentionCost, AttentionProfile, Profile, attention_work, fit_cold, request_bytes
+from ..planner.profile import (AttentionCost, AttentionProfile, DenseProfile, Profile, attention_work, fit_cold,
+                                request_bytes)
 from .messages import DTYPES
 
 __all__ = ["measure_profile", "cluster_profile", "profile_key"]
@@ -28,7 +29,7 @@ __all__ = ["measure_profile", "cluster_profile", "profile_key"]
 logger = logging.getLogger(__name__)
 
 _PROBE_TOKENS = [1, 16, 64, 256]
-_MEASURES = 3  # how profiles are measured: profiles kept on disk by other measures are not read
+_MEASURES = 4  # how profiles are measured: profiles kept on disk by other measures are not read
 
 
 def profile_key(model: str, dtype: str, info: dict) -> str:
@@ -69,7 +70,7 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
         shared = hosts.get(dense) is not None and hosts.get(dense) == hosts.get(att)
     profile = Profile(
         name=name or f"measured-{d['device']}", source="",
-        dense=dense_profile(d, local),
+        dense=_with_kv_memory(dense_profile(d, local), info["dense_kv_free"]),
         attention=attention, rtt_s=rtt_s, net_GBps=net_GBps, msg_cpu_s=msg_cpu_s, msg_cpu_GBps=msg_cpu_GBps,
         shared_host=shared, model=model_config,
     )
@@ -83,6 +84,20 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
         extra={"workers": {"dense": len(info["dense"]), "attention": len(info["attention"])},
                "seconds": round(time.time() - t0, 2)},
     )
+
+
+def _with_kv_memory(dense: DenseProfile, free: dict[str, int | None]) -> DenseProfile:
+    """``dense`` with the KV memory of the smallest dense worker (``free``: each one's
+    free KV bytes with no weights loaded, as the scheduler places runs): on a CPU its KV
+    budget, whatever the weights; on a GPU its device memory, of which a plan's slice of
+    weights takes its share (``memory_bytes``).  So plans made from the profile keep the
+    dense tier's KV within what placement will give it."""
+    known = [int(v) for v in free.values() if v is not None]
+    if not known:
+        return dense
+    if dense.device == "cpu":
+        return dataclasses.replace(dense, kv_bytes=float(min(known)))
+    return dataclasses.replace(dense, memory_bytes=float(min(known)), workspace_bytes=0.0)
 
 
 async def _run_shaped(client, profile: Profile, dense: str, attention: list[str], cfg: dict, dtype: str, elem: int,

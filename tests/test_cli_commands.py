@@ -367,6 +367,15 @@ def test_start_cluster_run_and_stop_on_loopback(tmp_path, reference, tls):
         table = read_output(str(out))
         got = {r["id"]: r["completion_token_ids"] for r in table.records()}
         assert got == reference
+        # the same cluster profiled: both tiers' KV memory as its scheduler places runs
+        prof_path = tmp_path / "profile.json"
+        prof = subprocess.run([sys.executable, "-m", "glinthawk_dask", "profile", "--model", "random:tiny-gqa",
+                               "--quick", "--out", str(prof_path), "--scheduler", address, *tls_args],
+                              capture_output=True, text=True, timeout=180, env=_env())
+        assert prof.returncode == 0, prof.stderr
+        assert prof.stdout.count("GiB KV free per worker") == 2, prof.stdout
+        doc = json.loads(prof_path.read_text())
+        assert doc["dense"]["kv_bytes"] > 0 and doc["attention"]["kv_bytes"] > 0
     finally:
         stopped = subprocess.run([str(REPO / "deploy/local/stop-cluster.sh"), "--run-dir", str(run_dir)],
                                  capture_output=True, text=True, timeout=120, env=_env())

@@ -32,7 +32,7 @@ def profile(model: str, scheduler: str | None, out: str, dtype: str, name: str |
     A dense worker times one layer's dense half against tokens per step, the LM head
     against rows, and the driver's bookkeeping; an attention worker times attention
     against sequences and context; the data plane's round trip is timed against bytes;
-    the KV memory free on the attention workers is read from the scheduler.  Random
+    the KV memory free on both tiers' workers is read from the scheduler.  Random
     weights of the model's shape are used, so nothing is loaded.  `glinthawk plan
     --profile FILE` predicts runs from it.
     """

@@ -272,10 +272,7 @@ class DaskEngine:
         for s in range(len(plan.slices)):
             spec = SliceSpec.of_plan(
                 plan, s, run_id=run_id, model=self.model, dtype=self.dtype, latency=self.latency,
-                # a step holds at least a whole micro-batch's decode tokens (an auto plan may
-                # choose micro-batches above the configured budget), as in-process
-                engine={"max_step_tokens": max(self.max_step_tokens, *plan.sizes)},
-                peer_timeout=float(config.get("engine.peer-timeout")),
+                engine={"max_step_tokens": self.max_step_tokens}, peer_timeout=float(config.get("engine.peer-timeout")),
             )
             opens.append(self._rpc(plan.dense[s], "glinthawk_slice_open", run_id=run_id, spec=spec.to_wire()))
         await asyncio.gather(*opens)

@@ -61,7 +61,9 @@ class RunDriver:
         self.sched = BatchScheduler(
             n_micro_batches=spec.n_micro_batches,
             micro_batch_size=spec.sizes,
-            max_step_tokens=spec.engine.get("max_step_tokens", max(512, *spec.sizes)),
+            # a step holds at least a whole micro-batch's decode tokens (an auto plan may
+            # choose micro-batches above the configured budget), as in-process
+            max_step_tokens=max(spec.engine.get("max_step_tokens", 512), *spec.sizes),
             max_seq_len=spec.max_seq_len,
             eos_token_ids=tokenizer.eos_token_ids if tokenizer else (),
             detokenize=tokenizer.decode if tokenizer else None,

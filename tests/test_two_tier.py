@@ -100,16 +100,9 @@ async def test_induced_latency_and_auto_depth(c, s, a, b):
     # dense job that sent it started (it leaves inside that job, whose end may come after
     # the request is already held), and its output reached the next dense job at least
     # 10 ms after the attention ended
-    out, back = [], []
-    jobs = _dense_jobs(engine.last_timeline)
-    for kind, start, stop, mb, _ in (e for ev in engine.last_timeline.values() for e in ev):
-        if kind != "attention" or mb not in jobs:
-            continue
-        sent = [j for j in jobs[mb] if j[1] <= start]
-        took = [j for j in jobs[mb] if j[1] >= stop]
-        if sent and took:
-            out.append(start - sent[-1][1])
-            back.append(took[0][1] - stop)
+    trips = [t for ts in _round_trips(engine.last_timeline).values() for t in ts]
+    out = [start - sent[1] for sent, start, _, _ in trips]
+    back = [took[1] - stop for _, _, stop, took in trips]
     assert out and min(out) >= 0.01 and min(back) >= 0.01, (min(out), min(back))
 
 
@@ -122,14 +115,13 @@ def _dense_jobs(timeline: dict[str, list]) -> dict[int, list]:
     return dense
 
 
-def _dense_share_while_others_attend(timeline: dict[str, list]) -> float:
-    """The share of the dense tier's busy time spent on one micro-batch while another
-    micro-batch's attention was out: from the dense job that sent its q/k/v to the one
-    that took the output.  0 when micro-batches take turns (or a dense job waits for
-    its own attention); a pipeline that works fills those waits with the others' layers."""
-    events = [e for ev in timeline.values() for e in ev]  # (kind, start, stop, micro_batch, layer)
+def _round_trips(timeline: dict[str, list]) -> dict[int, list[tuple]]:
+    """Each micro-batch's attention round trips: ``(the dense job that sent its q/k/v,
+    the attention's start, its stop, the dense job that took its output)`` (jobs as
+    timeline events ``(kind, start, stop, micro_batch, layer)``)."""
+    events = [e for ev in timeline.values() for e in ev]
     dense = _dense_jobs(timeline)
-    out: dict[int, list[tuple[float, float]]] = {m: [] for m in dense}  # attention round trips per micro-batch
+    trips: dict[int, list[tuple]] = {m: [] for m in dense}
     starts = {m: [j[1] for j in jobs] for m, jobs in dense.items()}
     stops = {m: [j[2] for j in jobs] for m, jobs in dense.items()}
     for kind, start, stop, mb, _ in events:
@@ -139,7 +131,17 @@ def _dense_share_while_others_attend(timeline: dict[str, list]) -> float:
         i = bisect.bisect_right(stops[mb], start) - 1  # the job that sent it
         k = bisect.bisect_left(starts[mb], stop)  # the job that took its output
         if i >= 0 and k < len(jobs):
-            out[mb].append((jobs[i][2], jobs[k][1]))
+            trips[mb].append((jobs[i], start, stop, jobs[k]))
+    return trips
+
+
+def _dense_share_while_others_attend(timeline: dict[str, list]) -> float:
+    """The share of the dense tier's busy time spent on one micro-batch while another
+    micro-batch's attention was out: from the dense job that sent its q/k/v to the one
+    that took the output.  0 when micro-batches take turns (or a dense job waits for
+    its own attention); a pipeline that works fills those waits with the others' layers."""
+    dense = _dense_jobs(timeline)
+    out = {mb: [(sent[2], took[1]) for sent, _, _, took in ts] for mb, ts in _round_trips(timeline).items()}
     hidden = sum(overlap_seconds([(j[1], j[2]) for j in jobs], [w for m, ws in out.items() if m != mb for w in ws])
                  for mb, jobs in dense.items())
     return hidden / busy_seconds([(j[1], j[2]) for jobs in dense.values() for j in jobs])

@@ -60,7 +60,8 @@ def h200() -> dict:
         "source": ("measured on one machine with an NVIDIA H200 (139 GiB), 16 CPU cores and 128 GiB on 2026-11-26 "
                    "(benchmarks/inputs/h200-rig.json, Llama-2-7B shapes, bf16, random weights); roofline fitted to "
                    "the dense steps; GPU attention fitted to the decode-attention points (to their KV read: decode "
-                   "shapes alone cannot split it from FLOPs); CPU attention from the 16-thread SDPA figure (32 KV heads, bf16); data plane: loopback (stated 100 us, 5 GB/s) and "
+                   "shapes alone cannot split it from FLOPs); CPU attention from the 16-thread SDPA figure (32 KV "
+                   "heads, bf16); data plane: loopback (stated 100 us, 5 GB/s) and "
                    f"the measured PCIe copies ({pcie_gbps:.0f} GB/s); the tiers share the host's CPU, not the GPU"),
         "model": dataclasses.asdict(m),
         "dense": {

@@ -59,8 +59,9 @@ def profile(model: str, scheduler: str | None, out: str, dtype: str, name: str |
     prof.save(out)
     d = prof.dense
     click.echo(f"profile {prof.name!r} written to {out} in {time.perf_counter() - t0:.1f} s")
-    kv = (f"; {d.kv_bytes / 2**30:.2f} GiB KV free per worker" if d.kv_bytes is not None else
-          f"; {d.memory_bytes / 2**30:.2f} GiB free per worker for weights and KV" if d.memory_bytes is not None else "")
+    kv = (f"; {d.kv_bytes / 2**30:.2f} GiB KV free per worker" if d.kv_bytes is not None
+          else f"; {d.memory_bytes / 2**30:.2f} GiB free per worker for weights and KV" if d.memory_bytes is not None
+          else "")
     click.echo(f"  dense ({d.device}, {d.threads} threads): one layer {1e3 * d.layer_s(1):.2f} ms at 1 token, "
                f"{1e3 * d.layer_s(64):.2f} ms at 64; head {1e3 * d.head_s(1):.2f} ms at 1 row{kv}")
     a = prof.attention.cost

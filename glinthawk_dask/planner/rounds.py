@@ -4,9 +4,10 @@ event until steady (:func:`round_period`)."""
 
 from __future__ import annotations
 
+import collections
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from ..model.config import ModelConfig
@@ -59,14 +60,6 @@ def _stage_costs(p: Profile, m: ModelConfig, c: RunConfig, s: MicroBatchShape, n
     return out
 
 
-@dataclass
-class _Server:
-    busy_until: float = 0.0
-    queue: list = field(default_factory=list)
-    busy: float = 0.0  # seconds of work started inside the measured window
-    idle_since: float = 0.0
-
-
 def round_period(profile: Profile, model: ModelConfig, config: RunConfig, shapes: Sequence[MicroBatchShape],
                  layers: int, *, cycles: int = 5, n_local: int | None = None) -> tuple[float, float, float]:
     """Steady-state seconds per step when micro-batches of ``shapes`` cycle through
@@ -92,139 +85,152 @@ def round_period(profile: Profile, model: ModelConfig, config: RunConfig, shapes
 _EPS = 1e-9  # seconds: instants closer than this are the same instant
 
 
+# event phases of a micro-batch at (cycle, slice, layer)
+_DENSE, _DONE_DENSE, _ATTENTION, _DONE_ATTENTION, _HOP = range(5)
+
+
 def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, shapes: Sequence[MicroBatchShape],
                     layers: int, cycles: int, n_local: int) -> tuple[float, float, float]:
-    n_slices = config.dense
-    remote = [mb >= n_local for mb in range(len(shapes))]  # attention on an attention worker
+    # One loop over events (time, order, micro-batch, cycle, slice, layer, phase), the
+    # servers' state in flat lists: a sweep simulates thousands of rounds, and calls and
+    # objects per event would be most of its time.
+    n_slices, n_attn, n_mb = config.dense, config.attention, len(shapes)
+    remote = [mb >= n_local for mb in range(n_mb)]  # attention on an attention worker
     costs = [_stage_costs(profile, model, config, s, n_slices, local=not remote[mb]) for mb, s in enumerate(shapes)]
-    dense = [_Server() for _ in range(n_slices)]
-    attn = [[_Server() for _ in range(config.attention)] for _ in range(n_slices)]
+    # a local micro-batch runs a slice as one job; a remote one a job per layer boundary
+    whole = [[c.first + c.dense * layers + c.last for c in cs] for cs in costs]
+    attn_of = [(mb - n_local) % n_attn for mb in range(n_mb)]  # its attention worker on each slice
+    d_until, d_idle, d_busy = [0.0] * n_slices, [0.0] * n_slices, [0.0] * n_slices
+    d_queue: list[list] = [[] for _ in range(n_slices)]  # heaps, in the order jobs became ready
+    a_until = [[0.0] * n_attn for _ in range(n_slices)]
+    a_busy = [[0.0] * n_attn for _ in range(n_slices)]
+    a_queue: list[list[collections.deque]] = [[collections.deque() for _ in range(n_attn)] for _ in range(n_slices)]
     shared = profile.shared_host
-    fd, fa = profile.slowdowns(len(shapes))  # a slice's micro-batches are all in flight at once
+    fd, fa = profile.slowdowns(n_mb)  # a slice's micro-batches are all in flight at once
+    contend = shared and fd > 1.0
     cold, cold_s = profile.dense.cold_factor, profile.dense.cold_s
     serial = config.mode == "in-process"  # the in-process engine runs micro-batches in turn
+    latency = config.latency
+    eps = _EPS
 
-    events: list = []  # (time, seq, mb, state)
-    seq = 0
+    events: list = []
+    order = 0
     done_at: list[list[float]] = [[] for _ in shapes]
-    window: list[float] = [math.inf, 0.0]  # the measured window: cycles 2 .. end
-
+    w_start, w_end = math.inf, 0.0  # the measured window: cycles 2 .. end
     # when the attention side works (reading a request, computing, answering): a dense job
     # that overlaps such work runs at the profile's both-compute speed
     active: list[tuple[float, float]] = []
+    push = heapq.heappush
+    pop = heapq.heappop
 
-    def overlaps(t0: float, t1: float) -> bool:
-        # time only moves on: ended ones go.  A job that starts as the attention work it
-        # waited for ends does not overlap it (the sums of floats that make the two
-        # instants differ in the last bits, which decided contention at random)
-        active[:] = [iv for iv in active if iv[1] > t0 + _EPS]
-        return any(a < t1 - _EPS for a, _ in active)
-
-    def dense_busy(t: float) -> bool:
-        return any(d.busy_until > t + _EPS for d in dense)
-
-    def start(server: _Server, t: float, base: float, kind: str) -> float:
-        dur = base
-        if shared and kind == "dense" and fd > 1.0 and overlaps(t, t + base):
-            dur *= fd
-        elif shared and kind == "attention" and dense_busy(t):
-            dur *= fa
-        if kind == "dense" and t - server.idle_since > _EPS and server.busy_until <= t:
-            dur = dur * cold + cold_s
-        server.busy_until = t + dur
-        server.idle_since = t + dur
-        if window[0] <= t:
-            server.busy += dur
-        return t + dur
-
-    def push(t: float, mb: int, state: tuple) -> None:
-        nonlocal seq
-        seq += 1
-        heapq.heappush(events, (t, seq, mb, state))
-
-    # a state is (cycle, slice, layer, phase); phases: "dense" job of `layer` to run,
-    # "attention" job of `layer`, "hop" to the next slice
-    def run_dense(t: float, mb: int, state: tuple, queued: bool = False) -> None:
-        cyc, k, layer, _ = state
-        srv = dense[k]
-        if not queued and (srv.busy_until > t or srv.queue):
-            heapq.heappush(srv.queue, (t, mb, state))  # in the order they became ready, as the runtime runs them
-            return
-        c = costs[mb][k]
+    def run_dense(t: float, mb: int, cyc: int, k: int, layer: int) -> None:
+        # starts now on its dense worker (the caller knows it is free)
+        nonlocal order
         if not remote[mb]:
-            base = c.first + c.dense * layers + c.last
-            push(start(srv, t, base, "dense"), mb, (cyc, k, layers, "done_dense"))
-            return
-        base = c.first if layer == 0 else (c.last if layer == layers else c.dense)
-        push(start(srv, t, base, "dense"), mb, (cyc, k, layer, "done_dense"))
-
-    def run_attention(t: float, mb: int, state: tuple, queued: bool = False) -> None:
-        cyc, k, layer, _ = state
-        srv = attn[k][(mb - n_local) % config.attention]
-        if not queued and (srv.busy_until > t or srv.queue):
-            srv.queue.append((t, mb, state))
-            return
-        push(start(srv, t, costs[mb][k].attention, "attention"), mb, (cyc, k, layer, "done_attention"))
-
-    def release(srv: _Server, t: float, kind: str) -> None:
-        if not srv.queue:
-            return
-        if kind == "dense":
-            _, mb, state = heapq.heappop(srv.queue)
-            run_dense(t, mb, state, queued=True)
+            base, layer = whole[mb][k], layers
         else:
-            _, mb, state = srv.queue.pop(0)
-            run_attention(t, mb, state, queued=True)
+            c = costs[mb][k]
+            base = c.first if layer == 0 else (c.last if layer == layers else c.dense)
+        dur = base
+        if contend:
+            # time only moves on: ended ones go.  A job that starts as the attention work it
+            # waited for ends does not overlap it (the sums of floats that make the two
+            # instants differ in the last bits, which decided contention at random)
+            if active:
+                active[:] = [iv for iv in active if iv[1] > t + eps]
+                t1 = t + base - eps
+                for a, _ in active:
+                    if a < t1:
+                        dur *= fd
+                        break
+        if t - d_idle[k] > eps and d_until[k] <= t:  # after an idle gap: cold
+            dur = dur * cold + cold_s
+        d_until[k] = d_idle[k] = t + dur
+        if w_start <= t:
+            d_busy[k] += dur
+        order += 1
+        push(events, (t + dur, order, mb, cyc, k, layer, _DONE_DENSE))
 
-    order = list(range(len(shapes)))
+    def run_attention(t: float, mb: int, cyc: int, k: int, layer: int) -> None:
+        nonlocal order
+        w = attn_of[mb]
+        dur = costs[mb][k].attention
+        if shared:
+            for u in d_until:
+                if u > t + eps:  # a dense worker computes meanwhile
+                    dur *= fa
+                    break
+        a_until[k][w] = t + dur
+        if w_start <= t:
+            a_busy[k][w] += dur
+        order += 1
+        push(events, (t + dur, order, mb, cyc, k, layer, _DONE_ATTENTION))
+
     if serial:  # one after another: the next starts when the previous ends
-        push(0.0, 0, (0, 0, 0, "dense"))
+        order += 1
+        push(events, (0.0, order, 0, 0, 0, 0, _DENSE))
     else:
-        for mb in order:
-            push(0.0, mb, (0, 0, 0, "dense"))
+        for mb in range(n_mb):
+            order += 1
+            push(events, (0.0, order, mb, 0, 0, 0, _DENSE))
     while events:
-        t, _, mb, state = heapq.heappop(events)
-        cyc, k, layer, phase = state
-        c = costs[mb][k]
-        if phase == "dense":
-            run_dense(t, mb, state)
-        elif phase == "done_dense":
+        t, _, mb, cyc, k, layer, phase = pop(events)
+        if phase == _DENSE:
+            if d_until[k] > t or d_queue[k]:
+                push(d_queue[k], (t, mb, cyc, k, layer))  # waits its turn, as the runtime runs them
+            else:
+                run_dense(t, mb, cyc, k, layer)
+        elif phase == _DONE_DENSE:
+            c = costs[mb][k]
+            order += 1
             if layer < layers and remote[mb]:
                 if shared:  # the attention side's work for this request (induced latency is idle time)
-                    lat = config.latency
-                    active.append((t + lat, t + lat + (c.net - 2 * lat) + c.attention))
-                push(t + c.net / 2, mb, (cyc, k, layer, "attention"))
+                    active.append((t + latency, t + latency + (c.net - 2 * latency) + c.attention))
+                push(events, (t + c.net / 2, order, mb, cyc, k, layer, _ATTENTION))
             else:
-                push(t + c.hop, mb, (cyc, k, layer, "hop"))
-            release(dense[k], t, "dense")
-        elif phase == "attention":
-            run_attention(t, mb, state)
-        elif phase == "done_attention":
-            release(attn[k][(mb - n_local) % config.attention], t, "attention")
-            push(t + c.net / 2, mb, (cyc, k, layer + 1, "dense"))
-        elif phase == "hop":
+                push(events, (t + c.hop, order, mb, cyc, k, layer, _HOP))
+            if d_queue[k]:
+                _, qmb, qcyc, qk, qlayer = pop(d_queue[k])
+                run_dense(t, qmb, qcyc, qk, qlayer)
+        elif phase == _ATTENTION:
+            w = attn_of[mb]
+            if a_until[k][w] > t or a_queue[k][w]:
+                a_queue[k][w].append((mb, cyc, layer))
+            else:
+                run_attention(t, mb, cyc, k, layer)
+        elif phase == _DONE_ATTENTION:
+            queue = a_queue[k][attn_of[mb]]
+            if queue:
+                qmb, qcyc, qlayer = queue.popleft()
+                run_attention(t, qmb, qcyc, k, qlayer)
+            order += 1
+            push(events, (t + costs[mb][k].net / 2, order, mb, cyc, k, layer + 1, _DENSE))
+        else:  # _HOP
             if k + 1 < n_slices:
-                push(t, mb, (cyc, k + 1, 0, "dense"))
+                order += 1
+                push(events, (t, order, mb, cyc, k + 1, 0, _DENSE))
                 continue
             done_at[mb].append(t)
-            if cyc == 1 and (not serial or mb == len(shapes) - 1):
-                window[0] = min(window[0], t)
+            if cyc == 1 and (not serial or mb == n_mb - 1):
+                w_start = min(w_start, t)
             if serial:
-                nxt, ncyc = (mb + 1, cyc) if mb + 1 < len(shapes) else (0, cyc + 1)
+                nxt, ncyc = (mb + 1, cyc) if mb + 1 < n_mb else (0, cyc + 1)
                 if ncyc < cycles:
-                    push(t, nxt, (ncyc, 0, 0, "dense"))
+                    order += 1
+                    push(events, (t, order, nxt, ncyc, 0, 0, _DENSE))
                 else:
-                    window[1] = t
+                    w_end = t
             elif cyc + 1 < cycles:
-                push(t, mb, (cyc + 1, 0, 0, "dense"))
+                order += 1
+                push(events, (t, order, mb, cyc + 1, 0, 0, _DENSE))
             else:
-                window[1] = max(window[1], t)
+                w_end = max(w_end, t)
     if serial:
         first = done_at[-1][1]
         period = (done_at[-1][-1] - first) / (cycles - 2)
     else:
         period = sum((d[-1] - d[1]) / (cycles - 2) for d in done_at) / len(done_at)
-    span = max(window[1] - window[0], 1e-12)
-    dense_share = max(s.busy for s in dense) / span
-    attn_share = max((w.busy for ws in attn for w in ws), default=0.0) / span
+    span = max(w_end - w_start, 1e-12)
+    dense_share = max(d_busy) / span
+    attn_share = max((b for bs in a_busy for b in bs), default=0.0) / span
     return period, min(1.0, dense_share), min(1.0, attn_share)

@@ -257,6 +257,50 @@ def test_prompts_chunked_one_token_a_step_are_prefill_not_decode():
     assert six.feasible and six.config.max_step_tokens == 6 and six.generated_tokens == 24
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_a_simulated_micro_batch_takes_the_batch_schedulers_steps(seed):
+    """The simulator keeps a micro-batch as sums (it costs a step by its prompt chunks,
+    not its sequences); step by step it plans what the runtime's batch scheduler plans:
+    the same shape, the same prompt chunks in the same slots, the same tokens sampled,
+    and decode steps taken many at a time come out as the scheduler's one at a time."""
+    import random
+
+    from glinthawk_dask.engine.request import Request
+    from glinthawk_dask.engine.scheduler import BatchScheduler
+    from glinthawk_dask.planner.simulate import _Batch
+    from glinthawk_dask.sampling import SamplingParams
+
+    rng = random.Random(seed)
+    size = rng.choice([1, 3, 8])
+    budget = max(size, rng.choice([1, 5, 16, 64]))
+    seq_len = 96
+    reqs = [(rng.choice([1, 2, 3, 9, 40, 80]), rng.choice([1, 2, 7, 30])) for _ in range(40)]
+    sched = BatchScheduler(n_micro_batches=1, micro_batch_size=size, max_step_tokens=budget, max_seq_len=seq_len)
+    for i, (p, o) in enumerate(reqs):
+        sched.add(Request(str(i), [7] * p, SamplingParams(max_tokens=o, ignore_eos=True)))
+    batch, waiting = _Batch(size), [(p, min(o, seq_len - p)) for p, o in reversed(reqs)]
+    fast_forwards = 0
+    while sched.has_work():
+        while len(batch) < size and waiting:
+            batch.admit(*waiting.pop())
+        (tokens, kv_read, units, rows, seqs), chunks = batch.plan(budget)
+        repeat = 1
+        if not chunks and (not waiting or len(batch) == size):  # as the simulator fast-forwards
+            repeat = batch.ends[0][0] - batch.steps
+            fast_forwards += repeat > 1
+        sampled = 0
+        for j in range(repeat):
+            step = sched.schedule(0)
+            ends = [s + c for s, c in zip(step.starts, step.counts)]
+            assert (step.n_tokens, sum(ends), sum(c * e for c, e in zip(step.counts, ends)), len(step.sample_seqs),
+                    len(step.seqs)) == (tokens, kv_read + j * seqs, units + j * seqs, rows, seqs)
+            prompt_part = list(zip(step.seqs, step.counts))[len(step.seqs) - len(chunks):]
+            assert [(sq.slot, c) for sq, c in prompt_part] == [(e[0], c) for e, c in chunks]
+            sampled += len(step.sample_seqs)
+            sched.update(step, [5] * len(step.sample_seqs))
+        assert batch.advance(chunks, repeat) == sampled
+    assert not batch and not waiting and fast_forwards > 0
+
 def test_kv_that_does_not_fit_is_infeasible_with_a_reason():
     prof = dataclasses.replace(_profile(), attention=dataclasses.replace(_profile().attention, kv_bytes=1e3))
     pred = simulate(prof, MODEL, Workload.uniform(4, 8, 8), RunConfig(micro_batch_size=4))

@@ -6,7 +6,9 @@ Two levels:
   :class:`Workload` are admitted into micro-batch slots, prompts are prefilled in
   chunks within ``max_step_tokens``, decoding sequences take one token per step and
   leave when their output length is reached, as :class:`~glinthawk_dask.engine.scheduler.BatchScheduler`
-  does.  Each round every busy micro-batch takes one step.
+  does.  Each round every busy micro-batch takes one step.  A micro-batch is kept as
+  sums (:class:`_Batch`), so a step costs its prompt chunks rather than its sequences,
+  and stretches of decode where nobody joins or leaves are costed in one go.
 * **The pipeline of one round** (:func:`round_period`).  Micro-batches of given shapes
   cycle through the layers: a dense job per layer on their slice's dense worker (one
   compute stream, in the order they become ready), a round trip to their attention
@@ -29,7 +31,9 @@ micro-batch local, two-tier hybrid with none.)  Everything here is pure Python o
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import heapq
 import math
 
 from ..model.config import ModelConfig
@@ -41,15 +45,91 @@ __all__ = ["MODES", "Workload", "RunConfig", "Prediction", "MicroBatchShape", "s
            "weight_bytes"]
 
 
-class _Seq:
-    __slots__ = ("prompt", "out", "cached", "made")
+class _Batch:
+    """One micro-batch's sequences as :class:`~glinthawk_dask.engine.scheduler.BatchScheduler`
+    steps them, kept as sums so a step costs its prompt chunks, not its sequences: the
+    ones with a token a step (decoding, or a prompt's last token: their count, the sum of
+    their lengths, when each finishes) and the prompts still being prefilled, in slot
+    order; a request takes the lowest free slot, as there."""
 
-    def __init__(self, prompt: int, out: int) -> None:
-        self.prompt, self.out, self.cached, self.made = prompt, out, 0, 0
+    __slots__ = ("steps", "dec_n", "dec_len", "ends", "prefill", "free")
 
-    @property
-    def length(self) -> int:
-        return self.prompt + self.made
+    def __init__(self, size: int) -> None:
+        self.steps = 0  # steps this micro-batch has taken
+        self.dec_n = 0  # sequences with one token a step
+        self.dec_len = 0  # the sum of their lengths: positions each one's next token attends over
+        self.ends: list[tuple[int, int, int]] = []  # heap: (steps after which one ends, its final length, slot)
+        self.prefill: list[list[int]] = []  # [slot, prompt, cached, out], sorted by slot
+        self.free = list(range(size))  # heap of free slots
+
+    def __len__(self) -> int:
+        return self.dec_n + len(self.prefill)
+
+    def admit(self, prompt: int, out: int) -> None:
+        slot = heapq.heappop(self.free)
+        if prompt == 1:
+            self._decode(slot, prompt, 0, out)
+        else:
+            bisect.insort(self.prefill, [slot, prompt, 0, out])
+
+    def _decode(self, slot: int, prompt: int, made: int, out: int) -> None:
+        # from now on one token a step until ``out`` are made (``made`` so far)
+        self.dec_n += 1
+        self.dec_len += prompt + made
+        heapq.heappush(self.ends, (self.steps + out - made, prompt + out, slot))
+
+    def plan(self, budget: int) -> tuple[tuple[int, int, int, int, int], list[tuple[list[int], int]]]:
+        """The shape of the next step (tokens, KV read, attention units, rows, sequences)
+        and its prompt chunks, as the batch scheduler plans it: the one-token sequences
+        first (the budget, at least the micro-batch size, holds them all), then prompt
+        chunks in slot order within the token budget."""
+        tokens = rows = seqs = self.dec_n
+        kv_read = units = self.dec_len
+        budget -= self.dec_n
+        chunks = []
+        for entry in self.prefill:
+            if budget <= 0:
+                break
+            _, prompt, cached, _ = entry
+            pending = prompt - cached
+            count = min(pending, budget)
+            chunks.append((entry, count))
+            end = cached + count
+            tokens += count
+            kv_read += end
+            units += count * end
+            rows += count == pending
+            seqs += 1
+            budget -= count
+        return (tokens, kv_read, units, rows, seqs), chunks
+
+    def advance(self, chunks: list[tuple[list[int], int]], repeat: int = 1) -> int:
+        """Take the planned step ``repeat`` times (more than once only without prompt
+        chunks); the tokens sampled."""
+        self.steps += repeat
+        self.dec_len += self.dec_n * repeat
+        sampled = self.dec_n * repeat
+        while self.ends and self.ends[0][0] <= self.steps:
+            _, length, slot = heapq.heappop(self.ends)
+            self.dec_n -= 1
+            self.dec_len -= length
+            heapq.heappush(self.free, slot)
+        done = 0  # chunks run the first prompts in slot order; all but the last end their prompt
+        for entry, count in chunks:
+            entry[2] += count
+            slot, prompt, cached, out = entry
+            if cached == prompt:  # its last token ran: one sampled
+                done += 1
+                sampled += 1
+                if out > 1:
+                    self._decode(slot, prompt, 1, out)
+                else:
+                    heapq.heappush(self.free, slot)
+            elif cached == prompt - 1:  # the last token is left: a step of one, as decoding
+                done += 1
+                self._decode(slot, prompt, 0, out)
+        del self.prefill[:done]
+        return sampled
 
 
 def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: RunConfig,
@@ -117,9 +197,9 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
         return _infeasible(pred, f"a prompt of {too_long[0]} tokens leaves no room in KV slots of {seq_len}")
 
     sizes = [pred.local_batch_size if mb < n_local else mb_size for mb in range(depth)]
-    waiting = [(_Seq(p, min(o, seq_len - p))) for p, o in zip(workload.prompt_lens, workload.output_lens)]
+    waiting = [(p, min(o, seq_len - p)) for p, o in zip(workload.prompt_lens, workload.output_lens)]
     waiting.reverse()  # pop() takes the first request
-    running: list[list[_Seq]] = [[] for _ in range(depth)]
+    batches = [_Batch(size) for size in sizes]
     if cache is None:
         cache = {}
     # what a round depends on besides its shapes (the mode only through where attention
@@ -145,40 +225,36 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
             hit = cache[key] = round_period(profile, model, c, [ml] * nl + [mr] * nr, layers, n_local=nl)
         return hit
 
-    while waiting or any(running):
+    while waiting or any(batches):
         plans = []
-        sums = ([0, [0] * 5], [0, [0] * 5])  # local, remote: micro-batches and sums of their shapes
-        for mb in range(depth):
-            while len(running[mb]) < sizes[mb] and waiting:
-                running[mb].append(waiting.pop())
-            plan = _plan_step(running[mb], c.max_step_tokens)
-            if plan is None:
+        sums = ([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0])  # local, remote: micro-batches, sums of their shapes
+        for mb, batch in enumerate(batches):
+            while len(batch) < sizes[mb] and waiting:
+                batch.admit(*waiting.pop())
+            if not batch:
                 continue
-            plans.append((mb, plan[1]))
-            sh, side = plan[0], sums[mb >= n_local]
+            shape, chunks = batch.plan(c.max_step_tokens)
+            plans.append((batch, chunks))
+            side = sums[mb >= n_local]
             side[0] += 1
-            side[1] = [a + b for a, b in zip(side[1], (sh.tokens, sh.kv_read, sh.attn_units, sh.rows, sh.seqs))]
-        groups = tuple((k, tuple(v)) for k, v in sums)
+            for f in range(5):
+                side[f + 1] += shape[f]
+        groups = tuple((v[0], tuple(v[1:])) for v in sums)
         # rounds of decode alone, nobody finishing or joining: only the contexts grow, so
         # they are costed without planning each step again (a prefill chunk of one token
         # is not decode: it samples nothing unless it ends its prompt)
         repeat = 1
-        full = not waiting or all(len(r) == sizes[mb] for mb, r in enumerate(running))  # no slot to admit into
-        if full and all(cnt == 1 and sq.length - sq.cached == 1 for _, segs in plans for sq, cnt in segs):
-            repeat = min(sq.out - sq.made for _, segs in plans for sq, _ in segs)
+        full = not waiting or all(len(b) == sizes[mb] for mb, b in enumerate(batches))  # no slot to admit into
+        if full and not any(chunks for _, chunks in plans):
+            repeat = min(b.ends[0][0] - b.steps for b, _ in plans)
         for j in range(repeat):
             period, du, au = period_of(groups, j)
             total += period
             dense_busy += du * period
             attn_busy += au * period
         steps += len(plans) * repeat
-        for mb, segments in plans:
-            for sq, count in segments:
-                sq.cached += count + repeat - 1
-                if sq.cached == sq.length + repeat - 1:  # sampled (each repeated round samples once)
-                    sq.made += repeat
-                    generated += repeat
-            running[mb] = [sq for sq in running[mb] if sq.made < sq.out]
+        for batch, chunks in plans:
+            generated += batch.advance(chunks, repeat)
     pred.seconds, pred.generated_tokens, pred.steps = total, generated, steps
     pred.dense_util = dense_busy / total if total else 0.0
     pred.attention_util = attn_busy / total if total else 0.0
@@ -242,29 +318,6 @@ def weight_bytes(model: ModelConfig, layers: int, elem: int, ends: bool = True) 
     ends_params = model.vocab_size * model.dim * (1 if model.tie_embeddings else 2) if ends else \
         model.vocab_size * model.dim
     return (layers * _layer_params(model) + ends_params) * elem
-
-
-def _plan_step(seqs: list[_Seq], budget: int):
-    """The shape of one step and its segments, as the batch scheduler plans it:
-    decode tokens first, then prompt chunks within the token budget."""
-    segments = []
-    tokens = kv_read = units = rows = 0
-    for prefill in (False, True):
-        for sq in seqs:
-            pending = sq.length - sq.cached
-            if pending <= 0 or budget <= 0 or (pending > 1) != prefill:
-                continue
-            count = min(pending, budget)
-            segments.append((sq, count))
-            tokens += count
-            end = sq.cached + count
-            kv_read += end
-            units += count * end
-            rows += count == pending
-            budget -= count
-    if not segments:
-        return None
-    return MicroBatchShape(tokens, kv_read, units, rows, len(segments)), segments
 
 
 def _infeasible(pred: Prediction, reason: str) -> Prediction:

@@ -310,7 +310,10 @@ def test_kv_that_does_not_fit_is_infeasible_with_a_reason():
 def test_sweep_and_best_prefer_the_fastest_and_the_cheapest():
     prof = _profile(d=4e-3, att=1e-4, rtt=1e-4)
     w = Workload.uniform(16, 4, 8)
-    preds = sweep(prof, MODEL, w, candidates(16, dense=1, attention=2, max_depth=4))
+    configs = candidates(16, dense=1, attention=2, max_depth=4)
+    done = []
+    preds = sweep(prof, MODEL, w, configs, progress=lambda: done.append(1))
+    assert len(preds) == len(configs) == len(done)  # progress after each configuration
     fast = best(preds)
     assert fast.tokens_per_s == max(p.tokens_per_s for p in preds if p.feasible)
     cheap = best(preds, Prices(dense=1.0, attention=100.0), by="cost")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -122,6 +123,8 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
     from ..planner.plan import (
         Prices, best, candidates, format_table, mixes_pay, options_of, size_text, spec_fields, sweep,
     )
+    from tqdm import tqdm
+
     from ..planner.profile import load_profile
     from ..planner.simulate import Workload
 
@@ -150,7 +153,10 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
                          attention=attention, max_seq_len=max_seq_len, latency=latency / 1e3, dtype_bytes=elem,
                          dense_kv_budget=budget, mixes=mixes_pay(prof))  # (see sweep_hybrid)
     t0 = time.perf_counter()
-    preds = sweep(prof, model_config, workload, configs)
+    # a bar on stderr while a long sweep runs (none when stderr is not a terminal)
+    with tqdm(total=len(configs), desc="simulating", unit="config", file=sys.stderr, disable=None, delay=1.0,
+              leave=False) as bar:
+        preds = sweep(prof, model_config, workload, configs, progress=bar.update)
     seconds = time.perf_counter() - t0
     chosen = best(preds, price, by)
     if as_json:

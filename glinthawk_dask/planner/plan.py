@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from ..model.config import ModelConfig
 from .profile import Profile
@@ -120,11 +120,16 @@ def candidates(
 
 
 def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Iterable[RunConfig],
-          cache: dict | None = None) -> list[Prediction]:
+          cache: dict | None = None, progress: Callable[[], None] | None = None) -> list[Prediction]:
     """Predictions for ``configs``, fastest first (infeasible ones last); ``cache`` keeps
-    simulated rounds across sweeps of one profile, model and workload."""
+    simulated rounds across sweeps of one profile, model and workload; ``progress`` is
+    called after each configuration."""
     cache = {} if cache is None else cache
-    preds = [simulate(profile, model, workload, c, cache) for c in configs]
+    preds = []
+    for c in configs:
+        preds.append(simulate(profile, model, workload, c, cache))
+        if progress is not None:
+            progress()
     return sorted(preds, key=lambda p: (not p.feasible, -p.tokens_per_s))
 
 

@@ -320,6 +320,53 @@ def test_sweep_and_best_prefer_the_fastest_and_the_cheapest():
     assert cheap.config.mode == "single-tier"  # attention workers priced out
 
 
+def test_compiled_rounds_give_the_python_rounds_bit_for_bit(monkeypatch):
+    """Long sweeps compile the rounds' events with Numba: every field of every round
+    equals the Python loop's, for local, remote and mixed rounds, one to three slices,
+    latency, contention (the vm-2core profile shares cores) and the in-process engine."""
+    import importlib
+    import random
+
+    from glinthawk_dask.planner.workload import MicroBatchShape
+
+    rounds = importlib.import_module("glinthawk_dask.planner.rounds")
+    monkeypatch.setattr(rounds, "_compiled", None)
+    rng = random.Random(0)
+    profs = [load_profile("vm-2core"), load_profile("h200"), _profile(shared=True, fd=1.7)]
+    cases = []
+    for _ in range(150):
+        mode = rng.choice(["two-tier", "single-tier", "in-process", "hybrid"])
+        m = rng.randint(1, 5)
+        cfg = RunConfig(mode=mode, micro_batches=m, dense=rng.choice([1, 2, 3]), attention=rng.choice([1, 2, 3]),
+                        latency=rng.choice([0.0, 1e-3, 0.05]),
+                        local_micro_batches=rng.randint(0, m) if mode == "hybrid" else 0)
+        shapes = []
+        for _ in range(m):
+            tok = rng.choice([1, 4, 16, 300])
+            shapes.append(MicroBatchShape(tok, tok * rng.randint(1, 300), tok * rng.randint(1, 3000),
+                                          rng.randint(1, tok), rng.randint(1, tok)))
+        cases.append((rng.choice(profs), cfg, shapes, rng.choice([1, 3, 5, 8, 30])))
+    python = [rounds.round_period(p, MODEL, c, s, n) for p, c, s, n in cases]
+    assert rounds.compile_kernel() and rounds._compiled is not None
+    assert [rounds.round_period(p, MODEL, c, s, n) for p, c, s, n in cases] == python
+
+
+def test_a_long_sweep_compiles_its_rounds_and_predicts_the_same(monkeypatch):
+    import importlib
+
+    rounds = importlib.import_module("glinthawk_dask.planner.rounds")
+    monkeypatch.setattr(rounds, "_compiled", None)
+    prof = load_profile("vm-2core")
+    w = Workload.uniform(24, 20, 12)
+    configs = candidates(24, dense=2, attention=2, max_depth=3)
+    python = sweep(prof, MODEL, w, configs, compile_after_s=None)
+    assert rounds._compiled is None  # None: never compiled
+    compiled = sweep(prof, MODEL, w, configs, compile_after_s=0.0)  # compiled after the first configuration
+    assert rounds._compiled is not None
+    assert [(p.config, p.seconds, p.dense_util, p.attention_util) for p in compiled] == \
+        [(p.config, p.seconds, p.dense_util, p.attention_util) for p in python]
+
+
 # -- hybrid runs: some micro-batches local, the rest two-tier ---------------------------------------
 
 

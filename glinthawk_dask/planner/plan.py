@@ -11,11 +11,13 @@ token when prices are given and ``by="cost"``).  :func:`format_table` and
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from ..model.config import ModelConfig
 from .profile import Profile
+from .rounds import compile_kernel
 from .simulate import Prediction, RunConfig, Workload, simulate
 
 __all__ = ["Prices", "candidates", "sweep", "sweep_hybrid", "mixes_pay", "best", "format_table", "options_of", "spec_fields", "plan_text",
@@ -119,14 +121,28 @@ def candidates(
     return out
 
 
+# A sweep that has run this long compiles the rounds' events (about a second, six the
+# first time on a machine, on the 2-core VM) and runs the rest of its rounds several
+# times faster; quicker sweeps (auto plans' are) stay in Python.
+COMPILE_AFTER_S = 2.0
+
+
 def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Iterable[RunConfig],
-          cache: dict | None = None, progress: Callable[[], None] | None = None) -> list[Prediction]:
+          cache: dict | None = None, progress: Callable[[], None] | None = None,
+          compile_after_s: float | None = COMPILE_AFTER_S) -> list[Prediction]:
     """Predictions for ``configs``, fastest first (infeasible ones last); ``cache`` keeps
     simulated rounds across sweeps of one profile, model and workload; ``progress`` is
-    called after each configuration."""
+    called after each configuration.  After ``compile_after_s`` seconds (None: never)
+    the rest is simulated with the compiled kernel (:func:`~.rounds.compile_kernel`),
+    which gives the same predictions."""
     cache = {} if cache is None else cache
     preds = []
+    t0 = time.perf_counter()
+    compiled = compile_after_s is None
     for c in configs:
+        if not compiled and time.perf_counter() - t0 > compile_after_s:
+            compiled = True
+            compile_kernel()
         preds.append(simulate(profile, model, workload, c, cache))
         if progress is not None:
             progress()

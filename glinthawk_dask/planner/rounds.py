@@ -4,11 +4,13 @@ event until steady (:func:`round_period`)."""
 
 from __future__ import annotations
 
-import collections
-import heapq
 import math
+import threading
 from dataclasses import dataclass
-from typing import Sequence
+from heapq import heappop, heappush
+from typing import Callable, Sequence
+
+import numpy as np
 
 from ..model.config import ModelConfig
 from .profile import Profile, attention_work, request_bytes
@@ -71,10 +73,11 @@ def round_period(profile: Profile, model: ModelConfig, config: RunConfig, shapes
     extended linearly in the layers from 3 and 6 (every middle layer costs the same)."""
     if n_local is None:
         n_local = min(config.n_local, len(shapes))
+    costs = _cost_array(profile, model, config, shapes, n_local)
     if layers <= 6:
-        return _simulate_round(profile, model, config, shapes, layers, cycles, n_local)
-    p3, d3, a3 = _simulate_round(profile, model, config, shapes, 3, cycles, n_local)
-    p6, d6, a6 = _simulate_round(profile, model, config, shapes, 6, cycles, n_local)
+        return _simulate_round(profile, config, costs, layers, cycles, n_local)
+    p3, d3, a3 = _simulate_round(profile, config, costs, 3, cycles, n_local)
+    p6, d6, a6 = _simulate_round(profile, config, costs, 6, cycles, n_local)
     f = (layers - 6) / 3.0
     period = p6 + (p6 - p3) * f
     dense_busy = d6 * p6 + (d6 * p6 - d3 * p3) * f
@@ -87,150 +90,233 @@ _EPS = 1e-9  # seconds: instants closer than this are the same instant
 
 # event phases of a micro-batch at (cycle, slice, layer)
 _DENSE, _DONE_DENSE, _ATTENTION, _DONE_ATTENTION, _HOP = range(5)
+# fields of a stage's costs in the kernel's array
+_FIRST, _MID, _LAST, _ATTN, _NET, _HOPS = range(6)
 
 
-def _simulate_round(profile: Profile, model: ModelConfig, config: RunConfig, shapes: Sequence[MicroBatchShape],
-                    layers: int, cycles: int, n_local: int) -> tuple[float, float, float]:
-    # One loop over events (time, order, micro-batch, cycle, slice, layer, phase), the
-    # servers' state in flat lists: a sweep simulates thousands of rounds, and calls and
-    # objects per event would be most of its time.
-    n_slices, n_attn, n_mb = config.dense, config.attention, len(shapes)
-    remote = [mb >= n_local for mb in range(n_mb)]  # attention on an attention worker
-    costs = [_stage_costs(profile, model, config, s, n_slices, local=not remote[mb]) for mb, s in enumerate(shapes)]
-    # a local micro-batch runs a slice as one job; a remote one a job per layer boundary
-    whole = [[c.first + c.dense * layers + c.last for c in cs] for cs in costs]
-    attn_of = [(mb - n_local) % n_attn for mb in range(n_mb)]  # its attention worker on each slice
-    d_until, d_idle, d_busy = [0.0] * n_slices, [0.0] * n_slices, [0.0] * n_slices
-    d_queue: list[list] = [[] for _ in range(n_slices)]  # heaps, in the order jobs became ready
-    a_until = [[0.0] * n_attn for _ in range(n_slices)]
-    a_busy = [[0.0] * n_attn for _ in range(n_slices)]
-    a_queue: list[list[collections.deque]] = [[collections.deque() for _ in range(n_attn)] for _ in range(n_slices)]
-    shared = profile.shared_host
+def _cost_array(profile: Profile, model: ModelConfig, config: RunConfig, shapes: Sequence[MicroBatchShape],
+                n_local: int) -> np.ndarray:
+    """``[micro-batch, slice, 6]``: seconds of each stage (:class:`_Costs`' fields in
+    order, ``_FIRST`` .. ``_HOPS``), costed once for each distinct shape and side."""
+    costs = np.empty((len(shapes), config.dense, 6))
+    known: dict = {}
+    for mb, s in enumerate(shapes):
+        key = (s, mb < n_local)
+        if key not in known:
+            known[key] = [(c.first, c.dense, c.last, c.attention, c.net, c.hop)
+                          for c in _stage_costs(profile, model, config, s, config.dense, local=mb < n_local)]
+        costs[mb] = known[key]
+    return costs
+
+
+def _simulate_round(profile: Profile, config: RunConfig, costs: np.ndarray, layers: int, cycles: int,
+                    n_local: int) -> tuple[float, float, float]:
+    n_mb, n_slices = costs.shape[0], costs.shape[1]
+    # a local micro-batch runs a slice as one job: [micro-batch, slice]
+    whole = costs[:, :, _FIRST] + costs[:, :, _MID] * layers + costs[:, :, _LAST]
     fd, fa = profile.slowdowns(n_mb)  # a slice's micro-batches are all in flight at once
-    contend = shared and fd > 1.0
-    cold, cold_s = profile.dense.cold_factor, profile.dense.cold_s
-    serial = config.mode == "in-process"  # the in-process engine runs micro-batches in turn
-    latency = config.latency
-    eps = _EPS
+    kernel = _compiled
+    if kernel is None:  # lists index fastest in Python, arrays in compiled code
+        kernel, costs, whole = _round_events, costs.ravel().tolist(), whole.ravel().tolist()
+    else:
+        costs, whole = costs.ravel(), whole.ravel()
+    return kernel(  # (one type for each argument: one compiled signature)
+        costs, whole, n_mb, n_slices, int(n_local), int(config.attention), int(layers), int(cycles),
+        bool(profile.shared_host), float(fd), float(fa), float(profile.dense.cold_factor),
+        float(profile.dense.cold_s), config.mode == "in-process", float(config.latency), _EPS)
 
-    events: list = []
-    order = 0
-    done_at: list[list[float]] = [[] for _ in shapes]
-    w_start, w_end = math.inf, 0.0  # the measured window: cycles 2 .. end
+
+_compiled: Callable | None = None  # _round_events compiled, once compile_kernel() has run
+_compile_lock = threading.Lock()
+
+
+def compile_kernel() -> bool:
+    """Compile the events of a round with Numba; the rounds simulated from then on use
+    it (with the same results, bit for bit: no fastmath).  About a second in a new
+    process (from Numba's on-disk cache), six the first time on a machine; worth
+    it for sweeps that would take longer than that (:func:`~.plan.sweep` decides).
+    False where Numba is missing (rounds stay in Python)."""
+    global _compiled
+    with _compile_lock:
+        if _compiled is None:
+            try:
+                import numba
+            except ImportError:  # pragma: no cover - only where Numba has no wheels
+                return False
+            _compiled = numba.njit(cache=True, nogil=True)(_round_events)
+    return True
+
+
+def _round_events(costs, whole, n_mb, n_slices, n_local, n_attn, layers, cycles, shared, fd, fa, cold, cold_s,
+                  serial, latency, eps):
+    """The events of one round (see :func:`round_period`): (period, dense busy share,
+    attention busy share).  ``costs`` is ``[micro-batch, slice, 6]`` (:class:`_Costs`'
+    fields in order) and ``whole`` ``[micro-batch, slice]`` (a local micro-batch's job on
+    a slice), both flattened.
+
+    One loop over events (time, order, micro-batch, cycle, slice, layer, phase) kept in a
+    heap, the servers' state and queues in flat lists: Python runs it as it is, fast for
+    Python, and Numba compiles it (:func:`compile_kernel`)."""
+    contend = shared and fd > 1.0  # a dense job overlapping attention work runs slower
+    n_sa = n_slices * n_attn
+    d_until = [0.0] * n_slices
+    d_idle = [0.0] * n_slices  # when each dense worker last went idle
+    d_busy = [0.0] * n_slices  # seconds of work started inside the measured window
+    dq = [0.0] * (n_slices * n_mb * 4)  # [slice, i, 4] dense jobs waiting: (ready at, mb, cycle, layer)
+    dq_n = [0] * n_slices
+    a_until = [0.0] * n_sa  # [slice, attention worker]
+    a_busy = [0.0] * n_sa
+    aq = [0] * (n_sa * n_mb * 3)  # [slice, attention worker, i, 3] waiting, in arrival order: (mb, cycle, layer)
+    aq_head = [0] * n_sa
+    aq_n = [0] * n_sa
     # when the attention side works (reading a request, computing, answering): a dense job
     # that overlaps such work runs at the profile's both-compute speed
-    active: list[tuple[float, float]] = []
-    push = heapq.heappush
-    pop = heapq.heappop
-
-    def run_dense(t: float, mb: int, cyc: int, k: int, layer: int) -> None:
-        # starts now on its dense worker (the caller knows it is free)
-        nonlocal order
-        if not remote[mb]:
-            base, layer = whole[mb][k], layers
-        else:
-            c = costs[mb][k]
-            base = c.first if layer == 0 else (c.last if layer == layers else c.dense)
-        dur = base
-        if contend:
-            # time only moves on: ended ones go.  A job that starts as the attention work it
-            # waited for ends does not overlap it (the sums of floats that make the two
-            # instants differ in the last bits, which decided contention at random)
-            if active:
-                active[:] = [iv for iv in active if iv[1] > t + eps]
-                t1 = t + base - eps
-                for a, _ in active:
-                    if a < t1:
-                        dur *= fd
-                        break
-        if t - d_idle[k] > eps and d_until[k] <= t:  # after an idle gap: cold
-            dur = dur * cold + cold_s
-        d_until[k] = d_idle[k] = t + dur
-        if w_start <= t:
-            d_busy[k] += dur
-        order += 1
-        push(events, (t + dur, order, mb, cyc, k, layer, _DONE_DENSE))
-
-    def run_attention(t: float, mb: int, cyc: int, k: int, layer: int) -> None:
-        nonlocal order
-        w = attn_of[mb]
-        dur = costs[mb][k].attention
-        if shared:
-            for u in d_until:
-                if u > t + eps:  # a dense worker computes meanwhile
-                    dur *= fa
-                    break
-        a_until[k][w] = t + dur
-        if w_start <= t:
-            a_busy[k][w] += dur
-        order += 1
-        push(events, (t + dur, order, mb, cyc, k, layer, _DONE_ATTENTION))
-
+    act_from = [0.0]
+    act_to = [0.0]
+    n_active = 0
+    done_at = [0.0] * (n_mb * cycles)  # [mb, cycle]
+    done_n = [0] * n_mb
+    w_start, w_end = math.inf, 0.0  # the measured window: cycles 2 .. end
+    events = [(0.0, 0, 0, 0, 0, 0, 0)]
+    events.pop()
+    order = 0
     if serial:  # one after another: the next starts when the previous ends
         order += 1
-        push(events, (0.0, order, 0, 0, 0, 0, _DENSE))
+        heappush(events, (0.0, order, 0, 0, 0, 0, _DENSE))
     else:
         for mb in range(n_mb):
             order += 1
-            push(events, (0.0, order, mb, 0, 0, 0, _DENSE))
+            heappush(events, (0.0, order, mb, 0, 0, 0, _DENSE))
     while events:
-        t, _, mb, cyc, k, layer, phase = pop(events)
-        if phase == _DENSE:
-            if d_until[k] > t or d_queue[k]:
-                push(d_queue[k], (t, mb, cyc, k, layer))  # waits its turn, as the runtime runs them
-            else:
-                run_dense(t, mb, cyc, k, layer)
+        t, _, mb, cyc, k, layer, phase = heappop(events)
+        c = (mb * n_slices + k) * 6  # its costs on this slice
+        kw = k * n_attn + (mb - n_local) % n_attn  # its attention worker there
+        start_dense = start_attention = False
+        if phase == _DENSE:  # waits its turn, in the order jobs became ready, as the runtime runs them
+            i = dq_n[k]
+            q = (k * n_mb + i) * 4
+            dq[q], dq[q + 1], dq[q + 2], dq[q + 3] = t, mb, cyc, layer
+            dq_n[k] = i + 1
+            start_dense = not (d_until[k] > t or i > 0)
         elif phase == _DONE_DENSE:
-            c = costs[mb][k]
             order += 1
-            if layer < layers and remote[mb]:
-                if shared:  # the attention side's work for this request (induced latency is idle time)
-                    active.append((t + latency, t + latency + (c.net - 2 * latency) + c.attention))
-                push(events, (t + c.net / 2, order, mb, cyc, k, layer, _ATTENTION))
+            if layer < layers and mb >= n_local:
+                if contend:  # the attention side's work for this request (induced latency is idle time)
+                    if n_active == len(act_from):
+                        act_from.append(0.0)
+                        act_to.append(0.0)
+                    act_from[n_active] = t + latency
+                    act_to[n_active] = t + latency + (costs[c + _NET] - 2 * latency) + costs[c + _ATTN]
+                    n_active += 1
+                heappush(events, (t + costs[c + _NET] / 2, order, mb, cyc, k, layer, _ATTENTION))
             else:
-                push(events, (t + c.hop, order, mb, cyc, k, layer, _HOP))
-            if d_queue[k]:
-                _, qmb, qcyc, qk, qlayer = pop(d_queue[k])
-                run_dense(t, qmb, qcyc, qk, qlayer)
+                heappush(events, (t + costs[c + _HOPS], order, mb, cyc, k, layer, _HOP))
+            start_dense = dq_n[k] > 0
         elif phase == _ATTENTION:
-            w = attn_of[mb]
-            if a_until[k][w] > t or a_queue[k][w]:
-                a_queue[k][w].append((mb, cyc, layer))
-            else:
-                run_attention(t, mb, cyc, k, layer)
+            q = (kw * n_mb + (aq_head[kw] + aq_n[kw]) % n_mb) * 3
+            aq[q], aq[q + 1], aq[q + 2] = mb, cyc, layer
+            aq_n[kw] += 1
+            start_attention = not (a_until[kw] > t or aq_n[kw] > 1)
         elif phase == _DONE_ATTENTION:
-            queue = a_queue[k][attn_of[mb]]
-            if queue:
-                qmb, qcyc, qlayer = queue.popleft()
-                run_attention(t, qmb, qcyc, k, qlayer)
-            order += 1
-            push(events, (t + costs[mb][k].net / 2, order, mb, cyc, k, layer + 1, _DENSE))
+            start_attention = aq_n[kw] > 0
         else:  # _HOP
             if k + 1 < n_slices:
                 order += 1
-                push(events, (t, order, mb, cyc, k + 1, 0, _DENSE))
+                heappush(events, (t, order, mb, cyc, k + 1, 0, _DENSE))
                 continue
-            done_at[mb].append(t)
+            done_at[mb * cycles + done_n[mb]] = t
+            done_n[mb] += 1
             if cyc == 1 and (not serial or mb == n_mb - 1):
                 w_start = min(w_start, t)
             if serial:
                 nxt, ncyc = (mb + 1, cyc) if mb + 1 < n_mb else (0, cyc + 1)
                 if ncyc < cycles:
                     order += 1
-                    push(events, (t, order, nxt, ncyc, 0, 0, _DENSE))
+                    heappush(events, (t, order, nxt, ncyc, 0, 0, _DENSE))
                 else:
                     w_end = t
             elif cyc + 1 < cycles:
                 order += 1
-                push(events, (t, order, mb, cyc + 1, 0, 0, _DENSE))
+                heappush(events, (t, order, mb, cyc + 1, 0, 0, _DENSE))
             else:
                 w_end = max(w_end, t)
+        if start_dense:  # the first ready of slice k's waiting jobs starts now
+            base_q = k * n_mb * 4
+            best = base_q
+            for i in range(1, dq_n[k]):
+                q = base_q + i * 4
+                for f in range(4):
+                    if dq[q + f] != dq[best + f]:
+                        if dq[q + f] < dq[best + f]:
+                            best = q
+                        break
+            jmb, jcyc, jlayer = int(dq[best + 1]), int(dq[best + 2]), int(dq[best + 3])
+            last = base_q + (dq_n[k] - 1) * 4
+            dq[best], dq[best + 1], dq[best + 2], dq[best + 3] = dq[last], dq[last + 1], dq[last + 2], dq[last + 3]
+            dq_n[k] -= 1
+            jc = (jmb * n_slices + k) * 6
+            if jmb < n_local:
+                base, jlayer = whole[jmb * n_slices + k], layers
+            else:
+                base = costs[jc + _FIRST] if jlayer == 0 else (
+                    costs[jc + _LAST] if jlayer == layers else costs[jc + _MID])
+            dur = base
+            if contend and n_active > 0:
+                # time only moves on: ended ones go.  A job that starts as the attention work it
+                # waited for ends does not overlap it (the sums of floats that make the two
+                # instants differ in the last bits, which decided contention at random)
+                kept = 0
+                for i in range(n_active):
+                    if act_to[i] > t + eps:
+                        act_from[kept], act_to[kept] = act_from[i], act_to[i]
+                        kept += 1
+                n_active = kept
+                t1 = t + base - eps
+                for i in range(n_active):
+                    if act_from[i] < t1:
+                        dur *= fd
+                        break
+            if t - d_idle[k] > eps and d_until[k] <= t:  # after an idle gap: cold
+                dur = dur * cold + cold_s
+            d_until[k] = t + dur
+            d_idle[k] = t + dur
+            if w_start <= t:
+                d_busy[k] += dur
+            order += 1
+            heappush(events, (t + dur, order, jmb, jcyc, k, jlayer, _DONE_DENSE))
+        if start_attention:  # the first to arrive at (k, w) starts now
+            h = aq_head[kw]
+            q = (kw * n_mb + h) * 3
+            jmb, jcyc, jlayer = aq[q], aq[q + 1], aq[q + 2]
+            aq_head[kw] = (h + 1) % n_mb
+            aq_n[kw] -= 1
+            dur = costs[(jmb * n_slices + k) * 6 + _ATTN]
+            if shared:
+                for u in d_until:
+                    if u > t + eps:  # a dense worker computes meanwhile
+                        dur *= fa
+                        break
+            a_until[kw] = t + dur
+            if w_start <= t:
+                a_busy[kw] += dur
+            order += 1
+            heappush(events, (t + dur, order, jmb, jcyc, k, jlayer, _DONE_ATTENTION))
+        if phase == _DONE_ATTENTION:
+            order += 1
+            heappush(events, (t + costs[c + _NET] / 2, order, mb, cyc, k, layer + 1, _DENSE))
+    last = n_mb - 1
     if serial:
-        first = done_at[-1][1]
-        period = (done_at[-1][-1] - first) / (cycles - 2)
+        period = (done_at[last * cycles + done_n[last] - 1] - done_at[last * cycles + 1]) / (cycles - 2)
     else:
-        period = sum((d[-1] - d[1]) / (cycles - 2) for d in done_at) / len(done_at)
+        period = 0.0
+        for mb in range(n_mb):
+            period += (done_at[mb * cycles + cycles - 1] - done_at[mb * cycles + 1]) / (cycles - 2)
+        period /= n_mb
     span = max(w_end - w_start, 1e-12)
-    dense_share = max(d_busy) / span
-    attn_share = max((b for bs in a_busy for b in bs), default=0.0) / span
-    return period, min(1.0, dense_share), min(1.0, attn_share)
+    dense = 0.0
+    for b in d_busy:
+        dense = max(dense, b)
+    attention = 0.0
+    for b in a_busy:
+        attention = max(attention, b)
+    return period, min(1.0, dense / span), min(1.0, attention / span)

@@ -143,7 +143,10 @@ def compile_kernel() -> bool:
                 import numba
             except ImportError:  # pragma: no cover - only where Numba has no wheels
                 return False
-            _compiled = numba.njit(cache=True, nogil=True)(_round_events)
+            kernel = numba.njit(cache=True, nogil=True)(_round_events)
+            # compiled (or loaded) now, for arguments of the types _simulate_round passes
+            kernel(np.zeros(6), np.zeros(1), 1, 1, 0, 1, 1, 3, False, 1.0, 1.0, 1.0, 0.0, False, 0.0, _EPS)
+            _compiled = kernel
     return True
 
 

@@ -1,6 +1,7 @@
 """The pipeline of one round: micro-batches of given shapes cycling through a slice's
 layers (see :mod:`glinthawk_dask.planner.simulate` for the model), simulated event by
-event until steady (:func:`round_period`)."""
+event until steady (:func:`round_period`), in Python or compiled with Numba
+(:func:`compile_kernel`), with the same results."""
 
 from __future__ import annotations
 

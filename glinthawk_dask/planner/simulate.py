@@ -26,7 +26,8 @@ Single-tier and in-process runs have no attention tier: attention runs on the de
 worker, inside its job.  A hybrid run mixes both: its first ``local_micro_batches``
 micro-batches keep their KV on the dense worker and run a whole slice as one job, as
 single-tier ones do; the rest are two-tier.  (Single-tier is hybrid with every
-micro-batch local, two-tier hybrid with none.)  Everything here is pure Python on numbers.
+micro-batch local, two-tier hybrid with none.)  Everything here is Python on numbers (a
+long sweep has Numba compile the rounds' event loop: :func:`~.rounds.compile_kernel`).
 """
 
 from __future__ import annotations

@@ -119,12 +119,12 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
     tiers, the latency); the fastest (or cheapest, with --by cost) come first, with the
     options and spec fields that run them.
     """
+    from tqdm import tqdm
+
     from ..model.resolve import resolve_checkpoint
     from ..planner.plan import (
         Prices, best, candidates, format_table, mixes_pay, options_of, size_text, spec_fields, sweep,
     )
-    from tqdm import tqdm
-
     from ..planner.profile import load_profile
     from ..planner.simulate import Workload
 

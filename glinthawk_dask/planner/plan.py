@@ -138,10 +138,10 @@ def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Ite
     cache = {} if cache is None else cache
     preds = []
     t0 = time.perf_counter()
-    compiled = compile_after_s is None
+    compiling = compile_after_s is not None  # still to compile once the sweep runs that long
     for c in configs:
-        if not compiled and time.perf_counter() - t0 > compile_after_s:
-            compiled = True
+        if compiling and time.perf_counter() - t0 > compile_after_s:
+            compiling = False
             compile_kernel()
         preds.append(simulate(profile, model, workload, c, cache))
         if progress is not None:

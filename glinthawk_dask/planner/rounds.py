@@ -75,10 +75,23 @@ def round_period(profile: Profile, model: ModelConfig, config: RunConfig, shapes
     if n_local is None:
         n_local = min(config.n_local, len(shapes))
     costs = _cost_array(profile, model, config, shapes, n_local)
+    kernel = _compiled
+    if kernel is None:  # lists index fastest in Python, arrays in compiled code
+        kernel, flat = _round_events, costs.ravel().tolist()
+    else:
+        flat = costs.ravel()
+    fd, fa = profile.slowdowns(len(shapes))  # a slice's micro-batches are all in flight at once
+
+    def simulate_round(layers: int) -> tuple[float, float, float]:
+        return kernel(  # (one type for each argument: one compiled signature)
+            flat, len(shapes), int(config.dense), int(n_local), int(config.attention), int(layers), int(cycles),
+            bool(profile.shared_host), float(fd), float(fa), float(profile.dense.cold_factor),
+            float(profile.dense.cold_s), config.mode == "in-process", float(config.latency), _EPS)
+
     if layers <= 6:
-        return _simulate_round(profile, config, costs, layers, cycles, n_local)
-    p3, d3, a3 = _simulate_round(profile, config, costs, 3, cycles, n_local)
-    p6, d6, a6 = _simulate_round(profile, config, costs, 6, cycles, n_local)
+        return simulate_round(layers)
+    p3, d3, a3 = simulate_round(3)
+    p6, d6, a6 = simulate_round(6)
     f = (layers - 6) / 3.0
     period = p6 + (p6 - p3) * f
     dense_busy = d6 * p6 + (d6 * p6 - d3 * p3) * f
@@ -110,23 +123,6 @@ def _cost_array(profile: Profile, model: ModelConfig, config: RunConfig, shapes:
     return costs
 
 
-def _simulate_round(profile: Profile, config: RunConfig, costs: np.ndarray, layers: int, cycles: int,
-                    n_local: int) -> tuple[float, float, float]:
-    n_mb, n_slices = costs.shape[0], costs.shape[1]
-    # a local micro-batch runs a slice as one job: [micro-batch, slice]
-    whole = costs[:, :, _FIRST] + costs[:, :, _MID] * layers + costs[:, :, _LAST]
-    fd, fa = profile.slowdowns(n_mb)  # a slice's micro-batches are all in flight at once
-    kernel = _compiled
-    if kernel is None:  # lists index fastest in Python, arrays in compiled code
-        kernel, costs, whole = _round_events, costs.ravel().tolist(), whole.ravel().tolist()
-    else:
-        costs, whole = costs.ravel(), whole.ravel()
-    return kernel(  # (one type for each argument: one compiled signature)
-        costs, whole, n_mb, n_slices, int(n_local), int(config.attention), int(layers), int(cycles),
-        bool(profile.shared_host), float(fd), float(fa), float(profile.dense.cold_factor),
-        float(profile.dense.cold_s), config.mode == "in-process", float(config.latency), _EPS)
-
-
 _compiled: Callable | None = None  # _round_events compiled, once compile_kernel() has run
 _compile_lock = threading.Lock()
 
@@ -145,18 +141,17 @@ def compile_kernel() -> bool:
             except ImportError:  # pragma: no cover - only where Numba has no wheels
                 return False
             kernel = numba.njit(cache=True, nogil=True)(_round_events)
-            # compiled (or loaded) now, for arguments of the types _simulate_round passes
-            kernel(np.zeros(6), np.zeros(1), 1, 1, 0, 1, 1, 3, False, 1.0, 1.0, 1.0, 0.0, False, 0.0, _EPS)
+            # compiled (or loaded) now, for arguments of the types round_period passes
+            kernel(np.zeros(6), 1, 1, 0, 1, 1, 3, False, 1.0, 1.0, 1.0, 0.0, False, 0.0, _EPS)
             _compiled = kernel
     return True
 
 
-def _round_events(costs, whole, n_mb, n_slices, n_local, n_attn, layers, cycles, shared, fd, fa, cold, cold_s,
+def _round_events(costs, n_mb, n_slices, n_local, n_attn, layers, cycles, shared, fd, fa, cold, cold_s,
                   serial, latency, eps):
     """The events of one round (see :func:`round_period`): (period, dense busy share,
     attention busy share).  ``costs`` is ``[micro-batch, slice, 6]`` (:class:`_Costs`'
-    fields in order) and ``whole`` ``[micro-batch, slice]`` (a local micro-batch's job on
-    a slice), both flattened.
+    fields in order), flattened.
 
     One loop over events (time, order, micro-batch, cycle, slice, layer, phase) kept in a
     heap, the servers' state and queues in flat lists: Python runs it as it is, fast for
@@ -193,8 +188,6 @@ def _round_events(costs, whole, n_mb, n_slices, n_local, n_attn, layers, cycles,
             heappush(events, (0.0, order, mb, 0, 0, 0, _DENSE))
     while events:
         t, _, mb, cyc, k, layer, phase = heappop(events)
-        c = (mb * n_slices + k) * 6  # its costs on this slice
-        kw = k * n_attn + (mb - n_local) % n_attn  # its attention worker there
         start_dense = start_attention = False
         if phase == _DENSE:  # waits its turn, in the order jobs became ready, as the runtime runs them
             i = dq_n[k]
@@ -203,6 +196,7 @@ def _round_events(costs, whole, n_mb, n_slices, n_local, n_attn, layers, cycles,
             dq_n[k] = i + 1
             start_dense = not (d_until[k] > t or i > 0)
         elif phase == _DONE_DENSE:
+            c = (mb * n_slices + k) * 6  # its costs on this slice
             order += 1
             if layer < layers and mb >= n_local:
                 if contend:  # the attention side's work for this request (induced latency is idle time)
@@ -217,11 +211,13 @@ def _round_events(costs, whole, n_mb, n_slices, n_local, n_attn, layers, cycles,
                 heappush(events, (t + costs[c + _HOPS], order, mb, cyc, k, layer, _HOP))
             start_dense = dq_n[k] > 0
         elif phase == _ATTENTION:
+            kw = k * n_attn + (mb - n_local) % n_attn  # its attention worker on this slice
             q = (kw * n_mb + (aq_head[kw] + aq_n[kw]) % n_mb) * 3
             aq[q], aq[q + 1], aq[q + 2] = mb, cyc, layer
             aq_n[kw] += 1
             start_attention = not (a_until[kw] > t or aq_n[kw] > 1)
         elif phase == _DONE_ATTENTION:
+            kw = k * n_attn + (mb - n_local) % n_attn
             start_attention = aq_n[kw] > 0
         else:  # _HOP
             if k + 1 < n_slices:
@@ -259,8 +255,8 @@ def _round_events(costs, whole, n_mb, n_slices, n_local, n_attn, layers, cycles,
             dq[best], dq[best + 1], dq[best + 2], dq[best + 3] = dq[last], dq[last + 1], dq[last + 2], dq[last + 3]
             dq_n[k] -= 1
             jc = (jmb * n_slices + k) * 6
-            if jmb < n_local:
-                base, jlayer = whole[jmb * n_slices + k], layers
+            if jmb < n_local:  # a local micro-batch runs the slice as one job
+                base, jlayer = costs[jc + _FIRST] + costs[jc + _MID] * layers + costs[jc + _LAST], layers
             else:
                 base = costs[jc + _FIRST] if jlayer == 0 else (
                     costs[jc + _LAST] if jlayer == layers else costs[jc + _MID])
@@ -307,7 +303,7 @@ def _round_events(costs, whole, n_mb, n_slices, n_local, n_attn, layers, cycles,
             heappush(events, (t + dur, order, jmb, jcyc, k, jlayer, _DONE_ATTENTION))
         if phase == _DONE_ATTENTION:
             order += 1
-            heappush(events, (t + costs[c + _NET] / 2, order, mb, cyc, k, layer + 1, _DENSE))
+            heappush(events, (t + costs[(mb * n_slices + k) * 6 + _NET] / 2, order, mb, cyc, k, layer + 1, _DENSE))
     last = n_mb - 1
     if serial:
         period = (done_at[last * cycles + done_n[last] - 1] - done_at[last * cycles + 1]) / (cycles - 2)

@@ -6,6 +6,7 @@ loopback, and every test that starts one asserts that its processes are gone at 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -304,6 +305,17 @@ def test_bench_prints_tokens_per_second():
 # -- real processes ---------------------------------------------------------------------------
 
 
+async def _workers_and_registry(address: str, run=None) -> tuple:
+    """The workers' resources, the glinthawk registry and `run` on every worker, from a client on
+    this thread's own loop (a blocking Client starts a loop thread and gives it 10 s, which a busy
+    2-core machine can miss)."""
+    async with Client(address, timeout=30, asynchronous=True) as client:
+        info = await client.scheduler.identity()
+        resources = sorted(json.dumps(w["resources"]) for w in info["workers"].values())
+        registry = await client.scheduler.glinthawk_registry()
+        return (resources, registry) + ((await client.run(run),) if run is not None else ())
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
 def test_start_cluster_run_and_stop_on_loopback(tmp_path, reference, tls):
     """deploy/local/start-cluster.sh (scheduler, 1 dense + 2 attention workers) -> glinthawk run
@@ -337,24 +349,22 @@ def test_start_cluster_run_and_stop_on_loopback(tmp_path, reference, tls):
                     Client(address.replace("tls://", "tcp://"), timeout=3)
                 with pytest.raises(TypeError, match="TLS"):
                     Client(address, timeout=3)
+
+        def environment_at_start() -> dict[str, str]:  # a closure, so that it travels by value
+            with open("/proc/self/environ", "rb") as f:
+                pairs = [p.split(b"=", 1) for p in f.read().split(b"\0") if b"=" in p]
+            return {k.decode(): v.decode() for k, v in pairs}
+
         # the workers carry their tiers' resources; the scheduler has the control plane already
-        with dask.config.set(tls_config), Client(address, timeout=30) as client:
-            resources = sorted(json.dumps(w["resources"]) for w in client.scheduler_info()["workers"].values())
-            assert resources == ['{"GPU": 1}', '{"KV": 1}', '{"KV": 1}']
-            registry = client.sync(client.scheduler.glinthawk_registry)
-            assert len(registry["dense"]) == 1 and len(registry["attention"]) == 2
-
-            # each worker process started with its tier's environment (OpenMP reads it as torch
-            # loads: set inside the process, it would come too late)
-            def environment_at_start() -> dict[str, str]:
-                with open("/proc/self/environ", "rb") as f:
-                    pairs = [p.split(b"=", 1) for p in f.read().split(b"\0") if b"=" in p]
-                return {k.decode(): v.decode() for k, v in pairs}
-
-            at_start = client.run(environment_at_start)
-            for tier, addresses in registry.items():
-                for a in addresses:
-                    assert at_start[a].get("OMP_WAIT_POLICY") == ("PASSIVE" if tier == "attention" else None), tier
+        with dask.config.set(tls_config):
+            resources, registry, at_start = asyncio.run(_workers_and_registry(address, environment_at_start))
+        assert resources == ['{"GPU": 1}', '{"KV": 1}', '{"KV": 1}']
+        assert len(registry["dense"]) == 1 and len(registry["attention"]) == 2
+        # each worker process started with its tier's environment (OpenMP reads it as torch
+        # loads: set inside the process, it would come too late)
+        for tier, addresses in registry.items():
+            for a in addresses:
+                assert at_start[a].get("OMP_WAIT_POLICY") == ("PASSIVE" if tier == "attention" else None), tier
 
         out = tmp_path / "out.zarr"
         spec = tmp_path / "spec.yaml"
@@ -416,12 +426,9 @@ def test_cluster_command_serves_until_sigint():
         assert address, lines
         line = stdout.get(timeout=30)
         assert line.startswith("dashboard at http"), line
-        with Client(address, timeout=30) as client:
-            workers = client.scheduler_info()["workers"].values()
-            resources = sorted(json.dumps(w["resources"]) for w in workers)
-            assert resources == ['{"GPU": 1}', '{"KV": 1}', '{"KV": 1}']
-            registry = client.sync(client.scheduler.glinthawk_registry)
-            assert len(registry["dense"]) == 1 and len(registry["attention"]) == 2
+        resources, registry = asyncio.run(_workers_and_registry(address))
+        assert resources == ['{"GPU": 1}', '{"KV": 1}', '{"KV": 1}']
+        assert len(registry["dense"]) == 1 and len(registry["attention"]) == 2
         procs = _tree([proc.pid])
         assert len(procs) >= 4  # this command and three worker processes
         proc.send_signal(signal.SIGINT)

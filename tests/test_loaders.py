@@ -22,13 +22,8 @@ from glinthawk_dask.model.gguf import GGUFCheckpoint, canonical_to_gguf_name
 from glinthawk_dask.model.hf import HFCheckpoint, canonical_to_hf_name
 from glinthawk_dask.model.resolve import DEFAULT_MODEL, resolve_checkpoint
 from glinthawk_dask.model.synthetic import SyntheticCheckpoint
-from glinthawk_dask.model.weights import (
-    GLOBAL_NAMES,
-    CheckpointSource,
-    MissingTensorError,
-    layer_tensor_names,
-    load_slice,
-)
+from glinthawk_dask.model.checkpoint import GLOBAL_NAMES, CheckpointSource, MissingTensorError, layer_tensor_names
+from glinthawk_dask.model.weights import load_slice
 
 Q = gguf.GGMLQuantizationType
 # Small shapes whose inner dims are multiples of 32 (GGUF block quantization).

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 
 import dask
@@ -540,6 +542,23 @@ def test_plan_command_prints_a_table_and_json():
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     assert doc["best"]["cost_per_million_tokens"] > 0 and doc["best"]["feasible"]
+
+
+def test_plan_does_not_import_torch():
+    """Planning needs a model's shape only: the default GGUF's and a synthetic model's configs are read without
+    torch (whose import alone takes seconds), in a fresh interpreter."""
+    code = (
+        "import sys\n"
+        "from glinthawk_dask.cli import main\n"
+        "for model in ('smollm2-135m-instruct', 'random:llama-2-7b'):\n"
+        "    main(['plan', '--model', model, '--profile', 'vm-2core', '--requests', '4', '--output-tokens', '4',\n"
+        "          '--json'], standalone_mode=False)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count('"best"') == 2, done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "False", "plan imported torch"
 
 
 def test_plan_samples_prompt_lengths_from_a_dataset(tmp_path):

@@ -1,6 +1,6 @@
 """Read Llama-family weights from a GGUF file (llama.cpp's format).
 
-:class:`GGUFCheckpoint` implements :class:`~glinthawk_dask.model.weights.CheckpointSource`.
+:class:`GGUFCheckpoint` implements :class:`~glinthawk_dask.model.checkpoint.CheckpointSource`.
 The file is memory-mapped and parsed by :class:`~.gguf_file.GGUFFile` (tens of
 milliseconds, where ``gguf.GGUFReader`` takes seconds over a large vocabulary); a tensor
 is dequantized (by the ``gguf`` library, every type it supports) only when
@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import gguf.quants
 import numpy as np
-import torch
 
 from ..errors import ModelLoadError
+from .checkpoint import GLOBAL_NAMES, LAYER_SUFFIXES, MissingTensorError
 from .config import ModelConfig
 from .gguf_file import GGUFArray, GGUFFile
-from .weights import MissingTensorError
-from .weights import GLOBAL_NAMES, LAYER_SUFFIXES
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["GGUFCheckpoint", "canonical_to_gguf_name"]
 
@@ -199,6 +199,9 @@ class GGUFCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """Dequantize canonical tensor ``name`` to a float32 ``[out, in]`` (or ``[n]``) tensor."""
+        import gguf.quants  # here, with torch: the config alone (planning, checks) needs neither
+        import torch
+
         if not self.has(name):
             raise MissingTensorError(f"{self.path}: GGUF file has no tensor {name!r}")
         gname = canonical_to_gguf_name(name)

@@ -1,6 +1,6 @@
 """Read Llama weights from a Hugging Face checkpoint directory (``config.json`` + safetensors).
 
-:class:`HFCheckpoint` implements :class:`~glinthawk_dask.model.weights.CheckpointSource`.
+:class:`HFCheckpoint` implements :class:`~glinthawk_dask.model.checkpoint.CheckpointSource`.
 Tensors are read one at a time with :func:`safetensors.safe_open` (memory-mapped), so a
 worker hosting a slice of layers never reads the rest.  Pickled checkpoints
 (``pytorch_model.bin``, ``*.pt``) are refused: loading them runs arbitrary code.
@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import ModelLoadError
+from .checkpoint import GLOBAL_NAMES, LAYER_SUFFIXES, MissingTensorError
 from .config import ModelConfig
-from .weights import MissingTensorError
-from .weights import GLOBAL_NAMES, LAYER_SUFFIXES
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["HFCheckpoint", "canonical_to_hf_name"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import ModelLoadError
 from .config import PRESETS, UnknownPresetError, from_name
-from .weights import CheckpointSource
+from .checkpoint import CheckpointSource
 
 __all__ = ["DEFAULT_MODEL", "SHIPPED_WEIGHTS", "embedded_gguf_path", "resolve_checkpoint"]
 

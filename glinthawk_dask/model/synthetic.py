@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import re
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import torch
-
+from .checkpoint import MissingTensorError
 from .config import ModelConfig
-from .weights import MissingTensorError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SyntheticCheckpoint"]
 
@@ -84,6 +86,8 @@ def _seeded_normal(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     threads (``normal_`` releases the GIL) so llama-2-7b sized matrices take a fraction
     of a second on a many-core host.
     """
+    import torch  # here: a synthetic model's config (planning) does not need it
+
     out = torch.empty(shape, dtype=torch.float32)
     flat = out.view(-1)  # [numel]
     n_chunks = max(1, -(-flat.numel() // CHUNK))

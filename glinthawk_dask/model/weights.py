@@ -1,9 +1,6 @@
 """Dense (tier-1) weights of a contiguous slice of layers, and how they are assembled.
 
-Checkpoint readers (GGUF, Hugging Face safetensors, synthetic) implement
-:class:`CheckpointSource`: they hand out single tensors by canonical name, in the
-Hugging Face layout (``[out_features, in_features]``, q/k rows in HF rotary order),
-reading only what is asked for.  :func:`load_slice` turns them into fused, typed
+:func:`load_slice` turns a :class:`~.checkpoint.CheckpointSource` into fused, typed
 :class:`SliceWeights` for layers ``[start, stop)``, so a worker hosting a slice never
 reads the other layers.
 """
@@ -11,53 +8,13 @@ reads the other layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..errors import ModelLoadError
+from .checkpoint import CheckpointSource
 from .config import ModelConfig
 
-__all__ = [
-    "CheckpointSource",
-    "LayerWeights",
-    "SliceWeights",
-    "MissingTensorError",
-    "layer_tensor_names",
-    "load_slice",
-]
-
-
-class MissingTensorError(KeyError, ModelLoadError):
-    """A checkpoint lacks a tensor the model needs (raised by every checkpoint reader)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-# Canonical tensor names.  Per layer: f"layers.{i}.{suffix}".
-LAYER_SUFFIXES = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
-GLOBAL_NAMES = ("embed", "final_norm", "lm_head")
-
-
-def layer_tensor_names(i: int) -> list[str]:
-    return [f"layers.{i}.{s}" for s in LAYER_SUFFIXES]
-
-
-@runtime_checkable
-class CheckpointSource(Protocol):
-    """A readable checkpoint.
-
-    ``config`` describes its shapes.  ``get(name)`` returns one tensor by canonical name
-    as a float32 (or native float) CPU tensor with HF layout, raising
-    :class:`MissingTensorError` if absent; ``has(name)`` tells without reading.
-    """
-
-    config: ModelConfig
-
-    def get(self, name: str) -> torch.Tensor: ...
-
-    def has(self, name: str) -> bool: ...
+__all__ = ["LayerWeights", "SliceWeights", "load_slice"]
 
 
 @dataclass

@@ -322,6 +322,28 @@ def test_sweep_and_best_prefer_the_fastest_and_the_cheapest():
     assert cheap.config.mode == "single-tier"  # attention workers priced out
 
 
+def test_a_sweeps_shared_steps_and_rounds_predict_what_each_configuration_alone_does():
+    """A sweep simulates the steps of each micro-batch layout once, whatever the workers, the
+    latency and the mode, and each round once per workers and latency: every prediction
+    equals that configuration's simulated with nothing shared, on prompts that are chunked
+    and outputs that end at different steps."""
+    prof = load_profile("vm-2core")
+    w = Workload(tuple([3, 40, 7, 90, 1, 12] * 4), tuple([5, 1, 9, 3, 12, 2] * 4))
+    configs = [RunConfig(mode=mode, micro_batch_size=size, micro_batches=depth, dense=dense, attention=attn,
+                         latency=latency, max_step_tokens=16,
+                         local_micro_batches=1 if mode == "hybrid" and depth > 1 else 0)
+               for mode in ("two-tier", "single-tier", "hybrid") for size in (4, 8) for depth in (1, 2)
+               for dense in (1, 2) for attn in (1, 2) for latency in (0.0, 0.01)]
+    cache: dict = {}
+    shared = [simulate(prof, MODEL, w, c, cache) for c in configs]
+    alone = [simulate(prof, MODEL, w, c) for c in configs]
+    fields = ("seconds", "steps", "generated_tokens", "dense_util", "attention_util", "bottleneck", "config")
+    assert [[getattr(p, f) for f in fields] for p in shared] == [[getattr(p, f) for f in fields] for p in alone]
+    traces = [k for k in cache if k[0] == "steps"]
+    assert 0 < len(traces) < len(configs) / 4  # steps shared across workers, latency and modes
+    assert len({p.seconds for p in shared}) > len(traces)  # yet each configuration costs its own rounds
+
+
 def test_compiled_rounds_give_the_python_rounds_bit_for_bit(monkeypatch):
     """Long sweeps compile the rounds' events with Numba: every field of every round
     equals the Python loop's, for local, remote and mixed rounds, one to three slices,

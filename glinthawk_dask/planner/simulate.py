@@ -8,7 +8,9 @@ Two levels:
   leave when their output length is reached, as :class:`~glinthawk_dask.engine.scheduler.BatchScheduler`
   does.  Each round every busy micro-batch takes one step.  A micro-batch is kept as
   sums (:class:`_Batch`), so a step costs its prompt chunks rather than its sequences,
-  and stretches of decode where nobody joins or leaves are costed in one go.
+  and stretches of decode where nobody joins or leaves are planned in one go.  The steps
+  depend on the micro-batches alone: a sweep takes them once for every configuration of
+  the same micro-batches (any workers, latency or mode) and costs each one's rounds.
 * **The pipeline of one round** (:func:`round_period`).  Micro-batches of given shapes
   cycle through the layers: a dense job per layer on their slice's dense worker (one
   compute stream, in the order they become ready), a round trip to their attention
@@ -197,12 +199,17 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
     if too_long:
         return _infeasible(pred, f"a prompt of {too_long[0]} tokens leaves no room in KV slots of {seq_len}")
 
-    sizes = [pred.local_batch_size if mb < n_local else mb_size for mb in range(depth)]
-    waiting = [(p, min(o, seq_len - p)) for p, o in zip(workload.prompt_lens, workload.output_lens)]
-    waiting.reverse()  # pop() takes the first request
-    batches = [_Batch(size) for size in sizes]
+    sizes = tuple(pred.local_batch_size if mb < n_local else mb_size for mb in range(depth))
     if cache is None:
         cache = {}
+    # the steps depend on the micro-batches and the workload alone: configurations that
+    # differ in workers, attention placement or latency take the same steps (one trace),
+    # and only the rounds' costs differ
+    trace_key = ("steps", id(workload), sizes, n_local, c.max_step_tokens, seq_len)
+    trace = cache.get(trace_key)
+    if trace is None:
+        trace = cache[trace_key] = _steps(workload, sizes, n_local, c.max_step_tokens, seq_len)
+    runs, steps, generated = trace
     # what a round depends on besides its shapes (the mode only through where attention
     # runs, which the key's local/remote split says: single-tier, two-tier and hybrid
     # rounds of the same split are the same rounds)
@@ -210,52 +217,18 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
                 c.dtype_bytes, layers)
     remote_key = (c.attention, c.latency)
     total = dense_busy = attn_busy = 0.0
-    steps = generated = 0
-
-    def period_of(groups: tuple, j: int) -> tuple[float, float, float]:
+    for (nl, ml, nr, mr), count in runs:
         # a round costs as its micro-batches at their mean shape (they differ little once
-        # decoding; prefill rounds are few), local and remote ones averaged apart;
-        # ``groups`` holds each side's count and sums of the shape fields, ``j`` the
-        # decode steps since (every sequence's context grown by j)
-        (nl, local), (nr, remote) = groups
-        ml = _mean_bucket(nl, local, j) if nl else None
-        mr = _mean_bucket(nr, remote, j) if nr else None
+        # decoding; prefill rounds are few), local and remote ones averaged apart
         key = (base_key, nl, ml, nr, mr, remote_key if nr else None)
         hit = cache.get(key)
         if hit is None:
             hit = cache[key] = round_period(profile, model, c, [ml] * nl + [mr] * nr, layers, n_local=nl)
-        return hit
-
-    while waiting or any(batches):
-        plans = []
-        sums = ([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0])  # local, remote: micro-batches, sums of their shapes
-        for mb, batch in enumerate(batches):
-            while len(batch) < sizes[mb] and waiting:
-                batch.admit(*waiting.pop())
-            if not batch:
-                continue
-            shape, chunks = batch.plan(c.max_step_tokens)
-            plans.append((batch, chunks))
-            side = sums[mb >= n_local]
-            side[0] += 1
-            for f in range(5):
-                side[f + 1] += shape[f]
-        groups = tuple((v[0], tuple(v[1:])) for v in sums)
-        # rounds of decode alone, nobody finishing or joining: only the contexts grow, so
-        # they are costed without planning each step again (a prefill chunk of one token
-        # is not decode: it samples nothing unless it ends its prompt)
-        repeat = 1
-        full = not waiting or all(len(b) == sizes[mb] for mb, b in enumerate(batches))  # no slot to admit into
-        if full and not any(chunks for _, chunks in plans):
-            repeat = min(b.ends[0][0] - b.steps for b, _ in plans)
-        for j in range(repeat):
-            period, du, au = period_of(groups, j)
+        period, du, au = hit
+        for _ in range(count):  # added one round at a time, as the rounds run
             total += period
             dense_busy += du * period
             attn_busy += au * period
-        steps += len(plans) * repeat
-        for batch, chunks in plans:
-            generated += batch.advance(chunks, repeat)
     pred.seconds, pred.generated_tokens, pred.steps = total, generated, steps
     pred.dense_util = dense_busy / total if total else 0.0
     pred.attention_util = attn_busy / total if total else 0.0
@@ -266,6 +239,52 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
     else:
         pred.bottleneck = "dense" if pred.dense_util >= pred.attention_util else "attention"
     return pred
+
+
+def _steps(workload: Workload, sizes: tuple[int, ...], n_local: int, budget: int,
+           seq_len: int) -> tuple[list[tuple[tuple, int]], int, int]:
+    """The rounds of a run of ``workload`` in micro-batches of ``sizes`` slots (the first
+    ``n_local`` local), steps of at most ``budget`` tokens and KV slots of ``seq_len``:
+    each round's key, ``(local micro-batches, their bucketed mean shape, remote ones,
+    theirs)``, with how many rounds in a row have it; the micro-batch steps and the tokens
+    sampled."""
+    waiting = [(p, min(o, seq_len - p)) for p, o in zip(workload.prompt_lens, workload.output_lens)]
+    waiting.reverse()  # pop() takes the first request
+    batches = [_Batch(size) for size in sizes]
+    runs: list[list] = []
+    steps = generated = 0
+    while waiting or any(batches):
+        plans = []
+        sums = ([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0])  # local, remote: micro-batches, sums of their shapes
+        for mb, batch in enumerate(batches):
+            while len(batch) < sizes[mb] and waiting:
+                batch.admit(*waiting.pop())
+            if not batch:
+                continue
+            shape, chunks = batch.plan(budget)
+            plans.append((batch, chunks))
+            side = sums[mb >= n_local]
+            side[0] += 1
+            for f in range(5):
+                side[f + 1] += shape[f]
+        (nl, *local), (nr, *remote) = sums
+        # rounds of decode alone, nobody finishing or joining: only the contexts grow, so
+        # they are keyed without planning each step again (a prefill chunk of one token
+        # is not decode: it samples nothing unless it ends its prompt)
+        repeat = 1
+        full = not waiting or all(len(b) == sizes[mb] for mb, b in enumerate(batches))  # no slot to admit into
+        if full and not any(chunks for _, chunks in plans):
+            repeat = min(b.ends[0][0] - b.steps for b, _ in plans)
+        for j in range(repeat):  # ``j`` decode steps on: every sequence's context grown by j
+            key = (nl, _mean_bucket(nl, local, j) if nl else None, nr, _mean_bucket(nr, remote, j) if nr else None)
+            if runs and runs[-1][0] == key:
+                runs[-1][1] += 1
+            else:
+                runs.append([key, 1])
+        steps += len(plans) * repeat
+        for batch, chunks in plans:
+            generated += batch.advance(chunks, repeat)
+    return [(key, count) for key, count in runs], steps, generated
 
 
 def _mean_bucket(k: int, sums: tuple, j: int) -> MicroBatchShape:

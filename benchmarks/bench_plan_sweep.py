@@ -4,11 +4,12 @@ against rounds compiled with Numba, in one run.
 
 A sweep costs each configuration its continuous-batching steps (Python, as sums per
 micro-batch) and the pipeline rounds it has not met before (an event simulation each).
-Every case is swept three ways on a cold round cache: with the rounds in Python, with
-them compiled (Numba's on-disk cache loaded beforehand, its time printed apart), and as
-``plan`` does by default (Python, compiled once the sweep has run 2 s).  The
-predictions must be the same, bit for bit, every way.  The machine's CPU shares are
-printed beside each time.
+Every case is swept four ways on a cold round cache: with the rounds in Python, with
+them compiled (Numba's on-disk cache loaded beforehand, its time printed apart) in one
+thread and in as many threads as ``plan`` uses (the cores, at most 8: the compiled
+rounds run without the GIL), and as ``plan`` does by default (Python, compiled once the
+sweep has run 2 s, threads from then on).  The predictions must be the same, bit for
+bit, every way.  The machine's CPU shares are printed beside each time.
 
 Usage::
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ CASES = [
     ("h200", "llama-2-7b", 1024, 128, 128, 2, 4),
 ]
 QUICK = [("vm-2core", "smollm2-135m-instruct", 48, 16, 16, 2, 2)]
+THREADS = min(8, os.cpu_count() or 1)  # as plan's sweeps
 
 
 def _key(preds) -> list:
@@ -55,9 +58,9 @@ def run_case(profile: str, model: str, n: int, prompt: int, output: int, dense: 
     configs = candidates(n, dense=dense, attention=attention, modes=("two-tier", "single-tier"),
                          dtype_bytes=4 if prof.dense.dtype == "float32" else 2)
 
-    def timed(compile_after_s):
+    def timed(compile_after_s, threads=None):
         t0 = time.perf_counter()
-        preds = sweep(prof, cfg, workload, configs, compile_after_s=compile_after_s)
+        preds = sweep(prof, cfg, workload, configs, compile_after_s=compile_after_s, threads=threads)
         return preds, time.perf_counter() - t0
 
     rounds._compiled = None
@@ -65,16 +68,17 @@ def run_case(profile: str, model: str, n: int, prompt: int, output: int, dense: 
     t0 = time.perf_counter()
     rounds.compile_kernel()
     load_s = time.perf_counter() - t0
-    (compiled, t_compiled), cpu_compiled = with_cpu(lambda: timed(None))
+    (compiled, t_compiled), cpu_compiled = with_cpu(lambda: timed(None, threads=1))
+    (threaded, t_threaded), cpu_threaded = with_cpu(lambda: timed(None))
     rounds._compiled = None
     (default, t_default), cpu_default = with_cpu(lambda: timed(2.0))
     return {"case": f"{profile} {model}, {n} requests of {prompt} + {output} tokens, up to {dense} dense x "
                     f"{attention} attention workers", "configurations": len(configs),
-            "python_s": t_python, "compiled_s": t_compiled, "default_s": t_default, "compile_load_s": load_s,
-            "default_compiled": rounds._compiled is not None,
-            "same": _key(python) == _key(compiled) == _key(default),
+            "python_s": t_python, "compiled_s": t_compiled, "threaded_s": t_threaded, "threads": THREADS,
+            "default_s": t_default, "compile_load_s": load_s, "default_compiled": rounds._compiled is not None,
+            "same": _key(python) == _key(compiled) == _key(threaded) == _key(default),
             "cpu": {"python": cpu_text(cpu_python), "compiled": cpu_text(cpu_compiled),
-                    "default": cpu_text(cpu_default)}}
+                    "threaded": cpu_text(cpu_threaded), "default": cpu_text(cpu_default)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  rounds in Python   {r['python_s']:7.2f} s  (machine {r['cpu']['python']})")
         print(f"  rounds compiled    {r['compiled_s']:7.2f} s  (machine {r['cpu']['compiled']}; "
               f"compiling or loading it took {r['compile_load_s']:.2f} s before)")
+        print(f"    in {r['threads']} threads    {r['threaded_s']:7.2f} s  (machine {r['cpu']['threaded']})")
         print(f"  as plan does       {r['default_s']:7.2f} s  (machine {r['cpu']['default']}; "
               f"{'compiled after 2 s' if r['default_compiled'] else 'in Python throughout'})")
-        print(f"  compiled / Python: {r['python_s'] / r['compiled_s']:.1f}x faster; the same predictions every "
-              f"way: {'yes' if r['same'] else 'NO'}", flush=True)
+        print(f"  compiled / Python: {r['python_s'] / r['compiled_s']:.1f}x faster, {r['threads']} threads / one: "
+              f"{r['compiled_s'] / r['threaded_s']:.2f}x; the same predictions every way: "
+              f"{'yes' if r['same'] else 'NO'}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"cases": results}, indent=1))
         print(f"wrote {args.json}")

@@ -221,12 +221,13 @@ def test_replay_planner_predicts_kept_runs_again(tmp_path):
 
 
 def test_bench_plan_sweep_times_python_and_compiled_rounds(tmp_path):
-    """The sweep benchmark times one case three ways and checks that they predict the same."""
+    """The sweep benchmark times one case four ways and checks that they predict the same."""
     out = tmp_path / "sweep.json"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_plan_sweep.py"), "--quick", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (case,) = json.loads(out.read_text())["cases"]
     assert case["configurations"] > 50 and case["same"] is True
-    assert min(case["python_s"], case["compiled_s"], case["default_s"]) > 0
+    assert min(case["python_s"], case["compiled_s"], case["threaded_s"], case["default_s"]) > 0
+    assert case["threads"] >= 1
     assert "the same predictions every way: yes" in proc.stdout and "machine busy" in proc.stdout

@@ -391,6 +391,26 @@ def test_a_long_sweep_compiles_its_rounds_and_predicts_the_same(monkeypatch):
         [(p.config, p.seconds, p.dense_util, p.attention_util) for p in python]
 
 
+def test_a_compiled_sweep_in_threads_predicts_what_one_thread_does():
+    """Once the rounds are compiled (they release the GIL), a sweep runs its configurations in
+    threads, grouped by the rounds they share: the same predictions in the same order, every
+    configuration reported once, from the sweep's threads."""
+    import importlib
+    import threading
+
+    rounds = importlib.import_module("glinthawk_dask.planner.rounds")
+    assert rounds.compile_kernel()
+    prof = load_profile("vm-2core")
+    w = Workload(tuple([3, 40, 7, 90, 1, 12] * 5), tuple([5, 1, 9, 3, 12, 2] * 5))
+    configs = candidates(30, dense=2, attention=2, max_depth=3, latency=0.01)
+    one = sweep(prof, MODEL, w, configs, threads=1)
+    names: list[str] = []
+    many = sweep(prof, MODEL, w, configs, threads=3, progress=lambda: names.append(threading.current_thread().name))
+    fields = ("config", "seconds", "steps", "dense_util", "attention_util", "feasible")
+    assert [[getattr(p, f) for f in fields] for p in many] == [[getattr(p, f) for f in fields] for p in one]
+    assert len(names) == len(configs) and all(n.startswith("glinthawk-sweep") for n in names)
+
+
 # -- hybrid runs: some micro-batches local, the rest two-tier ---------------------------------------
 
 

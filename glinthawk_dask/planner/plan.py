@@ -11,13 +11,16 @@ token when prices are given and ``by="cost"``).  :func:`format_table` and
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from ..model.config import ModelConfig
 from .profile import Profile
-from .rounds import compile_kernel
+from .rounds import compile_kernel, kernel_compiled
 from .simulate import Prediction, RunConfig, Workload, simulate
 
 __all__ = ["Prices", "candidates", "sweep", "sweep_hybrid", "mixes_pay", "best", "format_table", "options_of", "spec_fields", "plan_text",
@@ -129,24 +132,65 @@ COMPILE_AFTER_S = 2.0
 
 def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Iterable[RunConfig],
           cache: dict | None = None, progress: Callable[[], None] | None = None,
-          compile_after_s: float | None = COMPILE_AFTER_S) -> list[Prediction]:
+          compile_after_s: float | None = COMPILE_AFTER_S, threads: int | None = None) -> list[Prediction]:
     """Predictions for ``configs``, fastest first (infeasible ones last); ``cache`` keeps
     simulated rounds across sweeps of one profile, model and workload; ``progress`` is
     called after each configuration.  After ``compile_after_s`` seconds (None: never)
     the rest is simulated with the compiled kernel (:func:`~.rounds.compile_kernel`),
-    which gives the same predictions."""
+    which gives the same predictions.  With the kernel compiled, configurations run in
+    ``threads`` threads (default: the cores, at most 8), grouped by the rounds they share;
+    the kernel runs without the GIL.  The predictions and their order are the same with
+    any number of threads."""
     cache = {} if cache is None else cache
-    preds = []
+    configs = list(configs)
+    preds: list[Prediction | None] = [None] * len(configs)
+    threads = threads or min(8, os.cpu_count() or 1)
+    tick = _locked(progress) if progress is not None else None
     t0 = time.perf_counter()
     compiling = compile_after_s is not None  # still to compile once the sweep runs that long
-    for c in configs:
+    i = 0
+    while i < len(configs) and not (threads > 1 and kernel_compiled()):
         if compiling and time.perf_counter() - t0 > compile_after_s:
             compiling = False
             compile_kernel()
-        preds.append(simulate(profile, model, workload, c, cache))
-        if progress is not None:
-            progress()
+            continue
+        preds[i] = simulate(profile, model, workload, configs[i], cache)
+        i += 1
+        if tick is not None:
+            tick()
+    groups: dict[tuple, list[int]] = {}
+    for k in range(i, len(configs)):
+        groups.setdefault(_round_group(configs[k]), []).append(k)
+
+    def run(group: list[int]) -> None:
+        for k in group:
+            preds[k] = simulate(profile, model, workload, configs[k], cache)
+            if tick is not None:
+                tick()
+
+    if groups:
+        with ThreadPoolExecutor(min(threads, len(groups)), thread_name_prefix="glinthawk-sweep") as pool:
+            for done in [pool.submit(run, g) for g in groups.values()]:
+                done.result()
     return sorted(preds, key=lambda p: (not p.feasible, -p.tokens_per_s))
+
+
+def _round_group(c: RunConfig) -> tuple:
+    """What decides the rounds a configuration simulates, besides its shapes: configurations
+    alike in it share rounds, so one thread takes them all (single-tier rounds are
+    local: no attention workers or latency)."""
+    remote = None if c.mode == "single-tier" else (c.attention, c.latency)
+    return c.dense, c.mode == "in-process", c.dtype_bytes, remote
+
+
+def _locked(callback: Callable[[], None]) -> Callable[[], None]:
+    lock = threading.Lock()
+
+    def call() -> None:
+        with lock:
+            callback()
+
+    return call
 
 
 def sweep_hybrid(profile: Profile, model: ModelConfig, workload: Workload, *, top: int = 3,

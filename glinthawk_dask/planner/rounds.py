@@ -127,6 +127,12 @@ _compiled: Callable | None = None  # _round_events compiled, once compile_kernel
 _compile_lock = threading.Lock()
 
 
+def kernel_compiled() -> bool:
+    """Whether rounds run compiled now (the compiled kernel releases the GIL: rounds of
+    different configurations can run in threads at once)."""
+    return _compiled is not None
+
+
 def compile_kernel() -> bool:
     """Compile the events of a round with Numba; the rounds simulated from then on use
     it (with the same results, bit for bit: no fastmath).  About a second in a new

@@ -38,6 +38,7 @@ import bisect
 import dataclasses
 import heapq
 import math
+import threading
 
 from ..model.config import ModelConfig
 from .profile import Profile
@@ -208,7 +209,10 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
     trace_key = ("steps", id(workload), sizes, n_local, c.max_step_tokens, seq_len)
     trace = cache.get(trace_key)
     if trace is None:
-        trace = cache[trace_key] = _steps(workload, sizes, n_local, c.max_step_tokens, seq_len)
+        with _TRACING:  # once, when a sweep's threads share the cache (tracing holds the GIL anyway)
+            trace = cache.get(trace_key)
+            if trace is None:
+                trace = cache[trace_key] = _steps(workload, sizes, n_local, c.max_step_tokens, seq_len)
     runs, steps, generated = trace
     # what a round depends on besides its shapes (the mode only through where attention
     # runs, which the key's local/remote split says: single-tier, two-tier and hybrid
@@ -239,6 +243,9 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
     else:
         pred.bottleneck = "dense" if pred.dense_util >= pred.attention_util else "attention"
     return pred
+
+
+_TRACING = threading.Lock()
 
 
 def _steps(workload: Workload, sizes: tuple[int, ...], n_local: int, budget: int,

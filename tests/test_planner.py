@@ -411,6 +411,33 @@ def test_a_compiled_sweep_in_threads_predicts_what_one_thread_does():
     assert len(names) == len(configs) and all(n.startswith("glinthawk-sweep") for n in names)
 
 
+def test_a_threaded_sweep_stops_at_the_first_failure(monkeypatch):
+    """A configuration that fails in one of the sweep's threads ends the sweep with its error
+    at once: the other threads finish the configuration they are on and take no more."""
+    import importlib
+    import threading
+
+    rounds = importlib.import_module("glinthawk_dask.planner.rounds")
+    plan_module = importlib.import_module("glinthawk_dask.planner.plan")
+    assert rounds.compile_kernel()
+    configs = candidates(30, dense=2, attention=2, max_depth=3, latency=0.01)
+    real, calls, lock = plan_module.simulate, [], threading.Lock()
+
+    def simulate_or_fail(profile, model, workload, config, cache):
+        with lock:
+            calls.append(config)
+            if len(calls) == 5:
+                raise RuntimeError("simulated failure")
+        return real(profile, model, workload, config, cache)
+
+    monkeypatch.setattr(plan_module, "simulate", simulate_or_fail)
+    w = Workload.uniform(30, 20, 12)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        sweep(load_profile("vm-2core"), MODEL, w, configs, threads=3)
+    assert len(calls) <= 5 + 2  # the failure, then at most one more configuration in each other thread
+    assert not [t for t in threading.enumerate() if t.name.startswith("glinthawk-sweep")]
+
+
 # -- hybrid runs: some micro-batches local, the rest two-tier ---------------------------------------
 
 

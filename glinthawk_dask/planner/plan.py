@@ -14,7 +14,7 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -162,16 +162,27 @@ def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Ite
     for k in range(i, len(configs)):
         groups.setdefault(_round_group(configs[k]), []).append(k)
 
+    stop = threading.Event()  # set when the sweep fails or is interrupted (Ctrl-C): the threads end soon
+
     def run(group: list[int]) -> None:
         for k in group:
+            if stop.is_set():
+                return
             preds[k] = simulate(profile, model, workload, configs[k], cache)
             if tick is not None:
                 tick()
 
     if groups:
         with ThreadPoolExecutor(min(threads, len(groups)), thread_name_prefix="glinthawk-sweep") as pool:
-            for done in [pool.submit(run, g) for g in groups.values()]:
-                done.result()
+            try:
+                pending = {pool.submit(run, g) for g in groups.values()}
+                while pending:  # woken often, so that Ctrl-C is handled at once
+                    done, pending = wait(pending, timeout=0.1, return_when=FIRST_EXCEPTION)
+                    for f in done:
+                        f.result()  # the first failure, as soon as it happens
+            except BaseException:
+                stop.set()  # each thread ends after the configuration it is on
+                raise
     return sorted(preds, key=lambda p: (not p.feasible, -p.tokens_per_s))
 
 

@@ -64,17 +64,19 @@ def _stage_costs(p: Profile, m: ModelConfig, c: RunConfig, s: MicroBatchShape, n
 
 
 def round_period(profile: Profile, model: ModelConfig, config: RunConfig, shapes: Sequence[MicroBatchShape],
-                 layers: int, *, cycles: int = 5, n_local: int | None = None) -> tuple[float, float, float]:
+                 layers: int, *, cycles: int = 5, n_local: int | None = None,
+                 memo: dict | None = None) -> tuple[float, float, float]:
     """Steady-state seconds per step when micro-batches of ``shapes`` cycle through
     ``layers`` layers per slice together; with the busy shares of the dense and
     attention streams.  The first ``n_local`` shapes are local micro-batches (attention
     on the dense worker; default: all of them, none for two-tier, the config's local
     ones for hybrid), the rest remote; remote ones are dealt round-robin to the
     slice's attention workers.  Exact for ``layers`` up to 6; beyond, the period is
-    extended linearly in the layers from 3 and 6 (every middle layer costs the same)."""
+    extended linearly in the layers from 3 and 6 (every middle layer costs the same).
+    ``memo`` (a dict, shared by a sweep's rounds) keeps each shape's stage costs."""
     if n_local is None:
         n_local = min(config.n_local, len(shapes))
-    costs = _cost_array(profile, model, config, shapes, n_local)
+    costs = _cost_array(profile, model, config, shapes, n_local, {} if memo is None else memo)
     kernel = _compiled
     if kernel is None:  # lists index fastest in Python, arrays in compiled code
         kernel, flat = _round_events, costs.ravel().tolist()
@@ -109,17 +111,21 @@ _FIRST, _MID, _LAST, _ATTN, _NET, _HOPS = range(6)
 
 
 def _cost_array(profile: Profile, model: ModelConfig, config: RunConfig, shapes: Sequence[MicroBatchShape],
-                n_local: int) -> np.ndarray:
+                n_local: int, memo: dict) -> np.ndarray:
     """``[micro-batch, slice, 6]``: seconds of each stage (:class:`_Costs`' fields in
-    order, ``_FIRST`` .. ``_HOPS``), costed once for each distinct shape and side."""
+    order, ``_FIRST`` .. ``_HOPS``), costed once for each distinct shape and side and
+    kept in ``memo``."""
     costs = np.empty((len(shapes), config.dense, 6))
-    known: dict = {}
+    # besides the shape and side, stage costs depend on the hardware, the model and these
+    # fields of the config alone
+    base = ("stage costs", id(profile), model, config.dense, config.dtype_bytes, config.latency)
     for mb, s in enumerate(shapes):
-        key = (s, mb < n_local)
-        if key not in known:
-            known[key] = [(c.first, c.dense, c.last, c.attention, c.net, c.hop)
-                          for c in _stage_costs(profile, model, config, s, config.dense, local=mb < n_local)]
-        costs[mb] = known[key]
+        key = (base, s, mb < n_local)
+        row = memo.get(key)
+        if row is None:
+            row = memo[key] = [(c.first, c.dense, c.last, c.attention, c.net, c.hop)
+                               for c in _stage_costs(profile, model, config, s, config.dense, local=mb < n_local)]
+        costs[mb] = row
     return costs
 
 

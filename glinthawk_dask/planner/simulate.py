@@ -227,7 +227,8 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
         key = (base_key, nl, ml, nr, mr, remote_key if nr else None)
         hit = cache.get(key)
         if hit is None:
-            hit = cache[key] = round_period(profile, model, c, [ml] * nl + [mr] * nr, layers, n_local=nl)
+            hit = cache[key] = round_period(profile, model, c, [ml] * nl + [mr] * nr, layers, n_local=nl,
+                                            memo=cache)
         period, du, au = hit
         for _ in range(count):  # added one round at a time, as the rounds run
             total += period

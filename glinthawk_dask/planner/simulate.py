@@ -219,12 +219,14 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
     # rounds of the same split are the same rounds)
     base_key = (id(profile), model.name, model.dim, model.n_layers, c.mode == "in-process", c.dense,
                 c.dtype_bytes, layers)
-    remote_key = (c.attention, c.latency)
     total = dense_busy = attn_busy = 0.0
     for (nl, ml, nr, mr), count in runs:
         # a round costs as its micro-batches at their mean shape (they differ little once
-        # decoding; prefill rounds are few), local and remote ones averaged apart
-        key = (base_key, nl, ml, nr, mr, remote_key if nr else None)
+        # decoding; prefill rounds are few), local and remote ones averaged apart.  Remote
+        # micro-batches are dealt round-robin to the attention workers: with as many workers
+        # as micro-batches or more, each has its own and the rest idle, so any more workers
+        # give the same round, bit for bit
+        key = (base_key, nl, ml, nr, mr, (min(c.attention, nr), c.latency) if nr else None)
         hit = cache.get(key)
         if hit is None:
             hit = cache[key] = round_period(profile, model, c, [ml] * nl + [mr] * nr, layers, n_local=nl,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, fro
 from bench_two_tier import cpu_text, with_cpu  # noqa: E402
 
 from glinthawk_dask.model.config import ModelConfig  # noqa: E402
-from glinthawk_dask.planner.plan import candidates, sweep  # noqa: E402
+from glinthawk_dask.planner.plan import candidates, sweep, sweep_threads  # noqa: E402
 from glinthawk_dask.planner.profile import load_profile  # noqa: E402
 from glinthawk_dask.planner.workload import Workload  # noqa: E402
 
@@ -45,7 +44,7 @@ CASES = [
     ("h200", "llama-2-7b", 1024, 128, 128, 2, 4),
 ]
 QUICK = [("vm-2core", "smollm2-135m-instruct", 48, 16, 16, 2, 2)]
-THREADS = min(8, os.cpu_count() or 1)  # as plan's sweeps
+THREADS = sweep_threads()  # as plan's sweeps
 
 
 def _key(preds) -> list:

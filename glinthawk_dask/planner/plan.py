@@ -23,8 +23,20 @@ from .profile import Profile
 from .rounds import compile_kernel, kernel_compiled
 from .simulate import Prediction, RunConfig, Workload, simulate
 
-__all__ = ["Prices", "candidates", "sweep", "sweep_hybrid", "mixes_pay", "best", "format_table", "options_of", "spec_fields", "plan_text",
-           "size_text"]
+__all__ = [
+    "Prices",
+    "candidates",
+    "sweep",
+    "sweep_threads",
+    "sweep_hybrid",
+    "mixes_pay",
+    "best",
+    "format_table",
+    "options_of",
+    "spec_fields",
+    "plan_text",
+    "size_text",
+]
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,12 @@ def candidates(
 COMPILE_AFTER_S = 2.0
 
 
+def sweep_threads() -> int:
+    """Threads a compiled sweep runs in unless told: the cores, at most 8 (beyond, the
+    parts that hold the GIL, steps and stage costs, leave them idle)."""
+    return min(8, os.cpu_count() or 1)
+
+
 def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Iterable[RunConfig],
           cache: dict | None = None, progress: Callable[[], None] | None = None,
           compile_after_s: float | None = COMPILE_AFTER_S, threads: int | None = None) -> list[Prediction]:
@@ -144,7 +162,7 @@ def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Ite
     cache = {} if cache is None else cache
     configs = list(configs)
     preds: list[Prediction | None] = [None] * len(configs)
-    threads = threads or min(8, os.cpu_count() or 1)
+    threads = threads or sweep_threads()
     tick = _locked(progress) if progress is not None else None
     t0 = time.perf_counter()
     compiling = compile_after_s is not None  # still to compile once the sweep runs that long

@@ -17,12 +17,12 @@ from safetensors.torch import load_file, save_file
 from conftest import build_llama_gguf, llama_cpp_permute
 from glinthawk_dask.errors import ModelLoadError
 from glinthawk_dask.model import hf as hf_module
+from glinthawk_dask.model.checkpoint import GLOBAL_NAMES, CheckpointSource, MissingTensorError, layer_tensor_names
 from glinthawk_dask.model.config import PRESETS, ModelConfig, from_name
 from glinthawk_dask.model.gguf import GGUFCheckpoint, canonical_to_gguf_name
 from glinthawk_dask.model.hf import HFCheckpoint, canonical_to_hf_name
 from glinthawk_dask.model.resolve import DEFAULT_MODEL, resolve_checkpoint
 from glinthawk_dask.model.synthetic import SyntheticCheckpoint
-from glinthawk_dask.model.checkpoint import GLOBAL_NAMES, CheckpointSource, MissingTensorError, layer_tensor_names
 from glinthawk_dask.model.weights import load_slice
 
 Q = gguf.GGMLQuantizationType

@@ -76,6 +76,24 @@ def test_profile_json_round_trip_and_errors(tmp_path):
         load_profile(str(tmp_path / "missing.json"))
 
 
+def test_a_scaled_profile_prices_each_tiers_compute_by_its_factor():
+    p = load_profile("vm-2core")
+    m, elem = p.model, 4
+    q = Profile.from_json(json.loads(json.dumps(p.scaled(dense=2.0, attention=3.0).to_json())))
+    for t in (1, 16, 64, 300):
+        assert q.dense_layer_s(m, t, elem) == pytest.approx(2.0 * p.dense_layer_s(m, t, elem))
+    assert q.head_s(m, 16, elem) == pytest.approx(2.0 * p.head_s(m, 16, elem))
+    assert q.dense.step_s == pytest.approx(2.0 * p.dense.step_s) and q.msg_cpu(1e5) == pytest.approx(2 * p.msg_cpu(1e5))
+    for work in [(1e6, 2e6), (5e7, 1e8)]:
+        assert q.attention.cost.seconds(*work) == pytest.approx(3.0 * p.attention.cost.seconds(*work))
+        assert q.dense.attention.seconds(*work) == pytest.approx(2.0 * p.dense.attention.seconds(*work))
+    assert q.net_s(1e5) == p.net_s(1e5) and q.slowdowns(2) == p.slowdowns(2)  # the network and contention kept
+    # a roofline (another model's shapes) scales too
+    h = load_profile("h200")
+    big = ModelConfig.from_name("llama-3-8b")
+    assert h.scaled(dense=1.5).dense_layer_s(big, 64, 2) == pytest.approx(1.5 * h.dense_layer_s(big, 64, 2))
+
+
 @pytest.mark.parametrize("name", ["vm-2core", "t4", "h200"])
 def test_shipped_profiles_load_and_plan(name):
     assert name in shipped_profiles()
@@ -751,6 +769,44 @@ async def test_profile_measures_a_cluster_and_auto_plans_use_it(c, s, a, b):
         out = [x async for x in small_steps.agenerate(reqs)]
         assert len(out) == 6 and all(len(x.completion_token_ids) == 4 for x in out)
         assert small_steps.last_summary.micro_batch_size > 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}}),
+                                    ("127.0.0.1", 1, {"resources": {"KV": 2**28}})], timeout=120)
+async def test_a_kept_profile_is_checked_against_the_workers_once_it_is_old(c, s, a, b):
+    import time
+
+    from glinthawk_dask.runtime.plugins import AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
+    from glinthawk_dask.runtime.profiler import cluster_profile, drift_scale, profile_key
+
+    await c.register_plugin(GlinthawkSchedulerPlugin())
+    await c.register_plugin(DenseWorkerPlugin())
+    await c.register_plugin(AttentionWorkerPlugin())
+    info = await c.scheduler.glinthawk_cluster_info()
+    key = profile_key("random:tiny-gqa", "float32", info)
+    # a profile of this model kept from a far slower hour: a layer 1 s, an attention call 1 s
+    slow = Profile.from_json({**_profile(d=1.0, att=1.0).to_json(), "measured_at": time.time() - 3600})
+
+    async def kept(profile: Profile) -> Profile:
+        await c.scheduler.glinthawk_profile_put(key=key, profile=profile.to_json())
+        got, seconds = await cluster_profile(c, MODEL, model="random:tiny-gqa", dtype="float32")
+        assert seconds == 0.0  # kept, not measured
+        return got
+
+    with dask.config.set({"glinthawk.planner.profile-probe-after": None}):
+        assert (await kept(slow)).to_json() == slow.to_json()  # never checked
+    recent = Profile.from_json({**slow.to_json(), "measured_at": time.time()})
+    assert (await kept(recent)).to_json() == recent.to_json()  # measured minutes ago: trusted
+    checked = await kept(slow)
+    # the tiny model's layer and attention take well under 10 ms here, however loaded the machine
+    assert checked.dense_layer_s(MODEL, 16, 4) < 1e-2 and checked.attention.cost.seconds(1e4, 1e4) < 1e-2
+    assert checked.extra["probe"]["dense"] < 1e-2 and checked.extra["probe"]["attention"] < 1e-2
+    assert checked.rtt_s == slow.rtt_s and checked.extra["probed_at"] > slow.extra["measured_at"] + 3590
+    # the checked profile is what the scheduler keeps now, and it is not checked again soon
+    again, _ = await cluster_profile(c, MODEL, model="random:tiny-gqa", dtype="float32")
+    assert again.to_json() == checked.to_json()
+    # a tier's probe within 15% of its costs leaves them as they were
+    assert [drift_scale(r) for r in (0.88, 1.0, 1.14, 1.16, 0.85, 3.0)] == [1.0, 1.0, 1.0, 1.16, 0.85, 3.0]
 
 
 # -- the shipped profiles and the paper's comparison ------------------------------------------------

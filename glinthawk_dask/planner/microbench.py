@@ -289,15 +289,16 @@ def driver_cost(max_seq_len: int = 4096, sizes: tuple[int, int] = (1, 64)) -> tu
 
 def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens: list[int] | None = None,
                  rows: list[int] | None = None, shapes: list[list[int]] | None = None, *,
-                 cold: bool = False) -> dict:
+                 cold: bool = False, rounds: int = ROUNDS) -> dict:
     """A dense worker's timings for a profile, measured here (plain numbers, ready to
-    cross the network): the layer curve at ``tokens`` and, with ``cold``, the cold
-    factor; the head curve at ``rows``; attention points at ``shapes``; the driver's
-    cost.  :func:`dense_profile` turns them into a :class:`DenseProfile`."""
+    cross the network): the layer curve at ``tokens`` (over ``rounds`` rounds) and, with
+    ``cold``, the cold factor; the head curve at ``rows``; attention points at
+    ``shapes``; the driver's cost.  :func:`dense_profile` turns them into a
+    :class:`DenseProfile`."""
     out: dict = {"device": device.type, "dtype": str(dtype).removeprefix("torch."),
                  "threads": torch.get_num_threads()}
     if tokens:
-        out["layer_s"] = dense_layer_points(config, dtype, device, tokens)
+        out["layer_s"] = dense_layer_points(config, dtype, device, tokens, rounds=rounds)
         if cold:
             out["cold_factor"] = cold_factor(config, dtype, device, tokens[len(tokens) // 2])
     if rows:

@@ -80,6 +80,10 @@ class Curve:
         y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
         return max(y, y1) if x > x1 else y
 
+    def scaled(self, factor: float) -> "Curve":
+        """The same curve with every cost ``factor`` times as large."""
+        return Curve(tuple((x, y * factor) for x, y in self.points))
+
     def to_json(self) -> list[list[float]]:
         return [list(p) for p in self.points]
 
@@ -94,6 +98,10 @@ class AttentionCost:
 
     def seconds(self, kv_bytes: float, flops: float) -> float:
         return self.overhead_s + kv_bytes / (self.kv_GBps * 1e9) + flops / (self.gflops * 1e9)
+
+    def scaled(self, factor: float) -> "AttentionCost":
+        """The same cost model with every call ``factor`` times as long."""
+        return AttentionCost(self.overhead_s * factor, self.kv_GBps / factor, self.gflops / factor)
 
     @classmethod
     def fit(cls, points: list[tuple[float, float, float]]) -> "AttentionCost":
@@ -273,6 +281,25 @@ class Profile:
         """The dense worker's compute-thread seconds to send one request of ``nbytes`` and
         read its reply."""
         return self.msg_cpu_s + nbytes / (self.msg_cpu_GBps * 1e9)
+
+    def scaled(self, dense: float = 1.0, attention: float = 1.0) -> "Profile":
+        """This profile with the dense worker's compute ``dense`` times as slow (its layer
+        and head curves, driver, cold cost, roofline, local attention and the compute
+        thread's time per request) and the attention worker's ``attention`` times: what a
+        kept profile becomes when quick probes find the workers faster or slower than
+        when it was measured.  The network and the contention factors are kept."""
+        d = self.dense
+        r = d.roofline
+        roof = r and {**r, "tflops": float(r["tflops"]) / dense, "mem_GBps": float(r["mem_GBps"]) / dense,
+                      "overhead_s": float(r.get("overhead_s") or 0.0) * dense}
+        dense_profile = dataclasses.replace(
+            d, layer_s=d.layer_s and d.layer_s.scaled(dense), head_s=d.head_s and d.head_s.scaled(dense),
+            step_s=d.step_s * dense, step_per_seq_s=d.step_per_seq_s * dense, cold_s=d.cold_s * dense,
+            roofline=roof, attention=d.attention and d.attention.scaled(dense))
+        return dataclasses.replace(
+            self, dense=dense_profile,
+            attention=dataclasses.replace(self.attention, cost=self.attention.cost.scaled(attention)),
+            msg_cpu_s=self.msg_cpu_s * dense, msg_cpu_GBps=self.msg_cpu_GBps / dense)
 
     def _same_model(self, model: ModelConfig) -> bool:
         m = self.model

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -24,12 +25,17 @@ from ..planner.profile import (AttentionCost, AttentionProfile, DenseProfile, Pr
                                 request_bytes)
 from .messages import DTYPES
 
-__all__ = ["measure_profile", "cluster_profile", "profile_key"]
+__all__ = ["measure_profile", "cluster_profile", "drift_scale", "profile_key"]
 
 logger = logging.getLogger(__name__)
 
 _PROBE_TOKENS = [1, 16, 64, 256]
 _MEASURES = 4  # how profiles are measured: profiles kept on disk by other measures are not read
+# a kept profile's check (see _probed): the dense layer's token counts, the rounds through
+# them, and how far a tier's probe may stray before its costs are scaled
+_DRIFT_TOKENS = [16, 64]
+_DRIFT_ROUNDS = 8
+_DRIFT = 0.15
 
 
 def profile_key(model: str, dtype: str, info: dict) -> str:
@@ -82,7 +88,7 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
                 f"{len(info['dense'])} dense worker(s) ({d['device']}, {d['threads']} threads), "
                 f"{len(info['attention'])} attention worker(s); random weights of {model or 'the model'}'s shape"),
         extra={"workers": {"dense": len(info["dense"]), "attention": len(info["attention"])},
-               "seconds": round(time.time() - t0, 2)},
+               "seconds": round(time.time() - t0, 2), "measured_at": round(time.time())},
     )
 
 
@@ -191,19 +197,22 @@ def median_factors(samples: list[tuple[float, float]]) -> tuple[float, float]:
 async def cluster_profile(client: Any, model_config: ModelConfig, *, model: str, dtype: str) -> tuple[Profile, float]:
     """The cluster's profile for ``model``: the one kept on the scheduler, else (for a
     cluster on this machine) one kept on disk by an earlier cluster of the same shape
-    (``glinthawk.planner.profile-cache``), else measured now (quickly) and kept.  Returns
-    it with the seconds spent measuring (0 if kept)."""
+    (``glinthawk.planner.profile-cache``), else measured now (quickly) and kept.  A kept
+    one measured or checked long ago is first checked against quick probes of the
+    workers (:func:`_probed`).  Returns it with the seconds spent measuring (0 if kept)."""
     info = await client.scheduler.glinthawk_cluster_info()
     key = profile_key(model, dtype, info)
     doc = await client.scheduler.glinthawk_profile_get(key=key)
-    if doc:
-        return Profile.from_json(doc, "the cluster's profile"), 0.0
-    disk = await _disk_path(client, model_config, dtype, info)
-    if disk is not None:
-        profile = _read_kept(disk)
-        if profile is not None:
-            await client.scheduler.glinthawk_profile_put(key=key, profile=profile.to_json())
-            return profile, 0.0
+    kept = Profile.from_json(doc, "the cluster's profile") if doc else None
+    disk = None
+    if kept is None:
+        disk = await _disk_path(client, model_config, dtype, info)
+        kept = _read_kept(disk) if disk is not None else None
+    if kept is not None:
+        probed = await _probed(client, kept, model_config, dtype, info)
+        if probed is not None or not doc:  # kept on the scheduler as the workers run now
+            await client.scheduler.glinthawk_profile_put(key=key, profile=(probed or kept).to_json())
+        return probed or kept, 0.0
     t0 = time.time()
     profile = await measure_profile(client, model_config, model=model, dtype=dtype, quick=True)
     seconds = time.time() - t0
@@ -252,6 +261,59 @@ async def _disk_path(client: Any, model_config: ModelConfig, dtype: str, info: d
     return Path(os.path.expanduser(where)) / f"{hashlib.sha256(ident.encode()).hexdigest()[:20]}.json"
 
 
+async def _probed(client: Any, profile: Profile, model_config: ModelConfig, dtype: str,
+                  info: dict) -> Profile | None:
+    """A kept ``profile`` checked against the workers as they run now, when it was
+    measured (or last checked) over ``glinthawk.planner.profile-probe-after`` seconds
+    ago; None when it is more recent than that.
+
+    A dense layer at a few token counts and a few decode attention shapes are measured
+    quickly (about half a second on the 2-core VM); a tier found more than
+    :data:`_DRIFT` faster or slower than its costs in the profile has them scaled by the
+    median ratio (:meth:`~glinthawk_dask.planner.profile.Profile.scaled`).  A shared
+    machine's speed drifts by a third within hours (a profile kept on disk from a slow
+    hour predicted a run 37% low): plans barely change with a common scale, but the
+    predictions they print do."""
+    import statistics
+
+    from .. import config
+
+    after = config.get("planner.profile-probe-after")
+    checked = max(float(profile.extra.get("measured_at") or 0), float(profile.extra.get("probed_at") or 0))
+    if after is None or time.time() - checked < float(after) or not info["dense"]:
+        return None
+    if profile.dense.layer_s is None or not profile._same_model(model_config):
+        return None  # a profile written for other shapes: nothing measured here to compare
+    t0 = time.time()
+    cfg = dataclasses.asdict(model_config)
+    elem = DTYPES[dtype].itemsize
+    d = await _rpc(client, info["dense"][0], "glinthawk_profile_dense", config=cfg, dtype=dtype,
+                   tokens=_DRIFT_TOKENS, rows=None, attention=None, cold=False, rounds=_DRIFT_ROUNDS)
+    dense = statistics.median(s / profile.dense_layer_s(model_config, int(t), elem) for t, s in d["layer_s"])
+    attention = 1.0
+    shapes = [s for s in attention_shapes(model_config) if s[2] == 1][:3]  # decode, as most of a run's steps
+    if info["attention"] and shapes:
+        a = await _rpc(client, info["attention"][0], "glinthawk_profile_attention", config=cfg, shapes=shapes,
+                       dtype=dtype)
+        attention = statistics.median(s / profile.attention.cost.seconds(kv, flops) for kv, flops, s in a["points"])
+    fd, fa = drift_scale(dense), drift_scale(attention)
+    seconds = time.time() - t0
+    logger.info("glinthawk checked the cluster's kept profile in %.1f s: the dense tier ran x%.2f its costs, "
+                "attention x%.2f%s", seconds, dense, attention,
+                f"; scaled x{fd:.2f} and x{fa:.2f}" if (fd, fa) != (1.0, 1.0) else "")
+    out = profile.scaled(dense=fd, attention=fa) if (fd, fa) != (1.0, 1.0) else profile
+    return dataclasses.replace(out, extra={
+        **profile.extra, "probed_at": round(time.time()),
+        "probe": {"dense": float(f"{dense:.4g}"), "attention": float(f"{attention:.4g}"),
+                  "seconds": round(seconds, 2)}})
+
+
+def drift_scale(ratio: float) -> float:
+    """The factor a kept profile's tier is scaled by when its probe ran ``ratio`` times
+    its costs: the ratio itself, or 1.0 within :data:`_DRIFT` (either way) of them."""
+    return ratio if abs(math.log(ratio)) > math.log1p(_DRIFT) else 1.0
+
+
 def _openmp_spin() -> str | None:
     import os
 
@@ -262,8 +324,12 @@ def _read_kept(path) -> Profile | None:
     from .. import config
 
     try:
-        if time.time() - path.stat().st_mtime > float(config.get("planner.profile-max-age")):
+        mtime = path.stat().st_mtime
+        if time.time() - mtime > float(config.get("planner.profile-max-age")):
             return None
-        return Profile.from_json(json.loads(path.read_text()), str(path))
+        profile = Profile.from_json(json.loads(path.read_text()), str(path))
+        if "measured_at" not in profile.extra:  # kept by an earlier version: measured when written
+            profile = dataclasses.replace(profile, extra={**profile.extra, "measured_at": round(mtime)})
+        return profile
     except (OSError, ValueError, GlinthawkError):
         return None  # missing, old, torn or from another version: measure again

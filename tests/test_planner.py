@@ -797,7 +797,10 @@ async def test_a_kept_profile_is_checked_against_the_workers_once_it_is_old(c, s
         assert (await kept(slow)).to_json() == slow.to_json()  # never checked
     recent = Profile.from_json({**slow.to_json(), "measured_at": time.time()})
     assert (await kept(recent)).to_json() == recent.to_json()  # measured minutes ago: trusted
-    checked = await kept(slow)
+    with tempfile.TemporaryDirectory() as cache, dask.config.set({"glinthawk.planner.profile-cache": cache}):
+        checked = await kept(slow)
+        on_disk = [json.loads(open(os.path.join(cache, f)).read()) for f in os.listdir(cache)]
+    assert [d["probed_at"] for d in on_disk] == [checked.extra["probed_at"]]  # a new local cluster reads it
     # the tiny model's layer and attention take well under 10 ms here, however loaded the machine
     assert checked.dense_layer_s(MODEL, 16, 4) < 1e-2 and checked.attention.cost.seconds(1e4, 1e4) < 1e-2
     assert checked.extra["probe"]["dense"] < 1e-2 and checked.extra["probe"]["attention"] < 1e-2
@@ -807,6 +810,25 @@ async def test_a_kept_profile_is_checked_against_the_workers_once_it_is_old(c, s
     assert again.to_json() == checked.to_json()
     # a tier's probe within 15% of its costs leaves them as they were
     assert [drift_scale(r) for r in (0.88, 1.0, 1.14, 1.16, 0.85, 3.0)] == [1.0, 1.0, 1.0, 1.16, 0.85, 3.0]
+
+
+def test_a_profile_kept_on_disk_ages_from_when_it_was_measured(tmp_path):
+    import time
+
+    from glinthawk_dask import config as glinthawk_config
+    from glinthawk_dask.runtime.profiler import _read_kept
+
+    path = tmp_path / "kept.json"
+    day = glinthawk_config.get("planner.profile-max-age")
+    _profile().save(path)  # an earlier version's file: no measured_at, measured when written
+    assert abs(_read_kept(path).extra["measured_at"] - time.time()) < 60
+    Profile.from_json({**_profile().to_json(), "measured_at": time.time() - day / 2}).save(path)
+    assert _read_kept(path) is not None
+    # rewritten a minute ago by a check, but measured over a day ago: measured again
+    Profile.from_json({**_profile().to_json(), "measured_at": time.time() - day - 60}).save(path)
+    assert _read_kept(path) is None
+    path.write_text("{torn")
+    assert _read_kept(path) is None
 
 
 # -- the shipped profiles and the paper's comparison ------------------------------------------------

@@ -207,8 +207,10 @@ def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Ite
 def _round_group(c: RunConfig) -> tuple:
     """What decides the rounds a configuration simulates, besides its shapes: configurations
     alike in it share rounds, so one thread takes them all (single-tier rounds are
-    local: no attention workers or latency)."""
-    remote = None if c.mode == "single-tier" else (c.attention, c.latency)
+    local: no attention workers or latency).  With at least as many attention workers as
+    remote micro-batches each has its own worker, so more workers give the same rounds
+    (as :func:`~glinthawk_dask.planner.simulate.simulate` keys them)."""
+    remote = None if c.mode == "single-tier" else (min(c.attention, max(1, c.micro_batches - c.n_local)), c.latency)
     return c.dense, c.mode == "in-process", c.dtype_bytes, remote
 
 

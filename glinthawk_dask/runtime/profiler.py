@@ -212,21 +212,29 @@ async def cluster_profile(client: Any, model_config: ModelConfig, *, model: str,
         probed = await _probed(client, kept, model_config, dtype, info)
         if probed is not None or not doc:  # kept on the scheduler as the workers run now
             await client.scheduler.glinthawk_profile_put(key=key, profile=(probed or kept).to_json())
+        if probed is not None:  # and on disk, so the next local cluster need not probe soon
+            _keep(disk or await _disk_path(client, model_config, dtype, info), probed)
         return probed or kept, 0.0
     t0 = time.time()
     profile = await measure_profile(client, model_config, model=model, dtype=dtype, quick=True)
     seconds = time.time() - t0
     logger.info("glinthawk profiled the cluster for %s in %.1f s", model, seconds)
     await client.scheduler.glinthawk_profile_put(key=key, profile=profile.to_json())
-    if disk is not None:
-        try:
-            disk.parent.mkdir(parents=True, exist_ok=True)
-            tmp = disk.with_suffix(".tmp")
-            profile.save(tmp)
-            tmp.replace(disk)
-        except OSError as e:  # a read-only home: measure again next time
-            logger.warning("glinthawk could not keep the cluster's profile in %s: %s", disk, e)
+    _keep(disk, profile)
     return profile, seconds
+
+
+def _keep(disk, profile: Profile) -> None:
+    """Write ``profile`` to ``disk`` (None: not kept on disk), whole or not at all."""
+    if disk is None:
+        return
+    try:
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        tmp = disk.with_suffix(".tmp")
+        profile.save(tmp)
+        tmp.replace(disk)
+    except OSError as e:  # a read-only home: measure again next time
+        logger.warning("glinthawk could not keep the cluster's profile in %s: %s", disk, e)
 
 
 async def _disk_path(client: Any, model_config: ModelConfig, dtype: str, info: dict):
@@ -325,11 +333,12 @@ def _read_kept(path) -> Profile | None:
 
     try:
         mtime = path.stat().st_mtime
-        if time.time() - mtime > float(config.get("planner.profile-max-age")):
-            return None
         profile = Profile.from_json(json.loads(path.read_text()), str(path))
-        if "measured_at" not in profile.extra:  # kept by an earlier version: measured when written
+        if not isinstance(profile.extra.get("measured_at"), (int, float)):  # an earlier version's: when written
             profile = dataclasses.replace(profile, extra={**profile.extra, "measured_at": round(mtime)})
+        # trusted for a while after it was measured (a check on reuse rewrites the file, not the age)
+        if time.time() - float(profile.extra["measured_at"]) > float(config.get("planner.profile-max-age")):
+            return None
         return profile
     except (OSError, ValueError, GlinthawkError):
         return None  # missing, old, torn or from another version: measure again

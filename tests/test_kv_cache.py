@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import sys
 
 import pytest
@@ -257,3 +258,32 @@ def test_without_numba_the_cache_keeps_the_torch_kernel(monkeypatch, caplog):
     assert cache.attend(0, q, kv, kv, batch).shape == q.shape
     with pytest.raises(RuntimeError, match="pip install numba"):
         cpu_attention.decode_attention_slots(q, cache.k[0], cache.v[0], batch.decode_slots, batch.decode_lengths)
+
+
+def test_warming_compiles_the_kernel_a_cache_calls():
+    """``warm()`` (what an attention worker runs as it starts) compiles the one kernel
+    specialization a float32 cache's decode steps call, so a run's first step finds it
+    ready: in a fresh interpreter, the steps after it add none."""
+    code = """
+import torch
+from glinthawk_dask.model import cpu_attention, from_name
+from glinthawk_dask.model.attention import AttentionBatch
+from glinthawk_dask.model.kv_cache import KVCache
+assert not cpu_attention._kernel
+cpu_attention.warm()
+warmed = list(cpu_attention._compile().signatures)
+cfg = from_name("tiny-gqa")
+h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+cache = KVCache(cfg, n_slots=4, max_seq_len=16, layer_stop=1, dtype=torch.float32)
+for s in range(3):
+    cache.allocate(s, s)
+for slots, starts, counts in (([0, 1, 2], [0, 0, 0], [3, 2, 4]), ([0, 1, 2], [3, 2, 4], [1, 1, 1]),
+                              ([0, 1, 2], [4, 3, 5], [1, 3, 1])):
+    t = sum(counts)
+    cache.attend(0, torch.randn(t, h, d), torch.randn(t, kvh, d), torch.randn(t, kvh, d),
+                 AttentionBatch.build(slots, starts, counts))
+print(len(warmed), len(cpu_attention._compile().signatures))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]

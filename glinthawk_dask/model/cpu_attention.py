@@ -35,7 +35,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "supported", "decode_attention_slots"]
+__all__ = ["available", "supported", "decode_attention_slots", "warm"]
 
 # Below this many cached positions to read (sum of lengths x KV heads), a split over
 # threads costs more in hand-overs than it saves: about 0.1 ms of work on one core.
@@ -145,6 +145,18 @@ def available() -> bool:
     environment does not ask for the torch kernel (``GLINTHAWK_TORCH_ATTENTION=1``, for
     comparisons)."""
     return os.environ.get("GLINTHAWK_TORCH_ATTENTION", "") in ("", "0") and _compile() is not None
+
+
+def warm() -> None:
+    """Compile the kernel for the tensors a KV cache passes it (or load it from Numba's
+    cache: about a second here, Numba's import included), so that a run's first decode
+    step does not.  Nothing where the kernel does not serve."""
+    if not available():
+        return
+    q = torch.zeros(1, 2, 4)  # [B, H, D], as a request's rows
+    kv = torch.zeros(1, 1, 2, 4)  # [S, KVH, L, D], one layer of a cache
+    one = torch.ones(1, dtype=torch.int64)  # [B]
+    decode_attention_slots(q, kv, kv, one - 1, one, 1)
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..model import cpu_attention
 from ..model.attention import AttentionBatch
 from ..model.config import ModelConfig
 from ..model.kv_cache import KVCache
@@ -51,6 +52,8 @@ class AttentionService:
         self.kv_budget = int(kv_budget)
         self.runs: dict[str, _Run] = {}
         self.stream = ComputeStream("glinthawk-attention", threads=threads)
+        # the compiled decode kernel, loaded while the worker starts rather than in a run's first step
+        threading.Thread(target=cpu_attention.warm, name="glinthawk-warm-kernel", daemon=True).start()
         self.threads = threads  # the stream's torch threads (None: torch's own count)
         # runs one micro-batch deep also try attention on this many threads (a ThreadTuner)
         self.try_threads = try_threads if try_threads and threads and try_threads > threads else None

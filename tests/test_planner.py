@@ -776,6 +776,7 @@ async def test_profile_measures_a_cluster_and_auto_plans_use_it(c, s, a, b):
 async def test_a_kept_profile_is_checked_against_the_workers_once_it_is_old(c, s, a, b):
     import time
 
+    from glinthawk_dask.planner import microbench
     from glinthawk_dask.runtime.plugins import AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
     from glinthawk_dask.runtime.profiler import cluster_profile, drift_scale, profile_key
 
@@ -784,32 +785,58 @@ async def test_a_kept_profile_is_checked_against_the_workers_once_it_is_old(c, s
     await c.register_plugin(AttentionWorkerPlugin())
     info = await c.scheduler.glinthawk_cluster_info()
     key = profile_key("random:tiny-gqa", "float32", info)
-    # a profile of this model kept from a far slower hour: a layer 1 s, an attention call 1 s
-    slow = Profile.from_json({**_profile(d=1.0, att=1.0).to_json(), "measured_at": time.time() - 3600})
+    base = Profile.from_json({**_profile(d=1e-3, att=5e-4).to_json(), "measured_at": time.time() - 3600})
+    # the workers' probes (the workers run in this process) find each tier this many times its measured costs
+    speed = {"dense": 1.0, "attention": 1.0}
+    real_attention = microbench.attention_points
 
-    async def kept(profile: Profile) -> Profile:
+    def dense_points(config, dtype, device, tokens, repeats=2, rounds=microbench.ROUNDS):
+        return [[t, speed["dense"] * base.dense_layer_s(MODEL, t, 4)] for t in tokens]
+
+    def attention_points(config, dtype, device, shapes, repeats=5):
+        return [[kv, flops, speed["attention"] * base.attention.cost.seconds(kv, flops)]
+                for kv, flops, _ in real_attention(config, dtype, device, shapes, repeats=1)]
+
+    async def kept(profile: Profile, **found: float) -> Profile:
+        speed.update(found)
         await c.scheduler.glinthawk_profile_put(key=key, profile=profile.to_json())
         got, seconds = await cluster_profile(c, MODEL, model="random:tiny-gqa", dtype="float32")
         assert seconds == 0.0  # kept, not measured
         return got
 
-    with dask.config.set({"glinthawk.planner.profile-probe-after": None}):
-        assert (await kept(slow)).to_json() == slow.to_json()  # never checked
-    recent = Profile.from_json({**slow.to_json(), "measured_at": time.time()})
-    assert (await kept(recent)).to_json() == recent.to_json()  # measured minutes ago: trusted
-    with tempfile.TemporaryDirectory() as cache, dask.config.set({"glinthawk.planner.profile-cache": cache}):
-        checked = await kept(slow)
-        on_disk = [json.loads(open(os.path.join(cache, f)).read()) for f in os.listdir(cache)]
-    assert [d["probed_at"] for d in on_disk] == [checked.extra["probed_at"]]  # a new local cluster reads it
-    # the tiny model's layer and attention take well under 10 ms here, however loaded the machine
-    assert checked.dense_layer_s(MODEL, 16, 4) < 1e-2 and checked.attention.cost.seconds(1e4, 1e4) < 1e-2
-    assert checked.extra["probe"]["dense"] < 1e-2 and checked.extra["probe"]["attention"] < 1e-2
-    assert checked.rtt_s == slow.rtt_s and checked.extra["probed_at"] > slow.extra["measured_at"] + 3590
-    # the checked profile is what the scheduler keeps now, and it is not checked again soon
-    again, _ = await cluster_profile(c, MODEL, model="random:tiny-gqa", dtype="float32")
-    assert again.to_json() == checked.to_json()
-    # a tier's probe within 15% of its costs leaves them as they were
-    assert [drift_scale(r) for r in (0.88, 1.0, 1.14, 1.16, 0.85, 3.0)] == [1.0, 1.0, 1.0, 1.16, 0.85, 3.0]
+    def costs(p: Profile) -> tuple[float, float]:
+        return p.dense_layer_s(MODEL, 16, 4), p.attention.cost.seconds(1e4, 1e4)
+
+    d0, a0 = costs(base)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(microbench, "dense_layer_points", dense_points)
+        mp.setattr(microbench, "attention_points", attention_points)
+        with dask.config.set({"glinthawk.planner.profile-probe-after": None}):
+            assert (await kept(base, dense=1.5)).to_json() == base.to_json()  # never checked
+        recent = Profile.from_json({**base.to_json(), "measured_at": time.time()})
+        assert (await kept(recent)).to_json() == recent.to_json()  # measured minutes ago: trusted
+        with tempfile.TemporaryDirectory() as cache, dask.config.set({"glinthawk.planner.profile-cache": cache}):
+            checked = await kept(base, dense=1.5, attention=0.6)
+            on_disk = [json.loads(open(os.path.join(cache, f)).read()) for f in os.listdir(cache)]
+        assert costs(checked) == (pytest.approx(1.5 * d0), pytest.approx(0.6 * a0))
+        assert checked.extra["scale"] == {"dense": 1.5, "attention": 0.6} and checked.rtt_s == base.rtt_s
+        assert [d["probed_at"] for d in on_disk] == [checked.extra["probed_at"]]  # a new local cluster reads it
+        # kept on the scheduler as checked, and not checked again soon
+        again, _ = await cluster_profile(c, MODEL, model="random:tiny-gqa", dtype="float32")
+        assert again.to_json() == checked.to_json()
+        with dask.config.set({"glinthawk.planner.profile-probe-after": 0}):
+            # within 15% of the scale it has: kept, so that noise does not move it
+            assert costs(await kept(checked, dense=1.6, attention=0.65)) == costs(checked)
+            # a busy moment (over 2x the measured costs) is not taken
+            busy = await kept(checked, dense=6.9, attention=0.6)
+            assert costs(busy) == costs(checked) and busy.extra["probe"]["dense"] == pytest.approx(6.9)
+            # the scale is against the measured costs, never compounded
+            faster = await kept(busy, dense=0.8, attention=1.0)
+        assert costs(faster) == (pytest.approx(0.8 * d0), pytest.approx(a0))
+        assert faster.extra["scale"] == {"dense": 0.8, "attention": 1.0}
+    assert [drift_scale(r) for r in (0.88, 1.0, 1.14, 1.16, 0.85, 1.9, 2.1, 0.45)] == [
+        1.0, 1.0, 1.0, 1.16, 0.85, 1.9, 1.0, 1.0]
+    assert drift_scale(1.6, was=1.5) == 1.5 and drift_scale(0.8, was=1.5) == 0.8
 
 
 def test_a_profile_kept_on_disk_ages_from_when_it_was_measured(tmp_path):

@@ -32,10 +32,12 @@ logger = logging.getLogger(__name__)
 _PROBE_TOKENS = [1, 16, 64, 256]
 _MEASURES = 4  # how profiles are measured: profiles kept on disk by other measures are not read
 # a kept profile's check (see _probed): the dense layer's token counts, the rounds through
-# them, and how far a tier's probe may stray before its costs are scaled
+# them, how far a tier's probe may stray before its costs are scaled, and how far from the
+# measured costs a probe is taken as a busy moment instead
 _DRIFT_TOKENS = [16, 64]
 _DRIFT_ROUNDS = 8
 _DRIFT = 0.15
+_DRIFT_MAX = 2.0
 
 
 def profile_key(model: str, dtype: str, info: dict) -> str:
@@ -88,7 +90,7 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
                 f"{len(info['dense'])} dense worker(s) ({d['device']}, {d['threads']} threads), "
                 f"{len(info['attention'])} attention worker(s); random weights of {model or 'the model'}'s shape"),
         extra={"workers": {"dense": len(info["dense"]), "attention": len(info["attention"])},
-               "seconds": round(time.time() - t0, 2), "measured_at": round(time.time())},
+               "seconds": round(time.time() - t0, 2), "measured_at": time.time()},
     )
 
 
@@ -276,12 +278,15 @@ async def _probed(client: Any, profile: Profile, model_config: ModelConfig, dtyp
     ago; None when it is more recent than that.
 
     A dense layer at a few token counts and a few decode attention shapes are measured
-    quickly (about half a second on the 2-core VM); a tier found more than
-    :data:`_DRIFT` faster or slower than its costs in the profile has them scaled by the
-    median ratio (:meth:`~glinthawk_dask.planner.profile.Profile.scaled`).  A shared
-    machine's speed drifts by a third within hours (a profile kept on disk from a slow
-    hour predicted a run 37% low): plans barely change with a common scale, but the
-    predictions they print do."""
+    quickly (about half a second on the 2-core VM), and each tier's median ratio to the
+    costs the profile was measured with is its scale now (:func:`drift_scale`): the
+    profile's costs are the measured ones times it
+    (:meth:`~glinthawk_dask.planner.profile.Profile.scaled`).  A shared machine's speed
+    drifts by a third within hours (a profile kept on disk from a slow hour predicted a
+    run 37% low, and a probe found the next day 1.8x faster).  A probe further off than
+    :data:`_DRIFT_MAX` caught the workers busy with something else, not a new speed (one
+    beside two workers loading tokenizers found the dense tier x6.9): it is logged and
+    the scale kept."""
     import statistics
 
     from .. import config
@@ -297,29 +302,39 @@ async def _probed(client: Any, profile: Profile, model_config: ModelConfig, dtyp
     elem = DTYPES[dtype].itemsize
     d = await _rpc(client, info["dense"][0], "glinthawk_profile_dense", config=cfg, dtype=dtype,
                    tokens=_DRIFT_TOKENS, rows=None, attention=None, cold=False, rounds=_DRIFT_ROUNDS)
-    dense = statistics.median(s / profile.dense_layer_s(model_config, int(t), elem) for t, s in d["layer_s"])
-    attention = 1.0
+    ratios = {"dense": statistics.median(s / profile.dense_layer_s(model_config, int(t), elem)
+                                         for t, s in d["layer_s"])}
     shapes = [s for s in attention_shapes(model_config) if s[2] == 1][:3]  # decode, as most of a run's steps
     if info["attention"] and shapes:
         a = await _rpc(client, info["attention"][0], "glinthawk_profile_attention", config=cfg, shapes=shapes,
                        dtype=dtype)
-        attention = statistics.median(s / profile.attention.cost.seconds(kv, flops) for kv, flops, s in a["points"])
-    fd, fa = drift_scale(dense), drift_scale(attention)
+        ratios["attention"] = statistics.median(s / profile.attention.cost.seconds(kv, flops)
+                                                for kv, flops, s in a["points"])
     seconds = time.time() - t0
-    logger.info("glinthawk checked the cluster's kept profile in %.1f s: the dense tier ran x%.2f its costs, "
-                "attention x%.2f%s", seconds, dense, attention,
-                f"; scaled x{fd:.2f} and x{fa:.2f}" if (fd, fa) != (1.0, 1.0) else "")
-    out = profile.scaled(dense=fd, attention=fa) if (fd, fa) != (1.0, 1.0) else profile
+    was = {"dense": 1.0, "attention": 1.0, **(profile.extra.get("scale") or {})}
+    measured = {tier: ratio * was[tier] for tier, ratio in ratios.items()}  # against the measured costs
+    scale = {**was, **{tier: drift_scale(r, was[tier]) for tier, r in measured.items()}}
+    notes = []
+    for tier, r in measured.items():
+        busy = abs(math.log(r)) > math.log(_DRIFT_MAX)
+        notes.append(f"{tier} x{r:.2f} its measured costs" + (" (a busy moment: not taken)" if busy else "")
+                     + f", scale x{scale[tier]:.2f}")
+    logger.info("glinthawk checked the cluster's kept profile in %.1f s: %s", seconds, "; ".join(notes))
+    out = profile.scaled(dense=scale["dense"] / was["dense"], attention=scale["attention"] / was["attention"])
     return dataclasses.replace(out, extra={
-        **profile.extra, "probed_at": round(time.time()),
-        "probe": {"dense": float(f"{dense:.4g}"), "attention": float(f"{attention:.4g}"),
-                  "seconds": round(seconds, 2)}})
+        **profile.extra, "probed_at": time.time(),
+        "scale": {tier: float(f"{f:.6g}") for tier, f in scale.items()},
+        "probe": {**{tier: float(f"{r:.4g}") for tier, r in measured.items()}, "seconds": round(seconds, 2)}})
 
 
-def drift_scale(ratio: float) -> float:
-    """The factor a kept profile's tier is scaled by when its probe ran ``ratio`` times
-    its costs: the ratio itself, or 1.0 within :data:`_DRIFT` (either way) of them."""
-    return ratio if abs(math.log(ratio)) > math.log1p(_DRIFT) else 1.0
+def drift_scale(ratio: float, was: float = 1.0) -> float:
+    """A tier's scale once a probe ran ``ratio`` times its measured costs, where it was
+    ``was``: the ratio, unless within :data:`_DRIFT` of ``was`` (kept, so that noise does
+    not move it) or more than :data:`_DRIFT_MAX` from the measured costs (a busy moment:
+    kept)."""
+    if abs(math.log(ratio / was)) <= math.log1p(_DRIFT) or abs(math.log(ratio)) > math.log(_DRIFT_MAX):
+        return was
+    return ratio
 
 
 def _openmp_spin() -> str | None:
@@ -335,7 +350,7 @@ def _read_kept(path) -> Profile | None:
         mtime = path.stat().st_mtime
         profile = Profile.from_json(json.loads(path.read_text()), str(path))
         if not isinstance(profile.extra.get("measured_at"), (int, float)):  # an earlier version's: when written
-            profile = dataclasses.replace(profile, extra={**profile.extra, "measured_at": round(mtime)})
+            profile = dataclasses.replace(profile, extra={**profile.extra, "measured_at": mtime})
         # trusted for a while after it was measured (a check on reuse rewrites the file, not the age)
         if time.time() - float(profile.extra["measured_at"]) > float(config.get("planner.profile-max-age")):
             return None

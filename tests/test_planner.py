@@ -715,18 +715,27 @@ def test_plan_errors_are_one_line(args, fragment):
     assert len(lines) == 1 and lines[0].startswith("Error:") and fragment in lines[0], result.output
 
 
-@gen_cluster(client=True, nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}}),
-                                    ("127.0.0.1", 1, {"resources": {"KV": 2**28}})], timeout=120)
-async def test_profile_measures_a_cluster_and_auto_plans_use_it(c, s, a, b):
-    from glinthawk_dask.engine.request import Request
-    from glinthawk_dask.runtime.client import DaskEngine
-    from glinthawk_dask.runtime.profiler import cluster_profile, measure_profile
+# a dense and an attention worker in this process, with glinthawk's plugins (see _tiers)
+TIER_CLUSTER = dict(client=True, nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}}),
+                                           ("127.0.0.1", 1, {"resources": {"KV": 2**28}})], timeout=120)
+
+
+async def _tiers(c) -> None:
     from glinthawk_dask.runtime.plugins import AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
-    from glinthawk_dask.sampling import SamplingParams
 
     await c.register_plugin(GlinthawkSchedulerPlugin())
     await c.register_plugin(DenseWorkerPlugin())
     await c.register_plugin(AttentionWorkerPlugin())
+
+
+@gen_cluster(**TIER_CLUSTER)
+async def test_profile_measures_a_cluster_and_auto_plans_use_it(c, s, a, b):
+    from glinthawk_dask.engine.request import Request
+    from glinthawk_dask.runtime.client import DaskEngine
+    from glinthawk_dask.runtime.profiler import cluster_profile, measure_profile
+    from glinthawk_dask.sampling import SamplingParams
+
+    await _tiers(c)
     prof = await measure_profile(c, MODEL, model="random:tiny-gqa", quick=True)
     assert prof.shared_host and prof.attention.kv_bytes > 0 and prof.rtt_s > 0
     # contention measured in chains two and three deep, as a run's pipeline
@@ -771,18 +780,14 @@ async def test_profile_measures_a_cluster_and_auto_plans_use_it(c, s, a, b):
         assert small_steps.last_summary.micro_batch_size > 1
 
 
-@gen_cluster(client=True, nthreads=[("127.0.0.1", 1, {"resources": {"GPU": 1}}),
-                                    ("127.0.0.1", 1, {"resources": {"KV": 2**28}})], timeout=120)
+@gen_cluster(**TIER_CLUSTER)
 async def test_a_kept_profile_is_checked_against_the_workers_once_it_is_old(c, s, a, b):
     import time
 
     from glinthawk_dask.planner import microbench
-    from glinthawk_dask.runtime.plugins import AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
     from glinthawk_dask.runtime.profiler import cluster_profile, drift_scale, profile_key
 
-    await c.register_plugin(GlinthawkSchedulerPlugin())
-    await c.register_plugin(DenseWorkerPlugin())
-    await c.register_plugin(AttentionWorkerPlugin())
+    await _tiers(c)
     info = await c.scheduler.glinthawk_cluster_info()
     key = profile_key("random:tiny-gqa", "float32", info)
     base = Profile.from_json({**_profile(d=1e-3, att=5e-4).to_json(), "measured_at": time.time() - 3600})

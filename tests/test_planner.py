@@ -796,6 +796,8 @@ async def test_a_kept_profile_is_checked_against_the_workers_once_it_is_old(c, s
     real_attention = microbench.attention_points
 
     def dense_points(config, dtype, device, tokens, repeats=2, rounds=microbench.ROUNDS):
+        if speed["dense"] is None:
+            raise RuntimeError("the dense worker's probe failed")
         return [[t, speed["dense"] * base.dense_layer_s(MODEL, t, 4)] for t in tokens]
 
     def attention_points(config, dtype, device, shapes, repeats=5):
@@ -837,6 +839,8 @@ async def test_a_kept_profile_is_checked_against_the_workers_once_it_is_old(c, s
             assert costs(busy) == costs(checked) and busy.extra["probe"]["dense"] == pytest.approx(6.9)
             # the scale is against the measured costs, never compounded
             faster = await kept(busy, dense=0.8, attention=1.0)
+            # a check that fails plans from the profile as kept
+            assert (await kept(faster, dense=None)).to_json() == faster.to_json()
         assert costs(faster) == (pytest.approx(0.8 * d0), pytest.approx(a0))
         assert faster.extra["scale"] == {"dense": 0.8, "attention": 1.0}
     assert [drift_scale(r) for r in (0.88, 1.0, 1.14, 1.16, 0.85, 1.9, 2.1, 0.45)] == [

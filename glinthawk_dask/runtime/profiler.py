@@ -278,7 +278,7 @@ async def _probed(client: Any, profile: Profile, model_config: ModelConfig, dtyp
     ago; None when it is more recent than that.
 
     A dense layer at a few token counts and a few decode attention shapes are measured
-    quickly (about half a second on the 2-core VM), and each tier's median ratio to the
+    quickly (about a second on the 2-core VM), and each tier's median ratio to the
     costs the profile was measured with is its scale now (:func:`drift_scale`): the
     profile's costs are the measured ones times it
     (:meth:`~glinthawk_dask.planner.profile.Profile.scaled`).  A shared machine's speed
@@ -300,16 +300,23 @@ async def _probed(client: Any, profile: Profile, model_config: ModelConfig, dtyp
     t0 = time.time()
     cfg = dataclasses.asdict(model_config)
     elem = DTYPES[dtype].itemsize
-    d = await _rpc(client, info["dense"][0], "glinthawk_profile_dense", config=cfg, dtype=dtype,
-                   tokens=_DRIFT_TOKENS, rows=None, attention=None, cold=False, rounds=_DRIFT_ROUNDS)
-    ratios = {"dense": statistics.median(s / profile.dense_layer_s(model_config, int(t), elem)
-                                         for t, s in d["layer_s"])}
-    shapes = [s for s in attention_shapes(model_config) if s[2] == 1][:3]  # decode, as most of a run's steps
-    if info["attention"] and shapes:
-        a = await _rpc(client, info["attention"][0], "glinthawk_profile_attention", config=cfg, shapes=shapes,
-                       dtype=dtype)
-        ratios["attention"] = statistics.median(s / profile.attention.cost.seconds(kv, flops)
-                                                for kv, flops, s in a["points"])
+    try:
+        d = await _rpc(client, info["dense"][0], "glinthawk_profile_dense", config=cfg, dtype=dtype,
+                       tokens=_DRIFT_TOKENS, rows=None, attention=None, cold=False, rounds=_DRIFT_ROUNDS)
+        ratios = {"dense": statistics.median(s / profile.dense_layer_s(model_config, int(t), elem)
+                                             for t, s in d["layer_s"])}
+        shapes = [s for s in attention_shapes(model_config) if s[2] == 1][:3]  # decode, as most of a run's steps
+        if info["attention"] and shapes:
+            a = await _rpc(client, info["attention"][0], "glinthawk_profile_attention", config=cfg, shapes=shapes,
+                           dtype=dtype)
+            ratios["attention"] = statistics.median(s / profile.attention.cost.seconds(kv, flops)
+                                                    for kv, flops, s in a["points"])
+        if not all(r > 0 for r in ratios.values()):
+            raise ValueError(f"probe ratios {ratios}")
+    except Exception as e:  # a worker gone or busy failing: plan from the profile as kept, check next time
+        logger.warning("glinthawk could not check the cluster's kept profile (%s: %s); planning from it as kept",
+                       type(e).__name__, e)
+        return None
     seconds = time.time() - t0
     was = {"dense": 1.0, "attention": 1.0, **(profile.extra.get("scale") or {})}
     measured = {tier: ratio * was[tier] for tier, ratio in ratios.items()}  # against the measured costs

@@ -323,8 +323,7 @@ async def _probed(client: Any, profile: Profile, model_config: ModelConfig, dtyp
     scale = {**was, **{tier: drift_scale(r, was[tier]) for tier, r in measured.items()}}
     notes = []
     for tier, r in measured.items():
-        busy = abs(math.log(r)) > math.log(_DRIFT_MAX)
-        notes.append(f"{tier} x{r:.2f} its measured costs" + (" (a busy moment: not taken)" if busy else "")
+        notes.append(f"{tier} x{r:.2f} its measured costs" + (" (a busy moment: not taken)" if _busy(r) else "")
                      + f", scale x{scale[tier]:.2f}")
     logger.info("glinthawk checked the cluster's kept profile in %.1f s: %s", seconds, "; ".join(notes))
     out = profile.scaled(dense=scale["dense"] / was["dense"], attention=scale["attention"] / was["attention"])
@@ -339,9 +338,15 @@ def drift_scale(ratio: float, was: float = 1.0) -> float:
     ``was``: the ratio, unless within :data:`_DRIFT` of ``was`` (kept, so that noise does
     not move it) or more than :data:`_DRIFT_MAX` from the measured costs (a busy moment:
     kept)."""
-    if abs(math.log(ratio / was)) <= math.log1p(_DRIFT) or abs(math.log(ratio)) > math.log(_DRIFT_MAX):
+    if abs(math.log(ratio / was)) <= math.log1p(_DRIFT) or _busy(ratio):
         return was
     return ratio
+
+
+def _busy(ratio: float) -> bool:
+    """Whether a probe at ``ratio`` times the measured costs caught the workers busy
+    (more than :data:`_DRIFT_MAX` off either way) rather than at a new speed."""
+    return abs(math.log(ratio)) > math.log(_DRIFT_MAX)
 
 
 def _openmp_spin() -> str | None:

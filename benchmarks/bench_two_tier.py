@@ -260,6 +260,26 @@ def alternate(inproc: LLM, two_tier: LLM, prompt_ids: Sequence[list[int]], new_t
     return out
 
 
+def predicted_pair(llm: LLM, prompt_ids: Sequence[list[int]], new_tokens: int, plan: Any,
+                   ip_steps: int, tt_steps: int) -> dict[str, float]:
+    """Both engines' tokens/s as the planner predicts them on the profile the cluster
+    keeps now (the one the plan came from, checked or not): ``plan`` is the two-tier
+    run's summary.  Their ratio beside the measured one tells a miss of the model at
+    that depth from a profile of another minute, which moves both alike."""
+    from glinthawk_dask.planner.simulate import RunConfig, Workload, simulate
+    from glinthawk_dask.runtime.profiler import cluster_profile
+
+    profile, _ = llm.client.sync(cluster_profile, llm.client, llm.config, model=DEFAULT_MODEL, dtype="float32")
+    workload = Workload(tuple(len(p) for p in prompt_ids), (new_tokens,) * len(prompt_ids))
+    two = simulate(profile, llm.config, workload, RunConfig(
+        micro_batch_size=plan.micro_batch_size, micro_batches=plan.n_micro_batches,
+        attention=len(set(plan.attention_of())), max_step_tokens=tt_steps))
+    one = simulate(profile, llm.config, workload, RunConfig(
+        mode="in-process", micro_batch_size=len(prompt_ids), max_step_tokens=ip_steps))
+    return {"two_tier": two.tokens_per_s, "in_process": one.tokens_per_s,
+            "ratio": two.tokens_per_s / one.tokens_per_s}
+
+
 def latency_floor(new_tokens: int, n_layers: int, latency: float) -> float:
     """Seconds no run can beat at ``latency`` seconds per inter-tier message: one
     sequence's ``new_tokens`` passes each cross the tiers at every one of ``n_layers``
@@ -544,6 +564,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   f"both busy {overlap['overlap']:.2f} s = {overlap['overlap_fraction']:.1%} of wall")
             ratio_ip = tt.tokens_per_s / inp.tokens_per_s
             print(f"ratio two-tier / in-process (tokens/s): {ratio_ip:.2f}x")
+            pair = None
+            if summary.predicted_tokens_per_s:
+                pair = predicted_pair(base, prompt_ids, args.new_tokens, summary, ip_steps, tt_steps)
+                print(f"predicted from the kept profile: two-tier {pair['two_tier']:.1f} tok/s "
+                      f"({pair['two_tier'] / tt.tokens_per_s - 1:+.0%}), in-process {pair['in_process']:.1f} "
+                      f"({pair['in_process'] / inp.tokens_per_s - 1:+.0%}); ratio {pair['ratio']:.2f}x predicted, "
+                      f"{ratio_ip:.2f}x measured", flush=True)
             if args.alternate:
                 rounds = alternate(inproc, base, prompt_ids, args.new_tokens, args.alternate)
                 alternating = statistics.median(r["two-tier"] for r in rounds) / statistics.median(
@@ -569,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                   "n_micro_batches": summary.n_micro_batches,
                                   "asked": args.micro_batches, "max_step_tokens": tt_steps,
                                   "n_steps": summary.n_steps},
+                "predicted_pair": pair,
                 "tier_overlap": overlap,
                 "worker_threads_cpu_share": threads,
                 "ratio_two_tier_over_inprocess": ratio_ip,

@@ -834,18 +834,51 @@ async def test_a_kept_profile_is_checked_against_the_workers_once_it_is_old(c, s
         with dask.config.set({"glinthawk.planner.profile-probe-after": 0}):
             # within 15% of the scale it has: kept, so that noise does not move it
             assert costs(await kept(checked, dense=1.6, attention=0.65)) == costs(checked)
-            # a busy moment (over 2x the measured costs) is not taken
+            # a busy moment (over 2x the measured costs) is not taken, nor counted as a check
             busy = await kept(checked, dense=6.9, attention=0.6)
             assert costs(busy) == costs(checked) and busy.extra["probe"]["dense"] == pytest.approx(6.9)
+            assert busy.extra["probed_at"] == checked.extra["probed_at"] and busy.extra["busy_at"] > 0
             # the scale is against the measured costs, never compounded
             faster = await kept(busy, dense=0.8, attention=1.0)
             # a check that fails plans from the profile as kept
             assert (await kept(faster, dense=None)).to_json() == faster.to_json()
         assert costs(faster) == (pytest.approx(0.8 * d0), pytest.approx(a0))
-        assert faster.extra["scale"] == {"dense": 0.8, "attention": 1.0}
+        assert faster.extra["scale"] == {"dense": 0.8, "attention": 1.0} and "busy_at" not in faster.extra
+        # a check that caught the workers busy is tried again at a plan a minute later, not sooner
+        old = {**base.to_json(), "probed_at": time.time() - 3600}
+        just_busy = Profile.from_json({**old, "busy_at": time.time() - 5})
+        assert (await kept(just_busy, dense=1.5)).to_json() == just_busy.to_json()
+        minute_ago = Profile.from_json({**old, "busy_at": time.time() - 61})
+        assert costs(await kept(minute_ago, dense=1.5, attention=1.0)) == (pytest.approx(1.5 * d0), pytest.approx(a0))
     assert [drift_scale(r) for r in (0.88, 1.0, 1.14, 1.16, 0.85, 1.9, 2.1, 0.45)] == [
         1.0, 1.0, 1.0, 1.16, 0.85, 1.9, 1.0, 1.0]
     assert drift_scale(1.6, was=1.5) == 1.5 and drift_scale(0.8, was=1.5) == 0.8
+
+
+@gen_cluster(**TIER_CLUSTER)
+async def test_measurements_wait_for_the_attention_workers_to_load_their_kernel(c, s, a, b):
+    import asyncio
+    import threading
+
+    from glinthawk_dask.model import cpu_attention
+    from glinthawk_dask.runtime.profiler import _settled
+
+    loaded = threading.Event()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_attention, "warm", lambda: loaded.wait(30))  # a kernel still loading as the worker starts
+        try:
+            await _tiers(c)
+            info = await c.scheduler.glinthawk_cluster_info()
+            ready = c.rpc(info["attention"][0]).glinthawk_attention_ready
+            assert await ready(timeout=0.05) is False
+            waiting = asyncio.ensure_future(_settled(c, info))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # a profile or a check would measure beside the load
+            loaded.set()
+            await asyncio.wait_for(waiting, 5)
+            assert await ready(timeout=0.05) is True
+        finally:
+            loaded.set()
 
 
 def test_a_profile_kept_on_disk_ages_from_when_it_was_measured(tmp_path):

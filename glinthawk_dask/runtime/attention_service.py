@@ -53,7 +53,8 @@ class AttentionService:
         self.runs: dict[str, _Run] = {}
         self.stream = ComputeStream("glinthawk-attention", threads=threads)
         # the compiled decode kernel, loaded while the worker starts rather than in a run's first step
-        threading.Thread(target=cpu_attention.warm, name="glinthawk-warm-kernel", daemon=True).start()
+        self.warmed = threading.Event()
+        threading.Thread(target=self._warm, name="glinthawk-warm-kernel", daemon=True).start()
         self.threads = threads  # the stream's torch threads (None: torch's own count)
         # runs one micro-batch deep also try attention on this many threads (a ThreadTuner)
         self.try_threads = try_threads if try_threads and threads and try_threads > threads else None
@@ -69,9 +70,25 @@ class AttentionService:
             latency=lambda kwargs: self._latency(kwargs.get("run_id")),
         )
 
+    def _warm(self) -> None:
+        try:
+            cpu_attention.warm()
+        finally:
+            self.warmed.set()
+
+    async def ready(self, timeout: float = 30.0) -> bool:
+        """Whether the worker has loaded its attention kernel, waiting up to ``timeout``
+        seconds for it: about a second of a core as the worker starts, which a
+        measurement of the cluster's speed must not share the machine with."""
+        deadline = time.monotonic() + timeout
+        while not self.warmed.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.warmed.is_set()
+
     # -- handlers (event loop) -------------------------------------------------------
     def handlers(self) -> dict[str, Any]:
         return {
+            "glinthawk_attention_ready": self.ready,
             "glinthawk_kv_open": self.open,
             "glinthawk_kv_close": self.close_run,
             "glinthawk_attend": self.attend,

@@ -11,6 +11,7 @@ measure once.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -38,6 +39,7 @@ _DRIFT_TOKENS = [16, 64]
 _DRIFT_ROUNDS = 8
 _DRIFT = 0.15
 _DRIFT_MAX = 2.0
+_BUSY_RETRY = 60.0  # seconds before a check that caught the workers busy is tried again (at most)
 
 
 def profile_key(model: str, dtype: str, info: dict) -> str:
@@ -49,6 +51,15 @@ async def _rpc(client: Any, addr: str, op: str, **kwargs: Any) -> Any:
     return await getattr(client.rpc(addr), op)(**kwargs)
 
 
+async def _settled(client: Any, info: dict, timeout: float = 30.0) -> None:
+    """Wait for the attention workers to finish loading their kernel (about a second
+    of a core each as they start): a measurement beside it prices the tiers for that
+    moment (a check of a kept profile run right after the embedded cluster started
+    found its dense tier x4.3).  A worker that does not answer is not waited for."""
+    await asyncio.gather(*(_rpc(client, a, "glinthawk_attention_ready", timeout=timeout)
+                           for a in info["attention"]), return_exceptions=True)
+
+
 async def measure_profile(client: Any, model_config: ModelConfig, *, model: str = "", dtype: str = "float32",
                           quick: bool = False, name: str | None = None) -> Profile:
     """Profile the cluster of ``client`` (an asynchronous call on its loop)."""
@@ -57,6 +68,7 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
     if not info["dense"]:
         raise GlinthawkError("the cluster has no dense worker to profile: start one with "
                              "`glinthawk worker --tier dense`")
+    await _settled(client, info)
     cfg = dataclasses.asdict(model_config)
     dense = info["dense"][0]
     tokens = list(TOKENS_QUICK if quick else TOKENS)
@@ -285,8 +297,10 @@ async def _probed(client: Any, profile: Profile, model_config: ModelConfig, dtyp
     drifts by a third within hours (a profile kept on disk from a slow hour predicted a
     run 37% low, and a probe found the next day 1.8x faster).  A probe further off than
     :data:`_DRIFT_MAX` caught the workers busy with something else, not a new speed (one
-    beside two workers loading tokenizers found the dense tier x6.9): it is logged and
-    the scale kept."""
+    beside two workers loading tokenizers found the dense tier x6.9): it is logged, the
+    scale kept, and the check is not counted as one: a plan a minute later (or
+    ``profile-probe-after`` later, if that is shorter) checks again.  The probes wait
+    for the attention workers' kernel to be loaded (:func:`_settled`)."""
     import statistics
 
     from .. import config
@@ -295,8 +309,11 @@ async def _probed(client: Any, profile: Profile, model_config: ModelConfig, dtyp
     checked = max(float(profile.extra.get("measured_at") or 0), float(profile.extra.get("probed_at") or 0))
     if after is None or time.time() - checked < float(after) or not info["dense"]:
         return None
+    if time.time() - float(profile.extra.get("busy_at") or 0) < min(float(after), _BUSY_RETRY):
+        return None  # the last check caught the workers busy a moment ago
     if profile.dense.layer_s is None or not profile._same_model(model_config):
         return None  # a profile written for other shapes: nothing measured here to compare
+    await _settled(client, info)
     t0 = time.time()
     cfg = dataclasses.asdict(model_config)
     elem = DTYPES[dtype].itemsize
@@ -321,16 +338,20 @@ async def _probed(client: Any, profile: Profile, model_config: ModelConfig, dtyp
     was = {"dense": 1.0, "attention": 1.0, **(profile.extra.get("scale") or {})}
     measured = {tier: ratio * was[tier] for tier, ratio in ratios.items()}  # against the measured costs
     scale = {**was, **{tier: drift_scale(r, was[tier]) for tier, r in measured.items()}}
+    busy = any(_busy(r) for r in measured.values())
     notes = []
     for tier, r in measured.items():
         notes.append(f"{tier} x{r:.2f} its measured costs" + (" (a busy moment: not taken)" if _busy(r) else "")
                      + f", scale x{scale[tier]:.2f}")
-    logger.info("glinthawk checked the cluster's kept profile in %.1f s: %s", seconds, "; ".join(notes))
+    logger.info("glinthawk checked the cluster's kept profile in %.1f s: %s%s", seconds, "; ".join(notes),
+                "; checked again at the next plan" if busy else "")
     out = profile.scaled(dense=scale["dense"] / was["dense"], attention=scale["attention"] / was["attention"])
-    return dataclasses.replace(out, extra={
-        **profile.extra, "probed_at": time.time(),
-        "scale": {tier: float(f"{f:.6g}") for tier, f in scale.items()},
-        "probe": {**{tier: float(f"{r:.4g}") for tier, r in measured.items()}, "seconds": round(seconds, 2)}})
+    extra = {k: v for k, v in profile.extra.items() if k != "busy_at"}
+    extra["scale"] = {tier: float(f"{f:.6g}") for tier, f in scale.items()}
+    extra["probe"] = {**{tier: float(f"{r:.4g}") for tier, r in measured.items()}, "seconds": round(seconds, 2)}
+    # a busy probe is not a check: the next plan checks again (after _BUSY_RETRY at most)
+    extra["busy_at" if busy else "probed_at"] = time.time()
+    return dataclasses.replace(out, extra=extra)
 
 
 def drift_scale(ratio: float, was: float = 1.0) -> float:

@@ -14,7 +14,7 @@ import dask
 
 import pytest
 from click.testing import CliRunner
-from distributed.utils_test import gen_cluster
+from distributed.utils_test import gen_cluster, gen_test
 
 from glinthawk_dask.cli import main
 from glinthawk_dask.model.config import ModelConfig
@@ -879,6 +879,30 @@ async def test_measurements_wait_for_the_attention_workers_to_load_their_kernel(
             assert await ready(timeout=0.05) is True
         finally:
             loaded.set()
+
+
+@gen_test()
+async def test_the_wait_for_the_kernel_is_bounded_by_a_worker_that_does_not_answer():
+    import socket
+    import time
+    import types
+
+    from distributed.core import ConnectionPool
+
+    from glinthawk_dask.runtime.profiler import _settled
+
+    silent = socket.socket()  # accepts connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    pool = await ConnectionPool()
+    try:
+        t0 = time.monotonic()
+        await _settled(types.SimpleNamespace(rpc=pool), {"attention": [f"tcp://127.0.0.1:{silent.getsockname()[1]}"]},
+                       timeout=0.3)
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        await pool.close()
+        silent.close()
 
 
 def test_a_profile_kept_on_disk_ages_from_when_it_was_measured(tmp_path):

@@ -55,9 +55,14 @@ async def _settled(client: Any, info: dict, timeout: float = 30.0) -> None:
     """Wait for the attention workers to finish loading their kernel (about a second
     of a core each as they start): a measurement beside it prices the tiers for that
     moment (a check of a kept profile run right after the embedded cluster started
-    found its dense tier x4.3).  A worker that does not answer is not waited for."""
-    await asyncio.gather(*(_rpc(client, a, "glinthawk_attention_ready", timeout=timeout)
-                           for a in info["attention"]), return_exceptions=True)
+    found its dense tier x4.3).  A worker that fails or does not answer in ``timeout``
+    seconds is not waited for."""
+    calls = asyncio.gather(*(_rpc(client, a, "glinthawk_attention_ready", timeout=timeout)
+                             for a in info["attention"]), return_exceptions=True)
+    try:
+        await asyncio.wait_for(calls, timeout + 1.0)
+    except asyncio.TimeoutError:  # a worker that is gone but still listed: measure without it
+        pass
 
 
 async def measure_profile(client: Any, model_config: ModelConfig, *, model: str = "", dtype: str = "float32",

@@ -11,16 +11,27 @@ profile was measured in), not only against the next one.  Runs bracketed by prof
 
 Usage::
 
-    python benchmarks/replay_planner.py [RESULT.json ...] [--json OUT]
+    python benchmarks/replay_planner.py [RESULT.json ...] [--pairs-since 2026-12-03] [--json OUT]
 
 Without files it reads every ``benchmarks/results/planner-*.json`` whose profiles this
 version reads (runs kept from before the profile format had them are listed as skipped).
+
+It also replays the kept runs of ``bench_two_tier.py`` part 1 (``two-tier-*.json``, with
+their profile, from ``--pairs-since`` on: by default the runs with the compiled attention
+kernel, which changed both engines): each one's two-tier plan and its in-process engine,
+from the same profile,
+as the ratio of the two against the measured ratio (the first pair, and the alternating
+rounds' medians where there were any).  A profile's level moves with the minute it was
+measured in and moves both engines alike; the ratio says whether the model prices what
+one engine pays and the other does not.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -46,12 +57,69 @@ def replay(run: dict, model) -> float:
                for p in sides) / len(sides)
 
 
+KERNEL_DAY = "2026-12-03"  # the first runs with the compiled attention kernel, in every engine
+RATIO_ERROR = 0.05  # predicted two-tier / in-process ratios this close to the measured one count as right
+
+
+def replay_pair(doc: dict, model) -> tuple[float, float]:
+    """(two-tier, in-process) tokens/s the simulator predicts now for a kept
+    ``bench_two_tier.py`` part 1 run, both from the run's kept profile.  Prompts are
+    taken at their mean length (the runs kept their total)."""
+    t = doc["throughput"]
+    plan = t["two_tier_plan"]
+    n, new = t["batch"], t["new_tokens"]
+    workload = Workload.uniform(n, max(1, round(t["prompt_tokens"] / n)), new)
+    profile = Profile.from_json(doc["profile"], "a kept profile")
+    two = simulate(profile, model, workload, RunConfig(
+        micro_batch_size=plan["micro_batch_size"], micro_batches=plan["n_micro_batches"], attention=2,
+        max_step_tokens=plan["max_step_tokens"]))
+    one = simulate(profile, model, workload, RunConfig(mode="in-process", micro_batch_size=n,
+                                                       max_step_tokens=t["prompt_tokens"]))
+    return two.tokens_per_s, one.tokens_per_s
+
+
+def _day(name: str) -> str:
+    """The date a result file's name carries (``...-2026-12-03-...``), or ""."""
+    m = re.search(r"\d{4}-\d{2}-\d{2}", name)
+    return m.group(0) if m else ""
+
+
+def replay_pairs(paths: list[Path], model) -> list[dict]:
+    """The two engines' predicted ratio against the measured one, for each kept run."""
+    rows = []
+    for path in paths:
+        doc = json.loads(path.read_text())
+        if "two_tier_plan" not in doc.get("throughput", {}):
+            continue  # a run of the other parts only
+        try:
+            two, one = replay_pair(doc, model)
+            measured = doc["throughput"]["ratio_two_tier_over_inprocess"]
+        except (KeyError, TypeError, ProfileError) as e:
+            print(f"{path.name}: skipped ({type(e).__name__}: {e})")
+            continue
+        alternating = (doc["throughput"].get("alternating") or {})
+        first = alternating.get("first_ratio", measured)
+        rounds = alternating.get("ratio")
+        results = doc["throughput"]["results"]
+        rows.append({"file": path.name, "plan": "{micro_batch_size} x {n_micro_batches}".format(
+                     **doc["throughput"]["two_tier_plan"]), "predicted_ratio": two / one, "first_ratio": first,
+                     "rounds_ratio": rounds, "two_tier_error": two / results["two-tier"]["tokens_per_s"] - 1,
+                     "in_process_error": one / results["in-process"]["tokens_per_s"] - 1})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("files", nargs="*", help="bench_planner.py JSON results (default: all kept)")
+    p.add_argument("files", nargs="*", help="bench_planner.py and bench_two_tier.py (two-tier-*.json) JSON results "
+                                           "(default: all kept)")
+    p.add_argument("--pairs-since", default=KERNEL_DAY,
+                   help=f"replay bench_two_tier.py runs of this day (YYYY-MM-DD) or later (default {KERNEL_DAY})")
     p.add_argument("--json", help="write every prediction to this JSON file")
     args = p.parse_args(argv)
-    files = [Path(f) for f in args.files] or sorted(RESULTS.glob("planner-*.json"))
+    given = [Path(f) for f in args.files]
+    files = [f for f in given if not f.name.startswith("two-tier-")] if given else sorted(RESULTS.glob("planner-*.json"))
+    pair_files = [f for f in given if f.name.startswith("two-tier-")] if given else [
+        f for f in sorted(RESULTS.glob("two-tier-*.json")) if _day(f.name) >= args.pairs_since]
     model = from_name(DEFAULT_MODEL)
     report, within, total = [], 0, 0
     for path in files:
@@ -71,12 +139,34 @@ def main(argv: list[str] | None = None) -> int:
         report.append({"file": path.name, "within": ok, "configurations": [
             {"label": label, "measured_tokens_per_s": measured, "predicted_then": then, "predicted_now": now}
             for label, measured, then, now in rows]})
-    print(f"\nall runs: {within} of {total} configurations within {TARGET_ERROR:.0%}; runs with at least 6 of 7: "
-          f"{sum(r['within'] >= 6 for r in report)} of {len(report)}")
+    if files:
+        print(f"\nall runs: {within} of {total} configurations within {TARGET_ERROR:.0%}; runs with at least 6 of "
+              f"7: {sum(r['within'] >= 6 for r in report)} of {len(report)}")
+    pairs = replay_pairs(pair_files, model)
+    if pairs:
+        print(f"\nbench_two_tier.py part 1 runs: the two engines from the run's profile, their ratio predicted now "
+              "against the measured one (first pair; alternating rounds' medians)")
+        for r in pairs:
+            rounds = f"{r['rounds_ratio']:.2f}x" if r["rounds_ratio"] else "-"
+            print(f"  {r['file']:48s} {r['plan']:>7s}  predicted {r['predicted_ratio']:.2f}x, measured "
+                  f"{r['first_ratio']:.2f}x; {rounds}   levels: two-tier {r['two_tier_error']:+.0%}, in-process "
+                  f"{r['in_process_error']:+.0%}")
+        for plan in sorted({r["plan"] for r in pairs}):
+            of = [r for r in pairs if r["plan"] == plan]
+            rounds = [r["rounds_ratio"] for r in of if r["rounds_ratio"]]
+            print(f"  plan {plan}, {len(of)} runs: predicted {statistics.mean(r['predicted_ratio'] for r in of):.2f}x "
+                  f"on average, measured {statistics.mean(r['first_ratio'] for r in of):.2f}x (first pairs, "
+                  f"{min(r['first_ratio'] for r in of):.2f}-{max(r['first_ratio'] for r in of):.2f}x)"
+                  + (f" and {statistics.mean(rounds):.2f}x (rounds)" if rounds else ""))
+        close = sum(abs(r["predicted_ratio"] - r["first_ratio"]) <= RATIO_ERROR for r in pairs)
+        print(f"predicted ratio within {RATIO_ERROR:.2f} of the first pair's: {close} of {len(pairs)} runs; "
+              f"median |two-tier error| {statistics.median(abs(r['two_tier_error']) for r in pairs):.0%}, "
+              "median |ratio error| "
+              f"{statistics.median(abs(r['predicted_ratio'] - r['first_ratio']) for r in pairs):.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"within": within, "configurations": total, "runs": report},
-                                              indent=1) + "\n")
-    return 0 if report else 1
+        Path(args.json).write_text(json.dumps({"within": within, "configurations": total, "runs": report,
+                                               "pairs": pairs}, indent=1) + "\n")
+    return 0 if report or pairs else 1
 
 
 if __name__ == "__main__":

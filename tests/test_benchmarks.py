@@ -220,6 +220,40 @@ def test_replay_planner_predicts_kept_runs_again(tmp_path):
     assert re.search(r"^all runs: 1 of 4 configurations within 15%", proc.stdout, re.MULTILINE)
 
 
+def test_replay_planner_predicts_both_engines_of_a_kept_two_tier_run(tmp_path):
+    """A kept bench_two_tier.py part 1 run: its plan and the in-process engine predicted
+    again from the run's profile, their ratio beside the measured ones, each engine's
+    level error apart; runs of the other parts only are passed over."""
+    from glinthawk_dask.model.config import from_name
+    from glinthawk_dask.planner.profile import load_profile
+    from glinthawk_dask.planner.simulate import RunConfig, Workload, simulate
+
+    model, profile = from_name("smollm2-135m-instruct"), load_profile("vm-2core")
+    wl = Workload.uniform(16, 10, 48)
+    two = simulate(profile, model, wl, RunConfig(micro_batch_size=16, micro_batches=1, attention=2,
+                                                 max_step_tokens=160)).tokens_per_s
+    one = simulate(profile, model, wl, RunConfig(mode="in-process", micro_batch_size=16,
+                                                 max_step_tokens=160)).tokens_per_s
+    run = {"profile": profile.to_json(), "throughput": {
+        "batch": 16, "new_tokens": 48, "prompt_tokens": 160, "ratio_two_tier_over_inprocess": 0.7,
+        "two_tier_plan": {"micro_batch_size": 16, "n_micro_batches": 1, "max_step_tokens": 160},
+        "alternating": {"first_ratio": 0.7, "ratio": 0.8},
+        "results": {"two-tier": {"tokens_per_s": two / 2}, "in-process": {"tokens_per_s": one}}}}
+    (tmp_path / "two-tier-a.json").write_text(json.dumps(run))
+    (tmp_path / "two-tier-latency.json").write_text(json.dumps({"latency": {"runs": []}}))
+    out = tmp_path / "replay.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "replay_planner.py"), str(tmp_path / "two-tier-a.json"),
+                           str(tmp_path / "two-tier-latency.json"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (pair,) = json.loads(out.read_text())["pairs"]
+    assert pair["file"] == "two-tier-a.json" and pair["plan"] == "16 x 1"
+    assert pair["predicted_ratio"] == pytest.approx(two / one, rel=1e-9)
+    assert pair["two_tier_error"] == pytest.approx(1.0) and pair["in_process_error"] == pytest.approx(0.0, abs=1e-9)
+    assert (pair["first_ratio"], pair["rounds_ratio"]) == (0.7, 0.8)
+    assert re.search(r"plan 16 x 1, 1 runs: predicted [\d.]+x on average, measured 0.70x", proc.stdout)
+
+
 def test_bench_plan_sweep_times_python_and_compiled_rounds(tmp_path):
     """The sweep benchmark times one case four ways and checks that they predict the same."""
     out = tmp_path / "sweep.json"

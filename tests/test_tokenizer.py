@@ -108,6 +108,26 @@ def test_cache_is_reused(smollm2_tokenizer, smollm2_gguf, tokenizer_cache):
     assert [p for p in tokenizer_cache.iterdir() if not p.name.startswith(".")] == entries
 
 
+def test_a_cached_tokenizer_loads_without_autotokenizers_scan(smollm2_tokenizer, smollm2_gguf, tokenizer_cache,
+                                                              reference_tokenizer, monkeypatch):
+    """A converted tokenizer is read back as its own class, not through AutoTokenizer
+    (whose lookup scans every model package transformers ships: ~0.7 s a process), and
+    gives the reference's ids."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("AutoTokenizer used for a cached tokenizer")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    cached = Tokenizer.from_gguf(smollm2_gguf, cache_dir=tokenizer_cache)
+    for text in TEXTS:
+        assert cached.encode(text) == reference_tokenizer(text)["input_ids"]
+    for messages in CHATS:
+        want = reference_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        assert cached.encode_chat(messages) == plain_ids(want)
+    assert (cached.eos_token_ids, cached.bos_token_id) == (smollm2_tokenizer.eos_token_ids, 1)
+
+
 def test_cache_dir_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("GLINTHAWK_CACHE_DIR", str(tmp_path))
     assert tokenizer_cache_dir() == tmp_path / "tokenizers"

@@ -186,7 +186,11 @@ def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Ite
         for k in group:
             if stop.is_set():
                 return
-            preds[k] = simulate(profile, model, workload, configs[k], cache)
+            try:
+                preds[k] = simulate(profile, model, workload, configs[k], cache)
+            except BaseException:
+                stop.set()  # at once, not when the main thread next wakes: under load that is late
+                raise
             if tick is not None:
                 tick()
 

@@ -183,16 +183,16 @@ def sweep(profile: Profile, model: ModelConfig, workload: Workload, configs: Ite
     stop = threading.Event()  # set when the sweep fails or is interrupted (Ctrl-C): the threads end soon
 
     def run(group: list[int]) -> None:
-        for k in group:
-            if stop.is_set():
-                return
-            try:
+        try:
+            for k in group:
+                if stop.is_set():
+                    return
                 preds[k] = simulate(profile, model, workload, configs[k], cache)
-            except BaseException:
-                stop.set()  # at once, not when the main thread next wakes: under load that is late
-                raise
-            if tick is not None:
-                tick()
+                if tick is not None:
+                    tick()
+        except BaseException:
+            stop.set()  # at once, not when the main thread next wakes: under load that is late
+            raise
 
     if groups:
         with ThreadPoolExecutor(min(threads, len(groups)), thread_name_prefix="glinthawk-sweep") as pool:

@@ -181,7 +181,7 @@ async def test_induced_latency_holds_the_request_and_its_reply_on_the_serving_si
     request after it arrived (the handler runs no sooner), the reply before it leaves.
     The requesting side sends at once: a job on its stream right after the send, longer
     than the latency, does not hold the request (as a timer on that thread would)."""
-    lat = 0.15
+    lat = 0.3
     async with _pair() as (server, client, _):
         ran: list[float] = []
         echo = server.inline["echo"]
@@ -192,17 +192,17 @@ async def test_induced_latency_holds_the_request_and_its_reply_on_the_serving_si
         fut = loop.create_future()
         sent: list[float] = []
 
-        def send_then_compute():  # the request, then 0.5 s of other work on the same stream
+        def send_then_compute():  # the request, then 1 s of other work on the same stream
             sent.append(time.monotonic())
             channel.request("echo", {"n": 1}, _tensors(2),
                             lambda r, e: loop.call_soon_threadsafe(fut.set_result, (r, e)), 10.0)
-            time.sleep(0.5)
+            time.sleep(1.0)
 
         await client.stream.run(send_then_compute)
         reply, error = await fut
         back = time.monotonic()
         assert error is None and reply["n"] == 1
-        assert lat <= ran[0] - sent[0] < 0.45  # held on arrival, not behind the sender's 0.5 s job
+        assert lat <= ran[0] - sent[0] < 0.65  # held on arrival, not behind the sender's 1 s job
         assert back - ran[0] >= lat  # and the reply held before it left
         server.latency = lambda kw: 0.0  # no latency: answered at once
         t = time.monotonic()
@@ -230,11 +230,12 @@ async def test_large_frames_both_ways_at_once_never_block_the_streams():
 async def test_replies_out_of_order_go_to_their_requests():
     async with _pair() as (_, client, _):
         channel = await client.channel("tcp://127.0.0.1:1", "attention")
-        delays = [0.3, 0.0, 0.2, 0.1]
+        delays = [0.6, 0.0, 0.4, 0.2]
         t = time.monotonic()
         got = await asyncio.gather(*(channel.arequest("slow", {"delay": d, "n": n}) for n, d in enumerate(delays)))
         assert [r["n"] for r in got] == [0, 1, 2, 3]
-        assert time.monotonic() - t < 0.3 + 0.25  # served concurrently, not one after another
+        # served concurrently (the longest delay, 0.6 s), not one after another (their sum, 1.2 s)
+        assert time.monotonic() - t < 0.9
 
 
 @gen_test(timeout=30)

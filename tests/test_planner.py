@@ -800,9 +800,9 @@ async def test_a_kept_profile_is_checked_against_the_workers_once_it_is_old(c, s
             raise RuntimeError("the dense worker's probe failed")
         return [[t, speed["dense"] * base.dense_layer_s(MODEL, t, 4)] for t in tokens]
 
-    def attention_points(config, dtype, device, shapes, repeats=5):
+    def attention_points(config, dtype, device, shapes, repeats=5, max_bytes=None):
         return [[kv, flops, speed["attention"] * base.attention.cost.seconds(kv, flops)]
-                for kv, flops, _ in real_attention(config, dtype, device, shapes, repeats=1)]
+                for kv, flops, _ in real_attention(config, dtype, device, shapes, repeats=1, max_bytes=max_bytes)]
 
     async def kept(profile: Profile, **found: float) -> Profile:
         speed.update(found)
@@ -997,6 +997,50 @@ def test_local_layer_points_time_the_layer_with_its_attention_and_without():
         assert kv_bytes == b * (ctx + new) * MODEL.kv_size * 2 * 4
         assert flops == 4.0 * b * new * (ctx + new) * MODEL.q_size
         assert local > 0 and alone > 0
+
+
+def test_attention_points_time_a_runs_pass_over_its_layers_within_the_memory_given(monkeypatch):
+    """An attention point is a layer of a pass over as many layers' caches as a run's
+    step reads (the model's, fewer where their KV passes twice the last-level cache or
+    the bytes the worker can spare), so that each layer's KV is as cold as in a run; the
+    step's first layer checks the layout and advances the lengths, the others append at
+    the same positions."""
+    import torch
+
+    from glinthawk_dask.model import kv_cache
+    from glinthawk_dask.planner import microbench
+
+    cfg = dataclasses.asdict(MODEL)
+    layer_bytes = 4 * 17 * MODEL.kv_size * 2 * 4  # 4 sequences of 16 + 1 positions, k and v, fp32
+    made: list[tuple[int, int]] = []  # (layers, calls of attend) of each cache timed
+    real = kv_cache.KVCache
+
+    class Counted(real):
+        def __init__(self, c, *args, **kwargs):
+            super().__init__(c, *args, **kwargs)
+            made.append((c.n_layers, 0))
+
+        def attend(self, layer, q, k, v, batch):
+            assert self.lengths[0] == (16 if layer == 0 else 17)  # reset before each pass, advanced by its first layer
+            made[-1] = (made[-1][0], made[-1][1] + 1)
+            return super().attend(layer, q, k, v, batch)
+
+    monkeypatch.setattr(microbench, "KVCache", Counted)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(microbench, "last_level_cache_bytes", lambda device: 10**12)
+    (kv_bytes, flops, seconds), = microbench.attention_points(cfg, torch.float32, cpu, [[4, 16, 1]], repeats=3)
+    assert made == [(MODEL.n_layers, 4 * MODEL.n_layers)]  # the model's layers, a first pass and three timed
+    assert kv_bytes == layer_bytes and flops == 4.0 * 4 * 17 * MODEL.q_size and seconds > 0
+    made.clear()
+    microbench.attention_points(cfg, torch.float32, cpu, [[4, 16, 1]], repeats=1, max_bytes=2 * layer_bytes + 1)
+    assert made == [(2, 4)]  # as many layers as the bytes given hold
+    made.clear()
+    microbench.attention_points(cfg, torch.float32, cpu, [[4, 16, 1]], repeats=1, max_bytes=0)
+    assert made == [(1, 2)]  # never fewer than one
+    made.clear()
+    monkeypatch.setattr(microbench, "last_level_cache_bytes", lambda device: layer_bytes)
+    microbench.attention_points(cfg, torch.float32, cpu, [[4, 16, 1]], repeats=1)
+    assert made == [(2, 4)]  # one layer more than the cache holds: a cycle through them misses it
 
 
 def test_profile_curves_leave_out_the_bursts_a_stall_hit():

@@ -38,7 +38,7 @@ ROUNDS = 24  # rounds through the layer curve's points (see _over_rounds): about
 TOKENS = [1, 4, 16, 64, 256]
 TOKENS_QUICK = [1, 16, 64, 256]
 ROWS = [1, 16, 64]
-ATTENTION_SHAPES = [[1, 64, 1], [16, 256, 1], [64, 128, 1], [32, 1024, 1], [8, 2048, 1], [2, 128, 64]]
+ATTENTION_SHAPES = [[1, 64, 1], [32, 32, 1], [16, 256, 1], [64, 128, 1], [32, 1024, 1], [8, 2048, 1], [2, 128, 64]]
 
 
 def attention_shapes(model: ModelConfig) -> list[list[int]]:
@@ -236,31 +236,56 @@ def _time_head(w, x: torch.Tensor, device, repeats: int) -> float:
 
 @torch.inference_mode()
 def attention_points(config: dict, dtype: torch.dtype, device: torch.device, shapes: list[list[int]],
-                     repeats: int = 5) -> list[list[float]]:
+                     repeats: int = 3, max_bytes: int | None = None) -> list[list[float]]:
     """``[[kv_bytes, flops, seconds]]`` for each ``[sequences, context, new tokens]``:
     one layer's attention of a micro-batch through the KV cache, as a run computes it
-    (append k/v, attend)."""
-    cfg = ModelConfig(**config).replace(n_layers=1)
+    (append k/v, attend), over the layers of a step.
+
+    A run's step reads every layer's cache once, so a layer's KV is cold by the time
+    the next step reads it again, and the first layer of a step also checks the step's
+    layout.  Timing one layer over and over keeps its KV hot in the CPU's caches: on
+    the 2-core VM that priced 64 sequences at a context of 80 at 0.77 ms a layer, where
+    a run's layers took 1.5-1.6 ms.  So each point is the mean layer of whole passes
+    over a cache of the model's layers (:func:`_kv_layer_count`: fewer where their KV
+    would pass the last-level cache or ``max_bytes``), the lower half's median over
+    ``repeats`` passes after a first that touches the memory."""
+    cfg = ModelConfig(**config)
+    elem = torch.tensor([], dtype=dtype).element_size()
     out = []
     for b, ctx, new in shapes:
-        cache = KVCache(cfg, b, ctx + new, dtype=dtype, device=device, threads=None)  # as an attention worker's
+        end = ctx + new
+        n = _kv_layer_count(cfg, b * end * cfg.n_kv_heads * cfg.head_dim * 2 * elem, device, max_bytes)
+        cache = KVCache(cfg.replace(n_layers=n), b, end, dtype=dtype, device=device, threads=None)  # as an attention worker's
         cache.apply([], [(i, i) for i in range(b)])
         q = torch.randn(b * new, cfg.n_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, H, D]
         kv = torch.randn(b * new, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, KVH, D]
-        times = []
+        batch = AttentionBatch.build(list(range(b)), [ctx] * b, [new] * b, device=device)
+        passes = []
         for _ in range(repeats + 1):
-            cache.lengths[:] = ctx
-            batch = AttentionBatch.build(list(range(b)), [ctx] * b, [new] * b, device=device)
+            cache.lengths[:] = ctx  # the step's first layer advances them to ``end``
             _sync(device)
             t = time.perf_counter()
-            cache.attend(0, q, kv, kv, batch)
+            for layer in range(n):
+                cache.attend(layer, q, kv, kv, batch)  # [T, H, D]
             _sync(device)
-            times.append(time.perf_counter() - t)
-        times = sorted(times[1:])[: max(1, repeats // 2)]  # the lower half: other processes' bursts left out
-        end = ctx + new
-        kv_bytes, flops = attention_work(cfg, b * end, b * new * end, cache.k.element_size())
-        out.append([kv_bytes, flops, times[len(times) // 2]])
+            passes.append((time.perf_counter() - t) / n)
+        del cache
+        passes = sorted(passes[1:])[: max(1, repeats // 2)]  # the lower half: other processes' bursts left out
+        kv_bytes, flops = attention_work(cfg, b * end, b * new * end, elem)
+        out.append([kv_bytes, flops, passes[len(passes) // 2]])
     return out
+
+
+def _kv_layer_count(cfg: ModelConfig, layer_bytes: int, device: torch.device, max_bytes: int | None) -> int:
+    """How many layers' KV of ``layer_bytes`` each an attention timing cycles through:
+    the model's layers, as a run's step, but no more than just pass the last-level
+    cache (a cycle through more than it holds misses it every time; more layers would
+    only take longer to allocate) nor more than ``max_bytes`` (the memory the worker can
+    spare), and at least one."""
+    n = min(cfg.n_layers, math.ceil(last_level_cache_bytes(device) / max(layer_bytes, 1)) + 1)
+    if max_bytes is not None:
+        n = min(n, int(max_bytes // max(layer_bytes, 1)))
+    return max(1, n)
 
 
 def driver_cost(max_seq_len: int = 4096, sizes: tuple[int, int] = (1, 64)) -> tuple[float, float]:

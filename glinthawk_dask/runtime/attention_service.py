@@ -278,7 +278,9 @@ class AttentionService:
 
         def measure() -> dict:
             self._use_threads(None)
-            return {"points": mb.attention_points(config, DTYPES[dtype], torch.device("cpu"), shapes),
+            spare = max(0, self.kv_budget - self.used_bytes()) // 2  # the runs' caches keep the rest
+            return {"points": mb.attention_points(config, DTYPES[dtype], torch.device("cpu"), shapes,
+                                                  max_bytes=spare),
                     "threads": torch.get_num_threads()}
 
         return await self.stream.run(measure)

@@ -1001,8 +1001,8 @@ def test_local_layer_points_time_the_layer_with_its_attention_and_without():
 
 def test_attention_points_time_a_runs_pass_over_its_layers_within_the_memory_given(monkeypatch):
     """An attention point is a layer of a pass over as many layers' caches as a run's
-    step reads (the model's, fewer where their KV passes twice the last-level cache or
-    the bytes the worker can spare), so that each layer's KV is as cold as in a run; the
+    step reads (the model's, fewer where one layer more than the last-level cache holds
+    or the bytes the worker can spare), so that each layer's KV is as cold as in a run; the
     step's first layer checks the layout and advances the lengths, the others append at
     the same positions."""
     import torch

@@ -254,8 +254,10 @@ def attention_points(config: dict, dtype: torch.dtype, device: torch.device, sha
     out = []
     for b, ctx, new in shapes:
         end = ctx + new
-        n = _kv_layer_count(cfg, b * end * cfg.n_kv_heads * cfg.head_dim * 2 * elem, device, max_bytes)
-        cache = KVCache(cfg.replace(n_layers=n), b, end, dtype=dtype, device=device, threads=None)  # as an attention worker's
+        kv_bytes, flops = attention_work(cfg, b * end, b * new * end, elem)  # one layer's KV: what a pass cycles
+        n = _kv_layer_count(cfg, kv_bytes, device, max_bytes)
+        # as an attention worker's cache, n layers deep
+        cache = KVCache(cfg.replace(n_layers=n), b, end, dtype=dtype, device=device, threads=None)
         cache.apply([], [(i, i) for i in range(b)])
         q = torch.randn(b * new, cfg.n_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, H, D]
         kv = torch.randn(b * new, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, KVH, D]
@@ -271,7 +273,6 @@ def attention_points(config: dict, dtype: torch.dtype, device: torch.device, sha
             passes.append((time.perf_counter() - t) / n)
         del cache
         passes = sorted(passes[1:])[: max(1, repeats // 2)]  # the lower half: other processes' bursts left out
-        kv_bytes, flops = attention_work(cfg, b * end, b * new * end, elem)
         out.append([kv_bytes, flops, passes[len(passes) // 2]])
     return out
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Two-tier throughput on the embedded cluster, against the in-process engine and HF.
 
-One run, two parts, on the embedded SmolLM2-135M-Instruct model in float32 on this
+One run, two parts, on the embedded SmolLM2-135M-Instruct model in float32 (or
+``--dtype bfloat16``: both engines then run it in bfloat16, and HF generate is skipped) on this
 machine, greedy with ``ignore_eos=True`` (every sequence generates exactly N tokens):
 
 1. **Throughput.**  ``--batch`` prompts, ``--new-tokens`` new tokens each, through
@@ -97,6 +98,9 @@ TARGET_LATENCY_MS = 50.0
 TARGET_LATENCY_COST = 0.10
 TARGET_BUDGET_VS_SINGLE = 2.5
 TARGET_HYBRID_UNBOUND = 0.95
+
+DTYPE = "float32"  # every engine's dtype: --dtype sets it
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def cpu_ticks() -> list[int] | None:
@@ -269,7 +273,7 @@ def predicted_pair(llm: LLM, prompt_ids: Sequence[list[int]], new_tokens: int, p
     from glinthawk_dask.planner.simulate import RunConfig, Workload, simulate
     from glinthawk_dask.runtime.profiler import cluster_profile
 
-    profile, _ = llm.client.sync(cluster_profile, llm.client, llm.config, model=DEFAULT_MODEL, dtype="float32")
+    profile, _ = llm.client.sync(cluster_profile, llm.client, llm.config, model=DEFAULT_MODEL, dtype=DTYPE)
     workload = Workload(tuple(len(p) for p in prompt_ids), (new_tokens,) * len(prompt_ids))
     two = simulate(profile, llm.config, workload, RunConfig(
         micro_batch_size=plan.micro_batch_size, micro_batches=plan.n_micro_batches,
@@ -299,7 +303,7 @@ def two_tier_on(base: LLM, *, mb_size: int, step_tokens: int, n_micro_batches: i
                 latency: float = 0.0) -> LLM:
     """An LLM on ``base``'s cluster (nothing new is started; closing it stops nothing)."""
     return LLM(
-        DEFAULT_MODEL, mode="two-tier", client=base.client, dtype="float32",
+        DEFAULT_MODEL, mode="two-tier", client=base.client, dtype=DTYPE,
         engine_config=EngineConfig(micro_batch_size=mb_size, max_step_tokens=step_tokens),
         n_micro_batches=n_micro_batches, latency=latency,
     )
@@ -308,7 +312,7 @@ def two_tier_on(base: LLM, *, mb_size: int, step_tokens: int, n_micro_batches: i
 def mode_on(base: LLM, mode: str, *, step_tokens: int, dense_kv_budget: int | None, max_seq_len: int) -> LLM:
     """An LLM of ``mode`` on ``base``'s cluster, its plan "auto", KV slots of ``max_seq_len``."""
     return LLM(
-        DEFAULT_MODEL, mode=mode, client=base.client, dtype="float32",
+        DEFAULT_MODEL, mode=mode, client=base.client, dtype=DTYPE,
         engine_config=EngineConfig(max_step_tokens=step_tokens, max_seq_len=max_seq_len),
         micro_batch_size="auto", n_micro_batches="auto", dense_kv_budget=dense_kv_budget,
     )
@@ -322,7 +326,7 @@ def budget_section(base: LLM, name: str, prompt_ids: Sequence[list[int]], new_to
     mode's fastest round kept (this machine's speed drifts by 10-30% within minutes).
     Prints and returns the numbers."""
     cfg = base.config
-    slot = cfg.kv_bytes_per_token(4) * max_seq_len  # fp32, every layer
+    slot = cfg.kv_bytes_per_token(DTYPE_BYTES[DTYPE]) * max_seq_len  # every layer
     budget = None if seqs is None else seqs * slot
     what = "no dense KV budget" if budget is None else f"dense KV budget {seqs} x {slot / 1e6:.1f} MB"
     print(f"\n-- {name}: {len(prompt_ids)} prompts x {new_tokens} new tokens, max_seq_len {max_seq_len}, "
@@ -446,6 +450,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="part 1: N more rounds of in-process then two-tier, back to back; the lower of the "
                         "first ratio and the rounds' is judged (default 0)")
     p.add_argument("--skip-hf", action="store_true", help="skip HF generate (no two-tier / HF ratio then)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
+                   help="every engine's dtype (default float32; bfloat16 skips HF generate, which runs float32)")
     p.add_argument("--json", metavar="OUT", help="write the numbers to this JSON file")
     args = p.parse_args(argv)
     try:
@@ -454,6 +460,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--parts takes numbers among 1,2,3, not {args.parts!r}")
     if not args.parts or not args.parts <= {1, 2, 3}:
         p.error("--parts takes numbers among 1,2,3")
+    if args.dtype != "float32":
+        args.skip_hf = True  # HF's reference run loads the model in float32
     args.budget_cases = [x.strip() for x in args.budget_cases.split(",") if x.strip()]
     if not args.budget_cases or not set(args.budget_cases) <= {"bound", "long", "unbound"}:
         p.error(f"--budget-cases takes names among bound, long, unbound, not {','.join(args.budget_cases)!r}")
@@ -466,7 +474,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    global DTYPE
     args = parse_args(argv)
+    DTYPE = args.dtype
     import distributed
     import transformers
 
@@ -482,16 +492,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "torch": torch.__version__, "transformers": transformers.__version__,
         "distributed": distributed.__version__, "cpu_count": os.cpu_count(),
-        "model": DEFAULT_MODEL, "dtype": "float32",
+        "model": DEFAULT_MODEL, "dtype": DTYPE,
         "throughput": {"batch": args.batch, "new_tokens": args.new_tokens, "prompt_tokens": sum(lengths)},
     }
-    print(f"model {DEFAULT_MODEL} (fp32), greedy, ignore_eos")
+    print(f"model {DEFAULT_MODEL} ({DTYPE}), greedy, ignore_eos")
     print(f"\n== 1. throughput: {len(prompt_ids)} prompts of {min(lengths)}-{max(lengths)} tokens "
           f"({sum(lengths)} in all), {args.new_tokens} new tokens each ==")
 
     # -- in-process (as bench_inprocess runs it: one micro-batch of the whole batch) -------
     ip_steps = step_tokens_for(prompt_ids, args.batch)
-    inproc = LLM(DEFAULT_MODEL, mode="in-process", device="cpu", dtype="float32",
+    inproc = LLM(DEFAULT_MODEL, mode="in-process", device="cpu", dtype=DTYPE,
                  engine_config=EngineConfig(micro_batch_size=args.batch, max_step_tokens=ip_steps))
     ip, cpu = with_cpu(lambda: bi.bench_engine(inproc, prompt_ids, args.batch, args.new_tokens, prefill=False))
     results, cpus = [ip], {"in-process": cpu}
@@ -518,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mb_size = args.batch if auto else min(args.micro_batch_size, args.batch)
     tt_steps = step_tokens_for(prompt_ids, mb_size)
     (base, start_s) = bi.timed(lambda: LLM(
-        DEFAULT_MODEL, mode="two-tier", dtype="float32",
+        DEFAULT_MODEL, mode="two-tier", dtype=DTYPE,
         engine_config=EngineConfig(micro_batch_size=mb_size, max_step_tokens=tt_steps),
         n_micro_batches=args.micro_batches, micro_batch_size="auto" if auto else None,
     ))
@@ -532,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             from glinthawk_dask.runtime.profiler import cluster_profile
 
             kept, _ = base.client.sync(cluster_profile, base.client, base.config, model=DEFAULT_MODEL,
-                                       dtype="float32")
+                                       dtype=DTYPE)
             report["profile"] = kept.to_json()
             print(f"the cluster's profile (kept for auto plans): dense layer {kept.dense.layer_s(16) * 1e3:.2f} ms "
                   f"at 16 tokens, {kept.dense.layer_s(64) * 1e3:.2f} ms at 64; head {kept.dense.head_s(16) * 1e3:.1f} "

@@ -59,6 +59,21 @@ def test_bench_quickstart_runs_a_spec_and_its_requests_in_process(tmp_path):
     assert not (tmp_path / "unused.zarr").exists()  # the benchmark writes its own output elsewhere
 
 
+def test_bench_two_tier_takes_a_dtype_for_every_engine():
+    """``--dtype``: float32 by default; bfloat16 skips HF generate (its reference run
+    loads the model in float32); other names are refused."""
+    code = (
+        "import bench_two_tier as bt\n"
+        "a, b = bt.parse_args([]), bt.parse_args(['--dtype', 'bfloat16', '--parts', '1'])\n"
+        "print(a.dtype, a.skip_hf, b.dtype, b.skip_hf)\n"
+        "bt.parse_args(['--dtype', 'float64'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=BENCHMARKS, check=False)
+    assert proc.stdout.split() == ["float32", "False", "bfloat16", "True"], proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "invalid choice: 'float64'" in proc.stderr
+
+
 def test_bench_transport_runs_every_path_and_reads_its_targets(tmp_path):
     """The transport benchmark at a tiny size: the floor, rpc and the data plane at 64 KB
     with 4 in flight, with and without the GIL-holding thread (the stream also beside a

@@ -23,7 +23,8 @@ The CPU shares of the machine during each run are printed beside it.
 
 Usage::
 
-    python benchmarks/bench_layer_cycle.py [--batch 16] [--new-tokens 48] [--rounds 3] [--json OUT]
+    python benchmarks/bench_layer_cycle.py [--batch 16] [--new-tokens 48] [--rounds 3] [--dtype float32]
+        [--json OUT]
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def _take(dask_worker) -> list:
     return marks
 
 
-def _alone(model: str, tokens: int, passes: int = 4, dask_worker=None) -> float:
+def _alone(model: str, tokens: int, dtype: str = "float32", passes: int = 4, dask_worker=None) -> float:
     """Seconds of one layer's dense half back to back on the worker's compute stream
-    (the model's own weights, loaded once here)."""
+    (the model's own weights in ``dtype``, loaded once here)."""
     import threading
 
     import torch
@@ -93,13 +94,15 @@ def _alone(model: str, tokens: int, passes: int = 4, dask_worker=None) -> float:
     from glinthawk_dask.model.resolve import resolve_checkpoint
     from glinthawk_dask.model.weights import load_slice
 
+    dt = getattr(torch, dtype)
     if getattr(dask_worker, "_bench_weights", None) is None:  # kept on the worker: loaded once
         src = resolve_checkpoint(model)
-        dask_worker._bench_weights = load_slice(src, 0, src.config.n_layers), src.config
+        dask_worker._bench_weights = load_slice(src, 0, src.config.n_layers, dtype=dt), src.config
     weights, cfg = dask_worker._bench_weights
     layers = weights.layers
-    x, o = torch.randn(tokens, cfg.dim), torch.randn(tokens, cfg.n_heads, cfg.head_dim)  # [T, dim], [T, H, D]
-    cos, sin = torch.ones(tokens, cfg.head_dim), torch.zeros(tokens, cfg.head_dim)  # [T, D]
+    x = torch.randn(tokens, cfg.dim, dtype=dt)  # [T, dim]
+    o = torch.randn(tokens, cfg.n_heads, cfg.head_dim, dtype=dt)  # [T, H, D]
+    cos, sin = torch.ones(tokens, cfg.head_dim, dtype=dt), torch.zeros(tokens, cfg.head_dim, dtype=dt)  # [T, D]
     out: list[float] = []
     done = threading.Event()
 
@@ -154,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's dtype on both tiers")
     p.add_argument("--json", help="write the numbers to this JSON file")
     args = p.parse_args(argv)
 
     rng = random.Random(0)
-    llm = LLM(args.model, mode="two-tier", dtype="float32", local_workers=(1, 1), micro_batch_size=args.batch,
+    llm = LLM(args.model, mode="two-tier", dtype=args.dtype, local_workers=(1, 1), micro_batch_size=args.batch,
               n_micro_batches=1)
     vocab, n_layers = llm.config.vocab_size, llm.config.n_layers
     rows = [{"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(args.prompt_tokens)]}
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         _, seconds, tokens, cpu = timed_generate(llm, rows, params)
         marks = next(iter(llm.client.run(_take, workers=dense).values()))
         parts = breakdown(llm.engine.last_timeline, marks, n_layers)
-        parts["alone"] = [next(iter(llm.client.run(_alone, args.model, args.batch, workers=dense).values()))]
+        parts["alone"] = [next(iter(llm.client.run(_alone, args.model, args.batch, args.dtype, workers=dense).values()))]
         medians = {k: statistics.median(v) * 1e3 if v else float("nan") for k, v in parts.items()}
         results.append({"round": r, "tokens_per_s": tokens / seconds, "machine_cpu_busy": cpu,
                         "medians_ms": medians, "samples": {k: len(v) for k, v in parts.items()}})

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from glinthawk_dask.errors import InvalidRequestError
 from glinthawk_dask.sampling import (
     SamplingParams,
+    argmax_rows,
     find_stop,
     make_generator,
     sample,
@@ -128,6 +129,21 @@ def test_greedy_is_argmax():
     assert out.dtype == torch.long and out.shape == (16,)
     assert torch.equal(out, logits.argmax(-1))
     assert out[3] == 10
+
+
+def test_greedy_rows_beside_sampled_rows_at_a_models_vocab_take_the_first_maximum():
+    """Greedy rows among sampled ones (the gathered path), at a real vocabulary's width
+    where the reduction runs in chunks: ties far apart still go to the first index, as
+    ``argmax``."""
+    torch.manual_seed(2)
+    logits = torch.randn(6, 49152)  # [B, V]
+    for row, (a, b) in enumerate([(5, 40000), (30000, 30001), (100, 49151)]):
+        logits[2 * row, a] = logits[2 * row, b] = logits[2 * row].max() + 1.0  # even rows: greedy, tied
+    params = [GREEDY if i % 2 == 0 else SamplingParams(temperature=1.0) for i in range(6)]
+    gens = [make_generator(i) for i in range(6)]
+    out = sample(logits, params, gens)
+    assert out[0::2].tolist() == [5, 30000, 100] == logits[0::2].argmax(-1).tolist()
+    assert torch.equal(argmax_rows(logits), logits.argmax(-1))
 
 
 def test_greedy_does_not_touch_generator():

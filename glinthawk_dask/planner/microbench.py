@@ -22,7 +22,7 @@ from ..model.kv_cache import KVCache
 from ..model.ops import head, post_pre_attention
 from ..model.synthetic import SyntheticCheckpoint
 from ..model.weights import load_slice
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, argmax_rows
 from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profile, _layer_params, attention_work
 
 __all__ = ["dense_layer_points", "cold_factor", "local_layer_points", "head_points", "attention_points", "driver_cost",
@@ -228,7 +228,7 @@ def _time_head(w, x: torch.Tensor, device, repeats: int) -> float:
     for _ in range(repeats + 1):
         _sync(device)
         t = time.perf_counter()
-        head(w, x).argmax(dim=-1).tolist()  # [N, V] → N ids on the host, as sampling ends
+        argmax_rows(head(w, x)).tolist()  # [N, V] → N ids on the host, as greedy sampling ends
         times.append(time.perf_counter() - t)
     times = sorted(times[1:])
     return times[len(times) // 2]

@@ -303,12 +303,12 @@ def sample(
     b, vocab = logits.shape
     dev = logits.device
     x = logits.float()  # [B, V]
-    out = torch.empty(b, dtype=torch.long, device=dev)  # [B]
-
     greedy = [i for i, p in enumerate(params) if p.is_greedy]
-    if len(greedy) == b:  # the common case: no gather of the logits
-        out = argmax_rows(x)  # [B]
-    elif greedy:
+    if len(greedy) == b:  # the common case: every row greedy, no gather of the logits
+        return argmax_rows(x)  # [B]
+
+    out = torch.empty(b, dtype=torch.long, device=dev)  # [B]
+    if greedy:
         gi = torch.tensor(greedy, device=dev)  # [G]
         out[gi] = argmax_rows(x[gi])  # [G]
 

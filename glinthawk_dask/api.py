@@ -17,6 +17,7 @@ from .engine.engine import EngineConfig, InProcessEngine
 from .engine.progress import GenerationProgress, ProgressTracker
 from .engine.request import Completion, Request
 from .errors import GlinthawkError
+from .heap import steady_heap
 from .handles import GenerationJob, submit_prompts
 from .model.resolve import DEFAULT_MODEL, resolve_checkpoint
 from .model.weights import load_slice
@@ -121,6 +122,7 @@ class LLM:
             )
         self.engine_config = ec  # the batching knobs it runs with (distributed: before any auto plan)
         if self.mode == "in-process":
+            steady_heap()
             self.weights = load_slice(source, dtype=self.dtype, device=self.device)
             self.engine: Any = InProcessEngine(
                 self.weights, config=ec, eos_token_ids=eos,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -53,6 +54,8 @@ def test_llm_starts_and_stops_the_local_cluster(reference):
         assert got == reference
         summary = llm.last_summary
         assert summary.mode == "two-tier" and len(summary.plan["dense"]) == 1
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # glinthawk.heap: steady
+            assert set(llm.client.run(lambda: sys.modules["glinthawk_dask.heap"]._pinned).values()) == {True}
     gone = psutil.wait_procs([psutil.Process(p) for p in _children() - before if psutil.pid_exists(p)], timeout=30)
     assert not gone[1], "worker processes outlived LLM.close()"
 

@@ -20,6 +20,7 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from .. import config
+from ..heap import steady_heap
 from . import dashboard
 from .attention_service import AttentionService
 from .compute import one_torch_thread
@@ -99,6 +100,7 @@ class _TierPlugin(WorkerPlugin):
         if self.tier not in worker_tiers(resources):
             return
         one_torch_thread()  # the loop's torch work (caches it allocates, say): the stream computes
+        steady_heap()
         one_line_heartbeat_failures()
         self.service = self.make_service(worker, resources)
         self._handlers = {**self.service.handlers(), f"glinthawk_{self.tier}_timeline": self.timeline,

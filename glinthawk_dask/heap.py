@@ -8,8 +8,8 @@ sizes that change between decode and prefill steps; they straddle the moving
 thresholds, so memory goes back to the kernel and comes again as zero-filled pages,
 each taken with a page fault.  The in-process engine on the 2-core VM took 13,000 to
 38,000 minor faults per run of 32 sequences x 32 tokens (about 4 s), every run; with
-the thresholds pinned it took none after the first run, and was 3.7% faster (three
-alternating pairs: 242 against 251 tok/s on average; ``benchmarks/LOG.md``).
+the thresholds pinned it took a few hundred at most from its third run, and was 3.5%
+faster (three alternating pairs: 242 against 251 tok/s on average; ``benchmarks/LOG.md``).
 glibc's adaptive thresholds never exceed 32 and 64 MiB, and where a process's history
 has left them lower, every step that frees more than the trim threshold pays again.
 

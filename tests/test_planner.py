@@ -999,6 +999,39 @@ def test_local_layer_points_time_the_layer_with_its_attention_and_without():
         assert local > 0 and alone > 0
 
 
+def test_dense_timings_go_on_through_the_layers_where_the_last_left_off(monkeypatch):
+    """A run reads every layer's weights once a step; timings that started at the first
+    layer each time read the same few, which stayed in the CPU's caches.  Each timing
+    takes the next layers of the cycle, wrapping around, so a profile's timings read
+    all of them in turn."""
+    import torch
+
+    from glinthawk_dask.planner import microbench
+
+    cycle = microbench.LayerCycle(range(5))
+    assert cycle.take(3) == [(0, 1), (1, 2), (2, 3)]
+    assert cycle.take(3) == [(3, 4), (4, 0), (0, 1)]
+    assert cycle.cursor == 1
+
+    model = MODEL.replace(n_layers=8)
+    cfg, layers = microbench._layers(model, torch.float32, torch.device("cpu"))
+    assert isinstance(layers, microbench.LayerCycle) and len(layers) == 8  # tiny layers: all of them
+    seen = []
+    real = microbench.post_pre_attention
+
+    def spy(c, a, b, *args):
+        seen.append(tuple(next(i for i, layer in enumerate(layers) if layer is x) for x in (a, b)))
+        return real(c, a, b, *args)
+
+    monkeypatch.setattr(microbench, "post_pre_attention", spy)
+    monkeypatch.setattr(microbench, "_layers", lambda *_: (cfg, layers))
+    microbench.dense_layer_points(dataclasses.asdict(model), torch.float32, torch.device("cpu"), [1, 2],
+                                  repeats=2, rounds=len(layers))
+    # every timing (4 layers: 2 to warm up, 2 timed) starts where the one before ended
+    assert seen[:10] == [(i % len(layers), (i + 1) % len(layers)) for i in range(10)]
+    assert {a for a, _ in seen} == set(range(len(layers)))
+
+
 def test_attention_points_time_a_runs_pass_over_its_layers_within_the_memory_given(monkeypatch):
     """An attention point is a layer of a pass over as many layers' caches as a run's
     step reads (the model's, fewer where one layer more than the last-level cache holds

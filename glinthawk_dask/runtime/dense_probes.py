@@ -78,7 +78,7 @@ class DenseProbes:
                   for _ in range(max(1, repeats))]
         return {**rounds[0], "rounds": rounds} if repeats > 1 else rounds[0]
 
-    async def _alternate(self, address: str | list[str], config: dict, cfg: Any, mcfg: Any, layers: list,
+    async def _alternate(self, address: str | list[str], config: dict, cfg: Any, mcfg: Any, layers: Any,
                          tokens: int, dt: torch.dtype, device: torch.device, n: int) -> dict:
         """One measurement of :meth:`profile_alternate` on ``layers`` (of ``mcfg``)."""
         from ..planner import microbench as mb
@@ -113,7 +113,8 @@ class DenseProbes:
                 if id(channel) in started:
                     cycle_s.append(t - started[id(channel)])
                 started[id(channel)] = t
-                post_pre_attention(mcfg, layers[i % len(layers)], layers[(i + 1) % len(layers)], x, o, cos, cos)
+                (a, b), = layers.take(1)  # through every layer, as a run's steps
+                post_pre_attention(mcfg, a, b, x, o, cos, cos)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             layer_s.append(time.perf_counter() - t)

@@ -1032,12 +1032,30 @@ def test_dense_timings_go_on_through_the_layers_where_the_last_left_off(monkeypa
     assert {a for a, _ in seen} == set(range(len(layers)))
 
 
+def test_the_dense_sides_attention_is_timed_on_one_thread_as_its_caches_compute(monkeypatch):
+    """In-process, single-tier and hybrid caches attend on one thread (``KVCache``'s
+    default); a dense worker's profile times their attention so, whatever its torch
+    threads, and an attention worker's on its stream's threads."""
+    import torch
+
+    from glinthawk_dask.model.kv_cache import KVCache
+    from glinthawk_dask.planner import microbench
+
+    asked = []
+    monkeypatch.setattr(microbench, "attention_points",
+                        lambda *args, **kwargs: asked.append(kwargs.get("threads", "unset")) or [])
+    monkeypatch.setattr(microbench, "local_layer_points", lambda *args, **kwargs: [])
+    microbench.dense_points(dataclasses.asdict(MODEL), torch.float32, torch.device("cpu"), shapes=[[4, 16, 1]])
+    assert asked == [1]
+    assert KVCache(MODEL, 1, 4).threads == 1
+
+
 def test_attention_points_time_a_runs_pass_over_its_layers_within_the_memory_given(monkeypatch):
     """An attention point is a layer of a pass over as many layers' caches as a run's
     step reads (the model's, fewer where one layer more than the last-level cache holds
     or the bytes the worker can spare), so that each layer's KV is as cold as in a run; the
     step's first layer checks the layout and advances the lengths, the others append at
-    the same positions."""
+    the same positions.  The slots are longer than the contexts, as a run's are."""
     import torch
 
     from glinthawk_dask.model import kv_cache
@@ -1051,6 +1069,7 @@ def test_attention_points_time_a_runs_pass_over_its_layers_within_the_memory_giv
     class Counted(real):
         def __init__(self, c, *args, **kwargs):
             super().__init__(c, *args, **kwargs)
+            assert self.max_seq_len == microbench.slot_length(17) == 26  # slots longer than the contexts, as a run's
             made.append((c.n_layers, 0))
 
         def attend(self, layer, q, k, v, batch):
@@ -1065,8 +1084,12 @@ def test_attention_points_time_a_runs_pass_over_its_layers_within_the_memory_giv
     assert made == [(MODEL.n_layers, 4 * MODEL.n_layers)]  # the model's layers, a first pass and three timed
     assert kv_bytes == layer_bytes and flops == 4.0 * 4 * 17 * MODEL.q_size and seconds > 0
     made.clear()
-    microbench.attention_points(cfg, torch.float32, cpu, [[4, 16, 1]], repeats=1, max_bytes=2 * layer_bytes + 1)
+    slot_bytes = layer_bytes * 26 // 17  # what a layer's slots take
+    microbench.attention_points(cfg, torch.float32, cpu, [[4, 16, 1]], repeats=1, max_bytes=2 * slot_bytes + 1)
     assert made == [(2, 4)]  # as many layers as the bytes given hold
+    made.clear()
+    microbench.attention_points(cfg, torch.float32, cpu, [[4, 16, 1]], repeats=1, max_bytes=2 * slot_bytes - 1)
+    assert made == [(1, 2)]
     made.clear()
     microbench.attention_points(cfg, torch.float32, cpu, [[4, 16, 1]], repeats=1, max_bytes=0)
     assert made == [(1, 2)]  # never fewer than one

@@ -28,7 +28,8 @@ from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profi
 
 __all__ = ["dense_layer_points", "cold_factor", "local_layer_points", "head_points", "attention_points", "driver_cost",
            "dense_points", "dense_profile", "local_profile", "attention_shapes", "trimmed_mean", "TOKENS",
-           "TOKENS_QUICK", "ROWS", "ATTENTION_SHAPES", "LOCAL_SHAPES"]
+           "TOKENS_QUICK", "ROWS", "ATTENTION_SHAPES", "LOCAL_SHAPES", "SLOT_FACTOR", "slot_length",
+           "LayerCycle"]
 
 _MIN_LAYERS = 4  # distinct layers cycled through at least (see _layer_count)
 _DEFAULT_CACHE_BYTES = 32 * 2**20  # a last-level cache, where the hardware does not say
@@ -40,6 +41,7 @@ TOKENS = [1, 4, 16, 64, 256]
 TOKENS_QUICK = [1, 16, 64, 256]
 ROWS = [1, 16, 64]
 ATTENTION_SHAPES = [[1, 64, 1], [32, 32, 1], [16, 256, 1], [64, 128, 1], [32, 1024, 1], [8, 2048, 1], [2, 128, 64]]
+SLOT_FACTOR = 1.5  # an attention point's KV slots against its cached positions (see slot_length)
 
 
 def attention_shapes(model: ModelConfig) -> list[list[int]]:
@@ -205,7 +207,7 @@ def local_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
     out = []
     for b, ctx, new in shapes or LOCAL_SHAPES:
         t = b * new
-        cache = KVCache(cfg.replace(n_layers=n), b, ctx + new, dtype=dtype, device=device)
+        cache = KVCache(cfg.replace(n_layers=n), b, slot_length(ctx + new), dtype=dtype, device=device)
         cache.apply([], [(i, i) for i in range(b)])
         batch = AttentionBatch.build(list(range(b)), [ctx] * b, [new] * b, device=device)
         x = torch.randn(t, cfg.dim, dtype=dtype, device=device)  # [T, dim]
@@ -253,9 +255,16 @@ def _time_head(w, x: torch.Tensor, device, repeats: int) -> float:
     return times[len(times) // 2]
 
 
+def slot_length(end: int) -> int:
+    """The KV slot a profile's attention point at ``end`` cached positions reads from:
+    :data:`SLOT_FACTOR` times longer, as a run's slots are sized for its longest sequence
+    and its steps decode short of that."""
+    return math.ceil(end * SLOT_FACTOR)
+
+
 @torch.inference_mode()
 def attention_points(config: dict, dtype: torch.dtype, device: torch.device, shapes: list[list[int]],
-                     repeats: int = 3, max_bytes: int | None = None) -> list[list[float]]:
+                     repeats: int = 3, max_bytes: int | None = None, threads: int | None = None) -> list[list[float]]:
     """``[[kv_bytes, flops, seconds]]`` for each ``[sequences, context, new tokens]``:
     one layer's attention of a micro-batch through the KV cache, as a run computes it
     (append k/v, attend), over the layers of a step.
@@ -267,16 +276,27 @@ def attention_points(config: dict, dtype: torch.dtype, device: torch.device, sha
     a run's layers took 1.5-1.6 ms.  So each point is the mean layer of whole passes
     over a cache of the model's layers (:func:`_kv_layer_count`: fewer where their KV
     would pass the last-level cache or ``max_bytes``), the lower half's median over
-    ``repeats`` passes after a first that touches the memory."""
+    ``repeats`` passes after a first that touches the memory.
+
+    The slots are :func:`slot_length` long: a run's slots are sized for its longest
+    sequence, and a decode step whose contexts fill two thirds of their slots reads more
+    scattered memory than one whose slots are full (32 sequences at 32 cached positions
+    took 0.36 ms a layer in full slots, 0.39 ms in slots of 1.5x and 0.41 ms in slots of
+    2x; 64 at 128 took 3-4% more).  ``threads``: the cache's (the compiled kernel's)
+    threads; None, the caller's torch threads, as an attention worker's caches compute;
+    1 for the caches of the dense side (in-process, single-tier, hybrid), which compute
+    on one."""
     cfg = ModelConfig(**config)
     elem = torch.tensor([], dtype=dtype).element_size()
     out = []
     for b, ctx, new in shapes:
         end = ctx + new
+        slot = slot_length(end)
         kv_bytes, flops = attention_work(cfg, b * end, b * new * end, elem)  # one layer's KV: what a pass cycles
-        n = _kv_layer_count(cfg, kv_bytes, device, max_bytes)
+        spare = None if max_bytes is None else max_bytes * end // slot  # a layer holds slot / end times that
+        n = _kv_layer_count(cfg, kv_bytes, device, spare)
         # as an attention worker's cache, n layers deep
-        cache = KVCache(cfg.replace(n_layers=n), b, end, dtype=dtype, device=device, threads=None)
+        cache = KVCache(cfg.replace(n_layers=n), b, slot, dtype=dtype, device=device, threads=threads)
         cache.apply([], [(i, i) for i in range(b)])
         q = torch.randn(b * new, cfg.n_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, H, D]
         kv = torch.randn(b * new, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, KVH, D]
@@ -349,7 +369,9 @@ def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens:
     if rows:
         out["head_s"] = head_points(config, dtype, device, rows)
     if shapes:
-        out["attention"] = attention_points(config, dtype, device, shapes)
+        # the dense side's caches compute on one thread: in a run, the kernel's split over
+        # two took as long as one (8 x (1,000 + 64) in process: 24.5 tok/s on two, 24.6 on one)
+        out["attention"] = attention_points(config, dtype, device, shapes, threads=1)
         out["local_layer"] = local_layer_points(config, dtype, device)
     out["step_s"], out["step_per_seq_s"] = driver_cost()
     return out

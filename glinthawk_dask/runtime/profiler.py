@@ -31,8 +31,9 @@ __all__ = ["measure_profile", "cluster_profile", "drift_scale", "profile_key"]
 logger = logging.getLogger(__name__)
 
 _PROBE_TOKENS = [1, 16, 64, 256]
-_MEASURES = 6  # how profiles are measured: profiles kept on disk by other measures are not read
-# (6: dense layers timed through every layer in turn, see planner.microbench.LayerCycle)
+_MEASURES = 7  # how profiles are measured: profiles kept on disk by other measures are not read
+# (6: dense layers timed through every layer in turn, see planner.microbench.LayerCycle;
+# 7: attention in slots longer than its contexts, the dense side's on one thread)
 # a kept profile's check (see _probed): the dense layer's token counts, the rounds through
 # them, how far a tier's probe may stray before its costs are scaled, and how far from the
 # measured costs a probe is taken as a busy moment instead

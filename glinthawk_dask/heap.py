@@ -16,9 +16,10 @@ has left them lower, every step that frees more than the trim threshold pays aga
 :func:`steady_heap` pins them: blocks up to :data:`MMAP_THRESHOLD` come from the heap,
 and the heap keeps up to :data:`TRIM_THRESHOLD` of free memory at its top rather than
 give it back: more than a step of a 7B model frees (FFN activations of 512 tokens are
-22 MiB each in float32), where glibc's ceiling of 64 MiB would trim after every one.  A process holds at most that much more memory than it uses, and blocks
-larger than the threshold (weights, KV caches, a long prefill's activations) still
-come and go as their own mappings.  Tier workers pin their heap when their service
+22 MiB each in float32), where glibc's ceiling of 64 MiB would trim after every one.
+A process holds at most that much more memory than it uses, and blocks larger than the
+threshold (weights, KV caches, a long prefill's activations) still come and go as
+their own mappings.  Tier workers pin their heap when their service
 starts, and an in-process :class:`~glinthawk_dask.api.LLM` when it loads its weights.
 It is a no-op off glibc, with ``glinthawk.heap: glibc`` (glibc's own adaptive
 thresholds), and where the environment sets the C library's malloc tunables itself

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
               f"round trip {profile.rtt_s * 1e3:.2f} ms, shared host: {profile.shared_host} (dense "
               f"x{profile.dense_slowdown:.2f}, attention x{profile.attention_slowdown:.2f} while both compute two "
               f"micro-batches deep, x{profile.slowdowns(3)[0]:.2f} and x{profile.slowdowns(3)[1]:.2f} three deep), "
-              f"cold cost x{profile.dense.cold_factor:.2f} + {profile.dense.cold_s * 1e3:.2f} ms")
+              f"cold cost x{profile.dense.cold_factor:.2f} + {profile.dense.cold_s * 1e3:.2f} ms; after idle gaps "
+              + ", ".join(f"{g * 1e3:g} ms +{e * 1e3:.2f}" for g, e in profile.dense.idle_excess or ()))
         return profile
 
     def here_profile():

@@ -384,6 +384,7 @@ def test_start_cluster_run_and_stop_on_loopback(tmp_path, reference, tls):
                               capture_output=True, text=True, timeout=180, env=_env())
         assert prof.returncode == 0, prof.stderr
         assert prof.stdout.count("GiB KV free per worker") == 2, prof.stdout
+        assert "a dense job after the worker idled: +" in prof.stdout and "after 50 ms" in prof.stdout
         doc = json.loads(prof_path.read_text())
         assert doc["dense"]["kv_bytes"] > 0 and doc["attention"]["kv_bytes"] > 0
     finally:

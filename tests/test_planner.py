@@ -20,7 +20,7 @@ from glinthawk_dask.cli import main
 from glinthawk_dask.model.config import ModelConfig
 from glinthawk_dask.planner.plan import Prices, best, candidates, sweep
 from glinthawk_dask.planner.profile import (
-    AttentionCost, Curve, Profile, ProfileError, fit_cold, load_profile, shipped_profiles,
+    AttentionCost, Curve, Profile, ProfileError, fit_cold, idle_excess_at, load_profile, shipped_profiles,
 )
 from glinthawk_dask.planner.simulate import RunConfig, Workload, simulate
 
@@ -176,6 +176,49 @@ def test_cold_jobs_cost_the_factor_and_the_seconds_of_the_profile():
     assert seconds(c, extra) - plain == pytest.approx(share + n_cold * extra, rel=1e-9)
     prof = dataclasses.replace(base, dense=dataclasses.replace(base.dense, cold_s=extra))
     assert Profile.from_json(json.loads(json.dumps(prof.to_json()))).dense.cold_s == extra
+
+
+def test_a_dense_job_after_a_longer_wait_pays_the_profiles_idle_excess():
+    """One micro-batch deep with 20 ms of latency each way, every dense job after a round
+    trip waits 40 ms and more: it pays the idle excess there beyond the excess at the
+    gap the cold cost was measured after.  A job after a short wait (the hop from the
+    head back to the first layer) pays nothing more."""
+    d, att, rtt, lat = 1e-3, 5e-4, 2e-4, 0.02
+    base = _profile(d=d, att=att, rtt=rtt)
+    curve = ((0.002, 1e-4), (0.01, 1e-3), (0.03, 4e-3))  # held at 4 ms past 30 ms
+    prof = dataclasses.replace(base, dense=dataclasses.replace(base.dense, idle_excess=curve, idle_ref_s=0.002))
+    assert prof.dense.idle_extra(0.05) == pytest.approx(4e-3 - 1e-4)
+    assert prof.dense.idle_extra(0.006) == pytest.approx(5.5e-4 - 1e-4) and prof.dense.idle_extra(0.001) == 0.0
+    assert idle_excess_at(curve, 0.001) == pytest.approx(5e-5)  # from 0 at no gap
+    w, cfg = Workload.uniform(1, 1, 8), RunConfig(micro_batch_size=1, micro_batches=1, latency=lat)
+    plain, idle = simulate(base, MODEL, w, cfg).seconds, simulate(prof, MODEL, w, cfg).seconds
+    # per step: every layer's job after its round trip (L of them), none after the hop
+    assert idle - plain == pytest.approx(8 * L * (4e-3 - 1e-4), rel=1e-6)
+    # no latency: the round trips (0.7 ms) are shorter than the cold cost's gap
+    cfg0 = dataclasses.replace(cfg, latency=0.0)
+    assert simulate(prof, MODEL, w, cfg0).seconds == pytest.approx(simulate(base, MODEL, w, cfg0).seconds, rel=1e-12)
+    # compiled, the same
+    from glinthawk_dask.planner import rounds
+
+    if rounds.compile_kernel():
+        assert simulate(prof, MODEL, w, cfg).seconds == pytest.approx(idle, rel=1e-12)
+    q = Profile.from_json(json.loads(json.dumps(prof.scaled(dense=2.0).to_json())))
+    assert q.dense.idle_excess == tuple((g, 2 * e) for g, e in curve) and q.dense.idle_ref_s == 0.002
+    bad = {**prof.to_json()}
+    bad["dense"] = {**bad["dense"], "idle_excess": [[0.0, 1e-3]]}
+    with pytest.raises(ProfileError, match="idle_excess gaps must be above 0"):
+        Profile.from_json(bad)
+
+
+def test_idle_points_time_a_dense_layer_after_each_gap():
+    import torch
+
+    from glinthawk_dask.planner.microbench import idle_points
+
+    pts = idle_points(dataclasses.asdict(MODEL), torch.float32, torch.device("cpu"), tokens=4,
+                      gaps=[0.003, 0.001], repeats=2, rounds=2)
+    assert [g for g, _ in pts] == [0.001, 0.003]
+    assert 0.0 <= pts[0][1] <= pts[1][1] < 0.5  # rising, seconds
 
 
 @pytest.mark.parametrize("points, want", [
@@ -748,6 +791,9 @@ async def test_profile_measures_a_cluster_and_auto_plans_use_it(c, s, a, b):
         address=info["attention"] * 2, config=dataclasses.asdict(MODEL), tokens=4, n=4)
     assert chains["job"] >= chains["alternating"] > 0 and chains["alone"] > 0
     assert chains["cycle"] > 0 and chains["attention"] > 0  # the attention worker's own seconds, in its reply
+    # what longer waits add to a dense job, counted from the chains' own wait
+    assert [g for g, _ in prof.dense.idle_excess] == [0.002, 0.005, 0.02, 0.05]
+    assert all(e >= 0 for _, e in prof.dense.idle_excess) and 0 < prof.dense.idle_ref_s < 1.0
     assert "rounds" not in chains
     repeated = await c.rpc(info["dense"][0]).glinthawk_profile_alternate(
         address=info["attention"] * 2, config=dataclasses.asdict(MODEL), tokens=4, n=4, repeats=3)

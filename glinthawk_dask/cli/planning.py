@@ -31,7 +31,8 @@ def profile(model: str, scheduler: str | None, out: str, dtype: str, name: str |
     """Measure a cluster's costs on its own workers and write them as a profile.
 
     A dense worker times one layer's dense half against tokens per step, the LM head
-    against rows, and the driver's bookkeeping; an attention worker times attention
+    against rows, the driver's bookkeeping, and what a wait of 2 to 50 ms adds to a
+    layer; an attention worker times attention
     against sequences and context; the data plane's round trip is timed against bytes;
     the KV memory free on both tiers' workers is read from the scheduler.  Random
     weights of the model's shape are used, so nothing is loaded.  `glinthawk plan
@@ -65,6 +66,9 @@ def profile(model: str, scheduler: str | None, out: str, dtype: str, name: str |
           else "")
     click.echo(f"  dense ({d.device}, {d.threads} threads): one layer {1e3 * d.layer_s(1):.2f} ms at 1 token, "
                f"{1e3 * d.layer_s(64):.2f} ms at 64; head {1e3 * d.head_s(1):.2f} ms at 1 row{kv}")
+    if d.idle_excess:
+        click.echo("  a dense job after the worker idled: "
+                   + ", ".join(f"+{1e3 * e:.2f} ms after {1e3 * g:g} ms" for g, e in d.idle_excess))
     a = prof.attention.cost
     click.echo(f"  attention: {1e3 * a.overhead_s:.2f} ms + KV at {a.kv_GBps:.1f} GB/s"
                + (f"; {prof.attention.kv_bytes / 2**30:.2f} GiB KV free per worker" if prof.attention.kv_bytes else ""))

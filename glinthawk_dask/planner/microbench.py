@@ -29,7 +29,7 @@ from .profile import AttentionCost, AttentionProfile, Curve, DenseProfile, Profi
 __all__ = ["dense_layer_points", "cold_factor", "local_layer_points", "head_points", "attention_points", "driver_cost",
            "dense_points", "dense_profile", "local_profile", "attention_shapes", "trimmed_mean", "TOKENS",
            "TOKENS_QUICK", "ROWS", "ATTENTION_SHAPES", "LOCAL_SHAPES", "SLOT_FACTOR", "slot_length",
-           "LayerCycle"]
+           "LayerCycle", "idle_points", "IDLE_GAPS"]
 
 _MIN_LAYERS = 4  # distinct layers cycled through at least (see _layer_count)
 _DEFAULT_CACHE_BYTES = 32 * 2**20  # a last-level cache, where the hardware does not say
@@ -173,6 +173,9 @@ def dense_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
     return [[t, s] for t, s in zip(tokens, seconds)]
 
 
+COLD_GAP = 0.002  # seconds: the idle gap before each job that cold_factor times
+
+
 def cold_factor(config: dict, dtype: torch.dtype, device: torch.device, tokens: int, repeats: int = 8) -> float:
     """How much slower a dense layer runs after the worker idled for 2 ms while other
     work passed through the CPU caches (on a CPU; 1.0 elsewhere): what a dense worker
@@ -183,8 +186,39 @@ def cold_factor(config: dict, dtype: torch.dtype, device: torch.device, tokens: 
     cfg, layers = _layers(ModelConfig(**config), dtype, device)
     hot = _time_layers(cfg, layers, tokens, dtype, device, repeats)
     evict = torch.zeros(8 * 2**20 // 4)  # 8 MiB touched in the gap, as attention over a cache would
-    cold = _time_layers(cfg, layers, tokens, dtype, device, repeats, gap=0.002, evict=evict)
+    cold = _time_layers(cfg, layers, tokens, dtype, device, repeats, gap=COLD_GAP, evict=evict)
     return max(1.0, cold / hot)
+
+
+# seconds of idle gaps before a dense job (see idle_points)
+IDLE_GAPS = [0.002, 0.005, 0.02, 0.05]
+
+
+def idle_points(config: dict, dtype: torch.dtype, device: torch.device, tokens: int = 16,
+                gaps: list[float] | None = None, repeats: int = 4, rounds: int = 3) -> list[list[float]]:
+    """``[[gap, seconds]]``: what a dense layer of ``tokens`` tokens costs after the
+    worker idled ``gap`` seconds, beyond one back to back (rising with the gap, never
+    below 0).  Each round times a burst of ``repeats`` layers back to back, then a burst
+    at each gap (every layer after its own gap); the medians of the rounds' medians.
+
+    On the 2-core VM a 16-token SmolLM2 layer took 1.7-1.9 ms back to back, 2.0 after
+    5 ms, 2.3 after 20 ms, and 10-25 ms after 35-50 ms on two threads (4.2 ms on one):
+    past libgomp's spin the OpenMP helper sleeps, and on a VM waking it can take a
+    scheduling slice.  A pipeline whose round trips carry tens of milliseconds of
+    latency waits that long before its jobs."""
+    gaps = sorted(gaps or IDLE_GAPS)
+    cfg, layers = _layers(ModelConfig(**config), dtype, device)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    samples: list[list[float]] = [[] for _ in gaps]
+    for _ in range(rounds):
+        hot = _time_layers(cfg, layers, tokens, dtype, device, repeats)
+        for i, g in enumerate(gaps):
+            samples[i].append(_time_layers(cfg, layers, tokens, dtype, device, repeats, gap=g) - hot)
+    out, top = [], 0.0
+    for g, xs in zip(gaps, samples):
+        top = max(top, med(xs))  # a longer wait never costs less (the medians' noise aside)
+        out.append([g, top])
+    return out
 
 
 # [sequences, context, new tokens] of the run-shaped local layers: decode micro-batches
@@ -354,10 +388,11 @@ def driver_cost(max_seq_len: int = 4096, sizes: tuple[int, int] = (1, 64)) -> tu
 
 def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens: list[int] | None = None,
                  rows: list[int] | None = None, shapes: list[list[int]] | None = None, *,
-                 cold: bool = False, rounds: int = ROUNDS) -> dict:
+                 cold: bool = False, idle: bool = False, rounds: int = ROUNDS) -> dict:
     """A dense worker's timings for a profile, measured here (plain numbers, ready to
-    cross the network): the layer curve at ``tokens`` (over ``rounds`` rounds) and, with
-    ``cold``, the cold factor; the head curve at ``rows``; attention points at
+    cross the network): the layer curve at ``tokens`` (over ``rounds`` rounds); with
+    ``cold``, the cold factor (after gaps of 2 ms); with ``idle``, the excess after
+    longer gaps (:func:`idle_points`); the head curve at ``rows``; attention points at
     ``shapes``; the driver's cost.  :func:`dense_profile` turns them into a
     :class:`DenseProfile`."""
     out: dict = {"device": device.type, "dtype": str(dtype).removeprefix("torch."),
@@ -366,6 +401,9 @@ def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens:
         out["layer_s"] = dense_layer_points(config, dtype, device, tokens, rounds=rounds)
         if cold:
             out["cold_factor"] = cold_factor(config, dtype, device, tokens[len(tokens) // 2])
+            out["idle_ref_s"] = COLD_GAP
+    if idle:
+        out["idle_excess"] = idle_points(config, dtype, device)
     if rows:
         out["head_s"] = head_points(config, dtype, device, rows)
     if shapes:
@@ -392,6 +430,8 @@ def dense_profile(points: dict, attention: AttentionCost | None = None) -> Dense
         layer_s=Curve(tuple(map(tuple, points["layer_s"]))), head_s=Curve(tuple(map(tuple, points["head_s"]))),
         step_s=points["step_s"], step_per_seq_s=points["step_per_seq_s"],
         cold_factor=points.get("cold_factor", 1.0), local_factor=local_factor, attention=attention,
+        idle_excess=tuple(map(tuple, points["idle_excess"])) if points.get("idle_excess") else None,
+        idle_ref_s=points.get("idle_ref_s", 0.0),
     )
 
 

@@ -15,6 +15,8 @@ A profile is a versioned JSON document (``"glinthawk_profile": 1``)::
         "step_s": 0.0004, "step_per_seq_s": 2e-5,  # the driver's cost per micro-batch step
         "cold_factor": 1.5,                        # a job after an idle gap (cold caches) costs this much more
         "cold_s": 3e-4,                            # ... and this many seconds more (the round trip's hand-overs)
+        "idle_excess": [[gap_s, seconds], ...] | absent,  # a job after an idle gap of gap_s, against one back to back
+        "idle_ref_s": 0.002,                       # the gap the cold cost above was measured at
         "local_factor": 1.1,                       # a layer with its attention here, against the two alone
         "roofline": {"tflops": 500, "mem_GBps": 2300, "overhead_s": 2e-5} | absent,
         "attention": {ATTENTION COSTS} | absent,   # attention on the dense worker (single-tier)
@@ -30,7 +32,9 @@ A profile is a versioned JSON document (``"glinthawk_profile": 1``)::
 
 ATTENTION COSTS is ``{"overhead_s", "kv_GBps", "gflops"}``: one layer's attention for a
 micro-batch costs ``overhead_s + KV bytes read / kv_GBps + attention FLOPs / gflops``.
-``layer_s``/``head_s`` are used for the profile's own model; for another model the
+``idle_excess`` prices what a longer wait adds: a job after a gap of ``g`` seconds costs
+``idle_excess(g) - idle_excess(idle_ref_s)`` more than the cold cost (linear between the
+points, from 0 at no gap, held beyond the last).  ``layer_s``/``head_s`` are used for the profile's own model; for another model the
 ``roofline`` (if given) or a scaling by weight bytes stands in.  ``host.shared`` says the
 tiers share one machine's cores, and how much each slows the other while both compute.
 """
@@ -49,7 +53,8 @@ from ..errors import GlinthawkError
 from ..model.config import ModelConfig
 
 __all__ = ["VERSION", "Curve", "AttentionCost", "DenseProfile", "AttentionProfile", "Profile",
-           "load_profile", "shipped_profiles", "ProfileError", "request_bytes", "attention_work", "fit_cold"]
+           "load_profile", "shipped_profiles", "ProfileError", "request_bytes", "attention_work", "fit_cold",
+           "idle_excess_at"]
 
 VERSION = 1
 _SHIPPED = Path(__file__).parent / "profiles"
@@ -176,6 +181,18 @@ def fit_cold(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     return 1.0 + slope, base
 
 
+def idle_excess_at(points: Sequence[tuple[float, float]], gap: float) -> float:
+    """An ``idle_excess`` curve at ``gap``: linear between its points and from 0 at no
+    gap, held at the last point beyond it (a wait longer than the profile measured is
+    not extrapolated)."""
+    x0, y0 = 0.0, 0.0
+    for x1, y1 in points:
+        if gap <= x1:
+            return y0 + (y1 - y0) * (gap - x0) / (x1 - x0) if x1 > x0 else y1
+        x0, y0 = x1, y1
+    return y0
+
+
 @dataclass(frozen=True)
 class DenseProfile:
     """One dense worker: its layer and head curves, driver cost, memory and price."""
@@ -188,6 +205,11 @@ class DenseProfile:
     step_per_seq_s: float = 0.0
     cold_factor: float = 1.0  # a job that starts after the worker idled (caches cold) costs this much more
     cold_s: float = 0.0  # ... and this many seconds more (a cycle's hand-overs, whatever the job's size)
+    # a job after an idle gap of g seconds costs idle_excess(g) seconds more than one back
+    # to back ([(gap, seconds)], rising; None: not measured); the cold cost above already
+    # holds what a gap of idle_ref_s adds (see idle_extra)
+    idle_excess: tuple[tuple[float, float], ...] | None = None
+    idle_ref_s: float = 0.0
     # a layer with its attention computed here costs this much more than the dense half
     # and the attention, each measured alone (the two share the caches in a run)
     local_factor: float = 1.0
@@ -198,6 +220,13 @@ class DenseProfile:
     price_per_hour: float | None = None
     memory_bytes: float | None = None  # device memory; with no kv_bytes, KV gets what weights leave
     workspace_bytes: float = 0.0  # kept free for activations and the runtime
+
+    def idle_extra(self, gap: float) -> float:
+        """Seconds a dense job after ``gap`` seconds idle costs beyond the cold cost (which
+        was measured after gaps of ``idle_ref_s``): 0 without an ``idle_excess`` curve."""
+        if not self.idle_excess:
+            return 0.0
+        return max(0.0, idle_excess_at(self.idle_excess, gap) - idle_excess_at(self.idle_excess, self.idle_ref_s))
 
     def kv_budget(self, weight_bytes: float) -> float | None:
         """KV bytes a dense worker holding ``weight_bytes`` of weights may use (None: unbounded)."""
@@ -284,7 +313,7 @@ class Profile:
 
     def scaled(self, dense: float = 1.0, attention: float = 1.0) -> "Profile":
         """This profile with the dense worker's compute ``dense`` times as slow (its layer
-        and head curves, driver, cold cost, roofline, local attention and the compute
+        and head curves, driver, cold cost, idle excess, roofline, local attention and the compute
         thread's time per request) and the attention worker's ``attention`` times: what a
         kept profile becomes when quick probes find the workers faster or slower than
         when it was measured.  The network and the contention factors are kept."""
@@ -295,7 +324,7 @@ class Profile:
         dense_profile = dataclasses.replace(
             d, layer_s=d.layer_s and d.layer_s.scaled(dense), head_s=d.head_s and d.head_s.scaled(dense),
             step_s=d.step_s * dense, step_per_seq_s=d.step_per_seq_s * dense, cold_s=d.cold_s * dense,
-            roofline=roof, attention=d.attention and d.attention.scaled(dense))
+            idle_excess=d.idle_excess and tuple((g, e * dense) for g, e in d.idle_excess), roofline=roof, attention=d.attention and d.attention.scaled(dense))
         return dataclasses.replace(
             self, dense=dense_profile,
             attention=dataclasses.replace(self.attention, cost=self.attention.cost.scaled(attention)),
@@ -316,6 +345,9 @@ class Profile:
                  "cold_s": d.cold_s, "local_factor": d.local_factor, "kv_bytes": d.kv_bytes,
                  "price_per_hour": d.price_per_hour,
                  "memory_bytes": d.memory_bytes, "workspace_bytes": d.workspace_bytes}
+        if d.idle_excess:
+            dense["idle_excess"] = [list(p) for p in d.idle_excess]
+            dense["idle_ref_s"] = d.idle_ref_s
         if d.roofline:
             dense["roofline"] = d.roofline
         if d.attention:
@@ -356,6 +388,7 @@ class Profile:
                 device=str(dn.get("device", "?")), dtype=str(dn.get("dtype", "float32")), layer_s=layer, head_s=head,
                 step_s=float(dn.get("step_s") or 0.0), step_per_seq_s=float(dn.get("step_per_seq_s") or 0.0),
                 cold_factor=float(dn.get("cold_factor") or 1.0), cold_s=float(dn.get("cold_s") or 0.0),
+                idle_excess=_idle_points(dn.get("idle_excess"), where), idle_ref_s=float(dn.get("idle_ref_s") or 0.0),
                 local_factor=float(dn.get("local_factor") or 1.0),
                 threads=dn.get("threads"), roofline=dn.get("roofline"),
                 attention=AttentionCost.from_json(dn["attention"], f"{where} dense.attention")
@@ -388,6 +421,19 @@ class Profile:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def _idle_points(points: Any, where: str) -> tuple[tuple[float, float], ...] | None:
+    """A profile's ``idle_excess`` points, sorted by gap (None where absent or empty)."""
+    if not points:
+        return None
+    try:
+        pts = tuple(sorted((float(g), float(e)) for g, e in points))
+    except (TypeError, ValueError) as e:
+        raise ProfileError(f"{where}: dense.idle_excess must be [[gap_s, seconds], ...] ({e})") from None
+    if pts[0][0] <= 0:
+        raise ProfileError(f"{where}: dense.idle_excess gaps must be above 0 seconds")
+    return pts
 
 
 def load_profile(name_or_path: str | Path) -> Profile:

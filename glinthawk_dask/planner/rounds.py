@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..model.config import ModelConfig
-from .profile import Profile, attention_work, request_bytes
+from .profile import Profile, attention_work, idle_excess_at, request_bytes
 from .workload import MicroBatchShape, RunConfig
 
 __all__ = ["round_period"]
@@ -83,12 +83,14 @@ def round_period(profile: Profile, model: ModelConfig, config: RunConfig, shapes
     else:
         flat = costs.ravel()
     fd, fa = profile.slowdowns(len(shapes))  # a slice's micro-batches are all in flight at once
+    idle_g, idle_e, idle_base = _idle_args(profile, kernel is not _round_events)
 
     def simulate_round(layers: int) -> tuple[float, float, float]:
         return kernel(  # (one type for each argument: one compiled signature)
             flat, len(shapes), int(config.dense), int(n_local), int(config.attention), int(layers), int(cycles),
             bool(profile.shared_host), float(fd), float(fa), float(profile.dense.cold_factor),
-            float(profile.dense.cold_s), config.mode == "in-process", float(config.latency), _EPS)
+            float(profile.dense.cold_s), idle_g, idle_e, idle_base, config.mode == "in-process",
+            float(config.latency), _EPS)
 
     if layers <= 6:
         return simulate_round(layers)
@@ -102,6 +104,19 @@ def round_period(profile: Profile, model: ModelConfig, config: RunConfig, shapes
 
 
 _EPS = 1e-9  # seconds: instants closer than this are the same instant
+
+
+def _idle_args(profile: Profile, arrays: bool):
+    """The kernel's view of the dense worker's idle excess: its gaps and seconds (from
+    a point at no gap; numpy arrays for compiled code, lists for Python) and the excess
+    the cold cost already holds (at ``idle_ref_s``)."""
+    d = profile.dense
+    pts = [(0.0, 0.0)] + list(d.idle_excess or ())
+    gaps, excess = [float(g) for g, _ in pts], [float(e) for _, e in pts]
+    base = idle_excess_at(d.idle_excess, d.idle_ref_s) if d.idle_excess else 0.0
+    if arrays:
+        return np.array(gaps), np.array(excess), float(base)
+    return gaps, excess, float(base)
 
 
 # event phases of a micro-batch at (cycle, slice, layer)
@@ -154,16 +169,19 @@ def compile_kernel() -> bool:
                 return False
             kernel = numba.njit(cache=True, nogil=True)(_round_events)
             # compiled (or loaded) now, for arguments of the types round_period passes
-            kernel(np.zeros(6), 1, 1, 0, 1, 1, 3, False, 1.0, 1.0, 1.0, 0.0, False, 0.0, _EPS)
+            kernel(np.zeros(6), 1, 1, 0, 1, 1, 3, False, 1.0, 1.0, 1.0, 0.0, np.zeros(1), np.zeros(1), 0.0, False,
+                   0.0, _EPS)
             _compiled = kernel
     return True
 
 
 def _round_events(costs, n_mb, n_slices, n_local, n_attn, layers, cycles, shared, fd, fa, cold, cold_s,
-                  serial, latency, eps):
+                  idle_g, idle_e, idle_base, serial, latency, eps):
     """The events of one round (see :func:`round_period`): (period, dense busy share,
     attention busy share).  ``costs`` is ``[micro-batch, slice, 6]`` (:class:`_Costs`'
-    fields in order), flattened.
+    fields in order), flattened.  A dense job after an idle gap costs ``cold`` times
+    more plus ``cold_s``, plus what the idle excess curve (``idle_g`` gaps, ``idle_e``
+    seconds, from a point at no gap) gives at its gap beyond ``idle_base``.
 
     One loop over events (time, order, micro-batch, cycle, slice, layer, phase) kept in a
     heap, the servers' state and queues in flat lists: Python runs it as it is, fast for
@@ -290,6 +308,15 @@ def _round_events(costs, n_mb, n_slices, n_local, n_attn, layers, cycles, shared
                         break
             if t - d_idle[k] > eps and d_until[k] <= t:  # after an idle gap: cold
                 dur = dur * cold + cold_s
+                gap = t - d_idle[k]
+                ex = idle_e[len(idle_e) - 1]  # held beyond the last point
+                for i in range(1, len(idle_g)):
+                    if gap <= idle_g[i]:
+                        ex = idle_e[i - 1] + (idle_e[i] - idle_e[i - 1]) * (gap - idle_g[i - 1]) / (
+                            idle_g[i] - idle_g[i - 1])
+                        break
+                if ex > idle_base:  # a longer wait than the cold cost's
+                    dur += ex - idle_base
             d_until[k] = t + dur
             d_idle[k] = t + dur
             if w_start <= t:

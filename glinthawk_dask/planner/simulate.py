@@ -21,7 +21,9 @@ Two levels:
   slowdown for a pipeline that deep (measured in chains of dense jobs and attention
   round trips two and three deep); a dense job that starts after its worker idled,
   however briefly (a pipeline one deep: every job after its round trip, as the profile
-  measured the cold cost), runs at the profile's cold cost.  Rounds of the same shape
+  measured the cold cost), runs at the profile's cold cost, and pays the profile's idle
+  excess for a gap longer than the one the cold cost was measured after (a pipeline
+  waiting out tens of milliseconds of latency).  Rounds of the same shape
   (tokens, context read, rows) are simulated once.
 
 Single-tier and in-process runs have no attention tier: attention runs on the dense

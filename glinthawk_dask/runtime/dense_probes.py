@@ -36,12 +36,12 @@ class DenseProbes:
 
     async def profile(self, config: dict, dtype: str = "float32", tokens: list[int] | None = None,
                       rows: list[int] | None = None, attention: list[list[int]] | None = None,
-                      cold: bool = True, rounds: int | None = None) -> dict:
+                      cold: bool = True, idle: bool = False, rounds: int | None = None) -> dict:
         """Timings for a profile (see :mod:`glinthawk_dask.planner.microbench`), on this
         worker's device and compute stream: the dense layer curve at ``tokens`` (over
         ``rounds`` rounds; None: as many as a profile's), the cold factor (unless not
         ``cold``: a profile with an attention worker measures it against real round trips,
-        :meth:`profile_alternate`), the head curve at ``rows``, attention points at
+        :meth:`profile_alternate`), with ``idle`` what longer idle gaps add, the head curve at ``rows``, attention points at
         ``attention`` shapes ([sequences, context, new tokens]) and the driver's cost."""
         from ..planner import microbench as mb
 
@@ -49,7 +49,7 @@ class DenseProbes:
         dt = DTYPES[dtype]
         return await self.stream.submit(
             0, lambda: mb.dense_points(config, dt, device, tokens, rows, attention, cold=cold,
-                                     rounds=rounds or mb.ROUNDS), kind="calibrate")
+                                     idle=idle, rounds=rounds or mb.ROUNDS), kind="calibrate")
 
     async def profile_alternate(self, address: str | list[str], config: dict, tokens: int,
                                 dtype: str = "float32", n: int = 16, repeats: int = 1) -> dict:

@@ -31,9 +31,10 @@ __all__ = ["measure_profile", "cluster_profile", "drift_scale", "profile_key"]
 logger = logging.getLogger(__name__)
 
 _PROBE_TOKENS = [1, 16, 64, 256]
-_MEASURES = 7  # how profiles are measured: profiles kept on disk by other measures are not read
+_MEASURES = 8  # how profiles are measured: profiles kept on disk by other measures are not read
 # (6: dense layers timed through every layer in turn, see planner.microbench.LayerCycle;
-# 7: attention in slots longer than its contexts, the dense side's on one thread)
+# 7: attention in slots longer than its contexts, the dense side's on one thread;
+# 8: what longer idle gaps add to a dense job, see planner.microbench.idle_points)
 # a kept profile's check (see _probed): the dense layer's token counts, the rounds through
 # them, how far a tier's probe may stray before its costs are scaled, and how far from the
 # measured costs a probe is taken as a busy moment instead
@@ -81,7 +82,8 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
     tokens = list(TOKENS_QUICK if quick else TOKENS)
     shapes = attention_shapes(model_config)
     d = await _rpc(client, dense, "glinthawk_profile_dense", config=cfg, dtype=dtype, tokens=tokens, rows=ROWS,
-                   attention=shapes, cold=not info["attention"])  # with attention workers: measured below
+                   attention=shapes, cold=not info["attention"],  # with attention workers: measured below
+                   idle=True)
     local = AttentionCost.fit([tuple(p) for p in d["attention"]])
     attention = AttentionProfile(cost=local, threads=d["threads"])
     rtt_s, net_GBps, msg_cpu_s, msg_cpu_GBps = 0.0, float("inf"), 0.0, float("inf")
@@ -137,7 +139,8 @@ async def _run_shaped(client, profile: Profile, dense: str, attention: list[str]
     the measured one: what the alternation costs beyond the parts measured alone (the
     hand-overs between the tiers' threads, attention woken on the sender's core, caches),
     fitted over chains of two job sizes as seconds plus a share of the job
-    (:func:`~glinthawk_dask.planner.profile.fit_cold`).  On a shared host, two and
+    (:func:`~glinthawk_dask.planner.profile.fit_cold`); the chains' wait between jobs is
+    the gap that the dense worker's idle excess is counted from.  On a shared host, two and
     three chains give how much each tier slows the other that many micro-batches deep."""
     m = profile.model
     alts, excess = [], []
@@ -151,8 +154,10 @@ async def _run_shaped(client, profile: Profile, dense: str, attention: list[str]
         alts.append(x)
         excess.append((x["alone"], x["cycle"] - known - x["alone"]))
     factor, seconds = fit_cold(excess)
+    # the dense worker's wait between a chain's jobs: the cold cost holds what it adds
+    ref = sum(max(0.0, x["cycle"] - x["job"]) for x in alts) / len(alts)
     profile = dataclasses.replace(profile, dense=dataclasses.replace(profile.dense, cold_factor=factor,
-                                                                     cold_s=seconds))
+                                                                     cold_s=seconds, idle_ref_s=ref))
     if not profile.shared_host:
         return profile
     (fd, fa), (fd3, fa3) = [await _contention(client, dense, attention, k, cfg, dtype, alts[0], n) for k in (2, 3)]

@@ -34,8 +34,9 @@ ATTENTION COSTS is ``{"overhead_s", "kv_GBps", "gflops"}``: one layer's attentio
 micro-batch costs ``overhead_s + KV bytes read / kv_GBps + attention FLOPs / gflops``.
 ``idle_excess`` prices what a longer wait adds: a job after a gap of ``g`` seconds costs
 ``idle_excess(g) - idle_excess(idle_ref_s)`` more than the cold cost (linear between the
-points, from 0 at no gap, held beyond the last).  ``layer_s``/``head_s`` are used for the profile's own model; for another model the
-``roofline`` (if given) or a scaling by weight bytes stands in.  ``host.shared`` says the
+points, from 0 at no gap, held beyond the last).  ``layer_s``/``head_s`` are used for
+the profile's own model; for another model the ``roofline`` (if given) or a scaling by
+weight bytes stands in.  ``host.shared`` says the
 tiers share one machine's cores, and how much each slows the other while both compute.
 """
 
@@ -313,10 +314,10 @@ class Profile:
 
     def scaled(self, dense: float = 1.0, attention: float = 1.0) -> "Profile":
         """This profile with the dense worker's compute ``dense`` times as slow (its layer
-        and head curves, driver, cold cost, idle excess, roofline, local attention and the compute
-        thread's time per request) and the attention worker's ``attention`` times: what a
-        kept profile becomes when quick probes find the workers faster or slower than
-        when it was measured.  The network and the contention factors are kept."""
+        and head curves, driver, cold cost, idle excess, roofline, local attention and the
+        compute thread's time per request) and the attention worker's ``attention``
+        times: what a kept profile becomes when quick probes find the workers faster or
+        slower than when it was measured.  The network and the contention factors are kept."""
         d = self.dense
         r = d.roofline
         roof = r and {**r, "tflops": float(r["tflops"]) / dense, "mem_GBps": float(r["mem_GBps"]) / dense,
@@ -324,7 +325,8 @@ class Profile:
         dense_profile = dataclasses.replace(
             d, layer_s=d.layer_s and d.layer_s.scaled(dense), head_s=d.head_s and d.head_s.scaled(dense),
             step_s=d.step_s * dense, step_per_seq_s=d.step_per_seq_s * dense, cold_s=d.cold_s * dense,
-            idle_excess=d.idle_excess and tuple((g, e * dense) for g, e in d.idle_excess), roofline=roof, attention=d.attention and d.attention.scaled(dense))
+            idle_excess=d.idle_excess and tuple((g, e * dense) for g, e in d.idle_excess), roofline=roof,
+            attention=d.attention and d.attention.scaled(dense))
         return dataclasses.replace(
             self, dense=dense_profile,
             attention=dataclasses.replace(self.attention, cost=self.attention.cost.scaled(attention)),

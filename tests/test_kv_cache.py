@@ -142,6 +142,45 @@ def test_mixed_batch_equals_sequences_alone(kernel):
         torch.testing.assert_close(together[s], run([s])[s], rtol=0, atol=1e-6)
 
 
+def test_short_prefill_chunks_are_computed_together_as_each_alone(kernel):
+    """Prefill chunks ending within GROUP_PREFILL_MAX positions are computed at once,
+    padded to the longest (fresh prompts of different lengths, a chunk that continues a
+    cached prefix); longer ones and decode rows beside them as before: every sequence's
+    outputs are those it gets alone (one segment: the one-by-one path)."""
+    from glinthawk_dask.model.attention import GROUP_PREFILL_MAX
+
+    torch.manual_seed(2)
+    cfg = from_name("tiny-gqa")
+    h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    long_start = GROUP_PREFILL_MAX - 3
+    lens = {0: 0, 1: 0, 2: 5, 4: 9, 6: long_start}  # tokens already cached per slot
+    new = {0: 7, 1: 2, 2: 4, 4: 1, 6: 8}  # tokens in this step (slot 6 ends past the bound)
+    hist = {s: (torch.randn(n, kvh, d), torch.randn(n, kvh, d)) for s, n in lens.items() if n}
+    step = {s: (torch.randn(n, h, d), torch.randn(n, kvh, d), torch.randn(n, kvh, d)) for s, n in new.items()}
+
+    def run(slots):
+        cache = KVCache(cfg, n_slots=8, max_seq_len=GROUP_PREFILL_MAX + 16, layer_stop=1)
+        for s in slots:
+            cache.allocate(f"s{s}", s)
+            if s in hist:
+                k, v = hist[s]
+                cache.attend(0, torch.randn(len(k), h, d), k, v, AttentionBatch.build([s], [0], [len(k)]))
+        batch = AttentionBatch.build(slots, [lens[s] for s in slots], [new[s] for s in slots])
+        q = torch.cat([step[s][0] for s in slots])
+        k = torch.cat([step[s][1] for s in slots])
+        v = torch.cat([step[s][2] for s in slots])
+        o = cache.attend(0, q, k, v, batch)
+        return batch, dict(zip(slots, o.split([new[s] for s in slots])))
+
+    batch, together = run([6, 2, 0, 4, 1])
+    assert batch.prefill_group is not None and batch.prefill_group.slots.tolist() == [2, 0, 1]
+    assert [seg[1] for seg in batch.prefill] == [6]  # past the bound: one by one
+    for s in lens:
+        alone_batch, alone = run([s])
+        assert alone_batch.prefill_group is None
+        torch.testing.assert_close(together[s], alone[s], rtol=0, atol=1e-6)
+
+
 def test_decode_steps_in_slot_order_take_the_short_path_with_the_same_outputs(kernel):
     """A decode step whose rows are the slots lo..hi-1 in order attends straight over the
     slot range (no scatter, no gather); its outputs are bit-identical to the general path's

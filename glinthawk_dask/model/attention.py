@@ -4,7 +4,8 @@ A micro-batch is a list of *segments*, one per sequence: ``count`` new tokens of
 sequence in KV slot ``slot`` at positions ``[start, start + count)``.  Tokens are laid
 end to end in segment order (``T = sum(counts)`` rows).  Segments with one token
 (decode, or the last token of a prefill) go through a batched kernel; longer ones
-(prefill chunks) are computed per sequence with a causal mask.
+(prefill chunks) with a causal mask: short ones together, padded to the longest
+(:class:`PrefillGroup`), long ones per sequence.
 
 GQA never materializes repeated K/V: query heads are grouped per KV head
 (``[.., KVH, G, D]``) and each group attends to its KV head directly.
@@ -17,7 +18,50 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["AttentionBatch", "decode_attention", "prefill_attention"]
+__all__ = ["AttentionBatch", "PrefillGroup", "decode_attention", "prefill_attention", "grouped_prefill_attention"]
+
+# Prefill segments ending at most this many positions into their sequence are computed
+# together (padded to the longest); longer ones one by one, where padding would cost more
+# than the calls it saves.  Per sequence, each segment cost about 0.1 ms of calls a layer
+# on the 2-core VM: 512 prompts of 10 tokens spent 1.1 s of a 5.7 s run there.
+GROUP_PREFILL_MAX = 256
+
+
+@dataclass(frozen=True)
+class PrefillGroup:
+    """Short prefill segments of a micro-batch, laid out to be computed together.
+
+    ``rows`` [P, C]: the row of each segment's i-th token (padding repeats its first
+    row); ``valid`` [P, C]: which of them are real; ``slots`` [P]; ``masked`` [P, C, L]:
+    True where a key position is not attended (after the query's own position), with
+    ``L`` the largest end of the segments; ``out_rows`` [N]: the real rows in
+    ``rows[valid]`` order."""
+
+    rows: torch.Tensor
+    valid: torch.Tensor
+    slots: torch.Tensor
+    masked: torch.Tensor
+    out_rows: torch.Tensor
+    length: int
+
+    @classmethod
+    def build(cls, segments: Sequence[tuple[int, int, int, int]], device: torch.device | str) -> "PrefillGroup":
+        """The group of ``segments`` ``(row, slot, start, count)``."""
+        c = max(s[3] for s in segments)
+        length = max(s[2] + s[3] for s in segments)
+        rows = [[row + i if i < count else row for i in range(c)] for row, _, _, count in segments]
+        valid = [[i < count for i in range(c)] for *_, count in segments]
+        qpos = torch.tensor([[start + i for i in range(c)] for _, _, start, _ in segments], device=device)  # [P, C]
+        masked = torch.arange(length, device=device)[None, None, :] > qpos[:, :, None]  # [P, C, L]
+        return cls(
+            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            valid=torch.tensor(valid, dtype=torch.bool, device=device),
+            slots=torch.tensor([s[1] for s in segments], dtype=torch.long, device=device),
+            masked=masked,
+            out_rows=torch.tensor([row + i for row, _, _, count in segments for i in range(count)],
+                                  dtype=torch.long, device=device),
+            length=length,
+        )
 
 
 @dataclass(frozen=True)
@@ -37,7 +81,7 @@ class AttentionBatch:
     decode_slots: torch.Tensor  # [Nd]
     decode_lengths: torch.Tensor  # [Nd] attended length (start + 1)
     decode_range: tuple[int, int] | None  # (lo, hi) if decode slots are dense in [lo, hi)
-    prefill: tuple[tuple[int, int, int, int], ...]  # (row, slot, start, count) of longer segments
+    prefill: tuple[tuple[int, int, int, int], ...]  # (row, slot, start, count) of longer segments, one by one
     max_position: int = -1  # the largest position, known on the host (no device sync to check it)
     # Derived once per step for every layer that attends with this layout:
     decode_span: int = 0  # max(decode_lengths), on the host
@@ -45,6 +89,7 @@ class AttentionBatch:
     range_lengths: torch.Tensor | None = None  # [hi - lo] attended lengths, 1 for slots not in the batch
     range_masked: torch.Tensor | None = None  # [hi - lo, decode_span] True where a position is not attended
     all_decode_in_range_order: bool = False  # every token is a decode row and the rows are slots lo..hi-1
+    prefill_group: PrefillGroup | None = None  # short prefill segments, computed together (not in prefill)
 
     @property
     def n_tokens(self) -> int:
@@ -99,11 +144,17 @@ class AttentionBatch:
                 range_masked = _masked(range_lengths, decode_span)
                 in_order = len(dec_rows) == row and dec_slots == list(range(lo, hi))
 
+        short = [seg for seg in prefill if seg[2] + seg[3] <= GROUP_PREFILL_MAX]
+        group = None
+        if len(short) >= 2:  # one segment alone: no calls to save
+            group = PrefillGroup.build(short, device)
+            prefill = [seg for seg in prefill if seg[2] + seg[3] > GROUP_PREFILL_MAX]
+
         return cls(
             slots=slots, starts=starts, counts=counts,
             token_slots=t(token_slots), positions=t(positions),
             decode_rows=t(dec_rows), decode_slots=t(dec_slots), decode_lengths=t(dec_lens),
-            decode_range=decode_range, prefill=tuple(prefill),
+            decode_range=decode_range, prefill=tuple(prefill), prefill_group=group,
             max_position=max((s + c - 1 for s, c in zip(starts, counts)), default=-1),
             decode_span=decode_span, range_index=range_index, range_lengths=range_lengths,
             range_masked=range_masked,
@@ -159,3 +210,27 @@ def prefill_attention(
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     o = torch.matmul(probs.view(kvh, g * c, length), v_cache)  # [KVH, G*C, D]
     return o.view(kvh, g, c, d).permute(2, 0, 1, 3).reshape(c, h, d)  # [C, H, D]
+
+
+def grouped_prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PrefillGroup
+) -> torch.Tensor:
+    """Causal attention of a group of short prefill chunks at once, each against its
+    own sequence's cached keys/values (the chunks' keys already written).
+
+    q: [T, H, D] (the micro-batch's rows); k_cache, v_cache: [S, KVH, Lc, D], every
+    slot's cache → o [N, H, D] for ``group.out_rows``.
+    """
+    p, c = group.rows.shape
+    h, d = q.shape[1], q.shape[2]
+    kvh = k_cache.shape[1]
+    g = h // kvh
+    qg = q[group.rows].view(p, c, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(p, kvh, g * c, d)  # [P, KVH, G*C, D]
+    ks = k_cache[group.slots, :, : group.length]  # [P, KVH, L, D]
+    vs = v_cache[group.slots, :, : group.length]
+    scores = torch.matmul(qg, ks.transpose(-1, -2)) * d**-0.5  # [P, KVH, G*C, L]
+    scores = scores.view(p, kvh, g, c, group.length).masked_fill(group.masked[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [P, KVH, G, C, L]
+    o = torch.matmul(probs.view(p, kvh, g * c, group.length), vs)  # [P, KVH, G*C, D]
+    o = o.view(p, kvh, g, c, d).permute(0, 3, 1, 2, 4).reshape(p, c, h, d)  # [P, C, H, D]
+    return o[group.valid]  # [N, H, D], in out_rows order

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import cpu_attention
-from .attention import AttentionBatch, decode_attention, prefill_attention
+from .attention import AttentionBatch, decode_attention, grouped_prefill_attention, prefill_attention
 from .config import ModelConfig
 
 __all__ = ["KVCache", "KVCacheFullError", "KVCacheError"]
@@ -221,6 +221,9 @@ class KVCache:
     def _prefill(kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, batch: AttentionBatch,
                  o: torch.Tensor) -> None:
         # each longer segment's rows of q [T, H, D] → the same rows of o [T, H, D]
+        group = batch.prefill_group
+        if group is not None:  # the short ones at once
+            o[group.out_rows] = grouped_prefill_attention(q, kc, vc, group)
         for row, slot, start, count in batch.prefill:
             end = start + count
             o[row : row + count] = prefill_attention(

@@ -113,6 +113,23 @@ def kernel(request, monkeypatch):
     return request.param
 
 
+def _one_step(cfg, slots, hist, lens, new, step, max_seq_len):
+    """A cache of 8 slots holding ``slots``, each with its cached keys/values ``hist[s]``
+    (none where absent), then one step of ``new[s]`` tokens each from ``lens[s]`` on
+    (q/k/v ``step[s]``): ``(batch, {slot: o [new, H, D]})``."""
+    h, d = cfg.n_heads, cfg.head_dim
+    cache = KVCache(cfg, n_slots=8, max_seq_len=max_seq_len, layer_stop=1)
+    for s in slots:
+        cache.allocate(f"s{s}", s)
+        if s in hist:
+            k, v = hist[s]
+            cache.attend(0, torch.randn(len(k), h, d), k, v, AttentionBatch.build([s], [0], [len(k)]))
+    batch = AttentionBatch.build(slots, [lens[s] for s in slots], [new[s] for s in slots])
+    q, k, v = (torch.cat([step[s][i] for s in slots]) for i in range(3))
+    o = cache.attend(0, q, k, v, batch)
+    return batch, dict(zip(slots, o.split([new[s] for s in slots])))
+
+
 def test_mixed_batch_equals_sequences_alone(kernel):
     """Decode rows, prefill chunks and scattered slots in one micro-batch give the same
     outputs as each sequence on its own."""
@@ -125,17 +142,7 @@ def test_mixed_batch_equals_sequences_alone(kernel):
     step = {s: (torch.randn(n, h, d), torch.randn(n, kvh, d), torch.randn(n, kvh, d)) for s, n in new.items()}
 
     def run(slots):
-        cache = KVCache(cfg, n_slots=8, max_seq_len=32, layer_stop=1)
-        for s in slots:
-            cache.allocate(f"s{s}", s)
-            k, v = hist[s]
-            cache.attend(0, torch.randn(len(k), h, d), k, v, AttentionBatch.build([s], [0], [len(k)]))
-        batch = AttentionBatch.build(slots, [lens[s] for s in slots], [new[s] for s in slots])
-        q = torch.cat([step[s][0] for s in slots])
-        k = torch.cat([step[s][1] for s in slots])
-        v = torch.cat([step[s][2] for s in slots])
-        o = cache.attend(0, q, k, v, batch)
-        return dict(zip(slots, o.split([new[s] for s in slots])))
+        return _one_step(cfg, slots, hist, lens, new, step, max_seq_len=32)[1]
 
     together = run([5, 0, 3, 7])
     for s in lens:
@@ -159,18 +166,7 @@ def test_short_prefill_chunks_are_computed_together_as_each_alone(kernel):
     step = {s: (torch.randn(n, h, d), torch.randn(n, kvh, d), torch.randn(n, kvh, d)) for s, n in new.items()}
 
     def run(slots):
-        cache = KVCache(cfg, n_slots=8, max_seq_len=GROUP_PREFILL_MAX + 16, layer_stop=1)
-        for s in slots:
-            cache.allocate(f"s{s}", s)
-            if s in hist:
-                k, v = hist[s]
-                cache.attend(0, torch.randn(len(k), h, d), k, v, AttentionBatch.build([s], [0], [len(k)]))
-        batch = AttentionBatch.build(slots, [lens[s] for s in slots], [new[s] for s in slots])
-        q = torch.cat([step[s][0] for s in slots])
-        k = torch.cat([step[s][1] for s in slots])
-        v = torch.cat([step[s][2] for s in slots])
-        o = cache.attend(0, q, k, v, batch)
-        return batch, dict(zip(slots, o.split([new[s] for s in slots])))
+        return _one_step(cfg, slots, hist, lens, new, step, max_seq_len=GROUP_PREFILL_MAX + 16)
 
     batch, together = run([6, 2, 0, 4, 1])
     assert batch.prefill_group is not None and batch.prefill_group.slots.tolist() == [2, 0, 1]

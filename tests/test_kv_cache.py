@@ -169,12 +169,27 @@ def test_short_prefill_chunks_are_computed_together_as_each_alone(kernel):
         return _one_step(cfg, slots, hist, lens, new, step, max_seq_len=GROUP_PREFILL_MAX + 16)
 
     batch, together = run([6, 2, 0, 4, 1])
-    assert batch.prefill_group is not None and batch.prefill_group.slots.tolist() == [2, 0, 1]
-    assert [seg[1] for seg in batch.prefill] == [6]  # past the bound: one by one
+    # slots 1 and 0 (2 and 7 fresh tokens) together; slot 2 (4 tokens after 5) would pad
+    # the pair past twice its work, slot 6 ends past the bound: one by one
+    assert [g.slots.tolist() for g in batch.prefill_groups] == [[1, 0]]
+    assert sorted(seg[1] for seg in batch.prefill) == [2, 6]
     for s in lens:
         alone_batch, alone = run([s])
-        assert alone_batch.prefill_group is None
+        assert alone_batch.prefill_groups == ()
         torch.testing.assert_close(together[s], alone[s], rtol=0, atol=1e-6)
+
+
+def test_prefill_groups_pad_at_most_twice_their_work():
+    """A chunk ending at 250 beside sixty fresh prompts of 3-5 tokens: the prompts go in
+    groups whose padded work is at most twice their own, the chunk alone."""
+    counts = [3, 4, 5] * 20
+    slots, starts = list(range(61)), [0] * 60 + [240]
+    batch = AttentionBatch.build(slots, starts, counts + [10])
+    assert [seg[1] for seg in batch.prefill] == [60]
+    assert sum(len(g.slots) for g in batch.prefill_groups) == 60
+    for g in batch.prefill_groups:
+        own = sum(int(v) ** 2 for v in g.valid.sum(dim=1))  # fresh prompts: a chunk x its end
+        assert g.rows.numel() * g.length <= 2 * own
 
 
 def test_decode_steps_in_slot_order_take_the_short_path_with_the_same_outputs(kernel):

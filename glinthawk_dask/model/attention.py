@@ -4,8 +4,8 @@ A micro-batch is a list of *segments*, one per sequence: ``count`` new tokens of
 sequence in KV slot ``slot`` at positions ``[start, start + count)``.  Tokens are laid
 end to end in segment order (``T = sum(counts)`` rows).  Segments with one token
 (decode, or the last token of a prefill) go through a batched kernel; longer ones
-(prefill chunks) with a causal mask: short ones together, padded to the longest
-(:class:`PrefillGroup`), long ones per sequence.
+(prefill chunks) with a causal mask: short ones of similar sizes together, padded to
+the longest (:class:`PrefillGroup`), the others per sequence.
 
 GQA never materializes repeated K/V: query heads are grouped per KV head
 (``[.., KVH, G, D]``) and each group attends to its KV head directly.
@@ -89,7 +89,7 @@ class AttentionBatch:
     range_lengths: torch.Tensor | None = None  # [hi - lo] attended lengths, 1 for slots not in the batch
     range_masked: torch.Tensor | None = None  # [hi - lo, decode_span] True where a position is not attended
     all_decode_in_range_order: bool = False  # every token is a decode row and the rows are slots lo..hi-1
-    prefill_group: PrefillGroup | None = None  # short prefill segments, computed together (not in prefill)
+    prefill_groups: tuple[PrefillGroup, ...] = ()  # short prefill segments, computed together (not in prefill)
 
     @property
     def n_tokens(self) -> int:
@@ -144,22 +144,45 @@ class AttentionBatch:
                 range_masked = _masked(range_lengths, decode_span)
                 in_order = len(dec_rows) == row and dec_slots == list(range(lo, hi))
 
-        short = [seg for seg in prefill if seg[2] + seg[3] <= GROUP_PREFILL_MAX]
-        group = None
-        if len(short) >= 2:  # one segment alone: no calls to save
-            group = PrefillGroup.build(short, device)
-            prefill = [seg for seg in prefill if seg[2] + seg[3] > GROUP_PREFILL_MAX]
+        grouped, prefill = _prefill_groups(prefill)
+        groups = tuple(PrefillGroup.build(g, device) for g in grouped)
 
         return cls(
             slots=slots, starts=starts, counts=counts,
             token_slots=t(token_slots), positions=t(positions),
             decode_rows=t(dec_rows), decode_slots=t(dec_slots), decode_lengths=t(dec_lens),
-            decode_range=decode_range, prefill=tuple(prefill), prefill_group=group,
+            decode_range=decode_range, prefill=tuple(prefill), prefill_groups=groups,
             max_position=max((s + c - 1 for s, c in zip(starts, counts)), default=-1),
             decode_span=decode_span, range_index=range_index, range_lengths=range_lengths,
             range_masked=range_masked,
             all_decode_in_range_order=in_order,
         )
+
+
+def _prefill_groups(segments: list[tuple[int, int, int, int]]):
+    """``(groups, alone)``: the segments ``(row, slot, start, count)`` that end within
+    :data:`GROUP_PREFILL_MAX` positions, in groups of two or more whose padded work
+    (segments x longest chunk x furthest end) is at most twice their own (each chunk x
+    its end), taken in order of their ends; and the rest, one by one.  (Padded to one
+    group, a chunk ending at 250 beside sixty fresh prompts of 4 tokens would have cost
+    30 times the work.)"""
+    short = sorted((s for s in segments if s[2] + s[3] <= GROUP_PREFILL_MAX), key=lambda s: (s[2] + s[3], s[3]))
+    groups: list[list[tuple[int, int, int, int]]] = []
+    cur: list[tuple[int, int, int, int]] = []
+    c = end = real = 0
+    for seg in short:
+        c1, end1, real1 = max(c, seg[3]), max(end, seg[2] + seg[3]), real + seg[3] * (seg[2] + seg[3])
+        if cur and (len(cur) + 1) * c1 * end1 > 2 * real1:
+            groups.append(cur)
+            cur, c1, end1, real1 = [], seg[3], seg[2] + seg[3], seg[3] * (seg[2] + seg[3])
+        cur.append(seg)
+        c, end, real = c1, end1, real1
+    if cur:
+        groups.append(cur)
+    together = [g for g in groups if len(g) >= 2]  # one segment alone: no calls to save
+    taken = {seg for g in together for seg in g}
+    alone = [seg for seg in segments if seg not in taken]
+    return together, alone
 
 
 def _masked(lengths: torch.Tensor, length: int) -> torch.Tensor:

@@ -221,8 +221,7 @@ class KVCache:
     def _prefill(kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, batch: AttentionBatch,
                  o: torch.Tensor) -> None:
         # each longer segment's rows of q [T, H, D] → the same rows of o [T, H, D]
-        group = batch.prefill_group
-        if group is not None:  # the short ones at once
+        for group in batch.prefill_groups:  # short ones of similar sizes at once
             o[group.out_rows] = grouped_prefill_attention(q, kc, vc, group)
         for row, slot, start, count in batch.prefill:
             end = start + count

@@ -841,7 +841,7 @@ async def test_a_kept_profile_is_checked_against_the_workers_once_it_is_old(c, s
     speed = {"dense": 1.0, "attention": 1.0}
     real_attention = microbench.attention_points
 
-    def dense_points(config, dtype, device, tokens, repeats=2, rounds=microbench.ROUNDS):
+    def dense_points(config, dtype, device, tokens, repeats=2, rounds=microbench.ROUNDS, layers=None):
         if speed["dense"] is None:
             raise RuntimeError("the dense worker's probe failed")
         return [[t, speed["dense"] * base.dense_layer_s(MODEL, t, 4)] for t in tokens]

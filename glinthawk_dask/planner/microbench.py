@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -164,11 +165,13 @@ def trimmed_mean(values: list[float], cut: int = 6) -> float:
 
 
 def dense_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
-                       tokens: list[int], repeats: int = 2, rounds: int = ROUNDS) -> list[list[float]]:
+                       tokens: list[int], repeats: int = 2, rounds: int = ROUNDS,
+                       layers: tuple[ModelConfig, LayerCycle] | None = None) -> list[list[float]]:
     """``[[tokens, seconds]]``: one layer's dense half (post-attention of one layer and
     pre-attention of the next), back to back over distinct layers: the median of a
-    burst of ``repeats``, a trimmed mean over ``rounds`` rounds through every point."""
-    cfg, layers = _layers(ModelConfig(**config), dtype, device)
+    burst of ``repeats``, a trimmed mean over ``rounds`` rounds through every point.
+    ``layers``: :func:`_layers` of ``config`` already built (None: built here)."""
+    cfg, layers = layers or _layers(ModelConfig(**config), dtype, device)
     seconds = _over_rounds(tokens, lambda t: _time_layers(cfg, layers, t, dtype, device, repeats), rounds)
     return [[t, s] for t, s in zip(tokens, seconds)]
 
@@ -176,14 +179,15 @@ def dense_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
 COLD_GAP = 0.002  # seconds: the idle gap before each job that cold_factor times
 
 
-def cold_factor(config: dict, dtype: torch.dtype, device: torch.device, tokens: int, repeats: int = 8) -> float:
+def cold_factor(config: dict, dtype: torch.dtype, device: torch.device, tokens: int, repeats: int = 8,
+                layers: tuple[ModelConfig, LayerCycle] | None = None) -> float:
     """How much slower a dense layer runs after the worker idled for 2 ms while other
     work passed through the CPU caches (on a CPU; 1.0 elsewhere): what a dense worker
     that waits on attention sees at every layer.  A cluster's profile measures this
     against real round trips instead (``glinthawk_profile_alternate``)."""
     if device.type != "cpu":
         return 1.0
-    cfg, layers = _layers(ModelConfig(**config), dtype, device)
+    cfg, layers = layers or _layers(ModelConfig(**config), dtype, device)
     hot = _time_layers(cfg, layers, tokens, dtype, device, repeats)
     evict = torch.zeros(8 * 2**20 // 4)  # 8 MiB touched in the gap, as attention over a cache would
     cold = _time_layers(cfg, layers, tokens, dtype, device, repeats, gap=COLD_GAP, evict=evict)
@@ -195,7 +199,8 @@ IDLE_GAPS = [0.002, 0.005, 0.02, 0.05]
 
 
 def idle_points(config: dict, dtype: torch.dtype, device: torch.device, tokens: int = 16,
-                gaps: list[float] | None = None, repeats: int = 4, rounds: int = 3) -> list[list[float]]:
+                gaps: list[float] | None = None, repeats: int = 4, rounds: int = 3,
+                layers: tuple[ModelConfig, LayerCycle] | None = None) -> list[list[float]]:
     """``[[gap, seconds]]``: what a dense layer of ``tokens`` tokens costs after the
     worker idled ``gap`` seconds, beyond one back to back (rising with the gap, never
     below 0).  Each round times a burst of ``repeats`` layers back to back, then a burst
@@ -207,8 +212,7 @@ def idle_points(config: dict, dtype: torch.dtype, device: torch.device, tokens: 
     scheduling slice.  A pipeline whose round trips carry tens of milliseconds of
     latency waits that long before its jobs."""
     gaps = sorted(gaps or IDLE_GAPS)
-    cfg, layers = _layers(ModelConfig(**config), dtype, device)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    cfg, layers = layers or _layers(ModelConfig(**config), dtype, device)
     samples: list[list[float]] = [[] for _ in gaps]
     for _ in range(rounds):
         hot = _time_layers(cfg, layers, tokens, dtype, device, repeats)
@@ -216,7 +220,7 @@ def idle_points(config: dict, dtype: torch.dtype, device: torch.device, tokens: 
             samples[i].append(_time_layers(cfg, layers, tokens, dtype, device, repeats, gap=g) - hot)
     out, top = [], 0.0
     for g, xs in zip(gaps, samples):
-        top = max(top, med(xs))  # a longer wait never costs less (the medians' noise aside)
+        top = max(top, statistics.median_high(xs))  # a longer wait never costs less (the medians' noise aside)
         out.append([g, top])
     return out
 
@@ -397,13 +401,15 @@ def dense_points(config: dict, dtype: torch.dtype, device: torch.device, tokens:
     :class:`DenseProfile`."""
     out: dict = {"device": device.type, "dtype": str(dtype).removeprefix("torch."),
                  "threads": torch.get_num_threads()}
+    # the layers the dense timings take in turn, built once (about 0.9 s for SmolLM2 here)
+    layers = _layers(ModelConfig(**config), dtype, device) if tokens or idle else None
     if tokens:
-        out["layer_s"] = dense_layer_points(config, dtype, device, tokens, rounds=rounds)
+        out["layer_s"] = dense_layer_points(config, dtype, device, tokens, rounds=rounds, layers=layers)
         if cold:
-            out["cold_factor"] = cold_factor(config, dtype, device, tokens[len(tokens) // 2])
+            out["cold_factor"] = cold_factor(config, dtype, device, tokens[len(tokens) // 2], layers=layers)
             out["idle_ref_s"] = COLD_GAP
     if idle:
-        out["idle_excess"] = idle_points(config, dtype, device)
+        out["idle_excess"] = idle_points(config, dtype, device, layers=layers)
     if rows:
         out["head_s"] = head_points(config, dtype, device, rows)
     if shapes:

@@ -49,19 +49,13 @@ class PrefillGroup:
         """The group of ``segments`` ``(row, slot, start, count)``."""
         c = max(s[3] for s in segments)
         length = max(s[2] + s[3] for s in segments)
-        rows = [[row + i if i < count else row for i in range(c)] for row, _, _, count in segments]
-        valid = [[i < count for i in range(c)] for *_, count in segments]
+        rows = torch.tensor([[row + i if i < count else row for i in range(c)] for row, _, _, count in segments],
+                            dtype=torch.long, device=device)  # [P, C]
+        valid = torch.tensor([[i < count for i in range(c)] for *_, count in segments], device=device)  # [P, C]
         qpos = torch.tensor([[start + i for i in range(c)] for _, _, start, _ in segments], device=device)  # [P, C]
         masked = torch.arange(length, device=device)[None, None, :] > qpos[:, :, None]  # [P, C, L]
-        return cls(
-            rows=torch.tensor(rows, dtype=torch.long, device=device),
-            valid=torch.tensor(valid, dtype=torch.bool, device=device),
-            slots=torch.tensor([s[1] for s in segments], dtype=torch.long, device=device),
-            masked=masked,
-            out_rows=torch.tensor([row + i for row, _, _, count in segments for i in range(count)],
-                                  dtype=torch.long, device=device),
-            length=length,
-        )
+        slots = torch.tensor([s[1] for s in segments], dtype=torch.long, device=device)  # [P]
+        return cls(rows=rows, valid=valid, slots=slots, masked=masked, out_rows=rows[valid], length=length)
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,9 @@ class DenseProbes:
         worker's device and compute stream: the dense layer curve at ``tokens`` (over
         ``rounds`` rounds; None: as many as a profile's), the cold factor (unless not
         ``cold``: a profile with an attention worker measures it against real round trips,
-        :meth:`profile_alternate`), with ``idle`` what longer idle gaps add, the head curve at ``rows``, attention points at
-        ``attention`` shapes ([sequences, context, new tokens]) and the driver's cost."""
+        :meth:`profile_alternate`), with ``idle`` what longer idle gaps add, the head curve
+        at ``rows``, attention points at ``attention`` shapes ([sequences, context, new
+        tokens]) and the driver's cost."""
         from ..planner import microbench as mb
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -96,7 +96,7 @@ class DenseProbes:
         layer_s: list[float] = []
         job_s: list[float] = []
         cycle_s: list[float] = []
-        started: dict[int, float] = {}  # each chain's last job start
+        started: dict[int, float] = {}  # each chain's last job start (chains may share a channel)
         attention: list[float] = []
         ended: list[bool] = []  # set once: replies still in flight then go nowhere
 
@@ -105,15 +105,15 @@ class DenseProbes:
                 ended.append(True)
                 settle_threadsafe(done, None, error)
 
-        def job(channel: Any) -> None:  # on the stream thread, as a run's dense jobs
+        def job(chain: int, channel: Any) -> None:  # on the stream thread, as a run's dense jobs
             if ended:
                 return
             i = len(job_s)
             with torch.inference_mode():
                 t = time.perf_counter()
-                if id(channel) in started:
-                    cycle_s.append(t - started[id(channel)])
-                started[id(channel)] = t
+                if chain in started:
+                    cycle_s.append(t - started[chain])
+                started[chain] = t
                 (a, b), = layers.take(1)  # through every layer, as a run's steps
                 post_pre_attention(mcfg, a, b, x, o, cos, cos)
                 if device.type == "cuda":
@@ -121,21 +121,21 @@ class DenseProbes:
             layer_s.append(time.perf_counter() - t)
             if i + 1 < n + warm:
                 channel.request("glinthawk_attend_probe", {"config": config}, {"q": q, "k": kv, "v": kv},
-                                lambda r, e: answered(channel, r, e), 60.0)
+                                lambda r, e: answered(chain, channel, r, e), 60.0)
             job_s.append(time.perf_counter() - t)
             if len(job_s) >= n + warm:
                 finish(None)
 
-        def answered(channel: Any, reply: Any, error: BaseException | None) -> None:
+        def answered(chain: int, channel: Any, reply: Any, error: BaseException | None) -> None:
             if error is not None:
                 finish(error)
                 return
             attention.append(float(reply.get("s", 0.0)) if isinstance(reply, dict) else 0.0)
-            self.stream.push(0, lambda: job(channel), kind=None)
+            self.stream.push(0, lambda: job(chain, channel), kind=None)
 
         def start() -> None:
-            for ch in channels:
-                self.stream.push(0, lambda ch=ch: job(ch), kind=None)
+            for i, ch in enumerate(channels):
+                self.stream.push(0, lambda i=i, ch=ch: job(i, ch), kind=None)
 
         await self.stream.run(start)
         await done

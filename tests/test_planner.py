@@ -591,6 +591,25 @@ def test_a_dense_budget_shrinks_single_tier_and_hybrid_beats_both_tiers():
                                                                                              "round trip")
 
 
+def test_hybrid_all_local_under_a_budget_steps_as_the_single_tier_run_it_is():
+    # A micro-batch size past the step budget, its local micro-batch shrunk to 8 slots:
+    # the run places one micro-batch of 8, and its steps hold 8 tokens, as single-tier's
+    # (runs raise the budget to their largest placed micro-batch, not to the size asked)
+    prof = _kv_profile()
+    w = Workload.uniform(32, 8, 16)
+    common = {"micro_batch_size": 32, "micro_batches": 1, "max_step_tokens": 4,
+              "dense_kv_budget": 8 * _kv_slot(w.max_len)}
+    single = simulate(prof, MODEL, w, RunConfig(mode="single-tier", **common))
+    every = simulate(prof, MODEL, w, RunConfig(mode="hybrid", attention=2, local_micro_batches=1, **common))
+    assert single.feasible and every.feasible and every.local_batch_size == single.micro_batch_size == 8
+    assert every.config.max_step_tokens == single.config.max_step_tokens == 8
+    assert every.steps == single.steps and every.tokens_per_s == pytest.approx(single.tokens_per_s, rel=1e-12)
+    # with a remote micro-batch beside it, the remote one's 32 slots set the budget
+    mixed = simulate(prof, MODEL, w, RunConfig(mode="hybrid", attention=2, **{**common, "micro_batches": 2},
+                                               local_micro_batches=1))
+    assert mixed.feasible and mixed.micro_batches == 2 and mixed.config.max_step_tokens == 32
+
+
 @pytest.mark.parametrize("prof", [_profile(), _kv_profile(), _profile(d=4e-3, att=1e-4, rtt=1e-4)],
                          ids=["hand", "kv", "dense-heavy"])
 def test_without_a_budget_the_best_hybrid_is_the_better_tier(prof):

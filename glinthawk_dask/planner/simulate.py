@@ -195,14 +195,14 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
         if dense_cap is not None and pred.kv_bytes_dense > dense_cap:
             return _infeasible(pred, f"KV of {pred.kv_bytes_dense / 2**30:.2f} GiB per dense worker exceeds its "
                                      f"{dense_cap / 2**30:.2f} GiB")
-    if c.max_step_tokens < max(mb_size, pred.local_batch_size):  # a step holds a whole micro-batch, as runs do
-        c = dataclasses.replace(c, max_step_tokens=max(mb_size, pred.local_batch_size))
+    sizes = tuple(pred.local_batch_size if mb < n_local else mb_size for mb in range(depth))  # as placed
+    if c.max_step_tokens < max(sizes):  # a step holds its largest micro-batch whole, as runs do
+        c = dataclasses.replace(c, max_step_tokens=max(sizes))
         pred.config = c
     too_long = [p for p in workload.prompt_lens if p >= seq_len]
     if too_long:
         return _infeasible(pred, f"a prompt of {too_long[0]} tokens leaves no room in KV slots of {seq_len}")
 
-    sizes = tuple(pred.local_batch_size if mb < n_local else mb_size for mb in range(depth))
     if cache is None:
         cache = {}
     # the steps depend on the micro-batches and the workload alone: configurations that

@@ -141,3 +141,15 @@ def test_generate_takes_prompts_as_arguments_and_reads_stdin_without_them():
     assert [r["prompt"] for r in _lines(result.output)] == ["only"]
     # nothing anywhere: one line
     _assert_one_line_error(_invoke("--model", "random:tiny-gqa", input=""), "no prompts", "--input")
+
+
+def test_generate_refuses_a_file_given_as_a_prompt(tmp_path):
+    # a JSONL file passed where the prompts go would have its path completed as text
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    _assert_one_line_error(_invoke("--model", "random:tiny-gqa", "--mode", "in-process", str(path)),
+                           "is a file", f"--input {path}")
+    # the same text through --prompt is completed as written
+    result = _invoke("--model", "random:tiny-gqa", "--mode", "in-process", "--prompt", str(path))
+    assert result.exit_code == 0, result.output
+    assert [r["prompt"] for r in _lines(result.output)] == [str(path)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any, BinaryIO, Iterator, TextIO
@@ -83,6 +84,10 @@ def generate(
     from ..errors import InvalidRequestError
     from ..sampling import SamplingParams
 
+    for text in prompt_args:  # a path given where the prompts go: its text would be completed, quietly
+        if "\n" not in text and len(text) < 4096 and os.path.isfile(text):
+            raise click.UsageError(f"the argument {text!r} is a file: read its prompts with --input {text} "
+                                   "(JSONL), or pass the text itself with --prompt to complete it as written")
     prompts = prompt_args + prompts
     no_prompts = "give prompts as arguments, with --prompt TEXT or with --input FILE (JSONL)"
     if input_path is None and not prompts:

@@ -143,6 +143,28 @@ def test_bench_layer_cycle_splits_a_round_trip(tmp_path):
     assert re.search(r"^\s+0\s+[\d.]+\s+\d+%", proc.stdout, re.MULTILINE)
 
 
+def test_bench_plans_measures_plans_beside_the_auto_one(tmp_path):
+    """The plans benchmark at a tiny size: every plan and the auto one measured against
+    in-process, each with the planner's prediction, greedy tokens the same."""
+    out = tmp_path / "plans.json"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_plans.py"), "--batch", "4", "--new-tokens", "2",
+           "--plans", "2x1,2x2", "--rounds", "1", "--json", str(out)]
+    env = {**os.environ, "DASK_GLINTHAWK__PLANNER__PROFILE_CACHE": str(tmp_path / "profiles")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert [r["plan"] for r in report["runs"]] == ["in-process", "auto", "2x1", "2x2"]
+    assert all(r["tokens_per_s"] > 0 for r in report["runs"])
+    plans = {r["plan"]: r for r in report["runs"][1:]}
+    assert (plans["2x1"]["size"], plans["2x1"]["depth"], plans["2x2"]["size"], plans["2x2"]["depth"]) == (2, 1, 2, 2)
+    assert all(r["identical"] == 4 and r["predicted_tokens_per_s"] > 0 and r["ratio"] > 0 for r in plans.values())
+    summary = report["summary"]
+    assert summary["fastest_plan"] in ("2x1", "2x2") and summary["auto_over_fastest"] > 0
+    assert summary["auto_plan"] == f"{plans['auto']['size']}x{plans['auto']['depth']}"
+    assert re.search(r"^auto planned \d+x\d+: [\d.]+x the fastest plan measured \(2x[12]\)", proc.stdout,
+                     re.MULTILINE), proc.stdout
+
+
 def test_bench_spin_runs_two_clusters_with_their_own_openmp_spin(tmp_path):
     """The spin benchmark at a tiny size: three clusters whose workers started with the
     spin counts (and attention threads, and threads to try) asked, each measured against

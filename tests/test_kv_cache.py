@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from glinthawk_dask.model import cpu_attention, from_name
+from glinthawk_dask.model import attention, cpu_attention, from_name
 from glinthawk_dask.model.attention import AttentionBatch, decode_attention, prefill_attention
 from glinthawk_dask.model.kv_cache import KVCache, KVCacheError, KVCacheFullError
 
@@ -179,6 +179,32 @@ def test_short_prefill_chunks_are_computed_together_as_each_alone(kernel):
         torch.testing.assert_close(together[s], alone[s], rtol=0, atol=1e-6)
 
 
+def test_the_compiled_kernel_computes_prefill_chunks_as_the_torch_kernel(monkeypatch):
+    """Short prefill chunks (fresh prompts of different lengths, one continuing a cached
+    prefix) go through the compiled kernel a token at a time, the chunk past the bound
+    through torch's, decode rows beside them: the outputs are torch's to float rounding."""
+    from glinthawk_dask.model.attention import GROUP_PREFILL_MAX
+
+    torch.manual_seed(3)
+    cfg = from_name("tiny-gqa")
+    h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    lens = {0: 0, 1: 0, 2: 5, 4: 9, 6: GROUP_PREFILL_MAX - 3}
+    new = {0: 7, 1: 2, 2: 4, 4: 1, 6: 8}
+    hist = {s: (torch.randn(n, kvh, d), torch.randn(n, kvh, d)) for s, n in lens.items() if n}
+    step = {s: (torch.randn(n, h, d), torch.randn(n, kvh, d), torch.randn(n, kvh, d)) for s, n in new.items()}
+    monkeypatch.setenv("GLINTHAWK_TORCH_ATTENTION", "0")
+    assert cpu_attention.available()
+    out = {}
+    for name, flag in (("compiled", "0"), ("torch", "1")):
+        monkeypatch.setenv("GLINTHAWK_TORCH_ATTENTION", flag)
+        batch, out[name] = _one_step(cfg, [6, 2, 0, 4, 1], hist, lens, new, step,
+                                     max_seq_len=GROUP_PREFILL_MAX + 16)
+    assert batch.kernel_rows.tolist() == [8 + i for i in range(14)]  # every row but slot 6's chunk
+    assert [seg[1] for seg in batch.prefill_long] == [6]
+    for s in lens:
+        torch.testing.assert_close(out["compiled"][s], out["torch"][s], rtol=1e-5, atol=1e-6)
+
+
 def test_prefill_groups_pad_at_most_twice_their_work():
     """A chunk ending at 250 beside sixty fresh prompts of 3-5 tokens: the prompts go in
     groups whose padded work is at most twice their own, the chunk alone."""
@@ -261,8 +287,10 @@ def test_compiled_decode_matches_the_torch_kernel_whatever_the_threads(n_heads, 
 
 
 def test_cache_attends_float32_on_the_cpu_with_the_compiled_kernel(monkeypatch):
-    """A float32 CPU cache sends its decode rows (in order, or mixed with a prefill chunk)
-    through the compiled kernel; bfloat16 and the torch switch keep the torch kernel."""
+    """A float32 CPU cache sends its decode rows and its prefill chunks that end within
+    the bound (each token a query of its own) through the compiled kernel, and longer
+    chunks through the torch kernel beside it; bfloat16 and the torch switch keep the
+    torch kernel."""
     calls = []
     compiled = cpu_attention.decode_attention_slots
     monkeypatch.setattr(cpu_attention, "decode_attention_slots", lambda *a, **k: calls.append(len(a[0])) or compiled(*a, **k))
@@ -281,7 +309,11 @@ def test_cache_attends_float32_on_the_cpu_with_the_compiled_kernel(monkeypatch):
         return cache.attend(0, torch.randn(5, h, d), torch.randn(5, kvh, d), torch.randn(5, kvh, d), mixed)
 
     assert step(torch.float32).shape == (5, h, d)
-    assert calls == [3, 2]
+    assert calls == [9, 3, 5]  # every row of each step
+    calls.clear()
+    monkeypatch.setattr(attention, "GROUP_PREFILL_MAX", 4)  # the mixed step's chunk (positions 3-5) past it
+    assert step(torch.float32).shape == (5, h, d)
+    assert calls == [9, 3, 2]
     calls.clear()
     step(torch.bfloat16)
     monkeypatch.setenv("GLINTHAWK_TORCH_ATTENTION", "1")

@@ -5,7 +5,9 @@ sequence in KV slot ``slot`` at positions ``[start, start + count)``.  Tokens ar
 end to end in segment order (``T = sum(counts)`` rows).  Segments with one token
 (decode, or the last token of a prefill) go through a batched kernel; longer ones
 (prefill chunks) with a causal mask: short ones of similar sizes together, padded to
-the longest (:class:`PrefillGroup`), the others per sequence.
+the longest (:class:`PrefillGroup`), the others per sequence.  Where the compiled CPU
+kernel serves the cache (:mod:`~.cpu_attention`), it takes the short chunks too, each
+token as a query of its own over the positions up to its own (``kernel_rows``).
 
 GQA never materializes repeated K/V: query heads are grouped per KV head
 (``[.., KVH, G, D]``) and each group attends to its KV head directly.
@@ -23,7 +25,10 @@ __all__ = ["AttentionBatch", "PrefillGroup", "decode_attention", "prefill_attent
 # Prefill segments ending at most this many positions into their sequence are computed
 # together (padded to the longest); longer ones one by one, where padding would cost more
 # than the calls it saves.  Per sequence, each segment cost about 0.1 ms of calls a layer
-# on the 2-core VM: 512 prompts of 10 tokens spent 1.1 s of a 5.7 s run there.
+# on the 2-core VM: 512 prompts of 10 tokens spent 1.1 s of a 5.7 s run there.  The
+# compiled CPU kernel takes these segments token by token instead: on one core it ran
+# 256 prompts of 10 tokens in 1.6 ms against 14 ms grouped, 64 of 128 in 52 against 111,
+# 4 of 256 in 12 against 18 (and 2 of 200 alike), so one bound serves both.
 GROUP_PREFILL_MAX = 256
 
 
@@ -84,6 +89,15 @@ class AttentionBatch:
     range_masked: torch.Tensor | None = None  # [hi - lo, decode_span] True where a position is not attended
     all_decode_in_range_order: bool = False  # every token is a decode row and the rows are slots lo..hi-1
     prefill_groups: tuple[PrefillGroup, ...] = ()  # short prefill segments, computed together (not in prefill)
+    # For the compiled CPU kernel (batches built on the CPU): every row it computes, as a
+    # query of its own (decode rows and the rows of prefill segments ending within
+    # GROUP_PREFILL_MAX), in row order, its slot and attended length (its position + 1);
+    # and the longer segments.
+    kernel_rows: torch.Tensor | None = None  # [Nk]
+    kernel_slots: torch.Tensor | None = None  # [Nk]
+    kernel_lengths: torch.Tensor | None = None  # [Nk]
+    kernel_all_rows: bool = False  # kernel_rows is every row, 0..T-1
+    prefill_long: tuple[tuple[int, int, int, int], ...] = ()  # (row, slot, start, count), ending past the bound
 
     @property
     def n_tokens(self) -> int:
@@ -107,7 +121,8 @@ class AttentionBatch:
         token_slots: list[int] = []
         positions: list[int] = []
         dec_rows, dec_slots, dec_lens = [], [], []
-        prefill = []
+        k_rows, k_slots, k_lens = [], [], []
+        prefill, prefill_long = [], []
         row = 0
         for slot, start, count in zip(slots, starts, counts):
             token_slots.extend([slot] * count)
@@ -118,6 +133,12 @@ class AttentionBatch:
                 dec_lens.append(start + 1)
             else:
                 prefill.append((row, slot, start, count))
+            if start + count <= GROUP_PREFILL_MAX or count == 1:
+                k_rows.extend(range(row, row + count))
+                k_slots.extend([slot] * count)
+                k_lens.extend(range(start + 1, start + count + 1))
+            else:
+                prefill_long.append((row, slot, start, count))
             row += count
 
         def t(values: list[int]) -> torch.Tensor:
@@ -150,6 +171,9 @@ class AttentionBatch:
             decode_span=decode_span, range_index=range_index, range_lengths=range_lengths,
             range_masked=range_masked,
             all_decode_in_range_order=in_order,
+            **({"kernel_rows": t(k_rows), "kernel_slots": t(k_slots), "kernel_lengths": t(k_lens),
+                "kernel_all_rows": len(k_rows) == row} if torch.device(device).type == "cpu" else {}),
+            prefill_long=tuple(prefill_long),
         )
 
 

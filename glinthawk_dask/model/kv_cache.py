@@ -196,15 +196,23 @@ class KVCache:
         kc[batch.token_slots, :, batch.positions] = k.to(self.dtype)  # rows [T, KVH, D]
         vc[batch.token_slots, :, batch.positions] = v.to(self.dtype)
         q = q.to(self.dtype)
-        if len(batch.decode_rows) and cpu_attention.supported(q, kc):  # compiled, read from the slots
+        if batch.kernel_rows is not None and len(batch.kernel_rows) and cpu_attention.supported(q, kc):
+            # compiled, read from the slots: decode rows and short prefill chunks, each row a
+            # query over its own positions
             threads = torch.get_num_threads() if self.threads is None else self.threads
-            if batch.all_decode_in_range_order:
-                return cpu_attention.decode_attention_slots(q, kc, vc, batch.decode_slots, batch.decode_lengths,
+            if len(batch.kernel_rows) > len(batch.decode_rows):  # prefill rows: torch's threads, as its kernel's
+                threads = max(threads, torch.get_num_threads())
+            if batch.kernel_all_rows:
+                return cpu_attention.decode_attention_slots(q, kc, vc, batch.kernel_slots, batch.kernel_lengths,
                                                             threads)
             o = torch.empty_like(q)  # [T, H, D]
-            o[batch.decode_rows] = cpu_attention.decode_attention_slots(
-                q[batch.decode_rows], kc, vc, batch.decode_slots, batch.decode_lengths, threads)
-            self._prefill(kc, vc, q, batch, o)
+            o[batch.kernel_rows] = cpu_attention.decode_attention_slots(
+                q[batch.kernel_rows], kc, vc, batch.kernel_slots, batch.kernel_lengths, threads)
+            for row, slot, start, count in batch.prefill_long:
+                end = start + count
+                o[row : row + count] = prefill_attention(
+                    q[row : row + count], kc[slot, :, :end], vc[slot, :, :end], start
+                )
             return o
         if batch.all_decode_in_range_order:  # the common decode step: q's rows are the range's
             lo, hi = batch.decode_range

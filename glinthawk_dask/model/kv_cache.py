@@ -200,8 +200,6 @@ class KVCache:
             # compiled, read from the slots: decode rows and short prefill chunks, each row a
             # query over its own positions
             threads = torch.get_num_threads() if self.threads is None else self.threads
-            if len(batch.kernel_rows) > len(batch.decode_rows):  # prefill rows: torch's threads, as its kernel's
-                threads = max(threads, torch.get_num_threads())
             if batch.kernel_all_rows:
                 return cpu_attention.decode_attention_slots(q, kc, vc, batch.kernel_slots, batch.kernel_lengths,
                                                             threads)

@@ -15,6 +15,7 @@ GQA never materializes repeated K/V: query heads are grouped per KV head
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,6 +31,11 @@ __all__ = ["AttentionBatch", "PrefillGroup", "decode_attention", "prefill_attent
 # 256 prompts of 10 tokens in 1.6 ms against 14 ms grouped, 64 of 128 in 52 against 111,
 # 4 of 256 in 12 against 18 (and 2 of 200 alike), so one bound serves both.
 GROUP_PREFILL_MAX = 256
+
+
+def _short(start: int, count: int) -> bool:
+    """Whether a prefill segment ends within :data:`GROUP_PREFILL_MAX` positions."""
+    return start + count <= GROUP_PREFILL_MAX
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class AttentionBatch:
     decode_slots: torch.Tensor  # [Nd]
     decode_lengths: torch.Tensor  # [Nd] attended length (start + 1)
     decode_range: tuple[int, int] | None  # (lo, hi) if decode slots are dense in [lo, hi)
-    prefill: tuple[tuple[int, int, int, int], ...]  # (row, slot, start, count) of longer segments, one by one
+    prefill_segments: tuple[tuple[int, int, int, int], ...]  # (row, slot, start, count) of longer segments
     max_position: int = -1  # the largest position, known on the host (no device sync to check it)
     # Derived once per step for every layer that attends with this layout:
     decode_span: int = 0  # max(decode_lengths), on the host
@@ -88,7 +94,6 @@ class AttentionBatch:
     range_lengths: torch.Tensor | None = None  # [hi - lo] attended lengths, 1 for slots not in the batch
     range_masked: torch.Tensor | None = None  # [hi - lo, decode_span] True where a position is not attended
     all_decode_in_range_order: bool = False  # every token is a decode row and the rows are slots lo..hi-1
-    prefill_groups: tuple[PrefillGroup, ...] = ()  # short prefill segments, computed together (not in prefill)
     # For the compiled CPU kernel (batches built on the CPU): every row it computes, as a
     # query of its own (decode rows and the rows of prefill segments ending within
     # GROUP_PREFILL_MAX), in row order, its slot and attended length (its position + 1);
@@ -102,6 +107,22 @@ class AttentionBatch:
     @property
     def n_tokens(self) -> int:
         return len(self.positions)
+
+    @functools.cached_property
+    def _torch_prefill(self) -> tuple[tuple[PrefillGroup, ...], tuple[tuple[int, int, int, int], ...]]:
+        # laid out on first use: caches the compiled kernel serves never need it
+        grouped, alone = _prefill_groups(list(self.prefill_segments))
+        return tuple(PrefillGroup.build(g, self.positions.device) for g in grouped), tuple(alone)
+
+    @property
+    def prefill_groups(self) -> tuple[PrefillGroup, ...]:
+        """Short prefill segments, computed together by the torch kernels (not in :attr:`prefill`)."""
+        return self._torch_prefill[0]
+
+    @property
+    def prefill(self) -> tuple[tuple[int, int, int, int], ...]:
+        """``(row, slot, start, count)`` of the prefill segments the torch kernels compute one by one."""
+        return self._torch_prefill[1]
 
     @classmethod
     def build(
@@ -133,7 +154,7 @@ class AttentionBatch:
                 dec_lens.append(start + 1)
             else:
                 prefill.append((row, slot, start, count))
-            if start + count <= GROUP_PREFILL_MAX or count == 1:
+            if count == 1 or _short(start, count):
                 k_rows.extend(range(row, row + count))
                 k_slots.extend([slot] * count)
                 k_lens.extend(range(start + 1, start + count + 1))
@@ -159,14 +180,11 @@ class AttentionBatch:
                 range_masked = _masked(range_lengths, decode_span)
                 in_order = len(dec_rows) == row and dec_slots == list(range(lo, hi))
 
-        grouped, prefill = _prefill_groups(prefill)
-        groups = tuple(PrefillGroup.build(g, device) for g in grouped)
-
         return cls(
             slots=slots, starts=starts, counts=counts,
             token_slots=t(token_slots), positions=t(positions),
             decode_rows=t(dec_rows), decode_slots=t(dec_slots), decode_lengths=t(dec_lens),
-            decode_range=decode_range, prefill=tuple(prefill), prefill_groups=groups,
+            decode_range=decode_range, prefill_segments=tuple(prefill),
             max_position=max((s + c - 1 for s, c in zip(starts, counts)), default=-1),
             decode_span=decode_span, range_index=range_index, range_lengths=range_lengths,
             range_masked=range_masked,
@@ -184,7 +202,7 @@ def _prefill_groups(segments: list[tuple[int, int, int, int]]):
     its end), taken in order of their ends; and the rest, one by one.  (Padded to one
     group, a chunk ending at 250 beside sixty fresh prompts of 4 tokens would have cost
     30 times the work.)"""
-    short = sorted((s for s in segments if s[2] + s[3] <= GROUP_PREFILL_MAX), key=lambda s: (s[2] + s[3], s[3]))
+    short = sorted((s for s in segments if _short(s[2], s[3])), key=lambda s: (s[2] + s[3], s[3]))
     groups: list[list[tuple[int, int, int, int]]] = []
     cur: list[tuple[int, int, int, int]] = []
     c = end = real = 0

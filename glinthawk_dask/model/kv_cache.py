@@ -206,11 +206,7 @@ class KVCache:
             o = torch.empty_like(q)  # [T, H, D]
             o[batch.kernel_rows] = cpu_attention.decode_attention_slots(
                 q[batch.kernel_rows], kc, vc, batch.kernel_slots, batch.kernel_lengths, threads)
-            for row, slot, start, count in batch.prefill_long:
-                end = start + count
-                o[row : row + count] = prefill_attention(
-                    q[row : row + count], kc[slot, :, :end], vc[slot, :, :end], start
-                )
+            self._prefill_each(kc, vc, q, batch.prefill_long, o)
             return o
         if batch.all_decode_in_range_order:  # the common decode step: q's rows are the range's
             lo, hi = batch.decode_range
@@ -229,7 +225,13 @@ class KVCache:
         # each longer segment's rows of q [T, H, D] → the same rows of o [T, H, D]
         for group in batch.prefill_groups:  # short ones of similar sizes at once
             o[group.out_rows] = grouped_prefill_attention(q, kc, vc, group)
-        for row, slot, start, count in batch.prefill:
+        KVCache._prefill_each(kc, vc, q, batch.prefill, o)
+
+    @staticmethod
+    def _prefill_each(kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor,
+                      segments: tuple[tuple[int, int, int, int], ...], o: torch.Tensor) -> None:
+        # each segment (row, slot, start, count) on its own: q's rows [C, H, D] → o's
+        for row, slot, start, count in segments:
             end = start + count
             o[row : row + count] = prefill_attention(
                 q[row : row + count], kc[slot, :, :end], vc[slot, :, :end], start

@@ -67,18 +67,6 @@ def parse_plans(text: str) -> list[tuple[int, int]]:
     return plans
 
 
-def predicted(llm: LLM, prompt_ids: Sequence[list[int]], new_tokens: int, summary: Any, steps: int) -> float:
-    """The planner's tokens/s for the plan ``summary`` ran, on the cluster's kept profile."""
-    from glinthawk_dask.planner.simulate import RunConfig, Workload, simulate
-    from glinthawk_dask.runtime.profiler import cluster_profile
-
-    profile, _ = llm.client.sync(cluster_profile, llm.client, llm.config, model=DEFAULT_MODEL, dtype=bt.DTYPE)
-    workload = Workload(tuple(len(p) for p in prompt_ids), (new_tokens,) * len(prompt_ids))
-    return simulate(profile, llm.config, workload, RunConfig(
-        micro_batch_size=summary.micro_batch_size, micro_batches=summary.n_micro_batches,
-        attention=len(set(summary.attention_of())), max_step_tokens=steps)).tokens_per_s
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64, help="prompts (default 64)")
@@ -130,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 else:
                     s = llm.engine.last_summary
                     run.update(size=s.micro_batch_size, depth=s.n_micro_batches, ratio=rate / ip_rate,
-                               predicted_tokens_per_s=predicted(llm, prompt_ids, args.new_tokens, s, steps),
+                               predicted_tokens_per_s=bt.predicted_pair(llm, prompt_ids, args.new_tokens, s,
+                                                                        ip_steps, steps)["two_tier"],
                                identical=sum(list(a) == list(b) for a, b in zip(outputs, reference)))
                     line = (f"{name:>10} {rate:7.1f} tok/s ({s.micro_batch_size} x {s.n_micro_batches}): "
                             f"{run['ratio']:.2f}x in-process, predicted {run['predicted_tokens_per_s']:.1f}, "

@@ -13,7 +13,7 @@
    prompts of ``--prompt-tokens`` tokens x ``--new-tokens`` greedy tokens (EOS ignored),
    in ``--rounds`` rounds; each round runs both kernels in turn (the order swapped every
    round), switched in this process and on the live workers with
-   ``GLINTHAWK_TORCH_ATTENTION`` (read at every call), and under each the in-process
+   ``GLINTHAWK_TORCH_ATTENTION`` (read as each run opens its caches), and under each the in-process
    engine, then two-tier.  It prints tokens/s, the two-tier / in-process ratio of each
    kernel and the machine's CPU shares, then the medians, and checks that every run's
    tokens equal in-process's with the same kernel (and says whether the kernels agree).

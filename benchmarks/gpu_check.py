@@ -252,9 +252,9 @@ def _attention_bandwidth(cfg: dict, dtype: str, n_slots: int, context: int, n_la
 
     c = ModelConfig(**cfg).replace(n_layers=n_layers)
     dt = getattr(_torch, dtype)
-    cache = KVCache(c, n_slots, context, dtype=dt)
+    # zeroed: every page committed, as the slots of a long run are; values do not change the speed
+    cache = KVCache(c, n_slots, context, dtype=dt, zeroed=True)
     g = _torch.Generator().manual_seed(0)
-    # KVCache zero-fills its blocks (every page committed); values do not change the speed.
     for s in range(n_slots):
         cache.allocate(f"s{s}", s)
     cache.lengths[:] = context - 1

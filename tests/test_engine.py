@@ -254,3 +254,25 @@ def test_llm_builds_its_batching_config_from_its_options():
     assert (cfg.micro_batch_size, cfg.max_step_tokens, cfg.max_seq_len) == (8, 8, 32)
     reqs = [Request(f"r{i}", [1 + i, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)) for i in range(5)]
     assert all(len(c.completion_token_ids) == 3 for c in llm.engine.generate(reqs))
+
+
+def test_the_engine_reopens_its_cache_when_the_attention_kernel_switches(tiny_weights, monkeypatch):
+    """A cache the compiled kernel served was opened unwritten, so a later call with the
+    torch kernel asked for (which reads past slots' lengths) gets a zeroed cache of its own,
+    and the same tokens."""
+    prompts = _prompts(5, tiny_weights.config.vocab_size, seed=7)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    engine = InProcessEngine(tiny_weights, config=EngineConfig(micro_batch_size=4))
+
+    def tokens():
+        reqs = [Request(str(i), p, params) for i, p in enumerate(prompts)]
+        return {c.id: c.completion_token_ids for c in engine.generate(reqs)}
+
+    monkeypatch.setenv("GLINTHAWK_TORCH_ATTENTION", "0")
+    compiled = tokens()
+    first = engine.cache
+    assert first.compiled
+    assert tokens() == compiled and engine.cache is first  # kept while the kernel stays
+    monkeypatch.setenv("GLINTHAWK_TORCH_ATTENTION", "1")
+    assert tokens() == compiled
+    assert engine.cache is not first and not engine.cache.compiled

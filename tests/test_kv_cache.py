@@ -369,3 +369,54 @@ print(len(warmed), len(cpu_attention._compile().signatures))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_a_compiled_cache_opens_unwritten_and_reads_only_what_it_wrote():
+    """A float32 CPU cache is opened without zeroing (``torch.empty``): its reads stop at
+    each slot's length.  Filled with NaN where nothing was written, a prefill step
+    (fresh prompts, one chunk past the bound), a decode step and a mixed step with a
+    reused slot give exactly a zeroed cache's outputs."""
+    from glinthawk_dask.model.attention import GROUP_PREFILL_MAX
+
+    torch.manual_seed(4)
+    cfg = from_name("tiny-gqa")
+    h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    seq = GROUP_PREFILL_MAX + 32
+    steps = [  # (slots, starts, counts)
+        ([0, 1, 2], [0, 0, 0], [5, 1, GROUP_PREFILL_MAX + 3]),  # slot 2's chunk ends past the bound
+        ([0, 1, 2], [5, 1, GROUP_PREFILL_MAX + 3], [1, 1, 1]),
+        ([0, 1, 2], [6, 2, GROUP_PREFILL_MAX + 4], [3, 1, 2]),
+    ]
+    data = [tuple(torch.randn(sum(c), *shape) for shape in ((h, d), (kvh, d), (kvh, d))) for _, _, c in steps]
+    out = {}
+    for name, zeroed in (("unwritten", False), ("zeroed", True)):
+        cache = KVCache(cfg, n_slots=4, max_seq_len=seq, layer_stop=1, zeroed=zeroed)
+        assert cache.compiled
+        if not zeroed:
+            cache.k.fill_(float("nan"))
+            cache.v.fill_(float("nan"))
+        for s in range(3):
+            cache.allocate(s, s)
+        outs = []
+        for i, ((slots, starts, counts), (q, k, v)) in enumerate(zip(steps, data)):
+            if i == 2:  # slot 1 finished; its slot goes to a new sequence, written from 0
+                cache.apply([1], [("new", 1)])
+                starts = [starts[0], 0, starts[2]]
+            outs.append(cache.attend(0, q, k, v, AttentionBatch.build(slots, starts, counts)))
+        out[name] = outs
+    for a, b in zip(out["unwritten"], out["zeroed"]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_caches_the_torch_kernels_serve_start_zeroed(monkeypatch):
+    """The torch kernels read past a slot's length under a mask: bfloat16 caches, and
+    float32 ones while the torch kernel is asked for, start at zero."""
+    cfg = from_name("tiny-gqa")
+    assert KVCache(cfg, n_slots=2, max_seq_len=8).compiled
+    bf16 = KVCache(cfg, n_slots=2, max_seq_len=8, dtype=torch.bfloat16)
+    monkeypatch.setenv("GLINTHAWK_TORCH_ATTENTION", "1")
+    switched = KVCache(cfg, n_slots=2, max_seq_len=8)
+    for cache in (bf16, switched):
+        assert not cache.compiled
+        assert not cache.k.any() and not cache.v.any()

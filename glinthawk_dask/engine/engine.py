@@ -112,7 +112,8 @@ class InProcessEngine:
     def _cache_for(self, max_seq_len: int) -> KVCache:
         n_slots = self.config.micro_batch_size * self.config.n_micro_batches
         c = self.cache
-        if c is None or c.max_seq_len < max_seq_len or c.n_slots != n_slots:
+        if (c is None or c.max_seq_len < max_seq_len or c.n_slots != n_slots
+                or c.compiled != KVCache.compiled_for(c.dtype, c.device)):  # the kernel switched since
             self.cache = None  # drop the old one before allocating the new one
             c = self.cache = KVCache(
                 self.weights.config, n_slots, max_seq_len,

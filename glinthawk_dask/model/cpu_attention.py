@@ -18,8 +18,8 @@ small pool of threads (the kernel releases the GIL); small batches stay on the c
 thread.  Results equal :func:`~.attention.decode_attention`'s to float rounding (the
 order of the sums, and an exponential within 2 ulp of torch's).
 
-Only float32 caches on the CPU use it (:func:`supported`); other dtypes and devices, and
-a machine without Numba, use :func:`~.attention.decode_attention`.
+Only float32 caches on the CPU use it (:meth:`~.kv_cache.KVCache.compiled_for`); other
+dtypes and devices, and a machine without Numba, use :func:`~.attention.decode_attention`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "supported", "decode_attention_slots", "warm"]
+__all__ = ["available", "decode_attention_slots", "warm"]
 
 # Below this many cached positions to read (sum of lengths x KV heads), a split over
 # threads costs more in hand-overs than it saves: about 0.1 ms of work on one core.
@@ -159,12 +159,6 @@ def warm() -> None:
     decode_attention_slots(q, kv, kv, one - 1, one, 1)
 
 
-def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether :func:`decode_attention_slots` serves these tensors (float32, on the CPU)."""
-    return (available() and q.device.type == "cpu" and k_cache.device.type == "cpu"
-            and q.dtype == torch.float32 and k_cache.dtype == torch.float32)
-
-
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
@@ -216,7 +210,7 @@ def decode_attention_slots(
     slots, lengths: [B] (int64; each sequence's slot and attended length, ≤ L) → o [B, H, D].
     Equal to :func:`~.attention.decode_attention` on the gathered slots up to float
     rounding.  ``threads`` > 1 splits the sequences over that many threads (the result is
-    the same bits).  Only for tensors :func:`supported` accepts.
+    the same bits).  float32 tensors on the CPU only.
     """
     kernel = _compile()
     if kernel is None:

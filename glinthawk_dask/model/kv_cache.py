@@ -9,12 +9,17 @@ attended, and free the slot when they finish; the next sequence reuses it at onc
 
 Layout per layer: ``[n_slots, KVH, max_seq_len, D]``.  A contiguous range of slots is
 a strided view, so a micro-batch's decode attention reads K/V in place, without a
-gather.  Memory is taken with ``torch.empty``: pages of a slot that were never written
-are not committed by the OS.
+gather.
 
-Decode rows of a float32 cache on the CPU are attended by the compiled kernel of
-:mod:`~.cpu_attention` (on ``threads`` threads); other caches use the torch kernels of
-:mod:`~.attention`.
+A float32 cache on the CPU is served by the compiled kernel of :mod:`~.cpu_attention`
+(on ``threads`` threads; decided when the cache opens, for its life): decode rows and
+short prefill chunks through the kernel, longer chunks through torch's
+``prefill_attention`` over their own written positions.  Every read stops at a slot's
+length, so its memory is taken with ``torch.empty``: opening a cache costs nothing
+(zeroing 1.5 GB took 0.6 s here), and pages never written are not committed by the OS.
+Other caches use the torch kernels of :mod:`~.attention`, which read padded spans past
+a slot's length, where an unwritten NaN would poison the weighted sum even under the
+mask: they start zeroed.
 """
 
 from __future__ import annotations
@@ -53,7 +58,11 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         threads: int | None = 1,
+        zeroed: bool = False,
     ) -> None:
+        """``zeroed``: start every position at zero even where no read goes past a
+        slot's length (for callers that attend over positions they never wrote, as a
+        microbenchmark setting lengths does)."""
         layer_stop = config.n_layers if layer_stop is None else layer_stop
         if not 0 <= layer_start < layer_stop <= config.n_layers:
             raise ValueError(f"bad layer range [{layer_start}, {layer_stop})")
@@ -69,12 +78,20 @@ class KVCache:
         # threads of the compiled CPU decode kernel; None: torch's intra-op count at each call
         self.threads = threads
         shape = (layer_stop - layer_start, n_slots, config.n_kv_heads, max_seq_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
+        self.compiled = self.compiled_for(dtype, self.device)  # every read within a slot's length
+        alloc = torch.empty if self.compiled and not zeroed else torch.zeros
+        self.k = alloc(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
+        self.v = alloc(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
         self.lengths = np.zeros(n_slots, dtype=np.int64)  # tokens cached per slot
         self._slot_of: dict[Hashable, int] = {}
         self._owner: list[Hashable | None] = [None] * n_slots
         self._free: list[int] = list(range(n_slots - 1, -1, -1))  # pop() gives the lowest
+
+    @staticmethod
+    def compiled_for(dtype: torch.dtype, device: torch.device | str) -> bool:
+        """Whether the compiled kernel serves a cache of ``dtype`` on ``device`` opened now
+        (float32 on the CPU, Numba there and not switched off)."""
+        return torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_attention.available()
 
     # -- accounting ----------------------------------------------------------------
     @property
@@ -196,16 +213,19 @@ class KVCache:
         kc[batch.token_slots, :, batch.positions] = k.to(self.dtype)  # rows [T, KVH, D]
         vc[batch.token_slots, :, batch.positions] = v.to(self.dtype)
         q = q.to(self.dtype)
-        if batch.kernel_rows is not None and len(batch.kernel_rows) and cpu_attention.supported(q, kc):
-            # compiled, read from the slots: decode rows and short prefill chunks, each row a
-            # query over its own positions
+        if self.compiled:
+            # read from the slots: decode rows and short prefill chunks through the kernel,
+            # each row a query over its own positions; longer chunks over their own
+            if batch.kernel_rows is None:
+                raise KVCacheError(f"a micro-batch laid out for another device than the cache's ({self.device})")
             threads = torch.get_num_threads() if self.threads is None else self.threads
             if batch.kernel_all_rows:
                 return cpu_attention.decode_attention_slots(q, kc, vc, batch.kernel_slots, batch.kernel_lengths,
                                                             threads)
             o = torch.empty_like(q)  # [T, H, D]
-            o[batch.kernel_rows] = cpu_attention.decode_attention_slots(
-                q[batch.kernel_rows], kc, vc, batch.kernel_slots, batch.kernel_lengths, threads)
+            if len(batch.kernel_rows):
+                o[batch.kernel_rows] = cpu_attention.decode_attention_slots(
+                    q[batch.kernel_rows], kc, vc, batch.kernel_slots, batch.kernel_lengths, threads)
             self._prefill_each(kc, vc, q, batch.prefill_long, o)
             return o
         if batch.all_decode_in_range_order:  # the common decode step: q's rows are the range's

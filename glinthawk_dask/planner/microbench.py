@@ -245,7 +245,8 @@ def local_layer_points(config: dict, dtype: torch.dtype, device: torch.device,
     out = []
     for b, ctx, new in shapes or LOCAL_SHAPES:
         t = b * new
-        cache = KVCache(cfg.replace(n_layers=n), b, slot_length(ctx + new), dtype=dtype, device=device)
+        cache = KVCache(cfg.replace(n_layers=n), b, slot_length(ctx + new), dtype=dtype, device=device,
+                        zeroed=True)  # read up to ``ctx`` unwritten: committed, as a run's are
         cache.apply([], [(i, i) for i in range(b)])
         batch = AttentionBatch.build(list(range(b)), [ctx] * b, [new] * b, device=device)
         x = torch.randn(t, cfg.dim, dtype=dtype, device=device)  # [T, dim]
@@ -334,7 +335,8 @@ def attention_points(config: dict, dtype: torch.dtype, device: torch.device, sha
         spare = None if max_bytes is None else max_bytes * end // slot  # a layer holds slot / end times that
         n = _kv_layer_count(cfg, kv_bytes, device, spare)
         # as an attention worker's cache, n layers deep
-        cache = KVCache(cfg.replace(n_layers=n), b, slot, dtype=dtype, device=device, threads=threads)
+        cache = KVCache(cfg.replace(n_layers=n), b, slot, dtype=dtype, device=device, threads=threads,
+                        zeroed=True)  # read up to ``ctx`` unwritten: committed, as a run's are
         cache.apply([], [(i, i) for i in range(b)])
         q = torch.randn(b * new, cfg.n_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, H, D]
         kv = torch.randn(b * new, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device)  # [T, KVH, D]

@@ -745,6 +745,37 @@ def test_plan_hybrid_with_a_dense_budget_prints_the_split_and_its_options():
     assert all(p["mode"] == "hybrid" for p in doc["predictions"])
 
 
+@pytest.mark.parametrize("extra", [
+    ["--attention", "2", "--mode", "two-tier", "--dense", "2"],
+    ["--attention", "2", "--mode", "hybrid", "--dense-kv-budget", "200MB"],
+    ["--mode", "single-tier"],
+])
+def test_the_spec_fields_plan_prints_run_as_a_pipeline_topology(tmp_path, extra):
+    """What `plan` prints under "spec: topology:" (and as JSON) is a pipeline spec's
+    topology section that a spec takes as it is, workers included."""
+    import yaml
+
+    from glinthawk_dask.pipeline.spec import load_spec
+
+    args = ["plan", "--model", "random:llama-2-7b", "--profile", "h200", "--requests", "64", "--prompt-tokens", "64",
+            "--output-tokens", "16", *extra]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    line = next(ln.strip() for ln in result.output.splitlines() if ln.strip().startswith("spec:"))
+    assert line.startswith("spec: topology: mode: ")
+    fields = json.loads(CliRunner().invoke(main, args + ["--json"]).output)["best"]["spec"]
+    assert line == "spec: topology: " + ", ".join(f"{k}: {v}" for k, v in fields.items())
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "planned", "model": "random:llama-2-7b",
+                                    "input": {"urls": "prompts.jsonl", "format": "jsonl"},
+                                    "output": {"url": "out.zarr"}, "topology": fields}))
+    topo = load_spec(path).topology
+    for key, value in fields.items():
+        assert getattr(topo, key) == value, key
+    if fields["mode"] != "single-tier":
+        assert fields["attention_workers"] == 2 * fields.get("dense_workers", 1)
+
+
 def test_plan_considers_hybrid_by_default():
     result = CliRunner().invoke(main, ["plan", "--model", "random:llama-2-7b", "--profile", "h200", "--requests", "32",
                                        "--prompt-tokens", "32", "--output-tokens", "8", "--json", "--top", "1000"])

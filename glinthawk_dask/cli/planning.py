@@ -187,7 +187,7 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
                  f"{remote} remote of {chosen.micro_batch_size}")
     click.echo(f"\nbest: {chosen.tokens_per_s:.1f} tok/s predicted ({chosen.bottleneck} bound){split}")
     click.echo(f"  CLI:  {options_of(chosen)}")
-    click.echo("  spec: engine: " + ", ".join(f"{k}: {v}" for k, v in spec_fields(chosen).items()))
+    click.echo("  spec: topology: " + ", ".join(f"{k}: {v}" for k, v in spec_fields(chosen).items()))
 
 
 def _pred_json(p: Any, prices: Any) -> dict:

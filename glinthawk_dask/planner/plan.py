@@ -313,6 +313,8 @@ def spec_fields(p: Prediction) -> dict:
         out["local_micro_batches"] = p.local_micro_batches
     if c.dense > 1:
         out["dense_workers"] = c.dense
+    if c.mode != "single-tier":  # the embedded cluster's attention workers, for every slice
+        out["attention_workers"] = c.dense * c.attention
     if c.max_seq_len:
         out["max_seq_len"] = c.max_seq_len
     if _budgeted(p):

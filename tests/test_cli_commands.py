@@ -294,6 +294,28 @@ def test_inspect_summarizes_a_pipeline_output(tmp_path):
         assert fragment in text.output, text.output
 
 
+def test_export_writes_to_a_destination_in_the_format_its_name_says(tmp_path):
+    """`glinthawk export OUT DEST` (or `-o DEST`): the format from DEST's name unless
+    --to says it; contradictions are one-line errors."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out.zarr"
+    report = run_pipeline(parse_spec(_spec(tmp_path, out, mode="in-process")))
+    rows = report.rows_done
+    result = CliRunner().invoke(main, ["export", str(out), str(tmp_path / "rows.parquet")])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(tmp_path / "rows.parquet").num_rows == rows
+    result = CliRunner().invoke(main, ["export", str(out), "-o", str(tmp_path / "rows.jsonl")])
+    assert result.exit_code == 0 and f"{rows} rows written" in result.output, result.output
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == rows
+    result = CliRunner().invoke(main, ["export", str(out), "--to", "parquet"])  # next to OUT
+    assert result.exit_code == 0 and pq.read_table(tmp_path / "out.parquet").num_rows == rows, result.output
+    _assert_one_line_error(CliRunner().invoke(main, ["export", str(out), str(tmp_path / "a.jsonl"), "-o",
+                                                     str(tmp_path / "b.jsonl")]), "two destinations")
+    _assert_one_line_error(CliRunner().invoke(main, ["export", str(out), str(tmp_path / "c.parquet"), "--to",
+                                                     "jsonl"]), "named as parquet")
+
+
 def test_bench_prints_tokens_per_second():
     result = CliRunner().invoke(main, ["bench", "--model", MODEL, "--mode", "in-process", "--prompts", "3",
                                        "--prompt-tokens", "5", "--max-tokens", "4", "--json"])

@@ -379,6 +379,31 @@ def test_export_jsonl_and_parquet(tmp_path, dest_kind):
     assert rows == expected
 
 
+def test_export_takes_its_format_and_compression_from_the_destination_name(tmp_path):
+    """No format asked: the destination's name says it (``.parquet`` is Parquet, not
+    JSON Lines under that name); ``.jsonl.gz`` is gzipped JSON Lines; a name of the other
+    format, and Parquet under a compression suffix, are refused before anything is written."""
+    import gzip
+
+    url = memory_url()
+    records = [record(i) for i in range(4)]
+    with open_sink(url, chunk_rows=3) as sink:
+        sink.append(records)
+    expected = [stored(r) for r in records]
+    assert export_output(url, str(tmp_path / "out.parquet")) == 4
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == 4
+    assert export_output(url, str(tmp_path / "out.jsonl.gz")) == 4
+    with gzip.open(tmp_path / "out.jsonl.gz", "rt", encoding="utf-8") as f:
+        assert [json.loads(line) for line in f] == expected
+    assert export_output(url, str(tmp_path / "out.txt")) == 4  # no format in the name: JSON Lines
+    assert json.loads((tmp_path / "out.txt").read_text().splitlines()[0]) == expected[0]
+    with pytest.raises(OutputError, match="named as parquet but the export is asked as jsonl"):
+        export_output(url, str(tmp_path / "other.parquet"), to="jsonl")
+    with pytest.raises(OutputError, match="drop the .gz ending"):
+        export_output(url, str(tmp_path / "other.parquet.gz"))
+    assert not (tmp_path / "other.parquet").exists() and not (tmp_path / "other.parquet.gz").exists()
+
+
 def test_export_of_an_empty_output_and_bad_destinations(tmp_path):
     url = memory_url()
     open_sink(url).close()

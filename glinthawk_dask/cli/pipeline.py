@@ -66,16 +66,21 @@ def _run_text(p: Any) -> str:
 
 @main.command()
 @click.argument("output_url", metavar="OUT")
-@click.option("--to", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True)
-@click.option("--dest", "-o", default=None, metavar="URL",
-              help="Where to write [default: OUT with the extension of the format].")
+@click.argument("dest_arg", metavar="[DEST]", required=False)
+@click.option("--to", "fmt", type=click.Choice(["jsonl", "parquet"]), default=None,
+              help="The format [default: the one DEST's name ends in (.jsonl, .jsonl.gz, .parquet), else jsonl].")
+@click.option("--dest", "-o", default=None, metavar="URL", help="Where to write (the same as DEST).")
 @user_errors
-def export(output_url: str, fmt: str, dest: str | None) -> None:
-    """Convert the Zarr output OUT of a pipeline to JSONL or Parquet."""
+def export(output_url: str, dest_arg: str | None, fmt: str | None, dest: str | None) -> None:
+    """Convert the Zarr output OUT of a pipeline to JSONL or Parquet, written to DEST
+    (any fsspec URL) [default: OUT with the extension of the format]."""
     from ..pipeline.export import export_output
 
+    if dest_arg is not None and dest is not None and dest_arg != dest:
+        raise click.UsageError(f"two destinations ({dest_arg} and --dest {dest}): give one")
+    dest = dest or dest_arg
     if dest is None:
-        dest = output_url.rstrip("/").removesuffix(".zarr") + "." + fmt
+        dest = output_url.rstrip("/").removesuffix(".zarr") + "." + (fmt or "jsonl")
     n = export_output(output_url, dest, to=fmt)
     click.echo(f"{n} rows written to {dest}", err=True)
 

@@ -21,9 +21,11 @@ from .layout import FIELD_DTYPES, OFFSETS, TOKEN_IDS, OutputError
 from .table import OutputTable, read_output
 from .spec import options_for
 
-__all__ = ["FORMATS", "PARQUET_SCHEMA", "export_output"]
+__all__ = ["FORMATS", "PARQUET_SCHEMA", "export_output", "format_of"]
 
 FORMATS = ("jsonl", "parquet")
+#: file name endings of each format (before a compression suffix, for JSON Lines)
+_ENDINGS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 _ARROW_TYPES = {str: pa.string(), "int32": pa.int32(), "float32": pa.float32()}
 
@@ -42,23 +44,44 @@ def _parquet_schema() -> pa.Schema:
 PARQUET_SCHEMA = _parquet_schema()
 
 
+def format_of(dest: str) -> tuple[str | None, str | None]:
+    """``(format, compression)`` that ``dest``'s name ends in (``out.jsonl.gz``:
+    ``("jsonl", "gzip")``); None for either it does not name."""
+    name = dest.rstrip("/").rsplit("/", 1)[-1].lower()
+    compression = fsspec.utils.infer_compression(name)
+    if compression is not None:
+        name = name.rsplit(".", 1)[0]
+    ending = "." + name.rsplit(".", 1)[-1] if "." in name else ""
+    return _ENDINGS.get(ending), compression
+
+
 def export_output(
     url: str,
     dest: str,
-    to: str = "jsonl",
+    to: str | None = None,
     *,
     storage_options: Mapping[str, Mapping[str, Any]] | None = None,
     dest_storage_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> int:
     """Write the committed rows of the output at ``url`` to ``dest`` (an fsspec URL) as ``to``.
 
-    Both option mappings are keyed by protocol, like the pipeline's.  Returns the rows written.
+    ``to`` defaults to the format ``dest``'s name ends in (``.jsonl``, ``.parquet``, ...;
+    JSON Lines otherwise); a name ending in the other format is refused.  JSON Lines are
+    compressed as the name says (``.jsonl.gz``).  Both option mappings are keyed by
+    protocol, like the pipeline's.  Returns the rows written.
     """
+    named, compression = format_of(dest)
+    to = to or named or "jsonl"
     if to not in FORMATS:
         raise OutputError(f"unknown export format {to!r}: choose one of {', '.join(FORMATS)}")
+    if named is not None and named != to:
+        raise OutputError(f"{dest} is named as {named} but the export is asked as {to}: name it for {to} or "
+                          f"ask for {named}")
+    if compression is not None and to == "parquet":
+        raise OutputError(f"{dest}: Parquet compresses its own columns; drop the .{dest.rsplit('.', 1)[-1]} ending")
     table = read_output(url, storage_options=storage_options)
     try:
-        f = fsspec.open(dest, "wb", **options_for(dest, dest_storage_options)).open()
+        f = fsspec.open(dest, "wb", compression=compression, **options_for(dest, dest_storage_options)).open()
     except OSError as e:
         raise OutputError(f"cannot write {dest} ({type(e).__name__}: {e}): check that its directory or "
                           "bucket exists and is writable") from e

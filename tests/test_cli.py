@@ -153,3 +153,23 @@ def test_generate_refuses_a_file_given_as_a_prompt(tmp_path):
     result = _invoke("--model", "random:tiny-gqa", "--mode", "in-process", "--prompt", str(path))
     assert result.exit_code == 0, result.output
     assert [r["prompt"] for r in _lines(result.output)] == [str(path)]
+
+
+def test_generate_takes_latency_in_milliseconds_as_plan_and_bench_do(monkeypatch):
+    """`--latency 10` is 10 ms in every command (the API takes seconds)."""
+    import glinthawk_dask.api as api
+
+    seen = []
+    real = api.LLM
+
+    class Recording(real):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("latency"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(api, "LLM", Recording)
+    for extra, latency in ((["--latency", "10"], 0.01), ([], None)):
+        result = _invoke("--model", "random:tiny-gqa", "--mode", "in-process", "--max-tokens", "2", *extra, "hi")
+        assert result.exit_code == 0, result.output
+        assert seen.pop() == latency
+    _assert_one_line_error(_invoke("--model", "random:tiny-gqa", "--latency", "-1", "hi"), "--latency")

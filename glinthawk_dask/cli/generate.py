@@ -57,7 +57,9 @@ _mode_options = option_group([  # generate and bench
 @click.option("--micro-batches", default=None, metavar="N|auto",
               help="Micro-batches in flight per dense worker [default: auto; 1 in-process].")
 @click.option("--slices", type=int, default=None, help="Dense workers to split the layers over.")
-@click.option("--latency", type=float, default=None, help="Seconds added to every inter-tier message.")
+@click.option("--latency", type=click.FloatRange(min=0), default=None, metavar="MS",
+              help="Milliseconds added to every inter-tier message (as `plan` and `bench` take it) "
+                   "[default: glinthawk.engine.induced-latency].")
 @click.option("--device", default=None, help="cpu, cuda, ... [default: cuda if available]")
 @click.option("--dtype", default=None, help="float32, bfloat16, float16 [default: by device]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
@@ -113,7 +115,8 @@ def generate(
     t0 = time.perf_counter()
     with tls_client(scheduler, security) as client, LLM(
         model, mode=mode, scheduler=scheduler, client=client, device=device, dtype=dtype,
-        micro_batch_size=asked, n_micro_batches=n_mb, n_slices=slices, latency=latency, dense_kv_budget=dense_kv,
+        micro_batch_size=asked, n_micro_batches=n_mb, n_slices=slices,
+        latency=None if latency is None else latency / 1e3, dense_kv_budget=dense_kv,
         local_micro_batches=_local_micro_batches(local_micro_batches, mode),
     ) as llm:
         if llm.dashboard_link:

@@ -116,6 +116,55 @@ def test_rerun_skips_committed_rows_and_refuses_a_changed_spec(tmp_path, llm):
     assert "Traceback" not in res.output
 
 
+def test_a_rerun_of_a_finished_run_does_nothing_until_its_input_changes(tmp_path, llm, monkeypatch):
+    """A run that committed every row of its inputs records them (the spec's fingerprint
+    and each file's listed version): a rerun returns at once, without a cluster or a
+    model, until a file changes; a cancelled run, or an input store that lists no
+    version, is never taken as finished."""
+    import threading
+
+    import glinthawk_dask.pipeline.run as run_mod
+    from glinthawk_dask.pipeline import sources
+
+    src = _write_jsonl(tmp_path / "in.jsonl", _rows(5))
+    out = str(tmp_path / "out.zarr")
+    spec = parse_spec(_spec(tmp_path, str(src), out))
+    assert not run_pipeline(spec, llm=llm).complete
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a finished run started an LLM")
+
+    monkeypatch.setattr(run_mod, "pipeline_llm", no_cluster)
+    again = run_pipeline(spec)  # no llm given: one would be made, were there work
+    assert again.complete and again.rows_done == 0 and again.skipped == 5 and again.rows_in_output == 5
+    res = CliRunner().invoke(main, ["run", str(_spec_file(tmp_path, spec)), "-q"])
+    assert res.exit_code == 0 and "nothing to run" in res.output and "--overwrite" in res.output, res.output
+
+    _write_jsonl(tmp_path / "in.jsonl", _rows(7))  # rewritten: two more rows
+    more = run_pipeline(spec, llm=llm)
+    assert not more.complete and more.rows_done == 2 and more.skipped == 5
+    assert run_pipeline(spec).complete and len(_table(out)) == 7
+
+    other = parse_spec(_spec(tmp_path, str(src), str(tmp_path / "cancelled.zarr")))
+    cancel = threading.Event()
+    first = run_pipeline(other, llm=llm, progress=lambda p: p.rows_done >= 2 and cancel.set(), cancel=cancel)
+    assert first.cancelled and first.rows_done < 7
+    rest = run_pipeline(other, llm=llm)
+    assert not rest.complete and rest.rows_done == 7 - first.rows_done
+
+    monkeypatch.setattr(sources, "_VERSION_MARKS", ())  # a store listing sizes alone
+    unversioned = parse_spec(_spec(tmp_path, str(src), str(tmp_path / "unversioned.zarr")))
+    assert run_pipeline(unversioned, llm=llm).rows_done == 7
+    again = run_pipeline(unversioned, llm=llm)
+    assert not again.complete and again.skipped == 7
+
+
+def _spec_file(tmp_path: Path, spec) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.to_dict()))
+    return path
+
+
 def test_killed_and_resumed_runs_give_the_uninterrupted_rows_once(tmp_path, llm):
     rows = _rows(40)
     src = _write_jsonl(tmp_path / "in.jsonl", rows)
@@ -271,9 +320,9 @@ def test_quickstart_spec_on_the_local_two_tier_cluster(tmp_path, llm):
         assert list(flat[offsets[i]: offsets[i] + counts[i]]) == expected[rid].completion_token_ids, rid
         assert g["completion"][i] == expected[rid].completion
     assert "Paris" in str(g["completion"][list(g["id"][:]).index("capital")])
-    # rerunning resumes: nothing left to do
+    # rerunning resumes: nothing left to do, known without starting anything
     again = subprocess.run(cmd + ["--mode", "in-process"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert again.returncode == 0 and "0 rows written (0 errors, 8 already done)" in again.stderr, again.stderr
+    assert again.returncode == 0 and "nothing to run" in again.stderr and "(8 rows;" in again.stderr, again.stderr
 
 
 def test_progress_counts_tokens_of_running_rows_and_estimates_from_tokens_left(tmp_path):

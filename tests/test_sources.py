@@ -77,7 +77,8 @@ def test_jsonl_rows_ids_and_sampling_fields(tmp_path):
     data = jsonl(*records)
     (tmp_path / "p.jsonl").write_bytes(data)
     [shard] = list_shards([str(tmp_path / "p.jsonl")], format="jsonl")
-    assert shard == Shard(0, f"file://{tmp_path}/p.jsonl", "p.jsonl", "jsonl", None)
+    assert shard.version is not None  # the listed mtime's: a rerun knows whether the file changed
+    assert shard == Shard(0, f"file://{tmp_path}/p.jsonl", "p.jsonl", "jsonl", None, version=shard.version)
     rows = read_shard(shard)
     second, third = data.index(b"\n") + 1, data.index(b'"a bare')
     assert rows == [
@@ -426,3 +427,23 @@ def test_s3_no_credentials(s3_bucket, monkeypatch):
     with pytest.raises(InputError, match=rf"cannot list s3://{bucket}/\*\.jsonl: no credentials found; "
                                          r"check the credentials in storage_options\.s3"):
         list_shards([f"s3://{bucket}/*.jsonl"], format="jsonl", storage_options=anonymous)
+
+
+def test_a_files_listed_version_changes_when_it_is_rewritten(tmp_path):
+    """Shards carry their file's version from the listing (local mtime, a memory file's
+    creation, an object store's ETag or modification time): the same file listed twice
+    gives the same version, a rewrite another; a listing with no such property, none."""
+    import os
+
+    from glinthawk_dask.pipeline.sources import file_version
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n')
+    versions = [list_shards([str(path)], format="jsonl")[0].version for _ in range(2)]
+    assert versions[0] is not None and versions[0] == versions[1]
+    path.write_text('{"prompt": "b"}\n')  # the same size
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1_000_000))  # whatever the clock's resolution
+    assert list_shards([str(path)], format="jsonl")[0].version != versions[0]
+    assert file_version({"name": "x", "size": 3, "type": "file"}) is None
+    assert file_version({"name": "x", "size": 3, "ETag": '"abc"'}) != file_version({"name": "x", "size": 3,
+                                                                                    "ETag": '"abd"'})

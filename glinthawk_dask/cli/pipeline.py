@@ -47,6 +47,11 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
                               progress=show)
     if show is not None:
         show.end()
+    if report.complete:
+        click.echo(f"{spec.name}: nothing to run: every row of its input is already in {report.output} "
+                   f"({report.rows_in_output} rows; the input files are unchanged since the run that finished "
+                   "them). --overwrite starts over.", err=True)
+        return
     click.echo(
         f"{spec.name}: {report.rows_done} rows written ({report.errors} errors, {report.skipped} already done), "
         f"{report.generated_tokens} tokens in {report.seconds:.1f} s ({report.tokens_per_s:.1f} tok/s; "

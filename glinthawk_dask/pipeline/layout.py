@@ -13,7 +13,8 @@ Layout (every array 1-D, readable by plain ``zarr.open_group``; dimension names 
     completion_token_ids                                 int32    [token] every row's ids, end to end
 
 Group attribute ``glinthawk`` describes the run (fingerprint, model, spec, sampling, ...) and
-holds ``rows`` and ``tokens``: the committed lengths.  A commit (1) writes the new rows'
+holds ``rows`` and ``tokens``: the committed lengths (and ``complete_inputs``, once a run has
+committed every row of its inputs: see :meth:`.sink.ZarrSink.mark_complete`).  A commit (1) writes the new rows'
 chunks beyond the arrays' persisted shapes, where no reader looks, (2) grows every array's
 shape (metadata only), (3) rewrites the group attributes: that single write is the commit
 point.  Reopening cuts every array back to the committed lengths, so a crash anywhere

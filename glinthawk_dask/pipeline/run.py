@@ -17,6 +17,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -34,7 +36,8 @@ from .sink import ZarrSink
 from .sources import Shard, list_shards, read_shard
 from .spec import PipelineSpec
 
-__all__ = ["Progress", "RunReport", "load_model", "pipeline_llm", "run_pipeline", "spec_shards", "tokenize_shard"]
+__all__ = ["Progress", "RunReport", "inputs_key", "load_model", "pipeline_llm", "run_pipeline", "spec_shards",
+           "tokenize_shard"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,7 @@ class RunReport(Progress):
     startup_seconds: float = 0.0  # cluster start and model load, before the first row
     shutdown_seconds: float = 0.0  # after the last commit: closing the run (and the cluster made for it)
     cancelled: bool = False  # stopped early by ``cancel``: a rerun resumes
+    complete: bool = False  # the output already held every row of these inputs: nothing ran
 
 
 def run_pipeline(
@@ -116,6 +120,11 @@ def run_pipeline(
         overwrite=overwrite, force=force,
     )
     topo = spec.topology
+    inputs = inputs_key(spec, shards)
+    if inputs is not None and sink.complete_inputs == inputs:  # a rerun of a finished run: no cluster
+        sink.close()
+        return RunReport(shards_total=len(shards), skipped=sink.rows, output=spec.output.url,
+                         rows_in_output=sink.rows, complete=True)
     t_start = time.perf_counter()
     state = Progress(shards_total=len(shards))
     examples: list[str] = []
@@ -166,6 +175,8 @@ def run_pipeline(
             if page is not None:
                 page.close()
             sink.close()  # the last rows committed: the run's work is done
+            if inputs is not None and not stop() and feed.shards_read == len(shards):
+                sink.mark_complete(inputs)  # every row of every shard committed
             state.seconds = time.perf_counter() - t0
             t_close = time.perf_counter()
     finally:
@@ -176,6 +187,17 @@ def run_pipeline(
     return RunReport(**vars(state), output=spec.output.url, rows_in_output=sink.rows, error_examples=examples,
                      startup_seconds=startup, shutdown_seconds=shutdown,
                      cancelled=cancel is not None and cancel.is_set())
+
+
+def inputs_key(spec: PipelineSpec, shards: list[Shard]) -> str | None:
+    """What a run of ``spec`` over ``shards`` reads, as one key: the spec's fingerprint
+    and every input file's listed version; None when some file's store lists no version
+    (such an output is never taken as complete: every rerun reads its inputs)."""
+    versions = {s.url: s.version for s in shards}
+    if not versions or None in versions.values():
+        return None
+    blob = json.dumps([spec.fingerprint(), sorted(versions.items())]).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
 
 
 def _page_reporter(llm: Any, name: str) -> Any:

@@ -203,6 +203,21 @@ class ZarrSink:
         """Committed error rows (finish_reason ``"error"``)."""
         return self._meta["errors"]
 
+    @property
+    def complete_inputs(self) -> str | None:
+        """The key (see :meth:`mark_complete`) of the inputs every row of which is committed
+        here, as recorded by the last run that read them all; None if none did."""
+        return self._meta.get("complete_inputs")
+
+    def mark_complete(self, key: str) -> None:
+        """Commit the buffered rows, then record that every row of the inputs ``key`` names
+        (a spec's fingerprint and its input files' versions) is committed, so that a rerun
+        of the same inputs has nothing to do."""
+        self.flush()
+        meta = {**self._meta, "complete_inputs": key, "updated": _now()}
+        self._group.update_attributes({"glinthawk": meta})
+        self._meta = meta
+
     def committed_ids(self) -> set[str]:
         """Ids of the committed rows (a copy)."""
         return set(self._committed_ids)

@@ -48,7 +48,7 @@ from ..prompts import UndecodableRow, stable_row_id
 from ..sampling import SamplingParams
 from .spec import FORMATS, options_for
 
-__all__ = ["FORMATS", "TEXT_MODES", "InputError", "Shard", "list_shards", "read_shard"]
+__all__ = ["FORMATS", "TEXT_MODES", "InputError", "Shard", "file_version", "list_shards", "read_shard"]
 
 TEXT_MODES = ("line", "file")
 
@@ -68,6 +68,9 @@ _CREDENTIAL_ENV = {
 }
 _LOCAL_PROTOCOLS = ("file", "local", "memory")
 _DOUBLE_STAR = re.compile(r"(^|/)\*\*(?=[^/])")  # "x/**.jsonl": fsspec wants "x/**/*.jsonl"
+#: listed file properties that change when a file is rewritten (in any case: ``mtime``,
+#: ``LastModified``, ``ETag``, GCS ``updated``/``md5Hash``/``generation``, ``created``...)
+_VERSION_MARKS = ("mtime", "modified", "etag", "updated", "md5", "crc32c", "generation", "version", "created")
 _READ_CHUNK = 2**16
 
 
@@ -94,6 +97,7 @@ class Shard:
     offset: int = 0
     length: int | None = None
     text_mode: str = "line"
+    version: str | None = None  # the file's version as listed (None: its store gives none)
 
     @property
     def splittable(self) -> bool:
@@ -128,19 +132,20 @@ def list_shards(
     if isinstance(urls, str):
         urls = [urls]
     _check_options(urls, format, compression, text_mode, blocksize)
-    files: dict[str, tuple[str, int | None]] = {}  # URL -> (path, size)
+    files: dict[str, tuple[str, dict]] = {}  # URL -> (path, listed info)
     for url in urls:
-        for fs, path, size in _expand(url, storage_options):
-            files.setdefault(fs.unstrip_protocol(path), (path, size))
+        for fs, path, info in _expand(url, storage_options):
+            files.setdefault(fs.unstrip_protocol(path), (path, info))
     root = posixpath.commonpath([posixpath.dirname(p.lstrip("/")) for p, _ in files.values()])
     shards: list[Shard] = []
-    for url, (path, size) in files.items():
+    for url, (path, info) in files.items():
         key = path.lstrip("/")[len(root):].lstrip("/")
         codec = infer_compression(path) if compression == "infer" else compression
-        shard = Shard(len(shards), url, key, format, codec, text_mode=text_mode)
+        size, version = info.get("size"), file_version(info)
+        shard = Shard(len(shards), url, key, format, codec, text_mode=text_mode, version=version)
         if shard.splittable and blocksize is not None and size is not None and size > blocksize:
             for offset, length in _ranges(size, blocksize):
-                shards.append(Shard(len(shards), url, key, format, None, offset, length, text_mode))
+                shards.append(Shard(len(shards), url, key, format, None, offset, length, text_mode, version))
         else:
             shards.append(shard)
     return shards
@@ -169,8 +174,19 @@ def _ranges(size: int, blocksize: int) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in itertools.pairwise(bounds)]
 
 
-def _expand(url: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> list[tuple[Any, str, int | None]]:
-    """(filesystem, path, size) of each file that ``url`` names, sorted by path."""
+def file_version(info: Mapping[str, Any]) -> str | None:
+    """A key of a file's listed properties that changes when the file does: a hash of them
+    all (as fsspec's ``ukey``, without another request), or None when the store lists no
+    modification time, ETag, checksum or generation beside the size (a same-size edit
+    would then go unseen)."""
+    if not any(mark in str(k).lower() for k in info for mark in _VERSION_MARKS):
+        return None
+    blob = json.dumps(dict(info), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def _expand(url: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> list[tuple[Any, str, dict]]:
+    """(filesystem, path, listed info) of each file that ``url`` names, sorted by path."""
     try:
         fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
     except (ImportError, ValueError, TypeError) as e:  # unknown protocol, missing package, bad option
@@ -192,12 +208,12 @@ def _expand(url: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -
                 if info["type"] == "directory":  # all files under it, but not _SUCCESS, .crc...
                     found = {p: i for p, i in fs.find(path, detail=True).items()
                              if not _hidden(p[len(path):])}
-        files = sorted((p, i.get("size")) for p, i in found.items() if i["type"] == "file")
+        files = sorted(((p, i) for p, i in found.items() if i["type"] == "file"), key=lambda f: f[0])
         if not files:
             missing = _missing_ancestor(fs, path)
             why = f": {fs.unstrip_protocol(missing)} does not exist" if missing else ""
             raise InputError(f"no file matches {url}{why}; check the path, the pattern and the bucket name")
-    return [(fs, p, size) for p, size in files]
+    return [(fs, p, info) for p, info in files]
 
 
 def _has_magic(path: str) -> bool:

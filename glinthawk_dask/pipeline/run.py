@@ -120,6 +120,9 @@ def run_pipeline(
         overwrite=overwrite, force=force,
     )
     topo = spec.topology
+    given = llm is not None
+    if llm is not None and llm.model != spec.model:
+        raise GlinthawkError(f"the spec's model is {spec.model!r} but the LLM given runs {llm.model!r}")
     inputs = inputs_key(spec, shards)
     if inputs is not None and sink.complete_inputs == inputs:  # a rerun of a finished run: no cluster
         sink.close()
@@ -128,9 +131,6 @@ def run_pipeline(
     t_start = time.perf_counter()
     state = Progress(shards_total=len(shards))
     examples: list[str] = []
-    given = llm is not None
-    if llm is not None and llm.model != spec.model:
-        raise GlinthawkError(f"the spec's model is {spec.model!r} but the LLM given runs {llm.model!r}")
     try:
         with contextlib.nullcontext(llm) if given else pipeline_llm(spec, scheduler=scheduler, client=client) as llm:
             if not given:

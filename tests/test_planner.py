@@ -716,7 +716,13 @@ def test_plan_samples_prompt_lengths_from_a_dataset(tmp_path):
     result = CliRunner().invoke(main, ["plan", "--profile", "vm-2core", "--requests", "16", "--output-tokens", "8",
                                        "--prompts-from", str(src), "--json"])
     assert result.exit_code == 0, result.output
-    assert "3 rows" in json.loads(result.output)["workload"]
+    doc = json.loads(result.output)
+    assert "all 3 rows" in doc["workload"] and doc["requests"] == 16
+    # without --requests, a dataset read whole is the run's requests
+    result = CliRunner().invoke(main, ["plan", "--profile", "vm-2core", "--output-tokens", "8", "--prompts-from",
+                                       str(src), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["requests"] == 3
 
 
 def test_plan_hybrid_with_a_dense_budget_prints_the_split_and_its_options():

@@ -13,6 +13,9 @@ from ..errors import GlinthawkError
 from ._group import main
 from .options import parse_size, scheduler_reachable, security_from, tls_client, tls_options, user_errors
 
+#: requests of a plan when none are given, and the rows of a --prompts-from dataset sampled
+_SAMPLE_ROWS = 256
+
 
 @main.command()
 @click.option("--model", "-m", default="smollm2-135m-instruct", show_default=True,
@@ -84,8 +87,9 @@ def profile(model: str, scheduler: str | None, out: str, dtype: str, name: str |
               help="Dense workers available (plans use 1..N of them, one layer slice each).")
 @click.option("--attention", type=click.IntRange(min=1), default=2, show_default=True,
               help="Attention workers available per dense worker (plans use 1..M).")
-@click.option("--requests", "n_requests", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Requests in the run.")
+@click.option("--requests", "n_requests", type=click.IntRange(min=1), default=None,
+              help="Requests in the run [default: 256, or every usable row of a --prompts-from dataset of "
+                   "fewer].")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="Tokens of every prompt (unless --prompts-from gives a sample).")
 @click.option("--output-tokens", type=click.IntRange(min=1), default=128, show_default=True,
@@ -143,10 +147,13 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
     if by == "cost" and price.dense is None:
         raise GlinthawkError("--by cost needs prices: give --prices dense=X,attention=Y or a priced profile")
     if prompts_from:
-        lengths = _sample_prompt_lengths(source, prompts_from, fmt)
+        lengths, whole = _sample_prompt_lengths(source, prompts_from, fmt)
+        if n_requests is None:  # a dataset read whole is the run's requests
+            n_requests = len(lengths) if whole else _SAMPLE_ROWS
         workload = Workload.resample(lengths, output_tokens, n_requests)
-        where = f"prompt lengths from {len(lengths)} rows of {prompts_from}"
+        where = f"prompt lengths from {'all ' if whole else ''}{len(lengths)} rows of {prompts_from}"
     else:
+        n_requests = n_requests or _SAMPLE_ROWS
         workload = Workload.uniform(n_requests, prompt_tokens, output_tokens)
         where = f"prompts of {prompt_tokens} tokens"
     if max_seq_len is not None and max_seq_len <= min(workload.prompt_lens):
@@ -205,8 +212,9 @@ def _pred_json(p: Any, prices: Any) -> dict:
             "options": options_of(p), "spec": spec_fields(p)}
 
 
-def _sample_prompt_lengths(source: Any, url: str, fmt: str, limit: int = 256) -> list[int]:
-    """Token counts of up to ``limit`` prompts of a dataset."""
+def _sample_prompt_lengths(source: Any, url: str, fmt: str, limit: int = _SAMPLE_ROWS) -> tuple[list[int], bool]:
+    """Token counts of up to ``limit`` prompts of a dataset, and whether they are all of
+    its usable rows (it had no more)."""
     from ..pipeline.sources import list_shards, read_shard
     from ..prompts import RequestBuilder, UndecodableRow, parse_row
     from ..tokenizer import Tokenizer
@@ -224,7 +232,7 @@ def _sample_prompt_lengths(source: Any, url: str, fmt: str, limit: int = 256) ->
             except Exception:  # a row the run would reject: not part of its work
                 continue
             if len(lengths) >= limit:
-                return lengths
+                return lengths, False
     if not lengths:
         raise GlinthawkError(f"{url}: no usable prompt rows to sample lengths from")
-    return lengths
+    return lengths, True

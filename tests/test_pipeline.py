@@ -124,7 +124,7 @@ def test_a_rerun_of_a_finished_run_does_nothing_until_its_input_changes(tmp_path
     import threading
 
     import glinthawk_dask.pipeline.run as run_mod
-    from glinthawk_dask.pipeline import sources
+    from glinthawk_dask.pipeline import versions
 
     src = _write_jsonl(tmp_path / "in.jsonl", _rows(5))
     out = str(tmp_path / "out.zarr")
@@ -152,7 +152,7 @@ def test_a_rerun_of_a_finished_run_does_nothing_until_its_input_changes(tmp_path
     rest = run_pipeline(other, llm=llm)
     assert not rest.complete and rest.rows_done == 7 - first.rows_done
 
-    monkeypatch.setattr(sources, "_VERSION_MARKS", ())  # a store listing sizes alone
+    monkeypatch.setattr(versions, "_VERSION_MARKS", ())  # a store listing sizes alone
     unversioned = parse_spec(_spec(tmp_path, str(src), str(tmp_path / "unversioned.zarr")))
     assert run_pipeline(unversioned, llm=llm).rows_done == 7
     again = run_pipeline(unversioned, llm=llm)

@@ -435,7 +435,7 @@ def test_a_files_listed_version_changes_when_it_is_rewritten(tmp_path):
     gives the same version, a rewrite another; a listing with no such property, none."""
     import os
 
-    from glinthawk_dask.pipeline.sources import file_version
+    from glinthawk_dask.pipeline.versions import file_version
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a"}\n')

@@ -17,8 +17,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -34,10 +32,10 @@ from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .sink import ZarrSink
 from .sources import Shard, list_shards, read_shard
+from .versions import inputs_key
 from .spec import PipelineSpec
 
-__all__ = ["Progress", "RunReport", "inputs_key", "load_model", "pipeline_llm", "run_pipeline", "spec_shards",
-           "tokenize_shard"]
+__all__ = ["Progress", "RunReport", "load_model", "pipeline_llm", "run_pipeline", "spec_shards", "tokenize_shard"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,17 +185,6 @@ def run_pipeline(
     return RunReport(**vars(state), output=spec.output.url, rows_in_output=sink.rows, error_examples=examples,
                      startup_seconds=startup, shutdown_seconds=shutdown,
                      cancelled=cancel is not None and cancel.is_set())
-
-
-def inputs_key(spec: PipelineSpec, shards: list[Shard]) -> str | None:
-    """What a run of ``spec`` over ``shards`` reads, as one key: the spec's fingerprint
-    and every input file's listed version; None when some file's store lists no version
-    (such an output is never taken as complete: every rerun reads its inputs)."""
-    versions = {s.url: s.version for s in shards}
-    if not versions or None in versions.values():
-        return None
-    blob = json.dumps([spec.fingerprint(), sorted(versions.items())]).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
 
 
 def _page_reporter(llm: Any, name: str) -> Any:

@@ -47,8 +47,9 @@ from ..errors import GlinthawkError
 from ..prompts import UndecodableRow, stable_row_id
 from ..sampling import SamplingParams
 from .spec import FORMATS, options_for
+from .versions import file_version
 
-__all__ = ["FORMATS", "TEXT_MODES", "InputError", "Shard", "file_version", "list_shards", "read_shard"]
+__all__ = ["FORMATS", "TEXT_MODES", "InputError", "Shard", "list_shards", "read_shard"]
 
 TEXT_MODES = ("line", "file")
 
@@ -68,9 +69,6 @@ _CREDENTIAL_ENV = {
 }
 _LOCAL_PROTOCOLS = ("file", "local", "memory")
 _DOUBLE_STAR = re.compile(r"(^|/)\*\*(?=[^/])")  # "x/**.jsonl": fsspec wants "x/**/*.jsonl"
-#: listed file properties that change when a file is rewritten (in any case: ``mtime``,
-#: ``LastModified``, ``ETag``, GCS ``updated``/``md5Hash``/``generation``, ``created``...)
-_VERSION_MARKS = ("mtime", "modified", "etag", "updated", "md5", "crc32c", "generation", "version", "created")
 _READ_CHUNK = 2**16
 
 
@@ -172,17 +170,6 @@ def _ranges(size: int, blocksize: int) -> list[tuple[int, int]]:
     n = -(-size // blocksize)
     bounds = [size * i // n for i in range(n + 1)]
     return [(a, b - a) for a, b in itertools.pairwise(bounds)]
-
-
-def file_version(info: Mapping[str, Any]) -> str | None:
-    """A key of a file's listed properties that changes when the file does: a hash of them
-    all (as fsspec's ``ukey``, without another request), or None when the store lists no
-    modification time, ETag, checksum or generation beside the size (a same-size edit
-    would then go unseen)."""
-    if not any(mark in str(k).lower() for k in info for mark in _VERSION_MARKS):
-        return None
-    blob = json.dumps(dict(info), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
 
 
 def _expand(url: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> list[tuple[Any, str, dict]]:

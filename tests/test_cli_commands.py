@@ -286,11 +286,12 @@ def test_inspect_summarizes_a_pipeline_output(tmp_path):
     assert sorted(e.split(":")[0] for e in info["error_examples"]) == ["long", "text"]
     assert any("no tokenizer" in e for e in info["error_examples"])
     assert info["mean_time_to_first_token"] > 0 and info["mean_time_per_token"] > 0
+    assert info["inputs_complete"]  # the run read every shard
 
     text = CliRunner().invoke(main, ["inspect", str(out)])
     assert text.exit_code == 0, text.output
     for fragment in ("cli-e2e", MODEL, "8 (2 errors)", "length 6", f"{6 * MAX_TOKENS} completion",
-                     "error        long:", "to the first token", "throughput"):
+                     "error        long:", "to the first token", "throughput", "inputs       every row committed"):
         assert fragment in text.output, text.output
 
 

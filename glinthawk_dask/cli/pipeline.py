@@ -121,6 +121,8 @@ def inspect(output_url: str, as_json: bool) -> None:
         (f"  latency      {_duration(info['mean_time_to_first_token'])} to the first token, "
          f"{_duration(info['mean_time_per_token'])} per token (means)"),
         f"  throughput   {throughput}",
+        "  inputs       " + ("every row committed (a rerun has nothing to do while the files are unchanged)"
+                             if info["inputs_complete"] else "not known to be all done (a rerun reads them and resumes)"),
     ]
     lines += [f"  error        {e}" for e in info["error_examples"]]
     click.echo("\n".join(lines))
@@ -141,6 +143,7 @@ def _output_info(table: Any) -> dict[str, Any]:
         "url": table.url, "model": attrs.get("model"), "spec_name": (attrs.get("spec") or {}).get("name"),
         "fingerprint": attrs.get("fingerprint"), "version": attrs.get("version"), "format": attrs.get("format"),
         "created": attrs.get("created"), "updated": attrs.get("updated"), "sampling": attrs.get("sampling"),
+        "inputs_complete": bool(attrs.get("complete_inputs")),  # a run committed every row of its inputs
         **table.summary(),
     }
     examples: list[str] = []

@@ -241,6 +241,14 @@ class LLM:
         return self.engine.generated_tokens
 
     @property
+    def recoveries(self) -> list[dict]:
+        """Workers the current (or last) generation lost and how it went on: one record
+        per recovery (``kind``: ``"moved micro-batch"`` or ``"restarted run"``, ``cause``,
+        ``requests``, ``rebuilt_tokens``, ``seconds``, ``time``), appended while it runs;
+        :func:`~glinthawk_dask.engine.progress.recovery_text` words one.  Empty in-process."""
+        return list(getattr(self.engine, "recoveries", ()))
+
+    @property
     def last_summary(self) -> Any:
         """What the last distributed generation ran (a :class:`~glinthawk_dask.runtime.client.RunSummary`:
         plan, micro-batches, KV per tier, timings); None in-process or before the first."""
@@ -290,6 +298,7 @@ class LLM:
 
         def tick() -> None:
             tracker.tokens(self.generated_tokens)
+            tracker.recoveries = self.recoveries
             progress(tracker.snapshot())
 
         for e in entries:

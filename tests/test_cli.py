@@ -173,3 +173,32 @@ def test_generate_takes_latency_in_milliseconds_as_plan_and_bench_do(monkeypatch
         assert result.exit_code == 0, result.output
         assert seen.pop() == latency
     _assert_one_line_error(_invoke("--model", "random:tiny-gqa", "--latency", "-1", "hi"), "--latency")
+
+
+def test_a_lost_worker_is_told_as_it_happens_quiet_or_not(capsys):
+    """Each recovery in the progress gets one stderr line when first seen; the progress
+    line itself follows --quiet."""
+    from types import SimpleNamespace
+
+    from glinthawk_dask.cli.options import ProgressLine, recovered_note
+
+    moved = {"kind": "moved micro-batch", "cause": "attention worker tcp://a:1 (slice 0, micro-batch 1): gone",
+             "micro_batch": 1, "to": "tcp://b:2", "requests": 3, "rebuilt_tokens": 1234, "seconds": 0.3}
+    restarted = {"kind": "restarted run", "cause": "WorkerFailure: dense worker left", "new_run": "run-2",
+                 "requests": 5, "rebuilt_tokens": 40, "rebuilt_tokens_exact": False, "seconds": 2.0}
+    for quiet in (False, True):
+        show = ProgressLine(lambda p: f"{len(p.recoveries)} so far", every=0.0, quiet=quiet)
+        for recs in ((), (moved,), (moved,), (moved, restarted)):
+            show(SimpleNamespace(recoveries=recs))
+        show.end()
+        err = capsys.readouterr().err
+        told = [line for line in err.splitlines() if line.startswith("glinthawk: ")]
+        assert told == [
+            "glinthawk: lost attention worker tcp://a:1 (slice 0, micro-batch 1): gone; micro-batch 1 moved to "
+            "tcp://b:2, 3 requests' KV rebuilt from 1,234 tokens in 0.3 s",
+            "glinthawk: lost a worker (WorkerFailure: dense worker left); the run restarted on the workers left as "
+            "run-2, 5 requests' KV rebuilt from about 40 tokens in 2.0 s",
+        ], err
+        assert ("so far" in err) is not quiet
+    assert recovered_note(0) == ""
+    assert recovered_note(2) == "; recovered from 2 lost workers, every row computed once (see above)"

@@ -287,11 +287,13 @@ def test_inspect_summarizes_a_pipeline_output(tmp_path):
     assert any("no tokenizer" in e for e in info["error_examples"])
     assert info["mean_time_to_first_token"] > 0 and info["mean_time_per_token"] > 0
     assert info["inputs_complete"]  # the run read every shard
+    assert info["recoveries"] == 0 and info["last_recovery"] is None
 
     text = CliRunner().invoke(main, ["inspect", str(out)])
     assert text.exit_code == 0, text.output
     for fragment in ("cli-e2e", MODEL, "8 (2 errors)", "length 6", f"{6 * MAX_TOKENS} completion",
-                     "error        long:", "to the first token", "throughput", "inputs       every row committed"):
+                     "error        long:", "to the first token", "throughput", "inputs       every row committed",
+                     "recoveries   none"):
         assert fragment in text.output, text.output
 
 

@@ -246,7 +246,8 @@ async def test_pulls_only_while_a_page_looks_and_progress_is_rate_limited(c, s, 
     s.handlers["glinthawk_progress"] = lambda **kw: (calls.append(kw), handler(**kw))[1]
     reporter = ProgressReporter(c, "my-pipeline", interval=10.0)
     for i in range(200):
-        reporter(Progress(rows_done=i, shards_read=1, shards_total=4, generated_tokens=3 * i, seconds=1.0))
+        reporter(Progress(rows_done=i, shards_read=1, shards_total=4, generated_tokens=3 * i, seconds=1.0,
+                          recoveries=[{"kind": "moved micro-batch"}] if i > 100 else []))
     reporter.close()
     await async_poll_for(lambda: len(calls) >= 2, 10.0, period=0.01, fail_func=lambda: pytest.fail(
         f"after 10 s the scheduler got {len(calls)} progress report(s), not 2 (the first one, then the last one "
@@ -255,6 +256,7 @@ async def test_pulls_only_while_a_page_looks_and_progress_is_rate_limited(c, s, 
     page.update()
     assert page.rows_source.data["label"] == ["pipeline my-pipeline"]
     assert "199 rows" in page.rows_source.data["text"][0]
+    assert "1 lost worker recovered" in page.rows_source.data["text"][0]
 
 
 def _chromium() -> tuple[str | None, str | None]:

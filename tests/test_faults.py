@@ -86,6 +86,7 @@ async def test_a_wedged_attention_worker_is_detected_and_its_micro_batch_moves(c
     with dask.config.set({"glinthawk.engine.peer-timeout": 4.0}):
         engine = await _run(c, "drop")
     (rec,) = engine.last_summary.recoveries
+    assert engine.recoveries == [rec] and rec["time"] > 0  # what the caller could watch as it ran
     assert rec["kind"] == "moved micro-batch" and "TimeoutError" in rec["cause"]
     assert rec["requests"] > 0 and rec["rebuilt_tokens"] > 0  # only its sequences, from their tokens so far
 
@@ -148,10 +149,13 @@ def _kill_mid_run(llm, pick_victim):
     Returns completions by id (each asserted once)."""
     got = {}
     killed = None
+    told = []  # LLM.recoveries at each completion after the kill
     requests = [r for r in llm.make_requests(ROWS, SamplingParams())]
     for comp in llm.engine.generate(requests):
         assert comp.id not in got, f"{comp.id} delivered twice"
         got[comp.id] = comp.completion_token_ids
+        if killed is not None:
+            told.append(len(llm.recoveries))
         if killed is None:
             reg = llm.client.sync(llm.client.scheduler.glinthawk_registry)
             pid = _pid(llm.client, pick_victim(reg))
@@ -160,6 +164,7 @@ def _kill_mid_run(llm, pick_victim):
             killed = pid
             assert done < len(ROWS), f"the run was over before the kill ({done} of {submitted} submitted done)"
     assert killed is not None and not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
+    assert told and told[-1] >= 1, told  # the recovery was known while rows were still arriving
     return got
 
 
@@ -176,6 +181,7 @@ def test_sigkill_a_worker_mid_run(tier, mode, reference):
         assert got == reference  # every row once, tokens identical
         recoveries = llm.engine.last_summary.recoveries
         assert len(recoveries) >= 1 and all(r["requests"] > 0 for r in recoveries)
+        assert llm.recoveries == recoveries and all(r["time"] > 0 for r in recoveries)
         # a lost attention worker moves its micro-batches; a lost dense worker (the driver's) restarts the run
         kind = "moved micro-batch" if tier == "attention" else "restarted run"
         assert all(r["kind"] == kind for r in recoveries), recoveries

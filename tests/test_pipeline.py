@@ -366,3 +366,31 @@ def test_run_seconds_end_at_the_last_commit_and_the_close_is_reported_apart(tmp_
     assert report.rows_done == 3 and len(_table(str(tmp_path / "o.zarr"))) == 3
     assert len(closed_at) == 1 and report.shutdown_seconds >= 0.6
     assert before + report.startup_seconds + report.seconds <= closed_at[0]
+
+
+def test_a_run_that_lost_workers_says_so_in_its_report_and_its_output(tmp_path, llm, monkeypatch):
+    """Recoveries the LLM reports (faked here: test_faults loses real workers) reach the
+    progress, the report and the output's attributes, which `inspect` shows."""
+    recoveries: list[dict] = []
+    monkeypatch.setattr(LLM, "recoveries", property(lambda self: list(recoveries)))
+    seen = []
+
+    def progress(p):
+        seen.append(len(p.recoveries))
+        if p.generated_tokens and not recoveries:  # lost mid-run
+            recoveries.append({"kind": "moved micro-batch", "cause": "attention worker tcp://x:1 (slice 0, "
+                               "micro-batch 0): gone", "micro_batch": 0, "to": "tcp://y:2", "requests": 2,
+                               "rebuilt_tokens": 30, "seconds": 0.5, "time": 1764923400.0})
+
+    src = _write_jsonl(tmp_path / "in.jsonl", _rows(6))
+    out = str(tmp_path / "out.zarr")
+    report = run_pipeline(parse_spec(_spec(tmp_path, str(src), out)), llm=llm, progress=progress)
+    assert report.rows_done == 6 and report.recoveries == recoveries and seen[0] == 0 and seen[-1] == 1
+    attrs = zarr.open_group(out, mode="r").attrs["glinthawk"]
+    assert attrs["recoveries_total"] == 1 and attrs["recoveries"] == recoveries
+    shown = CliRunner().invoke(main, ["inspect", out])
+    assert shown.exit_code == 0, shown.output
+    assert ("recoveries   1 lost worker, recovered; every row was computed once; the last, 2025-12-05 08:30:00 UTC: "
+            "lost attention worker tcp://x:1") in shown.output, shown.output
+    info = json.loads(CliRunner().invoke(main, ["inspect", out, "--json"]).output)
+    assert info["recoveries"] == 1 and info["last_recovery"]["to"] == "tcp://y:2"

@@ -414,3 +414,23 @@ def test_export_of_an_empty_output_and_bad_destinations(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(OutputError, match="cannot write"):
         export_output(url, str(tmp_path / "afile" / "out.jsonl"))
+
+
+def test_recoveries_are_kept_beside_the_commits_and_survive_reopening(url):
+    from glinthawk_dask.pipeline.sink import KEPT_RECOVERIES
+
+    with open_sink(url, chunk_rows=4) as sink:
+        sink.append(record(i) for i in range(3))
+        updated = read_output(url).attrs["updated"]
+        assert (sink.recoveries, sink.n_recoveries) == ([], 0)
+        sink.record_recoveries([{"kind": "moved micro-batch", "cause": "gone", "micro_batch": 1, "time": 1.5}])
+        sink.record_recoveries([])  # nothing new: nothing written
+    attrs = read_output(url).attrs
+    assert attrs["recoveries_total"] == 1 and attrs["recoveries"][0]["cause"] == "gone"
+    assert attrs["rows"] == 3 and attrs["updated"] >= updated  # rows committed as before
+    reopened = open_sink(url)
+    assert reopened.n_recoveries == 1 and reopened.recoveries[0]["micro_batch"] == 1
+    reopened.record_recoveries({"kind": "restarted run", "cause": f"#{i}"} for i in range(KEPT_RECOVERIES + 5))
+    assert reopened.n_recoveries == KEPT_RECOVERIES + 6  # every one counted, the newest kept
+    assert [r["cause"] for r in reopened.recoveries] == [f"#{i}" for i in range(5, KEPT_RECOVERIES + 5)]
+    assert open_sink(url, overwrite=True).n_recoveries == 0

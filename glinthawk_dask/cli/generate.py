@@ -13,8 +13,8 @@ import click
 from ..errors import GlinthawkError
 from ._group import main
 from .options import (
-    ProgressLine, option_group, parse_micro_batches, parse_size, scheduler_reachable, security_from, tls_client,
-    tls_options, user_errors,
+    ProgressLine, option_group, parse_micro_batches, parse_size, recovered_note, scheduler_reachable, security_from,
+    tls_client, tls_options, user_errors,
 )
 
 
@@ -124,11 +124,11 @@ def generate(
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
         n_tokens = n_errors = 0
-        show = None if quiet else ProgressLine(_progress_text)
+        show = ProgressLine(_progress_text, quiet=quiet)
         results = llm.generate(rows, params, chat=chat, progress=show)
-        if show is not None:
-            show.end()
+        show.end()
         elapsed = time.perf_counter() - t0
+        n_recovered = len(llm.recoveries)
     for c in results:
         output.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
         n_tokens += len(c.completion_token_ids)
@@ -136,7 +136,7 @@ def generate(
     output.flush()
     click.echo(
         f"{len(results)} rows, {n_errors} errors, {n_tokens} tokens generated in {elapsed:.1f} s "
-        f"({n_tokens / max(elapsed, 1e-9):.1f} tok/s; model loaded in {t_load:.1f} s)",
+        f"({n_tokens / max(elapsed, 1e-9):.1f} tok/s; model loaded in {t_load:.1f} s)" + recovered_note(n_recovered),
         err=True,
     )
     if n_errors:

@@ -12,8 +12,8 @@ import click
 from ..errors import GlinthawkError
 
 __all__ = [
-    "ProgressLine", "parse_memory_limit", "parse_micro_batches", "parse_size", "scheduler_reachable",
-    "security_from", "tls_client", "tls_options", "user_errors",
+    "ProgressLine", "parse_memory_limit", "parse_micro_batches", "parse_size", "recovered_note",
+    "scheduler_reachable", "security_from", "tls_client", "tls_options", "user_errors",
 ]
 
 
@@ -33,15 +33,21 @@ def user_errors(fn: Callable) -> Callable:
 class ProgressLine:
     """A progress callback that prints ``text(progress)`` on stderr: one line rewritten in
     place on a terminal (at most 4 times a second), a new line every 10 s otherwise
-    (``glinthawk.cli.progress-interval`` sets another interval)."""
+    (``glinthawk.cli.progress-interval`` sets another interval); ``quiet``: none.
 
-    def __init__(self, text: Callable[[Any], str], every: float | None = None) -> None:
+    Each worker the run lost and recovered from (the progress's ``recoveries``) gets a
+    line of its own as soon as it is seen, quiet or not: a run that goes on after a loss
+    still tells whoever watches it.
+    """
+
+    def __init__(self, text: Callable[[Any], str], every: float | None = None, quiet: bool = False) -> None:
         import sys
         import time
 
         from .. import config
 
         self.text = text
+        self.quiet = quiet
         self.tty = sys.stderr.isatty()
         if every is None:
             every = config.get("cli.progress-interval")
@@ -49,20 +55,41 @@ class ProgressLine:
         self.clock = time.monotonic
         self.last = self.clock()
         self.shown = False
+        self.recoveries_seen = 0
 
     def __call__(self, p: Any) -> None:
+        self._recoveries(getattr(p, "recoveries", ()))
         now = self.clock()
-        if now - self.last < self.every:
+        if self.quiet or now - self.last < self.every:
             return
         self.last = now
         line = self.text(p)
         click.echo(f"\r{line}   " if self.tty else line, err=True, nl=not self.tty)
         self.shown = self.tty
 
+    def _recoveries(self, recoveries: Any) -> None:
+        if len(recoveries) <= self.recoveries_seen:
+            return
+        from ..engine.progress import recovery_text
+
+        self.end()
+        for rec in list(recoveries)[self.recoveries_seen:]:
+            click.echo(f"glinthawk: {recovery_text(rec)}", err=True)
+        self.recoveries_seen = len(recoveries)
+
     def end(self) -> None:
         """Leave the rewritten line (a terminal's) before the summary."""
         if self.shown:
             click.echo("", err=True)
+            self.shown = False
+
+
+def recovered_note(n: int) -> str:
+    """The end of a run's summary line for the ``n`` workers it lost (each was told as it
+    happened, by :class:`ProgressLine`)."""
+    if not n:
+        return ""
+    return f"; recovered from {n} lost worker{'s' if n > 1 else ''}, every row computed once (see above)"
 
 
 def scheduler_reachable(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ._group import main
-from .options import ProgressLine, scheduler_reachable, security_from, tls_client, tls_options, user_errors
+from .options import ProgressLine, recovered_note, scheduler_reachable, security_from, tls_client, tls_options, user_errors
 
 
 @main.command()
@@ -40,13 +40,12 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
         spec = spec.replace(output=dataclasses.replace(spec.output, url=output_url))
     if mode:
         spec = spec.replace(topology=dataclasses.replace(spec.topology, mode=mode))
-    show = None if quiet else ProgressLine(_run_text)
+    show = ProgressLine(_run_text, quiet=quiet)
     security = security_from("client", tls_ca_file, tls_cert, tls_key)
     with tls_client(scheduler, security) as client:
         report = run_pipeline(spec, scheduler=scheduler, client=client, overwrite=overwrite, force=force,
                               progress=show)
-    if show is not None:
-        show.end()
+    show.end()
     if report.complete:
         click.echo(f"{spec.name}: nothing to run: every row of its input is already in {report.output} "
                    f"({report.rows_in_output} rows; the input files are unchanged since the run that finished "
@@ -56,7 +55,7 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
         f"{spec.name}: {report.rows_done} rows written ({report.errors} errors, {report.skipped} already done), "
         f"{report.generated_tokens} tokens in {report.seconds:.1f} s ({report.tokens_per_s:.1f} tok/s; "
         f"started in {report.startup_seconds:.1f} s, closed in {report.shutdown_seconds:.1f} s); "
-        f"{report.rows_in_output} rows in {report.output}",
+        f"{report.rows_in_output} rows in {report.output}" + recovered_note(len(report.recoveries)),
         err=True,
     )
     for line in report.error_examples:
@@ -124,8 +123,26 @@ def inspect(output_url: str, as_json: bool) -> None:
         "  inputs       " + ("every row committed (a rerun has nothing to do while the files are unchanged)"
                              if info["inputs_complete"] else "not known to be all done (a rerun reads them and resumes)"),
     ]
+    lines.append("  recoveries   " + _recoveries_text(info))
     lines += [f"  error        {e}" for e in info["error_examples"]]
     click.echo("\n".join(lines))
+
+
+def _recoveries_text(info: dict[str, Any]) -> str:
+    """How many workers the runs that wrote an output lost, and the last of them."""
+    from datetime import datetime, timezone
+
+    from ..engine.progress import recovery_text
+
+    n, last = info["recoveries"], info["last_recovery"]
+    if not n:
+        return "none (no run writing it lost a worker)"
+    text = f"{n} lost worker{'s' if n > 1 else ''}, recovered; every row was computed once"
+    if last:
+        when = datetime.fromtimestamp(last["time"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") \
+            if isinstance(last.get("time"), (int, float)) else "at an unknown time"
+        text += f"; the last, {when}: {recovery_text(last)}"
+    return text
 
 
 def _duration(seconds: float | None) -> str:
@@ -144,6 +161,8 @@ def _output_info(table: Any) -> dict[str, Any]:
         "fingerprint": attrs.get("fingerprint"), "version": attrs.get("version"), "format": attrs.get("format"),
         "created": attrs.get("created"), "updated": attrs.get("updated"), "sampling": attrs.get("sampling"),
         "inputs_complete": bool(attrs.get("complete_inputs")),  # a run committed every row of its inputs
+        "recoveries": int(attrs.get("recoveries_total", 0)),  # workers lost by the runs that wrote it
+        "last_recovery": (attrs.get("recoveries") or [None])[-1],
         **table.summary(),
     }
     examples: list[str] = []

@@ -1,4 +1,5 @@
-"""Where a generate call stands, while it runs: rows, errors, tokens, rate and ETA."""
+"""Where a generate call stands, while it runs: rows, errors, tokens, rate, ETA and the
+workers it lost."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import collections
 import time
 from dataclasses import dataclass
 
-__all__ = ["GenerationProgress", "ProgressTracker"]
+__all__ = ["GenerationProgress", "ProgressTracker", "recovery_text"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class GenerationProgress:
     seconds: float
     tokens_per_s: float
     eta_seconds: float | None
+    recoveries: tuple[dict, ...] = ()  # workers lost so far and how the run went on (LLM.recoveries)
 
 
 class ProgressTracker:
@@ -39,6 +41,7 @@ class ProgressTracker:
         self.clock = clock
         self.t0 = clock()
         self.rows_done = self.errors = self.generated = 0
+        self.recoveries: list[dict] = []
         self._samples: collections.deque[tuple[float, int]] = collections.deque([(self.t0, 0)])
 
     def row(self, error: bool) -> None:
@@ -61,4 +64,18 @@ class ProgressTracker:
         left = max(0, self.expected_tokens - self.generated)
         eta = 0.0 if self.rows_done >= self.rows_total else (left / rate if rate > 0 else None)
         return GenerationProgress(self.rows_done, self.rows_total, self.errors, self.generated,
-                                  self.expected_tokens, now - self.t0, rate, eta)
+                                  self.expected_tokens, now - self.t0, rate, eta, tuple(self.recoveries))
+
+
+def recovery_text(rec: dict) -> str:
+    """One line for a recovery record (an item of :attr:`~glinthawk_dask.LLM.recoveries`): what
+    was lost, what the run did about it and what that cost."""
+    rebuilt = f"{int(rec.get('rebuilt_tokens', 0)):,}"
+    if not rec.get("rebuilt_tokens_exact", True):
+        rebuilt = f"about {rebuilt}"
+    cost = f"{rec.get('requests', 0)} requests' KV rebuilt from {rebuilt} tokens in {rec.get('seconds', 0.0):.1f} s"
+    if rec.get("kind") == "moved micro-batch":
+        return f"lost {rec.get('cause')}; micro-batch {rec.get('micro_batch')} moved to {rec.get('to')}, {cost}"
+    if rec.get("kind") == "restarted run":
+        return f"lost a worker ({rec.get('cause')}); the run restarted on the workers left as {rec.get('new_run')}, {cost}"
+    return f"{rec.get('kind', 'recovery')}: {rec.get('cause')}"

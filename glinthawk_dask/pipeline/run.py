@@ -55,6 +55,7 @@ class Progress:
     shards_total: int = 0
     seconds: float = 0.0  # since the engine was ready
     tokens_left: int | None = None  # of the rows read: max_tokens not generated yet (once every shard is read)
+    recoveries: list[dict] = field(default_factory=list)  # workers lost so far and how the run went on
 
     @property
     def tokens_per_s(self) -> float:
@@ -141,7 +142,14 @@ def run_pipeline(
 
             done_tokens = [0]  # tokens of the rows finished (the sampled ones include their stop tokens)
 
+            def recovered() -> None:  # each worker lost, recorded in the output as soon as it is known
+                seen = llm.recoveries
+                if len(seen) > len(state.recoveries):
+                    sink.record_recoveries(seen[len(state.recoveries):])
+                    state.recoveries = seen
+
             def refresh() -> None:
+                recovered()
                 live = max(done_tokens[0], llm.generated_tokens)
                 state.generated_tokens = live
                 state.shards_read, state.skipped = feed.shards_read, feed.skipped
@@ -170,6 +178,7 @@ def run_pipeline(
                     note(c.to_row())
                     if stop():
                         break
+            recovered()
             if page is not None:
                 page.close()
             sink.close()  # the last rows committed: the run's work is done

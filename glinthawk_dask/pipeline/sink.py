@@ -27,6 +27,9 @@ __all__ = [
     "FORMAT", "ROW_COLUMNS", "TOKEN_IDS", "OFFSETS",
 ]
 
+#: recovery records an output keeps (the newest; it counts them all)
+KEPT_RECOVERIES = 20
+
 
 class _Row(NamedTuple):
     """A validated record: the per-row values (all but the offset) and its token ids."""
@@ -215,6 +218,28 @@ class ZarrSink:
         of the same inputs has nothing to do."""
         self.flush()
         meta = {**self._meta, "complete_inputs": key, "updated": _now()}
+        self._group.update_attributes({"glinthawk": meta})
+        self._meta = meta
+
+    @property
+    def recoveries(self) -> list[dict]:
+        """The last :data:`KEPT_RECOVERIES` workers lost by the runs that wrote here and how
+        each went on (the records of :attr:`~glinthawk_dask.LLM.recoveries`, with ``time``)."""
+        return list(self._meta.get("recoveries", []))
+
+    @property
+    def n_recoveries(self) -> int:
+        """Workers lost by the runs that wrote here, all of them."""
+        return int(self._meta.get("recoveries_total", 0))
+
+    def record_recoveries(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Record that a run writing here lost workers and went on (its rows are still
+        computed exactly once): kept in the output's attributes, beside its commits."""
+        new = [json.loads(json.dumps(dict(r), default=str)) for r in records]
+        if not new:
+            return
+        meta = {**self._meta, "recoveries": (self.recoveries + new)[-KEPT_RECOVERIES:],
+                "recoveries_total": self.n_recoveries + len(new)}
         self._group.update_attributes({"glinthawk": meta})
         self._meta = meta
 

@@ -88,6 +88,7 @@ class DaskEngine:
         self.last_summary: RunSummary | None = None
         self.last_prediction: Any = None  # the planner's Prediction for the last auto plan
         self.generated_tokens = 0  # tokens sampled so far by the current (or last) generate call
+        self.recoveries: list[dict] = []  # workers the current (or last) generate call lost, as it recovered
         self.last_timeline: dict[str, list] = {}
 
     # -- sync API ------------------------------------------------------------------
@@ -108,7 +109,9 @@ class DaskEngine:
         feed = _Feed(requests, self._first_batch_size(max_seq_len))
         if not feed.first:
             return
+        self.recoveries = []
         run = self.client.sync(self._open, feed.first, max_seq_len)
+        self.recoveries = run.recoveries  # (the same list across the run's restarts)
         try:
             more = feed.first
             while True:
@@ -133,7 +136,9 @@ class DaskEngine:
         feed = _Feed(requests, self._first_batch_size(max_seq_len))
         if not feed.first:
             return
+        self.recoveries = []
         run = await self._open(feed.first, max_seq_len)
+        self.recoveries = run.recoveries
         try:
             more = feed.first
             while True:
@@ -305,7 +310,7 @@ class DaskEngine:
         run.recoveries.append({
             "kind": "restarted run", "cause": f"{type(error).__name__}: {error}", "old_run": run.id,
             "new_run": new.id, "requests": len(pending), "rebuilt_tokens": int(rebuilt),
-            "rebuilt_tokens_exact": lost_tokens is not None, "seconds": time.time() - t0,
+            "rebuilt_tokens_exact": lost_tokens is not None, "seconds": time.time() - t0, "time": t0,
         })
         run.restart_as(new, generated_before=self.generated_tokens)
         if pending:

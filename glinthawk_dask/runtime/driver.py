@@ -186,7 +186,7 @@ class RunDriver:
         self._moves.append({
             "kind": "moved micro-batch", "cause": str(lost), "micro_batch": mb, "to": address,
             "requests": len(self.sched.running[mb]), "rebuilt_tokens": rebuilt, "rebuilt_tokens_exact": True,
-            "seconds": time.time() - t0,
+            "seconds": time.time() - t0, "time": t0,
         })
 
     def _take_moves(self) -> list[dict]:

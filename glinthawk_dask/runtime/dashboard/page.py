@@ -245,7 +245,8 @@ class GlinthawkPage:
             fractions.append(1.0 if p.get("done") else (p.get("shards_read", 0) / total if total else 0.0))
             texts.append(f"{p.get('rows_done', 0)} rows ({p.get('errors', 0)} errors, {p.get('skipped', 0)} "
                          f"already done), shards {p.get('shards_read', 0)}/{total}, "
-                         f"{p.get('tokens_per_s', 0.0):.0f} tok/s" + (", finished" if p.get("done") else ""))
+                         f"{p.get('tokens_per_s', 0.0):.0f} tok/s" + _lost(p.get("recoveries", 0))
+                         + (", finished" if p.get("done") else ""))
         if list(self.rows.y_range.factors) != labels_:
             self.rows.y_range.factors = labels_
         self.rows_source.data = {"label": labels_, "fraction": fractions, "text": texts}
@@ -310,3 +311,8 @@ def glinthawk_doc(scheduler: Any, extra: dict, doc: Any) -> None:
     doc.template = env.get_template("simple.html")
     doc.template_variables.update(extra)
     doc.theme = BOKEH_THEME
+
+
+def _lost(n: int) -> str:
+    """A pipeline's lost workers, as its progress line shows them."""
+    return f", {n} lost worker{'s' if n > 1 else ''} recovered" if n else ""

@@ -46,6 +46,7 @@ class ProgressReporter:
         fields = {k: v for k, v in vars(p).items() if isinstance(v, (int, float, str)) or v is None}
         fields["tokens_per_s"] = getattr(p, "tokens_per_s", 0.0)
         fields["eta_seconds"] = getattr(p, "eta_seconds", None)
+        fields["recoveries"] = len(getattr(p, "recoveries", ()))
         fields["done"] = done
         self._sent = time.monotonic()
         try:

@@ -335,7 +335,7 @@ def test_a_worker_heartbeat_that_fails_as_the_cluster_closes_is_one_line(caplog)
     in one line that keeps the error (and other records keep theirs)."""
     import logging
 
-    from glinthawk_dask.runtime.plugins import one_line_heartbeat_failures
+    from glinthawk_dask.runtime.worker_process import one_line_heartbeat_failures
 
     one_line_heartbeat_failures()
     one_line_heartbeat_failures()  # once per process, however many plugins set up

@@ -208,6 +208,47 @@ def test_killed_and_resumed_runs_give_the_uninterrupted_rows_once(tmp_path, llm)
         assert resumed[k]["finish_reason"] == reference[k]["finish_reason"]
 
 
+def test_ctrl_c_of_a_two_tier_run_commits_what_finished_and_says_how_to_resume(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the command and the embedded
+    cluster's worker processes.  The run ends with one line (no tracebacks from the
+    workers), exit code 130, its finished rows committed, and a rerun resumes."""
+    import os
+
+    import psutil
+
+    rows = _rows(40)
+    src = _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.zarr"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(_spec(
+        tmp_path, str(src), str(out), sampling={"max_tokens": 16},
+        topology={"mode": "two-tier", "micro_batch_size": 4, "micro_batches": 2})))
+    cmd = [sys.executable, "-m", "glinthawk_dask", "run", str(spec_file), "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, n = time.monotonic() + 240, 0
+    while time.monotonic() < deadline and proc.poll() is None and n < 4:
+        try:
+            n = zarr.open_group(str(out), mode="r").attrs["glinthawk"]["rows"]
+        except Exception:  # not created yet
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before the interrupt: {proc.stderr.read()}"
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    committed = len(_table(str(out)))
+    assert proc.returncode == 130, err
+    assert f"Interrupted: t: {committed} rows are committed in {out}" in err and "rerun the same command" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert 4 <= committed < 40
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, f"processes outlived the interrupted run: {alive}"
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f" {committed} already done)" in done.stderr, done.stderr
+    assert sorted(_table(str(out))) == sorted(r["id"] for r in rows)
+
+
 def test_s3_glob_of_jsonl_shards_and_parquet(tmp_path, llm, s3_bucket):
     import fsspec
     import pyarrow as pa

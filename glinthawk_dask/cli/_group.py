@@ -12,6 +12,11 @@ from typing import Any
 import click
 
 
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C (SIGINT) a command caught to say what it leaves behind: its message is
+    printed instead of ``Aborted!`` and the exit code is 130, as for any interrupt."""
+
+
 class _OneLineErrors(click.Group):
     """A group whose errors are one line, usage mistakes included."""
 
@@ -28,7 +33,11 @@ class _OneLineErrors(click.Group):
         except click.ClickException as e:
             click.echo(f"Error: {_one_line(e.format_message())}", err=True)
             sys.exit(e.exit_code)
-        except (click.exceptions.Abort, EOFError, KeyboardInterrupt):
+        except (click.exceptions.Abort, EOFError, KeyboardInterrupt) as e:
+            told = e if isinstance(e, Interrupted) else e.__cause__  # (click turns it into Abort)
+            if isinstance(told, Interrupted):
+                click.echo(f"Interrupted: {told}", err=True)
+                sys.exit(130)
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -11,7 +11,7 @@ from typing import Any, BinaryIO, Iterator, TextIO
 import click
 
 from ..errors import GlinthawkError
-from ._group import main
+from ._group import Interrupted, main
 from .options import (
     ProgressLine, option_group, parse_micro_batches, parse_size, recovered_note, scheduler_reachable, security_from,
     tls_client, tls_options, user_errors,
@@ -125,7 +125,12 @@ def generate(
         t0 = time.perf_counter()
         n_tokens = n_errors = 0
         show = ProgressLine(_progress_text, quiet=quiet)
-        results = llm.generate(rows, params, chat=chat, progress=show)
+        try:
+            results = llm.generate(rows, params, chat=chat, progress=show)
+        except KeyboardInterrupt:
+            show.end()
+            raise Interrupted("nothing written: generate writes its rows once every prompt is done; for a "
+                              "dataset, `glinthawk run SPEC` commits rows as they finish and resumes") from None
         show.end()
         elapsed = time.perf_counter() - t0
         n_recovered = len(llm.recoveries)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ._group import main
+from ._group import Interrupted, main
 from .options import ProgressLine, recovered_note, scheduler_reachable, security_from, tls_client, tls_options, user_errors
 
 
@@ -42,9 +42,13 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
         spec = spec.replace(topology=dataclasses.replace(spec.topology, mode=mode))
     show = ProgressLine(_run_text, quiet=quiet)
     security = security_from("client", tls_ca_file, tls_cert, tls_key)
-    with tls_client(scheduler, security) as client:
-        report = run_pipeline(spec, scheduler=scheduler, client=client, overwrite=overwrite, force=force,
-                              progress=show)
+    try:
+        with tls_client(scheduler, security) as client:
+            report = run_pipeline(spec, scheduler=scheduler, client=client, overwrite=overwrite, force=force,
+                                  progress=show)
+    except KeyboardInterrupt:
+        show.end()
+        raise Interrupted(_left_behind(spec)) from None
     show.end()
     if report.complete:
         click.echo(f"{spec.name}: nothing to run: every row of its input is already in {report.output} "
@@ -60,6 +64,19 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
     )
     for line in report.error_examples:
         click.echo(f"  error {line}", err=True)
+
+
+def _left_behind(spec: Any) -> str:
+    """What an interrupted run leaves in its output, and how to go on."""
+    from ..pipeline.sink import read_output
+
+    url = spec.output.url
+    try:
+        rows = len(read_output(url, storage_options=spec.storage_options))
+    except Exception as e:  # (not created yet, or unreadable: say so, do not hide the interrupt)
+        return f"{spec.name}: nothing committed to {url} ({type(e).__name__}: {e})"
+    return (f"{spec.name}: {rows} rows are committed in {url}, every row finished before the interrupt; "
+            "rerun the same command to resume")
 
 
 def _run_text(p: Any) -> str:

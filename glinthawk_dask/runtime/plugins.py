@@ -26,6 +26,7 @@ from .attention_service import AttentionService
 from .compute import one_torch_thread
 from .dense_service import DenseService
 from .placement import PlacementError, kv_budget_bytes, make_plan
+from .worker_process import leave_interrupts_to_the_nanny, one_line_heartbeat_failures
 
 # A dense worker's KV budget in bytes, when it sets one (`glinthawk worker --tier dense --kv-bytes`).
 DENSE_KV = "DENSE_KV"
@@ -53,34 +54,6 @@ def worker_tiers(resources: dict[str, float]) -> set[str]:
     return tiers
 
 
-_HEARTBEAT_FAILURE = "Failed to communicate with scheduler during heartbeat"
-
-
-class OneLineHeartbeatFailure(logging.Filter):
-    """A worker's failed heartbeat logged in one line, not with a traceback.
-
-    Distributed logs it with the traceback of the closed connection; it happens when
-    the scheduler goes away, and as a race while a worker closes with a heartbeat in
-    flight (a local cluster shutting down at the end of ``glinthawk generate``).  The
-    line keeps the error's type and message.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and str(record.msg).startswith(_HEARTBEAT_FAILURE):
-            e = record.exc_info[1]
-            record.msg, record.args = f"{_HEARTBEAT_FAILURE} ({type(e).__name__}: {e})", ()
-            record.exc_info = record.exc_text = None
-        return True
-
-
-def one_line_heartbeat_failures() -> None:
-    """Install :class:`OneLineHeartbeatFailure` on distributed's worker logger (once;
-    it stays through the worker's close, when the race happens)."""
-    log = logging.getLogger("distributed.worker")
-    if not any(isinstance(f, OneLineHeartbeatFailure) for f in log.filters):
-        log.addFilter(OneLineHeartbeatFailure())
-
-
 class _TierPlugin(WorkerPlugin):
     """Hosts one tier's service on the workers that carry the tier's resource (and
     nothing on the others), with its rpc handlers and a timeline handler."""
@@ -101,6 +74,7 @@ class _TierPlugin(WorkerPlugin):
             return
         one_torch_thread()  # the loop's torch work (caches it allocates, say): the stream computes
         steady_heap()
+        leave_interrupts_to_the_nanny(worker)
         one_line_heartbeat_failures()
         self.service = self.make_service(worker, resources)
         self._handlers = {**self.service.handlers(), f"glinthawk_{self.tier}_timeline": self.timeline,

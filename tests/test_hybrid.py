@@ -134,3 +134,11 @@ async def test_hybrid_split_is_planned_from_the_clusters_profile(c, s, a, b):
     assert summary.local_micro_batches == chosen.local_micro_batches
     assert summary.kv_bytes["dense"] <= budget
     assert sum(w == "dense" for w in summary.attention_of()) == chosen.local_micro_batches
+
+
+def test_a_missing_tier_names_the_command_that_starts_it():
+    kw = dict(n_layers=2, kv_bytes_per_token_layer=10, max_seq_len=8, micro_batch_size=2, n_micro_batches=1)
+    with pytest.raises(PlacementError, match=r"no dense workers: start one with `glinthawk worker --tier dense "):
+        make_plan(mode="two-tier", dense=[], attention={"a": 1 << 20}, **kw)
+    with pytest.raises(PlacementError, match=r"the cluster has 0: start them with `glinthawk worker --tier attention "):
+        make_plan(mode="two-tier", dense=["d"], attention={}, **kw)

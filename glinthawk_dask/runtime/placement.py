@@ -69,7 +69,8 @@ def make_plan(
     if mode not in MODES:
         raise PlacementError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     if not dense:
-        raise PlacementError("no dense workers: start workers with --resources GPU=1")
+        raise PlacementError("no dense workers: start one with `glinthawk worker --tier dense SCHEDULER` "
+                             "(a plain Dask worker: --resources GPU=1)")
     k = n_slices or len(dense)
     if k > len(dense):
         raise PlacementError(f"{k} slices need {k} dense workers, the cluster has {len(dense)}")
@@ -98,7 +99,8 @@ def make_plan(
         if len(workers) < k:
             raise PlacementError(
                 f"{mode} mode needs at least one attention worker per slice ({k}); the cluster has "
-                f"{len(workers)}: start workers with --resources KV=<bytes>"
+                f"{len(workers)}: start them with `glinthawk worker --tier attention SCHEDULER` (a plain Dask "
+                "worker: --resources KV=<bytes>), or run single-tier (--mode single-tier: the KV on the dense workers)"
             )
         groups = [workers[s::k] for s in range(k)]
         fit = micro_batch_size

@@ -84,6 +84,13 @@ async def test_a_client_that_leaves_has_its_runs_closed_everywhere(c, s, a, b):
     info = await cluster_status(c)
     (run,) = info["runs"]
     assert run["client"] == other.id and run["kv_reserved"]["attention"] > 0
+    from glinthawk_dask.cli.cluster import status_text
+
+    text = status_text(info)  # `glinthawk status`
+    assert "open runs: 1" in text and f"  {run['run_id']} by client {other.id}: two-tier" in text, text
+    assert "lost" not in text
+    run["lost_workers"] = ["tcp://10.0.0.9:4000"]
+    assert status_text(info).splitlines()[-1].endswith("; lost tcp://10.0.0.9:4000"), status_text(info)
     await other.close()
 
     async def gone():

@@ -389,5 +389,6 @@ def status_text(info: dict) -> str:
                      f"{'+'.join(map(str, r['sizes']))} slots in {r['micro_batches']} micro-batches{split}, "
                      f"age {r['age_s']:.0f} s, {r['generated_tokens']} tokens, KV reserved "
                      f"{size(r['kv_reserved']['dense'])} dense, {size(r['kv_reserved']['attention'])} attention, "
-                     f"lease left {max(0.0, r['lease_left_s']):.0f} s")
+                     f"lease left {max(0.0, r['lease_left_s']):.0f} s"
+                     + (f"; lost {', '.join(r['lost_workers'])}" if r.get("lost_workers") else ""))
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from . import config
 from .engine.engine import EngineConfig, InProcessEngine
 from .engine.progress import GenerationProgress, ProgressTracker
 from .engine.request import Completion, Request
-from .errors import GlinthawkError
+from .errors import GenerationInterrupted, GlinthawkError
 from .heap import steady_heap
 from .handles import GenerationJob, submit_prompts
 from .model.resolve import DEFAULT_MODEL, resolve_checkpoint
@@ -281,14 +281,22 @@ class LLM:
         self, rows: Iterable[Any] | str, params: SamplingParams | None = None, *, chat: bool = False,
         progress: Callable[[GenerationProgress], None] | None = None,
     ) -> list[Completion]:
-        """Complete every row; results in input order (``progress`` as for :meth:`stream`)."""
+        """Complete every row; results in input order (``progress`` as for :meth:`stream`).
+
+        Interrupted (Ctrl-C), it raises :class:`~glinthawk_dask.errors.GenerationInterrupted`
+        with the rows finished so far: the run is closed and its KV freed first."""
         if isinstance(rows, str):
             rows = [rows]
         entries = self.make_requests(rows, params, chat=chat)
         index = {e.id: i for i, e in enumerate(entries)}
         results: list[Any] = list(entries)
-        for c in self._run(entries, progress):
-            results[index[c.id]] = c
+        try:
+            for c in self._run(entries, progress):
+                results[index[c.id]] = c
+        except KeyboardInterrupt as e:
+            if isinstance(e, GenerationInterrupted):
+                raise
+            raise GenerationInterrupted([r for r in results if isinstance(r, Completion)], len(results)) from e
         return results
 
     def _run(self, entries: list[Request | Completion],

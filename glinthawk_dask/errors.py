@@ -8,7 +8,9 @@ and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["GlinthawkError", "GlinthawkWarning", "ModelLoadError", "InvalidRequestError"]
+from typing import Any
+
+__all__ = ["GenerationInterrupted", "GlinthawkError", "GlinthawkWarning", "ModelLoadError", "InvalidRequestError"]
 
 
 class GlinthawkError(Exception):
@@ -21,6 +23,16 @@ class ModelLoadError(GlinthawkError):
 
 class InvalidRequestError(GlinthawkError, ValueError):
     """A request or sampling parameter is invalid (empty prompt, prompt too long, bad value)."""
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """A generation stopped by a KeyboardInterrupt (Ctrl-C, a notebook's interrupt):
+    ``completions`` holds the rows that had finished, in input order, out of ``total``.
+    It is a KeyboardInterrupt, so code that catches those sees it as before."""
+
+    def __init__(self, completions: list[Any], total: int) -> None:
+        super().__init__(f"interrupted with {len(completions)} of {total} rows finished")
+        self.completions, self.total = completions, total
 
 
 class GlinthawkWarning(UserWarning):

@@ -488,3 +488,28 @@ def test_generate_progress_line_and_quiet(capsys, tmp_path):
             assert sum(1 for line in result.output.splitlines() if line.startswith("{")) == 2
             lines = [line for line in result.output.splitlines() if progress.match(line)]
             assert (not lines) if quiet else lines[-1].startswith("2/2 rows"), result.output
+
+
+def test_only_distributed_s_cancel_before_start_is_dropped_from_the_logs():
+    """distributed's ``sync`` logs a NameError from its ``cancel`` callback when a Ctrl-C
+    lands before the coroutine started: the CLI drops that record, and no other."""
+    import logging
+    import sys
+
+    from glinthawk_dask.cli._group import _SyncCancelBeforeStart
+
+    def record_of(filename: str, name: str) -> logging.LogRecord:
+        scope: dict = {}
+        exec(compile(f"def {name}():\n    return future\n", filename, "exec"), scope)
+        try:
+            scope[name]()
+        except NameError:
+            exc_info = sys.exc_info()
+        return logging.LogRecord("tornado.application", logging.ERROR, filename, 1, "Exception in callback",
+                                 (), exc_info)
+
+    keep = _SyncCancelBeforeStart().filter
+    assert not keep(record_of("/site-packages/distributed/utils.py", "cancel"))
+    assert keep(record_of("/site-packages/distributed/utils.py", "other"))
+    assert keep(record_of("/work/mine/utils.py", "cancel"))
+    assert keep(logging.LogRecord("tornado.application", logging.ERROR, "x", 1, "no exception", (), None))

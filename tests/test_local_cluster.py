@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from glinthawk_dask import LLM, SamplingParams
+from glinthawk_dask.errors import GenerationInterrupted
 
 MODEL = "random:tiny-gqa"
 ROWS = [{"id": f"p{i}", "prompt_token_ids": [(7 * i + j) % 300 + 1 for j in range(3 + 11 * i)],
@@ -54,6 +55,20 @@ def test_llm_starts_and_stops_the_local_cluster(reference):
         assert got == reference
         summary = llm.last_summary
         assert summary.mode == "two-tier" and len(summary.plan["dense"]) == 1
+
+        def interrupt(p):  # a Ctrl-C (a notebook's interrupt) once a few rows are done
+            if p.rows_done >= 3:
+                raise KeyboardInterrupt
+
+        with pytest.raises(GenerationInterrupted) as stopped:
+            llm.generate(ROWS, SamplingParams(ignore_eos=True), progress=interrupt)
+        done = stopped.value.completions
+        assert stopped.value.total == len(ROWS) and 3 <= len(done) < len(ROWS)
+        assert [c.id for c in done] == [r["id"] for r in ROWS if r["id"] in {c.id for c in done}]  # input order
+        assert all(c.completion_token_ids == reference[c.id] for c in done)
+        assert llm.cluster_status()["runs"] == ()  # the run closed, its KV freed
+        again = {c.id: c.completion_token_ids for c in llm.generate(ROWS, SamplingParams(ignore_eos=True))}
+        assert again == reference
         if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # glinthawk.heap: steady
             assert set(llm.client.run(lambda: sys.modules["glinthawk_dask.heap"]._pinned).values()) == {True}
     gone = psutil.wait_procs([psutil.Process(p) for p in _children() - before if psutil.pid_exists(p)], timeout=30)
@@ -75,6 +90,43 @@ def _cli(*args, input_rows=ROWS):
 def test_cli_modes_agree(mode, reference):
     rows = [dict(r, ignore_eos=True) for r in ROWS]
     assert _cli("--mode", mode, "--micro-batch-size", "2", input_rows=rows) == reference
+
+
+def test_cli_ctrl_c_writes_the_rows_that_finished(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the process group, the embedded cluster's workers
+    included) mid-run: the finished rows are written in input order, one line says how
+    many, no tracebacks, exit code 130, no process left."""
+    import os
+    import signal
+    import time
+
+    rows = [{"id": f"q{i}", "prompt_token_ids": [(5 * i + j) % 300 + 1 for j in range(4)], "max_tokens": 6 + 3 * i,
+             "ignore_eos": True} for i in range(40)]  # each row longer than the last: they finish in input order
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "DASK_GLINTHAWK__CLI__PROGRESS_INTERVAL": "0.05"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glinthawk_dask", "generate", "--model", MODEL, "--input", str(src),
+         "--micro-batch-size", "4", "--micro-batches", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    seen, deadline = "", time.monotonic() + 240
+    while time.monotonic() < deadline:  # the progress lines: interrupt once 3 rows are done
+        line = proc.stderr.readline()
+        assert line, f"generate ended before the interrupt: {seen}"
+        seen += line
+        if line.split("/")[0].isdigit() and int(line.split("/")[0]) >= 3:
+            break
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    written = [json.loads(line) for line in out.splitlines()]
+    assert proc.returncode == 130, err
+    assert f"Interrupted: {len(written)} of 40 rows written to stdout" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert 3 <= len(written) < 40
+    assert [r["id"] for r in written] == [r["id"] for r in rows][:len(written)]
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, f"processes outlived the interrupted command: {alive}"
 
 
 def test_cli_on_an_existing_scheduler(reference):

@@ -6,7 +6,9 @@ click's usage block is left out (the line names the command's ``--help``).
 
 from __future__ import annotations
 
+import logging
 import sys
+import traceback
 from typing import Any
 
 import click
@@ -17,11 +19,28 @@ class Interrupted(KeyboardInterrupt):
     printed instead of ``Aborted!`` and the exit code is 130, as for any interrupt."""
 
 
+class _SyncCancelBeforeStart(logging.Filter):
+    """Drops the traceback distributed's ``sync`` logs when a Ctrl-C lands before the
+    coroutine it waits for has started: its ``cancel`` callback reads a variable that is
+    not bound yet (NameError, logged by tornado after the interrupt; nothing was running
+    to cancel).  Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info
+        if not exc or exc[0] is not NameError or exc[2] is None:
+            return True
+        last = traceback.extract_tb(exc[2])[-1]
+        return not (last.name == "cancel" and last.filename.replace("\\", "/").endswith("distributed/utils.py"))
+
+
 class _OneLineErrors(click.Group):
     """A group whose errors are one line, usage mistakes included."""
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        tornado = logging.getLogger("tornado.application")
+        if not any(isinstance(f, _SyncCancelBeforeStart) for f in tornado.filters):
+            tornado.addFilter(_SyncCancelBeforeStart())
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:

@@ -83,7 +83,7 @@ def generate(
     the time left at that rate (--quiet: none).
     """
     from ..api import LLM
-    from ..errors import InvalidRequestError
+    from ..errors import GenerationInterrupted, InvalidRequestError
     from ..sampling import SamplingParams
 
     for text in prompt_args:  # a path given where the prompts go: its text would be completed, quietly
@@ -125,20 +125,24 @@ def generate(
         t0 = time.perf_counter()
         n_tokens = n_errors = 0
         show = ProgressLine(_progress_text, quiet=quiet)
+        interrupted = None
         try:
             results = llm.generate(rows, params, chat=chat, progress=show)
-        except KeyboardInterrupt:
-            show.end()
-            raise Interrupted("nothing written: generate writes its rows once every prompt is done; for a "
-                              "dataset, `glinthawk run SPEC` commits rows as they finish and resumes") from None
+        except GenerationInterrupted as e:  # the run is closed: keep what finished
+            interrupted, results = e, e.completions
         show.end()
         elapsed = time.perf_counter() - t0
         n_recovered = len(llm.recoveries)
-    for c in results:
-        output.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
-        n_tokens += len(c.completion_token_ids)
-        n_errors += c.error is not None
-    output.flush()
+        for c in results:  # written before the cluster closes
+            output.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
+            n_tokens += len(c.completion_token_ids)
+            n_errors += c.error is not None
+        output.flush()
+    if interrupted is not None:
+        left = interrupted.total - len(results)
+        where = "stdout" if getattr(output, "name", "-") in ("-", "<stdout>") else output.name
+        raise Interrupted(f"{len(results)} of {interrupted.total} rows written to {where}: those that had "
+                          f"finished, in input order; the other {left} were not")
     click.echo(
         f"{len(results)} rows, {n_errors} errors, {n_tokens} tokens generated in {elapsed:.1f} s "
         f"({n_tokens / max(elapsed, 1e-9):.1f} tok/s; model loaded in {t_load:.1f} s)" + recovered_note(n_recovered),

@@ -435,3 +435,24 @@ def test_a_run_that_lost_workers_says_so_in_its_report_and_its_output(tmp_path, 
             "lost attention worker tcp://x:1") in shown.output, shown.output
     info = json.loads(CliRunner().invoke(main, ["inspect", out, "--json"]).output)
     assert info["recoveries"] == 1 and info["last_recovery"]["to"] == "tcp://y:2"
+
+
+def test_an_input_only_this_machine_sees_is_told_as_such(tmp_path):
+    """Shards are read on the cluster's CPU workers: a path they do not see (here a
+    memory:// file of this process, which the embedded cluster's worker processes do not
+    share) fails with what to do, not only "not found"."""
+    import fsspec
+
+    from glinthawk_dask.errors import GlinthawkError
+
+    url = f"memory://glinthawk-unseen-{time.time_ns()}/in.jsonl"
+    with fsspec.open(url, "w") as f:
+        f.write("".join(json.dumps({"id": f"r{i}", "prompt_token_ids": [1 + i, 2, 3]}) + "\n" for i in range(4)))
+    spec = parse_spec(_spec(tmp_path, url, str(tmp_path / "out.zarr"), model="random:tiny-gqa",
+                            topology={"mode": "two-tier", "micro_batch_size": 4, "max_seq_len": 64}))
+    with pytest.raises(GlinthawkError) as failed:
+        run_pipeline(spec)
+    message = str(failed.value)
+    assert "cannot read memory:///glinthawk-unseen-" in message and "/in.jsonl: not found" in message, message
+    assert "the file is on this machine, but the cluster's CPU workers, which read the input, do not see it" in message
+    assert "a path on a filesystem they share" in message

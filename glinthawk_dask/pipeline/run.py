@@ -31,9 +31,9 @@ from ..prompts import RequestBuilder
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .sink import ZarrSink
-from .sources import Shard, list_shards, read_shard
+from .sources import InputError, Shard, list_shards, read_shard
 from .versions import inputs_key
-from .spec import PipelineSpec
+from .spec import PipelineSpec, options_for
 
 __all__ = ["Progress", "RunReport", "load_model", "pipeline_llm", "run_pipeline", "spec_shards", "tokenize_shard"]
 
@@ -308,20 +308,44 @@ class _RequestFeed:
         def submit() -> None:
             shard = next(todo, None)
             if shard is not None:
-                pending.append(client.submit(
+                pending.append((shard, client.submit(
                     tokenize_shard, shard, spec, key=f"glinthawk-read-shard-{run}-{shard.index}",
                     workers=workers, allow_other_workers=True, pure=False,
-                ))
+                )))
 
         for _ in range(PREFETCH_SHARDS):
             submit()
         while pending:
-            future = pending.popleft()
+            shard, future = pending.popleft()
             submit()
             try:
-                yield future.result()
+                entries = future.result()
+            except InputError as e:
+                raise _unseen_by_workers(e, shard, spec) from None
             finally:
                 future.release()
+            yield entries
+
+
+def _unseen_by_workers(error: InputError, shard: Shard, spec: PipelineSpec) -> InputError:
+    """``error``, a CPU worker's failure to read ``shard``, told as what it likely is when
+    this machine can read the file: a path on this machine that the workers do not see."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    if "not found" not in str(error):  # (the worker's FileNotFoundError, as sources words it)
+        return error
+    try:
+        fs, path = fsspec.core.url_to_fs(shard.url, **options_for(shard.url, spec.storage_options))
+        here = isinstance(fs, (LocalFileSystem, MemoryFileSystem)) and fs.exists(path)
+    except Exception:  # (cannot tell: the worker's message as it is)
+        here = False
+    if not here:
+        return error
+    return InputError(f"{error}; the file is on this machine, but the cluster's CPU workers, which read the "
+                      "input, do not see it: give the input as a URL every worker can read (s3://, gs://, "
+                      "https://, ...) or a path on a filesystem they share")
 
 
 def tokenize_shard(shard: Shard, spec: PipelineSpec) -> list[Request | Completion]:

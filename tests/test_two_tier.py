@@ -254,3 +254,34 @@ async def test_generated_tokens_are_counted_while_a_run_goes(c, s, a, b):
     out = [x async for x in engine.agenerate(reqs, on_tick=lambda: counts.append(engine.generated_tokens))]
     assert counts and counts == sorted(counts)
     assert engine.generated_tokens == sum(len(x.completion_token_ids) for x in out)
+
+
+class _DenseWithoutTheModelFile(DenseWorkerPlugin):
+    """A dense worker on a host that lacks the model file the client has."""
+
+    def setup(self, worker):
+        super().setup(worker)
+        if self.service is None:
+            return
+        from glinthawk_dask.errors import ModelLoadError
+
+        async def slice_open(run_id, spec):
+            raise ModelLoadError(f"no such file or directory: {spec['model']}; pass a .gguf file, ...")
+
+        worker.handlers["glinthawk_slice_open"] = slice_open
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_a_model_file_only_this_machine_has_is_told_as_such(c, s, a, b):
+    from glinthawk_dask.errors import GlinthawkError
+    from glinthawk_dask.model.resolve import embedded_gguf_path
+
+    await c.register_plugin(GlinthawkSchedulerPlugin())
+    await c.register_plugin(_DenseWithoutTheModelFile())
+    await c.register_plugin(AttentionWorkerPlugin())
+    path = str(embedded_gguf_path())  # here, not on the dense worker's host
+    engine = DaskEngine(c, path, micro_batch_size=2, n_micro_batches=1)
+    with pytest.raises(GlinthawkError, match=f"the dense worker {a.address} does not find the model {path}, which "
+                                             "is on this machine: .* on every dense worker's host"):
+        [comp async for comp in engine.agenerate([Request("r", [1, 2, 3], SamplingParams(max_tokens=2))])]
+    assert (await c.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.plugins["glinthawk"].runs))) == 0

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
@@ -20,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 import torch
 
 from ..engine.request import Completion, Request
-from ..errors import GlinthawkError
+from ..errors import GlinthawkError, ModelLoadError
 from ..model.config import ModelConfig
 from ..model.resolve import resolve_checkpoint
 from .. import config
@@ -279,8 +280,20 @@ class DaskEngine:
                 plan, s, run_id=run_id, model=self.model, dtype=self.dtype, latency=self.latency,
                 engine={"max_step_tokens": self.max_step_tokens}, peer_timeout=float(config.get("engine.peer-timeout")),
             )
-            opens.append(self._rpc(plan.dense[s], "glinthawk_slice_open", run_id=run_id, spec=spec.to_wire()))
+            opens.append(self._open_slice(plan.dense[s], run_id, spec))
         await asyncio.gather(*opens)
+
+    async def _open_slice(self, address: str, run_id: str, spec: SliceSpec) -> None:
+        """Open a slice on a dense worker, which loads the model itself: a model file only
+        this machine has is told as such."""
+        try:
+            await self._rpc(address, "glinthawk_slice_open", run_id=run_id, spec=spec.to_wire())
+        except ModelLoadError as e:
+            if "no such file" not in str(e) or not os.path.exists(os.path.expanduser(self.model)):
+                raise
+            raise ModelLoadError(f"the dense worker {address} does not find the model {self.model}, which is on "
+                                 "this machine: each dense worker loads the model from the path given; put it "
+                                 "there on every dense worker's host (or on a filesystem they share)") from None
 
     async def _recover(self, run: RunState, error: BaseException) -> None:
         """Start the run over as a new epoch on the workers there are (waiting for some

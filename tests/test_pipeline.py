@@ -456,3 +456,26 @@ def test_an_input_only_this_machine_sees_is_told_as_such(tmp_path):
     assert "cannot read memory:///glinthawk-unseen-" in message and "/in.jsonl: not found" in message, message
     assert "the file is on this machine, but the cluster's CPU workers, which read the input, do not see it" in message
     assert "a path on a filesystem they share" in message
+
+
+def test_a_model_file_the_cpu_workers_do_not_find_is_told_as_such(tmp_path):
+    """The CPU workers tokenize shards with the model's tokenizer: one that lacks a model
+    file this machine has is told what to do (the dense side's twin is in test_two_tier)."""
+    from types import SimpleNamespace
+
+    from glinthawk_dask.errors import ModelLoadError
+    from glinthawk_dask.pipeline.run import load_model
+
+    here = tmp_path / "model.gguf"
+    here.write_bytes(b"GGUF")
+
+    def run(fn, model, workers):  # a CPU worker's host without the file
+        raise ModelLoadError(f"no such file or directory: {model}; pass a .gguf file, ...")
+
+    llm = SimpleNamespace(generate=lambda *a, **k: [], tier_workers=lambda: {"attention": ["tcp://cpu:1"]},
+                          client=SimpleNamespace(run=run))
+    with pytest.raises(ModelLoadError, match=f"the CPU workers, which tokenize the input, do not find the model "
+                                             f"{here}, which is on this machine"):
+        load_model(llm, str(here))
+    with pytest.raises(ModelLoadError, match="^no such file or directory: /nowhere"):  # missing here too: as it was
+        load_model(llm, "/nowhere/model.gguf")

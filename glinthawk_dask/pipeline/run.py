@@ -18,6 +18,7 @@ import collections
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 from ..api import LLM
 from ..engine.request import FINISH_ERROR, Completion, Request
-from ..errors import GlinthawkError
+from ..errors import GlinthawkError, ModelLoadError
 from ..model.resolve import resolve_checkpoint
 from ..prompts import RequestBuilder
 from ..sampling import SamplingParams
@@ -233,7 +234,14 @@ def load_model(llm: Any, model: str) -> None:
     the tokenizers' load (measured: a check beside it priced a dense layer x6.9)."""
     list(llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, ignore_eos=True)))
     if llm.client is not None:
-        llm.client.run(_load_worker_tokenizer, model, workers=_cpu_workers(llm))
+        try:
+            llm.client.run(_load_worker_tokenizer, model, workers=_cpu_workers(llm))
+        except ModelLoadError as e:
+            if "no such file" not in str(e) or not os.path.exists(os.path.expanduser(model)):
+                raise
+            raise ModelLoadError(f"the CPU workers, which tokenize the input, do not find the model {model}, which "
+                                 "is on this machine: put it at the same path on their hosts too (or on a "
+                                 "filesystem they share)") from None
 
 
 def _load_worker_tokenizer(model: str) -> None:

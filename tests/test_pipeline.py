@@ -479,3 +479,20 @@ def test_a_model_file_the_cpu_workers_do_not_find_is_told_as_such(tmp_path):
         load_model(llm, str(here))
     with pytest.raises(ModelLoadError, match="^no such file or directory: /nowhere"):  # missing here too: as it was
         load_model(llm, "/nowhere/model.gguf")
+
+
+def test_a_run_another_run_takes_over_stops_with_why_and_leaves_each_row_once(tmp_path, llm):
+    from glinthawk_dask.pipeline.sink import OutputError, ZarrSink
+
+    src = _write_jsonl(tmp_path / "in.jsonl", _rows(12))
+    out = str(tmp_path / "out.zarr")
+    spec = parse_spec(_spec(tmp_path, str(src), out))
+    taken = []
+
+    def progress(p):
+        if p.rows_done >= 4 and not taken:  # the same spec started again elsewhere
+            taken.append(ZarrSink.open(out, fingerprint="other", model="m", spec={}, sampling={}, force=True))
+
+    with pytest.raises(OutputError, match="another run opened .* this run stops writing there"):
+        run_pipeline(spec, llm=llm, progress=progress)
+    assert 4 <= len(_table(out)) < 12  # what it committed before, each row once

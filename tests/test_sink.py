@@ -434,3 +434,28 @@ def test_recoveries_are_kept_beside_the_commits_and_survive_reopening(url):
     assert reopened.n_recoveries == KEPT_RECOVERIES + 6  # every one counted, the newest kept
     assert [r["cause"] for r in reopened.recoveries] == [f"#{i}" for i in range(5, KEPT_RECOVERIES + 5)]
     assert open_sink(url, overwrite=True).n_recoveries == 0
+
+
+def test_the_last_run_to_open_an_output_writes_and_the_earlier_one_stops(url):
+    """A run resumed while an earlier one on the same output still goes: the earlier
+    one's next commit is refused (not interleaved with the new run's), and the output
+    holds each row once."""
+    first = open_sink(url, chunk_rows=2)
+    first.append(record(i) for i in range(2))  # committed
+    first.append([record(2)])  # buffered
+    second = open_sink(url)  # takes over from the committed rows
+    assert second.rows == 2 and second.committed_ids() == {"row-0", "row-1"}
+    writer = read_output(url).attrs["writer"]
+    assert writer["pid"] == os.getpid() and writer["host"] and writer["id"]
+    with pytest.raises(OutputError, match=r"another run opened .* to write \(pid \d+ on .*, since .*\): this run "
+                                          r"stops writing there, and the 2 rows it had not committed are left"):
+        first.append([record(3)])
+    first.close()  # nothing more from it, and no second error
+    with pytest.raises(OutputError, match="another run opened"):
+        first.mark_complete("inputs")
+    with pytest.raises(OutputError, match="another run opened"):
+        first.record_recoveries([{"kind": "moved micro-batch"}])
+    second.append(record(i) for i in range(2, 5))
+    second.close()
+    assert sorted(r["id"] for r in read_output(url).records()) == [f"row-{i}" for i in range(5)]
+    assert read_output(url).attrs["writer"]["id"] == writer["id"]

@@ -131,6 +131,8 @@ def inspect(output_url: str, as_json: bool) -> None:
         f"  model        {info['model']}",
         f"  written by   glinthawk-dask {info['version']}, output format {info['format']}",
         f"  created      {info['created']}, last commit {info['updated']}",
+        ("  writer       " + (f"last opened to write by pid {w['pid']} on {w['host']}, {w['since']}"
+                              if (w := info["writer"]) else "unknown (an earlier version's output)")),
         f"  rows         {info['rows']} ({info['errors']} errors)",
         f"  finished     {reasons}",
         f"  tokens       {info['prompt_tokens']} prompt, {info['completion_tokens']} completion",
@@ -178,6 +180,7 @@ def _output_info(table: Any) -> dict[str, Any]:
         "fingerprint": attrs.get("fingerprint"), "version": attrs.get("version"), "format": attrs.get("format"),
         "created": attrs.get("created"), "updated": attrs.get("updated"), "sampling": attrs.get("sampling"),
         "inputs_complete": bool(attrs.get("complete_inputs")),  # a run committed every row of its inputs
+        "writer": attrs.get("writer"),  # the run that opened it to write last: the one that may commit
         "recoveries": int(attrs.get("recoveries_total", 0)),  # workers lost by the runs that wrote it
         "last_recovery": (attrs.get("recoveries") or [None])[-1],
         **table.summary(),

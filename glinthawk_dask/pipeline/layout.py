@@ -16,7 +16,8 @@ Group attribute ``glinthawk`` describes the run (fingerprint, model, spec, sampl
 holds ``rows`` and ``tokens``: the committed lengths (and ``complete_inputs``, once a run has
 committed every row of its inputs: see :meth:`.sink.ZarrSink.mark_complete`; ``recoveries``
 and ``recoveries_total``, once a run writing it has lost a worker and gone on: see
-:meth:`.sink.ZarrSink.record_recoveries`).  A commit (1) writes the new rows'
+:meth:`.sink.ZarrSink.record_recoveries`; ``writer``, the run that opened it to write last,
+the only one whose commits are taken).  A commit (1) writes the new rows'
 chunks beyond the arrays' persisted shapes, where no reader looks, (2) grows every array's
 shape (metadata only), (3) rewrites the group attributes: that single write is the commit
 point.  Reopening cuts every array back to the committed lengths, so a crash anywhere

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import uuid
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Iterable, Mapping, NamedTuple
@@ -100,6 +103,11 @@ def _write_beyond(array: zarr.Array, start: int, values: np.ndarray) -> None:
     view[start:stop] = values
 
 
+def _writer() -> dict[str, Any]:
+    """Who writes an output now: the run that opened it last."""
+    return {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -121,8 +129,11 @@ class ZarrSink:
     Create one with :meth:`open`.
     """
 
-    def __init__(self, url: str, group: zarr.Group, meta: dict[str, Any], arrays: dict[str, zarr.Array]):
+    def __init__(self, url: str, group: zarr.Group, meta: dict[str, Any], arrays: dict[str, zarr.Array],
+                 location: Location | None = None):
         self.url = url
+        self._location = location
+        self._taken_over = False
         self._group = group
         self._meta = meta
         self._arrays = arrays
@@ -169,15 +180,15 @@ class ZarrSink:
                 committed = meta["tokens"] if name == TOKEN_IDS else meta["rows"]
                 if array.shape[0] > committed:  # a commit cut short by a crash
                     array.resize((committed,))
-            meta.update(run)
-            group.update_attributes({"glinthawk": meta})  # unchanged without force; proves we may write
-        return cls(url, group, meta, arrays)
+            meta.update(run, writer=_writer())  # the spec unchanged without force; this run now writes here
+            group.update_attributes({"glinthawk": meta})  # (proves we may write)
+        return cls(url, group, meta, arrays, location)
 
     @classmethod
     def _create(cls, location: Location, run: dict[str, Any], chunk_rows: int) -> ZarrSink:
         now = _now()
         meta = {"format": FORMAT, "rows": 0, "tokens": 0, **run, "version": _package_version(),
-                "created": now, "updated": now, "errors": 0}
+                "created": now, "updated": now, "errors": 0, "writer": _writer()}
         group = zarr.open_group(location.store(read_only=False), mode="w", attributes={"glinthawk": meta})
         arrays = {
             name: group.create_array(
@@ -189,7 +200,7 @@ class ZarrSink:
         arrays[TOKEN_IDS] = group.create_array(
             TOKEN_IDS, shape=(0,), dtype="int32", chunks=(TOKEN_CHUNK,), dimension_names=["token"]
         )
-        return cls(location.url, group, meta, arrays)
+        return cls(location.url, group, meta, arrays, location)
 
     @property
     def rows(self) -> int:
@@ -217,6 +228,7 @@ class ZarrSink:
         (a spec's fingerprint and its input files' versions) is committed, so that a rerun
         of the same inputs has nothing to do."""
         self.flush()
+        self._check_writer()
         meta = {**self._meta, "complete_inputs": key, "updated": _now()}
         self._group.update_attributes({"glinthawk": meta})
         self._meta = meta
@@ -238,6 +250,7 @@ class ZarrSink:
         new = [json.loads(json.dumps(dict(r), default=str)) for r in records]
         if not new:
             return
+        self._check_writer()
         meta = {**self._meta, "recoveries": (self.recoveries + new)[-KEPT_RECOVERIES:],
                 "recoveries_total": self.n_recoveries + len(new)}
         self._group.update_attributes({"glinthawk": meta})
@@ -271,9 +284,10 @@ class ZarrSink:
         return committed
 
     def flush(self) -> int:
-        """Commit every buffered row (the last chunk may stay partial); returns the rows committed."""
+        """Commit every buffered row (the last chunk may stay partial); returns the rows committed.
+        Once another run has taken the output over, nothing (those rows are that run's to do)."""
         n = len(self._buffer)
-        if n:
+        if n and not self._taken_over:
             self._commit(n)
         return n
 
@@ -291,8 +305,26 @@ class ZarrSink:
         return (f"ZarrSink({self.url!r}, rows={self.rows}, tokens={self.tokens}, errors={self.n_errors}, "
                 f"buffered={len(self._buffer)})")
 
+    def _check_writer(self) -> None:
+        """Refuse to commit once another run has opened this output to write (the last to
+        open writes: a run resumed while an earlier one still goes must not interleave
+        commits with it).  Checked before each commit; two commits within the same few
+        milliseconds can still cross."""
+        if self._location is None:
+            return
+        now = self._location.existing_meta() or {}
+        theirs, mine = now.get("writer") or {}, self._meta.get("writer") or {}
+        if theirs.get("id") == mine.get("id"):
+            return
+        self._taken_over = True
+        who = (f"pid {theirs.get('pid')} on {theirs.get('host')}, since {theirs.get('since')}" if theirs
+               else "a writer that does not say who it is")
+        raise OutputError(f"another run opened {self.url} to write ({who}): this run stops writing there, and "
+                          f"the {len(self._buffer)} rows it had not committed are left to that run (or a rerun)")
+
     def _commit(self, n: int) -> None:
         """Commit the first ``n`` buffered rows; nothing changes in memory unless it succeeds."""
+        self._check_writer()
         batch = self._buffer[:n]
         columns = _columns(batch, self.tokens)
         for name, values in columns.items():  # (1) data, invisible: beyond the persisted shapes

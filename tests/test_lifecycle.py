@@ -89,6 +89,7 @@ async def test_a_client_that_leaves_has_its_runs_closed_everywhere(c, s, a, b):
     text = status_text(info)  # `glinthawk status`
     assert "open runs: 1" in text and f"  {run['run_id']} by client {other.id}: two-tier" in text, text
     assert "lost" not in text
+    assert "dense workers: 1" in text and "KV budget sized by each run (no --kv-bytes" in text, text
     run["lost_workers"] = ["tcp://10.0.0.9:4000"]
     assert status_text(info).splitlines()[-1].endswith("; lost tcp://10.0.0.9:4000"), status_text(info)
     await other.close()

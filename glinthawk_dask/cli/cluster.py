@@ -378,7 +378,9 @@ def status_text(info: dict) -> str:
         workers = info["workers"][tier]
         lines.append(f"{tier} workers: {len(workers)}")
         for w in workers:
-            budget = size(w["kv_budget"]) if w["kv_budget"] is not None else "its memory limit's share"
+            budget = (size(w["kv_budget"]) if w["kv_budget"] is not None
+                      else "sized by each run (no --kv-bytes: GPU memory the weights leave, else a share of "
+                           "its memory limit)")
             lines.append(f"  {w['address']} ({w['name']}, {w['nthreads']} threads): KV budget {budget}, "
                          f"reserved {size(w['kv_reserved'])}, allocated {size(w['kv_allocated'])}, "
                          f"used {size(w['kv_used'])}")

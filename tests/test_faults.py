@@ -177,7 +177,8 @@ def test_sigkill_a_worker_mid_run(tier, mode, reference):
     if mode == "hybrid":  # micro-batch 0 local, 1 and 2 on the attention workers
         llm.engine.n_micro_batches, llm.engine.local_micro_batches = 3, 1
     try:
-        got = _kill_mid_run(llm, lambda reg: reg[tier][0])
+        victim = []
+        got = _kill_mid_run(llm, lambda reg: victim.append(reg[tier][0]) or victim[0])
         assert got == reference  # every row once, tokens identical
         recoveries = llm.engine.last_summary.recoveries
         assert len(recoveries) >= 1 and all(r["requests"] > 0 for r in recoveries)
@@ -185,6 +186,8 @@ def test_sigkill_a_worker_mid_run(tier, mode, reference):
         # a lost attention worker moves its micro-batches; a lost dense worker (the driver's) restarts the run
         kind = "moved micro-batch" if tier == "attention" else "restarted run"
         assert all(r["kind"] == kind for r in recoveries), recoveries
+        if tier == "dense":  # the cause names the lost worker
+            assert all(f"dense worker {victim[0]}" in r["cause"] for r in recoveries), recoveries
         if mode == "hybrid":
             assert llm.engine.last_summary.attention_of()[0] == "dense"
             assert all(r["micro_batch"] != 0 for r in recoveries if tier == "attention"), recoveries

@@ -335,7 +335,10 @@ class DaskEngine:
              "params": r.params.to_dict()}
             for r in requests
         ]
-        await self._rpc(run.plan.dense[0], "glinthawk_submit", run_id=run.id, requests=rows)
+        try:
+            await self._rpc(run.plan.dense[0], "glinthawk_submit", run_id=run.id, requests=rows)
+        except Exception as e:
+            raise _driver_lost(run, e) from e
 
     async def _poll(self, run: RunState) -> list[Completion]:
         first = run.plan.dense[0]
@@ -352,7 +355,11 @@ class DaskEngine:
                     raise WorkerFailure(f"run {run.id}: dense worker {first} left the cluster")
                 if time.time() > deadline:
                     raise asyncio.TimeoutError(f"dense worker {first} did not answer")
-            reply = Results.from_wire(poll.result())
+            try:
+                wire = poll.result()
+            except Exception as e:
+                raise _driver_lost(run, e) from e
+            reply = Results.from_wire(wire)
         finally:
             poll.cancel()
         if reply.error:
@@ -440,6 +447,14 @@ class _Feed:
         out = list(itertools.islice(self._it, n))
         self.exhausted = len(out) < n
         return out
+
+
+def _driver_lost(run: RunState, error: Exception) -> Exception:
+    """A broken connection to the run's driver (its first dense worker) as the failure it
+    is, naming the worker; any other error as it is."""
+    if not is_worker_failure(error) or isinstance(error, WorkerFailure):
+        return error
+    return WorkerFailure(f"dense worker {run.plan.dense[0]}, the run's driver: {type(error).__name__}: {error}")
 
 
 def _workers_of(plan: Plan) -> list[tuple[str, str]]:

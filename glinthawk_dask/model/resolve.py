@@ -20,7 +20,9 @@ from ..errors import ModelLoadError
 from .config import PRESETS, UnknownPresetError, from_name
 from .checkpoint import CheckpointSource
 
-__all__ = ["DEFAULT_MODEL", "SHIPPED_WEIGHTS", "embedded_gguf_path", "resolve_checkpoint"]
+__all__ = ["DEFAULT_MODEL", "SHIPPED_WEIGHTS", "embedded_gguf_path", "missing_elsewhere", "resolve_checkpoint"]
+
+_NO_SUCH_FILE = "no such file or directory: "
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -136,5 +138,12 @@ def resolve_checkpoint(spec: str) -> CheckpointSource:
             f"with its weights, or use random:{key} for random weights of that shape"
         )
     looks_like_path = "/" in spec or "\\" in spec or path.suffix.lower() in (".gguf", ".json")
-    what = f"no such file or directory: {spec}" if looks_like_path else f"unknown model {spec!r}"
+    what = f"{_NO_SUCH_FILE}{spec}" if looks_like_path else f"unknown model {spec!r}"
     raise ModelLoadError(f"{what}; {_choices()}; known presets: {', '.join(sorted(PRESETS))}")
+
+
+def missing_elsewhere(error: ModelLoadError, spec: str) -> bool:
+    """Whether ``error``, raised by :func:`resolve_checkpoint` on another machine (a
+    worker), says that ``spec`` names no file there, where it names one here."""
+    spec = str(spec).strip()
+    return str(error).startswith(f"{_NO_SUCH_FILE}{spec}") and Path(spec).expanduser().exists()

@@ -18,7 +18,6 @@ import collections
 import contextlib
 import functools
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any, Callable, Iterator
 from ..api import LLM
 from ..engine.request import FINISH_ERROR, Completion, Request
 from ..errors import GlinthawkError, ModelLoadError
-from ..model.resolve import resolve_checkpoint
+from ..model.resolve import missing_elsewhere, resolve_checkpoint
 from ..prompts import RequestBuilder
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
@@ -237,7 +236,7 @@ def load_model(llm: Any, model: str) -> None:
         try:
             llm.client.run(_load_worker_tokenizer, model, workers=_cpu_workers(llm))
         except ModelLoadError as e:
-            if "no such file" not in str(e) or not os.path.exists(os.path.expanduser(model)):
+            if not missing_elsewhere(e, model):
                 raise
             raise ModelLoadError(f"the CPU workers, which tokenize the input, do not find the model {model}, which "
                                  "is on this machine: put it at the same path on their hosts too (or on a "

@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
@@ -23,7 +22,7 @@ import torch
 from ..engine.request import Completion, Request
 from ..errors import GlinthawkError, ModelLoadError
 from ..model.config import ModelConfig
-from ..model.resolve import resolve_checkpoint
+from ..model.resolve import missing_elsewhere, resolve_checkpoint
 from .. import config
 from .compute import busy_seconds, overlap_seconds
 from .faults import Unplaceable, WorkerFailure, is_worker_failure
@@ -289,7 +288,7 @@ class DaskEngine:
         try:
             await self._rpc(address, "glinthawk_slice_open", run_id=run_id, spec=spec.to_wire())
         except ModelLoadError as e:
-            if "no such file" not in str(e) or not os.path.exists(os.path.expanduser(self.model)):
+            if not missing_elsewhere(e, self.model):
                 raise
             raise ModelLoadError(f"the dense worker {address} does not find the model {self.model}, which is on "
                                  "this machine: each dense worker loads the model from the path given; put it "

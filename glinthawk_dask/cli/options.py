@@ -87,9 +87,11 @@ class ProgressLine:
 def recovered_note(n: int) -> str:
     """The end of a run's summary line for the ``n`` workers it lost (each was told as it
     happened, by :class:`ProgressLine`)."""
+    from ..engine.progress import lost_workers
+
     if not n:
         return ""
-    return f"; recovered from {n} lost worker{'s' if n > 1 else ''}, every row computed once (see above)"
+    return f"; recovered from {lost_workers(n)}, every row computed once (see above)"
 
 
 def scheduler_reachable(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

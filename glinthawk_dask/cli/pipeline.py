@@ -151,12 +151,12 @@ def _recoveries_text(info: dict[str, Any]) -> str:
     """How many workers the runs that wrote an output lost, and the last of them."""
     from datetime import datetime, timezone
 
-    from ..engine.progress import recovery_text
+    from ..engine.progress import lost_workers, recovery_text
 
     n, last = info["recoveries"], info["last_recovery"]
     if not n:
         return "none (no run writing it lost a worker)"
-    text = f"{n} lost worker{'s' if n > 1 else ''}, recovered; every row was computed once"
+    text = f"{lost_workers(n)}, recovered; every row was computed once"
     if last:
         when = datetime.fromtimestamp(last["time"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") \
             if isinstance(last.get("time"), (int, float)) else "at an unknown time"

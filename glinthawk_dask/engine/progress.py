@@ -7,7 +7,7 @@ import collections
 import time
 from dataclasses import dataclass
 
-__all__ = ["GenerationProgress", "ProgressTracker", "recovery_text"]
+__all__ = ["GenerationProgress", "ProgressTracker", "lost_workers", "recovery_text"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,8 @@ def recovery_text(rec: dict) -> str:
     if rec.get("kind") == "restarted run":
         return f"lost a worker ({rec.get('cause')}); the run restarted on the workers left as {rec.get('new_run')}, {cost}"
     return f"{rec.get('kind', 'recovery')}: {rec.get('cause')}"
+
+
+def lost_workers(n: int) -> str:
+    """``n`` lost worker(s), as summaries count recoveries."""
+    return f"{n} lost worker{'s' if n != 1 else ''}"

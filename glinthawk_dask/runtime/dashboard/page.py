@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ...engine.progress import lost_workers
 from . import MAX_EVENTS_PER_PULL, PAGE
 
 if TYPE_CHECKING:
@@ -315,4 +316,4 @@ def glinthawk_doc(scheduler: Any, extra: dict, doc: Any) -> None:
 
 def _lost(n: int) -> str:
     """A pipeline's lost workers, as its progress line shows them."""
-    return f", {n} lost worker{'s' if n > 1 else ''} recovered" if n else ""
+    return f", {lost_workers(n)} recovered" if n else ""

@@ -467,6 +467,18 @@ def test_cluster_command_serves_until_sigint():
     _assert_gone(procs)
 
 
+def test_run_progress_line_counts_the_input_rows():
+    from glinthawk_dask.cli.pipeline import _run_text
+    from glinthawk_dask.pipeline.run import Progress
+
+    p = Progress(rows_done=300, errors=1, generated_tokens=1200, shards_read=2, shards_total=8, seconds=10.0,
+                 rows_total=4000, tokens_left=14400)
+    assert _run_text(p) == "300/~4000 rows, 1 errors, 120.0 tok/s, shards 2/8, ETA 120 s"  # estimated
+    p.shards_read, p.rows_total_exact = 8, True
+    assert _run_text(p).startswith("300/4000 rows, ")
+    assert _run_text(Progress(shards_total=8)) == "0 rows, 0 errors, 0.0 tok/s, shards 0/8"  # nothing read yet
+
+
 def test_generate_progress_line_and_quiet(capsys, tmp_path):
     from glinthawk_dask.cli.generate import _progress_text
     from glinthawk_dask.cli.options import ProgressLine

@@ -247,7 +247,7 @@ async def test_pulls_only_while_a_page_looks_and_progress_is_rate_limited(c, s, 
     reporter = ProgressReporter(c, "my-pipeline", interval=10.0)
     for i in range(200):
         reporter(Progress(rows_done=i, shards_read=1, shards_total=4, generated_tokens=3 * i, seconds=1.0,
-                          recoveries=[{"kind": "moved micro-batch"}] if i > 100 else []))
+                          rows_total=800, recoveries=[{"kind": "moved micro-batch"}] if i > 100 else []))
     reporter.close()
     await async_poll_for(lambda: len(calls) >= 2, 10.0, period=0.01, fail_func=lambda: pytest.fail(
         f"after 10 s the scheduler got {len(calls)} progress report(s), not 2 (the first one, then the last one "
@@ -255,8 +255,15 @@ async def test_pulls_only_while_a_page_looks_and_progress_is_rate_limited(c, s, 
     assert len(calls) == 2 and calls[-1]["progress"]["rows_done"] == 199 and calls[-1]["progress"]["done"]
     page.update()
     assert page.rows_source.data["label"] == ["pipeline my-pipeline"]
-    assert "199 rows" in page.rows_source.data["text"][0]
+    assert "199/~800 rows" in page.rows_source.data["text"][0]  # estimated while shards are unread
     assert "1 lost worker recovered" in page.rows_source.data["text"][0]
+    # a running pipeline's bar is its share of the rows, not of the shards read
+    handler(name="one-file", progress={"rows_done": 50, "rows_total": 200, "rows_total_exact": True,
+                                       "shards_read": 1, "shards_total": 1, "done": False})
+    page.update()
+    i = page.rows_source.data["label"].index("pipeline one-file")
+    assert page.rows_source.data["fraction"][i] == pytest.approx(0.25)
+    assert "50/200 rows" in page.rows_source.data["text"][i]
 
 
 def _chromium() -> tuple[str | None, str | None]:

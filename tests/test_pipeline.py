@@ -369,11 +369,11 @@ def test_quickstart_spec_on_the_local_two_tier_cluster(tmp_path, llm):
 def test_progress_counts_tokens_of_running_rows_and_estimates_from_tokens_left(tmp_path):
     from glinthawk_dask.pipeline.run import Progress
 
-    # while shards are unread, by the share read; then by the tokens left at the rate so far
-    assert Progress(shards_read=1, shards_total=4, seconds=10.0).eta_seconds == pytest.approx(30.0)
+    # by the tokens left at the rate so far
     p = Progress(shards_read=4, shards_total=4, seconds=10.0, generated_tokens=200, tokens_left=300)
     assert p.tokens_per_s == pytest.approx(20.0) and p.eta_seconds == pytest.approx(15.0)
     assert Progress(shards_read=4, shards_total=4).eta_seconds is None  # nothing generated yet
+    assert Progress(shards_read=0, shards_total=4, seconds=10.0, generated_tokens=5).eta_seconds is None
 
     src = _write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": f"Count to {i}:"} for i in range(6)])
     spec = parse_spec(_spec(tmp_path, str(src), str(tmp_path / "o.zarr"),
@@ -385,6 +385,44 @@ def test_progress_counts_tokens_of_running_rows_and_estimates_from_tokens_left(t
     # mid-run, tokens of rows still running count (before this, only finished rows did)
     assert any(rows < 6 and tokens > 16 * rows for rows, tokens, _ in seen), seen
     assert any(eta is not None and eta > 0 for rows, _, eta in seen if rows < 6), seen
+
+
+def test_progress_counts_the_rows_and_tokens_of_a_whole_shard_before_the_engine_takes_them(tmp_path):
+    """One file of many rows is one shard: the engine pulls its requests a few at a time,
+    but the run's rows and tokens left count the whole shard (before this, the ETA was
+    the time to finish the rows the engine held: 21 s into a 514 s run), and shards not
+    read yet are estimated from those read."""
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": f"Count to {i}:"} for i in range(12)])
+    spec = parse_spec(_spec(tmp_path, str(src), str(tmp_path / "o.zarr"),
+                            sampling={"max_tokens": 8, "ignore_eos": True}, topology={"micro_batch_size": 2}))
+    seen = []
+    report = run_pipeline(spec, progress=lambda s: seen.append(
+        (s.rows_done, s.rows_total, s.rows_total_exact, s.generated_tokens, s.tokens_left)))
+    assert report.rows_done == 12 and report.rows_total == 12 and report.rows_total_exact
+    early = [x for x in seen if x[0] == 0 and x[1] is not None]
+    assert early, seen
+    # nothing finished yet: every row's 8 tokens are either generated or left
+    assert all(total == 12 and exact and tokens + left == 12 * 8 for _, total, exact, tokens, left in early), early
+    assert [x[4] for x in seen if x[1] is not None] == sorted((x[4] for x in seen if x[1] is not None), reverse=True)
+
+    # three shards of 4 rows, the first committed by an earlier run: while one shard is read,
+    # the rest are taken to be like it
+    shards = [_write_jsonl(tmp_path / f"s{k}.jsonl", [{"id": f"s{k}-{i}", "prompt": f"Say {i}"} for i in range(4)])
+              for k in range(3)]
+    out = str(tmp_path / "three.zarr")
+    first = parse_spec(_spec(tmp_path, [str(shards[0])], out, sampling={"max_tokens": 8, "ignore_eos": True},
+                             topology={"micro_batch_size": 2}))
+    run_pipeline(first)
+    spec = parse_spec(_spec(tmp_path, [str(x) for x in shards], out, sampling={"max_tokens": 8, "ignore_eos": True},
+                            topology={"micro_batch_size": 2}))
+    seen = []
+    report = run_pipeline(spec, force=True, progress=lambda s: seen.append(
+        (s.shards_read, s.rows_done, s.rows_total, s.rows_total_exact, s.generated_tokens, s.tokens_left)))
+    assert report.skipped == 4 and report.rows_done == 8 and report.rows_total == 8
+    # two shards read (the committed one holds nothing to do): the third is taken as their mean
+    two = [x for x in seen if x[0] == 2 and x[1] == 0]
+    assert two and all(total == 8 and not exact and tokens + left == 8 * 8
+                       for _, _, total, exact, tokens, left in two), seen
 
 
 def test_run_seconds_end_at_the_last_commit_and_the_close_is_reported_apart(tmp_path, monkeypatch):

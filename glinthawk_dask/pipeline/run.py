@@ -54,7 +54,9 @@ class Progress:
     shards_read: int = 0
     shards_total: int = 0
     seconds: float = 0.0  # since the engine was ready
-    tokens_left: int | None = None  # of the rows read: max_tokens not generated yet (once every shard is read)
+    rows_total: int | None = None  # this run's rows: exact once every shard is read, else estimated from those read
+    rows_total_exact: bool = False
+    tokens_left: int | None = None  # max_tokens not generated yet (unread shards estimated from those read)
     recoveries: list[dict] = field(default_factory=list)  # workers lost so far and how the run went on
 
     @property
@@ -64,12 +66,8 @@ class Progress:
 
     @property
     def eta_seconds(self) -> float | None:
-        """Remaining time: by the share of shards read while some are unread, then by the
-        tokens the rows read may still take at the rate so far (None when unknown)."""
-        if self.shards_total and self.shards_read < self.shards_total:
-            if not self.shards_read:
-                return None
-            return self.seconds * (self.shards_total - self.shards_read) / self.shards_read
+        """Remaining time: the tokens every row left may still take (``tokens_left``) at the
+        rate so far; an upper bound when rows stop early (None when unknown)."""
         if self.tokens_left is None or self.tokens_per_s <= 0:
             return None
         return self.tokens_left / self.tokens_per_s
@@ -153,7 +151,8 @@ def run_pipeline(
                 live = max(done_tokens[0], llm.generated_tokens)
                 state.generated_tokens = live
                 state.shards_read, state.skipped = feed.shards_read, feed.skipped
-                state.tokens_left = max(0, feed.token_budget - live) if feed.shards_read == len(shards) else None
+                state.rows_total, state.rows_total_exact = feed.rows_expected(), feed.shards_read == len(shards)
+                state.tokens_left = feed.tokens_left(running=live - done_tokens[0])
                 state.seconds = time.perf_counter() - t0
                 if progress is not None:
                     progress(state)
@@ -162,6 +161,7 @@ def run_pipeline(
 
             def note(record: dict) -> None:
                 sink.append([record])
+                feed.finished(record["id"])
                 state.rows_done += 1
                 done_tokens[0] += len(record["completion_token_ids"])
                 if record["error"]:
@@ -190,6 +190,7 @@ def run_pipeline(
         sink.close()  # commits every finished row, also when interrupted
     shutdown = time.perf_counter() - t_close  # the cluster's (if made for the run) and the run's close
     state.shards_read, state.skipped = feed.shards_read, feed.skipped
+    state.rows_total, state.rows_total_exact = feed.rows_expected(), feed.shards_read == len(shards)
     state.generated_tokens, state.tokens_left = done_tokens[0], 0  # the rows' own tokens, exactly
     return RunReport(**vars(state), output=spec.output.url, rows_in_output=sink.rows, error_examples=examples,
                      startup_seconds=startup, shutdown_seconds=shutdown,
@@ -266,25 +267,55 @@ class _RequestFeed:
         self.repeats: collections.Counter[str] = collections.Counter()
         self.shards_read = 0
         self.skipped = 0
-        self.token_budget = 0  # max_tokens of the requests fed
+        self.rows_read = 0  # every row of the shards read, committed before or not
+        self.rows_todo = 0  # the rows of the shards read that this run commits
+        self.budget_read = 0  # max_tokens of every request in the shards read
+        self.token_budget = 0  # max_tokens of the requests this run feeds, of the shards read
+        self.budget_done = 0  # ... of those finished
+        self.running: dict[str, int] = {}  # max_tokens of each request fed and not finished
 
     def requests(
         self, on_error: Callable[[dict], None], stop: Callable[[], bool] = lambda: False
     ) -> Iterator[Request]:
         """Yield the requests; when ``stop()`` turns true, feed no more."""
         for entries in self._tokenized_shards():
+            todo = [e for e in map(self._dedupe, entries) if e is not None]  # a shard counted whole, then fed
             self.shards_read += 1
-            for e in entries:
+            self.rows_read += len(entries)
+            self.rows_todo += len(todo)
+            self.budget_read += sum(e.params.max_tokens for e in entries if isinstance(e, Request))
+            self.token_budget += sum(e.params.max_tokens for e in todo if isinstance(e, Request))
+            for e in todo:
                 if stop():
                     return
-                e = self._dedupe(e)
-                if e is None:
-                    continue
                 if isinstance(e, Request):
-                    self.token_budget += e.params.max_tokens
+                    self.running[e.id] = e.params.max_tokens
                     yield e
                 else:
                     on_error(e.to_row())
+
+    def finished(self, rid: str) -> None:
+        """Row ``rid`` is done (an error record that was never fed: nothing to count)."""
+        self.budget_done += self.running.pop(rid, 0)
+
+    def _unread_share(self) -> float:
+        """Unread shards as a multiple of the shards read (taken to be alike and not yet
+        committed)."""
+        return (len(self.shards) - self.shards_read) / self.shards_read
+
+    def rows_expected(self) -> int | None:
+        """This run's rows: exact once every shard is read (None before the first)."""
+        if not self.shards_read:
+            return None
+        return round(self.rows_todo + self.rows_read * self._unread_share())
+
+    def tokens_left(self, running: int) -> int | None:
+        """Tokens the run may still generate: ``max_tokens`` of the rows not started and of
+        the rows running less the ``running`` tokens they have (None before the first shard)."""
+        if not self.shards_read:
+            return None
+        left = self.token_budget - self.budget_done - running + self.budget_read * self._unread_share()
+        return max(0, round(left))
 
     def _dedupe(self, e: Request | Completion) -> Request | Completion | None:
         if e.id in self.seen:

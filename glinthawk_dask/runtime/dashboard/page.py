@@ -177,7 +177,8 @@ class GlinthawkPage:
         self.rows.hbar(y="label", left=0, right="fraction", height=0.7, color="#31a354", source=self.rows_source)
         self.rows.add_layout(LabelSet(x=0, y="label", text="text", x_offset=4, y_offset=-6, text_font_size="10px",
                                       source=self.rows_source, **_LABEL_STYLE))
-        self.rows.xaxis.axis_label = "share of the rows (runs: of those submitted so far; pipelines: of the shards)"
+        self.rows.xaxis.axis_label = ("share of the rows (runs: of those submitted so far; pipelines: of the "
+                                      "input's, estimated until every shard is read)")
 
         self.summary = Div(text="<b>Glinthawk</b>: waiting for the first numbers", name="glinthawk-summary",
                            **sizing)
@@ -242,9 +243,10 @@ class GlinthawkPage:
                          + (f"  error: {st['error']}" if st.get("error") else ""))
         for name, p in m.pipelines.items():
             labels_.append(f"pipeline {name}")
-            total = p.get("shards_total") or 0
-            fractions.append(1.0 if p.get("done") else (p.get("shards_read", 0) / total if total else 0.0))
-            texts.append(f"{p.get('rows_done', 0)} rows ({p.get('errors', 0)} errors, {p.get('skipped', 0)} "
+            total, rows = p.get("shards_total") or 0, p.get("rows_total")
+            fractions.append(1.0 if p.get("done") else (min(1.0, p.get("rows_done", 0) / rows) if rows else 0.0))
+            of = "" if rows is None else f"/{'' if p.get('rows_total_exact') else '~'}{rows}"
+            texts.append(f"{p.get('rows_done', 0)}{of} rows ({p.get('errors', 0)} errors, {p.get('skipped', 0)} "
                          f"already done), shards {p.get('shards_read', 0)}/{total}, "
                          f"{p.get('tokens_per_s', 0.0):.0f} tok/s" + _lost(p.get("recoveries", 0))
                          + (", finished" if p.get("done") else ""))

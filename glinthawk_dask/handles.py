@@ -47,8 +47,9 @@ class JobCancelledError(GlinthawkError, concurrent.futures.CancelledError):
 class JobProgress:
     """Where a job stands (a snapshot).
 
-    ``rows_total`` is None for pipelines: their size is known only once every shard is
-    read; ``shards_read``/``shards_total`` say how far the reading got instead.
+    For pipelines, ``rows_total`` is this run's rows once a shard is read: exact once
+    every shard is read (``rows_total_exact``), until then estimated from the shards
+    read; ``tokens_left`` (the ``max_tokens`` not generated yet) gives their ETA.
     """
 
     status: str = QUEUED  # queued | running | finished | cancelled | failed
@@ -60,6 +61,8 @@ class JobProgress:
     skipped: int = 0  # pipelines: rows already in the output from an earlier run
     shards_read: int | None = None  # pipelines only
     shards_total: int | None = None
+    rows_total_exact: bool = True
+    tokens_left: int | None = None  # pipelines only
 
     @property
     def done(self) -> bool:
@@ -71,23 +74,23 @@ class JobProgress:
 
     @property
     def eta_seconds(self) -> float | None:
-        """Remaining time, by the share of rows done (pipelines: of shards read); None when unknown.
-
-        A pipeline that has read every shard is finishing rows whose number is unknown: None.
-        """
+        """Remaining time: pipelines by their tokens left at the rate so far, prompt lists
+        by the share of rows done; None when unknown."""
         if self.done:
             return 0.0
-        if self.rows_total is not None:
-            done, total = self.rows_done, self.rows_total
-        else:
-            done, total = self.shards_read or 0, self.shards_total or 0
+        if self.tokens_left is not None:
+            rate = self.tokens_per_s
+            return self.tokens_left / rate if rate > 0 else None
+        done, total = self.rows_done, self.rows_total
         if not done or not total or done >= total or self.seconds <= 0:
             return None
         return self.seconds * (total - done) / done
 
     def rows_text(self) -> str:
-        """``3/10`` for prompt lists; ``3`` for pipelines."""
-        return f"{self.rows_done}/{self.rows_total}" if self.rows_total is not None else str(self.rows_done)
+        """``3/10`` (``3/~10`` while a pipeline's total is estimated); ``3`` when unknown."""
+        if self.rows_total is None:
+            return str(self.rows_done)
+        return f"{self.rows_done}/{'' if self.rows_total_exact else '~'}{self.rows_total}"
 
 
 class _Job:
@@ -213,6 +216,8 @@ class _Job:
 
         def update() -> None:
             p = self.progress
+            if p.rows_total != bar.total:  # a pipeline's, once (and as) its shards are read
+                bar.total = p.rows_total
             bar.n = p.rows_done
             bar.set_postfix_str(self._postfix(p), refresh=False)
             bar.refresh()

@@ -71,7 +71,8 @@ class PipelineJob(_Job):
 
     def _on_progress(self, p: Progress) -> None:
         self._update(rows_done=p.rows_done, errors=p.errors, skipped=p.skipped, generated_tokens=p.generated_tokens,
-                     seconds=p.seconds, shards_read=p.shards_read, shards_total=p.shards_total)
+                     seconds=p.seconds, shards_read=p.shards_read, shards_total=p.shards_total,
+                     rows_total=p.rows_total, rows_total_exact=p.rows_total_exact, tokens_left=p.tokens_left)
 
     def _was_cancelled(self, value: Any) -> bool:
         return bool(value is not None and value.cancelled)

@@ -70,9 +70,13 @@ def _watch(job, until=lambda p: p.done) -> list:
 def test_progress_arithmetic():
     p = JobProgress(status="running", rows_done=2, rows_total=10, generated_tokens=30, seconds=4.0)
     assert p.tokens_per_s == 7.5 and p.eta_seconds == 16.0 and p.rows_text() == "2/10" and not p.done
-    pipe = JobProgress(status="running", rows_done=5, shards_read=1, shards_total=4, seconds=3.0)
-    assert pipe.eta_seconds == 9.0 and pipe.rows_text() == "5"
-    assert dataclasses.replace(pipe, shards_read=4).eta_seconds is None  # the tail: unknown
+    pipe = JobProgress(status="running", rows_done=5, shards_read=0, shards_total=4, seconds=3.0)
+    assert pipe.eta_seconds is None and pipe.rows_text() == "5"  # nothing read yet: unknown
+    # a shard read: the rows estimated from it, the ETA from the tokens left at the rate so far
+    pipe = dataclasses.replace(pipe, shards_read=1, rows_total=40, rows_total_exact=False, generated_tokens=60,
+                               tokens_left=420)
+    assert pipe.rows_text() == "5/~40" and pipe.eta_seconds == pytest.approx(21.0)
+    assert dataclasses.replace(pipe, shards_read=4, rows_total_exact=True).rows_text() == "5/40"
     assert JobProgress(status="running").eta_seconds is None and JobProgress().tokens_per_s == 0.0
     assert JobProgress(status="finished", rows_done=1, rows_total=1).eta_seconds == 0.0
 
@@ -149,6 +153,9 @@ def test_pipeline_job_runs_in_the_background(tmp_path, llm, reference):
     assert len({p.rows_done for p in seen if 0 < p.rows_done < 10}) >= 1  # it advanced
     p = job.progress
     assert p.status == "finished" and p.rows_done == 10 and (p.shards_read, p.shards_total) == (1, 1)
+    assert (p.rows_total, p.rows_total_exact) == (10, True) and p.rows_text() == "10/10"
+    # while it ran, the shard's ten rows were known before the engine had taken them all
+    assert any(q.rows_total == 10 and q.rows_done < 10 and q.eta_seconds for q in seen), seen
 
     df = job.to_pandas()
     assert tuple(df.columns) == COLUMNS and len(df) == 10 and df["error"].isna().all()
@@ -159,7 +166,7 @@ def test_pipeline_job_runs_in_the_background(tmp_path, llm, reference):
     assert list(full["id"]) == list(df["id"])
     assert list(full["completion_token_ids"]) == [r["completion_token_ids"] for r in table.records()]
     assert full.set_index("id").loc["r5", "prompt"] == ROWS[5]["messages"]  # chat prompts decoded
-    assert repr(job).startswith("<PipelineJob 'jobs' finished: 10 rows,") and repr(job).endswith(f"-> {job.output}>")
+    assert repr(job).startswith("<PipelineJob 'jobs' finished: 10/10 rows,") and repr(job).endswith(f"-> {job.output}>")
     assert "shards 1/1" in repr(job) and job.output in job._repr_html_()
 
     again = submit(_spec(tmp_path, rows), llm=llm).result(timeout=120)

@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     profile, here = (None, None) if args.profile_each else (cluster_profile(), here_profile())
     if args.profile_out:
-        (profile or cluster_profile()).save(args.profile_out)
+        # named after its file, as `glinthawk plan --profile NAME` finds a shipped one
+        dataclasses.replace(profile or cluster_profile(), name=Path(args.profile_out).stem).save(args.profile_out)
     in_process = None
     results = []
     for label, cfg, new in configs(args.prompts, args.new_tokens):

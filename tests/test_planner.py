@@ -98,7 +98,7 @@ def test_a_scaled_profile_prices_each_tiers_compute_by_its_factor():
 def test_shipped_profiles_load_and_plan(name):
     assert name in shipped_profiles()
     prof = load_profile(name)
-    assert prof.source
+    assert prof.source and prof.name == name  # `plan` says which profile it used by this name
     model = ModelConfig.from_name("llama-2-7b" if name != "vm-2core" else "smollm2-135m-instruct")
     pred = simulate(prof, model, Workload.uniform(32, 64, 16),
                     RunConfig(micro_batch_size=16, micro_batches=2, attention=2,

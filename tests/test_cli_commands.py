@@ -288,6 +288,7 @@ def test_inspect_summarizes_a_pipeline_output(tmp_path):
     assert info["mean_time_to_first_token"] > 0 and info["mean_time_per_token"] > 0
     assert info["inputs_complete"]  # the run read every shard
     assert info["recoveries"] == 0 and info["last_recovery"] is None
+    assert info["last_plan"] is None  # in process: no cluster plan
 
     text = CliRunner().invoke(main, ["inspect", str(out)])
     assert text.exit_code == 0, text.output
@@ -295,6 +296,20 @@ def test_inspect_summarizes_a_pipeline_output(tmp_path):
                      "error        long:", "to the first token", "throughput", "inputs       every row committed",
                      "recoveries   none", f"writer       last opened to write by pid "):
         assert fragment in text.output, text.output
+    assert "last plan" not in text.output
+
+
+def test_a_run_s_plan_in_words():
+    from glinthawk_dask.cli.pipeline import plan_text
+
+    plan = {"mode": "two-tier", "micro_batch_size": 64, "micro_batches": 2, "sizes": [64, 64], "local": 0,
+            "planned": True, "predicted_tokens_per_s": 312.46, "profile_seconds": 0.0, "tokens_per_s": 298.01}
+    assert plan_text(plan) == ("two-tier, 64 x 2 micro-batches, chosen by the planner: predicted 312.5 tok/s, "
+                               "ran at 298.0")
+    assert plan_text({**plan, "profile_seconds": 13.24}).endswith(" (the cluster profiled first, in 13.2 s)")
+    assert plan_text({**plan, "mode": "hybrid", "local": 1}).startswith(
+        "hybrid, 64 x 2 micro-batches (1 of them on the dense worker), chosen by the planner")
+    assert plan_text({**plan, "planned": False}) == "two-tier, 64 x 2 micro-batches, as the spec sets them"
 
 
 def test_export_writes_to_a_destination_in_the_format_its_name_says(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -351,9 +352,15 @@ def test_quickstart_spec_on_the_local_two_tier_cluster(tmp_path, llm):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "8 rows written (0 errors" in proc.stderr, proc.stderr
+    # the plan the planner chose (the spec says auto), told and kept in the output for inspect
+    assert re.search(r"\n  plan two-tier, \d+ x \d+ micro-batches, chosen by the planner: predicted [\d.]+ tok/s, "
+                     r"ran at [\d.]+", proc.stderr), proc.stderr
 
     g = zarr.open_group(str(out), mode="r")  # plain zarr
     assert g.attrs["glinthawk"]["rows"] == 8 and g["id"].shape == (8,)
+    plan = g.attrs["glinthawk"]["last_plan"]
+    assert plan["mode"] == "two-tier" and plan["planned"] and plan["predicted_tokens_per_s"] > 0
+    assert sum(plan["sizes"]) >= 8 and plan["tokens_per_s"] > 0
     rows = [json.loads(line) for line in (PIPELINES / "prompts" / "quickstart.jsonl").read_text().splitlines()]
     expected = {c.id: c for c in llm.generate(rows, SamplingParams(max_tokens=64))}
     flat, offsets, counts = g["completion_token_ids"][:], g["completion_offsets"][:], g["completion_tokens"][:]

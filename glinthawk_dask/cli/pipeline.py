@@ -62,8 +62,25 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
         f"{report.rows_in_output} rows in {report.output}" + recovered_note(len(report.recoveries)),
         err=True,
     )
+    if report.plan is not None:
+        click.echo(f"  plan {plan_text(report.plan)}", err=True)
     for line in report.error_examples:
         click.echo(f"  error {line}", err=True)
+
+
+def plan_text(plan: dict[str, Any]) -> str:
+    """A run's plan (:func:`~glinthawk_dask.pipeline.run.plan_record`) in words."""
+    local = plan.get("local") or 0
+    text = (f"{plan['mode']}, {plan['micro_batch_size']} x {plan['micro_batches']} micro-batches"
+            + (f" ({local} of them on the dense worker)" if local and plan["mode"] == "hybrid" else ""))
+    if not plan.get("planned"):
+        return text + ", as the spec sets them"
+    predicted = plan.get("predicted_tokens_per_s")
+    text += ", chosen by the planner"
+    if predicted:
+        text += f": predicted {predicted:.1f} tok/s, ran at {plan['tokens_per_s']:.1f}"
+    profiled = plan.get("profile_seconds") or 0.0
+    return text + (f" (the cluster profiled first, in {profiled:.1f} s)" if profiled else "")
 
 
 def _left_behind(spec: Any) -> str:
@@ -145,6 +162,8 @@ def inspect(output_url: str, as_json: bool) -> None:
         "  inputs       " + ("every row committed (a rerun has nothing to do while the files are unchanged)"
                              if info["inputs_complete"] else "not known to be all done (a rerun reads them and resumes)"),
     ]
+    if info["last_plan"]:
+        lines.append("  last plan    " + plan_text(info["last_plan"]))
     lines.append("  recoveries   " + _recoveries_text(info))
     lines += [f"  error        {e}" for e in info["error_examples"]]
     click.echo("\n".join(lines))
@@ -186,6 +205,7 @@ def _output_info(table: Any) -> dict[str, Any]:
         "writer": attrs.get("writer"),  # the run that opened it to write last: the one that may commit
         "recoveries": int(attrs.get("recoveries_total", 0)),  # workers lost by the runs that wrote it
         "last_recovery": (attrs.get("recoveries") or [None])[-1],
+        "last_plan": attrs.get("last_plan"),  # how the last run on a cluster generated (None: in process)
         **table.summary(),
     }
     examples: list[str] = []

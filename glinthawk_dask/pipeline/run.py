@@ -35,7 +35,9 @@ from .sources import InputError, Shard, list_shards, read_shard
 from .versions import inputs_key
 from .spec import PipelineSpec, options_for
 
-__all__ = ["Progress", "RunReport", "load_model", "pipeline_llm", "run_pipeline", "spec_shards", "tokenize_shard"]
+__all__ = [
+    "Progress", "RunReport", "load_model", "pipeline_llm", "plan_record", "run_pipeline", "spec_shards", "tokenize_shard",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class RunReport(Progress):
     startup_seconds: float = 0.0  # cluster start and model load, before the first row
     shutdown_seconds: float = 0.0  # after the last commit: closing the run (and the cluster made for it)
     cancelled: bool = False  # stopped early by ``cancel``: a rerun resumes
+    plan: dict | None = None  # how the cluster generated (see :func:`plan_record`); None in process or with no rows
     complete: bool = False  # the output already held every row of these inputs: nothing ran
 
 
@@ -182,9 +185,12 @@ def run_pipeline(
             if page is not None:
                 page.close()
             sink.close()  # the last rows committed: the run's work is done
+            state.seconds = time.perf_counter() - t0
+            plan = plan_record(llm.last_summary, topo, done_tokens[0] / state.seconds) if feed.fed else None
+            if plan is not None:
+                sink.record_plan(plan)
             if inputs is not None and not stop() and feed.shards_read == len(shards):
                 sink.mark_complete(inputs)  # every row of every shard committed
-            state.seconds = time.perf_counter() - t0
             t_close = time.perf_counter()
     finally:
         sink.close()  # commits every finished row, also when interrupted
@@ -193,8 +199,24 @@ def run_pipeline(
     state.rows_total, state.rows_total_exact = feed.rows_expected(), feed.shards_read == len(shards)
     state.generated_tokens, state.tokens_left = done_tokens[0], 0  # the rows' own tokens, exactly
     return RunReport(**vars(state), output=spec.output.url, rows_in_output=sink.rows, error_examples=examples,
-                     startup_seconds=startup, shutdown_seconds=shutdown,
+                     startup_seconds=startup, shutdown_seconds=shutdown, plan=plan,
                      cancelled=cancel is not None and cancel.is_set())
+
+
+def plan_record(summary: Any, topology: Any, tokens_per_s: float) -> dict | None:
+    """How a run generated, from its engine's summary (None in process): mode,
+    micro-batches (``sizes``, ``local`` ones of a hybrid run), whether the planner chose
+    them (``planned``) with its prediction and the profiling it took, and the run's rate
+    over the same span as its report."""
+    if summary is None:
+        return None
+    return {
+        "mode": summary.mode, "micro_batch_size": summary.micro_batch_size, "micro_batches": summary.n_micro_batches,
+        "sizes": list(summary.plan.get("sizes", ())), "local": summary.local_micro_batches,
+        "planned": "auto" in (topology.micro_batch_size, topology.micro_batches),
+        "predicted_tokens_per_s": summary.predicted_tokens_per_s, "profile_seconds": summary.profile_seconds,
+        "tokens_per_s": tokens_per_s, "time": time.time(),
+    }
 
 
 def _page_reporter(llm: Any, name: str) -> Any:
@@ -273,6 +295,7 @@ class _RequestFeed:
         self.token_budget = 0  # max_tokens of the requests this run feeds, of the shards read
         self.budget_done = 0  # ... of those finished
         self.running: dict[str, int] = {}  # max_tokens of each request fed and not finished
+        self.fed = 0  # requests fed to the engine
 
     def requests(
         self, on_error: Callable[[dict], None], stop: Callable[[], bool] = lambda: False
@@ -290,6 +313,7 @@ class _RequestFeed:
                     return
                 if isinstance(e, Request):
                     self.running[e.id] = e.params.max_tokens
+                    self.fed += 1
                     yield e
                 else:
                     on_error(e.to_row())

@@ -256,6 +256,14 @@ class ZarrSink:
         self._group.update_attributes({"glinthawk": meta})
         self._meta = meta
 
+    def record_plan(self, plan: Mapping[str, Any]) -> None:
+        """Record how the last run writing here generated (its mode, micro-batches and,
+        when the planner chose them, its prediction beside what it measured)."""
+        self._check_writer()
+        meta = {**self._meta, "last_plan": json.loads(json.dumps(dict(plan), default=str))}
+        self._group.update_attributes({"glinthawk": meta})
+        self._meta = meta
+
     def committed_ids(self) -> set[str]:
         """Ids of the committed rows (a copy)."""
         return set(self._committed_ids)

@@ -181,6 +181,25 @@ def test_requests_are_pulled_lazily_with_a_fixed_slot_size(tiny_weights):
     assert engine.cache.max_seq_len == 64
 
 
+def test_closing_the_generation_mid_step_frees_every_slot(tiny_weights):
+    """A consumer that stops at the first completion of a step in which several sequences
+    finish (a pipeline whose commit failed) closes the generation there: every slot is
+    freed, also those of the sequences that finished in that step and were not yielded
+    yet, and the next generation of the same requests on the engine runs as before."""
+    prompts = _prompts(6, tiny_weights.config.vocab_size, hi=8)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)  # the same length: they finish together
+    reqs = [Request(str(i), p, params) for i, p in enumerate(prompts)]
+    engine = InProcessEngine(tiny_weights, config=EngineConfig(micro_batch_size=8, n_micro_batches=1))
+    completions = engine.generate(reqs, max_seq_len=32)
+    next(completions)
+    assert len(engine.cache) == 5  # held by the rest of the step
+    completions.close()
+    assert len(engine.cache) == 0
+    again = {c.id: c.completion_token_ids for c in engine.generate(reqs, max_seq_len=32)}
+    assert again == {c.id: c.completion_token_ids for c in InProcessEngine(
+        tiny_weights, config=EngineConfig(micro_batch_size=8, n_micro_batches=1)).generate(reqs, max_seq_len=32)}
+
+
 def test_rebuild_readmits_a_micro_batch_and_prefills_its_tokens_so_far():
     """A lost cache: the micro-batch's sequences are admitted again and prefill prompt +
     generated tokens, keeping their slots and their sampled tokens."""

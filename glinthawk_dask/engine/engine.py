@@ -153,6 +153,7 @@ class InProcessEngine:
             detokenize=self.detokenize,
         )
         exhausted = False
+        held: set[str] = set()  # sequences with a KV slot, freed as each one finishes
         try:
             while True:
                 while not exhausted and len(sched.waiting) < sched.n_slots:
@@ -169,6 +170,7 @@ class InProcessEngine:
                         continue
                     for seq in step.admitted:
                         cache.allocate(seq.id, seq.slot)
+                        held.add(seq.id)
                     batch = AttentionBatch.build(step.slots, step.starts, step.counts, device=self.weights.device)
                     logits = forward_step(
                         self.weights, cache, self.rope, step.input_ids, batch, step.sample_rows
@@ -185,11 +187,11 @@ class InProcessEngine:
                     self.generated_tokens += len(tokens)
                     for done in sched.update(step, tokens):
                         cache.free(done.id)
+                        held.discard(done.id)
                         yield done
                     if on_tick is not None:
                         on_tick()
-        finally:  # closed early (cancelled, interrupted): free what is still running
-            for running in sched.running:
-                for seq in running.values():
-                    if seq.id in cache:
-                        cache.free(seq.id)
+        finally:  # closed early (cancelled, interrupted, the consumer failed): free every slot still held,
+            for sid in held:  # also those of sequences that finished in the step being yielded
+                if sid in cache:
+                    cache.free(sid)

@@ -373,6 +373,36 @@ def test_quickstart_spec_on_the_local_two_tier_cluster(tmp_path, llm):
     assert again.returncode == 0 and "nothing to run" in again.stderr and "(8 rows;" in again.stderr, again.stderr
 
 
+def test_a_store_that_stops_taking_commits_ends_the_run_with_what_is_kept(tmp_path, llm, monkeypatch):
+    """A full disk mid-run: the run ends with the commit's own error (not a second one from
+    committing again on the way out), the committed rows stay, and a rerun once the store
+    takes writes resumes after them: every row once, as an uninterrupted run gives."""
+    from glinthawk_dask.pipeline.layout import OutputError
+
+    rows = _rows(10)
+    src = _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = str(tmp_path / "out.zarr")
+    spec = parse_spec(_spec(tmp_path, str(src), out))
+    update = zarr.Group.update_attributes
+
+    def full_after_four_rows(self, new):
+        if new.get("glinthawk", {}).get("rows", 0) > 4:
+            raise OSError(28, "No space left on device")
+        return update(self, new)
+
+    monkeypatch.setattr(zarr.Group, "update_attributes", full_after_four_rows)
+    with pytest.raises(OutputError) as failed:
+        run_pipeline(spec, llm=llm)
+    assert str(failed.value).startswith(f"cannot commit rows to {out} (OSError: [Errno 28] No space left on "
+                                        "device): the 4 rows committed before are kept"), failed.value
+    assert len(_table(out)) == 4
+    monkeypatch.setattr(zarr.Group, "update_attributes", update)
+    report = run_pipeline(spec, llm=llm)
+    assert report.skipped == 4 and report.rows_done == 6
+    expected = {c.id: c.completion_token_ids for c in llm.generate(rows, SamplingParams(max_tokens=12))}
+    assert _tokens(_table(out)) == expected
+
+
 def test_progress_counts_tokens_of_running_rows_and_estimates_from_tokens_left(tmp_path):
     from glinthawk_dask.pipeline.run import Progress
 

@@ -82,7 +82,7 @@ def token_count(records: list[dict]) -> int:
     return sum(len(r.get("completion_token_ids") or []) for r in records)
 
 
-class Crash(Exception):
+class Crash(BaseException):
     """Stands in for the process dying."""
 
 
@@ -223,6 +223,26 @@ def test_failed_commit_is_retried_by_the_next_flush():
     assert (sink.rows, repr(sink).endswith("buffered=5)")) == (0, True)
     assert sink.flush() == 5
     assert [r["id"] for r in read_output(url).records()] == [f"row-{i}" for i in range(5)]
+
+
+def test_a_store_that_refuses_a_commit_is_an_output_error_that_says_what_is_kept():
+    """A full disk, lost credentials: the commit fails as an OutputError naming the rows
+    kept and the rows not written; they stay buffered, and a later flush commits them."""
+    url = memory_url()
+    sink = open_sink(url, chunk_rows=4)
+    sink.append(record(i) for i in range(4))
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with mock.patch.object(zarr.Array, "resize", full), pytest.raises(OutputError) as failed:
+        sink.append(record(i) for i in range(4, 9))
+    assert str(failed.value).startswith(f"cannot commit rows to {url} (OSError: [Errno 28] No space left on device): "
+                                        "the 4 rows committed before are kept, the 5 finished since are not")
+    assert isinstance(failed.value.__cause__, OSError) and "rerun to resume" in str(failed.value)
+    assert sink.rows == 4 and read_output(url).summary()["rows"] == 4
+    assert sink.flush() == 5
+    assert [r["id"] for r in read_output(url).records()] == [f"row-{i}" for i in range(9)]
 
 
 seconds = st.one_of(st.none(), st.just(math.nan), st.floats(0, 100, width=32))

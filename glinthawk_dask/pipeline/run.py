@@ -30,6 +30,7 @@ from ..model.resolve import missing_elsewhere, resolve_checkpoint
 from ..prompts import RequestBuilder
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
+from .layout import OutputError
 from .sink import ZarrSink
 from .sources import InputError, Shard, list_shards, read_shard
 from .versions import inputs_key
@@ -192,8 +193,10 @@ def run_pipeline(
             if inputs is not None and not stop() and feed.shards_read == len(shards):
                 sink.mark_complete(inputs)  # every row of every shard committed
             t_close = time.perf_counter()
-    finally:
-        sink.close()  # commits every finished row, also when interrupted
+    except BaseException:
+        with contextlib.suppress(OutputError):  # (the store failing again: the error raised already says so)
+            sink.close()  # commits every finished row, also when interrupted
+        raise
     shutdown = time.perf_counter() - t_close  # the cluster's (if made for the run) and the run's close
     state.shards_read, state.skipped = feed.shards_read, feed.skipped
     state.rows_total, state.rows_total_exact = feed.rows_expected(), feed.shards_read == len(shards)

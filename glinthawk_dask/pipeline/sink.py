@@ -335,15 +335,21 @@ class ZarrSink:
         self._check_writer()
         batch = self._buffer[:n]
         columns = _columns(batch, self.tokens)
-        for name, values in columns.items():  # (1) data, invisible: beyond the persisted shapes
-            if len(values):
-                _write_beyond(self._arrays[name], self.tokens if name == TOKEN_IDS else self.rows, values)
         rows, tokens = self.rows + n, self.tokens + len(columns[TOKEN_IDS])
-        for name, array in self._arrays.items():  # (2) shapes
-            array.resize((tokens if name == TOKEN_IDS else rows,))
         errors = self.n_errors + int(np.count_nonzero(columns["finish_reason"] == FINISH_ERROR))
         meta = {**self._meta, "rows": rows, "tokens": tokens, "errors": errors, "updated": _now()}
-        self._group.update_attributes({"glinthawk": meta})  # (3) the commit point
+        try:
+            for name, values in columns.items():  # (1) data, invisible: beyond the persisted shapes
+                if len(values):
+                    _write_beyond(self._arrays[name], self.tokens if name == TOKEN_IDS else self.rows, values)
+            for name, array in self._arrays.items():  # (2) shapes
+                array.resize((tokens if name == TOKEN_IDS else rows,))
+            self._group.update_attributes({"glinthawk": meta})  # (3) the commit point
+        except Exception as e:  # (a full disk, lost credentials, a store that went away)
+            raise OutputError(
+                f"cannot commit rows to {self.url} ({type(e).__name__}: {e}): the {self.rows} rows committed "
+                f"before are kept, the {len(self._buffer)} finished since are not; once the store takes writes "
+                "again (space, permissions, credentials), rerun to resume after the committed rows") from e
         self._meta = meta
         ids = columns["id"].tolist()
         self._committed_ids.update(ids)

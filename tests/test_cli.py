@@ -57,6 +57,16 @@ def test_generate_token_ids_on_a_synthetic_model(tmp_path):
     assert "3 rows failed" in result.output
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (every write: no space left)")
+def test_an_output_that_cannot_be_written_is_one_line_saying_what_it_holds(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt_token_ids": [1 + i, 2]}) + "\n" for i in range(3)))
+    result = _invoke("--model", "random:tiny-gqa", "--mode", "in-process", "--input", str(src), "--output",
+                     "/dev/full", "--max-tokens", "2", "--quiet")
+    _assert_one_line_error(result, "cannot write /dev/full (No space left on device): it holds at most the first",
+                           "of 3 rows", "make room and rerun")
+
+
 def test_generate_is_reproducible_with_a_seed(tmp_path):
     args = ["--model", "random:tiny-mha", "--input", "-", "--max-tokens", "6",
             "--temperature", "1.0", "--seed", "11"]

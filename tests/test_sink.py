@@ -434,6 +434,13 @@ def test_export_of_an_empty_output_and_bad_destinations(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(OutputError, match="cannot write"):
         export_output(url, str(tmp_path / "afile" / "out.jsonl"))
+    if os.path.exists("/dev/full"):  # every write: no space left
+        sink = open_sink(url)
+        sink.append([record(0)])
+        sink.close()
+        with pytest.raises(OutputError, match=r"cannot write /dev/full \(OSError: \[Errno 28\] No space left on "
+                                              r"device\): what it holds is incomplete; make room"):
+            export_output(url, "/dev/full", to="jsonl")
 
 
 def test_recoveries_are_kept_beside_the_commits_and_survive_reopening(url):

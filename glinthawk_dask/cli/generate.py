@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -133,14 +134,24 @@ def generate(
         show.end()
         elapsed = time.perf_counter() - t0
         n_recovered = len(llm.recoveries)
-        for c in results:  # written before the cluster closes
-            output.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
-            n_tokens += len(c.completion_token_ids)
-            n_errors += c.error is not None
-        output.flush()
+        n_written = 0
+        try:
+            for c in results:  # written before the cluster closes
+                output.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
+                n_written += 1
+                n_tokens += len(c.completion_token_ids)
+                n_errors += c.error is not None
+            output.flush()
+        except OSError as e:  # (a full disk: the rows are only in memory, so say what the file holds)
+            with contextlib.suppress(OSError):
+                output.close()  # (what it could not write is dropped: closing again later raises nothing)
+            raise GlinthawkError(
+                f"cannot write {_output_name(output)} ({e.strerror or e}): it holds at most the first "
+                f"{n_written} of {len(results)} rows, the last possibly cut short; make room and "
+                "rerun (greedy and seeded sampling give the same rows again)") from None
     if interrupted is not None:
         left = interrupted.total - len(results)
-        where = "stdout" if getattr(output, "name", "-") in ("-", "<stdout>") else output.name
+        where = _output_name(output)
         raise Interrupted(f"{len(results)} of {interrupted.total} rows written to {where}: those that had "
                           f"finished, in input order; the other {left} were not")
     click.echo(
@@ -256,6 +267,10 @@ def bench(model: str, n_prompts: int, prompt_tokens: int, max_tokens: int, mode:
         click.echo(f"plan: {summary.micro_batch_size} x {summary.n_micro_batches} micro-batches{local}; KV "
                    f"{kv['dense'] / 2**20:.1f} MiB dense, {kv['attention'] / 2**20:.1f} MiB attention; predicted "
                    + (f"{predicted:.1f} tok/s" if predicted else "n/a"))
+
+
+def _output_name(output: TextIO) -> str:
+    return "stdout" if getattr(output, "name", "-") in ("-", "<stdout>") else output.name
 
 
 def _progress_text(p: Any) -> str:

@@ -85,8 +85,12 @@ def export_output(
     except OSError as e:
         raise OutputError(f"cannot write {dest} ({type(e).__name__}: {e}): check that its directory or "
                           "bucket exists and is writable") from e
-    with f:
-        (_write_jsonl if to == "jsonl" else _write_parquet)(table, f)
+    try:
+        with f:
+            (_write_jsonl if to == "jsonl" else _write_parquet)(table, f)
+    except OSError as e:  # (a full disk, a store that went away: the output is untouched)
+        raise OutputError(f"cannot write {dest} ({type(e).__name__}: {e}): what it holds is incomplete; make "
+                          "room (or fix access) and export again") from e
     return len(table)
 
 

@@ -245,6 +245,35 @@ def test_a_store_that_refuses_a_commit_is_an_output_error_that_says_what_is_kept
     assert [r["id"] for r in read_output(url).records()] == [f"row-{i}" for i in range(9)]
 
 
+def test_rows_buffered_for_commit_seconds_are_committed_without_a_full_chunk(monkeypatch):
+    """A slow run: rows that finished ``commit_seconds`` ago are committed at the next
+    append, as a part of a chunk; the chunk is rewritten whole when it fills, and plain
+    zarr and a reopened sink read every row once."""
+    from glinthawk_dask.pipeline import sink as sink_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(sink_mod.time, "monotonic", lambda: now[0])
+    url = memory_url()
+    sink = open_sink(url, chunk_rows=4, commit_seconds=30.0)
+    assert sink.append([record(0)]) == 0 and sink.rows == 0  # a young row waits for its chunk
+    now[0] += 31
+    assert sink.append([record(1)]) == 2 and sink.rows == 2  # the first is 31 s old: both go
+    assert sink.append([record(i) for i in (2, 3, 4)]) == 2 and sink.rows == 4  # the chunk fills: 2, 3
+    now[0] += 10
+    assert sink.append([record(5)]) == 0 and sink.rows == 4  # 4 and 5 buffered 10 s: not yet
+    now[0] += 25
+    assert sink.append([record(6)]) == 3 and sink.rows == 7
+    assert [r["id"] for r in read_output(url).records()] == [f"row-{i}" for i in range(7)]
+    again = open_sink(url, chunk_rows=4)  # never by time without commit_seconds
+    again.append([record(i) for i in (7, 8)])
+    now[0] += 1000
+    again.append([record(9)])
+    assert again.rows == 8  # the chunk of 4..7 filled; 8 and 9 wait for theirs (or the close)
+    again.close()
+    assert list(read_output(url).records()) == [stored(record(i)) for i in range(10)]
+    assert_truncated(url, 10, again.tokens)
+
+
 seconds = st.one_of(st.none(), st.just(math.nan), st.floats(0, 100, width=32))
 prompts = st.one_of(
     st.none(), st.text(max_size=8), st.lists(st.integers(0, 50_000), max_size=4),

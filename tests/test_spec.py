@@ -62,6 +62,8 @@ def test_unset_environment_variable_is_named(monkeypatch):
         ({"input": {"urls": "a.jsonl"}}, "output: must be a mapping"),
         (_with(output__url=""), "output.url"),
         (_with(output__chunk_rows=0), "output.chunk_rows: must be at least 1"),
+        (_with(output__commit_seconds=0), "output.commit_seconds: must be a positive number of seconds or null"),
+        (_with(output__commit_seconds="1m"), "output.commit_seconds: must be a positive number"),
         (_with(sampling={"temperature": -1}), "sampling: "),
         (_with(sampling={"temprature": 1}), "temprature"),
         (_with(topology={"mode": "three-tier"}), "topology.mode"),
@@ -111,6 +113,13 @@ def test_fingerprint_tracks_what_decides_the_rows():
     # where and how fast it runs does not change the rows
     assert parse_spec(_with(topology={"micro_batch_size": 4, "mode": "in-process"})).fingerprint() == base
     assert parse_spec(_with(output__url="elsewhere.zarr", output__chunk_rows=3)).fingerprint() == base
+    assert parse_spec(_with(output__commit_seconds=5)).fingerprint() == base
+
+
+def test_commit_seconds_default_to_a_minute_and_take_null():
+    assert parse_spec(MINIMAL).output.commit_seconds == 60.0
+    assert parse_spec(_with(output__commit_seconds=2.5)).output.commit_seconds == 2.5
+    assert parse_spec(_with(output__commit_seconds=None)).output.commit_seconds is None
 
 
 def test_micro_batch_knobs_take_auto_or_a_positive_int():

@@ -37,7 +37,8 @@ from .versions import inputs_key
 from .spec import PipelineSpec, options_for
 
 __all__ = [
-    "Progress", "RunReport", "load_model", "pipeline_llm", "plan_record", "run_pipeline", "spec_shards", "tokenize_shard",
+    "Progress", "RunReport", "load_model", "pipeline_llm", "plan_record", "run_pipeline", "spec_shards",
+    "tokenize_shard",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def run_pipeline(
     sink = ZarrSink.open(
         spec.output.url, storage_options=spec.storage_options, fingerprint=spec.fingerprint(), model=spec.model,
         spec=spec.to_dict(), sampling=spec.sampling.to_dict(), chunk_rows=spec.output.chunk_rows,
-        overwrite=overwrite, force=force,
+        overwrite=overwrite, force=force, commit_seconds=spec.output.commit_seconds,
     )
     topo = spec.topology
     given = llm is not None

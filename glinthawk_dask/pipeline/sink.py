@@ -10,6 +10,7 @@ import json
 import math
 import os
 import socket
+import time
 import uuid
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -141,6 +142,8 @@ class ZarrSink:
         self._committed_ids = {str(i) for i in arrays["id"][: meta["rows"]]}
         self._buffer: list[_Row] = []
         self._buffered_ids: set[str] = set()
+        self.commit_seconds: float | None = None  # commit rows buffered this long (see :meth:`open`)
+        self._since = time.monotonic()  # the last commit (or the open)
 
     @classmethod
     def open(
@@ -155,6 +158,7 @@ class ZarrSink:
         chunk_rows: int = 256,
         overwrite: bool = False,
         force: bool = False,
+        commit_seconds: float | None = None,
     ) -> ZarrSink:
         """Create the output at ``url``, or reopen it to continue.
 
@@ -162,7 +166,9 @@ class ZarrSink:
         same spec ``fingerprint`` and ``model`` unless ``force`` (which records the new
         ones); ``overwrite`` replaces whatever is at ``url``.  Reopening discards anything
         written after the last commit.  ``chunk_rows`` (rows per chunk and per commit)
-        applies to a new output; an existing one keeps its own.
+        applies to a new output; an existing one keeps its own.  With ``commit_seconds``,
+        rows buffered that long are committed at the next append without waiting for
+        their chunk to fill (a slow run loses at most that much work to a crash).
         """
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
@@ -172,7 +178,9 @@ class ZarrSink:
         with storage_access(url, "write"):
             meta = None if overwrite else location.existing_meta()
             if meta is None:
-                return cls._create(location, run, chunk_rows)
+                sink = cls._create(location, run, chunk_rows)
+                sink.commit_seconds = commit_seconds
+                return sink
             _check_same_run(url, meta, run, force)
             group = zarr.open_group(location.store(read_only=False), mode="r+")
             arrays = committed_arrays(url, group, meta)
@@ -182,7 +190,9 @@ class ZarrSink:
                     array.resize((committed,))
             meta.update(run, writer=_writer())  # the spec unchanged without force; this run now writes here
             group.update_attributes({"glinthawk": meta})  # (proves we may write)
-        return cls(url, group, meta, arrays, location)
+        sink = cls(url, group, meta, arrays, location)
+        sink.commit_seconds = commit_seconds
+        return sink
 
     @classmethod
     def _create(cls, location: Location, run: dict[str, Any], chunk_rows: int) -> ZarrSink:
@@ -289,6 +299,9 @@ class ZarrSink:
             self._commit(room)
             committed += room
             room = self._chunk_rows
+        if self._buffer and self.commit_seconds is not None and time.monotonic() - self._since >= self.commit_seconds:
+            committed += len(self._buffer)  # a part of a chunk, rewritten whole when the chunk fills
+            self._commit(len(self._buffer))
         return committed
 
     def flush(self) -> int:
@@ -351,6 +364,7 @@ class ZarrSink:
                 f"before are kept, the {len(self._buffer)} finished since are not; once the store takes writes "
                 "again (space, permissions, credentials), rerun to resume after the committed rows") from e
         self._meta = meta
+        self._since = time.monotonic()
         ids = columns["id"].tolist()
         self._committed_ids.update(ids)
         self._buffered_ids.difference_update(ids)

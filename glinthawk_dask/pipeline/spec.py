@@ -26,6 +26,7 @@
     output:
       url: quickstart.zarr                 # relative paths: from the working directory
       chunk_rows: 256
+      commit_seconds: 60                   # commit rows finished this long ago even if their chunk is not full
     storage_options:                       # per protocol, passed to fsspec; ${VAR} is expanded
       s3: {endpoint_url: "${S3_ENDPOINT_URL}"}
 
@@ -102,6 +103,7 @@ class OutputSpec:
 
     url: str
     chunk_rows: int = 256
+    commit_seconds: float | None = 60.0  # commit rows buffered this long (None: only whole chunks and the end)
 
 
 @dataclass(frozen=True)
@@ -171,10 +173,14 @@ def parse_spec(data: Any, *, source: str = "<spec>", base: str | None = None) ->
                       "storage_options"))
     inp = _input(v, v.mapping(top.get("input"), "input", required=True), base)
     out = v.mapping(top.get("output"), "output", required=True)
-    v.known(out, "output", ("url", "chunk_rows"))
+    v.known(out, "output", ("url", "chunk_rows", "commit_seconds"))
+    commit = out.get("commit_seconds", 60.0)
+    if commit is not None and (isinstance(commit, bool) or not isinstance(commit, (int, float)) or commit <= 0):
+        raise v.error("output.commit_seconds", f"must be a positive number of seconds or null (got {commit!r})")
     output = OutputSpec(
         url=_expand(v.string(out.get("url"), "output.url", required=True)),
         chunk_rows=v.integer(out.get("chunk_rows", 256), "output.chunk_rows", minimum=1),
+        commit_seconds=None if commit is None else float(commit),
     )
     fields = v.mapping(top.get("fields", {}), "fields")
     allowed = ("id", "prompt", "messages", "prompt_token_ids", *SamplingParams.field_names())

@@ -403,6 +403,24 @@ def test_a_store_that_stops_taking_commits_ends_the_run_with_what_is_kept(tmp_pa
     assert _tokens(_table(out)) == expected
 
 
+def test_rows_are_committed_by_time_before_their_chunk_fills(tmp_path, llm):
+    """With ``output.commit_seconds``, finished rows reach the output while the run goes,
+    though no chunk is full; the output ends the same as with whole-chunk commits."""
+    rows = _rows(10)
+    src = _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = str(tmp_path / "out.zarr")
+    spec = parse_spec(_spec(tmp_path, str(src), out, output={"url": out, "chunk_rows": 64, "commit_seconds": 1e-3}))
+    seen = []
+    report = run_pipeline(spec, llm=llm, progress=lambda p: seen.append(
+        (p.rows_done, zarr.open_group(out, mode="r").attrs["glinthawk"]["rows"])))
+    assert report.rows_done == 10
+    assert any(0 < committed < 10 for _, committed in seen), seen  # before the end, with chunks of 64
+    whole = str(tmp_path / "whole.zarr")
+    run_pipeline(parse_spec(_spec(tmp_path, str(src), whole, output={"url": whole, "chunk_rows": 64,
+                                                                      "commit_seconds": None})), llm=llm)
+    assert _tokens(_table(out)) == _tokens(_table(whole)) and len(_table(out)) == 10
+
+
 def test_progress_counts_tokens_of_running_rows_and_estimates_from_tokens_left(tmp_path):
     from glinthawk_dask.pipeline.run import Progress
 

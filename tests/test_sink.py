@@ -263,15 +263,21 @@ def test_rows_buffered_for_commit_seconds_are_committed_without_a_full_chunk(mon
     assert sink.append([record(5)]) == 0 and sink.rows == 4  # 4 and 5 buffered 10 s: not yet
     now[0] += 25
     assert sink.append([record(6)]) == 3 and sink.rows == 7
-    assert [r["id"] for r in read_output(url).records()] == [f"row-{i}" for i in range(7)]
+    sink.append([record(7), record(8)])  # fills the chunk with 7; 8 waits
+    assert sink.commit_due() == 0 and sink.rows == 8
+    now[0] += 60
+    assert sink.commit_due() == 1 and sink.rows == 9  # no row finished since: the run's tick commits it
+    sink.append([record(9)])
+    sink.close()
+    assert [r["id"] for r in read_output(url).records()] == [f"row-{i}" for i in range(10)]
     again = open_sink(url, chunk_rows=4)  # never by time without commit_seconds
-    again.append([record(i) for i in (7, 8)])
+    again.append([record(i) for i in (10, 11)])
     now[0] += 1000
-    again.append([record(9)])
-    assert again.rows == 8  # the chunk of 4..7 filled; 8 and 9 wait for theirs (or the close)
+    again.append([record(12)])
+    assert again.commit_due() == 0 and again.rows == 12  # the chunk of 8..11 filled; 12 waits (or the close)
     again.close()
-    assert list(read_output(url).records()) == [stored(record(i)) for i in range(10)]
-    assert_truncated(url, 10, again.tokens)
+    assert list(read_output(url).records()) == [stored(record(i)) for i in range(13)]
+    assert_truncated(url, 13, again.tokens)
 
 
 seconds = st.one_of(st.none(), st.just(math.nan), st.floats(0, 100, width=32))

@@ -153,6 +153,7 @@ def run_pipeline(
 
             def refresh() -> None:
                 recovered()
+                sink.commit_due()  # rows finished a while ago, while no row finishes
                 live = max(done_tokens[0], llm.generated_tokens)
                 state.generated_tokens = live
                 state.shards_read, state.skipped = feed.shards_read, feed.skipped

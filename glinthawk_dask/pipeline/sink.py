@@ -168,7 +168,8 @@ class ZarrSink:
         written after the last commit.  ``chunk_rows`` (rows per chunk and per commit)
         applies to a new output; an existing one keeps its own.  With ``commit_seconds``,
         rows buffered that long are committed at the next append without waiting for
-        their chunk to fill (a slow run loses at most that much work to a crash).
+        their chunk to fill, or at :meth:`commit_due` (a slow run loses at most that much
+        work to a crash).
         """
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
@@ -299,10 +300,16 @@ class ZarrSink:
             self._commit(room)
             committed += room
             room = self._chunk_rows
-        if self._buffer and self.commit_seconds is not None and time.monotonic() - self._since >= self.commit_seconds:
-            committed += len(self._buffer)  # a part of a chunk, rewritten whole when the chunk fills
-            self._commit(len(self._buffer))
-        return committed
+        return committed + self.commit_due()
+
+    def commit_due(self) -> int:
+        """Commit the buffered rows if the last commit is ``commit_seconds`` old (a part
+        of a chunk, rewritten whole when the chunk fills); returns the rows committed."""
+        n = len(self._buffer)
+        if not n or self.commit_seconds is None or time.monotonic() - self._since < self.commit_seconds:
+            return 0
+        self._commit(n)
+        return n
 
     def flush(self) -> int:
         """Commit every buffered row (the last chunk may stay partial); returns the rows committed.

@@ -62,11 +62,11 @@ def test_notebooks_are_stored_valid_and_without_outputs(name):
 def test_quickstart_notebook(kernel):
     text = _text(_execute("quickstart.ipynb", kernel))
     assert "Paris" in text
-    assert "<PipelineJob 'quickstart' finished: 8 rows," in text
+    assert "<PipelineJob 'quickstart' finished: 8/8 rows," in text
     assert "Glinthawk dashboard: http" in text and "/glinthawk" in text
 
 
 def test_cloud_dataset_notebook(kernel):
     text = _text(_execute("cloud-dataset.ipynb", kernel))
-    assert "<PipelineJob 'cloud-demo' finished: 12 rows, shards 3/3, 1 errors" in text
+    assert "<PipelineJob 'cloud-demo' finished: 12/12 rows, shards 3/3, 1 errors" in text
     assert "14 rows -> s3://glinthawk-demo/exports/cloud-demo.parquet" in text

@@ -275,7 +275,7 @@ class LLM:
         ``progress`` gets a :class:`~glinthawk_dask.engine.progress.GenerationProgress`
         after every engine step or poll (often: rate-limit what you do with it) and once
         more at the end."""
-        yield from self._run(self.make_requests(rows, params, chat=chat), progress)
+        yield from self.stream_built(self.make_requests(rows, params, chat=chat), progress)
 
     def generate(
         self, rows: Iterable[Any] | str, params: SamplingParams | None = None, *, chat: bool = False,
@@ -291,7 +291,7 @@ class LLM:
         index = {e.id: i for i, e in enumerate(entries)}
         results: list[Any] = list(entries)
         try:
-            for c in self._run(entries, progress):
+            for c in self.stream_built(entries, progress):
                 results[index[c.id]] = c
         except KeyboardInterrupt as e:
             if isinstance(e, GenerationInterrupted):
@@ -299,8 +299,11 @@ class LLM:
             raise GenerationInterrupted([r for r in results if isinstance(r, Completion)], len(results)) from e
         return results
 
-    def _run(self, entries: list[Request | Completion],
-             progress: Callable[[GenerationProgress], None] | None) -> Iterator[Completion]:
+    def stream_built(self, entries: list[Request | Completion],
+                     progress: Callable[[GenerationProgress], None] | None = None) -> Iterator[Completion]:
+        """Generate what :meth:`make_requests` built, yielding each completion as it
+        finishes (the bad rows' error completions first); ``progress`` as for :meth:`stream`.
+        The rows' ids tell where each completion belongs."""
         requests = [e for e in entries if isinstance(e, Request)]
         tracker = ProgressTracker(len(entries), sum(r.params.max_tokens for r in requests))
 

@@ -67,6 +67,62 @@ def test_an_output_that_cannot_be_written_is_one_line_saying_what_it_holds(tmp_p
                            "of 3 rows", "make room and rerun")
 
 
+def test_rows_are_written_in_input_order_as_soon_as_those_before_them_finished():
+    import io
+
+    from glinthawk_dask.cli.generate import _InOrder
+    from glinthawk_dask.engine.request import Completion, Request
+
+    entries = [Request(f"r{i}", [1, 2]) for i in range(5)]
+    flushed = []
+
+    class Out(io.StringIO):
+        def flush(self):
+            flushed.append(self.getvalue().count("\n"))
+
+    out = Out()
+    w = _InOrder(out, entries)
+
+    def done(i):
+        return Completion(f"r{i}", [1, 2], [1, 2], "x", [7] * i, "length")
+
+    w.add(done(1))  # r0 still running: r1 waits
+    assert out.getvalue() == "" and flushed == []
+    w.add(done(0))
+    assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == ["r0", "r1"] and flushed == [2]
+    w.add(done(3))
+    assert flushed == [2]
+    assert w.finish() == 3  # interrupted: r3 written after r1, r2 and r4 never finished
+    assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == ["r0", "r1", "r3"]
+    assert (w.written, w.tokens, w.errors) == (3, 0 + 1 + 3, 0)
+
+
+def test_generate_writes_rows_while_the_run_goes(tmp_path):
+    """The output grows as rows finish (whole lines, in input order), not at the end."""
+    import time
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt_token_ids": [1 + i % 50, 2, 3]}) + "\n"
+                           for i in range(400)))
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "glinthawk_dask", "generate", "--model", "random:tiny-gqa",
+                             "--mode", "in-process", "--micro-batch-size", "4", "--micro-batches", "1",
+                             "--max-tokens", "48", "--input", str(src), "--output", str(out), "--quiet"],
+                            stderr=subprocess.PIPE, text=True)
+    partial = []
+    while proc.poll() is None:
+        if out.exists():
+            text = out.read_text()
+            lines = text[:text.rfind("\n") + 1].splitlines()  # whole lines
+            if 0 < len(lines) < 400:
+                partial = lines
+        time.sleep(0.02)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert partial, "nothing was written before the run ended"
+    assert [json.loads(line)["id"] for line in partial] == [f"r{i}" for i in range(len(partial))]
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [f"r{i}" for i in range(400)]
+
+
 def test_generate_is_reproducible_with_a_seed(tmp_path):
     args = ["--model", "random:tiny-mha", "--input", "-", "--max-tokens", "6",
             "--temperature", "1.0", "--seed", "11"]

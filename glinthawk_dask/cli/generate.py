@@ -84,7 +84,7 @@ def generate(
     the time left at that rate (--quiet: none).
     """
     from ..api import LLM
-    from ..errors import GenerationInterrupted, InvalidRequestError
+    from ..errors import InvalidRequestError
     from ..sampling import SamplingParams
 
     for text in prompt_args:  # a path given where the prompts go: its text would be completed, quietly
@@ -124,43 +124,82 @@ def generate(
             click.echo(f"dask dashboard: {llm.dashboard_link} (glinthawk page: {llm.dashboard_page})", err=True)
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
-        n_tokens = n_errors = 0
         show = ProgressLine(_progress_text, quiet=quiet)
-        interrupted = None
+        entries = llm.make_requests(rows, params, chat=chat)
+        out = _InOrder(output, entries)
+        completions = llm.stream_built(entries, progress=show)
         try:
-            results = llm.generate(rows, params, chat=chat, progress=show)
-        except GenerationInterrupted as e:  # the run is closed: keep what finished
-            interrupted, results = e, e.completions
+            with contextlib.closing(completions):  # (leaving early closes the run and frees its KV)
+                for c in completions:
+                    out.add(c)
+        except KeyboardInterrupt:  # the run is closed: keep what finished
+            show.end()
+            written = out.finish()
+            raise Interrupted(f"{written} of {len(entries)} rows written to {_output_name(output)}: those that "
+                              f"had finished, in input order; the other {len(entries) - written} were not") from None
         show.end()
+        out.finish()
         elapsed = time.perf_counter() - t0
         n_recovered = len(llm.recoveries)
-        n_written = 0
-        try:
-            for c in results:  # written before the cluster closes
-                output.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
-                n_written += 1
-                n_tokens += len(c.completion_token_ids)
-                n_errors += c.error is not None
-            output.flush()
-        except OSError as e:  # (a full disk: the rows are only in memory, so say what the file holds)
-            with contextlib.suppress(OSError):
-                output.close()  # (what it could not write is dropped: closing again later raises nothing)
-            raise GlinthawkError(
-                f"cannot write {_output_name(output)} ({e.strerror or e}): it holds at most the first "
-                f"{n_written} of {len(results)} rows, the last possibly cut short; make room and "
-                "rerun (greedy and seeded sampling give the same rows again)") from None
-    if interrupted is not None:
-        left = interrupted.total - len(results)
-        where = _output_name(output)
-        raise Interrupted(f"{len(results)} of {interrupted.total} rows written to {where}: those that had "
-                          f"finished, in input order; the other {left} were not")
     click.echo(
-        f"{len(results)} rows, {n_errors} errors, {n_tokens} tokens generated in {elapsed:.1f} s "
-        f"({n_tokens / max(elapsed, 1e-9):.1f} tok/s; model loaded in {t_load:.1f} s)" + recovered_note(n_recovered),
+        f"{out.written} rows, {out.errors} errors, {out.tokens} tokens generated in {elapsed:.1f} s "
+        f"({out.tokens / max(elapsed, 1e-9):.1f} tok/s; model loaded in {t_load:.1f} s)" + recovered_note(n_recovered),
         err=True,
     )
-    if n_errors:
-        click.echo(f"{n_errors} rows failed: see their \"error\" field", err=True)
+    if out.errors:
+        click.echo(f"{out.errors} rows failed: see their \"error\" field", err=True)
+
+
+class _InOrder:
+    """Writes completions as JSON lines in input order, each as soon as it and every row
+    before it have finished (those after a slow row wait here), flushed as they go: the
+    output grows while the run goes, and a crash or a full disk loses only what had
+    not been written."""
+
+    def __init__(self, output: TextIO, entries: list) -> None:
+        self.output = output
+        self.index = {e.id: i for i, e in enumerate(entries)}
+        self.waiting: dict[int, Any] = {}
+        self.written = self.errors = self.tokens = 0
+
+    def add(self, c: Any) -> None:
+        self.waiting[self.index[c.id]] = c
+        if self.written in self.waiting:
+            while self.written in self.waiting:
+                self._write(self.waiting.pop(self.written))
+            self._flush()
+
+    def finish(self) -> int:
+        """Write the rows still waiting (an interrupted run's, in input order, with gaps);
+        returns the rows written."""
+        for i in sorted(self.waiting):
+            self._write(self.waiting.pop(i))
+        self._flush()
+        return self.written
+
+    def _write(self, c: Any) -> None:
+        try:
+            self.output.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
+        except OSError as e:
+            self._failed(e)
+        self.written += 1
+        self.tokens += len(c.completion_token_ids)
+        self.errors += c.error is not None
+
+    def _flush(self) -> None:
+        try:
+            self.output.flush()
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, e: OSError) -> None:
+        """A full disk: say what the file holds (the rest is lost with this process)."""
+        with contextlib.suppress(OSError):
+            self.output.close()  # (what it could not write is dropped: closing again later raises nothing)
+        raise GlinthawkError(
+            f"cannot write {_output_name(self.output)} ({e.strerror or e}): it holds at most the first "
+            f"{self.written} of {len(self.index)} rows, the last possibly cut short; make room and rerun "
+            "(greedy and seeded sampling give the same rows again)")
 
 
 # -- a throughput number -------------------------------------------------------------------------

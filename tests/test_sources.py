@@ -141,12 +141,35 @@ def test_parquet_rows_as_plain_python(memdir):
     assert rows[2] == {"id": "3", "prompt": "c", "temperature": 1.0}
 
 
+def test_a_big_parquet_file_is_read_as_ranges_of_row_groups(memdir):
+    """Row groups of about ``blocksize`` uncompressed bytes per shard; every row once, in
+    order, with the same made-up ids as a whole-file read."""
+    fs, root = memdir
+    table = pa.table({"prompt": [f"prompt number {i} " + "x" * (i % 7) for i in range(50)],
+                      "max_tokens": pa.array([i % 5 + 1 for i in range(50)], pa.int64())})
+    fs.pipe(f"{root}/t.parquet", parquet_bytes(table, row_group_size=6))  # 9 groups
+    url = f"memory://{root}/t.parquet"
+    whole = read_all([url], format="parquet", blocksize=None)
+    meta = pq.ParquetFile(io.BytesIO(fs.cat(f"{root}/t.parquet"))).metadata
+    group_bytes = meta.row_group(0).total_byte_size
+    shards = list_shards([url], format="parquet", blocksize=2 * group_bytes)
+    assert len(shards) > 2 and [(s.offset, s.length) for s in shards][0] == (0, 2)
+    assert sum(s.length for s in shards) == meta.num_row_groups and [s.index for s in shards] == list(
+        range(len(shards)))
+    split = [row for s in shards for row in read_shard(s)]
+    assert split == whole and len(split) == 50
+    assert split[13]["id"] == expected_id("t.parquet", 13, table.to_pylist()[13])
+    assert len(list_shards([url], format="parquet", blocksize=10 ** 9)) == 1  # smaller than blocksize: whole
+
+
 def test_corrupt_parquet_is_an_input_error(memdir):
     fs, root = memdir
     fs.pipe(f"{root}/t.parquet", b"not parquet at all")
     [shard] = list_shards([f"memory://{root}/t.parquet"], format="parquet")
     with pytest.raises(InputError, match="not a readable Parquet file"):
         read_shard(shard)
+    with pytest.raises(InputError, match="not a readable Parquet file"):  # bigger than blocksize: its footer is read
+        list_shards([f"memory://{root}/t.parquet"], format="parquet", blocksize=4)
 
 
 def test_text_lines_and_whole_files(tmp_path):

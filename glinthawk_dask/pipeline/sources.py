@@ -46,6 +46,7 @@ from fsspec.utils import infer_compression
 from ..errors import GlinthawkError
 from ..prompts import UndecodableRow, stable_row_id
 from ..sampling import SamplingParams
+from .parquet import parquet_records, row_group_ranges
 from .spec import FORMATS, options_for
 from .versions import file_version
 
@@ -83,8 +84,9 @@ class Shard:
     ``url`` is the file's full fsspec URL; ``key`` its path relative to the common
     directory of the input, used in row ids.  ``compression`` is an fsspec codec name
     (None: none).  ``offset`` and ``length`` select a byte range of an uncompressed
-    line file (``length`` None: to the end); ``text_mode`` says whether a ``text`` file
-    holds a prompt per line or is one prompt.
+    line file, or the first row group and the number of row groups of a Parquet file
+    (``length`` None: to the end); ``text_mode`` says whether a ``text`` file holds a
+    prompt per line or is one prompt.
     """
 
     index: int
@@ -121,7 +123,8 @@ def list_shards(
     Files come in the order of ``urls``, each glob or directory sorted, duplicates
     dropped.  ``compression="infer"`` picks a codec by file extension.  Uncompressed
     line files bigger than ``blocksize`` bytes are split into ranges of about that
-    size (None: never split); other files are one shard each.  ``storage_options``
+    size, Parquet files into ranges of row groups of about that many uncompressed bytes
+    (None: never split); other files are one shard each.  ``storage_options``
     maps a protocol (``"s3"``) to the options of its filesystem.
 
     Raises :class:`InputError` when an option is invalid or a URL matches no file or
@@ -130,13 +133,13 @@ def list_shards(
     if isinstance(urls, str):
         urls = [urls]
     _check_options(urls, format, compression, text_mode, blocksize)
-    files: dict[str, tuple[str, dict]] = {}  # URL -> (path, listed info)
+    files: dict[str, tuple[Any, str, dict]] = {}  # URL -> (filesystem, path, listed info)
     for url in urls:
         for fs, path, info in _expand(url, storage_options):
-            files.setdefault(fs.unstrip_protocol(path), (path, info))
-    root = posixpath.commonpath([posixpath.dirname(p.lstrip("/")) for p, _ in files.values()])
+            files.setdefault(fs.unstrip_protocol(path), (fs, path, info))
+    root = posixpath.commonpath([posixpath.dirname(p.lstrip("/")) for _, p, _ in files.values()])
     shards: list[Shard] = []
-    for url, (path, info) in files.items():
+    for url, (fs, path, info) in files.items():
         key = path.lstrip("/")[len(root):].lstrip("/")
         codec = infer_compression(path) if compression == "infer" else compression
         size, version = info.get("size"), file_version(info)
@@ -144,6 +147,11 @@ def list_shards(
         if shard.splittable and blocksize is not None and size is not None and size > blocksize:
             for offset, length in _ranges(size, blocksize):
                 shards.append(Shard(len(shards), url, key, format, None, offset, length, text_mode, version))
+        elif format == "parquet" and blocksize is not None and size is not None and size > blocksize:
+            with _storage_errors("read", url), fs.open(path, "rb") as f:
+                ranges = row_group_ranges(f, blocksize, url)
+            shards += [Shard(len(shards) + i, url, key, format, None, first, n, text_mode, version)
+                       for i, (first, n) in enumerate(ranges)]
         else:
             shards.append(shard)
     return shards
@@ -481,17 +489,7 @@ def _csv_records(f: IO[bytes], shard: Shard) -> _Records:
 
 
 def _parquet_records(f: IO[bytes], shard: Shard) -> _Records:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        index = 0
-        for batch in pq.ParquetFile(f).iter_batches():
-            for row in batch.to_pylist():
-                yield index, f"{shard.key} row {index}", row
-                index += 1
-    except pa.ArrowException as e:
-        raise InputError(f"cannot read {shard.url}: not a readable Parquet file ({e})") from e
+    return parquet_records(f, shard.url, shard.key, None if shard.length is None else (shard.offset, shard.length))
 
 
 _READERS = {"jsonl": _jsonl_records, "text": _text_records, "csv": _csv_records, "parquet": _parquet_records}

@@ -9,7 +9,7 @@
       format: jsonl                        # jsonl | parquet | csv | text [default: by extension]
       compression: infer                   # infer | none | gzip | bz2 | xz | zstd | ...
       text_mode: line                      # text format: line (a prompt per line) | file
-      blocksize: 64MiB                     # split big uncompressed line files into tasks
+      blocksize: 64MiB                     # split big uncompressed line files and Parquet files into tasks
     fields: {id: id, prompt: prompt}       # output field -> input column
     template: null                         # e.g. "Summarize: {text}" over the row's columns
     chat: false                            # apply the chat template to plain prompts

@@ -1,0 +1,65 @@
+"""Parquet input: a big file read as ranges of its row groups, one Dask task each.
+
+A Parquet file says in its footer how many rows and how many uncompressed bytes each
+row group holds, so a file bigger than the input's ``blocksize`` becomes shards of
+consecutive row groups of about that many bytes.  Each task then holds one range's
+rows, not the whole file's, and the CPU workers tokenize the ranges side by side.  A
+row's position (which ids made up for rows without one are built from) is its index in
+the file, however the file is cut, so the ids do not depend on the ``blocksize``.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Any, Iterator
+
+__all__ = ["parquet_records", "row_group_ranges"]
+
+
+def row_group_ranges(f: IO[bytes], blocksize: int, url: str) -> list[tuple[int, int]]:
+    """``(first row group, row groups)`` ranges of the Parquet file ``f`` (at ``url``),
+    each of the fewest consecutive row groups that reach ``blocksize`` uncompressed bytes
+    (the last may hold fewer); one range for a file of one row group."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .sources import InputError
+
+    try:
+        meta = pq.ParquetFile(f).metadata  # reads the footer alone
+    except pa.ArrowException as e:
+        raise InputError(f"cannot read {url}: not a readable Parquet file ({e})") from e
+    ranges: list[tuple[int, int]] = []
+    first, size = 0, 0
+    for i in range(meta.num_row_groups):
+        size += meta.row_group(i).total_byte_size
+        if size >= blocksize:
+            ranges.append((first, i + 1 - first))
+            first, size = i + 1, 0
+    if first < meta.num_row_groups or not ranges:
+        ranges.append((first, meta.num_row_groups - first))
+    return ranges
+
+
+def parquet_records(
+    f: IO[bytes], url: str, key: str, groups: tuple[int, int] | None
+) -> Iterator[tuple[int, str, Any]]:
+    """``(row index in the file, where, row as plain Python)`` of the rows of ``groups``
+    (``(first, count)`` row groups; None: the whole file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .sources import InputError
+
+    try:
+        pf = pq.ParquetFile(f)
+        if groups is None:
+            first, chosen = 0, None
+        else:
+            first, chosen = groups[0], list(range(groups[0], groups[0] + groups[1]))
+        index = sum(pf.metadata.row_group(i).num_rows for i in range(first))
+        for batch in pf.iter_batches(row_groups=chosen):
+            for row in batch.to_pylist():
+                yield index, f"{key} row {index}", row
+                index += 1
+    except pa.ArrowException as e:
+        raise InputError(f"cannot read {url}: not a readable Parquet file ({e})") from e

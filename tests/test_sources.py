@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import json
+import pickle
 import re
 import socket
 import urllib.request
@@ -368,8 +369,9 @@ def test_file_gone_after_listing(tmp_path):
     (tmp_path / "p.jsonl").write_bytes(jsonl({"prompt": "x"}))
     [shard] = list_shards([str(tmp_path / "p.jsonl")], format="jsonl")
     (tmp_path / "p.jsonl").unlink()
-    with pytest.raises(InputError, match=r"cannot read file://.*p\.jsonl: not found"):
+    with pytest.raises(InputError, match=r"cannot read file://.*p\.jsonl: not found") as e:
         read_shard(shard)
+    assert e.value.missing and pickle.loads(pickle.dumps(e.value)).missing  # as a worker's error reaches the client
 
 
 # -- S3 (moto server) ---------------------------------------------------------------------

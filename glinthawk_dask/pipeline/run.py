@@ -401,7 +401,7 @@ def _unseen_by_workers(error: InputError, shard: Shard, spec: PipelineSpec) -> I
     from fsspec.implementations.local import LocalFileSystem
     from fsspec.implementations.memory import MemoryFileSystem
 
-    if "not found" not in str(error):  # (the worker's FileNotFoundError, as sources words it)
+    if not error.missing:
         return error
     try:
         fs, path = fsspec.core.url_to_fs(shard.url, **options_for(shard.url, spec.storage_options))

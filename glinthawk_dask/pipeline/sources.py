@@ -74,7 +74,10 @@ _READ_CHUNK = 2**16
 
 
 class InputError(GlinthawkError):
-    """The input of a pipeline cannot be listed or read; the message says what to fix."""
+    """The input of a pipeline cannot be listed or read; the message says what to fix.
+    ``missing``: the file was not found (kept when the error is pickled back from a worker)."""
+
+    missing = False
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,9 @@ def _storage_errors(action: str, url: str) -> Iterator[None]:
     try:
         yield
     except _storage_error_types() as e:
-        raise InputError(f"cannot {action} {url}: {_explain(e, _protocol(url))}") from e
+        error = InputError(f"cannot {action} {url}: {_explain(e, _protocol(url))}")
+        error.missing = isinstance(e, FileNotFoundError)
+        raise error from e
 
 
 def _explain(error: BaseException, protocol: str) -> str:

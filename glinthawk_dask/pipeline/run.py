@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Container, Iterator
 
 from ..api import LLM
 from ..engine.request import FINISH_ERROR, Completion, Request
@@ -139,8 +139,7 @@ def run_pipeline(
                 load_model(llm, spec.model)
             t0 = time.perf_counter()
             startup = t0 - t_start
-            committed = sink.committed_ids()
-            feed = _RequestFeed(spec, shards, llm, source.config.vocab_size, committed)
+            feed = _RequestFeed(spec, shards, llm, source.config.vocab_size, sink)  # (skips ids committed before)
             page = _page_reporter(llm, spec.name)
 
             done_tokens = [0]  # tokens of the rows finished (the sampled ones include their stop tokens)
@@ -284,7 +283,8 @@ class _RequestFeed:
     ``<id>#dup<n>`` (the n-th repeat), deterministic across reruns.
     """
 
-    def __init__(self, spec: PipelineSpec, shards: list[Shard], llm: Any, vocab_size: int, committed: set[str]):
+    def __init__(self, spec: PipelineSpec, shards: list[Shard], llm: Any, vocab_size: int,
+                 committed: Container[str]):  # the output's ids (its sink: the ids are not copied)
         self.spec = spec
         self.shards = shards
         self.llm = llm

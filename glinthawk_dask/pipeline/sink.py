@@ -275,6 +275,10 @@ class ZarrSink:
         self._group.update_attributes({"glinthawk": meta})
         self._meta = meta
 
+    def __contains__(self, rid: object) -> bool:
+        """Whether a row of id ``rid`` is committed (no copy of the ids, unlike :meth:`committed_ids`)."""
+        return rid in self._committed_ids
+
     def committed_ids(self) -> set[str]:
         """Ids of the committed rows (a copy)."""
         return set(self._committed_ids)

@@ -293,7 +293,7 @@ def test_inspect_summarizes_a_pipeline_output(tmp_path):
     text = CliRunner().invoke(main, ["inspect", str(out)])
     assert text.exit_code == 0, text.output
     for fragment in ("cli-e2e", MODEL, "8 (2 errors)", "length 6", f"{6 * MAX_TOKENS} completion",
-                     "error        long:", "to the first token", "throughput", "inputs       every row committed",
+                     "error        long:", "to the first token (the wait for a KV slot included", "throughput", "inputs       every row committed",
                      "recoveries   none", f"writer       last opened to write by pid "):
         assert fragment in text.output, text.output
     assert "last plan" not in text.output

@@ -156,8 +156,9 @@ def inspect(output_url: str, as_json: bool) -> None:
         f"  rows         {info['rows']} ({info['errors']} errors)",
         f"  finished     {reasons}",
         f"  tokens       {info['prompt_tokens']} prompt, {info['completion_tokens']} completion",
-        (f"  latency      {_duration(info['mean_time_to_first_token'])} to the first token, "
-         f"{_duration(info['mean_time_per_token'])} per token (means)"),
+        (f"  latency      {_duration(info['mean_time_to_first_token'])} to the first token (the wait for a KV "
+         f"slot included: the engine holds rows a round or two ahead), {_duration(info['mean_time_per_token'])} "
+         "per token (means)"),
         f"  throughput   {throughput}",
         "  inputs       " + ("every row committed (a rerun has nothing to do while the files are unchanged)"
                              if info["inputs_complete"] else "not known to be all done (a rerun reads them and resumes)"),

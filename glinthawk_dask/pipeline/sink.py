@@ -104,6 +104,11 @@ def _write_beyond(array: zarr.Array, start: int, values: np.ndarray) -> None:
     view[start:stop] = values
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as JSON types (what the attributes can hold; anything else as text)."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def _writer() -> dict[str, Any]:
     """Who writes an output now: the run that opened it last."""
     return {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
@@ -180,20 +185,24 @@ class ZarrSink:
             meta = None if overwrite else location.existing_meta()
             if meta is None:
                 sink = cls._create(location, run, chunk_rows)
-                sink.commit_seconds = commit_seconds
-                return sink
-            _check_same_run(url, meta, run, force)
-            group = zarr.open_group(location.store(read_only=False), mode="r+")
-            arrays = committed_arrays(url, group, meta)
-            for name, array in arrays.items():
-                committed = meta["tokens"] if name == TOKEN_IDS else meta["rows"]
-                if array.shape[0] > committed:  # a commit cut short by a crash
-                    array.resize((committed,))
-            meta.update(run, writer=_writer())  # the spec unchanged without force; this run now writes here
-            group.update_attributes({"glinthawk": meta})  # (proves we may write)
-        sink = cls(url, group, meta, arrays, location)
+            else:
+                sink = cls._reopen(url, location, meta, run, force)
         sink.commit_seconds = commit_seconds
         return sink
+
+    @classmethod
+    def _reopen(cls, url: str, location: Location, meta: dict[str, Any], run: dict[str, Any],
+                force: bool) -> ZarrSink:
+        _check_same_run(url, meta, run, force)
+        group = zarr.open_group(location.store(read_only=False), mode="r+")
+        arrays = committed_arrays(url, group, meta)
+        for name, array in arrays.items():
+            committed = meta["tokens"] if name == TOKEN_IDS else meta["rows"]
+            if array.shape[0] > committed:  # a commit cut short by a crash
+                array.resize((committed,))
+        meta.update(run, writer=_writer())  # the spec unchanged without force; this run now writes here
+        group.update_attributes({"glinthawk": meta})  # (proves we may write)
+        return cls(url, group, meta, arrays, location)
 
     @classmethod
     def _create(cls, location: Location, run: dict[str, Any], chunk_rows: int) -> ZarrSink:
@@ -239,10 +248,7 @@ class ZarrSink:
         (a spec's fingerprint and its input files' versions) is committed, so that a rerun
         of the same inputs has nothing to do."""
         self.flush()
-        self._check_writer()
-        meta = {**self._meta, "complete_inputs": key, "updated": _now()}
-        self._group.update_attributes({"glinthawk": meta})
-        self._meta = meta
+        self._record(complete_inputs=key, updated=_now())
 
     @property
     def recoveries(self) -> list[dict]:
@@ -258,20 +264,20 @@ class ZarrSink:
     def record_recoveries(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Record that a run writing here lost workers and went on (its rows are still
         computed exactly once): kept in the output's attributes, beside its commits."""
-        new = [json.loads(json.dumps(dict(r), default=str)) for r in records]
-        if not new:
-            return
-        self._check_writer()
-        meta = {**self._meta, "recoveries": (self.recoveries + new)[-KEPT_RECOVERIES:],
-                "recoveries_total": self.n_recoveries + len(new)}
-        self._group.update_attributes({"glinthawk": meta})
-        self._meta = meta
+        new = [_plain(dict(r)) for r in records]
+        if new:
+            self._record(recoveries=(self.recoveries + new)[-KEPT_RECOVERIES:],
+                         recoveries_total=self.n_recoveries + len(new))
 
     def record_plan(self, plan: Mapping[str, Any]) -> None:
         """Record how the last run writing here generated (its mode, micro-batches and,
         when the planner chose them, its prediction beside what it measured)."""
+        self._record(last_plan=_plain(dict(plan)))
+
+    def _record(self, **changes: Any) -> None:
+        """Write ``changes`` into the output's attributes (as this run's writer)."""
         self._check_writer()
-        meta = {**self._meta, "last_plan": json.loads(json.dumps(dict(plan), default=str))}
+        meta = {**self._meta, **changes}
         self._group.update_attributes({"glinthawk": meta})
         self._meta = meta
 

@@ -25,6 +25,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from .engine.progress import rows_of
 from .engine.request import FINISH_ERROR, ROW_FIELDS, Completion, Request
 from .errors import GlinthawkError
 from .sampling import SamplingParams
@@ -88,9 +89,7 @@ class JobProgress:
 
     def rows_text(self) -> str:
         """``3/10`` (``3/~10`` while a pipeline's total is estimated); ``3`` when unknown."""
-        if self.rows_total is None:
-            return str(self.rows_done)
-        return f"{self.rows_done}/{'' if self.rows_total_exact else '~'}{self.rows_total}"
+        return rows_of(self.rows_done, self.rows_total, self.rows_total_exact)
 
 
 class _Job:

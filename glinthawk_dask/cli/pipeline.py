@@ -98,11 +98,10 @@ def _left_behind(spec: Any) -> str:
 
 def _run_text(p: Any) -> str:
     eta = "" if p.eta_seconds is None else f", ETA {p.eta_seconds:.0f} s"
-    rows = f"{p.rows_done}"
-    if p.rows_total is not None:
-        rows += f"/{'' if p.rows_total_exact else '~'}{p.rows_total}"
-    return (f"{rows} rows, {p.errors} errors, {p.tokens_per_s:.1f} tok/s, "
-            f"shards {p.shards_read}/{p.shards_total}{eta}")
+    from ..engine.progress import rows_of
+
+    return (f"{rows_of(p.rows_done, p.rows_total, p.rows_total_exact)} rows, {p.errors} errors, "
+            f"{p.tokens_per_s:.1f} tok/s, shards {p.shards_read}/{p.shards_total}{eta}")
 
 
 @main.command()

@@ -7,7 +7,7 @@ import collections
 import time
 from dataclasses import dataclass
 
-__all__ = ["GenerationProgress", "ProgressTracker", "lost_workers", "recovery_text"]
+__all__ = ["GenerationProgress", "ProgressTracker", "lost_workers", "recovery_text", "rows_of"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,9 @@ def recovery_text(rec: dict) -> str:
 def lost_workers(n: int) -> str:
     """``n`` lost worker(s), as summaries count recoveries."""
     return f"{n} lost worker{'s' if n != 1 else ''}"
+
+
+def rows_of(done: int, total: int | None, exact: bool = True) -> str:
+    """``3/10`` rows done of a total, ``3/~10`` while the total is an estimate (a
+    pipeline's unread shards), ``3`` when it is unknown."""
+    return str(done) if total is None else f"{done}/{'' if exact else '~'}{total}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ...engine.progress import lost_workers
+from ...engine.progress import lost_workers, rows_of
 from . import MAX_EVENTS_PER_PULL, PAGE
 
 if TYPE_CHECKING:
@@ -245,8 +245,7 @@ class GlinthawkPage:
             labels_.append(f"pipeline {name}")
             total, rows = p.get("shards_total") or 0, p.get("rows_total")
             fractions.append(1.0 if p.get("done") else (min(1.0, p.get("rows_done", 0) / rows) if rows else 0.0))
-            of = "" if rows is None else f"/{'' if p.get('rows_total_exact') else '~'}{rows}"
-            texts.append(f"{p.get('rows_done', 0)}{of} rows ({p.get('errors', 0)} errors, {p.get('skipped', 0)} "
+            texts.append(f"{rows_of(p.get('rows_done', 0), rows, bool(p.get('rows_total_exact')))} rows ({p.get('errors', 0)} errors, {p.get('skipped', 0)} "
                          f"already done), shards {p.get('shards_read', 0)}/{total}, "
                          f"{p.get('tokens_per_s', 0.0):.0f} tok/s" + _lost(p.get("recoveries", 0))
                          + (", finished" if p.get("done") else ""))

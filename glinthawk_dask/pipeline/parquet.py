@@ -10,6 +10,7 @@ the file, however the file is cut, so the ids do not depend on the ``blocksize``
 
 from __future__ import annotations
 
+import contextlib
 from typing import IO, Any, Iterator
 
 __all__ = ["parquet_records", "row_group_ranges"]
@@ -19,15 +20,10 @@ def row_group_ranges(f: IO[bytes], blocksize: int, url: str) -> list[tuple[int, 
     """``(first row group, row groups)`` ranges of the Parquet file ``f`` (at ``url``),
     each of the fewest consecutive row groups that reach ``blocksize`` uncompressed bytes
     (the last may hold fewer); one range for a file of one row group."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .sources import InputError
-
-    try:
+    with _readable(url):
         meta = pq.ParquetFile(f).metadata  # reads the footer alone
-    except pa.ArrowException as e:
-        raise InputError(f"cannot read {url}: not a readable Parquet file ({e})") from e
     ranges: list[tuple[int, int]] = []
     first, size = 0, 0
     for i in range(meta.num_row_groups):
@@ -45,12 +41,9 @@ def parquet_records(
 ) -> Iterator[tuple[int, str, Any]]:
     """``(row index in the file, where, row as plain Python)`` of the rows of ``groups``
     (``(first, count)`` row groups; None: the whole file)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .sources import InputError
-
-    try:
+    with _readable(url):
         pf = pq.ParquetFile(f)
         if groups is None:
             first, chosen = 0, None
@@ -61,5 +54,16 @@ def parquet_records(
             for row in batch.to_pylist():
                 yield index, f"{key} row {index}", row
                 index += 1
+
+
+@contextlib.contextmanager
+def _readable(url: str) -> Iterator[None]:
+    """Arrow's errors as what they mean to the user: the file is not Parquet (or is damaged)."""
+    import pyarrow as pa
+
+    from .sources import InputError
+
+    try:
+        yield
     except pa.ArrowException as e:
         raise InputError(f"cannot read {url}: not a readable Parquet file ({e})") from e

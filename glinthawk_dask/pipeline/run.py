@@ -155,8 +155,7 @@ def run_pipeline(
                 sink.commit_due()  # rows finished a while ago, while no row finishes
                 live = max(done_tokens[0], llm.generated_tokens)
                 state.generated_tokens = live
-                state.shards_read, state.skipped = feed.shards_read, feed.skipped
-                state.rows_total, state.rows_total_exact = feed.rows_expected(), feed.shards_read == len(shards)
+                feed.count_into(state)
                 state.tokens_left = feed.tokens_left(running=live - done_tokens[0])
                 state.seconds = time.perf_counter() - t0
                 if progress is not None:
@@ -191,7 +190,7 @@ def run_pipeline(
             plan = plan_record(llm.last_summary, topo, done_tokens[0] / state.seconds) if feed.fed else None
             if plan is not None:
                 sink.record_plan(plan)
-            if inputs is not None and not stop() and feed.shards_read == len(shards):
+            if inputs is not None and not stop() and feed.all_read:
                 sink.mark_complete(inputs)  # every row of every shard committed
             t_close = time.perf_counter()
     except BaseException:
@@ -199,8 +198,7 @@ def run_pipeline(
             sink.close()  # commits every finished row, also when interrupted
         raise
     shutdown = time.perf_counter() - t_close  # the cluster's (if made for the run) and the run's close
-    state.shards_read, state.skipped = feed.shards_read, feed.skipped
-    state.rows_total, state.rows_total_exact = feed.rows_expected(), feed.shards_read == len(shards)
+    feed.count_into(state)
     state.generated_tokens, state.tokens_left = done_tokens[0], 0  # the rows' own tokens, exactly
     return RunReport(**vars(state), output=spec.output.url, rows_in_output=sink.rows, error_examples=examples,
                      startup_seconds=startup, shutdown_seconds=shutdown, plan=plan,
@@ -331,6 +329,16 @@ class _RequestFeed:
         """Unread shards as a multiple of the shards read (taken to be alike and not yet
         committed)."""
         return (len(self.shards) - self.shards_read) / self.shards_read
+
+    @property
+    def all_read(self) -> bool:
+        """Whether every shard is read."""
+        return self.shards_read == len(self.shards)
+
+    def count_into(self, progress: Progress) -> None:
+        """Set ``progress``'s counts of the input: shards read, rows skipped, this run's rows."""
+        progress.shards_read, progress.skipped = self.shards_read, self.skipped
+        progress.rows_total, progress.rows_total_exact = self.rows_expected(), self.all_read
 
     def rows_expected(self) -> int | None:
         """This run's rows: exact once every shard is read (None before the first)."""

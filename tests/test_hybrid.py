@@ -55,6 +55,21 @@ def test_hybrid_with_every_micro_batch_remote_or_local_is_two_tier_or_single_tie
     assert local.local == [True] * 3 and local.n_slots == [{}]
 
 
+def test_a_run_takes_the_attention_workers_other_runs_hold_least():
+    kw = dict(mode="two-tier", dense=["d"], n_layers=2, kv_bytes_per_token_layer=10, max_seq_len=10)
+    slot = 2 * 10 * 10
+    # a1 holds another run's 45 slots: one micro-batch of 64 goes whole to a2, not shrunk on a1
+    one = make_plan(attention={"a1": 19 * slot, "a2": 64 * slot}, micro_batch_size=64, n_micro_batches=1, **kw)
+    assert one.attention[0] == ["a2"] and one.sizes == [64]
+    # two slices: the roomiest workers dealt first, each slice's micro-batches on its own
+    two = make_plan(attention={"a1": slot, "a2": 9 * slot, "a3": 8 * slot, "a4": 9 * slot}, micro_batch_size=8,
+                    n_micro_batches=1, n_slices=2, **{**kw, "dense": ["d0", "d1"]})
+    assert two.attention == [["a2"], ["a4"]] and two.sizes == [8]
+    # equal room: the address order, as before
+    assert make_plan(attention={"b": slot * 8, "a": slot * 8}, micro_batch_size=4, n_micro_batches=2,
+                     **kw).attention[0] == ["a", "b"]
+
+
 # -- runs ----------------------------------------------------------------------------------
 
 

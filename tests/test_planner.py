@@ -370,6 +370,18 @@ def test_kv_that_does_not_fit_is_infeasible_with_a_reason():
     assert not pred.feasible and "KV" in pred.reason
 
 
+def test_kv_left_by_other_runs_caps_each_plan_by_the_workers_it_takes():
+    w = Workload.uniform(16, 8, 8)
+    slot = _kv_slot(w.max_len)
+    prof = _profile()
+    prof = dataclasses.replace(prof, attention=dataclasses.replace(prof.attention, kv_free=(12 * slot, 4 * slot)))
+    fits = {(b, m, a): simulate(prof, MODEL, w, RunConfig(micro_batch_size=b, micro_batches=m, attention=a)).feasible
+            for b, m, a in [(12, 1, 1), (4, 2, 2), (8, 2, 2), (16, 1, 1)]}
+    # one worker: the roomiest (12 slots); two: the second has 4
+    assert fits == {(12, 1, 1): True, (4, 2, 2): True, (8, 2, 2): False, (16, 1, 1): False}
+    assert prof.attention.kv_cap(5) == 4 * slot and prof.to_json() == _profile().to_json()  # not kept in files
+
+
 def test_sweep_and_best_prefer_the_fastest_and_the_cheapest():
     prof = _profile(d=4e-3, att=1e-4, rtt=1e-4)
     w = Workload.uniform(16, 4, 8)

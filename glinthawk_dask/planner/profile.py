@@ -246,6 +246,16 @@ class AttentionProfile:
     threads: int | None = None
     kv_bytes: float | None = None
     price_per_hour: float | None = None
+    # each attention worker's KV bytes free for a new run now, roomiest first (auto plans
+    # set it from the cluster, where other runs may hold KV; not kept in profile files)
+    kv_free: tuple[float, ...] | None = None
+
+    def kv_cap(self, workers: int) -> float | None:
+        """KV bytes per worker a plan on ``workers`` attention workers may use: placement
+        takes the roomiest, so the least roomy of those (``kv_bytes`` without ``kv_free``)."""
+        if self.kv_free:
+            return self.kv_free[min(max(1, workers), len(self.kv_free)) - 1]
+        return self.kv_bytes
 
 
 @dataclass(frozen=True)

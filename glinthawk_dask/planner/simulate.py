@@ -186,7 +186,7 @@ def simulate(profile: Profile, model: ModelConfig, workload: Workload, config: R
     if depth > n_local:  # remote micro-batches: KV on the attention workers
         per_worker = math.ceil((depth - n_local) / c.attention) * mb_size * kv_slot
         pred.kv_bytes_attention = per_worker
-        cap = profile.attention.kv_bytes
+        cap = profile.attention.kv_cap(c.attention * c.dense)  # the slices' groups dealt roomiest first
         if cap is not None and per_worker > cap:
             return _infeasible(pred, f"KV of {per_worker / 2**30:.2f} GiB per attention worker exceeds its "
                                      f"{cap / 2**30:.2f} GiB")

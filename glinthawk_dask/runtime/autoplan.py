@@ -5,6 +5,7 @@ micro-batch size, depth and (hybrid) split kept."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import math
@@ -75,18 +76,31 @@ async def auto_plan(
     if dense_kv_budget is not None:
         dense_kv = min(dense_kv, dense_kv_budget)
     scale = len(sample) / n  # a sample of the requests stands for all: so does its share of the KV
+
+    def room(kv: dict[str, int]) -> Any:  # each attention worker's KV, roomiest first, in the sample's share
+        return dataclasses.replace(profile, attention=dataclasses.replace(
+            profile.attention, kv_free=tuple(sorted((float(b) * scale for b in kv.values()), reverse=True)) or None))
+
+    alone = room(info["kv_budget"])  # the cluster as if no other run held KV
+    profile = room(info["kv_free"])  # as placement will find it: other runs' KV held
     knobs = dict(dense=[k], attention=[per_slice], micro_batch_size=mb_size and min(mb_size, len(sample)),
                  micro_batches=depth_asked, max_depth=int(config.get("engine.max-micro-batches")),
                  max_seq_len=seq_len, latency=latency, dtype_bytes=elem,
                  max_step_tokens=max_step_tokens, dense_kv_budget=dense_kv * scale)
     loop = asyncio.get_running_loop()
-    if mode == "hybrid":  # every split, of the sizes and depths that plan well
-        preds = await loop.run_in_executor(None, functools.partial(
-            sweep_hybrid, profile, model_config, workload, **knobs))
-    else:
-        configs = candidates(len(sample), modes=(mode,), **knobs)
-        preds = await loop.run_in_executor(None, sweep, profile, model_config, workload, configs)
-    chosen = best(preds)
+
+    async def choose(profile: Any) -> Any:
+        if mode == "hybrid":  # every split, of the sizes and depths that plan well
+            preds = await loop.run_in_executor(None, functools.partial(
+                sweep_hybrid, profile, model_config, workload, **knobs))
+        else:
+            configs = candidates(len(sample), modes=(mode,), **knobs)
+            preds = await loop.run_in_executor(None, sweep, profile, model_config, workload, configs)
+        return best(preds)
+
+    chosen = await choose(profile)
+    if chosen is None and info["kv_free"] != info["kv_budget"]:  # nothing fits beside the other runs:
+        chosen = await choose(alone)  # plan for the cluster alone, and placement waits for room
     if chosen is None:
         return AutoPlan(fallback_size, fallback_depth, 0 if info["attention"] else fallback_depth, None, seconds)
     size = chosen.micro_batch_size if mb_size is None else mb_size

@@ -61,8 +61,10 @@ def make_plan(
     dense workers to theirs (None or missing: no limit).  Single-tier runs keep every
     micro-batch local, two-tier runs none, hybrid runs their first
     ``local_micro_batches`` (of ``local_batch_size`` slots, default the micro-batch
-    size).  Attention workers are dealt round-robin to slices; remote micro-batches
-    round-robin to a slice's attention workers.  Micro-batch sizes shrink, if needed,
+    size).  Attention workers are dealt round-robin to slices, the roomiest first (the
+    ones other runs hold least), and remote micro-batches round-robin to a slice's
+    attention workers, so a run that needs fewer workers than there are takes the
+    roomiest.  Micro-batch sizes shrink, if needed,
     until every worker's slots fit its budget: requests then wait for slots instead of
     overrunning memory.
     """
@@ -95,7 +97,7 @@ def make_plan(
 
     groups: list[list[str]] = []
     if n_remote:
-        workers = sorted(attention)
+        workers = sorted(attention, key=lambda a: (-attention[a], a))
         if len(workers) < k:
             raise PlacementError(
                 f"{mode} mode needs at least one attention worker per slice ({k}); the cluster has "

@@ -239,15 +239,16 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         }
 
     async def cluster_info(self, weight_bytes: int = 0) -> dict:
-        """The tier workers with their hosts and free KV bytes (what a profile and a plan
-        need); a dense worker's free KV is what it has left with ``weight_bytes`` of
-        weights loaded."""
+        """The tier workers with their hosts, KV budgets and free KV bytes (what a profile
+        and a plan need); a dense worker's free KV is what it has left with
+        ``weight_bytes`` of weights loaded."""
         reg = self.registry()
         workers = reg["dense"] + reg["attention"]
         return {
             "dense": reg["dense"], "attention": reg["attention"],
             "hosts": {a: self.scheduler.workers[a].host for a in workers if a in self.scheduler.workers},
             "kv_free": {a: self._kv_free(a) for a in reg["attention"] if a in self.scheduler.workers},
+            "kv_budget": {a: self._attention_budget(a) for a in reg["attention"] if a in self.scheduler.workers},
             "dense_kv_free": {a: await self._kv_free_dense(a, weight_bytes) for a in reg["dense"]
                               if a in self.scheduler.workers},
         }

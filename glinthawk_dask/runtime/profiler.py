@@ -93,7 +93,7 @@ async def measure_profile(client: Any, model_config: ModelConfig, *, model: str 
         att = info["attention"][0]
         a = await _rpc(client, att, "glinthawk_profile_attention", config=cfg, shapes=shapes, dtype=dtype)
         attention = AttentionProfile(cost=AttentionCost.fit([tuple(p) for p in a["points"]]), threads=a["threads"],
-                                     kv_bytes=min(info["kv_free"].values()))
+                                     kv_bytes=min(info["kv_budget"].values()))
         rtt_s, net_GBps, msg_cpu_s, msg_cpu_GBps = await _network(client, dense, att, cfg, dtype, model_config, elem)
         hosts = info["hosts"]
         shared = hosts.get(dense) is not None and hosts.get(dense) == hosts.get(att)

@@ -310,6 +310,8 @@ def test_a_run_s_plan_in_words():
     assert plan_text({**plan, "mode": "hybrid", "local": 1}).startswith(
         "hybrid, 64 x 2 micro-batches (1 of them on the dense worker), chosen by the planner")
     assert plan_text({**plan, "planned": False}) == "two-tier, 64 x 2 micro-batches, as the spec sets them"
+    assert plan_text({**plan, "runs_beside": 2}).endswith(  # the prediction is for the cluster alone
+        "predicted 312.5 tok/s for the cluster alone, ran at 298.0 while 2 other runs shared it")
 
 
 def test_export_writes_to_a_destination_in_the_format_its_name_says(tmp_path):

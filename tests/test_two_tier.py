@@ -285,3 +285,35 @@ async def test_a_model_file_only_this_machine_has_is_told_as_such(c, s, a, b):
                                              "is on this machine: .* on every dense worker's host"):
         [comp async for comp in engine.agenerate([Request("r", [1, 2, 3], SamplingParams(max_tokens=2))])]
     assert (await c.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.plugins["glinthawk"].runs))) == 0
+
+
+_SLOTS_64 = from_name("tiny-gqa").kv_bytes_per_token(4) * 64  # one KV slot of 64 positions, every layer
+
+
+@gen_cluster(client=True, nthreads=[DENSE] + [("127.0.0.1", 1, {"resources": {"KV": 12 * _SLOTS_64}})] * 2,
+             timeout=120)
+async def test_a_run_beside_another_is_planned_and_placed_in_the_room_left(c, s, a, b1, b2):
+    """A second run, auto-planned while a first holds 8 of an attention worker's 12
+    slots, plans within the room the other worker has and is placed there whole (not on
+    the first run's worker, shrunk under its plan); both say they shared the cluster."""
+    await _setup(c)
+    first_reqs = [Request(f"a{i}", [i % 50 + 1] * 20, SamplingParams(max_tokens=12, ignore_eos=True))
+                  for i in range(12)]
+    second_reqs = [Request(f"b{i}", [i % 40 + 3] * 16, SamplingParams(max_tokens=9, ignore_eos=True))
+                   for i in range(10)]
+    first = DaskEngine(c, MODEL, micro_batch_size=8, n_micro_batches=1)
+    running = first.agenerate(first_reqs, max_seq_len=64)
+    got = {}
+    comp = await running.__anext__()  # placed, and held open while the second run goes
+    got[comp.id] = comp.completion_token_ids
+    second = DaskEngine(c, MODEL, micro_batch_size="auto", n_micro_batches=1)
+    got2 = {x.id: x.completion_token_ids async for x in second.agenerate(second_reqs, max_seq_len=64)}
+    async for comp in running:
+        got[comp.id] = comp.completion_token_ids
+    assert got == _reference(first_reqs) and got2 == _reference(second_reqs)
+    one, two = first.last_summary, second.last_summary
+    assert {*one.attention_of(), *two.attention_of()} == {b1.address, b2.address}  # one worker each
+    # the plan held as placed: the second worker's 12 free slots, not the 4 the first left
+    assert second.last_prediction.micro_batch_size == two.micro_batch_size == 10
+    assert one.runs_beside == two.runs_beside == 1
+    assert two.predicted_tokens_per_s and one.predicted_tokens_per_s is None

@@ -77,7 +77,11 @@ def plan_text(plan: dict[str, Any]) -> str:
         return text + ", as the spec sets them"
     predicted = plan.get("predicted_tokens_per_s")
     text += ", chosen by the planner"
-    if predicted:
+    beside = plan.get("runs_beside") or 0
+    if predicted and beside:  # the planner predicts a run that has the cluster to itself
+        text += (f": predicted {predicted:.1f} tok/s for the cluster alone, ran at {plan['tokens_per_s']:.1f} "
+                 f"while {beside} other run{'s' if beside > 1 else ''} shared it")
+    elif predicted:
         text += f": predicted {predicted:.1f} tok/s, ran at {plan['tokens_per_s']:.1f}"
     profiled = plan.get("profile_seconds") or 0.0
     return text + (f" (the cluster profiled first, in {profiled:.1f} s)" if profiled else "")

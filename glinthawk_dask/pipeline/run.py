@@ -208,8 +208,9 @@ def run_pipeline(
 def plan_record(summary: Any, topology: Any, tokens_per_s: float) -> dict | None:
     """How a run generated, from its engine's summary (None in process): mode,
     micro-batches (``sizes``, ``local`` ones of a hybrid run), whether the planner chose
-    them (``planned``) with its prediction and the profiling it took, and the run's rate
-    over the same span as its report."""
+    them (``planned``) with its prediction and the profiling it took, the other runs that
+    shared the cluster for a while (``runs_beside``), and the run's rate over the same span
+    as its report."""
     if summary is None:
         return None
     return {
@@ -217,6 +218,7 @@ def plan_record(summary: Any, topology: Any, tokens_per_s: float) -> dict | None
         "sizes": list(summary.plan.get("sizes", ())), "local": summary.local_micro_batches,
         "planned": "auto" in (topology.micro_batch_size, topology.micro_batches),
         "predicted_tokens_per_s": summary.predicted_tokens_per_s, "profile_seconds": summary.profile_seconds,
+        "runs_beside": summary.runs_beside,
         "tokens_per_s": tokens_per_s, "time": time.time(),
     }
 

@@ -388,7 +388,8 @@ class DaskEngine:
         if plan.mode != "single-tier":  # every attention worker: micro-batches may have moved anywhere
             closes += [self._rpc(a, "glinthawk_kv_close", run_id=run_id) for a in reg["attention"]]
         await asyncio.gather(*(asyncio.wait_for(c, timeout) for c in closes), return_exceptions=True)
-        await self.client.scheduler.glinthawk_run_closed(run_id=run_id)
+        closed = await self.client.scheduler.glinthawk_run_closed(run_id=run_id)
+        run.beside.update((closed or {}).get("beside", ()))
 
     async def _close(self, run: RunState) -> None:
         if self.client.status in ("closing", "closed"):  # the scheduler closes a departed client's runs
@@ -419,7 +420,7 @@ class DaskEngine:
             generated_tokens=run.generated, seconds=seconds, micro_batch_size=plan.micro_batch_size,
             n_micro_batches=plan.n_micro_batches, plan=plan.to_wire(), recoveries=list(run.recoveries),
             predicted_tokens_per_s=run.prediction.tokens_per_s if run.prediction else None,
-            profile_seconds=run.profile_seconds,
+            profile_seconds=run.profile_seconds, runs_beside=len(run.beside),
         )
 
     # -- measurements --------------------------------------------------------------

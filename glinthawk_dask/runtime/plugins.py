@@ -340,7 +340,9 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         self.runs[run_id] = {"kv": kv, "dense_kv": dict(plan.dense_kv), "workers": workers, "lost": [],
                              "plan": plan.to_wire(),
                              "client": client, "lease": lease, "lease_until": time.time() + lease,
-                             "t0": time.time(), "model": model, "generated": 0}
+                             "t0": time.time(), "model": model, "generated": 0, "beside": set(self.runs)}
+        for other_id in self.runs[run_id]["beside"]:  # runs that shared the cluster for a while, both ways
+            self.runs[other_id].setdefault("beside", set()).add(run_id)
         return {"plan": self.runs[run_id]["plan"]}
 
     def replace(self, run_id: str, lost: str, slice_index: int, n_slots: int, n_layers: int,
@@ -451,5 +453,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
             })
         return {"scheduler": self.scheduler.address, "time": now, "workers": workers, "runs": runs}
 
-    def run_closed(self, run_id: str) -> None:
-        self.runs.pop(run_id, None)
+    def run_closed(self, run_id: str) -> dict:
+        """Free a closed run's placement; the other runs placed while it was open."""
+        run = self.runs.pop(run_id, None) or {}
+        return {"beside": sorted(run.get("beside", ()))}

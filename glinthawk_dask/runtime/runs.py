@@ -32,6 +32,7 @@ class RunSummary:
     recoveries: list[dict] = dataclasses.field(default_factory=list)  # one per lost worker: what it cost
     predicted_tokens_per_s: float | None = None  # the planner's prediction, when it chose the plan
     profile_seconds: float = 0.0  # spent measuring the cluster's profile for this run (0: it was kept)
+    runs_beside: int = 0  # other runs that shared the cluster for a while (a prediction is for it alone)
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,6 +72,7 @@ class RunState:
     renew_at: float
     prediction: Any = None  # the planner's Prediction, when it chose the plan
     profile_seconds: float = 0.0
+    beside: set = dataclasses.field(default_factory=set)  # ids of other runs placed while this one was open
     t0: float = dataclasses.field(default_factory=time.time)
     requests: dict[str, Request] = dataclasses.field(default_factory=dict)  # submitted, not yet delivered, by id
     n_requests: int = 0

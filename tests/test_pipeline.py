@@ -353,8 +353,8 @@ def test_quickstart_spec_on_the_local_two_tier_cluster(tmp_path, llm):
     assert proc.returncode == 0, proc.stderr
     assert "8 rows written (0 errors" in proc.stderr, proc.stderr
     # the plan the planner chose (the spec says auto), told and kept in the output for inspect
-    assert re.search(r"\n  plan two-tier, \d+ x \d+ micro-batches, chosen by the planner: predicted [\d.]+ tok/s, "
-                     r"ran at [\d.]+", proc.stderr), proc.stderr
+    assert re.search(r"\n  plan two-tier, \d+ x \d+ micro-batches, chosen by the planner: predicted [\d.]+ tok/s"
+                     r"( \([\d.]+ for the lengths the rows stopped at\))?, ran at [\d.]+", proc.stderr), proc.stderr
 
     g = zarr.open_group(str(out), mode="r")  # plain zarr
     assert g.attrs["glinthawk"]["rows"] == 8 and g["id"].shape == (8,)
@@ -368,6 +368,10 @@ def test_quickstart_spec_on_the_local_two_tier_cluster(tmp_path, llm):
         assert list(flat[offsets[i]: offsets[i] + counts[i]]) == expected[rid].completion_token_ids, rid
         assert g["completion"][i] == expected[rid].completion
     assert "Paris" in str(g["completion"][list(g["id"][:]).index("capital")])
+    # rows that stop well short of max_tokens: the plan is predicted again on their lengths
+    assert sum(len(c.completion_token_ids) for c in expected.values()) < 0.95 * 8 * 64
+    assert plan["predicted_for_lengths"] > 0, plan
+    assert f"({plan['predicted_for_lengths']:.1f} for the lengths the rows stopped at)" in proc.stderr
     # rerunning resumes: nothing left to do, known without starting anything
     again = subprocess.run(cmd + ["--mode", "in-process"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0 and "nothing to run" in again.stderr and "(8 rows;" in again.stderr, again.stderr

@@ -382,6 +382,27 @@ def test_kv_left_by_other_runs_caps_each_plan_by_the_workers_it_takes():
     assert prof.attention.kv_cap(5) == 4 * slot and prof.to_json() == _profile().to_json()  # not kept in files
 
 
+def test_a_plan_is_predicted_again_on_the_lengths_its_rows_stopped_at():
+    from glinthawk_dask.engine.request import Request
+    from glinthawk_dask.runtime.autoplan import PlanCheck
+    from glinthawk_dask.sampling import SamplingParams
+
+    prof, w = _profile(), Workload.uniform(8, 6, 32)
+    reqs = [Request(f"r{i}", [1] * 6, SamplingParams(max_tokens=32)) for i in range(8)]
+    chosen = simulate(prof, MODEL, w, RunConfig(micro_batch_size=8))
+    check = PlanCheck(prof, MODEL, chosen, reqs, w)
+    for i in range(7):
+        check.record(f"r{i}", 4 + i)
+    check.record("not-sampled", 1)
+    assert check.predicted_for_lengths() is None  # r7 has not finished
+    check.record("r7", 2)
+    again = simulate(prof, MODEL, Workload((6,) * 8, (4, 5, 6, 7, 8, 9, 10, 2)), chosen.config)
+    assert check.predicted_for_lengths() == again.tokens_per_s < chosen.tokens_per_s  # emptier steps
+    for i in range(8):  # every row ran (nearly) to its budget: nothing to add to the prediction
+        check.record(f"r{i}", 31)
+    assert check.predicted_for_lengths() is None
+
+
 def test_sweep_and_best_prefer_the_fastest_and_the_cheapest():
     prof = _profile(d=4e-3, att=1e-4, rtt=1e-4)
     w = Workload.uniform(16, 4, 8)

@@ -317,3 +317,4 @@ async def test_a_run_beside_another_is_planned_and_placed_in_the_room_left(c, s,
     assert second.last_prediction.micro_batch_size == two.micro_batch_size == 10
     assert one.runs_beside == two.runs_beside == 1
     assert two.predicted_tokens_per_s and one.predicted_tokens_per_s is None
+    assert two.predicted_for_lengths is None  # (EOS ignored: every row ran to max_tokens)

@@ -78,11 +78,14 @@ def plan_text(plan: dict[str, Any]) -> str:
     predicted = plan.get("predicted_tokens_per_s")
     text += ", chosen by the planner"
     beside = plan.get("runs_beside") or 0
-    if predicted and beside:  # the planner predicts a run that has the cluster to itself
-        text += (f": predicted {predicted:.1f} tok/s for the cluster alone, ran at {plan['tokens_per_s']:.1f} "
-                 f"while {beside} other run{'s' if beside > 1 else ''} shared it")
-    elif predicted:
-        text += f": predicted {predicted:.1f} tok/s, ran at {plan['tokens_per_s']:.1f}"
+    stopped = plan.get("predicted_for_lengths")
+    if predicted:  # for every row running to max_tokens, the only length known beforehand
+        text += f": predicted {predicted:.1f} tok/s" + (" for the cluster alone" if beside else "")
+        if stopped:
+            text += f" ({stopped:.1f} for the lengths the rows stopped at)"
+        text += f", ran at {plan['tokens_per_s']:.1f}"
+        if beside:  # the planner predicts a run that has the cluster to itself
+            text += f" while {beside} other run{'s' if beside > 1 else ''} shared it"
     profiled = plan.get("profile_seconds") or 0.0
     return text + (f" (the cluster profiled first, in {profiled:.1f} s)" if profiled else "")
 

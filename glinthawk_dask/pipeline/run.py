@@ -208,7 +208,8 @@ def run_pipeline(
 def plan_record(summary: Any, topology: Any, tokens_per_s: float) -> dict | None:
     """How a run generated, from its engine's summary (None in process): mode,
     micro-batches (``sizes``, ``local`` ones of a hybrid run), whether the planner chose
-    them (``planned``) with its prediction and the profiling it took, the other runs that
+    them (``planned``) with its prediction (and the same for the lengths its rows stopped
+    at) and the profiling it took, the other runs that
     shared the cluster for a while (``runs_beside``), and the run's rate over the same span
     as its report."""
     if summary is None:
@@ -218,7 +219,7 @@ def plan_record(summary: Any, topology: Any, tokens_per_s: float) -> dict | None
         "sizes": list(summary.plan.get("sizes", ())), "local": summary.local_micro_batches,
         "planned": "auto" in (topology.micro_batch_size, topology.micro_batches),
         "predicted_tokens_per_s": summary.predicted_tokens_per_s, "profile_seconds": summary.profile_seconds,
-        "runs_beside": summary.runs_beside,
+        "runs_beside": summary.runs_beside, "predicted_for_lengths": summary.predicted_for_lengths,
         "tokens_per_s": tokens_per_s, "time": time.time(),
     }
 

@@ -18,7 +18,7 @@ from ..engine.request import Request
 from ..model.config import ModelConfig
 from .messages import DTYPES
 
-__all__ = ["AutoPlan", "auto_plan", "weight_bytes"]
+__all__ = ["AutoPlan", "PlanCheck", "auto_plan", "weight_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,38 @@ class AutoPlan(NamedTuple):
     local_micro_batches: int  # hybrid: micro-batches with their KV on the dense workers
     prediction: Any  # the planner's Prediction, or None for a fallback
     profile_seconds: float  # spent measuring the cluster's profile (0: it was kept)
+    check: "PlanCheck | None" = None  # to predict the plan again on the lengths its rows stopped at
+
+
+class PlanCheck:
+    """What an auto plan was simulated on, kept to simulate it again once the sampled
+    requests have finished, on the lengths they stopped at.  A plan can only count on
+    ``max_tokens``; rows that stop early (EOS, a stop string) generate fewer tokens in
+    emptier steps, and this tells that apart from a cost the profile got wrong."""
+
+    def __init__(self, profile: Any, model_config: ModelConfig, prediction: Any, sample: list[Request],
+                 workload: Any) -> None:
+        self.profile, self.model_config, self.prediction = profile, model_config, prediction
+        self.prompt_lens = {r.id: p for r, p in zip(sample, workload.prompt_lens)}
+        self.asked = sum(workload.output_lens)
+        self.stopped: dict[str, int] = {}
+
+    def record(self, request_id: str, generated: int) -> None:
+        """A finished request's generated tokens (kept if it is one of the sample)."""
+        if request_id in self.prompt_lens:
+            self.stopped[request_id] = generated
+
+    def predicted_for_lengths(self) -> float | None:
+        """Tokens/s predicted for the same plan on the lengths the sample stopped at; None
+        until every sampled request finished, or when they ran (nearly) to their budget."""
+        if len(self.stopped) < len(self.prompt_lens) or sum(self.stopped.values()) >= 0.95 * self.asked:
+            return None
+        from ..planner.simulate import Workload, simulate
+
+        ids = list(self.prompt_lens)
+        workload = Workload(tuple(self.prompt_lens[i] for i in ids), tuple(max(1, self.stopped[i]) for i in ids))
+        pred = simulate(self.profile, self.model_config, workload, self.prediction.config)
+        return pred.tokens_per_s if pred.feasible else None
 
 
 async def auto_plan(
@@ -98,9 +130,11 @@ async def auto_plan(
             preds = await loop.run_in_executor(None, sweep, profile, model_config, workload, configs)
         return best(preds)
 
+    used = profile
     chosen = await choose(profile)
     if chosen is None and info["kv_free"] != info["kv_budget"]:  # nothing fits beside the other runs:
-        chosen = await choose(alone)  # plan for the cluster alone, and placement waits for room
+        used = alone  # plan for the cluster alone, and placement waits for room
+        chosen = await choose(alone)
     if chosen is None:
         return AutoPlan(fallback_size, fallback_depth, 0 if info["attention"] else fallback_depth, None, seconds)
     size = chosen.micro_batch_size if mb_size is None else mb_size
@@ -111,7 +145,8 @@ async def auto_plan(
                 chosen.micro_batches, f" ({n_local} with KV on the dense workers)" if mode == "hybrid" else "",
                 chosen.tokens_per_s, chosen.bottleneck,
                 f"; profiled the cluster in {seconds:.1f} s" if seconds else "")
-    return AutoPlan(size, chosen.micro_batches, n_local, chosen, seconds)
+    return AutoPlan(size, chosen.micro_batches, n_local, chosen, seconds,
+                    PlanCheck(used, model_config, chosen, sample, workload))
 
 
 def weight_bytes(cfg: ModelConfig, elem: int, layers: int | None = None) -> tuple[int, int]:

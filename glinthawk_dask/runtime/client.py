@@ -209,7 +209,7 @@ class DaskEngine:
         bpt_layer = cfg.kv_bytes_per_token(elem, 1)
         n = max(len(requests), size_hint)  # a restarted run keeps the size of the first
         mb_size, depth = self.micro_batch_size, self.n_micro_batches
-        prediction, profile_s, n_local = None, 0.0, 0
+        prediction, profile_s, n_local, check = None, 0.0, 0, None
         if mb_size == "auto" or depth == "auto" or (self.mode == "hybrid" and self.local_micro_batches is None):
             chosen = await auto_plan(
                 self.client, cfg, requests, model=self.model, mode=self.mode, dtype=self.dtype, seq_len=seq_len,
@@ -217,7 +217,7 @@ class DaskEngine:
                 n_micro_batches=None if depth == "auto" else int(depth), n_slices=self.n_slices,
                 dense_kv_budget=self.dense_kv_budget, latency=self.latency, max_step_tokens=self.max_step_tokens,
             )
-            mb_size, depth, n_local, prediction, profile_s = chosen
+            mb_size, depth, n_local, prediction, profile_s, check = chosen
             if prediction is not None:
                 self.last_prediction = prediction
         if self.mode == "hybrid" and self.local_micro_batches is not None:
@@ -255,7 +255,7 @@ class DaskEngine:
                 raise Unplaceable(f"{e} (waited for other runs to finish)", wait=e.wait) from None
             raise
         run = RunState(id=run_id, plan=Plan.from_wire(reply["plan"]), max_seq_len=max_seq_len, size=n, lease=lease,
-                   renew_at=time.time() + lease / 3, prediction=prediction, profile_seconds=profile_s)
+                   renew_at=time.time() + lease / 3, prediction=prediction, profile_seconds=profile_s, plan_check=check)
         try:
             await self._open_workers(run)
         except BaseException:
@@ -421,6 +421,7 @@ class DaskEngine:
             n_micro_batches=plan.n_micro_batches, plan=plan.to_wire(), recoveries=list(run.recoveries),
             predicted_tokens_per_s=run.prediction.tokens_per_s if run.prediction else None,
             profile_seconds=run.profile_seconds, runs_beside=len(run.beside),
+            predicted_for_lengths=await _predicted_for_lengths(run),
         )
 
     # -- measurements --------------------------------------------------------------
@@ -460,3 +461,15 @@ def _driver_lost(run: RunState, error: Exception) -> Exception:
 def _workers_of(plan: Plan) -> list[tuple[str, str]]:
     """(address, tier) of every worker in a plan."""
     return [(a, "dense") for a in plan.dense] + [(a, "attention") for a in plan.attention_workers()]
+
+
+async def _predicted_for_lengths(run: RunState) -> float | None:
+    """The run's plan predicted again on the lengths its sampled rows stopped at (off the loop)."""
+    if run.plan_check is None:
+        return None
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, run.plan_check.predicted_for_lengths)
+    except Exception as e:  # a check of the planner must not fail the run it checks
+        logger.warning("glinthawk run %s: the plan could not be predicted again (%s: %s)", run.id,
+                       type(e).__name__, e)
+        return None

@@ -33,6 +33,7 @@ class RunSummary:
     predicted_tokens_per_s: float | None = None  # the planner's prediction, when it chose the plan
     profile_seconds: float = 0.0  # spent measuring the cluster's profile for this run (0: it was kept)
     runs_beside: int = 0  # other runs that shared the cluster for a while (a prediction is for it alone)
+    predicted_for_lengths: float | None = None  # the plan predicted again on the lengths its rows stopped at
 
     @property
     def tokens_per_s(self) -> float:
@@ -73,6 +74,7 @@ class RunState:
     prediction: Any = None  # the planner's Prediction, when it chose the plan
     profile_seconds: float = 0.0
     beside: set = dataclasses.field(default_factory=set)  # ids of other runs placed while this one was open
+    plan_check: Any = None  # an auto plan's PlanCheck (it learns the lengths its sample stopped at)
     t0: float = dataclasses.field(default_factory=time.time)
     requests: dict[str, Request] = dataclasses.field(default_factory=dict)  # submitted, not yet delivered, by id
     n_requests: int = 0
@@ -103,6 +105,8 @@ class RunState:
         if self.requests.pop(c.id, None) is None:
             return False
         self.generated += len(c.completion_token_ids)
+        if self.plan_check is not None:
+            self.plan_check.record(c.id, len(c.completion_token_ids))
         return True
 
     def restart_as(self, new: "RunState", generated_before: int) -> None:

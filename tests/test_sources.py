@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import json
+import random
 import pickle
 import re
 import socket
@@ -161,6 +162,59 @@ def test_a_big_parquet_file_is_read_as_ranges_of_row_groups(memdir):
     assert split == whole and len(split) == 50
     assert split[13]["id"] == expected_id("t.parquet", 13, table.to_pylist()[13])
     assert len(list_shards([url], format="parquet", blocksize=10 ** 9)) == 1  # smaller than blocksize: whole
+
+
+class _Counting(io.BytesIO):
+    """A file that counts the bytes read from it."""
+
+    read_bytes = 0
+
+    def read(self, n=-1):
+        out = super().read(n)
+        self.read_bytes += len(out)
+        return out
+
+    def readinto(self, b):
+        n = super().readinto(b)
+        self.read_bytes += n
+        return n
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+def test_parquet_reads_only_the_columns_rows_are_built_from(memdir, statistics):
+    """A dataset's other columns (here a 100 KB document a row) are not read; a range
+    where an id is null is read whole, so the id made up for that row hashes the whole
+    row as before."""
+    from glinthawk_dask.pipeline.parquet import parquet_records
+
+    fs, root = memdir
+    docs = [random.Random(i).randbytes(50_000).hex() for i in range(12)]
+    ids = [f"r{i}" for i in range(12)]
+    ids[9] = None  # in the third row group of four rows
+    table = pa.table({"id": ids, "document": docs, "text": [f"question {i}" for i in range(12)],
+                      "max_tokens": pa.array([i + 1 for i in range(12)], pa.int64())})
+    data = parquet_bytes(table, row_group_size=4, write_statistics=statistics, compression="none")
+    fs.pipe(f"{root}/t.parquet", data)
+    url = f"memory://{root}/t.parquet"
+    shards = list_shards([url], format="parquet", blocksize=1)  # one shard a row group
+    assert len(shards) == 3
+    rows = [row for s in shards for row in read_shard(s, template="Q: {text}")]
+    full = table.to_pylist()
+    assert rows == [{"id": ids[i] if ids[i] else expected_id("t.parquet", i, full[i]), "prompt": f"Q: question {i}",
+                     "max_tokens": i + 1} for i in range(12)]
+
+    def read(groups, columns):
+        f = _Counting(data)
+        records = list(parquet_records(f, url, "t.parquet", groups, columns=columns))
+        return records, f.read_bytes
+
+    projected, few = read((0, 1), {"id", "text", "max_tokens"})
+    whole, every = read((0, 1), None)
+    assert [r for _, _, r in projected] == [{k: r[k] for k in ("id", "text", "max_tokens")} for _, _, r in whole]
+    assert every > 4 * 100_000 > 5 * few, (every, few)  # the documents left unread
+    nulls, _ = read((2, 1), {"id", "text", "max_tokens"})
+    assert [r for _, _, r in nulls] == full[8:]  # a null id: the range read whole
+    assert [r for _, _, r in read(None, {"text"})[0]] == full  # no id column asked for: whole rows
 
 
 def test_corrupt_parquet_is_an_input_error(memdir):

@@ -46,7 +46,7 @@ from fsspec.utils import infer_compression
 from ..errors import GlinthawkError
 from ..prompts import UndecodableRow, stable_row_id
 from ..sampling import SamplingParams
-from .parquet import parquet_records, row_group_ranges
+from .parquet import row_group_ranges, shard_records
 from .spec import FORMATS, options_for
 from .versions import file_version
 
@@ -314,11 +314,13 @@ def read_shard(
     if shard.format not in FORMATS:
         raise InputError(f"unknown input format {shard.format!r}; use one of {', '.join(FORMATS)}")
     mapping = _field_mapping(None if shard.format == "text" else fields)
-    if template is not None:
-        _check_template(template)
+    named = _check_template(template) if template is not None else set()
     opts = options_for(shard.url, storage_options)
+    reader = functools.partial(_READERS[shard.format], shard=shard)
+    if shard.format == "parquet":  # only the columns rows are built from
+        reader = functools.partial(reader, columns={*mapping.values(), *named}, id_column=mapping["id"])
     with _storage_errors("read", shard.url), fsspec.open(shard.url, "rb", compression=shard.compression, **opts) as f:
-        records = list(_READERS[shard.format](f, shard))
+        records = list(reader(f))
     return [
         _canonical(record, pos, where, shard.key, mapping, template, shard.format == "csv")
         for pos, where, record in records
@@ -336,7 +338,7 @@ def _field_mapping(fields: Mapping[str, Any] | None) -> dict[str, str]:
     return mapping
 
 
-def _check_template(template: str) -> None:
+def _check_template(template: str) -> set[str]:  # the columns it names ({doc.title}: doc)
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
@@ -345,6 +347,7 @@ def _check_template(template: str) -> None:
         raise InputError(f"the template {template!r} uses no field: name columns like {{text}}")
     if any(name == "" or name[0].isdigit() for name in names):
         raise InputError(f"the template {template!r} has positional fields: name columns like {{text}}")
+    return {re.split(r"[.\[]", name, maxsplit=1)[0] for name in names}
 
 
 def _stable_id(key: str, pos: int, content: Any) -> str:
@@ -493,8 +496,4 @@ def _csv_records(f: IO[bytes], shard: Shard) -> _Records:
         yield index, where, UndecodableRow(_stable_id(shard.key, index, str(e)), f"{where}: not valid CSV ({e})")
 
 
-def _parquet_records(f: IO[bytes], shard: Shard) -> _Records:
-    return parquet_records(f, shard.url, shard.key, None if shard.length is None else (shard.offset, shard.length))
-
-
-_READERS = {"jsonl": _jsonl_records, "text": _text_records, "csv": _csv_records, "parquet": _parquet_records}
+_READERS = {"jsonl": _jsonl_records, "text": _text_records, "csv": _csv_records, "parquet": shard_records}

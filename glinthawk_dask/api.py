@@ -249,6 +249,12 @@ class LLM:
         return list(getattr(self.engine, "recoveries", ()))
 
     @property
+    def placement_wait_seconds(self) -> float:
+        """How long the current (or last) distributed generation waited to be placed, for
+        KV that other runs held (0 in-process)."""
+        return float(getattr(self.engine, "placement_wait_s", 0.0))
+
+    @property
     def last_summary(self) -> Any:
         """What the last distributed generation ran (a :class:`~glinthawk_dask.runtime.client.RunSummary`:
         plan, micro-batches, KV per tier, timings); None in-process or before the first."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import dataclasses
 import json
 import re
 import signal
@@ -504,6 +505,33 @@ def test_run_seconds_end_at_the_last_commit_and_the_close_is_reported_apart(tmp_
     assert report.rows_done == 3 and len(_table(str(tmp_path / "o.zarr"))) == 3
     assert len(closed_at) == 1 and report.shutdown_seconds >= 0.6
     assert before + report.startup_seconds + report.seconds <= closed_at[0]
+
+
+def test_a_wait_for_kv_other_runs_held_is_reported_apart_from_the_run(tmp_path, llm, monkeypatch):
+    """A run placed only after other runs freed KV: the wait (as the LLM reports it) is
+    not part of the run's seconds and rate, and its line says how long it waited."""
+    from glinthawk_dask.cli.pipeline import run_line
+
+    waited = [0.0]
+    monkeypatch.setattr(LLM, "placement_wait_seconds", property(lambda self: waited[0]))
+    stream = LLM.stream_requests
+
+    def placed_late(self, *args, **kwargs):  # as a distributed run that waited 0.6 s to be placed
+        time.sleep(0.6)
+        waited[0] = 0.6
+        yield from stream(self, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "stream_requests", placed_late)
+    src = _write_jsonl(tmp_path / "in.jsonl", _rows(4))
+    before = time.perf_counter()
+    report = run_pipeline(parse_spec(_spec(tmp_path, str(src), str(tmp_path / "o.zarr"))), llm=llm)
+    took = time.perf_counter() - before
+    assert report.rows_done == 4 and report.waited_seconds == 0.6
+    assert report.startup_seconds + report.waited_seconds + report.seconds <= took
+    assert report.tokens_per_s == report.generated_tokens / report.seconds
+    line = run_line("p", report)
+    assert f"started in {report.startup_seconds:.1f} s, waited 0.6 s for KV other runs held, closed in " in line
+    assert "waited" not in run_line("p", dataclasses.replace(report, waited_seconds=0.0))
 
 
 def test_a_run_that_lost_workers_says_so_in_its_report_and_its_output(tmp_path, llm, monkeypatch):

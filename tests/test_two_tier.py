@@ -318,3 +318,40 @@ async def test_a_run_beside_another_is_planned_and_placed_in_the_room_left(c, s,
     assert one.runs_beside == two.runs_beside == 1
     assert two.predicted_tokens_per_s and one.predicted_tokens_per_s is None
     assert two.predicted_for_lengths is None  # (EOS ignored: every row ran to max_tokens)
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ("127.0.0.1", 1, {"resources": {"KV": 12 * _SLOTS_64}})], timeout=120)
+async def test_a_run_waits_for_kv_other_runs_hold_and_says_whose(c, s, a, b, caplog):
+    """A run that would fit the cluster alone waits while another run holds every KV
+    slot, says which run holds them, and is placed once that run closes; past the
+    placement timeout the error says how long it waited and what to do."""
+    import asyncio
+
+    import dask
+
+    from glinthawk_dask.errors import GlinthawkError
+
+    await _setup(c)
+    holder = DaskEngine(c, MODEL, micro_batch_size=12, n_micro_batches=1)
+    held = holder.agenerate([Request(f"h{i}", [i + 1] * 8, SamplingParams(max_tokens=4, ignore_eos=True))
+                             for i in range(12)], max_seq_len=64)
+    await held.__anext__()  # placed: all 12 slots of the one attention worker
+    with dask.config.set({"glinthawk.engine.placement-timeout": 0.5}):
+        with pytest.raises(GlinthawkError, match=r"the KV it needs is held by 1 other run: gh-\w+ of Client-\S+ with "
+                                                 r"[\d.]+ GiB \(.*\): waited \d+ s for room .* rerun once they finish"):
+            [x async for x in DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=1).agenerate(
+                [Request("x", [3] * 8, SamplingParams(max_tokens=2))], max_seq_len=64)]
+    waiter = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=1)
+    reqs = [Request(f"w{i}", [i + 2] * 10, SamplingParams(max_tokens=5, ignore_eos=True)) for i in range(4)]
+
+    async def collect():
+        return {x.id: x.completion_token_ids async for x in waiter.agenerate(reqs, max_seq_len=64)}
+
+    task = asyncio.ensure_future(collect())
+    await asyncio.sleep(1.0)
+    assert not task.done()  # waiting for the holder's slots
+    assert any("waits to be placed" in r.getMessage() and "held by 1 other run" in r.getMessage()
+               for r in caplog.records)
+    [x async for x in held]  # the holder finishes and frees its slots
+    assert await task == _reference(reqs)
+    assert waiter.placement_wait_s >= 1.0 and holder.placement_wait_s == 0.0

@@ -55,17 +55,21 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
                    f"({report.rows_in_output} rows; the input files are unchanged since the run that finished "
                    "them). --overwrite starts over.", err=True)
         return
-    click.echo(
-        f"{spec.name}: {report.rows_done} rows written ({report.errors} errors, {report.skipped} already done), "
-        f"{report.generated_tokens} tokens in {report.seconds:.1f} s ({report.tokens_per_s:.1f} tok/s; "
-        f"started in {report.startup_seconds:.1f} s, closed in {report.shutdown_seconds:.1f} s); "
-        f"{report.rows_in_output} rows in {report.output}" + recovered_note(len(report.recoveries)),
-        err=True,
-    )
+    click.echo(run_line(spec.name, report), err=True)
     if report.plan is not None:
         click.echo(f"  plan {plan_text(report.plan)}", err=True)
     for line in report.error_examples:
         click.echo(f"  error {line}", err=True)
+
+
+def run_line(name: str, report: Any) -> str:
+    """The line a finished run ends with: rows, tokens and the seconds they took, apart
+    from the start-up, a wait for KV other runs held, and the close."""
+    waited = f"waited {report.waited_seconds:.1f} s for KV other runs held, " if report.waited_seconds >= 0.05 else ""
+    return (f"{name}: {report.rows_done} rows written ({report.errors} errors, {report.skipped} already done), "
+            f"{report.generated_tokens} tokens in {report.seconds:.1f} s ({report.tokens_per_s:.1f} tok/s; "
+            f"started in {report.startup_seconds:.1f} s, {waited}closed in {report.shutdown_seconds:.1f} s); "
+            f"{report.rows_in_output} rows in {report.output}" + recovered_note(len(report.recoveries)))
 
 
 def plan_text(plan: dict[str, Any]) -> str:

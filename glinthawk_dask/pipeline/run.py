@@ -57,7 +57,8 @@ class Progress:
     generated_tokens: int = 0
     shards_read: int = 0
     shards_total: int = 0
-    seconds: float = 0.0  # since the engine was ready
+    seconds: float = 0.0  # since the engine was ready, less ``waited_seconds``
+    waited_seconds: float = 0.0  # waiting to be placed, for KV that other runs on the cluster held
     rows_total: int | None = None  # this run's rows: exact once every shard is read, else estimated from those read
     rows_total_exact: bool = False
     tokens_left: int | None = None  # max_tokens not generated yet (unread shards estimated from those read)
@@ -157,7 +158,8 @@ def run_pipeline(
                 state.generated_tokens = live
                 feed.count_into(state)
                 state.tokens_left = feed.tokens_left(running=live - done_tokens[0])
-                state.seconds = time.perf_counter() - t0
+                state.waited_seconds = llm.placement_wait_seconds
+                state.seconds = time.perf_counter() - t0 - state.waited_seconds
                 if progress is not None:
                     progress(state)
                 if page is not None:
@@ -186,7 +188,8 @@ def run_pipeline(
             if page is not None:
                 page.close()
             sink.close()  # the last rows committed: the run's work is done
-            state.seconds = time.perf_counter() - t0
+            state.waited_seconds = llm.placement_wait_seconds
+            state.seconds = time.perf_counter() - t0 - state.waited_seconds
             plan = plan_record(llm.last_summary, topo, done_tokens[0] / state.seconds) if feed.fed else None
             if plan is not None:
                 sink.record_plan(plan)

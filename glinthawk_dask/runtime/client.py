@@ -89,6 +89,7 @@ class DaskEngine:
         self.last_prediction: Any = None  # the planner's Prediction for the last auto plan
         self.generated_tokens = 0  # tokens sampled so far by the current (or last) generate call
         self.recoveries: list[dict] = []  # workers the current (or last) generate call lost, as it recovered
+        self.placement_wait_s = 0.0  # how long the current (or last) run waited for KV that other runs held
         self.last_timeline: dict[str, list] = {}
 
     # -- sync API ------------------------------------------------------------------
@@ -109,7 +110,7 @@ class DaskEngine:
         feed = _Feed(requests, self._first_batch_size(max_seq_len))
         if not feed.first:
             return
-        self.recoveries = []
+        self.recoveries, self.placement_wait_s = [], 0.0
         run = self.client.sync(self._open, feed.first, max_seq_len)
         self.recoveries = run.recoveries  # (the same list across the run's restarts)
         try:
@@ -136,7 +137,7 @@ class DaskEngine:
         feed = _Feed(requests, self._first_batch_size(max_seq_len))
         if not feed.first:
             return
-        self.recoveries = []
+        self.recoveries, self.placement_wait_s = [], 0.0
         run = await self._open(feed.first, max_seq_len)
         self.recoveries = run.recoveries
         try:
@@ -241,19 +242,28 @@ class DaskEngine:
                 raise Unplaceable(reply["error"], wait=bool(reply.get("wait")))
             return reply
 
+        timeout, t_asked = float(config.get("engine.placement-timeout")), time.time()
+
         def waiting(e: Exception) -> None:
             if not waits:
-                logger.warning("glinthawk run %s waits to be placed: %s", run_id, e)
+                logger.warning("glinthawk run %s waits to be placed, up to %.0f s (glinthawk.engine.placement-timeout): "
+                               "%s", run_id, timeout, e)
             waits.append(e)
 
         try:  # other runs may free room; a recovery waits itself
-            reply = await retry_until(place, deadline=time.time() + float(config.get("engine.placement-timeout")),
+            reply = await retry_until(place, deadline=t_asked + timeout,
                                       retry_on=lambda e: isinstance(e, Unplaceable) and e.wait and not size_hint,
                                       on_retry=waiting)
         except Unplaceable as e:
+            if waits and e.wait:
+                raise Unplaceable(f"{e}: waited {time.time() - t_asked:.0f} s for room (glinthawk.engine."
+                                  "placement-timeout); rerun once they finish, or give the attention workers more "
+                                  "memory", wait=True) from None
             if waits:
                 raise Unplaceable(f"{e} (waited for other runs to finish)", wait=e.wait) from None
             raise
+        if not size_hint:  # (a recovery's placement is its own)
+            self.placement_wait_s = time.time() - t_asked if waits else 0.0
         run = RunState(id=run_id, plan=Plan.from_wire(reply["plan"]), max_seq_len=max_seq_len, size=n, lease=lease,
                    renew_at=time.time() + lease / 3, prediction=prediction, profile_seconds=profile_s, plan_check=check)
         try:

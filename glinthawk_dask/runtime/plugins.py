@@ -328,12 +328,13 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
                 local_batch_size=local_batch_size,
             )
         except PlacementError as e:
-            return {"error": str(e), "wait": bool(self.runs) and self._fits_alone(
+            wait = bool(self.runs) and self._fits_alone(
                 mode=mode, dense=reg["dense"], n_layers=n_layers, kv_bytes_per_token_layer=kv_bytes_per_token_layer,
                 max_seq_len=max_seq_len, micro_batch_size=micro_batch_size, n_micro_batches=n_micro_batches,
                 n_slices=n_slices, local_micro_batches=local_micro_batches, local_batch_size=local_batch_size,
                 dense_kv_budget={a: None if b is None else b + self._dense_reserved(a) for a, b in
-                                 dense_budget.items()})}
+                                 dense_budget.items()})
+            return {"error": self._held_by_others() if wait else str(e), "wait": wait}
         kv = plan.attention_kv()
         workers = set(plan.dense) | set(kv)
         lease = float(lease or config.get("engine.lease"))
@@ -394,6 +395,14 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
 
     def _dense_reserved(self, addr: str) -> int:
         return sum(r.get("dense_kv", {}).get(addr, 0) for r in self.runs.values())
+
+    def _held_by_others(self) -> str:
+        """Why a run that would fit the cluster alone does not fit now: the runs holding KV."""
+        held = sorted(((sum(r["kv"].values()) + sum(r.get("dense_kv", {}).values()), run_id, r.get("client"))
+                       for run_id, r in self.runs.items()), reverse=True)
+        runs = ", ".join(f"{run_id} of {client} with {size / 2**30:.1f} GiB" for size, run_id, client in held[:3])
+        return (f"the KV it needs is held by {len(held)} other run{'s' if len(held) > 1 else ''}: "
+                f"{runs}{', ...' if len(held) > 3 else ''} (`glinthawk status` lists them)")
 
     def _fits_alone(self, **kwargs: Any) -> bool:
         """Whether a run that does not fit now would fit the cluster's KV with no other run."""

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Generator, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import torch
 
@@ -221,7 +221,7 @@ class LLM:
     # -- generation ----------------------------------------------------------------
     def stream_requests(
         self, requests: Iterable[Request], *, max_seq_len: int | None = None,
-        on_tick: Callable[[], None] | None = None,
+        on_tick: Callable[[], None] | None = None, output_lengths: Sequence[int] | None = None,
     ) -> Generator[Completion, None, None]:
         """Generate built requests (see :meth:`make_requests`), yielding each completion as it finishes.
 
@@ -232,8 +232,12 @@ class LLM:
         with :attr:`generated_tokens` current.  The result is a generator: closing it
         (``close()``, or ``contextlib.closing`` around a loop that may stop early) ends the
         run at once and frees its KV cache.  One generation at a time per LLM.
+        ``output_lengths``, completion lengths seen before (a resumed run's committed
+        rows), lets an auto plan expect rows to stop as those did rather than run to
+        ``max_tokens``.
         """
-        return self.engine.generate(requests, max_seq_len=max_seq_len, on_tick=on_tick)
+        planned = {"output_lengths": list(output_lengths)} if output_lengths and self.client is not None else {}
+        return self.engine.generate(requests, max_seq_len=max_seq_len, on_tick=on_tick, **planned)
 
     @property
     def generated_tokens(self) -> int:

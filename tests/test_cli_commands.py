@@ -312,6 +312,8 @@ def test_a_run_s_plan_in_words():
     assert plan_text({**plan, "planned": False}) == "two-tier, 64 x 2 micro-batches, as the spec sets them"
     assert plan_text({**plan, "runs_beside": 2}).endswith(  # the prediction is for the cluster alone
         "predicted 312.5 tok/s for the cluster alone, ran at 298.0 while 2 other runs shared it")
+    assert plan_text({**plan, "planned_on_rows": 256}).startswith(  # a resumed run's plan
+        "two-tier, 64 x 2 micro-batches, chosen by the planner for rows as long as 256 committed before: predicted")
     assert plan_text({**plan, "predicted_for_lengths": 201.04}).endswith(  # rows stopped before max_tokens
         "predicted 312.5 tok/s (201.0 for the lengths the rows stopped at), ran at 298.0")
 

@@ -507,6 +507,28 @@ def test_run_seconds_end_at_the_last_commit_and_the_close_is_reported_apart(tmp_
     assert before + report.startup_seconds + report.seconds <= closed_at[0]
 
 
+def test_a_resumed_run_plans_on_the_lengths_of_the_rows_committed_before(tmp_path, llm, monkeypatch):
+    """What the engine is given to plan by: nothing on a first run; on a resumed one the
+    completion lengths of the rows already committed (which an auto plan expects rows to
+    stop at, instead of max_tokens)."""
+    asked = []
+    stream = LLM.stream_requests
+
+    def spy(self, requests, **kwargs):
+        asked.append(kwargs.get("output_lengths"))
+        return stream(self, requests, **kwargs)
+
+    monkeypatch.setattr(LLM, "stream_requests", spy)
+    src = _write_jsonl(tmp_path / "in.jsonl", _rows(6))
+    out = str(tmp_path / "out.zarr")
+    spec = parse_spec(_spec(tmp_path, str(src), out))
+    run_pipeline(spec, llm=llm)
+    done = [len(r["completion_token_ids"]) for r in _table(out).values() if not r["error"]]
+    _write_jsonl(tmp_path / "in.jsonl", _rows(9))
+    assert run_pipeline(spec, llm=llm).rows_done == 3
+    assert asked[0] is None and sorted(asked[1]) == sorted(done) and len(done) >= 5
+
+
 def test_a_wait_for_kv_other_runs_held_is_reported_apart_from_the_run(tmp_path, llm, monkeypatch):
     """A run placed only after other runs freed KV: the wait (as the LLM reports it) is
     not part of the run's seconds and rate, and its line says how long it waited."""

@@ -758,6 +758,27 @@ def test_plan_samples_prompt_lengths_from_a_dataset(tmp_path):
     assert json.loads(result.output)["requests"] == 3
 
 
+def test_plan_takes_prompt_and_completion_lengths_from_a_pilot_run_s_output(tmp_path):
+    from glinthawk_dask.pipeline.sink import ZarrSink
+
+    out = str(tmp_path / "pilot.zarr")
+    with ZarrSink.open(out, fingerprint="f", model="m", spec={}, sampling={}) as sink:
+        sink.append([{"id": f"r{i}", "prompt": "p", "completion": "c", "completion_token_ids": [7] * (5 * i),
+                      "finish_reason": "length", "error": None, "prompt_tokens": 20 + i} for i in range(1, 4)]
+                    + [{"id": "bad", "prompt": None, "completion": "", "completion_token_ids": [],
+                        "finish_reason": "error", "error": "too long"}])
+    result = CliRunner().invoke(main, ["plan", "--profile", "vm-2core", "--requests", "30", "--lengths-from", out,
+                                       "--mode", "two-tier", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["workload"] == f"prompt and completion lengths from 3 rows of {out}" and doc["requests"] == 30
+    best = doc["best"]  # every request generates 5, 10 or 15 tokens: the plan's tokens are a mix of those
+    generated = round(best["tokens_per_s"] * best["seconds"])
+    assert generated % 5 == 0 and 5 * 30 < generated < 15 * 30, best
+    both = CliRunner().invoke(main, ["plan", "--profile", "vm-2core", "--lengths-from", out, "--prompts-from", out])
+    assert both.exit_code == 1 and "not both" in both.output and "Traceback" not in both.output
+
+
 def test_plan_hybrid_with_a_dense_budget_prints_the_split_and_its_options():
     args = ["plan", "--model", "random:llama-2-7b", "--profile", "h200", "--requests", "64", "--prompt-tokens", "64",
             "--output-tokens", "16", "--attention", "2", "--mode", "hybrid", "--dense-kv-budget", "200MB"]

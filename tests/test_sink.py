@@ -177,6 +177,17 @@ def test_commits_a_chunk_at_a_time():
     assert repr(sink) == f"ZarrSink({url!r}, rows=8, tokens={sink.tokens}, errors=2, buffered=3)"
 
 
+def test_the_lengths_of_committed_rows_to_plan_by():
+    url = memory_url()
+    sink = open_sink(url, chunk_rows=4)
+    sink.append(record(i) for i in range(40))  # rows 3, 7, ... are errors; even rows stopped at a stop token
+    good = [(3 + i, i + (i % 2 == 0)) for i in range(40) if i % 4 != 3]
+    assert sink.rows == 40 and sink.lengths(1000) == read_output(url).lengths(1000) == good
+    spread = sink.lengths(4)  # evenly over the good rows, the first and the last included
+    assert spread[0] == good[0] and spread[-1] == good[-1] and len(spread) == 4 and set(spread) <= set(good)
+    assert open_sink(memory_url()).lengths() == []
+
+
 def test_bad_records_are_refused_whole():
     sink = open_sink(memory_url(), chunk_rows=2)
     sink.append([record(0), record(1)])

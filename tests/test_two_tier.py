@@ -355,3 +355,21 @@ async def test_a_run_waits_for_kv_other_runs_hold_and_says_whose(c, s, a, b, cap
     [x async for x in held]  # the holder finishes and frees its slots
     assert await task == _reference(reqs)
     assert waiter.placement_wait_s >= 1.0 and holder.placement_wait_s == 0.0
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=120)
+async def test_an_auto_plan_expects_rows_to_stop_as_earlier_rows_did(c, s, a, b):
+    """Completion lengths seen before (a resumed output's) are what the plan simulates,
+    each within its request's max_tokens; the summary counts them."""
+    await _setup(c)
+    reqs = [Request(f"r{i}", [i + 1] * 6, SamplingParams(max_tokens=12, ignore_eos=True)) for i in range(8)]
+    engine = DaskEngine(c, MODEL, micro_batch_size="auto", n_micro_batches=1)
+    got = {x.id: x.completion_token_ids async for x in engine.agenerate(reqs, max_seq_len=32,
+                                                                        output_lengths=[3, 30, 5, 7])}
+    assert got == _reference(reqs)
+    # the sample (all 8) spread over the 4 lengths in order, each within max_tokens 12
+    assert engine.last_prediction.generated_tokens == 2 * (3 + 12 + 5 + 7)
+    summary = engine.last_summary
+    assert summary.planned_on_rows == 4
+    # every row ran its 12 tokens, not the 54 expected: the plan is predicted again on them
+    assert summary.predicted_for_lengths and summary.predicted_for_lengths != summary.predicted_tokens_per_s

@@ -81,6 +81,8 @@ def plan_text(plan: dict[str, Any]) -> str:
         return text + ", as the spec sets them"
     predicted = plan.get("predicted_tokens_per_s")
     text += ", chosen by the planner"
+    if plan.get("planned_on_rows"):
+        text += f" for rows as long as {plan['planned_on_rows']} committed before"
     beside = plan.get("runs_beside") or 0
     stopped = plan.get("predicted_for_lengths")
     if predicted:  # for every row running to max_tokens, the only length known beforehand

@@ -96,6 +96,9 @@ def profile(model: str, scheduler: str | None, out: str, dtype: str, name: str |
               help="Tokens generated for every request.")
 @click.option("--prompts-from", default=None, metavar="URL",
               help="A prompt dataset (any fsspec URL): prompt lengths from a sample of its rows.")
+@click.option("--lengths-from", default=None, metavar="OUT",
+              help="A pipeline's output (a Zarr URL, e.g. of a pilot run): prompt and completion lengths from a "
+                   "sample of its rows, instead of --prompt-tokens and --output-tokens.")
 @click.option("--format", "fmt", default="jsonl", show_default=True,
               type=click.Choice(["jsonl", "csv", "parquet", "text"]), help="Format of --prompts-from.")
 @click.option("--max-seq-len", type=click.IntRange(min=2), default=None,
@@ -116,7 +119,8 @@ def profile(model: str, scheduler: str | None, out: str, dtype: str, name: str |
 @click.option("--json", "as_json", is_flag=True, help="Print the ranked predictions as JSON.")
 @user_errors
 def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: int, prompt_tokens: int,
-         output_tokens: int, prompts_from: str | None, fmt: str, max_seq_len: int | None, latency: float,
+         output_tokens: int, prompts_from: str | None, lengths_from: str | None, fmt: str,
+         max_seq_len: int | None, latency: float,
          modes: tuple[str, ...], dense_kv_budget: str | None, prices: str | None, by: str, top: int,
          as_json: bool) -> None:
     """Predict the best configurations of a run from a hardware profile.
@@ -146,7 +150,14 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
         raise GlinthawkError(str(e)) from None
     if by == "cost" and price.dense is None:
         raise GlinthawkError("--by cost needs prices: give --prices dense=X,attention=Y or a priced profile")
-    if prompts_from:
+    outputs = f"{output_tokens} new tokens each"
+    if prompts_from and lengths_from:
+        raise GlinthawkError("give --prompts-from or --lengths-from, not both")
+    if lengths_from:
+        n_requests = n_requests or _SAMPLE_ROWS
+        workload, where = _lengths_of_output(lengths_from, n_requests)
+        outputs = "completions as long as theirs"
+    elif prompts_from:
         lengths, whole = _sample_prompt_lengths(source, prompts_from, fmt)
         if n_requests is None:  # a dataset read whole is the run's requests
             n_requests = len(lengths) if whole else _SAMPLE_ROWS
@@ -178,7 +189,7 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
             "predictions": [_pred_json(p, price) for p in preds[: max(top, 1)]],
         }, indent=1))
         return
-    click.echo(f"{model} on profile {prof.name!r}: {n_requests} requests, {where}, {output_tokens} new tokens each"
+    click.echo(f"{model} on profile {prof.name!r}: {n_requests} requests, {where}, {outputs}"
                f"{f', {latency:g} ms latency' if latency else ''}"
                f"{f', dense KV budget {size_text(budget)}' if budget is not None else ''}; {len(preds)} configurations "
                f"simulated in {seconds:.1f} s")
@@ -195,6 +206,23 @@ def plan(model: str, profile_name: str, dense: int, attention: int, n_requests: 
     click.echo(f"\nbest: {chosen.tokens_per_s:.1f} tok/s predicted ({chosen.bottleneck} bound){split}")
     click.echo(f"  CLI:  {options_of(chosen)}")
     click.echo("  spec: topology: " + ", ".join(f"{k}: {v}" for k, v in spec_fields(chosen).items()))
+
+
+def _lengths_of_output(url: str, n_requests: int) -> tuple[Any, str]:
+    """A workload of ``n_requests`` drawn from the (prompt, completion) lengths of a
+    sample of the rows of the pipeline output at ``url``, and its description."""
+    import random
+
+    from ..pipeline.table import read_output
+    from ..planner.simulate import Workload
+
+    pairs = read_output(url).lengths(_SAMPLE_ROWS)
+    if not pairs:
+        raise GlinthawkError(f"{url} holds no finished rows to take lengths from")
+    rng = random.Random(0)
+    drawn = [rng.choice(pairs) for _ in range(n_requests)]
+    return (Workload(tuple(p for p, _ in drawn), tuple(o for _, o in drawn)),
+            f"prompt and completion lengths from {len(pairs)} rows of {url}")
 
 
 def _pred_json(p: Any, prices: Any) -> dict:

@@ -177,8 +177,9 @@ def run_pipeline(
                 refresh()
 
             stop = cancel.is_set if cancel is not None else (lambda: False)
+            before = [n for _, n in sink.lengths()] if sink.rows else None  # a resumed run plans on them
             completions = llm.stream_requests(feed.requests(on_error=note, stop=stop), max_seq_len=topo.max_seq_len,
-                                              on_tick=refresh)
+                                              on_tick=refresh, output_lengths=before)
             with contextlib.closing(completions):  # a break closes the engine's run
                 for c in completions:
                     note(c.to_row())
@@ -223,6 +224,7 @@ def plan_record(summary: Any, topology: Any, tokens_per_s: float) -> dict | None
         "planned": "auto" in (topology.micro_batch_size, topology.micro_batches),
         "predicted_tokens_per_s": summary.predicted_tokens_per_s, "profile_seconds": summary.profile_seconds,
         "runs_beside": summary.runs_beside, "predicted_for_lengths": summary.predicted_for_lengths,
+        "planned_on_rows": summary.planned_on_rows,
         "tokens_per_s": tokens_per_s, "time": time.time(),
     }
 

@@ -281,6 +281,11 @@ class ZarrSink:
         self._group.update_attributes({"glinthawk": meta})
         self._meta = meta
 
+    def lengths(self, n: int = 256) -> list[tuple[int, int]]:
+        """``(prompt tokens, completion tokens)`` of up to ``n`` committed rows (see
+        :meth:`OutputTable.lengths`): what a resumed run's plan can expect."""
+        return OutputTable(self.url, self._meta, self._arrays).lengths(n)
+
     def __contains__(self, rid: object) -> bool:
         """Whether a row of id ``rid`` is committed (no copy of the ids, unlike :meth:`committed_ids`)."""
         return rid in self._committed_ids

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import zarr
 
-from ..engine.request import FINISH_ERROR
+from ..engine.request import FINISH_ERROR, FINISH_STOP
 from .layout import OFFSETS, ROW_COLUMNS, TOKEN_IDS, Location, OutputError, committed_arrays, storage_access
 
 __all__ = ["OutputTable", "read_output"]
@@ -116,6 +116,16 @@ class OutputTable:
             "mean_time_to_first_token": _mean(c["time_to_first_token"]),
             "mean_time_per_token": _mean(c["time_per_token"]),
         }
+
+    def lengths(self, n: int = 256) -> list[tuple[int, int]]:
+        """``(prompt tokens, tokens sampled)`` of up to ``n`` rows spread evenly over the
+        committed ones that did not fail: how long the rows of this dataset are, to plan by.
+        A row that stopped at a stop token sampled it too (the output leaves it out)."""
+        c = self._read(["prompt_tokens", "completion_tokens", "finish_reason"], 0, len(self))
+        ok = np.flatnonzero(c["finish_reason"] != FINISH_ERROR)
+        picked = ok[np.linspace(0, len(ok) - 1, min(n, len(ok))).round().astype(int)] if len(ok) else ok
+        return [(int(c["prompt_tokens"][i]), int(c["completion_tokens"][i]) + (c["finish_reason"][i] == FINISH_STOP))
+                for i in picked]
 
     def _read(self, names: Iterable[str], start: int, stop: int) -> dict[str, np.ndarray]:
         return {name: self._arrays[name][start:stop] for name in names}

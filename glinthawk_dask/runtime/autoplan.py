@@ -36,13 +36,15 @@ class AutoPlan(NamedTuple):
 
 class PlanCheck:
     """What an auto plan was simulated on, kept to simulate it again once the sampled
-    requests have finished, on the lengths they stopped at.  A plan can only count on
-    ``max_tokens``; rows that stop early (EOS, a stop string) generate fewer tokens in
-    emptier steps, and this tells that apart from a cost the profile got wrong."""
+    requests have finished, on the lengths they stopped at.  A plan counts on
+    ``max_tokens`` (or on the lengths of earlier rows); rows that stop early (EOS, a stop
+    string) generate fewer tokens in emptier steps, and this tells that apart from a
+    cost the profile got wrong."""
 
     def __init__(self, profile: Any, model_config: ModelConfig, prediction: Any, sample: list[Request],
-                 workload: Any) -> None:
+                 workload: Any, lengths_seen: int = 0) -> None:
         self.profile, self.model_config, self.prediction = profile, model_config, prediction
+        self.lengths_seen = lengths_seen  # earlier rows whose lengths the plan expected (0: max_tokens)
         self.prompt_lens = {r.id: p for r, p in zip(sample, workload.prompt_lens)}
         self.asked = sum(workload.output_lens)
         self.stopped: dict[str, int] = {}
@@ -54,8 +56,9 @@ class PlanCheck:
 
     def predicted_for_lengths(self) -> float | None:
         """Tokens/s predicted for the same plan on the lengths the sample stopped at; None
-        until every sampled request finished, or when they ran (nearly) to their budget."""
-        if len(self.stopped) < len(self.prompt_lens) or sum(self.stopped.values()) >= 0.95 * self.asked:
+        until every sampled request finished, or when they generated (nearly) the tokens
+        the plan expected."""
+        if len(self.stopped) < len(self.prompt_lens) or abs(sum(self.stopped.values()) - self.asked) < 0.05 * self.asked:
             return None
         from ..planner.simulate import Workload, simulate
 
@@ -80,10 +83,12 @@ async def auto_plan(
     dense_kv_budget: int | None,
     latency: float,
     max_step_tokens: int,
+    output_lengths: list[int] | None = None,
 ) -> AutoPlan:
     """Micro-batch size (unless given), depth (unless given) and, in hybrid mode, how
     many micro-batches keep their KV on the dense workers, from the planner: the
-    run's ``requests`` simulated on the cluster's profile."""
+    run's ``requests`` simulated on the cluster's profile, each generating its
+    ``max_tokens`` or, with ``output_lengths`` (seen before), one of those within it."""
     from ..planner.plan import best, candidates, sweep, sweep_hybrid
     from ..planner.simulate import Workload
     from .profiler import cluster_profile
@@ -102,8 +107,11 @@ async def auto_plan(
     k = min(n_slices or len(info["dense"]), len(info["dense"]))
     per_slice = max(1, len(info["attention"]) // k)
     sample = requests if n <= 256 else requests[:: math.ceil(n / 256)]
-    workload = Workload(tuple(len(r.prompt_token_ids) for r in sample),
-                        tuple(max(1, min(r.params.max_tokens, seq_len - len(r.prompt_token_ids))) for r in sample))
+    budgets = [max(1, min(r.params.max_tokens, seq_len - len(r.prompt_token_ids))) for r in sample]
+    if output_lengths:  # rows stop as those before them did (spread over the sample, in order)
+        budgets = [max(1, min(b, output_lengths[j * len(output_lengths) // len(sample)]))
+                   for j, b in enumerate(budgets)]
+    workload = Workload(tuple(len(r.prompt_token_ids) for r in sample), tuple(budgets))
     dense_kv = min(info["dense_kv_free"].values())
     if dense_kv_budget is not None:
         dense_kv = min(dense_kv, dense_kv_budget)
@@ -146,7 +154,7 @@ async def auto_plan(
                 chosen.tokens_per_s, chosen.bottleneck,
                 f"; profiled the cluster in {seconds:.1f} s" if seconds else "")
     return AutoPlan(size, chosen.micro_batches, n_local, chosen, seconds,
-                    PlanCheck(used, model_config, chosen, sample, workload))
+                    PlanCheck(used, model_config, chosen, sample, workload, len(output_lengths or ())))
 
 
 def weight_bytes(cfg: ModelConfig, elem: int, layers: int | None = None) -> tuple[int, int]:

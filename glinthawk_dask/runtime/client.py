@@ -94,7 +94,8 @@ class DaskEngine:
 
     # -- sync API ------------------------------------------------------------------
     def generate(self, requests: Iterable[Request], *, max_seq_len: int | None = None,
-                 on_tick: Callable[[], None] | None = None) -> Iterator[Completion]:
+                 on_tick: Callable[[], None] | None = None,
+                 output_lengths: list[int] | None = None) -> Iterator[Completion]:
         """Yield completions as they finish (synchronous clients).
 
         With a KV slot size (``max_seq_len``, else the engine's), ``requests`` is
@@ -104,6 +105,8 @@ class DaskEngine:
         workers left (see :mod:`~glinthawk_dask.runtime.faults`); every request is
         completed once.  ``on_tick()`` is called after every poll of the run (at least
         every ``glinthawk.engine.poll-interval``), with :attr:`generated_tokens` current.
+        ``output_lengths`` (completion lengths seen before) are what an auto plan expects
+        rows to stop at, each within its ``max_tokens``.
         """
         max_seq_len = max_seq_len or self.max_seq_len
         self.generated_tokens = 0
@@ -111,7 +114,7 @@ class DaskEngine:
         if not feed.first:
             return
         self.recoveries, self.placement_wait_s = [], 0.0
-        run = self.client.sync(self._open, feed.first, max_seq_len)
+        run = self.client.sync(self._open, feed.first, max_seq_len, output_lengths=output_lengths)
         self.recoveries = run.recoveries  # (the same list across the run's restarts)
         try:
             more = feed.first
@@ -128,7 +131,7 @@ class DaskEngine:
     # -- async API -----------------------------------------------------------------
     async def agenerate(
         self, requests: Iterable[Request], *, max_seq_len: int | None = None,
-        on_tick: Callable[[], None] | None = None,
+        on_tick: Callable[[], None] | None = None, output_lengths: list[int] | None = None,
     ) -> AsyncIterator[Completion]:
         """Yield completions as they finish (asynchronous clients); arguments as for
         :meth:`generate` (the iterator must not block the event loop)."""
@@ -138,7 +141,7 @@ class DaskEngine:
         if not feed.first:
             return
         self.recoveries, self.placement_wait_s = [], 0.0
-        run = await self._open(feed.first, max_seq_len)
+        run = await self._open(feed.first, max_seq_len, output_lengths=output_lengths)
         self.recoveries = run.recoveries
         try:
             more = feed.first
@@ -202,7 +205,8 @@ class DaskEngine:
     async def _rpc(self, addr: str, op: str, **kwargs: Any) -> Any:
         return await getattr(self.client.rpc(addr), op)(**kwargs)
 
-    async def _open(self, requests: list[Request], max_seq_len: int | None, size_hint: int = 0) -> RunState:
+    async def _open(self, requests: list[Request], max_seq_len: int | None, size_hint: int = 0,
+                    output_lengths: list[int] | None = None) -> RunState:
         cfg = self.model_config
         run_id = f"gh-{uuid.uuid4().hex[:12]}"
         seq_len = self._seq_len(requests, max_seq_len)
@@ -217,6 +221,7 @@ class DaskEngine:
                 micro_batch_size=None if mb_size == "auto" else min(int(mb_size), n),
                 n_micro_batches=None if depth == "auto" else int(depth), n_slices=self.n_slices,
                 dense_kv_budget=self.dense_kv_budget, latency=self.latency, max_step_tokens=self.max_step_tokens,
+                output_lengths=output_lengths,
             )
             mb_size, depth, n_local, prediction, profile_s, check = chosen
             if prediction is not None:
@@ -432,6 +437,7 @@ class DaskEngine:
             predicted_tokens_per_s=run.prediction.tokens_per_s if run.prediction else None,
             profile_seconds=run.profile_seconds, runs_beside=len(run.beside),
             predicted_for_lengths=await _predicted_for_lengths(run),
+            planned_on_rows=run.plan_check.lengths_seen if run.plan_check else 0,
         )
 
     # -- measurements --------------------------------------------------------------

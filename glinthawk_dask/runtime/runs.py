@@ -9,7 +9,7 @@ import functools
 import time
 from typing import Any
 
-from ..engine.request import Completion, Request
+from ..engine.request import FINISH_STOP, Completion, Request
 from .messages import Plan
 
 __all__ = ["RunState", "RunSummary"]
@@ -34,6 +34,7 @@ class RunSummary:
     profile_seconds: float = 0.0  # spent measuring the cluster's profile for this run (0: it was kept)
     runs_beside: int = 0  # other runs that shared the cluster for a while (a prediction is for it alone)
     predicted_for_lengths: float | None = None  # the plan predicted again on the lengths its rows stopped at
+    planned_on_rows: int = 0  # earlier rows (a resumed output's) whose lengths the plan expected
 
     @property
     def tokens_per_s(self) -> float:
@@ -105,8 +106,8 @@ class RunState:
         if self.requests.pop(c.id, None) is None:
             return False
         self.generated += len(c.completion_token_ids)
-        if self.plan_check is not None:
-            self.plan_check.record(c.id, len(c.completion_token_ids))
+        if self.plan_check is not None:  # the tokens it sampled: a stop token too, which the output leaves out
+            self.plan_check.record(c.id, len(c.completion_token_ids) + (c.finish_reason == FINISH_STOP))
         return True
 
     def restart_as(self, new: "RunState", generated_before: int) -> None:

@@ -352,8 +352,16 @@ async def test_a_run_waits_for_kv_other_runs_hold_and_says_whose(c, s, a, b, cap
     assert not task.done()  # waiting for the holder's slots
     assert any("waits to be placed" in r.getMessage() and "held by 1 other run" in r.getMessage()
                for r in caplog.records)
+    from glinthawk_dask.cli.cluster import status_text
+
+    status = await c.scheduler.glinthawk_status()  # what a colleague's `glinthawk status` shows
+    [waiting] = status["waiting"]
+    assert waiting["client"] == c.id and waiting["model"] == MODEL and waiting["waited_s"] >= 0.5
+    assert f"runs waiting for KV the open runs hold: 1\n  {waiting['run_id']} by client {c.id}: " in \
+        status_text(status)
     [x async for x in held]  # the holder finishes and frees its slots
     assert await task == _reference(reqs)
+    assert not (await c.scheduler.glinthawk_status())["waiting"]  # placed: no longer waiting
     assert waiter.placement_wait_s >= 1.0 and holder.placement_wait_s == 0.0
 
 

@@ -393,4 +393,8 @@ def status_text(info: dict) -> str:
                      f"{size(r['kv_reserved']['dense'])} dense, {size(r['kv_reserved']['attention'])} attention, "
                      f"lease left {max(0.0, r['lease_left_s']):.0f} s"
                      + (f"; lost {', '.join(r['lost_workers'])}" if r.get("lost_workers") else ""))
+    if info.get("waiting"):
+        lines.append(f"runs waiting for KV the open runs hold: {len(info['waiting'])}")
+        lines += [f"  {w['run_id']} by client {w['client']}: {w['model']}, waiting {w['waited_s']:.0f} s"
+                  for w in info["waiting"]]
     return "\n".join(lines)

@@ -241,7 +241,7 @@ class DaskEngine:
                 max_seq_len=seq_len, micro_batch_size=mb_size, n_micro_batches=depth, n_slices=self.n_slices,
                 dense_kv_budget=self.dense_kv_budget, local_micro_batches=min(n_local, depth),
                 layer_weight_bytes=per_layer, ends_weight_bytes=ends, client=self.client.id, lease=lease,
-                model=self.model,
+                model=self.model, wait_s=0.0 if size_hint else t_asked + timeout - time.time(),
             )
             if "error" in reply:
                 raise Unplaceable(reply["error"], wait=bool(reply.get("wait")))

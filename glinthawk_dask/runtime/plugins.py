@@ -150,6 +150,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         self.lost: list[tuple[float, str]] = []
         self.profiles: dict[str, dict] = {}  # measured profiles by cluster and model (see planner)
         self.closed: dict[str, str] = {}  # runs the scheduler closed itself, and why
+        self.waiting: dict[str, dict] = {}  # runs asking again to be placed, for KV other runs hold
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -185,6 +186,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         """A client left (closed, or its process died): close the runs it opened."""
+        self.waiting = {r: w for r, w in self.waiting.items() if w["client"] != client}
         for run_id in [r for r, run in self.runs.items() if run.get("client") == client]:
             asyncio.ensure_future(self.close_run_everywhere(run_id, f"its client {client} left"))
 
@@ -292,6 +294,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         client: str | None = None,
         lease: float | None = None,
         model: str = "",
+        wait_s: float = 0.0,
     ) -> dict:
         """Place a run and reserve its KV bytes; errors come back as ``{"error": ...}``.
 
@@ -300,7 +303,8 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         device memory leaves for KV once the slice is loaded.  The run belongs to
         ``client``: it is closed when that client leaves or stops renewing its ``lease``
         (seconds).  An error says ``"wait": True`` when the run would fit a cluster that
-        other runs did not share."""
+        other runs did not share; a run that will ask again for up to ``wait_s`` seconds
+        is listed as waiting meanwhile."""
         reg = self.registry()
         dense_budget: dict[str, int | None] = {}
         if mode != "two-tier":
@@ -334,7 +338,12 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
                 n_slices=n_slices, local_micro_batches=local_micro_batches, local_batch_size=local_batch_size,
                 dense_kv_budget={a: None if b is None else b + self._dense_reserved(a) for a, b in
                                  dense_budget.items()})
+            now = time.time()
+            if wait and wait_s > 0:  # shown by `glinthawk status` while it keeps asking
+                self.waiting.setdefault(run_id, {"client": client, "model": model, "since": now})["until"] = min(
+                    now + wait_s, now + 15.0)  # (it asks again within 5 s, or gave up)
             return {"error": self._held_by_others() if wait else str(e), "wait": wait}
+        self.waiting.pop(run_id, None)
         kv = plan.attention_kv()
         workers = set(plan.dense) | set(kv)
         lease = float(lease or config.get("engine.lease"))
@@ -416,7 +425,8 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
 
     async def status(self) -> dict:
         """What the cluster holds: tier workers with their budgets and reserved and used
-        KV, and the open runs with their client, age, plan and tokens done."""
+        KV, the open runs with their client, age, plan and tokens done, and the runs
+        waiting to be placed for KV the open runs hold."""
         reg = self.registry()
         now = time.time()
 
@@ -460,7 +470,11 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
                                                         "attention": sum(r["kv"].values())},
                 "generated_tokens": r.get("generated", 0), "lost_workers": list(r["lost"]),
             })
-        return {"scheduler": self.scheduler.address, "time": now, "workers": workers, "runs": runs}
+        self.waiting = {r: w for r, w in self.waiting.items() if now < w["until"]}
+        waiting = [{"run_id": r, "client": w["client"], "model": w["model"], "waited_s": now - w["since"]}
+                   for r, w in self.waiting.items()]
+        return {"scheduler": self.scheduler.address, "time": now, "workers": workers, "runs": runs,
+                "waiting": waiting}
 
     def run_closed(self, run_id: str) -> dict:
         """Free a closed run's placement; the other runs placed while it was open."""

@@ -50,7 +50,7 @@ class JobProgress:
 
     For pipelines, ``rows_total`` is this run's rows once a shard is read: exact once
     every shard is read (``rows_total_exact``), until then estimated from the shards
-    read; ``tokens_left`` (the ``max_tokens`` not generated yet) gives their ETA.
+    read; ``tokens_left`` (the tokens their rows will still generate) gives their ETA.
     """
 
     status: str = QUEUED  # queued | running | finished | cancelled | failed

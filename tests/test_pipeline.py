@@ -447,6 +447,25 @@ def test_progress_counts_tokens_of_running_rows_and_estimates_from_tokens_left(t
     assert any(eta is not None and eta > 0 for rows, _, eta in seen if rows < 6), seen
 
 
+def test_tokens_left_scale_by_the_share_of_max_tokens_the_finished_rows_used():
+    """Rows that stop early leave most of max_tokens unused: once as many rows have
+    finished as are in flight (and 32), the tokens left are the budget scaled by the
+    share the finished rows used; before, the whole budget (an upper bound)."""
+    from glinthawk_dask.pipeline.run import _RequestFeed
+
+    feed = _RequestFeed.__new__(_RequestFeed)  # its counts alone, as the run keeps them
+    feed.shards = [None] * 2  # one of two shards read
+    feed.shards_read, feed.budget_read, feed.token_budget = 1, 100 * 64, 100 * 64
+    feed.fed, feed.running, feed.budget_done = 40, {f"r{i}": 64 for i in range(10)}, 30 * 64
+    # 30 finished (< 32): 70 unfinished rows' 64 tokens and the unread shard's 6,400, less 50 running
+    assert feed.tokens_left(running=50, done=30 * 16) == 70 * 64 + 100 * 64 - 50
+    feed.fed, feed.running, feed.budget_done = 50, {f"r{i}": 64 for i in range(10)}, 40 * 64
+    # 40 finished used a quarter of their budget: so will the 60 rows left and the unread shard
+    assert feed.tokens_left(running=50, done=40 * 16) == round((60 * 64 + 100 * 64) / 4 - 50)
+    # rows in flight each have at least one token to go
+    assert feed.tokens_left(running=10_000, done=40 * 16) == 10
+
+
 def test_progress_counts_the_rows_and_tokens_of_a_whole_shard_before_the_engine_takes_them(tmp_path):
     """One file of many rows is one shard: the engine pulls its requests a few at a time,
     but the run's rows and tokens left count the whole shard (before this, the ETA was

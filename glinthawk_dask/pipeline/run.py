@@ -61,7 +61,8 @@ class Progress:
     waited_seconds: float = 0.0  # waiting to be placed, for KV that other runs on the cluster held
     rows_total: int | None = None  # this run's rows: exact once every shard is read, else estimated from those read
     rows_total_exact: bool = False
-    tokens_left: int | None = None  # max_tokens not generated yet (unread shards estimated from those read)
+    tokens_left: int | None = None  # tokens still to generate (see _RequestFeed.tokens_left; unread shards
+    # estimated from those read)
     recoveries: list[dict] = field(default_factory=list)  # workers lost so far and how the run went on
 
     @property
@@ -71,8 +72,9 @@ class Progress:
 
     @property
     def eta_seconds(self) -> float | None:
-        """Remaining time: the tokens every row left may still take (``tokens_left``) at the
-        rate so far; an upper bound when rows stop early (None when unknown)."""
+        """Remaining time: the tokens the rows left will take (``tokens_left``: their
+        ``max_tokens``, scaled by the share the finished rows used once enough have) at
+        the rate so far (None when unknown)."""
         if self.tokens_left is None or self.tokens_per_s <= 0:
             return None
         return self.tokens_left / self.tokens_per_s
@@ -157,7 +159,7 @@ def run_pipeline(
                 live = max(done_tokens[0], llm.generated_tokens)
                 state.generated_tokens = live
                 feed.count_into(state)
-                state.tokens_left = feed.tokens_left(running=live - done_tokens[0])
+                state.tokens_left = feed.tokens_left(running=live - done_tokens[0], done=done_tokens[0])
                 state.waited_seconds = llm.placement_wait_seconds
                 state.seconds = time.perf_counter() - t0 - state.waited_seconds
                 if progress is not None:
@@ -354,13 +356,20 @@ class _RequestFeed:
             return None
         return round(self.rows_todo + self.rows_read * self._unread_share())
 
-    def tokens_left(self, running: int) -> int | None:
-        """Tokens the run may still generate: ``max_tokens`` of the rows not started and of
-        the rows running less the ``running`` tokens they have (None before the first shard)."""
+    def tokens_left(self, running: int, done: int = 0) -> int | None:
+        """Tokens the run will still generate (None before the first shard): ``max_tokens``
+        of the rows not finished less the ``running`` tokens they have, an upper bound;
+        once as many rows have finished as are in flight (and at least 32), that budget
+        times the share of theirs the finished rows used (``done`` tokens), since rows that
+        stop early (EOS, stop strings) leave most of it unused.  Each row in flight counts
+        at least one token more."""
         if not self.shards_read:
             return None
-        left = self.token_budget - self.budget_done - running + self.budget_read * self._unread_share()
-        return max(0, round(left))
+        budget = self.token_budget - self.budget_done + self.budget_read * self._unread_share()
+        finished = self.fed - len(self.running)
+        if finished >= max(32, len(self.running)) and self.budget_done:
+            budget *= min(1.0, done / self.budget_done)
+        return max(len(self.running), round(budget - running))
 
     def _dedupe(self, e: Request | Completion) -> Request | Completion | None:
         if e.id in self.seen:

@@ -58,7 +58,8 @@ class PlanCheck:
         """Tokens/s predicted for the same plan on the lengths the sample stopped at; None
         until every sampled request finished, or when they generated (nearly) the tokens
         the plan expected."""
-        if len(self.stopped) < len(self.prompt_lens) or abs(sum(self.stopped.values()) - self.asked) < 0.05 * self.asked:
+        off = abs(sum(self.stopped.values()) - self.asked)
+        if len(self.stopped) < len(self.prompt_lens) or off < 0.05 * self.asked:
             return None
         from ..planner.simulate import Workload, simulate
 

@@ -251,8 +251,8 @@ class DaskEngine:
 
         def waiting(e: Exception) -> None:
             if not waits:
-                logger.warning("glinthawk run %s waits to be placed, up to %.0f s (glinthawk.engine.placement-timeout): "
-                               "%s", run_id, timeout, e)
+                logger.warning("glinthawk run %s waits to be placed, up to %.0f s "
+                               "(glinthawk.engine.placement-timeout): %s", run_id, timeout, e)
             waits.append(e)
 
         try:  # other runs may free room; a recovery waits itself

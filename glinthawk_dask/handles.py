@@ -25,7 +25,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from .engine.progress import rows_of
+from .engine.progress import eta_text, rows_of
 from .engine.request import FINISH_ERROR, ROW_FIELDS, Completion, Request
 from .errors import GlinthawkError
 from .sampling import SamplingParams
@@ -256,7 +256,7 @@ class _Job:
         if p.skipped:
             items.append(("skipped", str(p.skipped)))
         if not p.done and eta is not None:
-            items.append(("ETA", f"{eta:.0f} s"))
+            items.append(("ETA", eta_text(eta)))
         error = self._outcome.exception() if self._outcome.done() else None
         if error is not None:
             items.append(("error", f"{type(error).__name__}: {error}"))

@@ -488,13 +488,20 @@ def test_cluster_command_serves_until_sigint():
     _assert_gone(procs)
 
 
+def test_a_time_left_as_people_read_it():
+    from glinthawk_dask.engine.progress import eta_text
+
+    assert [eta_text(s) for s in (0.4, 45, 89.6, 90, 719, 5369, 5400, 11_100, 200_000)] == [
+        "0 s", "45 s", "90 s", "2 min", "12 min", "89 min", "1 h 30 min", "3 h 05 min", "55 h 33 min"]
+
+
 def test_run_progress_line_counts_the_input_rows():
     from glinthawk_dask.cli.pipeline import _run_text
     from glinthawk_dask.pipeline.run import Progress
 
     p = Progress(rows_done=300, errors=1, generated_tokens=1200, shards_read=2, shards_total=8, seconds=10.0,
                  rows_total=4000, tokens_left=14400)
-    assert _run_text(p) == "300/~4000 rows, 1 errors, 120.0 tok/s, shards 2/8, ETA 120 s"  # estimated
+    assert _run_text(p) == "300/~4000 rows, 1 errors, 120.0 tok/s, shards 2/8, ETA 2 min"  # estimated
     p.shards_read, p.rows_total_exact = 8, True
     assert _run_text(p).startswith("300/4000 rows, ")
     assert _run_text(Progress(shards_total=8)) == "0 rows, 0 errors, 0.0 tok/s, shards 0/8"  # nothing read yet
@@ -508,7 +515,7 @@ def test_generate_progress_line_and_quiet(capsys, tmp_path):
     show = ProgressLine(_progress_text, every=0.0)
     show(GenerationProgress(rows_done=3, rows_total=40, errors=1, generated_tokens=512, expected_tokens=5120,
                             seconds=12.0, tokens_per_s=42.5, eta_seconds=108.0))
-    assert capsys.readouterr().err.strip() == "3/40 rows, 1 errors, 512 tokens, 42.5 tok/s, ETA 108 s"
+    assert capsys.readouterr().err.strip() == "3/40 rows, 1 errors, 512 tokens, 42.5 tok/s, ETA 2 min"
     progress = re.compile(r"^\d+/2 rows, 0 errors, \d+ tokens, [\d.]+ tok/s")
     src = tmp_path / "p.jsonl"
     src.write_text('{"prompt_token_ids": [1, 2, 3]}\n{"prompt_token_ids": [4]}\n')

@@ -259,11 +259,12 @@ async def test_pulls_only_while_a_page_looks_and_progress_is_rate_limited(c, s, 
     assert "1 lost worker recovered" in page.rows_source.data["text"][0]
     # a running pipeline's bar is its share of the rows, not of the shards read
     handler(name="one-file", progress={"rows_done": 50, "rows_total": 200, "rows_total_exact": True,
-                                       "shards_read": 1, "shards_total": 1, "done": False})
+                                       "shards_read": 1, "shards_total": 1, "done": False, "eta_seconds": 4000.0})
     page.update()
     i = page.rows_source.data["label"].index("pipeline one-file")
     assert page.rows_source.data["fraction"][i] == pytest.approx(0.25)
     assert "50/200 rows" in page.rows_source.data["text"][i]
+    assert page.rows_source.data["text"][i].endswith(", ETA 67 min")  # as the CLI says it
 
 
 def _chromium() -> tuple[str | None, str | None]:

@@ -313,7 +313,9 @@ def _output_name(output: TextIO) -> str:
 
 
 def _progress_text(p: Any) -> str:
-    eta = "" if p.eta_seconds is None else f", ETA {p.eta_seconds:.0f} s"
+    from ..engine.progress import eta_text
+
+    eta = "" if p.eta_seconds is None else f", ETA {eta_text(p.eta_seconds)}"
     return (f"{p.rows_done}/{p.rows_total} rows, {p.errors} errors, {p.generated_tokens} tokens, "
             f"{p.tokens_per_s:.1f} tok/s{eta}")
 

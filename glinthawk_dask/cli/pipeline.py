@@ -110,8 +110,9 @@ def _left_behind(spec: Any) -> str:
 
 
 def _run_text(p: Any) -> str:
-    eta = "" if p.eta_seconds is None else f", ETA {p.eta_seconds:.0f} s"
-    from ..engine.progress import rows_of
+    from ..engine.progress import eta_text, rows_of
+
+    eta = "" if p.eta_seconds is None else f", ETA {eta_text(p.eta_seconds)}"
 
     return (f"{rows_of(p.rows_done, p.rows_total, p.rows_total_exact)} rows, {p.errors} errors, "
             f"{p.tokens_per_s:.1f} tok/s, shards {p.shards_read}/{p.shards_total}{eta}")

@@ -7,7 +7,7 @@ import collections
 import time
 from dataclasses import dataclass
 
-__all__ = ["GenerationProgress", "ProgressTracker", "lost_workers", "recovery_text", "rows_of"]
+__all__ = ["GenerationProgress", "ProgressTracker", "eta_text", "lost_workers", "recovery_text", "rows_of"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,14 @@ def recovery_text(rec: dict) -> str:
 def lost_workers(n: int) -> str:
     """``n`` lost worker(s), as summaries count recoveries."""
     return f"{n} lost worker{'s' if n != 1 else ''}"
+
+
+def eta_text(seconds: float) -> str:
+    """A time left as people read it: ``45 s``, ``12 min``, ``3 h 05 min``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def rows_of(done: int, total: int | None, exact: bool = True) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ...engine.progress import lost_workers, rows_of
+from ...engine.progress import eta_text, lost_workers, rows_of
 from . import MAX_EVENTS_PER_PULL, PAGE
 
 if TYPE_CHECKING:
@@ -248,7 +248,8 @@ class GlinthawkPage:
             texts.append(f"{rows_of(p.get('rows_done', 0), rows, bool(p.get('rows_total_exact')))} rows ({p.get('errors', 0)} errors, {p.get('skipped', 0)} "
                          f"already done), shards {p.get('shards_read', 0)}/{total}, "
                          f"{p.get('tokens_per_s', 0.0):.0f} tok/s" + _lost(p.get("recoveries", 0))
-                         + (", finished" if p.get("done") else ""))
+                         + (", finished" if p.get("done") else "" if p.get("eta_seconds") is None
+                            else f", ETA {eta_text(p['eta_seconds'])}"))
         if list(self.rows.y_range.factors) != labels_:
             self.rows.y_range.factors = labels_
         self.rows_source.data = {"label": labels_, "fraction": fractions, "text": texts}

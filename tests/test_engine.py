@@ -239,6 +239,34 @@ def test_progress_tracker_rates_over_a_window_and_eta_from_tokens_left():
     assert t.snapshot().eta_seconds == 0.0 and t.snapshot().rows_done == 4
 
 
+def test_progress_tracker_gives_back_what_finished_rows_left_unused_and_scales_by_their_share():
+    """Rows that stop early (EOS) leave most of their max_tokens unused: a finished row's
+    unused budget is no longer counted; the rows the engine holds count their whole
+    budget (the long ones are those still running); and once as many rows have finished
+    as are in flight (and 32), the rows not taken yet count the share of their budget the
+    finished ones used."""
+    from glinthawk_dask.engine.progress import ProgressTracker
+
+    t = ProgressTracker(rows_total=100, expected_tokens=100 * 50, clock=lambda: 0.0)
+    assert t.tokens_left() == 100 * 50
+    t.pulled, t.budget_pulled = 60, 60 * 50  # the engine holds 60 requests
+    for _ in range(20):
+        t.row(False, budget=50, tokens=10)
+    t.tokens(20 * 10 + 40 * 5)  # and the 40 running have 5 tokens each
+    # 20 finished, fewer than the 40 in flight: every unfinished row's budget, less what they have
+    assert t.tokens_left() == 80 * 50 - 40 * 5
+    t.pulled, t.budget_pulled = 70, 70 * 50
+    for _ in range(20):
+        t.row(False, budget=50, tokens=10)
+    t.tokens(40 * 10 + 30 * 5)
+    # 40 finished, 30 in flight: those 30 at their whole budget, the 30 not taken at a fifth of theirs
+    assert t.tokens_left() == 30 * 50 + 30 * 50 // 5 - 30 * 5
+    t.row(True)  # an error row (never a request) changes neither
+    assert t.tokens_left() == 30 * 50 + 30 * 50 // 5 - 30 * 5
+    t.tokens(40 * 10 + 30 * 60)  # the rows in flight have as many tokens as the estimate leaves:
+    assert t.tokens_left() == 100 - 41  # each unfinished row still has a token to go
+
+
 def test_llm_reports_progress_while_generating():
     from glinthawk_dask import LLM
 

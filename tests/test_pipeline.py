@@ -449,8 +449,9 @@ def test_progress_counts_tokens_of_running_rows_and_estimates_from_tokens_left(t
 
 def test_tokens_left_scale_by_the_share_of_max_tokens_the_finished_rows_used():
     """Rows that stop early leave most of max_tokens unused: once as many rows have
-    finished as are in flight (and 32), the tokens left are the budget scaled by the
-    share the finished rows used; before, the whole budget (an upper bound)."""
+    finished as are in flight (and 32), the rows not fed yet count the share of their
+    budget the finished rows used; the rows in flight count their whole budget less what
+    they have (the long ones are those still running)."""
     from glinthawk_dask.pipeline.run import _RequestFeed
 
     feed = _RequestFeed.__new__(_RequestFeed)  # its counts alone, as the run keeps them
@@ -460,9 +461,11 @@ def test_tokens_left_scale_by_the_share_of_max_tokens_the_finished_rows_used():
     # 30 finished (< 32): 70 unfinished rows' 64 tokens and the unread shard's 6,400, less 50 running
     assert feed.tokens_left(running=50, done=30 * 16) == 70 * 64 + 100 * 64 - 50
     feed.fed, feed.running, feed.budget_done = 50, {f"r{i}": 64 for i in range(10)}, 40 * 64
-    # 40 finished used a quarter of their budget: so will the 60 rows left and the unread shard
-    assert feed.tokens_left(running=50, done=40 * 16) == round((60 * 64 + 100 * 64) / 4 - 50)
+    # 40 finished used a quarter of their budget: so will the 50 rows not fed and the unread shard
+    assert feed.tokens_left(running=50, done=40 * 16) == round((50 * 64 + 100 * 64) / 4 + 10 * 64 - 50)
     # rows in flight each have at least one token to go
+    feed.token_budget = feed.budget_done + 10 * 64
+    feed.budget_read = 0
     assert feed.tokens_left(running=10_000, done=40 * 16) == 10
 
 

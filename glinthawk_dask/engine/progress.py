@@ -15,8 +15,11 @@ class GenerationProgress:
     """A snapshot of a generate call.
 
     ``tokens_per_s`` is the rate of the last ``window`` seconds (tokens sampled, finished
-    rows or not); ``eta_seconds`` is the tokens still allowed (every unfinished row's
-    ``max_tokens`` less what it has) at that rate: an upper bound when rows stop early.
+    rows or not); ``eta_seconds`` is the tokens left at that rate: the rows the engine
+    holds, their ``max_tokens`` less what they have (an upper bound: the rows still running
+    are the long ones), and the rows it has not taken yet, their ``max_tokens`` scaled by
+    the share of theirs the finished rows used once as many have finished as are in flight
+    (and 32), since rows that stop early (EOS, stop strings) leave most of it unused.
     """
 
     rows_done: int
@@ -41,12 +44,28 @@ class ProgressTracker:
         self.clock = clock
         self.t0 = clock()
         self.rows_done = self.errors = self.generated = 0
+        self.pulled = self.budget_pulled = 0  # requests the engine has taken, and their max_tokens
+        self.finished = self.budget_done = self.tokens_done = 0  # ... of them done: count, max_tokens, tokens
         self.recoveries: list[dict] = []
         self._samples: collections.deque[tuple[float, int]] = collections.deque([(self.t0, 0)])
 
-    def row(self, error: bool) -> None:
+    def row(self, error: bool, budget: int = 0, tokens: int = 0) -> None:
+        """A row done; a request's ``max_tokens`` (``budget``) and the ``tokens`` it generated."""
         self.rows_done += 1
         self.errors += error
+        if budget:
+            self.finished += 1
+            self.budget_done += budget
+            self.tokens_done += tokens
+
+    def tokens_left(self) -> int:
+        """Tokens the unfinished requests will still generate (see :class:`GenerationProgress`)."""
+        held = self.budget_pulled - self.budget_done
+        waiting = self.expected_tokens - self.budget_pulled
+        if self.finished >= max(32, self.pulled - self.finished) and self.budget_done:
+            waiting *= min(1.0, self.tokens_done / self.budget_done)
+        running = max(0, self.generated - self.tokens_done)
+        return max(self.rows_total - self.rows_done, round(waiting + held - running))
 
     def tokens(self, generated: int) -> None:
         """The tokens sampled so far (a running total, never lower than before)."""
@@ -61,7 +80,7 @@ class ProgressTracker:
         (t_old, n_old) = self._samples[0]
         span = now - t_old
         rate = (self.generated - n_old) / span if span > 0 else 0.0
-        left = max(0, self.expected_tokens - self.generated)
+        left = self.tokens_left()
         eta = 0.0 if self.rows_done >= self.rows_total else (left / rate if rate > 0 else None)
         return GenerationProgress(self.rows_done, self.rows_total, self.errors, self.generated,
                                   self.expected_tokens, now - self.t0, rate, eta, tuple(self.recoveries))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Container, Iterator
 
 from ..api import LLM
-from ..engine.request import FINISH_ERROR, Completion, Request
+from ..engine.request import FINISH_ERROR, FINISH_STOP, Completion, Request
 from ..errors import GlinthawkError, ModelLoadError
 from ..model.resolve import missing_elsewhere, resolve_checkpoint
 from ..prompts import RequestBuilder
@@ -146,6 +146,7 @@ def run_pipeline(
             page = _page_reporter(llm, spec.name)
 
             done_tokens = [0]  # tokens of the rows finished (the sampled ones include their stop tokens)
+            sampled = [0]  # ... and the stop tokens they sampled (the engine counts them; their rows do not)
 
             def recovered() -> None:  # each worker lost, recorded in the output as soon as it is known
                 seen = llm.recoveries
@@ -159,7 +160,7 @@ def run_pipeline(
                 live = max(done_tokens[0], llm.generated_tokens)
                 state.generated_tokens = live
                 feed.count_into(state)
-                state.tokens_left = feed.tokens_left(running=live - done_tokens[0], done=done_tokens[0])
+                state.tokens_left = feed.tokens_left(running=max(0, llm.generated_tokens - sampled[0]), done=sampled[0])
                 state.waited_seconds = llm.placement_wait_seconds
                 state.seconds = time.perf_counter() - t0 - state.waited_seconds
                 if progress is not None:
@@ -172,6 +173,7 @@ def run_pipeline(
                 feed.finished(record["id"])
                 state.rows_done += 1
                 done_tokens[0] += len(record["completion_token_ids"])
+                sampled[0] += len(record["completion_token_ids"]) + (record["finish_reason"] == FINISH_STOP)
                 if record["error"]:
                     state.errors += 1
                     if len(examples) < 5:
@@ -357,19 +359,21 @@ class _RequestFeed:
         return round(self.rows_todo + self.rows_read * self._unread_share())
 
     def tokens_left(self, running: int, done: int = 0) -> int | None:
-        """Tokens the run will still generate (None before the first shard): ``max_tokens``
-        of the rows not finished less the ``running`` tokens they have, an upper bound;
-        once as many rows have finished as are in flight (and at least 32), that budget
-        times the share of theirs the finished rows used (``done`` tokens), since rows that
-        stop early (EOS, stop strings) leave most of it unused.  Each row in flight counts
-        at least one token more."""
+        """Tokens the run will still generate (None before the first shard): the rows in
+        flight, their ``max_tokens`` less the ``running`` tokens they have (an upper bound:
+        the rows still running are the long ones), and the rows not fed yet, their
+        ``max_tokens`` times the share of theirs the finished rows used (``done`` tokens)
+        once as many rows have finished as are in flight (and 32), since rows that stop
+        early (EOS, stop strings) leave most of it unused.  Each row in flight counts at
+        least one token more."""
         if not self.shards_read:
             return None
-        budget = self.token_budget - self.budget_done + self.budget_read * self._unread_share()
+        in_flight = sum(self.running.values())
+        unfed = self.token_budget - self.budget_done - in_flight + self.budget_read * self._unread_share()
         finished = self.fed - len(self.running)
         if finished >= max(32, len(self.running)) and self.budget_done:
-            budget *= min(1.0, done / self.budget_done)
-        return max(len(self.running), round(budget - running))
+            unfed *= min(1.0, done / self.budget_done)
+        return max(len(self.running), round(unfed + in_flight - running))
 
     def _dedupe(self, e: Request | Completion) -> Request | Completion | None:
         if e.id in self.seen:

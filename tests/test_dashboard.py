@@ -449,6 +449,10 @@ def test_page_y_ranges_follow_the_window_and_a_finished_run_stays_listed():
     assert page.rates.legend[0] in page.rates.right  # beside the plot, not over the lines
     assert "micro-batch" in page.stream_legend.text and "#bbbbbb" in page.stream_legend.text
     assert page.rates.yaxis[0].axis_label == "tokens/s" and page.kv.xaxis[0].axis_label == "KV bytes"
+    assert "waiting" not in page.summary.text
+    m.waiting = lambda: [{"run_id": "gh-new", "client": "c", "model": "m", "waited_s": 3.0}]
+    page.update()  # runs waiting for KV the open runs hold are counted beside them
+    assert "0 run(s) open, 1 waiting for KV the open runs hold" in page.summary.text
 
 
 def test_utilisation_per_tier_over_the_last_minute():

@@ -356,6 +356,7 @@ async def test_a_run_waits_for_kv_other_runs_hold_and_says_whose(c, s, a, b, cap
 
     status = await c.scheduler.glinthawk_status()  # what a colleague's `glinthawk status` shows
     [waiting] = status["waiting"]
+    assert [w["run_id"] for w in s.plugins["glinthawk"].metrics.waiting()] == [waiting["run_id"]]  # the page's
     assert waiting["client"] == c.id and waiting["model"] == MODEL and waiting["waited_s"] >= 0.5
     assert f"runs waiting for KV the open runs hold: 1\n  {waiting['run_id']} by client {c.id}: " in \
         status_text(status)

@@ -164,7 +164,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["glinthawk_renew"] = self.renew
         scheduler.handlers["glinthawk_status"] = self.status
         self._leases = asyncio.create_task(self._watch_leases())
-        self.metrics = dashboard.PipelineMetrics(scheduler, lambda: self.tiers)
+        self.metrics = dashboard.PipelineMetrics(scheduler, lambda: self.tiers, waiting=self.waiting_runs)
         scheduler.handlers["glinthawk_progress"] = self.metrics.report_progress
         self._page = dashboard.install_page(scheduler)
         dashboard.register_prometheus(scheduler)
@@ -470,11 +470,15 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
                                                         "attention": sum(r["kv"].values())},
                 "generated_tokens": r.get("generated", 0), "lost_workers": list(r["lost"]),
             })
-        self.waiting = {r: w for r, w in self.waiting.items() if now < w["until"]}
-        waiting = [{"run_id": r, "client": w["client"], "model": w["model"], "waited_s": now - w["since"]}
-                   for r, w in self.waiting.items()]
         return {"scheduler": self.scheduler.address, "time": now, "workers": workers, "runs": runs,
-                "waiting": waiting}
+                "waiting": self.waiting_runs()}
+
+    def waiting_runs(self) -> list[dict]:
+        """The runs still asking to be placed: id, client, model and seconds waited."""
+        now = time.time()
+        self.waiting = {r: w for r, w in self.waiting.items() if now < w["until"]}
+        return [{"run_id": r, "client": w["client"], "model": w["model"], "waited_s": now - w["since"]}
+                for r, w in self.waiting.items()]
 
     def run_closed(self, run_id: str) -> dict:
         """Free a closed run's placement; the other runs placed while it was open."""

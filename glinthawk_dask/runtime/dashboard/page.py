@@ -255,7 +255,9 @@ class GlinthawkPage:
         self.rows_source.data = {"label": labels_, "fraction": fractions, "text": texts}
 
         last = m.samples.rows[-1] if m.samples.rows else None
-        parts = [f"<b>Glinthawk</b>: {len(m.runs)} run(s) open"]
+        waiting = len(m.waiting())
+        parts = [f"<b>Glinthawk</b>: {len(m.runs)} run(s) open"
+                 + (f", {waiting} waiting for KV the open runs hold" if waiting else "")]
         if last is not None:
             parts.append(f"{last[1]:.0f} generated tok/s, {last[2]:.0f} processed tok/s, "
                          f"{last[3]} micro-batch(es) in flight")

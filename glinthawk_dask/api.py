@@ -15,7 +15,7 @@ import torch
 from . import config
 from .engine.engine import EngineConfig, InProcessEngine
 from .engine.progress import GenerationProgress, ProgressTracker
-from .engine.request import FINISH_STOP, Completion, Request
+from .engine.request import Completion, Request, sampled_tokens
 from .errors import GenerationInterrupted, GlinthawkError
 from .heap import steady_heap
 from .handles import GenerationJob, submit_prompts
@@ -326,18 +326,17 @@ class LLM:
             if isinstance(e, Completion):
                 tracker.row(error=True)
                 yield e
-        def pulled() -> Iterator[Request]:  # (the engine takes them a little ahead of its slots)
+
+        def taken() -> Iterator[Request]:  # (the engine takes them a little ahead of its slots)
             for r in requests:
-                tracker.pulled += 1
-                tracker.budget_pulled += r.params.max_tokens
+                tracker.take(r.params.max_tokens)
                 yield r
 
         budget = {r.id: r.params.max_tokens for r in requests}
         if requests:
-            for c in self.stream_requests(pulled(), on_tick=tick if progress is not None else None):
-                # (tokens as the engine counts them: a stop token too, which the row leaves out)
+            for c in self.stream_requests(taken(), on_tick=tick if progress is not None else None):
                 tracker.row(c.error is not None, budget.get(c.id, 0),
-                            len(c.completion_token_ids) + (c.finish_reason == FINISH_STOP))
+                            sampled_tokens(len(c.completion_token_ids), c.finish_reason))
                 yield c
         if progress is not None:
             tick()

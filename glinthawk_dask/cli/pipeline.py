@@ -113,7 +113,6 @@ def _run_text(p: Any) -> str:
     from ..engine.progress import eta_text, rows_of
 
     eta = "" if p.eta_seconds is None else f", ETA {eta_text(p.eta_seconds)}"
-
     return (f"{rows_of(p.rows_done, p.rows_total, p.rows_total_exact)} rows, {p.errors} errors, "
             f"{p.tokens_per_s:.1f} tok/s, shards {p.shards_read}/{p.shards_total}{eta}")
 

@@ -7,7 +7,8 @@ import collections
 import time
 from dataclasses import dataclass
 
-__all__ = ["GenerationProgress", "ProgressTracker", "eta_text", "lost_workers", "recovery_text", "rows_of"]
+__all__ = ["GenerationProgress", "ProgressTracker", "eta_text", "estimate_tokens_left", "lost_workers", "recovery_text",
+           "rows_of"]
 
 
 @dataclass(frozen=True)
@@ -15,11 +16,8 @@ class GenerationProgress:
     """A snapshot of a generate call.
 
     ``tokens_per_s`` is the rate of the last ``window`` seconds (tokens sampled, finished
-    rows or not); ``eta_seconds`` is the tokens left at that rate: the rows the engine
-    holds, their ``max_tokens`` less what they have (an upper bound: the rows still running
-    are the long ones), and the rows it has not taken yet, their ``max_tokens`` scaled by
-    the share of theirs the finished rows used once as many have finished as are in flight
-    (and 32), since rows that stop early (EOS, stop strings) leave most of it unused.
+    rows or not); ``eta_seconds`` is the tokens left (:func:`estimate_tokens_left`) at
+    that rate.
     """
 
     rows_done: int
@@ -31,6 +29,19 @@ class GenerationProgress:
     tokens_per_s: float
     eta_seconds: float | None
     recoveries: tuple[dict, ...] = ()  # workers lost so far and how the run went on (LLM.recoveries)
+
+
+def estimate_tokens_left(*, held: int, waiting: float, running: int, finished: int, in_flight: int,
+                         budget_done: int, tokens_done: int, floor: int) -> int:
+    """Tokens unfinished rows will still generate: the rows in flight, their ``held``
+    ``max_tokens`` less the ``running`` tokens they have (an upper bound: the rows still
+    running are the long ones); and the rows not taken yet, their ``waiting`` ``max_tokens``
+    times the share of theirs the ``finished`` rows used (``tokens_done`` of
+    ``budget_done``) once as many have finished as are ``in_flight`` (and 32), since rows
+    that stop early (EOS, stop strings) leave most of it unused.  At least ``floor``."""
+    if finished >= max(32, in_flight) and budget_done:
+        waiting *= min(1.0, tokens_done / budget_done)
+    return max(floor, round(waiting + held - running))
 
 
 class ProgressTracker:
@@ -58,14 +69,18 @@ class ProgressTracker:
             self.budget_done += budget
             self.tokens_done += tokens
 
+    def take(self, budget: int) -> None:
+        """The engine took a request of ``budget`` ``max_tokens``."""
+        self.pulled += 1
+        self.budget_pulled += budget
+
     def tokens_left(self) -> int:
-        """Tokens the unfinished requests will still generate (see :class:`GenerationProgress`)."""
-        held = self.budget_pulled - self.budget_done
-        waiting = self.expected_tokens - self.budget_pulled
-        if self.finished >= max(32, self.pulled - self.finished) and self.budget_done:
-            waiting *= min(1.0, self.tokens_done / self.budget_done)
-        running = max(0, self.generated - self.tokens_done)
-        return max(self.rows_total - self.rows_done, round(waiting + held - running))
+        """Tokens the unfinished requests will still generate (each at least one more)."""
+        return estimate_tokens_left(
+            held=self.budget_pulled - self.budget_done, waiting=self.expected_tokens - self.budget_pulled,
+            running=max(0, self.generated - self.tokens_done), finished=self.finished,
+            in_flight=self.pulled - self.finished, budget_done=self.budget_done, tokens_done=self.tokens_done,
+            floor=self.rows_total - self.rows_done)
 
     def tokens(self, generated: int) -> None:
         """The tokens sampled so far (a running total, never lower than before)."""

@@ -7,11 +7,18 @@ from typing import Any
 
 from ..sampling import SamplingParams
 
-__all__ = ["Request", "Completion", "ROW_FIELDS", "OPTIONAL_FIELDS", "FINISH_STOP", "FINISH_LENGTH", "FINISH_ERROR"]
+__all__ = ["Request", "Completion", "ROW_FIELDS", "OPTIONAL_FIELDS", "FINISH_STOP", "FINISH_LENGTH", "FINISH_ERROR",
+           "sampled_tokens"]
 
 FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached, or the context is full
 FINISH_ERROR = "error"  # the request could not be processed; see Completion.error
+
+
+def sampled_tokens(completion_tokens: int, finish_reason: str) -> int:
+    """Tokens a request sampled, as engines count them (``generated_tokens``): its
+    completion's, and the stop token it ended at, which the completion leaves out."""
+    return completion_tokens + (finish_reason == FINISH_STOP)
 
 #: the fields of a completion as a row (:meth:`Completion.to_row`), in order: what a
 #: pipeline's output stores per row, what job and output DataFrames hold, what

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Container, Iterator
 
 from ..api import LLM
-from ..engine.request import FINISH_ERROR, FINISH_STOP, Completion, Request
+from ..engine.progress import estimate_tokens_left
+from ..engine.request import FINISH_ERROR, Completion, Request, sampled_tokens
 from ..errors import GlinthawkError, ModelLoadError
 from ..model.resolve import missing_elsewhere, resolve_checkpoint
 from ..prompts import RequestBuilder
@@ -154,15 +155,19 @@ def run_pipeline(
                     sink.record_recoveries(seen[len(state.recoveries):])
                     state.recoveries = seen
 
+            def clock() -> None:  # the run's seconds, less a wait for KV that other runs held
+                state.waited_seconds = llm.placement_wait_seconds
+                state.seconds = time.perf_counter() - t0 - state.waited_seconds
+
             def refresh() -> None:
                 recovered()
                 sink.commit_due()  # rows finished a while ago, while no row finishes
                 live = max(done_tokens[0], llm.generated_tokens)
                 state.generated_tokens = live
                 feed.count_into(state)
-                state.tokens_left = feed.tokens_left(running=max(0, llm.generated_tokens - sampled[0]), done=sampled[0])
-                state.waited_seconds = llm.placement_wait_seconds
-                state.seconds = time.perf_counter() - t0 - state.waited_seconds
+                state.tokens_left = feed.tokens_left(running=max(0, llm.generated_tokens - sampled[0]),
+                                                     done=sampled[0])
+                clock()
                 if progress is not None:
                     progress(state)
                 if page is not None:
@@ -173,7 +178,7 @@ def run_pipeline(
                 feed.finished(record["id"])
                 state.rows_done += 1
                 done_tokens[0] += len(record["completion_token_ids"])
-                sampled[0] += len(record["completion_token_ids"]) + (record["finish_reason"] == FINISH_STOP)
+                sampled[0] += sampled_tokens(len(record["completion_token_ids"]), record["finish_reason"])
                 if record["error"]:
                     state.errors += 1
                     if len(examples) < 5:
@@ -193,8 +198,7 @@ def run_pipeline(
             if page is not None:
                 page.close()
             sink.close()  # the last rows committed: the run's work is done
-            state.waited_seconds = llm.placement_wait_seconds
-            state.seconds = time.perf_counter() - t0 - state.waited_seconds
+            clock()
             plan = plan_record(llm.last_summary, topo, done_tokens[0] / state.seconds) if feed.fed else None
             if plan is not None:
                 sink.record_plan(plan)
@@ -216,10 +220,11 @@ def run_pipeline(
 def plan_record(summary: Any, topology: Any, tokens_per_s: float) -> dict | None:
     """How a run generated, from its engine's summary (None in process): mode,
     micro-batches (``sizes``, ``local`` ones of a hybrid run), whether the planner chose
-    them (``planned``) with its prediction (and the same for the lengths its rows stopped
-    at) and the profiling it took, the other runs that
-    shared the cluster for a while (``runs_beside``), and the run's rate over the same span
-    as its report."""
+    them (``planned``: on ``max_tokens``, or on the lengths of ``planned_on_rows`` rows
+    committed before) with its prediction, the same for the lengths its rows stopped at
+    (``predicted_for_lengths``) and the profiling it took, the other runs that shared the
+    cluster for a while (``runs_beside``), and the run's rate over the same span as its
+    report."""
     if summary is None:
         return None
     return {
@@ -359,21 +364,17 @@ class _RequestFeed:
         return round(self.rows_todo + self.rows_read * self._unread_share())
 
     def tokens_left(self, running: int, done: int = 0) -> int | None:
-        """Tokens the run will still generate (None before the first shard): the rows in
-        flight, their ``max_tokens`` less the ``running`` tokens they have (an upper bound:
-        the rows still running are the long ones), and the rows not fed yet, their
-        ``max_tokens`` times the share of theirs the finished rows used (``done`` tokens)
-        once as many rows have finished as are in flight (and 32), since rows that stop
-        early (EOS, stop strings) leave most of it unused.  Each row in flight counts at
-        least one token more."""
+        """Tokens the run will still generate (None before the first shard), by
+        :func:`~glinthawk_dask.engine.progress.estimate_tokens_left`: the rows fed and not
+        finished are in flight, with ``running`` tokens; the finished ones sampled ``done``.
+        Each row in flight counts at least one token more."""
         if not self.shards_read:
             return None
-        in_flight = sum(self.running.values())
-        unfed = self.token_budget - self.budget_done - in_flight + self.budget_read * self._unread_share()
-        finished = self.fed - len(self.running)
-        if finished >= max(32, len(self.running)) and self.budget_done:
-            unfed *= min(1.0, done / self.budget_done)
-        return max(len(self.running), round(unfed + in_flight - running))
+        held = sum(self.running.values())
+        return estimate_tokens_left(
+            held=held, waiting=self.token_budget - self.budget_done - held + self.budget_read * self._unread_share(),
+            running=running, finished=self.fed - len(self.running), in_flight=len(self.running),
+            budget_done=self.budget_done, tokens_done=done, floor=len(self.running))
 
     def _dedupe(self, e: Request | Completion) -> Request | Completion | None:
         if e.id in self.seen:

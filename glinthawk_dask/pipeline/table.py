@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import zarr
 
-from ..engine.request import FINISH_ERROR, FINISH_STOP
+from ..engine.request import FINISH_ERROR, sampled_tokens
 from .layout import OFFSETS, ROW_COLUMNS, TOKEN_IDS, Location, OutputError, committed_arrays, storage_access
 
 __all__ = ["OutputTable", "read_output"]
@@ -124,7 +124,7 @@ class OutputTable:
         c = self._read(["prompt_tokens", "completion_tokens", "finish_reason"], 0, len(self))
         ok = np.flatnonzero(c["finish_reason"] != FINISH_ERROR)
         picked = ok[np.linspace(0, len(ok) - 1, min(n, len(ok))).round().astype(int)] if len(ok) else ok
-        return [(int(c["prompt_tokens"][i]), int(c["completion_tokens"][i]) + (c["finish_reason"][i] == FINISH_STOP))
+        return [(int(c["prompt_tokens"][i]), sampled_tokens(int(c["completion_tokens"][i]), c["finish_reason"][i]))
                 for i in picked]
 
     def _read(self, names: Iterable[str], start: int, stop: int) -> dict[str, np.ndarray]:

@@ -234,6 +234,8 @@ class DaskEngine:
         per_layer, ends = weight_bytes(cfg, elem)
         lease = float(config.get("engine.lease"))
         waits: list[Unplaceable] = []
+        timeout, t_asked = float(config.get("engine.placement-timeout")), time.time()
+        deadline = t_asked + timeout  # a run that does not fit beside the others waits until then
 
         async def place() -> dict:
             reply = await self.client.scheduler.glinthawk_plan(
@@ -241,13 +243,11 @@ class DaskEngine:
                 max_seq_len=seq_len, micro_batch_size=mb_size, n_micro_batches=depth, n_slices=self.n_slices,
                 dense_kv_budget=self.dense_kv_budget, local_micro_batches=min(n_local, depth),
                 layer_weight_bytes=per_layer, ends_weight_bytes=ends, client=self.client.id, lease=lease,
-                model=self.model, wait_s=0.0 if size_hint else t_asked + timeout - time.time(),
+                model=self.model, wait_s=0.0 if size_hint else deadline - time.time(),
             )
             if "error" in reply:
                 raise Unplaceable(reply["error"], wait=bool(reply.get("wait")))
             return reply
-
-        timeout, t_asked = float(config.get("engine.placement-timeout")), time.time()
 
         def waiting(e: Exception) -> None:
             if not waits:
@@ -256,7 +256,7 @@ class DaskEngine:
             waits.append(e)
 
         try:  # other runs may free room; a recovery waits itself
-            reply = await retry_until(place, deadline=t_asked + timeout,
+            reply = await retry_until(place, deadline=deadline,
                                       retry_on=lambda e: isinstance(e, Unplaceable) and e.wait and not size_hint,
                                       on_retry=waiting)
         except Unplaceable as e:

@@ -9,7 +9,7 @@ import functools
 import time
 from typing import Any
 
-from ..engine.request import FINISH_STOP, Completion, Request
+from ..engine.request import Completion, Request, sampled_tokens
 from .messages import Plan
 
 __all__ = ["RunState", "RunSummary"]
@@ -106,8 +106,8 @@ class RunState:
         if self.requests.pop(c.id, None) is None:
             return False
         self.generated += len(c.completion_token_ids)
-        if self.plan_check is not None:  # the tokens it sampled: a stop token too, which the output leaves out
-            self.plan_check.record(c.id, len(c.completion_token_ids) + (c.finish_reason == FINISH_STOP))
+        if self.plan_check is not None:
+            self.plan_check.record(c.id, sampled_tokens(len(c.completion_token_ids), c.finish_reason))
         return True
 
     def restart_as(self, new: "RunState", generated_before: int) -> None:

@@ -245,8 +245,9 @@ class GlinthawkPage:
             labels_.append(f"pipeline {name}")
             total, rows = p.get("shards_total") or 0, p.get("rows_total")
             fractions.append(1.0 if p.get("done") else (min(1.0, p.get("rows_done", 0) / rows) if rows else 0.0))
-            texts.append(f"{rows_of(p.get('rows_done', 0), rows, bool(p.get('rows_total_exact')))} rows ({p.get('errors', 0)} errors, {p.get('skipped', 0)} "
-                         f"already done), shards {p.get('shards_read', 0)}/{total}, "
+            done = rows_of(p.get("rows_done", 0), rows, bool(p.get("rows_total_exact")))
+            texts.append(f"{done} rows ({p.get('errors', 0)} errors, {p.get('skipped', 0)} already done), "
+                         f"shards {p.get('shards_read', 0)}/{total}, "
                          f"{p.get('tokens_per_s', 0.0):.0f} tok/s" + _lost(p.get("recoveries", 0))
                          + (", finished" if p.get("done") else "" if p.get("eta_seconds") is None
                             else f", ETA {eta_text(p['eta_seconds'])}"))

@@ -34,6 +34,9 @@ _LAZY = {
     "GenerationJob": "jobs",
     "JobProgress": "jobs",
     "JobCancelledError": "jobs",
+    "submit_detached": "pipeline.detached",
+    "DetachedPipeline": "pipeline.detached",
+    "detached_pipelines": "pipeline.detached",
 }
 
 __all__ = [*_LAZY, "__version__"]
@@ -44,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .engine.request import Completion, Request
     from .errors import GlinthawkError, InvalidRequestError, ModelLoadError
     from .jobs import GenerationJob, JobCancelledError, JobProgress, PipelineJob, submit, submit_prompts
+    from .pipeline.detached import DetachedPipeline, detached_pipelines, submit_detached
     from .sampling import SamplingParams
 
 

@@ -423,6 +423,19 @@ def test_start_cluster_run_and_stop_on_loopback(tmp_path, reference, tls):
         table = read_output(str(out))
         got = {r["id"]: r["completion_token_ids"] for r in table.records()}
         assert got == reference
+        # the same spec detached: its driver, a process a worker starts, connects as the worker does
+        detached = tmp_path / "detached.zarr"
+        spec.write_text(yaml.safe_dump(_spec(tmp_path, detached)))
+        run = subprocess.run([sys.executable, "-m", "glinthawk_dask", "run", str(spec), "--detach",
+                              "--scheduler", address, *tls_args], capture_output=True, text=True, timeout=180,
+                             env=_env())
+        assert run.returncode == 0, run.stderr  # (returns as it generates, or, for 24 tokens, maybe once done)
+        assert "cli-e2e: running on the cluster" in run.stderr or "cli-e2e: 6 rows written" in run.stderr
+        attach = subprocess.run([sys.executable, "-m", "glinthawk_dask", "attach", "cli-e2e", "-q",
+                                 "--scheduler", address, *tls_args], capture_output=True, text=True, timeout=180,
+                                env=_env())
+        assert attach.returncode == 0 and "cli-e2e: 6 rows written (0 errors" in attach.stderr, attach.stderr
+        assert {r["id"]: r["completion_token_ids"] for r in read_output(str(detached)).records()} == reference
         # the same cluster profiled: both tiers' KV memory as its scheduler places runs
         prof_path = tmp_path / "profile.json"
         prof = subprocess.run([sys.executable, "-m", "glinthawk_dask", "profile", "--model", "random:tiny-gqa",
@@ -496,15 +509,15 @@ def test_a_time_left_as_people_read_it():
 
 
 def test_run_progress_line_counts_the_input_rows():
-    from glinthawk_dask.cli.pipeline import _run_text
+    from glinthawk_dask.cli.pipeline import run_text
     from glinthawk_dask.pipeline.run import Progress
 
     p = Progress(rows_done=300, errors=1, generated_tokens=1200, shards_read=2, shards_total=8, seconds=10.0,
                  rows_total=4000, tokens_left=14400)
-    assert _run_text(p) == "300/~4000 rows, 1 errors, 120.0 tok/s, shards 2/8, ETA 2 min"  # estimated
+    assert run_text(p) == "300/~4000 rows, 1 errors, 120.0 tok/s, shards 2/8, ETA 2 min"  # estimated
     p.shards_read, p.rows_total_exact = 8, True
-    assert _run_text(p).startswith("300/4000 rows, ")
-    assert _run_text(Progress(shards_total=8)) == "0 rows, 0 errors, 0.0 tok/s, shards 0/8"  # nothing read yet
+    assert run_text(p).startswith("300/4000 rows, ")
+    assert run_text(Progress(shards_total=8)) == "0 rows, 0 errors, 0.0 tok/s, shards 0/8"  # nothing read yet
 
 
 def test_generate_progress_line_and_quiet(capsys, tmp_path):

@@ -346,8 +346,8 @@ def cluster(n_dense: int, n_attention: int | None, dashboard_address: str) -> No
 def status(scheduler: str, as_json: bool, tls_ca_file: str | None, tls_cert: str | None,
            tls_key: str | None) -> None:
     """What a cluster holds: tier workers with their KV budgets and the KV reserved,
-    allocated and used on each, and the open runs with their client, age, plan and
-    tokens done."""
+    allocated and used on each, the open runs with their client, age, plan and
+    tokens done, and the detached pipelines (`glinthawk run --detach`)."""
     import json
 
     from ..runtime.cluster import cluster_status, connect
@@ -397,4 +397,9 @@ def status_text(info: dict) -> str:
         lines.append(f"runs waiting for KV the open runs hold: {len(info['waiting'])}")
         lines += [f"  {w['run_id']} by client {w['client']}: {w['model']}, waiting {w['waited_s']:.0f} s"
                   for w in info["waiting"]]
+    if info.get("pipelines"):
+        from .detached import pipeline_line
+
+        lines.append(f"detached pipelines: {len(info['pipelines'])}")
+        lines += [pipeline_line(p, info["time"]) for p in info["pipelines"]]
     return "\n".join(lines)

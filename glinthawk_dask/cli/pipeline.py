@@ -22,13 +22,19 @@ from .options import ProgressLine, recovered_note, scheduler_reachable, security
 @click.option("--mode", type=click.Choice(["two-tier", "single-tier", "hybrid", "in-process"]), default=None,
               help="Override topology.mode.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
+@click.option("--detach", is_flag=True,
+              help="Run the pipeline's driver on the cluster (needs --scheduler) and return once it generates; "
+                   "follow it with `glinthawk attach`, stop it with `glinthawk cancel`.")
 @tls_options("client")
 @user_errors
 def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite: bool, force: bool,
-        mode: str | None, quiet: bool, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
+        mode: str | None, quiet: bool, detach: bool, tls_ca_file: str | None, tls_cert: str | None,
+        tls_key: str | None) -> None:
     """Run the pipeline SPEC (a YAML file): read its prompts, generate, commit to Zarr.
 
-    Rerunning the same spec resumes: rows already in the output are skipped.
+    Rerunning the same spec resumes: rows already in the output are skipped.  With
+    --detach the run goes on without this command: its driver is a task on the cluster,
+    and prompts and completions go between the workers and storage, not through here.
     """
     import dataclasses
 
@@ -40,8 +46,18 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
         spec = spec.replace(output=dataclasses.replace(spec.output, url=output_url))
     if mode:
         spec = spec.replace(topology=dataclasses.replace(spec.topology, mode=mode))
-    show = ProgressLine(_run_text, quiet=quiet)
     security = security_from("client", tls_ca_file, tls_cert, tls_key)
+    if detach:
+        from .detached import detach_run
+
+        if scheduler is None:
+            raise click.UsageError("--detach needs --scheduler ADDRESS: a local cluster would end with this command "
+                                   "(start one that stays with `glinthawk cluster`)")
+        if spec.topology.mode == "in-process":
+            raise click.UsageError("--detach runs on a cluster: topology.mode in-process has none (--mode two-tier)")
+        detach_run(spec, scheduler, security, overwrite=overwrite, force=force)
+        return
+    show = ProgressLine(run_text, quiet=quiet)
     try:
         with tls_client(scheduler, security) as client:
             report = run_pipeline(spec, scheduler=scheduler, client=client, overwrite=overwrite, force=force,
@@ -50,16 +66,20 @@ def run(spec_path: str, scheduler: str | None, output_url: str | None, overwrite
         show.end()
         raise Interrupted(_left_behind(spec)) from None
     show.end()
+    click.echo("\n".join(report_lines(spec.name, report)), err=True)
+
+
+def report_lines(name: str, report: Any) -> list[str]:
+    """What a finished run prints: its :func:`run_line`, plan and error examples (or
+    that it had nothing to do)."""
     if report.complete:
-        click.echo(f"{spec.name}: nothing to run: every row of its input is already in {report.output} "
-                   f"({report.rows_in_output} rows; the input files are unchanged since the run that finished "
-                   "them). --overwrite starts over.", err=True)
-        return
-    click.echo(run_line(spec.name, report), err=True)
+        return [f"{name}: nothing to run: every row of its input is already in {report.output} "
+                f"({report.rows_in_output} rows; the input files are unchanged since the run that finished "
+                "them). --overwrite starts over."]
+    lines = [run_line(name, report)]
     if report.plan is not None:
-        click.echo(f"  plan {plan_text(report.plan)}", err=True)
-    for line in report.error_examples:
-        click.echo(f"  error {line}", err=True)
+        lines.append(f"  plan {plan_text(report.plan)}")
+    return lines + [f"  error {line}" for line in report.error_examples]
 
 
 def run_line(name: str, report: Any) -> str:
@@ -109,7 +129,8 @@ def _left_behind(spec: Any) -> str:
             "rerun the same command to resume")
 
 
-def _run_text(p: Any) -> str:
+def run_text(p: Any) -> str:
+    """A running pipeline's progress line."""
     from ..engine.progress import eta_text, rows_of
 
     eta = "" if p.eta_seconds is None else f", ETA {eta_text(p.eta_seconds)}"

@@ -25,6 +25,7 @@ from . import dashboard
 from .attention_service import AttentionService
 from .compute import one_torch_thread
 from .dense_service import DenseService
+from .pipelines import PipelineRegistry
 from .placement import PlacementError, kv_budget_bytes, make_plan
 from .worker_process import leave_interrupts_to_the_nanny, one_line_heartbeat_failures
 
@@ -166,6 +167,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         self._leases = asyncio.create_task(self._watch_leases())
         self.metrics = dashboard.PipelineMetrics(scheduler, lambda: self.tiers, waiting=self.waiting_runs)
         scheduler.handlers["glinthawk_progress"] = self.metrics.report_progress
+        self.pipelines = PipelineRegistry(scheduler, self.metrics.pipelines.get)
         self._page = dashboard.install_page(scheduler)
         dashboard.register_prometheus(scheduler)
         for addr, ws in scheduler.workers.items():
@@ -426,7 +428,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
     async def status(self) -> dict:
         """What the cluster holds: tier workers with their budgets and reserved and used
         KV, the open runs with their client, age, plan and tokens done, and the runs
-        waiting to be placed for KV the open runs hold."""
+        waiting to be placed for KV the open runs hold; the detached pipelines."""
         reg = self.registry()
         now = time.time()
 
@@ -471,7 +473,7 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
                 "generated_tokens": r.get("generated", 0), "lost_workers": list(r["lost"]),
             })
         return {"scheduler": self.scheduler.address, "time": now, "workers": workers, "runs": runs,
-                "waiting": self.waiting_runs()}
+                "waiting": self.waiting_runs(), "pipelines": self.pipelines.list()}
 
     def waiting_runs(self) -> list[dict]:
         """The runs still asking to be placed: id, client, model and seconds waited."""

@@ -1,0 +1,240 @@
+"""Detached pipelines: `run --detach`, `attach`, `cancel`, `status`, and the driver's worker dying."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+import zarr
+
+from distributed import Client
+
+from glinthawk_dask import LLM, SamplingParams
+from glinthawk_dask.pipeline.detached import detached_pipelines
+from glinthawk_dask.pipeline.sink import read_output
+from glinthawk_dask.runtime.pipelines import PipelineRegistry
+from helpers import story_rows
+
+MODEL = "smollm2-135m-instruct"
+ROWS = story_rows(24, chat=(4, 3), commas=5)
+MAX_TOKENS = 24
+
+
+def glinthawk(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "glinthawk_dask", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """`glinthawk cluster` (1 dense, 2 attention worker processes) for this module."""
+    proc = subprocess.Popen([sys.executable, "-m", "glinthawk_dask", "cluster", "--dashboard-address", ":0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("glinthawk scheduler at "), line
+        yield line.split()[-1]
+    finally:
+        for client in _clients.values():
+            client.close()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, list[int]]:
+    with LLM(MODEL, mode="in-process") as llm:
+        return {c.id: c.completion_token_ids for c in llm.generate(ROWS, SamplingParams(max_tokens=MAX_TOKENS))}
+
+
+def _spec(tmp_path: Path, name: str, out: str, rows: list[dict] = ROWS) -> Path:
+    src = tmp_path / f"{name}.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {
+        "name": name, "model": MODEL, "input": {"urls": str(src)},
+        "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0},
+        "topology": {"mode": "two-tier", "micro_batch_size": 4, "micro_batches": 2, "max_seq_len": 256},
+        "output": {"url": out, "chunk_rows": 2},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+_clients: dict[str, Client] = {}
+
+
+def _records(address: str) -> dict[str, dict]:
+    """The cluster's detached pipelines by name (as `glinthawk status --json` lists them)."""
+    if address not in _clients:
+        _clients[address] = Client(address)
+    return {p["name"]: p for p in detached_pipelines(_clients[address])}
+
+
+def _wait(address: str, name: str, ok, timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        record = _records(address).get(name)
+        if record is not None and ok(record):
+            return record
+        assert time.time() < deadline, record
+        time.sleep(0.5)
+
+
+def _table(url: str) -> dict[str, list[int]]:
+    out = {}
+    for r in read_output(url).records():
+        assert r["id"] not in out, f"{r['id']} written twice"
+        assert r["finish_reason"] in ("stop", "length"), r
+        out[r["id"]] = r["completion_token_ids"]
+    return out
+
+
+def test_a_detached_run_goes_on_without_its_client(cluster, reference, tmp_path):
+    out = tmp_path / "out.zarr"
+    spec = _spec(tmp_path, "alone", "out.zarr")
+    # a relative output path is this working directory's, written by a worker on this machine
+    proc = subprocess.run([sys.executable, "-m", "glinthawk_dask", "run", str(spec), "--scheduler", cluster,
+                           "--detach"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "alone: running on the cluster (its driver on worker tcp://" in proc.stderr, proc.stderr
+    assert f"writing {out}" in proc.stderr and f"glinthawk attach alone --scheduler {cluster}" in proc.stderr
+    # the command has ended; the run goes on, and its driver is a process of its own
+    record = _records(cluster)["alone"]
+    assert record["state"] in ("running", "finished") and record["attempts"] == 1, record
+    assert record["pid"] != os.getpid() and record["output"] == str(out)
+    # attach follows it to the end and says what it did, as `run` does
+    att = glinthawk("attach", "alone", "--scheduler", cluster)
+    assert att.returncode == 0, att.stderr
+    assert re.search(r"alone: 24 rows written \(0 errors, 0 already done\), \d+ tokens in", att.stderr), att.stderr
+    assert "\n  plan two-tier, 4 x 2 micro-batches, as the spec sets them" in att.stderr
+    assert _table(str(out)) == reference
+    status = glinthawk("status", "--scheduler", cluster)
+    assert re.search(r"\n  alone: finished \d+ s ago, 24 rows written \(0 errors\); output " + re.escape(str(out)),
+                     status.stdout), status.stdout
+    assert not psutil.pid_exists(record["pid"]) or psutil.Process(record["pid"]).status() == psutil.STATUS_ZOMBIE
+
+
+def test_cancel_stops_a_detached_run_and_a_rerun_resumes(cluster, reference, tmp_path):
+    out = str(tmp_path / "out.zarr")
+    rows = ROWS
+    spec = _spec(tmp_path, "stopped", out, rows=rows)
+    proc = glinthawk("run", str(spec), "--scheduler", cluster, "--detach")
+    assert proc.returncode == 0, proc.stderr
+    record = _wait(cluster, "stopped", lambda r: (r.get("progress") or {}).get("rows_done", 0) >= 2
+                   or r["state"] != "running")
+    assert record["state"] == "running", record
+    # a second run of the same name is refused while it runs
+    again = glinthawk("run", str(spec), "--scheduler", cluster, "--detach")
+    assert again.returncode == 1 and "a pipeline named 'stopped' is already running on this cluster" in again.stderr
+    cancel = glinthawk("cancel", "stopped", "--scheduler", cluster)
+    assert cancel.returncode == 0, cancel.stderr
+    assert "stopped: cancel sent; waiting for it to commit its finished rows and stop" in cancel.stderr
+    assert "\n  cancelled: the rows finished before it are committed; running the spec again resumes" in cancel.stderr
+    record = _records(cluster)["stopped"]
+    assert record["state"] == "cancelled" and record["report"]["cancelled"], record
+    done = _table(out)
+    assert 2 <= len(done) == record["report"]["rows_in_output"] < len(rows)
+    expected = reference
+    assert done == {k: expected[k] for k in done}
+    assert "already ended (cancelled): nothing to cancel" in glinthawk("cancel", "stopped", "--scheduler",
+                                                                        cluster).stderr
+    # run again: the name is free once ended, and the run resumes where the cancel left it
+    assert glinthawk("run", str(spec), "--scheduler", cluster, "--detach").returncode == 0
+    att = glinthawk("attach", "stopped", "--scheduler", cluster)
+    assert att.returncode == 0 and f"(0 errors, {len(done)} already done)" in att.stderr, att.stderr
+    assert _table(out) == expected
+
+
+def test_a_detached_run_outlives_the_worker_of_its_driver(cluster, reference, tmp_path):
+    """SIGKILL the worker process whose task runs the driver: Dask runs the task again on
+    the other CPU worker, the new driver resumes the output, and every row is in it once
+    and right; the first driver process, orphaned, stops."""
+    out = str(tmp_path / "out.zarr")
+    spec = _spec(tmp_path, "survivor", out)
+    assert glinthawk("run", str(spec), "--scheduler", cluster, "--detach").returncode == 0
+    record = _wait(cluster, "survivor", lambda r: (r.get("progress") or {}).get("rows_done", 0) >= 2
+                   or r["state"] != "running")
+    assert record["state"] == "running", record
+    driver = psutil.Process(record["pid"])
+    worker = driver.parent()  # the worker process the record names (its nanny starts another)
+    assert worker.pid != os.getpid() and worker.parent().parent() is not None
+    worker.kill()
+    driver.wait(30)  # the orphaned driver stops within a few seconds
+    final = _wait(cluster, "survivor", lambda r: r["state"] not in ("submitted", "starting", "running"), 300)
+    assert final["state"] == "finished" and final["attempts"] == 2, final
+    assert _table(out) == reference
+    assert final["report"]["skipped"] >= 1  # the second attempt resumed from rows the first committed
+
+
+def test_detach_refuses_what_a_worker_cannot_write_and_a_missing_scheduler(cluster, tmp_path):
+    spec = _spec(tmp_path, "refused", "memory://out.zarr")
+    proc = glinthawk("run", str(spec), "--scheduler", cluster, "--detach")
+    assert proc.returncode == 1 and "lives in the memory of the process that writes it" in proc.stderr
+    proc = glinthawk("run", str(spec), "--detach")
+    assert proc.returncode == 2 and "--detach needs --scheduler ADDRESS" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    missing = glinthawk("attach", "nobody", "--scheduler", cluster)
+    assert missing.returncode == 1 and "no detached pipeline named 'nobody'" in missing.stderr
+    # a mistake the driver meets (another spec's output) ends the detached run: the command says so
+    other = _spec(tmp_path, "other", str(tmp_path / "o.zarr"), rows=ROWS[:2])
+    assert glinthawk("run", str(other), "--scheduler", cluster, "--detach").returncode == 0
+    glinthawk("attach", "other", "--scheduler", cluster)
+    clash = _spec(tmp_path, "clash", str(tmp_path / "o.zarr"), rows=ROWS[:3])
+    proc = glinthawk("run", str(clash), "--scheduler", cluster, "--detach")
+    assert proc.returncode == 1 and "Error: clash failed: " in proc.stderr and "different spec" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- the scheduler's record ------------------------------------------------------------------
+
+
+class _Scheduler:
+    def __init__(self) -> None:
+        self.handlers: dict = {}
+        self.tasks: dict = {}
+
+
+def test_the_registry_counts_attempts_refuses_twins_and_finds_lost_drivers(monkeypatch):
+    s = _Scheduler()
+    progress = {"p": {"rows_done": 7}}
+    reg = PipelineRegistry(s, progress.get)
+    assert set(s.handlers) == {"glinthawk_pipeline_put", "glinthawk_pipelines"}
+    assert reg.put("p", {"key": "k", "output": "o"}, new=True)["state"] == "submitted"
+    assert reg.list()[0]["state"] == "submitted"  # its task has not reached the scheduler yet: not lost
+    s.tasks["k"] = object()
+    assert reg.put("p", {"state": "starting"})["attempts"] == 1
+    assert "refused" in reg.put("p", {"key": "k2"}, new=True)
+    assert reg.put("p", {"state": "running"})["state"] == "running"
+    assert reg.list("p")[0]["progress"] == {"rows_done": 7}
+    assert reg.put("p", {"state": "starting"})["attempts"] == 2  # Dask ran it again
+    del s.tasks["k"]
+    lost = reg.list("p")[0]
+    assert lost["state"] == "lost" and "died 2 time(s)" in lost["error"] and "(7 rows in its last report)" in \
+        lost["error"]
+    # a driver rerun after its record ended stops on the answer; a new run of the name may start
+    assert reg.put("p", {"state": "starting"})["state"] == "lost"
+    assert reg.put("p", {"key": "k3"}, new=True)["state"] == "submitted"
+    # a submitted record whose task never reached the scheduler is lost after a grace period
+    import glinthawk_dask.runtime.pipelines as mod
+
+    monkeypatch.setattr(mod, "SUBMIT_GRACE", 0.0)
+    assert reg.list("p")[0]["state"] == "lost"
+    for i in range(mod.KEEP_ENDED + 5):
+        reg.put(f"x{i}", {}, new=True)
+        reg.put(f"x{i}", {"state": "finished"})
+    assert len(reg.records) == mod.KEEP_ENDED + 1  # trimmed as x24 was submitted: 20 ended and x24
+    assert "x24" in reg.records and "x3" not in reg.records and "x4" in reg.records
+

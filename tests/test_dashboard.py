@@ -267,6 +267,29 @@ async def test_pulls_only_while_a_page_looks_and_progress_is_rate_limited(c, s, 
     assert page.rows_source.data["text"][i].endswith(", ETA 67 min")  # as the CLI says it
 
 
+@gen_cluster(client=True, nthreads=[DENSE, ATTN], timeout=60, scheduler_kwargs=DASHBOARD)
+async def test_detached_pipelines_show_their_state_on_the_page(c, s, a, b):
+    from glinthawk_dask.runtime.dashboard import GlinthawkPage
+
+    await _setup(c)
+    plugin = s.plugins["glinthawk"]
+    page = GlinthawkPage(plugin.metrics)
+    registry = plugin.pipelines
+    for name in ("going", "broken"):
+        registry.put(name, {"output": f"/data/{name}.zarr"}, new=True)
+        registry.put(name, {"state": "starting"})
+    registry.put("going", {"state": "starting"})  # Dask ran its driver again
+    registry.put("going", {"state": "running", "attempt": 2})
+    plugin.metrics.report_progress(name="going", progress={"rows_done": 5, "rows_total": 10, "rows_total_exact": True,
+                                                           "shards_read": 1, "shards_total": 1, "done": False})
+    registry.put("broken", {"state": "failed", "error": "the output was started with a different spec"})
+    page.update()
+    texts = dict(zip(page.rows_source.data["label"], page.rows_source.data["text"]))
+    assert texts["pipeline going"].startswith("5/10 rows") and texts["pipeline going"].endswith(
+        "; detached, running (attempt 2)"), texts
+    assert texts["pipeline broken"] == "detached, failed: the output was started with a different spec", texts
+
+
 def _chromium() -> tuple[str | None, str | None]:
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     return browser, shutil.which("chromedriver")

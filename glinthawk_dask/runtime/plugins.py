@@ -165,7 +165,8 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["glinthawk_renew"] = self.renew
         scheduler.handlers["glinthawk_status"] = self.status
         self._leases = asyncio.create_task(self._watch_leases())
-        self.metrics = dashboard.PipelineMetrics(scheduler, lambda: self.tiers, waiting=self.waiting_runs)
+        self.metrics = dashboard.PipelineMetrics(scheduler, lambda: self.tiers, waiting=self.waiting_runs,
+                                                 detached=lambda: self.pipelines.records)
         scheduler.handlers["glinthawk_progress"] = self.metrics.report_progress
         self.pipelines = PipelineRegistry(scheduler, self.metrics.pipelines.get)
         self._page = dashboard.install_page(scheduler)

@@ -8,10 +8,12 @@ without it.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from ...engine.progress import eta_text, lost_workers, rows_of
 from . import MAX_EVENTS_PER_PULL, PAGE
+from .poller import FINISHED_KEEP
 
 if TYPE_CHECKING:
     from .poller import PipelineMetrics
@@ -241,6 +243,7 @@ class GlinthawkPage:
             texts.append(f"{st['n_done']} of {st['n_submitted']} rows submitted so far done{where}"
                          + (", finished" if finished else "")
                          + (f"  error: {st['error']}" if st.get("error") else ""))
+        detached = m.detached()
         for name, p in m.pipelines.items():
             labels_.append(f"pipeline {name}")
             total, rows = p.get("shards_total") or 0, p.get("rows_total")
@@ -250,7 +253,13 @@ class GlinthawkPage:
                          f"shards {p.get('shards_read', 0)}/{total}, "
                          f"{p.get('tokens_per_s', 0.0):.0f} tok/s" + _lost(p.get("recoveries", 0))
                          + (", finished" if p.get("done") else "" if p.get("eta_seconds") is None
-                            else f", ETA {eta_text(p['eta_seconds'])}"))
+                            else f", ETA {eta_text(p['eta_seconds'])}") + _detached(detached.get(name)))
+        now = time.time()
+        for name, record in detached.items():  # detached ones that never reported progress (yet)
+            if name not in m.pipelines and now - record.get("ended", now) < FINISHED_KEEP:
+                labels_.append(f"pipeline {name}")
+                fractions.append(0.0)
+                texts.append(_detached(record).removeprefix("; "))
         if list(self.rows.y_range.factors) != labels_:
             self.rows.y_range.factors = labels_
         self.rows_source.data = {"label": labels_, "fraction": fractions, "text": texts}
@@ -317,6 +326,15 @@ def glinthawk_doc(scheduler: Any, extra: dict, doc: Any) -> None:
     doc.template = env.get_template("simple.html")
     doc.template_variables.update(extra)
     doc.theme = BOKEH_THEME
+
+
+def _detached(record: dict | None) -> str:
+    """A detached pipeline's state, after its progress (nothing for one run by a client)."""
+    if record is None:
+        return ""
+    attempt = f" (attempt {record['attempts']})" if record.get("attempts", 0) > 1 else ""
+    error = f": {record['error']}" if record.get("error") and record["state"] in ("failed", "lost") else ""
+    return f"; detached, {record['state']}{attempt}{error}"
 
 
 def _lost(n: int) -> str:

@@ -56,10 +56,11 @@ class PipelineMetrics:
 
     def __init__(self, scheduler: Any, tiers: Callable[[], dict[str, set[str]]], interval: float = INTERVAL,
                  max_intervals: int = 20_000, max_samples: int = 3_600,
-                 waiting: Callable[[], list[dict]] = list) -> None:
+                 waiting: Callable[[], list[dict]] = list, detached: Callable[[], dict[str, dict]] = dict) -> None:
         self.scheduler = scheduler
         self.tiers = tiers
         self.waiting = waiting  # the runs waiting to be placed (the scheduler plugin's)
+        self.detached = detached  # detached pipelines' records by name (runtime.pipelines)
         self.interval = interval
         #: (left_ms, right_ms, lane, kind, micro_batch, layer), scheduler clock
         self.intervals = _Ring(max_intervals)

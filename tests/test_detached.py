@@ -93,6 +93,13 @@ def _wait(address: str, name: str, ok, timeout: float = 240) -> dict:
         time.sleep(0.5)
 
 
+def _committed(url: str) -> int:
+    try:
+        return len(read_output(url))
+    except Exception:  # (not created yet)
+        return 0
+
+
 def _table(url: str) -> dict[str, list[int]]:
     out = {}
     for r in read_output(url).records():
@@ -158,25 +165,48 @@ def test_cancel_stops_a_detached_run_and_a_rerun_resumes(cluster, reference, tmp
     assert _table(out) == expected
 
 
-def test_a_detached_run_outlives_the_worker_of_its_driver(cluster, reference, tmp_path):
-    """SIGKILL the worker process whose task runs the driver: Dask runs the task again on
-    the other CPU worker, the new driver resumes the output, and every row is in it once
-    and right; the first driver process, orphaned, stops."""
+def test_a_detached_run_outlives_the_workers_it_runs_on(cluster, reference, tmp_path):
+    """SIGKILL, mid-run, an attention worker that does not run the driver: the run moves
+    its micro-batch and goes on, and `attach` prints the loss as `run` would.  Then SIGKILL
+    the worker whose task runs the driver: Dask runs the task again under another worker
+    of this host (the one killed first is back at a new port by then: the task is bound to
+    the host, not to addresses), the new driver resumes the output, and every row is in
+    it once and right; the first driver process, orphaned, stops."""
     out = str(tmp_path / "out.zarr")
     spec = _spec(tmp_path, "survivor", out)
     assert glinthawk("run", str(spec), "--scheduler", cluster, "--detach").returncode == 0
-    record = _wait(cluster, "survivor", lambda r: (r.get("progress") or {}).get("rows_done", 0) >= 2
+    attach = subprocess.Popen([sys.executable, "-m", "glinthawk_dask", "attach", "survivor", "--scheduler", cluster],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    record = _wait(cluster, "survivor", lambda r: (r.get("progress") or {}).get("rows_done", 0) >= 1
                    or r["state"] != "running")
     assert record["state"] == "running", record
     driver = psutil.Process(record["pid"])
     worker = driver.parent()  # the worker process the record names (its nanny starts another)
-    assert worker.pid != os.getpid() and worker.parent().parent() is not None
+    pids = _clients[cluster].run(os.getpid)  # worker address -> its process
+    assert pids[record["worker"]] == worker.pid
+    registry = _clients[cluster].sync(_clients[cluster].scheduler.glinthawk_registry)
+    other = next(a for a in registry["attention"] if a != record["worker"])  # (the driver's may be the dense one)
+    psutil.Process(pids[other]).kill()
+    record = _wait(cluster, "survivor", lambda r: r.get("recoveries") or r["state"] != "running")
+    assert record["state"] == "running" and len(record["recoveries"]) == 1, record
+    assert re.search(r"survivor: running on worker \S+, .*, 1 lost worker recovered",
+                     glinthawk("status", "--scheduler", cluster).stdout)
+    deadline = time.time() + 120
+    while _committed(out) < 2:  # (rows committed, not only finished, before the driver goes)
+        assert time.time() < deadline and _records(cluster)["survivor"]["state"] == "running"
+        time.sleep(0.2)
     worker.kill()
     driver.wait(30)  # the orphaned driver stops within a few seconds
     final = _wait(cluster, "survivor", lambda r: r["state"] not in ("submitted", "starting", "running"), 300)
     assert final["state"] == "finished" and final["attempts"] == 2, final
     assert _table(out) == reference
     assert final["report"]["skipped"] >= 1  # the second attempt resumed from rows the first committed
+    _, err = attach.communicate(timeout=60)
+    assert attach.returncode == 0, err
+    assert re.search(r"^glinthawk: lost attention worker tcp://\S+ .*micro-batch \d+ moved to tcp://", err,
+                     re.MULTILINE), err
+    end = re.search(r"^survivor: (\d+) rows written \(0 errors, (\d+) already done\)", err, re.MULTILINE)
+    assert end and int(end[1]) + int(end[2]) == len(ROWS) and int(end[2]) == final["report"]["skipped"], err
 
 
 def test_detach_refuses_what_a_worker_cannot_write_and_a_missing_scheduler(cluster, tmp_path):

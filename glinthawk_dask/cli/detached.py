@@ -57,9 +57,9 @@ def attach(name: str, scheduler: str, quiet: bool, tls_ca_file: str | None, tls_
 
     show = ProgressLine(run_text, quiet=quiet)
 
-    def seen(record: dict) -> None:
+    def seen(record: dict) -> None:  # (each worker the run lost gets its line, as `run` prints them)
         if record["state"] == "running" and record.get("progress"):
-            show(types.SimpleNamespace(**{**record["progress"], "recoveries": ()}))
+            show(types.SimpleNamespace(**{**record["progress"], "recoveries": record.get("recoveries") or ()}))
 
     with _client(scheduler, tls_ca_file, tls_cert, tls_key) as client:
         try:
@@ -134,7 +134,7 @@ def _ended(record: dict) -> None:
 
 def pipeline_line(record: dict, now: float | None = None) -> str:
     """One detached pipeline in ``glinthawk status``."""
-    from ..engine.progress import eta_text
+    from ..engine.progress import eta_text, lost_workers
 
     now = time.time() if now is None else now
     state = record["state"]
@@ -146,6 +146,8 @@ def pipeline_line(record: dict, now: float | None = None) -> str:
     p = record.get("progress")
     if state == "running" and p:
         text += f", {run_text(types.SimpleNamespace(**{**p, 'recoveries': ()}))}"
+    if record.get("recoveries"):
+        text += f", {lost_workers(len(record['recoveries']))} recovered"
     elif state in ("finished", "cancelled", "failed", "lost"):
         text += f" {eta_text(max(0.0, now - record.get('ended', now)))} ago"
         if record.get("report"):

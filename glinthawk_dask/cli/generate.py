@@ -313,9 +313,9 @@ def _output_name(output: TextIO) -> str:
 
 
 def _progress_text(p: Any) -> str:
-    from ..engine.progress import eta_text
+    from ..engine.progress import eta_part
 
-    eta = "" if p.eta_seconds is None else f", ETA {eta_text(p.eta_seconds)}"
+    eta = eta_part(p.eta_seconds)
     return (f"{p.rows_done}/{p.rows_total} rows, {p.errors} errors, {p.generated_tokens} tokens, "
             f"{p.tokens_per_s:.1f} tok/s{eta}")
 

@@ -131,9 +131,9 @@ def _left_behind(spec: Any) -> str:
 
 def run_text(p: Any) -> str:
     """A running pipeline's progress line."""
-    from ..engine.progress import eta_text, rows_of
+    from ..engine.progress import eta_part, rows_of
 
-    eta = "" if p.eta_seconds is None else f", ETA {eta_text(p.eta_seconds)}"
+    eta = eta_part(p.eta_seconds)
     return (f"{rows_of(p.rows_done, p.rows_total, p.rows_total_exact)} rows, {p.errors} errors, "
             f"{p.tokens_per_s:.1f} tok/s, shards {p.shards_read}/{p.shards_total}{eta}")
 

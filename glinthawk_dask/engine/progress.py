@@ -128,6 +128,11 @@ def eta_text(seconds: float) -> str:
     return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+def eta_part(seconds: float | None) -> str:
+    """``, ETA 12 min`` after a progress line's other parts (nothing while unknown)."""
+    return "" if seconds is None else f", ETA {eta_text(seconds)}"
+
+
 def rows_of(done: int, total: int | None, exact: bool = True) -> str:
     """``3/10`` rows done of a total, ``3/~10`` while the total is an estimate (a
     pipeline's unread shards), ``3`` when it is unknown."""

@@ -47,7 +47,8 @@ def submit_detached(spec: PipelineSpec, client: Any, *, overwrite: bool = False,
     """Start ``spec`` on ``client``'s cluster with its driver on a CPU worker; its handle.
 
     Refused while a pipeline of the same name runs there.  A local output path is made
-    absolute and written by a worker on this machine (refused when none runs here);
+    absolute and written from this machine, by a driver under any of its workers
+    (refused when none runs here);
     ``memory://`` outputs are refused (they live in the process that writes them).
     ``overwrite`` applies to the first attempt only: a driver rerun after its worker
     died resumes.
@@ -225,12 +226,18 @@ def run_driver(client: Any, spec: PipelineSpec, *, overwrite: bool, force: bool,
             except Exception:  # (the scheduler gone: the run fails on its own)
                 return
 
-    running = [False]
+    running, recoveries = [False], [0]
 
-    def progress(_: Any) -> None:
+    def progress(p: Any) -> None:  # the record's state, and the workers the run lost (for `attach`)
+        fields: dict[str, Any] = {}
         if not running[0]:
             running[0] = True
-            put(state="running", attempt=attempt)
+            fields["state"] = "running"
+        if len(p.recoveries) > recoveries[0]:
+            recoveries[0] = len(p.recoveries)
+            fields["recoveries"] = list(p.recoveries)
+        if fields:
+            put(attempt=attempt, **fields)
 
     threading.Thread(target=watch, name=f"glinthawk-cancel-{name}", daemon=True).start()
     try:
@@ -315,9 +322,10 @@ def _portable(spec: PipelineSpec) -> PipelineSpec:
 
 
 def _driver_workers(client: Any, spec: PipelineSpec) -> tuple[list[str], bool]:
-    """The workers the driver may run on, and whether others may take it: the CPU
-    (attention) workers, or for a plain local output path those on this machine, alone
-    (``file://PATH`` says the path is on a filesystem the workers share)."""
+    """Where the driver's task may run, and whether other workers may take it: the CPU
+    (attention) workers, preferred; for a plain local output path, this machine's hosts
+    alone (hosts, not addresses: a worker its nanny restarts comes back at another port).
+    ``file://PATH`` says the path is on a filesystem the workers share."""
     from ..runtime.cluster import tier_workers
 
     cpu = tier_workers(client)["attention"]
@@ -326,13 +334,12 @@ def _driver_workers(client: Any, spec: PipelineSpec) -> tuple[list[str], bool]:
                              "start one with `glinthawk worker --tier attention`")
     if fsspec.core.split_protocol(spec.output.url)[0] is not None:
         return cpu, True
-    hosts = client.scheduler_info()["workers"]
-    here = [a for a in cpu if _is_this_machine(hosts.get(a, {}).get("host", ""))]
-    if not here:
-        raise GlinthawkError(f"the output {spec.output.url} is a path on this machine, but no CPU worker of the "
+    hosts = sorted({w["host"] for w in client.scheduler_info()["workers"].values() if _is_this_machine(w["host"])})
+    if not hosts:
+        raise GlinthawkError(f"the output {spec.output.url} is a path on this machine, but no worker of the "
                              "cluster runs here to write it: give a URL the workers can write (s3://, gs://, ...), or "
                              "file:// and the path if it is on a filesystem they share")
-    return here, False
+    return hosts, False
 
 
 def _is_this_machine(host: str) -> bool:

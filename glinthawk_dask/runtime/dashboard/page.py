@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from ...engine.progress import eta_text, lost_workers, rows_of
+from ...engine.progress import eta_part, lost_workers, rows_of
 from . import MAX_EVENTS_PER_PULL, PAGE
 from .poller import FINISHED_KEEP
 
@@ -252,8 +252,8 @@ class GlinthawkPage:
             texts.append(f"{done} rows ({p.get('errors', 0)} errors, {p.get('skipped', 0)} already done), "
                          f"shards {p.get('shards_read', 0)}/{total}, "
                          f"{p.get('tokens_per_s', 0.0):.0f} tok/s" + _lost(p.get("recoveries", 0))
-                         + (", finished" if p.get("done") else "" if p.get("eta_seconds") is None
-                            else f", ETA {eta_text(p['eta_seconds'])}") + _detached(detached.get(name)))
+                         + (", finished" if p.get("done") else eta_part(p.get("eta_seconds")))
+                         + _detached(detached.get(name)))
         now = time.time()
         for name, record in detached.items():  # detached ones that never reported progress (yet)
             if name not in m.pipelines and now - record.get("ended", now) < FINISHED_KEEP:

@@ -59,6 +59,29 @@ def test_bench_quickstart_runs_a_spec_and_its_requests_in_process(tmp_path):
     assert not (tmp_path / "unused.zarr").exists()  # the benchmark writes its own output elsewhere
 
 
+def test_bench_detached_alternates_client_and_detached_runs(tmp_path):
+    """The detached benchmark at a tiny size: one round, each way, on its own cluster."""
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Count to {i}:"}) + "\n"
+                                               for i in range(3)))
+    (tmp_path / "spec.yaml").write_text(
+        "name: tiny-detached\nmodel: smollm2-135m-instruct\ninput: {urls: in.jsonl}\n"
+        "sampling: {max_tokens: 4, ignore_eos: true}\n"
+        "topology: {mode: two-tier, micro_batch_size: 4, micro_batches: 1, max_seq_len: 64}\n"
+        "output: {url: unused.zarr}\n")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_detached.py"), "--spec", str(tmp_path / "spec.yaml"),
+           "--rounds", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert [(r["kind"], r["tokens"], r["plan"]) for r in report["runs"]] == [("client", 12, "3 x 1"),
+                                                                             ("detached", 12, "3 x 1")]
+    assert report["same_rows"] == report["rows"] == 3
+    assert re.search(r"^median tok/s: client [\d.]+, detached [\d.]+; ratio detached / client [\d.]+x$",
+                     proc.stdout, re.MULTILINE), proc.stdout
+    assert not (tmp_path / "unused.zarr").exists()  # the benchmark writes its own outputs elsewhere
+
+
 def test_bench_two_tier_takes_a_dtype_for_every_engine():
     """``--dtype``: float32 by default; bfloat16 skips HF generate (its reference run
     loads the model in float32); other names are refused."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +20,8 @@ import zarr
 from distributed import Client
 
 from glinthawk_dask import LLM, SamplingParams
-from glinthawk_dask.pipeline.detached import detached_pipelines
+from glinthawk_dask.pipeline.detached import detached_pipelines, submit_detached
+from glinthawk_dask.pipeline.spec import load_spec
 from glinthawk_dask.pipeline.sink import read_output
 from glinthawk_dask.runtime.pipelines import PipelineRegistry
 from helpers import story_rows
@@ -132,6 +134,11 @@ def test_a_detached_run_goes_on_without_its_client(cluster, reference, tmp_path)
     assert re.search(r"\n  alone: finished \d+ s ago, 24 rows written \(0 errors\); output " + re.escape(str(out)),
                      status.stdout), status.stdout
     assert not psutil.pid_exists(record["pid"]) or psutil.Process(record["pid"]).status() == psutil.STATUS_ZOMBIE
+    # at once again, from Python (the first run's task may still be ending): nothing left to do
+    first = load_spec(spec)
+    pipe = submit_detached(first.replace(output=dataclasses.replace(first.output, url=str(out))), _clients[cluster])
+    again = pipe.wait(timeout=120, poll=0.2)
+    assert again["state"] == "finished" and again["attempts"] == 1 and pipe.report().complete, again
 
 
 def test_cancel_stops_a_detached_run_and_a_rerun_resumes(cluster, reference, tmp_path):
@@ -247,7 +254,9 @@ def test_the_registry_counts_attempts_refuses_twins_and_finds_lost_drivers(monke
     s.tasks["k"] = object()
     assert reg.put("p", {"state": "starting"})["attempts"] == 1
     assert "refused" in reg.put("p", {"key": "k2"}, new=True)
-    assert reg.put("p", {"state": "running"})["state"] == "running"
+    assert reg.put("p", {"state": "running"}, key="k")["state"] == "running"
+    # an earlier run's driver of the same name, still ending, does not touch this record
+    assert reg.put("p", {"state": "failed"}, key="k0")["stale"] and reg.records["p"]["state"] == "running"
     assert reg.list("p")[0]["progress"] == {"rows_done": 7}
     assert reg.put("p", {"state": "starting"})["attempts"] == 2  # Dask ran it again
     del s.tasks["k"]

@@ -71,7 +71,7 @@ def submit_detached(spec: PipelineSpec, client: Any, *, overwrite: bool = False,
             f"{other.get('output')}): follow it with `glinthawk attach {spec.name}`, stop it with `glinthawk cancel "
             f"{spec.name}`, or give this spec another name")
     Event(cancel_event(spec.name), client=client).clear()  # (a cancel of an earlier run of this name)
-    future = client.submit(drive, spec_fields(spec), overwrite, force, key=key, workers=workers,
+    future = client.submit(drive, spec_fields(spec), overwrite, force, key, key=key, workers=workers,
                            allow_other_workers=anywhere, pure=False)
     fire_and_forget(future)
     return DetachedPipeline(client, spec.name)
@@ -151,10 +151,10 @@ def cancel_event(name: str) -> str:
 # -- the driver, on a worker ------------------------------------------------------------------
 
 
-def drive(spec: dict, overwrite: bool, force: bool) -> str:
-    """The Dask task of a detached pipeline: run its driver in a process of its own on
-    this worker's host, relay its log to the worker's, and wait for it; the state the
-    run ended in.
+def drive(spec: dict, overwrite: bool, force: bool, key: str) -> str:
+    """The Dask task ``key`` of a detached pipeline: run its driver in a process of its
+    own on this worker's host, relay its log to the worker's, and wait for it; the state
+    the run ended in.
 
     A process of its own, not this worker's: the driver's Python work (feeding requests,
     detokenizing, committing) would otherwise share a GIL and an event loop with the
@@ -172,7 +172,7 @@ def drive(spec: dict, overwrite: bool, force: bool) -> str:
 
     secede()  # (runs for hours: gives its thread back to the worker, whose tasks read the shards)
     worker, client = get_worker(), get_client()
-    job = {"spec": spec, "overwrite": overwrite, "force": force, "scheduler": worker.scheduler.address,
+    job = {"spec": spec, "overwrite": overwrite, "force": force, "key": key, "scheduler": worker.scheduler.address,
            "tls": _tls_of(worker.security), "worker": worker.address, "parent": os.getpid()}
     proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -188,27 +188,29 @@ def drive(spec: dict, overwrite: bool, force: bool) -> str:
     rc = proc.wait()
     name = spec["name"]
     record = client.sync(client.scheduler.glinthawk_pipelines, name=name)
-    state = record[0]["state"] if record else "lost"
+    if not record or record[0].get("key") != key:  # (a newer run of the name has the record)
+        return "ended"
+    state = record[0]["state"]
     if state in ACTIVE:  # (it died before it could say how it ended)
-        client.sync(client.scheduler.glinthawk_pipeline_put, name=name, fields={
+        client.sync(client.scheduler.glinthawk_pipeline_put, name=name, key=key, fields={
             "state": "failed", "error": f"its driver process exited with code {rc}: " + " | ".join(tail)})
         state = "failed"
     return state
 
 
-def run_driver(client: Any, spec: PipelineSpec, *, overwrite: bool, force: bool, worker: str) -> str:
-    """Run ``spec`` on ``client``'s cluster as a detached pipeline's driver (on
-    ``worker``'s host), reporting to the scheduler's record as it goes; the state it
-    ended in."""
+def run_driver(client: Any, spec: PipelineSpec, *, overwrite: bool, force: bool, worker: str, key: str) -> str:
+    """Run ``spec`` on ``client``'s cluster as the driver of the detached pipeline whose
+    task is ``key`` (under ``worker``), reporting to the scheduler's record as it goes;
+    the state it ended in."""
     from distributed import Event
 
     name = spec.name
 
     def put(**fields: Any) -> dict:
-        return client.sync(client.scheduler.glinthawk_pipeline_put, name=name, fields=fields)
+        return client.sync(client.scheduler.glinthawk_pipeline_put, name=name, key=key, fields=fields)
 
     record = put(state="starting", worker=worker, host=socket.gethostname(), pid=os.getpid())
-    if record["state"] != "starting":  # ended before this attempt began (cancelled, lost): nothing to do
+    if record.get("stale") or record["state"] != "starting":  # ended before this attempt began: nothing to do
         return record["state"]
     attempt = record["attempts"]  # (every later update names it: once Dask runs another, they are ignored)
     if record["attempts"] > 1:
@@ -303,7 +305,7 @@ def _main() -> None:
                                                  tls_client_key=tls["key"], require_encryption=True)
     with Client(job["scheduler"], security=security, name=f"glinthawk-pipeline-{job['spec']['name']}") as client:
         run_driver(client, spec_from(job["spec"]), overwrite=job["overwrite"], force=job["force"],
-                   worker=job["worker"])
+                   worker=job["worker"], key=job["key"])
 
 
 # -- where the driver may run -----------------------------------------------------------------

@@ -48,12 +48,14 @@ class PipelineRegistry:
         scheduler.handlers["glinthawk_pipeline_put"] = self.put
         scheduler.handlers["glinthawk_pipelines"] = self.list
 
-    def put(self, name: str, fields: dict, new: bool = False) -> dict:
+    def put(self, name: str, fields: dict, new: bool = False, key: str | None = None) -> dict:
         """Create (``new``) or update the record ``name`` with ``fields``; the record.
 
         A new record is refused (``{"refused": <the active record>}``) while one of the
-        same name is active.  ``state: starting`` counts an attempt; an update that names
-        an ``attempt`` other than the last is ignored (``stale`` in the answer); a state
+        same name is active.  An update from a driver names its task's ``key``: one for
+        another record of the name (an earlier run's driver, still ending) is ignored, as
+        is one that names an ``attempt`` other than the last (a driver Dask replaced);
+        the answer then says ``stale``.  ``state: starting`` counts an attempt; a state
         that ends the record stamps ``ended``.
         """
         now = time.time()
@@ -68,12 +70,13 @@ class PipelineRegistry:
             return dict(self.records[name])
         record = self.records.get(name)
         if record is None:  # (the scheduler restarted under a running driver: begin again)
-            record = self.records[name] = {"name": name, "state": "submitted", "attempts": 0, "submitted": now}
+            record = self.records[name] = {"name": name, "state": "submitted", "attempts": 0, "submitted": now,
+                                           "key": key}
+        attempt = fields.pop("attempt", None)
+        if (key is not None and key != record.get("key")) or (attempt is not None and attempt != record["attempts"]):
+            return {**record, "stale": True}  # (its news is not this record's)
         if record["state"] in ENDED and fields.get("state") in ACTIVE:
             return dict(record)  # (a driver Dask reran after its record ended: it stops on this answer)
-        attempt = fields.pop("attempt", None)
-        if attempt is not None and attempt != record["attempts"]:
-            return {**record, "stale": True}  # (a driver Dask replaced, still ending: its news is not the run's)
         if fields.get("state") == "starting":
             record["attempts"] += 1
         record.update(fields, updated=now)

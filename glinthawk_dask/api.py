@@ -222,6 +222,7 @@ class LLM:
     def stream_requests(
         self, requests: Iterable[Request], *, max_seq_len: int | None = None,
         on_tick: Callable[[], None] | None = None, output_lengths: Sequence[int] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> Generator[Completion, None, None]:
         """Generate built requests (see :meth:`make_requests`), yielding each completion as it finishes.
 
@@ -234,10 +235,13 @@ class LLM:
         run at once and frees its KV cache.  One generation at a time per LLM.
         ``output_lengths``, completion lengths seen before (a resumed run's committed
         rows), lets an auto plan expect rows to stop as those did rather than run to
-        ``max_tokens``.
+        ``max_tokens``.  On a cluster, ``stop()`` turning true while the run waits to be
+        placed (for KV other runs hold) ends it with nothing generated.
         """
-        planned = {"output_lengths": list(output_lengths)} if output_lengths and self.client is not None else {}
-        return self.engine.generate(requests, max_seq_len=max_seq_len, on_tick=on_tick, **planned)
+        distributed: dict[str, Any] = {"stop": stop} if stop is not None and self.client is not None else {}
+        if output_lengths and self.client is not None:
+            distributed["output_lengths"] = list(output_lengths)
+        return self.engine.generate(requests, max_seq_len=max_seq_len, on_tick=on_tick, **distributed)
 
     @property
     def generated_tokens(self) -> int:

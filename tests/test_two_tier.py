@@ -320,6 +320,10 @@ async def test_a_run_beside_another_is_planned_and_placed_in_the_room_left(c, s,
     assert two.predicted_for_lengths is None  # (EOS ignored: every row ran to max_tokens)
 
 
+async def collect_all(completions) -> list:
+    return [x async for x in completions]
+
+
 @gen_cluster(client=True, nthreads=[DENSE, ("127.0.0.1", 1, {"resources": {"KV": 12 * _SLOTS_64}})], timeout=120)
 async def test_a_run_waits_for_kv_other_runs_hold_and_says_whose(c, s, a, b, caplog):
     """A run that would fit the cluster alone waits while another run holds every KV
@@ -360,6 +364,15 @@ async def test_a_run_waits_for_kv_other_runs_hold_and_says_whose(c, s, a, b, cap
     assert waiting["client"] == c.id and waiting["model"] == MODEL and waiting["waited_s"] >= 0.5
     assert f"runs waiting for KV the open runs hold: 1\n  {waiting['run_id']} by client {c.id}: " in \
         status_text(status)
+    # a run told to stop while it waits (a cancelled pipeline) ends with nothing, and is no longer listed
+    quitter, stop = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=1), asyncio.Event()
+    quitting = asyncio.ensure_future(collect_all(quitter.agenerate(reqs, max_seq_len=64, stop=stop.is_set)))
+    await asyncio.sleep(0.6)
+    assert not quitting.done() and len((await c.scheduler.glinthawk_status())["waiting"]) == 2
+    stop.set()
+    assert await asyncio.wait_for(quitting, 10.0) == []
+    assert [w["run_id"] for w in (await c.scheduler.glinthawk_status())["waiting"]] == [waiting["run_id"]]
+    assert any("stopped while it waited to be placed" in r.getMessage() for r in caplog.records)
     [x async for x in held]  # the holder finishes and frees its slots
     assert await task == _reference(reqs)
     assert not (await c.scheduler.glinthawk_status())["waiting"]  # placed: no longer waiting

@@ -188,7 +188,7 @@ def run_pipeline(
             stop = cancel.is_set if cancel is not None else (lambda: False)
             before = [n for _, n in sink.lengths()] if sink.rows else None  # a resumed run plans on them
             completions = llm.stream_requests(feed.requests(on_error=note, stop=stop), max_seq_len=topo.max_seq_len,
-                                              on_tick=refresh, output_lengths=before)
+                                              on_tick=refresh, output_lengths=before, stop=stop)
             with contextlib.closing(completions):  # a break closes the engine's run
                 for c in completions:
                     note(c.to_row())

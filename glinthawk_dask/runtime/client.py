@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import math
 import time
@@ -29,7 +28,7 @@ from .faults import Unplaceable, WorkerFailure, is_worker_failure
 from .autoplan import auto_plan, weight_bytes
 from .messages import DTYPES, Plan, Results, SliceSpec
 from .retry import retry_until
-from .runs import RunState, RunSummary
+from .runs import RequestFeed, RunState, RunSummary
 
 __all__ = ["DaskEngine", "RunSummary"]
 
@@ -94,8 +93,8 @@ class DaskEngine:
 
     # -- sync API ------------------------------------------------------------------
     def generate(self, requests: Iterable[Request], *, max_seq_len: int | None = None,
-                 on_tick: Callable[[], None] | None = None,
-                 output_lengths: list[int] | None = None) -> Iterator[Completion]:
+                 on_tick: Callable[[], None] | None = None, output_lengths: list[int] | None = None,
+                 stop: Callable[[], bool] | None = None) -> Iterator[Completion]:
         """Yield completions as they finish (synchronous clients).
 
         With a KV slot size (``max_seq_len``, else the engine's), ``requests`` is
@@ -106,15 +105,19 @@ class DaskEngine:
         completed once.  ``on_tick()`` is called after every poll of the run (at least
         every ``glinthawk.engine.poll-interval``), with :attr:`generated_tokens` current.
         ``output_lengths`` (completion lengths seen before) are what an auto plan expects
-        rows to stop at, each within its ``max_tokens``.
+        rows to stop at, each within its ``max_tokens``.  While the run waits to be
+        placed (for KV other runs hold), ``stop()`` turning true ends it with nothing
+        generated (checked between asks, at least every 5 s).
         """
         max_seq_len = max_seq_len or self.max_seq_len
         self.generated_tokens = 0
-        feed = _Feed(requests, self._first_batch_size(max_seq_len))
+        feed = RequestFeed(requests, self._first_batch_size(max_seq_len))
         if not feed.first:
             return
         self.recoveries, self.placement_wait_s = [], 0.0
-        run = self.client.sync(self._open, feed.first, max_seq_len, output_lengths=output_lengths)
+        run = self.client.sync(self._open, feed.first, max_seq_len, output_lengths=output_lengths, stop=stop)
+        if run is None:  # stopped while waiting to be placed
+            return
         self.recoveries = run.recoveries  # (the same list across the run's restarts)
         try:
             more = feed.first
@@ -132,16 +135,19 @@ class DaskEngine:
     async def agenerate(
         self, requests: Iterable[Request], *, max_seq_len: int | None = None,
         on_tick: Callable[[], None] | None = None, output_lengths: list[int] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> AsyncIterator[Completion]:
         """Yield completions as they finish (asynchronous clients); arguments as for
         :meth:`generate` (the iterator must not block the event loop)."""
         max_seq_len = max_seq_len or self.max_seq_len
         self.generated_tokens = 0
-        feed = _Feed(requests, self._first_batch_size(max_seq_len))
+        feed = RequestFeed(requests, self._first_batch_size(max_seq_len))
         if not feed.first:
             return
         self.recoveries, self.placement_wait_s = [], 0.0
-        run = await self._open(feed.first, max_seq_len, output_lengths=output_lengths)
+        run = await self._open(feed.first, max_seq_len, output_lengths=output_lengths, stop=stop)
+        if run is None:  # stopped while waiting to be placed
+            return
         self.recoveries = run.recoveries
         try:
             more = feed.first
@@ -206,7 +212,8 @@ class DaskEngine:
         return await getattr(self.client.rpc(addr), op)(**kwargs)
 
     async def _open(self, requests: list[Request], max_seq_len: int | None, size_hint: int = 0,
-                    output_lengths: list[int] | None = None) -> RunState:
+                    output_lengths: list[int] | None = None,
+                    stop: Callable[[], bool] | None = None) -> RunState | None:
         cfg = self.model_config
         run_id = f"gh-{uuid.uuid4().hex[:12]}"
         seq_len = self._seq_len(requests, max_seq_len)
@@ -255,11 +262,19 @@ class DaskEngine:
                                "(glinthawk.engine.placement-timeout): %s", run_id, timeout, e)
             waits.append(e)
 
+        def stopped() -> bool:
+            return stop is not None and stop()
+
         try:  # other runs may free room; a recovery waits itself
-            reply = await retry_until(place, deadline=deadline,
-                                      retry_on=lambda e: isinstance(e, Unplaceable) and e.wait and not size_hint,
-                                      on_retry=waiting)
+            reply = await retry_until(place, deadline=deadline, retry_on=lambda e: (
+                isinstance(e, Unplaceable) and e.wait and not size_hint and not stopped()), on_retry=waiting)
         except Unplaceable as e:
+            if waits and stopped():  # (no longer waiting: the scheduler stops listing it at once)
+                logger.warning("glinthawk run %s stopped while it waited to be placed (%.0f s)", run_id,
+                               time.time() - t_asked)
+                await self.client.scheduler.glinthawk_run_closed(run_id=run_id)
+                self.placement_wait_s = time.time() - t_asked
+                return None
             if waits and e.wait:
                 raise Unplaceable(f"{e}: waited {time.time() - t_asked:.0f} s for room (glinthawk.engine."
                                   "placement-timeout); rerun once they finish, or give the attention workers more "
@@ -447,23 +462,6 @@ class DaskEngine:
         attn = [(e[1], e[2]) for ev in self.last_timeline.values() for e in ev if e[0] == "attention"]
         return {"dense_busy": busy_seconds(dense), "attention_busy": busy_seconds(attn),
                 "overlap": overlap_seconds(dense, attn)}
-
-
-class _Feed:
-    """Requests read in batches from an iterable: ``first`` (``n_first`` of them, or
-    all when ``n_first`` is None), then :meth:`take` as room frees up."""
-
-    def __init__(self, requests: Iterable[Request], n_first: int | None) -> None:
-        self._it = iter(requests)
-        self.first = list(self._it if n_first is None else itertools.islice(self._it, n_first))
-        self.exhausted = n_first is None or len(self.first) < n_first
-
-    def take(self, n: int) -> list[Request]:
-        if self.exhausted or n <= 0:
-            return []
-        out = list(itertools.islice(self._it, n))
-        self.exhausted = len(out) < n
-        return out
 
 
 def _driver_lost(run: RunState, error: Exception) -> Exception:

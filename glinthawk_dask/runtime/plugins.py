@@ -484,6 +484,8 @@ class GlinthawkSchedulerPlugin(SchedulerPlugin):
                 for r, w in self.waiting.items()]
 
     def run_closed(self, run_id: str) -> dict:
-        """Free a closed run's placement; the other runs placed while it was open."""
+        """Free a closed run's placement (or forget a run that stopped waiting for one);
+        the other runs placed while it was open."""
+        self.waiting.pop(run_id, None)
         run = self.runs.pop(run_id, None) or {}
         return {"beside": sorted(run.get("beside", ()))}

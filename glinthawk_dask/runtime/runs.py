@@ -1,18 +1,20 @@
-"""A run as its caller sees it: the state the client keeps while it goes
-(:class:`RunState`, the same object across the restarts of a recovery) and what it did
-once it is over (:class:`RunSummary`)."""
+"""A run as its caller sees it: the requests it reads as room frees up
+(:class:`RequestFeed`), the state the client keeps while it goes (:class:`RunState`, the
+same object across the restarts of a recovery) and what it did once it is over
+(:class:`RunSummary`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from ..engine.request import Completion, Request, sampled_tokens
 from .messages import Plan
 
-__all__ = ["RunState", "RunSummary"]
+__all__ = ["RequestFeed", "RunState", "RunSummary"]
 
 
 @dataclasses.dataclass
@@ -116,3 +118,18 @@ class RunState:
         self.status, self.generated_before = "running", generated_before
 
 
+class RequestFeed:
+    """Requests read in batches from an iterable: ``first`` (``n_first`` of them, or
+    all when ``n_first`` is None), then :meth:`take` as room frees up."""
+
+    def __init__(self, requests: Iterable[Request], n_first: int | None) -> None:
+        self._it = iter(requests)
+        self.first = list(self._it if n_first is None else itertools.islice(self._it, n_first))
+        self.exhausted = n_first is None or len(self.first) < n_first
+
+    def take(self, n: int) -> list[Request]:
+        if self.exhausted or n <= 0:
+            return []
+        out = list(itertools.islice(self._it, n))
+        self.exhausted = len(out) < n
+        return out

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
+from typing import Iterator
+
 TOPICS = ["the sea", "a cat", "bread", "the moon", "rain", "a library", "trains", "snow", "coffee", "maps"]
 
 
@@ -36,3 +42,21 @@ def count_scheduler_messages(scheduler) -> dict[str, int]:
         for name in list(table):
             table[name] = counting(name, table[name])
     return counts
+
+
+@contextlib.contextmanager
+def glinthawk_cluster() -> Iterator[str]:
+    """`glinthawk cluster` (1 dense, 2 attention worker processes) while the block runs;
+    its scheduler's address.  Stopped with SIGINT, as a user stops it."""
+    proc = subprocess.Popen([sys.executable, "-m", "glinthawk_dask", "cluster", "--dashboard-address", ":0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("glinthawk scheduler at "), line
+        yield line.split()[-1]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

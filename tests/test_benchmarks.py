@@ -37,15 +37,19 @@ def test_bench_inprocess_runs_and_reports(tmp_path):
     assert report["ratio_inprocess_over_hf"] > 0
 
 
-def test_bench_quickstart_runs_a_spec_and_its_requests_in_process(tmp_path):
-    """The quickstart benchmark at a tiny size, on a spec that runs in-process: the same
-    requests through the pipeline, the in-process engine and the pipeline's LLM alone."""
+def _tiny_spec(tmp_path, name: str, topology: str) -> None:
+    """``spec.yaml`` of three prompts (``in.jsonl``) of 4 tokens each, in ``tmp_path``."""
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Count to {i}:"}) + "\n"
                                                for i in range(3)))
     (tmp_path / "spec.yaml").write_text(
-        "name: tiny\nmodel: smollm2-135m-instruct\ninput: {urls: in.jsonl}\n"
-        "sampling: {max_tokens: 4, ignore_eos: true}\ntopology: {mode: in-process, max_seq_len: 64}\n"
-        "output: {url: unused.zarr}\n")
+        f"name: {name}\nmodel: smollm2-135m-instruct\ninput: {{urls: in.jsonl}}\n"
+        f"sampling: {{max_tokens: 4, ignore_eos: true}}\ntopology: {topology}\noutput: {{url: unused.zarr}}\n")
+
+
+def test_bench_quickstart_runs_a_spec_and_its_requests_in_process(tmp_path):
+    """The quickstart benchmark at a tiny size, on a spec that runs in-process: the same
+    requests through the pipeline, the in-process engine and the pipeline's LLM alone."""
+    _tiny_spec(tmp_path, "tiny", "{mode: in-process, max_seq_len: 64}")
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCHMARKS / "bench_quickstart.py"), "--spec", str(tmp_path / "spec.yaml"),
            "--repeats", "1", "--json", str(out)]
@@ -61,13 +65,7 @@ def test_bench_quickstart_runs_a_spec_and_its_requests_in_process(tmp_path):
 
 def test_bench_detached_alternates_client_and_detached_runs(tmp_path):
     """The detached benchmark at a tiny size: one round, each way, on its own cluster."""
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Count to {i}:"}) + "\n"
-                                               for i in range(3)))
-    (tmp_path / "spec.yaml").write_text(
-        "name: tiny-detached\nmodel: smollm2-135m-instruct\ninput: {urls: in.jsonl}\n"
-        "sampling: {max_tokens: 4, ignore_eos: true}\n"
-        "topology: {mode: two-tier, micro_batch_size: 4, micro_batches: 1, max_seq_len: 64}\n"
-        "output: {url: unused.zarr}\n")
+    _tiny_spec(tmp_path, "tiny-detached", "{mode: two-tier, micro_batch_size: 4, micro_batches: 1, max_seq_len: 64}")
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCHMARKS / "bench_detached.py"), "--spec", str(tmp_path / "spec.yaml"),
            "--rounds", "1", "--json", str(out)]

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -24,35 +23,27 @@ from glinthawk_dask.pipeline.detached import detached_pipelines, submit_detached
 from glinthawk_dask.pipeline.spec import load_spec
 from glinthawk_dask.pipeline.sink import read_output
 from glinthawk_dask.runtime.pipelines import PipelineRegistry
-from helpers import story_rows
+from helpers import glinthawk_cluster, story_rows
 
 MODEL = "smollm2-135m-instruct"
 ROWS = story_rows(24, chat=(4, 3), commas=5)
 MAX_TOKENS = 24
 
 
-def glinthawk(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def glinthawk(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "glinthawk_dask", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=None if env is None else {**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """`glinthawk cluster` (1 dense, 2 attention worker processes) for this module."""
-    proc = subprocess.Popen([sys.executable, "-m", "glinthawk_dask", "cluster", "--dashboard-address", ":0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("glinthawk scheduler at "), line
-        yield line.split()[-1]
-    finally:
-        for client in _clients.values():
-            client.close()
-        proc.send_signal(signal.SIGINT)
+    with glinthawk_cluster() as address:
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            yield address
+        finally:
+            for client in _clients.values():
+                client.close()
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +136,14 @@ def test_cancel_stops_a_detached_run_and_a_rerun_resumes(cluster, reference, tmp
     out = str(tmp_path / "out.zarr")
     rows = ROWS
     spec = _spec(tmp_path, "stopped", out, rows=rows)
-    proc = glinthawk("run", str(spec), "--scheduler", cluster, "--detach")
+    # the command waits for the run to generate, up to glinthawk.cli.detach-wait seconds
+    proc = glinthawk("run", str(spec), "--scheduler", cluster, "--detach",
+                     env={"DASK_GLINTHAWK__CLI__DETACH_WAIT": "0.5"})
     assert proc.returncode == 0, proc.stderr
-    record = _wait(cluster, "stopped", lambda r: (r.get("progress") or {}).get("rows_done", 0) >= 2
-                   or r["state"] != "running")
+    assert re.search(r"stopped: still (submitted|starting) on the cluster after 0 s \(loading the model, or waiting "
+                     r"for KV other runs hold", proc.stderr), proc.stderr
+    record = _wait(cluster, "stopped", lambda r: r["state"] not in ("submitted", "starting") and (
+        (r.get("progress") or {}).get("rows_done", 0) >= 2 or r["state"] != "running"))
     assert record["state"] == "running", record
     # a second run of the same name is refused while it runs
     again = glinthawk("run", str(spec), "--scheduler", cluster, "--detach")

@@ -27,6 +27,7 @@ from glinthawk_dask.errors import GlinthawkError, ModelLoadError
 from glinthawk_dask.model import from_name
 from glinthawk_dask.runtime import DaskEngine, cluster_status
 from glinthawk_dask.runtime.faults import AttentionLost, StaleRunError, Unplaceable, WorkerFailure, is_worker_failure
+from helpers import glinthawk_cluster
 from test_two_tier import ATTN, DENSE, MODEL, _requests, _setup
 
 
@@ -205,18 +206,8 @@ ROWS = [{"id": f"p{i}", "prompt_token_ids": [(7 * i + j) % 250 + 1 for j in rang
 @pytest.fixture(scope="module")
 def process_cluster():
     """`glinthawk cluster` (1 dense, 2 attention worker processes) for this module."""
-    proc = subprocess.Popen([sys.executable, "-m", "glinthawk_dask", "cluster", "--dashboard-address", ":0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("glinthawk scheduler at "), line
-        yield line.split()[-1]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with glinthawk_cluster() as address:
+        yield address
 
 
 def _status(address: str) -> dict:

@@ -15,23 +15,33 @@ from .pipeline import report_lines, run_text
 
 
 def detach_run(spec: Any, scheduler: str, security: Any, *, overwrite: bool, force: bool) -> None:
-    """Submit ``spec`` as a detached pipeline and return once it generates (or ended)."""
+    """Submit ``spec`` as a detached pipeline and return once it generates (or ended), or
+    after ``glinthawk.cli.detach-wait`` seconds still starting."""
+    from .. import config
     from ..pipeline.detached import ENDED, submit_detached
     from ..runtime.cluster import connect
 
+    limit = float(config.get("cli.detach-wait"))
     client, _ = connect(scheduler, security=security)
     try:
         pipe = submit_detached(spec, client, overwrite=overwrite, force=force)
-        click.echo(f"{spec.name}: submitted to {scheduler}; waiting until it generates (Ctrl-C leaves it running "
-                   "there)", err=True)
+        click.echo(f"{spec.name}: submitted to {scheduler}; waiting until it generates, up to {limit:.0f} s "
+                   "(Ctrl-C leaves it running there)", err=True)
         try:
-            record = pipe.wait(until=("running",) + ENDED, poll=0.5)
+            record = pipe.wait(until=("running",) + ENDED, poll=0.5, timeout=limit)
         except KeyboardInterrupt:
             raise Interrupted(f"{spec.name} goes on on the cluster; {_how_to(spec.name, scheduler)}") from None
+        except TimeoutError:
+            record = pipe.record()
     finally:
         client.close()
     if record["state"] in ENDED:
         _ended(record)
+        return
+    if record["state"] != "running":
+        click.echo(f"{spec.name}: still {record['state']} on the cluster after {limit:.0f} s (loading the model, "
+                   f"or waiting for KV other runs hold: `glinthawk status` shows them); it goes on there, writing "
+                   f"{record.get('output')}; {_how_to(spec.name, scheduler)}", err=True)
         return
     click.echo(f"{spec.name}: running on the cluster (its driver on worker {record.get('worker')}), writing "
                f"{record.get('output')}; {_how_to(spec.name, scheduler)}", err=True)

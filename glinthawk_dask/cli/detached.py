@@ -25,7 +25,7 @@ def detach_run(spec: Any, scheduler: str, security: Any, *, overwrite: bool, for
     client, _ = connect(scheduler, security=security)
     try:
         pipe = submit_detached(spec, client, overwrite=overwrite, force=force)
-        click.echo(f"{spec.name}: submitted to {scheduler}; waiting until it generates, up to {limit:.0f} s "
+        click.echo(f"{spec.name}: submitted to {scheduler}; waiting until it generates, up to {limit:g} s "
                    "(Ctrl-C leaves it running there)", err=True)
         try:
             record = pipe.wait(until=("running",) + ENDED, poll=0.5, timeout=limit)
@@ -39,7 +39,7 @@ def detach_run(spec: Any, scheduler: str, security: Any, *, overwrite: bool, for
         _ended(record)
         return
     if record["state"] != "running":
-        click.echo(f"{spec.name}: still {record['state']} on the cluster after {limit:.0f} s (loading the model, "
+        click.echo(f"{spec.name}: still {record['state']} on the cluster after {limit:g} s (loading the model, "
                    f"or waiting for KV other runs hold: `glinthawk status` shows them); it goes on there, writing "
                    f"{record.get('output')}; {_how_to(spec.name, scheduler)}", err=True)
         return

@@ -41,6 +41,9 @@ __all__ = ["DetachedPipeline", "detached_pipelines", "drive", "submit_detached"]
 
 logger = logging.getLogger("glinthawk_dask.pipeline.detached")  # (also as the driver process's __main__)
 
+#: seconds a driver whose worker died has to commit its finished rows before it exits
+ORPHAN_GRACE = 10.0
+
 
 def submit_detached(spec: PipelineSpec, client: Any, *, overwrite: bool = False,
                     force: bool = False) -> "DetachedPipeline":
@@ -160,8 +163,9 @@ def drive(spec: dict, overwrite: bool, force: bool, key: str) -> str:
     detokenizing, committing) would otherwise share a GIL and an event loop with the
     attention this worker serves (measured on a 2-core VM: the quickstart ran 41-44 tok/s
     with the driver inside an attention worker against 58-59 from a client process in
-    the same minutes; 48-54 in a process of its own against 49-55 from a client).  The
-    process ends when this worker does (it watches its parent).
+    the same minutes; in a process of its own, ``benchmarks/bench_detached.py`` measured
+    medians of 54.5 against 52.3 from a client).  The process ends when this worker does
+    (it watches its parent).
     """
     import collections
     import json
@@ -213,9 +217,9 @@ def run_driver(client: Any, spec: PipelineSpec, *, overwrite: bool, force: bool,
     if record.get("stale") or record["state"] != "starting":  # ended before this attempt began: nothing to do
         return record["state"]
     attempt = record["attempts"]  # (every later update names it: once Dask runs another, they are ignored)
-    if record["attempts"] > 1:
+    if attempt > 1:
         logger.warning("glinthawk: pipeline %s: attempt %d (the worker of the last one died): resuming its output",
-                       name, record["attempts"])
+                       name, attempt)
     requested = Event(cancel_event(name), client=client)
     cancel, done = threading.Event(), threading.Event()
 
@@ -298,6 +302,10 @@ def _main() -> None:
         while os.getppid() == job["parent"]:
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGINT)  # (a signal, unlike interrupt_main, ends a blocking wait)
+        time.sleep(ORPHAN_GRACE)  # (committing its finished rows; closing its run may wait on the dead worker)
+        logger.warning("glinthawk: the driver of %s outlived its worker by %.0f s: exiting; the next attempt "
+                       "computes the rows it had not committed", job["spec"]["name"], ORPHAN_GRACE)
+        os._exit(1)
 
     threading.Thread(target=orphaned, daemon=True).start()
     tls = job["tls"]

@@ -277,3 +277,23 @@ def test_the_registry_counts_attempts_refuses_twins_and_finds_lost_drivers(monke
     assert len(reg.records) == mod.KEEP_ENDED + 1  # trimmed as x24 was submitted: 20 ended and x24
     assert "x24" in reg.records and "x3" not in reg.records and "x4" in reg.records
 
+
+
+def test_status_lines_of_detached_pipelines():
+    from glinthawk_dask.cli.detached import pipeline_line
+
+    lost = [{"kind": "moved micro-batch"}]
+    running = {"name": "a", "state": "running", "attempts": 2, "worker": "tcp://w:1", "output": "/o.zarr",
+               "recoveries": lost, "progress": {"rows_done": 5, "rows_total": 10, "rows_total_exact": True,
+                                                "errors": 0, "tokens_per_s": 12.0, "shards_read": 1,
+                                                "shards_total": 1, "eta_seconds": 30.0}}
+    assert pipeline_line(running, 100.0) == (
+        "  a: running (attempt 2: the workers of the ones before died) on worker tcp://w:1, 5/10 rows, 0 errors, "
+        "12.0 tok/s, shards 1/1, ETA 30 s, 1 lost worker recovered; output /o.zarr")
+    # an ended run keeps its age, rows and lost workers together
+    finished = {"name": "b", "state": "finished", "attempts": 1, "ended": 40.0, "output": "/p.zarr",
+                "recoveries": lost, "report": {"rows_done": 24, "errors": 1}}
+    assert pipeline_line(finished, 100.0) == (
+        "  b: finished 60 s ago, 24 rows written (1 errors), 1 lost worker recovered; output /p.zarr")
+    failed = {"name": "c", "state": "failed", "attempts": 1, "ended": 99.0, "output": "/q.zarr", "error": "boom"}
+    assert pipeline_line(failed, 100.0) == "  c: failed 1 s ago: boom; output /q.zarr"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import types
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -19,11 +20,9 @@ def detach_run(spec: Any, scheduler: str, security: Any, *, overwrite: bool, for
     after ``glinthawk.cli.detach-wait`` seconds still starting."""
     from .. import config
     from ..pipeline.detached import ENDED, submit_detached
-    from ..runtime.cluster import connect
 
     limit = float(config.get("cli.detach-wait"))
-    client, _ = connect(scheduler, security=security)
-    try:
+    with _connected(scheduler, security) as client:
         pipe = submit_detached(spec, client, overwrite=overwrite, force=force)
         click.echo(f"{spec.name}: submitted to {scheduler}; waiting until it generates, up to {limit:g} s "
                    "(Ctrl-C leaves it running there)", err=True)
@@ -33,8 +32,6 @@ def detach_run(spec: Any, scheduler: str, security: Any, *, overwrite: bool, for
             raise Interrupted(f"{spec.name} goes on on the cluster; {_how_to(spec.name, scheduler)}") from None
         except TimeoutError:
             record = pipe.record()
-    finally:
-        client.close()
     if record["state"] in ENDED:
         _ended(record)
         return
@@ -69,9 +66,9 @@ def attach(name: str, scheduler: str, quiet: bool, tls_ca_file: str | None, tls_
 
     def seen(record: dict) -> None:  # (each worker the run lost gets its line, as `run` prints them)
         if record["state"] == "running" and record.get("progress"):
-            show(types.SimpleNamespace(**{**record["progress"], "recoveries": record.get("recoveries") or ()}))
+            show(_progress(record))
 
-    with _client(scheduler, tls_ca_file, tls_cert, tls_key) as client:
+    with _connected(scheduler, security_from("client", tls_ca_file, tls_cert, tls_key)) as client:
         try:
             record = DetachedPipeline(client, name).wait(on_record=seen)
         except KeyboardInterrupt:
@@ -94,7 +91,7 @@ def cancel(name: str, scheduler: str, no_wait: bool, tls_ca_file: str | None, tl
     committed, and running the same spec again resumes."""
     from ..pipeline.detached import ENDED, DetachedPipeline
 
-    with _client(scheduler, tls_ca_file, tls_cert, tls_key) as client:
+    with _connected(scheduler, security_from("client", tls_ca_file, tls_cert, tls_key)) as client:
         pipe = DetachedPipeline(client, name)
         record = pipe.record()
         if record["state"] in ENDED:
@@ -109,20 +106,22 @@ def cancel(name: str, scheduler: str, no_wait: bool, tls_ca_file: str | None, tl
     _ended(record)
 
 
-def _client(scheduler: str, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None) -> Any:
-    import contextlib
-
+@contextlib.contextmanager
+def _connected(scheduler: str, security: Any) -> Iterator[Any]:
+    """A client of ``scheduler`` (closed at the end)."""
     from ..runtime.cluster import connect
 
-    @contextlib.contextmanager
-    def opened() -> Any:
-        client, _ = connect(scheduler, security=security_from("client", tls_ca_file, tls_cert, tls_key))
-        try:
-            yield client
-        finally:
-            client.close()
+    client, _ = connect(scheduler, security=security)
+    try:
+        yield client
+    finally:
+        client.close()
 
-    return opened()
+
+def _progress(record: dict) -> types.SimpleNamespace:
+    """A record's latest progress as :func:`run_text` and ``ProgressLine`` read it, with
+    the workers the run lost."""
+    return types.SimpleNamespace(**{**record["progress"], "recoveries": record.get("recoveries") or ()})
 
 
 def _ended(record: dict) -> None:
@@ -145,6 +144,7 @@ def _ended(record: dict) -> None:
 def pipeline_line(record: dict, now: float | None = None) -> str:
     """One detached pipeline in ``glinthawk status``."""
     from ..engine.progress import eta_text, lost_workers
+    from ..runtime.pipelines import ENDED
 
     now = time.time() if now is None else now
     state = record["state"]
@@ -153,16 +153,15 @@ def pipeline_line(record: dict, now: float | None = None) -> str:
         text += f" (attempt {record['attempts']}: the workers of the ones before died)"
     if state in ("starting", "running"):
         text += f" on worker {record.get('worker')}"
-    p = record.get("progress")
-    if state == "running" and p:
-        text += f", {run_text(types.SimpleNamespace(**{**p, 'recoveries': ()}))}"
-    if record.get("recoveries"):
-        text += f", {lost_workers(len(record['recoveries']))} recovered"
-    elif state in ("finished", "cancelled", "failed", "lost"):
+    if state == "running" and record.get("progress"):
+        text += f", {run_text(_progress(record))}"
+    if state in ENDED:
         text += f" {eta_text(max(0.0, now - record.get('ended', now)))} ago"
         if record.get("report"):
             r = record["report"]
             text += f", {r['rows_done']} rows written ({r['errors']} errors)"
-        if record.get("error"):
-            text += f": {record['error']}"
+    if record.get("recoveries"):
+        text += f", {lost_workers(len(record['recoveries']))} recovered"
+    if state in ENDED and record.get("error"):
+        text += f": {record['error']}"
     return text + f"; output {record.get('output')}"

@@ -238,10 +238,10 @@ class LLM:
         ``max_tokens``.  On a cluster, ``stop()`` turning true while the run waits to be
         placed (for KV other runs hold) ends it with nothing generated.
         """
-        distributed: dict[str, Any] = {"stop": stop} if stop is not None and self.client is not None else {}
-        if output_lengths and self.client is not None:
-            distributed["output_lengths"] = list(output_lengths)
-        return self.engine.generate(requests, max_seq_len=max_seq_len, on_tick=on_tick, **distributed)
+        if self.client is None:  # (in process: no plan to make, no placement to wait for)
+            return self.engine.generate(requests, max_seq_len=max_seq_len, on_tick=on_tick)
+        return self.engine.generate(requests, max_seq_len=max_seq_len, on_tick=on_tick,
+                                    output_lengths=list(output_lengths) if output_lengths else None, stop=stop)
 
     @property
     def generated_tokens(self) -> int:

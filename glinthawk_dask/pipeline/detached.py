@@ -37,7 +37,10 @@ from ..runtime.pipelines import ACTIVE, ENDED
 from .run import RunReport, run_pipeline
 from .spec import PipelineSpec
 
-__all__ = ["DetachedPipeline", "detached_pipelines", "drive", "submit_detached"]
+__all__ = [
+    "ACTIVE", "ENDED", "DetachedPipeline", "cancel_event", "detached_pipelines", "drive", "report_from", "run_driver",
+    "spec_fields", "spec_from", "submit_detached",
+]
 
 logger = logging.getLogger("glinthawk_dask.pipeline.detached")  # (also as the driver process's __main__)
 
@@ -83,9 +86,9 @@ def submit_detached(spec: PipelineSpec, client: Any, *, overwrite: bool = False,
 def detached_pipelines(client: Any) -> list[dict]:
     """The scheduler's records of the detached pipelines it knows (see
     :mod:`glinthawk_dask.runtime.pipelines`), oldest first."""
-    from ..runtime.cluster import ensure_plugins
+    from ..runtime.plugins import GlinthawkSchedulerPlugin
 
-    ensure_plugins(client)
+    client.register_plugin(GlinthawkSchedulerPlugin())  # (the scheduler's alone, as cluster_status)
     return client.sync(client.scheduler.glinthawk_pipelines)
 
 
@@ -362,9 +365,6 @@ def _is_this_machine(host: str) -> bool:
     except OSError:
         mine = set()
     return host in mine
-
-
-__all__ += ["ACTIVE", "ENDED", "cancel_event", "report_from", "run_driver", "spec_fields", "spec_from"]
 
 
 if __name__ == "__main__":

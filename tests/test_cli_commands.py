@@ -316,6 +316,14 @@ def test_a_run_s_plan_in_words():
         "two-tier, 64 x 2 micro-batches, chosen by the planner for rows as long as 256 committed before: predicted")
     assert plan_text({**plan, "predicted_for_lengths": 201.04}).endswith(  # rows stopped before max_tokens
         "predicted 312.5 tok/s (201.0 for the lengths the rows stopped at), ran at 298.0")
+    grew = [{"from": "8 x 1", "to": "32 x 2", "after_s": 41.26, "predicted": 250.0},
+            {"from": "32 x 2", "to": "64 x 2", "after_s": 90.0, "predicted": 312.46}]
+    assert plan_text({**plan, "grew": grew}) == (  # grown into KV other runs freed
+        "two-tier, 64 x 2 micro-batches, chosen by the planner: predicted 312.5 tok/s, ran at 298.0; it started as "
+        "8 x 1, grew to 32 x 2 after 41.3 s, grew to 64 x 2 after 90.0 s as other runs freed KV")
+    assert plan_text({**plan, "planned": False, "grew": grew[1:]}) == (
+        "two-tier, 64 x 2 micro-batches, as the spec sets them; it started as 32 x 2, grew to 64 x 2 after 90.0 s "
+        "as other runs freed KV")
 
 
 def test_export_writes_to_a_destination_in_the_format_its_name_says(tmp_path):

@@ -42,6 +42,9 @@ def _frame_trip(d):
 
 MESSAGES = [
     _plan(),
+    _plan().grown(make_plan(mode="two-tier", dense=["tcp://d0", "tcp://d1"],
+                            attention={"tcp://a1": 2 * 10**9, "tcp://a0": 10**9}, n_layers=5, kv_bytes_per_token_layer=64, max_seq_len=40, micro_batch_size=4,
+                            n_micro_batches=2, n_slices=2), ["gh-1/g1s0", "gh-1/g1s1"]),
     SliceSpec.of_plan(_plan(), 1, run_id="gh-1", model="random:tiny", dtype="bfloat16", latency=0.01,
                       engine={"max_step_tokens": 64}),
     _step(),
@@ -54,7 +57,9 @@ MESSAGES = [
     AttendReply(stale="run 'gh-1' is not open on tcp://a0"),
     Results(completions=[{"id": "r1", "prompt_token_ids": [1, 2], "completion_token_ids": [3],
                           "prompt": [{"role": "user", "content": "hi"}]}],
-            moves=[{"kind": "moved micro-batch", "micro_batch": 1}], error=None, worker_failure=False,
+            moves=[{"kind": "moved micro-batch", "micro_batch": 1}],
+            retired=[{"kind": "retired micro-batch", "micro_batch": 0, "closed": [{"cache": "gh-1", "slots": 4}]}],
+            error=None, worker_failure=False,
             in_flight_tokens=0, n_submitted=3, n_done=1, n_steps=4, n_tokens=20, n_generated=5),
 ]
 

@@ -97,8 +97,14 @@ def plan_text(plan: dict[str, Any]) -> str:
     local = plan.get("local") or 0
     text = (f"{plan['mode']}, {plan['micro_batch_size']} x {plan['micro_batches']} micro-batches"
             + (f" ({local} of them on the dense worker)" if local and plan["mode"] == "hybrid" else ""))
+    grew = plan.get("grew") or ()  # (a prediction is the last plan's)
+    if grew:
+        grew_text = (f"; it started as {grew[0]['from']}" + "".join(
+            f", grew to {g['to']} after {g['after_s']:.1f} s" for g in grew) + " as other runs freed KV")
+    else:
+        grew_text = ""
     if not plan.get("planned"):
-        return text + ", as the spec sets them"
+        return text + ", as the spec sets them" + grew_text
     predicted = plan.get("predicted_tokens_per_s")
     text += ", chosen by the planner"
     if plan.get("planned_on_rows"):
@@ -113,7 +119,8 @@ def plan_text(plan: dict[str, Any]) -> str:
         if beside:  # the planner predicts a run that has the cluster to itself
             text += f" while {beside} other run{'s' if beside > 1 else ''} shared it"
     profiled = plan.get("profile_seconds") or 0.0
-    return text + (f" (the cluster profiled first, in {profiled:.1f} s)" if profiled else "")
+    text += f" (the cluster profiled first, in {profiled:.1f} s)" if profiled else ""
+    return text + grew_text
 
 
 def _left_behind(spec: Any) -> str:

@@ -123,10 +123,40 @@ class BatchScheduler:
         self._free_slots: list[list[int]] = [
             list(range(b + n - 1, b - 1, -1)) for b, n in zip(self.bases, sizes)
         ]
+        self.retired: set[int] = set()  # micro-batches that admit no more (see retire)
+
+    # -- growing -------------------------------------------------------------------
+    def add_micro_batches(self, sizes: Seq[int]) -> list[int]:
+        """Add micro-batches of ``sizes`` slots after the others (slot numbers are never
+        reused); their indices."""
+        if not sizes or min(sizes) < 1:
+            raise ValueError("need at least one micro-batch of at least one slot")
+        new = []
+        for n in sizes:
+            base = self.n_slots
+            new.append(len(self.sizes))
+            self.sizes.append(int(n))
+            self.bases.append(base)
+            self.running.append({})
+            self._free_slots.append(list(range(base + n - 1, base - 1, -1)))
+        self.n_micro_batches = len(self.sizes)
+        self.micro_batch_size = max(self.sizes)
+        self.max_step_tokens = max(self.max_step_tokens, self.micro_batch_size)
+        return new
+
+    def retire(self, mb: int) -> None:
+        """Admit nothing more into micro-batch ``mb``: its sequences run to their end, and
+        then it is :meth:`drained`."""
+        self.retired.add(mb)
+
+    def drained(self, mb: int) -> bool:
+        """Whether ``mb`` is retired and has no sequence left."""
+        return mb in self.retired and not self.running[mb]
 
     # -- queue ---------------------------------------------------------------------
     @property
     def n_slots(self) -> int:
+        """Slots of every micro-batch (retired ones included)."""
         return sum(self.sizes)
 
     def add(self, request: Request) -> None:
@@ -165,7 +195,7 @@ class BatchScheduler:
     def _admit(self, mb: int) -> list[Sequence]:
         admitted = []
         free = self._free_slots[mb]
-        while free and self.waiting:
+        while free and self.waiting and mb not in self.retired:
             req, t_arrival = self.waiting.popleft()
             seq = Sequence(
                 request=req,

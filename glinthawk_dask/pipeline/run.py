@@ -223,17 +223,20 @@ def plan_record(summary: Any, topology: Any, tokens_per_s: float) -> dict | None
     them (``planned``: on ``max_tokens``, or on the lengths of ``planned_on_rows`` rows
     committed before) with its prediction, the same for the lengths its rows stopped at
     (``predicted_for_lengths``) and the profiling it took, the other runs that shared the
-    cluster for a while (``runs_beside``), and the run's rate over the same span as its
-    report."""
+    cluster for a while (``runs_beside``), each time it grew into KV they freed (``grew``:
+    from and to which micro-batches, seconds after it started, the new prediction), and
+    the run's rate over the same span as its report."""
     if summary is None:
         return None
     return {
         "mode": summary.mode, "micro_batch_size": summary.micro_batch_size, "micro_batches": summary.n_micro_batches,
-        "sizes": list(summary.plan.get("sizes", ())), "local": summary.local_micro_batches,
+        "sizes": summary.placement.live_sizes(), "local": summary.local_micro_batches,
         "planned": "auto" in (topology.micro_batch_size, topology.micro_batches),
         "predicted_tokens_per_s": summary.predicted_tokens_per_s, "profile_seconds": summary.profile_seconds,
         "runs_beside": summary.runs_beside, "predicted_for_lengths": summary.predicted_for_lengths,
         "planned_on_rows": summary.planned_on_rows,
+        "grew": [{k: g[k] for k in ("from", "to", "after_s", "predicted")} for g in summary.growths
+                 if g["kind"] == "grew"],
         "tokens_per_s": tokens_per_s, "time": time.time(),
     }
 

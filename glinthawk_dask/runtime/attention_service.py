@@ -134,9 +134,10 @@ class AttentionService:
         logger.info("glinthawk run %s: %r", run_id, cache)
         return self.info(run_id)
 
-    def close_run(self, run_id: str) -> None:
-        """Free the run's KV caches (also those opened for micro-batches moved here)."""
-        for key in [k for k in self.runs if k == run_id or k.startswith(run_id + "/")]:
+    def close_run(self, run_id: str, exact: bool = False) -> None:
+        """Free the run's KV caches (also those opened for micro-batches moved here or
+        for a grown run's new ones); with ``exact``, the cache ``run_id`` alone."""
+        for key in [k for k in self.runs if k == run_id or (not exact and k.startswith(run_id + "/"))]:
             self.runs.pop(key, None)
 
     def used_bytes(self) -> int:

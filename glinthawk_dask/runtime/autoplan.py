@@ -18,7 +18,7 @@ from ..engine.request import Request
 from ..model.config import ModelConfig
 from .messages import DTYPES
 
-__all__ = ["AutoPlan", "PlanCheck", "auto_plan", "weight_bytes"]
+__all__ = ["AutoPlan", "PlanCheck", "auto_plan", "grow_plan", "weight_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,91 @@ class PlanCheck:
         return pred.tokens_per_s if pred.feasible else None
 
 
+def sample_of(requests: list[Request]) -> list[Request]:
+    """The requests a plan is simulated on: all of them, or 256 spread over them."""
+    n = len(requests)
+    return requests if n <= 256 else requests[:: math.ceil(n / 256)]
+
+
+class _Inputs(NamedTuple):
+    """What a plan of a run's requests is chosen on."""
+
+    profile: Any  # the cluster's profile, each attention worker's KV as free now
+    alone: Any  # the same, as if no other run held KV
+    workload: Any  # the sampled requests' prompt and output lengths
+    sample: list[Request]
+    knobs: dict  # the sweep's settings
+    seconds: float  # spent measuring the profile (0: it was kept)
+
+
+async def _inputs(client: Any, model_config: ModelConfig, requests: list[Request], *, model: str, mode: str,
+                  dtype: str, seq_len: int, micro_batch_size: int | None, n_micro_batches: int | None,
+                  n_slices: int | None, dense_kv_budget: int | None, latency: float, max_step_tokens: int,
+                  output_lengths: list[int] | None) -> _Inputs | str:
+    """The planner's inputs for a run, or what placement lacks (no dense workers,
+    ``"no dense"``; no attention workers for a mode that uses them, ``"no attention"``)."""
+    from .profiler import cluster_profile
+
+    n = len(requests)
+    elem = torch.tensor([], dtype=DTYPES[dtype]).element_size()
+    info = await client.scheduler.glinthawk_cluster_info(weight_bytes=sum(weight_bytes(
+        model_config, elem, model_config.n_layers)))
+    if not info["dense"]:
+        return "no dense"
+    if not info["attention"] and mode != "single-tier":
+        return "no attention"
+    profile, seconds = await cluster_profile(client, model_config, model=model, dtype=dtype)
+    k = min(n_slices or len(info["dense"]), len(info["dense"]))
+    per_slice = max(1, len(info["attention"]) // k)
+    sample = sample_of(requests)
+    budgets = [max(1, min(r.params.max_tokens, seq_len - len(r.prompt_token_ids))) for r in sample]
+    if output_lengths:  # rows stop as those before them did (spread over the sample, in order)
+        budgets = [max(1, min(b, output_lengths[j * len(output_lengths) // len(sample)]))
+                   for j, b in enumerate(budgets)]
+    from ..planner.simulate import Workload
+
+    workload = Workload(tuple(len(r.prompt_token_ids) for r in sample), tuple(budgets))
+    dense_kv = min(info["dense_kv_free"].values())
+    if dense_kv_budget is not None:
+        dense_kv = min(dense_kv, dense_kv_budget)
+    scale = len(sample) / n  # a sample of the requests stands for all: so does its share of the KV
+
+    def room(kv: dict[str, int]) -> Any:  # each attention worker's KV, roomiest first, in the sample's share
+        return dataclasses.replace(profile, attention=dataclasses.replace(
+            profile.attention, kv_free=tuple(sorted((float(b) * scale for b in kv.values()), reverse=True)) or None))
+
+    knobs = dict(dense=[k], attention=[per_slice], micro_batch_size=micro_batch_size and min(micro_batch_size,
+                                                                                             len(sample)),
+                 micro_batches=n_micro_batches, max_depth=int(config.get("engine.max-micro-batches")),
+                 max_seq_len=seq_len, latency=latency, dtype_bytes=elem,
+                 max_step_tokens=max_step_tokens, dense_kv_budget=dense_kv * scale)
+    # as placement will find it (other runs' KV held), and as if no other run held KV
+    return _Inputs(room(info["kv_free"]), room(info["kv_budget"]), workload, sample, knobs, seconds)
+
+
+async def _choose(mode: str, profile: Any, model_config: ModelConfig, workload: Any, knobs: dict) -> Any:
+    """The best prediction of a sweep of ``mode``'s configurations (off the loop), or None."""
+    from ..planner.plan import best, candidates, sweep, sweep_hybrid
+
+    loop = asyncio.get_running_loop()
+    if mode == "hybrid":  # every split, of the sizes and depths that plan well
+        preds = await loop.run_in_executor(None, functools.partial(
+            sweep_hybrid, profile, model_config, workload, **knobs))
+    else:
+        configs = candidates(len(workload.prompt_lens), modes=(mode,), **knobs)
+        preds = await loop.run_in_executor(None, sweep, profile, model_config, workload, configs)
+    return best(preds)
+
+
+def _scaled_size(chosen: Any, n: int, n_sample: int, asked: int | None) -> int:
+    """The micro-batch size for all ``n`` requests of the size chosen for a sample of them."""
+    if asked is not None:
+        return asked
+    if n > n_sample:  # the sample stood for more requests: scale the slots
+        return min(n, round(chosen.micro_batch_size * n / n_sample))
+    return chosen.micro_batch_size
+
+
 async def auto_plan(
     client: Any,
     model_config: ModelConfig,
@@ -90,72 +175,63 @@ async def auto_plan(
     many micro-batches keep their KV on the dense workers, from the planner: the
     run's ``requests`` simulated on the cluster's profile, each generating its
     ``max_tokens`` or, with ``output_lengths`` (seen before), one of those within it."""
-    from ..planner.plan import best, candidates, sweep, sweep_hybrid
-    from ..planner.simulate import Workload
-    from .profiler import cluster_profile
-
     mb_size, depth_asked = micro_batch_size, n_micro_batches
     n = len(requests)
     fallback_size, fallback_depth = mb_size or min(32, n), depth_asked or 1
-    elem = torch.tensor([], dtype=DTYPES[dtype]).element_size()
-    info = await client.scheduler.glinthawk_cluster_info(weight_bytes=sum(weight_bytes(
-        model_config, elem, model_config.n_layers)))
-    if not info["dense"] or (mode == "two-tier" and not info["attention"]):
+    inputs = await _inputs(client, model_config, requests, model=model, mode=mode, dtype=dtype, seq_len=seq_len,
+                           micro_batch_size=mb_size, n_micro_batches=depth_asked, n_slices=n_slices,
+                           dense_kv_budget=dense_kv_budget, latency=latency, max_step_tokens=max_step_tokens,
+                           output_lengths=output_lengths)
+    if inputs == "no dense" or (inputs == "no attention" and mode == "two-tier"):
         return AutoPlan(fallback_size, fallback_depth, 0, None, 0.0)  # placement will say what is missing
-    if mode == "hybrid" and not info["attention"]:  # nowhere else to put KV
+    if inputs == "no attention":  # hybrid: nowhere else to put KV
         return AutoPlan(fallback_size, fallback_depth, fallback_depth, None, 0.0)
-    profile, seconds = await cluster_profile(client, model_config, model=model, dtype=dtype)
-    k = min(n_slices or len(info["dense"]), len(info["dense"]))
-    per_slice = max(1, len(info["attention"]) // k)
-    sample = requests if n <= 256 else requests[:: math.ceil(n / 256)]
-    budgets = [max(1, min(r.params.max_tokens, seq_len - len(r.prompt_token_ids))) for r in sample]
-    if output_lengths:  # rows stop as those before them did (spread over the sample, in order)
-        budgets = [max(1, min(b, output_lengths[j * len(output_lengths) // len(sample)]))
-                   for j, b in enumerate(budgets)]
-    workload = Workload(tuple(len(r.prompt_token_ids) for r in sample), tuple(budgets))
-    dense_kv = min(info["dense_kv_free"].values())
-    if dense_kv_budget is not None:
-        dense_kv = min(dense_kv, dense_kv_budget)
-    scale = len(sample) / n  # a sample of the requests stands for all: so does its share of the KV
-
-    def room(kv: dict[str, int]) -> Any:  # each attention worker's KV, roomiest first, in the sample's share
-        return dataclasses.replace(profile, attention=dataclasses.replace(
-            profile.attention, kv_free=tuple(sorted((float(b) * scale for b in kv.values()), reverse=True)) or None))
-
-    alone = room(info["kv_budget"])  # the cluster as if no other run held KV
-    profile = room(info["kv_free"])  # as placement will find it: other runs' KV held
-    knobs = dict(dense=[k], attention=[per_slice], micro_batch_size=mb_size and min(mb_size, len(sample)),
-                 micro_batches=depth_asked, max_depth=int(config.get("engine.max-micro-batches")),
-                 max_seq_len=seq_len, latency=latency, dtype_bytes=elem,
-                 max_step_tokens=max_step_tokens, dense_kv_budget=dense_kv * scale)
-    loop = asyncio.get_running_loop()
-
-    async def choose(profile: Any) -> Any:
-        if mode == "hybrid":  # every split, of the sizes and depths that plan well
-            preds = await loop.run_in_executor(None, functools.partial(
-                sweep_hybrid, profile, model_config, workload, **knobs))
-        else:
-            configs = candidates(len(sample), modes=(mode,), **knobs)
-            preds = await loop.run_in_executor(None, sweep, profile, model_config, workload, configs)
-        return best(preds)
-
-    used = profile
-    chosen = await choose(profile)
-    if chosen is None and info["kv_free"] != info["kv_budget"]:  # nothing fits beside the other runs:
-        used = alone  # plan for the cluster alone, and placement waits for room
-        chosen = await choose(alone)
+    used = inputs.profile
+    chosen = await _choose(mode, used, model_config, inputs.workload, inputs.knobs)
+    if chosen is None and inputs.alone != inputs.profile:  # nothing fits beside the other runs:
+        used = inputs.alone  # plan for the cluster alone, and placement waits for room
+        chosen = await _choose(mode, used, model_config, inputs.workload, inputs.knobs)
     if chosen is None:
-        return AutoPlan(fallback_size, fallback_depth, 0 if info["attention"] else fallback_depth, None, seconds)
-    size = chosen.micro_batch_size if mb_size is None else mb_size
-    if n > len(sample) and mb_size is None:  # the sample stood for more requests: scale the slots
-        size = min(n, round(chosen.micro_batch_size * n / len(sample)))
+        return AutoPlan(fallback_size, fallback_depth, 0, None, inputs.seconds)
+    size = _scaled_size(chosen, n, len(inputs.sample), mb_size)
     n_local = chosen.local_micro_batches if mode == "hybrid" else 0
     logger.info("glinthawk auto plan: %d x %d micro-batches%s, %.1f tok/s predicted (%s bound)%s", size,
                 chosen.micro_batches, f" ({n_local} with KV on the dense workers)" if mode == "hybrid" else "",
                 chosen.tokens_per_s, chosen.bottleneck,
-                f"; profiled the cluster in {seconds:.1f} s" if seconds else "")
-    return AutoPlan(size, chosen.micro_batches, n_local, chosen, seconds,
-                    PlanCheck(used, model_config, chosen, sample, workload, len(output_lengths or ())))
+                f"; profiled the cluster in {inputs.seconds:.1f} s" if inputs.seconds else "")
+    return AutoPlan(size, chosen.micro_batches, n_local, chosen, inputs.seconds,
+                    PlanCheck(used, model_config, chosen, inputs.sample, inputs.workload, len(output_lengths or ())))
+
+
+async def grow_plan(
+    client: Any,
+    model_config: ModelConfig,
+    requests: list[Request],
+    current: Any,
+    gain: float,
+    **kwargs: Any,
+) -> tuple[AutoPlan, float] | None:
+    """A two-tier plan for the KV free now (other runs', not this run's own, held) at
+    least ``gain`` times as fast as ``current`` (the planner's configuration of the
+    run's plan) on the same profile, and ``current``'s tokens/s there; None when there
+    is none.  ``requests`` and ``kwargs`` as :func:`auto_plan` took them."""
+    from ..planner.simulate import simulate
+
+    inputs = await _inputs(client, model_config, requests, mode="two-tier", **kwargs)
+    if isinstance(inputs, str):
+        return None
+    chosen = await _choose("two-tier", inputs.profile, model_config, inputs.workload, inputs.knobs)
+    if chosen is None:
+        return None
+    # (the run's own plan holds its KV already: simulated on the workers' whole budgets)
+    now = await asyncio.get_running_loop().run_in_executor(
+        None, simulate, inputs.alone, model_config, inputs.workload, current)
+    if not now.feasible or chosen.tokens_per_s < gain * now.tokens_per_s:
+        return None
+    size = _scaled_size(chosen, len(requests), len(inputs.sample), kwargs.get("micro_batch_size"))
+    check = PlanCheck(inputs.profile, model_config, chosen, inputs.sample, inputs.workload,
+                      len(kwargs.get("output_lengths") or ()))
+    return AutoPlan(size, chosen.micro_batches, 0, chosen, inputs.seconds, check), now.tokens_per_s
 
 
 def weight_bytes(cfg: ModelConfig, elem: int, layers: int | None = None) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from .. import config
 from .compute import busy_seconds, overlap_seconds
 from .faults import Unplaceable, WorkerFailure, is_worker_failure
 from .autoplan import auto_plan, weight_bytes
+from .growth import Growth, maybe_grow
 from .messages import DTYPES, Plan, Results, SliceSpec
 from .retry import retry_until
 from .runs import RequestFeed, RunState, RunSummary
@@ -119,6 +120,7 @@ class DaskEngine:
         if run is None:  # stopped while waiting to be placed
             return
         self.recoveries = run.recoveries  # (the same list across the run's restarts)
+        run.feeding = not feed.exhausted
         try:
             more = feed.first
             while True:
@@ -126,6 +128,7 @@ class DaskEngine:
                 if on_tick is not None:
                     on_tick()
                 more = feed.take(run.room())
+                run.feeding = not feed.exhausted
                 if not more and not run.pending and feed.exhausted:
                     break
         finally:
@@ -148,7 +151,7 @@ class DaskEngine:
         run = await self._open(feed.first, max_seq_len, output_lengths=output_lengths, stop=stop)
         if run is None:  # stopped while waiting to be placed
             return
-        self.recoveries = run.recoveries
+        self.recoveries, run.feeding = run.recoveries, not feed.exhausted
         try:
             more = feed.first
             while True:
@@ -157,6 +160,7 @@ class DaskEngine:
                 if on_tick is not None:
                     on_tick()
                 more = feed.take(run.room())
+                run.feeding = not feed.exhausted
                 if not more and not run.pending and feed.exhausted:
                     break
         finally:
@@ -169,6 +173,7 @@ class DaskEngine:
             if more:
                 await self._submit(run, more)
             out = await self._poll(run) if run.pending else []
+            await maybe_grow(self.client, run, waiting=run.feeding)
         except Exception as e:
             if not is_worker_failure(e):
                 raise
@@ -286,6 +291,8 @@ class DaskEngine:
             self.placement_wait_s = time.time() - t_asked if waits else 0.0
         run = RunState(id=run_id, plan=Plan.from_wire(reply["plan"]), max_seq_len=max_seq_len, size=n, lease=lease,
                    renew_at=time.time() + lease / 3, prediction=prediction, profile_seconds=profile_s, plan_check=check)
+        run.growth = Growth.of_engine(self, requests, seq_len, output_lengths, prediction, run.plan,
+                                      int(reply.get("kv_free", 0)))
         try:
             await self._open_workers(run)
         except BaseException:
@@ -400,6 +407,7 @@ class DaskEngine:
         # tokens sampled by this run's driver, plus those of the runs a recovery replaced
         self.generated_tokens = run.generated_before + int(reply.n_generated)
         run.recoveries.extend(reply.moves)
+        run.growths.extend(reply.retired)
         out = []
         for d in reply.completions:
             c = Completion(**d)
@@ -448,11 +456,11 @@ class DaskEngine:
             run_id=run_id, mode=plan.mode, n_requests=run.n_requests,
             n_steps=run.stats.get("n_steps", 0), n_tokens=run.stats.get("n_tokens", 0),
             generated_tokens=run.generated, seconds=seconds, micro_batch_size=plan.micro_batch_size,
-            n_micro_batches=plan.n_micro_batches, plan=plan.to_wire(), recoveries=list(run.recoveries),
+            n_micro_batches=len(plan.live_sizes()), plan=plan.to_wire(), recoveries=list(run.recoveries),
             predicted_tokens_per_s=run.prediction.tokens_per_s if run.prediction else None,
             profile_seconds=run.profile_seconds, runs_beside=len(run.beside),
-            predicted_for_lengths=await _predicted_for_lengths(run),
-            planned_on_rows=run.plan_check.lengths_seen if run.plan_check else 0,
+            predicted_for_lengths=await run.predicted_for_lengths(),
+            planned_on_rows=run.plan_check.lengths_seen if run.plan_check else 0, growths=list(run.growths),
         )
 
     # -- measurements --------------------------------------------------------------
@@ -475,15 +483,3 @@ def _driver_lost(run: RunState, error: Exception) -> Exception:
 def _workers_of(plan: Plan) -> list[tuple[str, str]]:
     """(address, tier) of every worker in a plan."""
     return [(a, "dense") for a in plan.dense] + [(a, "attention") for a in plan.attention_workers()]
-
-
-async def _predicted_for_lengths(run: RunState) -> float | None:
-    """The run's plan predicted again on the lengths its sampled rows stopped at (off the loop)."""
-    if run.plan_check is None:
-        return None
-    try:
-        return await asyncio.get_running_loop().run_in_executor(None, run.plan_check.predicted_for_lengths)
-    except Exception as e:  # a check of the planner must not fail the run it checks
-        logger.warning("glinthawk run %s: the plan could not be predicted again (%s: %s)", run.id,
-                       type(e).__name__, e)
-        return None

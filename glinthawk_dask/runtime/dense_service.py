@@ -54,6 +54,8 @@ class DenseService:
             "glinthawk_profile_dense": self.probes.profile,
             "glinthawk_profile_alternate": self.probes.profile_alternate,
             "glinthawk_slice_reroute": self.reroute,
+            "glinthawk_slice_grow": self.grow,
+            "glinthawk_slice_retire": self.retire,
             "glinthawk_dense_capacity": self.capacity,
             "glinthawk_dense_kv_info": self.kv_info,
         }
@@ -128,6 +130,19 @@ class DenseService:
     def reroute(self, run_id: str, micro_batch: int, address: str, kv_run: str) -> None:
         """A micro-batch of a run moved to another attention worker (see SliceRun.reroute)."""
         self._run(run_id).reroute(micro_batch, address, kv_run)
+
+    def grow(self, run_id: str, attention: list[str], slot_base: list[int], sizes: list[int], kv_run: str) -> list[int]:
+        """A run grew by remote micro-batches (see SliceRun.grow); on the first slice its
+        driver starts them and retires the others.  The new micro-batches' indices."""
+        run = self._run(run_id)
+        new = run.grow(attention, slot_base, sizes, kv_run)
+        if run.driver is not None:
+            run.driver.grow(new)
+        return new
+
+    async def retire(self, run_id: str, micro_batch: int, released: list[str]) -> list[dict]:
+        """A grown run's micro-batch drained (see SliceRun.retire)."""
+        return await self._run(run_id).retire(micro_batch, released)
 
     async def forward(self, run_id: str, msg: dict, x: torch.Tensor) -> dict:
         """From the previous slice, over the data plane (a :class:`~.messages.ForwardRequest`):

@@ -51,6 +51,10 @@ class SliceRunner(Protocol):
     async def reroute_slice(self, slice_index: int, mb: int, address: str, kv_run: str) -> None:
         """Send micro-batch ``mb``'s attention on slice ``slice_index`` to ``address``'s cache ``kv_run``."""
 
+    async def retire_everywhere(self, mb: int, released: list[str]) -> list[dict]:
+        """Micro-batch ``mb`` drained after the run grew: every slice forgets it and closes
+        the caches no live micro-batch is in; what was closed."""
+
 
 class RunDriver:
     """Continuous batching for one run, feeding the slice pipeline."""
@@ -83,6 +87,7 @@ class RunDriver:
         self._released: list[list[str]] = [[] for _ in range(spec.n_micro_batches)]
         self._step_no = [0] * spec.n_micro_batches
         self._moves: list[dict] = []  # micro-batches moved to another attention worker, not yet reported
+        self._retired: list[dict] = []  # micro-batches drained after the run grew, not yet reported
         self._n_moves = 0
         self._closed = False
         self._tasks: list[asyncio.Task] = []
@@ -114,7 +119,8 @@ class RunDriver:
         out, self._results = self._results, []
         self._results_ready.clear()
         return Results(
-            completions=out, moves=self._take_moves(), error=self.error, worker_failure=self.worker_failure,
+            completions=out, moves=self._take_moves(), retired=self._take_retired(), error=self.error,
+            worker_failure=self.worker_failure,
             in_flight_tokens=self.sched.n_tokens_in_flight() if self.error else 0, n_submitted=self.n_submitted,
             n_done=self.n_done, n_steps=self.n_steps, n_tokens=self.n_tokens, n_generated=self.n_generated,
         )
@@ -125,6 +131,9 @@ class RunDriver:
             while not self._closed:
                 step = self.sched.schedule(mb)
                 if step is None:
+                    if self.sched.drained(mb):
+                        await self._retire(mb)
+                        return
                     await self._arrived.wait()
                     continue
                 self._step_no[mb] += 1
@@ -191,6 +200,46 @@ class RunDriver:
 
     def _take_moves(self) -> list[dict]:
         out, self._moves = self._moves, []
+        return out
+
+    # -- a grown run ---------------------------------------------------------------
+    def grow(self, new: list[int]) -> None:
+        """The run grew by micro-batches ``new`` (already added to every slice, see
+        :meth:`~.slice_run.SliceRun.grow`): start them, and retire the others.  Those
+        admit nothing more; each runs its sequences to their end, and then every slice
+        closes the caches none of the live micro-batches is in, giving their KV back."""
+        spec = self.run.spec
+        live = [m for m in range(self.sched.n_micro_batches) if m not in self.sched.retired]
+        added = self.sched.add_micro_batches([spec.sizes[m] for m in new])
+        if added != list(new):
+            raise RuntimeError(f"the run's micro-batches disagree: the driver added {added}, the slice {new}")
+        for m in live:
+            self.sched.retire(m)
+        self._released += [[] for _ in new]
+        self._step_no += [0] * len(new)
+        if self._tasks:
+            self._tasks += [asyncio.create_task(self._loop(m)) for m in new]
+        self._arrived.set()  # (idle micro-batches now drained retire at once)
+        self._arrived = asyncio.Event()
+        logger.info("glinthawk run %s grew by %d micro-batches of %s slots; retiring %s", spec.run_id, len(new),
+                    [spec.sizes[m] for m in new], live)
+
+    async def _retire(self, mb: int) -> None:
+        t0 = time.time()
+        released, self._released[mb] = self._released[mb], []
+        try:
+            closed = await self.run.retire_everywhere(mb, released)
+        except Exception as e:  # its caches close with the run
+            if not is_worker_failure(e):
+                raise
+            logger.warning("glinthawk run %s: micro-batch %d drained, its caches not closed: %s",
+                           self.run.spec.run_id, mb, e)
+            closed = []
+        self._retired.append({"kind": "retired micro-batch", "micro_batch": mb, "closed": closed,
+                              "seconds": time.time() - t0, "time": t0})
+
+    def _take_retired(self) -> list[dict]:
+        out, self._retired = self._retired, []
         return out
 
     async def close(self) -> None:

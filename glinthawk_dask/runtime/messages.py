@@ -100,6 +100,32 @@ class Plan(_Wire):
     sizes: list[int] = field(default_factory=list)  # slots per micro-batch
     dense_kv: dict[str, int] = field(default_factory=dict)  # KV bytes reserved on each dense worker
     kv_bytes_per_token_layer: int = 0  # of the run's dtype
+    # per slice: the cache (kv run id) holding each micro-batch ("": the run's own); set once a run grows
+    kv_runs: list[list[str]] = field(default_factory=list)
+    retired: list[int] = field(default_factory=list)  # micro-batches that admit no more (the run grew past them)
+
+    def live_sizes(self) -> list[int]:
+        """Slots of the micro-batches that still admit requests."""
+        return [n for m, n in enumerate(self.sizes) if m not in self.retired]
+
+    def grown(self, new: "Plan", kv_runs: list[str]) -> "Plan":
+        """This plan with ``new``'s micro-batches (remote ones, placed by the scheduler for
+        the same slices) after its own, each slice's in cache ``kv_runs[s]``; its own
+        micro-batches retired."""
+        n = self.n_micro_batches
+        own = self.kv_runs or [[""] * n for _ in self.slices]
+        n_slots = [dict(a) for a in self.n_slots] or [{} for _ in self.slices]
+        for s, slots in enumerate(new.n_slots):
+            for addr, k in slots.items():
+                n_slots[s][addr] = n_slots[s].get(addr, 0) + k
+        return dataclasses.replace(
+            self, attention=[a + b for a, b in zip(self.attention, new.attention)],
+            slot_base=[a + b for a, b in zip(self.slot_base, new.slot_base)], n_slots=n_slots,
+            micro_batch_size=new.micro_batch_size, n_micro_batches=n + new.n_micro_batches,
+            local=self.local + new.local, sizes=self.sizes + new.sizes,
+            kv_runs=[own[s] + [kv_runs[s]] * new.n_micro_batches for s in range(len(self.slices))],
+            retired=sorted(set(self.retired) | set(range(n))),
+        )
 
     def attention_workers(self) -> list[str]:
         """Every attention worker holding a cache of the run at the start (sorted)."""
@@ -252,6 +278,7 @@ class Results(_Wire):
 
     completions: list[dict]  # Completion fields
     moves: list[dict]  # micro-batches moved to another attention worker (recovery records)
+    retired: list[dict]  # micro-batches a grown run drained and closed (records, see RunDriver.grow)
     error: str | None
     worker_failure: bool  # the error means a lost or wedged worker: the run can restart
     in_flight_tokens: int  # tokens whose KV the run held when it failed (0 while it runs)

@@ -5,9 +5,11 @@ same object across the restarts of a recovery) and what it did once it is over
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import itertools
+import logging
 import time
 from typing import Any, Iterable
 
@@ -15,6 +17,8 @@ from ..engine.request import Completion, Request, sampled_tokens
 from .messages import Plan
 
 __all__ = ["RequestFeed", "RunState", "RunSummary"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -37,6 +41,7 @@ class RunSummary:
     runs_beside: int = 0  # other runs that shared the cluster for a while (a prediction is for it alone)
     predicted_for_lengths: float | None = None  # the plan predicted again on the lengths its rows stopped at
     planned_on_rows: int = 0  # earlier rows (a resumed output's) whose lengths the plan expected
+    growths: list[dict] = dataclasses.field(default_factory=list)  # grown into KV other runs freed (growth.py)
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,6 +92,9 @@ class RunState:
     status: str = "running"  # or "waiting for workers: ..."
     in_flight_tokens: int | None = None  # KV tokens the failed run held (what a restart rebuilds)
     generated_before: int = 0  # tokens sampled by the runs a recovery replaced
+    growth: Any = None  # how the run may grow into KV other runs free (a growth.Growth; None: it does not)
+    growths: list[dict] = dataclasses.field(default_factory=list)  # each time it grew, and each old micro-batch closed
+    feeding: bool = False  # more requests are to come from the caller
 
     @property
     def pending(self):
@@ -100,8 +108,9 @@ class RunState:
         self.n_requests += len(requests)
 
     def room(self) -> int:
-        """How many more requests the driver should hold: two rounds of its slots."""
-        return max(0, 2 * sum(self.plan.sizes) - len(self.pending))
+        """How many more requests the driver should hold: two rounds of its slots (of the
+        micro-batches that still admit requests)."""
+        return max(0, 2 * sum(self.plan.live_sizes()) - len(self.pending))
 
     def deliver(self, c: Completion) -> bool:
         """Mark ``c`` delivered; False if it already was (a duplicate from a replayed step)."""
@@ -112,9 +121,21 @@ class RunState:
             self.plan_check.record(c.id, sampled_tokens(len(c.completion_token_ids), c.finish_reason))
         return True
 
+    async def predicted_for_lengths(self) -> float | None:
+        """The run's plan predicted again on the lengths its sampled rows stopped at (off
+        the loop; None when it was not planned, or cannot be)."""
+        if self.plan_check is None:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.plan_check.predicted_for_lengths)
+        except Exception as e:  # a check of the planner must not fail the run it checks
+            logger.warning("glinthawk run %s: the plan could not be predicted again (%s: %s)", self.id,
+                           type(e).__name__, e)
+            return None
+
     def restart_as(self, new: "RunState", generated_before: int) -> None:
         """Go on as ``new``, the run a recovery opened."""
-        self.id, self.plan, self.renew_at = new.id, new.plan, new.renew_at
+        self.id, self.plan, self.renew_at, self.growth = new.id, new.plan, new.renew_at, new.growth
         self.status, self.generated_before = "running", generated_before
 
 

@@ -75,6 +75,7 @@ class SliceRun:
         # opened for it alone after it moved (see reroute)
         self.kv_runs = [spec.run_id] * spec.n_micro_batches
         self.staging = [HostStaging(self.device) for _ in range(spec.n_micro_batches)]  # device → wire
+        self.retired: set[int] = set()  # micro-batches of a grown run that drained
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator | None] = {}
         self.driver: RunDriver | None = None  # on the first slice
@@ -161,6 +162,68 @@ class SliceRun:
         self.spec.attention[mb] = address
         self.spec.slot_base[mb] = 0
         self.kv_runs[mb] = kv_run
+
+    # -- a grown run (see RunDriver.grow) ---------------------------------------------
+    def grow(self, attention: list[str], slot_base: list[int], sizes: list[int], kv_run: str) -> list[int]:
+        """Add remote micro-batches after the others: one per entry, on attention worker
+        ``attention[i]`` from slot ``slot_base[i]`` of its cache ``kv_run``, of
+        ``sizes[i]`` slots; their indices."""
+        spec = self.spec
+        new = []
+        for addr, base, size in zip(attention, slot_base, sizes, strict=True):
+            new.append(len(spec.sizes))
+            self.global_base.append(sum(spec.sizes))
+            spec.sizes.append(int(size))
+            spec.local.append(False)
+            spec.attention.append(addr)
+            spec.slot_base.append(int(base))
+            self.kv_runs.append(kv_run)
+            self.staging.append(HostStaging(self.device))
+        spec.n_micro_batches = len(spec.sizes)
+        return new
+
+    async def retire(self, mb: int, released: list[str]) -> list[dict]:
+        """Micro-batch ``mb`` of a grown run has drained: forget its last sequences'
+        sampling state (``released``) and, once every micro-batch in the cache that held
+        it has drained, close that cache and give its KV back to the scheduler.  What
+        was closed (``address``, ``cache``, ``slots``, ``bytes``)."""
+        spec = self.spec
+        self.retired.add(mb)
+        self.staging[mb] = HostStaging(self.device)
+        for seq_id in released:
+            self.params.pop(seq_id, None)
+            self.generators.pop(seq_id, None)
+        if spec.local[mb]:
+            return []
+        key = (spec.attention[mb], self.kv_runs[mb])
+        sharing = [m for m in range(spec.n_micro_batches) if not spec.local[m]
+                   and (spec.attention[m], self.kv_runs[m]) == key]
+        if not self.retired.issuperset(sharing):
+            return []
+        address, kv_run = key
+        slots = sum(spec.sizes[m] for m in sharing)
+        elem = torch.tensor([], dtype=self.weights.dtype).element_size()
+        nbytes = self.config.kv_bytes_per_token(elem, 1) * (spec.stop - spec.start) * spec.max_seq_len * slots
+        try:
+            await asyncio.wait_for(self.worker.rpc(address).glinthawk_kv_close(run_id=kv_run, exact=True),
+                                   spec.peer_timeout)
+        except Exception as e:  # a lost worker's cache is gone with it; the run's close frees the rest
+            if not is_worker_failure(e):
+                raise
+        await self.worker.scheduler.glinthawk_release(run_id=spec.run_id, address=address, nbytes=nbytes)
+        return [{"address": address, "cache": kv_run, "slots": slots, "bytes": nbytes}]
+
+    async def retire_everywhere(self, mb: int, released: list[str]) -> list[dict]:
+        """:meth:`retire` micro-batch ``mb`` on every slice (this one and the other dense
+        workers'); the caches closed."""
+        spec, closed = self.spec, []
+        for s, address in enumerate(spec.dense):
+            if s == spec.slice_index:
+                closed += await self.retire(mb, released)
+            else:
+                closed += await self.worker.rpc(address).glinthawk_slice_retire(
+                    run_id=spec.run_id, micro_batch=mb, released=released)
+        return closed
 
     # -- a lost attention worker (the driver's side, see RunDriver) ------------------
     async def open_moved_cache(self, lost: AttentionLost, mb: int, kv_run: str) -> str:

@@ -1,0 +1,198 @@
+"""A two-tier run growing into KV that other runs freed.
+
+A run placed while other runs held KV gets the plan that fits beside them: an auto plan
+chosen for the KV free then, or the micro-batches asked for shrunk to it.  Plans were
+fixed for a run's life, so a long pipeline started beside a big run kept its small plan
+for hours after that run ended.  Every ``glinthawk.engine.grow-every`` seconds, when
+more KV is free than when it last looked and requests wait for slots, the client asks
+whether the KV free now (its own not counted: it still holds it) takes a plan at least
+``glinthawk.engine.grow-gain`` times as fast: the planner's best two-tier plan against
+its own on the same profile, or, for a plan the caller fixed, the plan it asked for.
+If so, the scheduler places that plan's micro-batches (``glinthawk_grow``), their
+caches open on the attention workers and every slice adds them, the first slice last,
+whose driver starts them and retires the run's other micro-batches: those admit
+nothing more, run their sequences to the end, and once drained their caches close and
+their KV goes back to the scheduler.  No token is computed twice, and every
+sequence's tokens are those it would have had (a sequence stays in its micro-batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+from .. import config
+from ..engine.request import Request
+from .autoplan import grow_plan, sample_of
+from .faults import WorkerFailure, is_worker_failure
+from .messages import Plan
+from .runs import RunState
+
+__all__ = ["Growth", "maybe_grow"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Growth:
+    """What a run needs to grow: how its plan was chosen, and when it looks next."""
+
+    micro_batch_size: int | str  # as asked: an int, or "auto"
+    n_micro_batches: int | str
+    model_config: Any
+    requests: list[Request]  # those the plan was chosen on (auto plans)
+    plan_kwargs: dict  # what else the planner took: model, dtype, seq_len, latency, ...
+    current: Any  # auto plans: the planner's configuration of the live plan (None: not planned)
+    next_check: float = 0.0
+    free_seen: int = -1  # attention KV bytes free when it last looked
+
+    @property
+    def auto(self) -> bool:
+        return "auto" in (self.micro_batch_size, self.n_micro_batches)
+
+    @classmethod
+    def of_engine(cls, engine: Any, requests: list[Request], seq_len: int, output_lengths: list[int] | None,
+                  prediction: Any, plan: Plan, kv_free: int) -> "Growth":
+        """A :class:`~.client.DaskEngine` run's, placed as ``plan`` with ``kv_free``
+        attention KV bytes left free beside it (chosen by ``prediction``, or None when it
+        was not planned).  Placement may have shrunk the plan the planner chose (one that
+        fit nowhere beside the other runs was chosen for the cluster alone): the plan to
+        beat is the one placed."""
+        current = None
+        if prediction is not None:
+            live = plan.live_sizes()
+            size = max(1, round(max(live) * len(sample_of(requests)) / len(requests)))  # (the sample's scale)
+            current = dataclasses.replace(prediction.config, micro_batch_size=size, micro_batches=len(live))
+        return cls(
+            engine.micro_batch_size, engine.n_micro_batches, engine.model_config, requests, dict(
+                model=engine.model, dtype=engine.dtype, seq_len=seq_len, n_slices=engine.n_slices,
+                dense_kv_budget=engine.dense_kv_budget, latency=engine.latency,
+                max_step_tokens=engine.max_step_tokens, output_lengths=output_lengths),
+            current, next_check=time.time() + float(config.get("engine.grow-every")), free_seen=kv_free)
+
+
+def plan_words(sizes: list[int]) -> str:
+    """Micro-batch sizes as ``"32 x 2"`` (or ``"32 + 16"`` when they differ)."""
+    return f"{sizes[0]} x {len(sizes)}" if len(set(sizes)) == 1 else " + ".join(map(str, sizes))
+
+
+async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
+    """Grow ``run`` (see the module) if it is time to look, more KV is free than when it
+    last looked, requests wait for slots (``waiting``: more to feed, or more pending
+    than its slots) and a plan that fits there is worth it.  A worker lost while its new
+    micro-batches are added to the slices raises :class:`~.faults.WorkerFailure` (the
+    caller restarts the run); any other failure to grow leaves the run as it was."""
+    g = run.growth
+    now = time.time()
+    every = float(config.get("engine.grow-every"))
+    if g is None or every <= 0 or now < g.next_check or run.plan.mode != "two-tier":
+        return
+    g.next_check = now + every
+    live = run.plan.live_sizes()
+    if not waiting and len(run.pending) <= sum(live):
+        return
+    info = await client.scheduler.glinthawk_cluster_info()
+    free = sum(info["kv_free"].values())
+    if free <= g.free_seen:
+        g.free_seen = free
+        return
+    g.free_seen = free
+    target = await _target(client, run, g, live)
+    if target is None:
+        return
+    size, depth, prediction, before, check = target
+    t0 = time.time()
+    reply = await client.scheduler.glinthawk_grow(run_id=run.id, micro_batch_size=size, n_micro_batches=depth)
+    if "error" in reply:
+        logger.info("glinthawk run %s did not grow to %d x %d: %s", run.id, size, depth, reply["error"])
+        return
+    new, kv_runs = Plan.from_wire(reply["plan"]), list(reply["kv_runs"])
+    if not await _add(client, run, new, kv_runs):
+        return
+    run.plan = run.plan.grown(new, kv_runs)
+    if prediction is not None:
+        g.current, run.prediction = prediction.config, prediction
+    if check is not None and run.plan_check is not None:  # (rows of the sample that finished stay known)
+        check.stopped.update(run.plan_check.stopped)
+        run.plan_check = check
+    record = {"kind": "grew", "from": plan_words(live), "to": plan_words(new.sizes), "after_s": t0 - run.t0,
+              "seconds": time.time() - t0, "time": t0, "free_bytes": free,
+              "predicted": None if prediction is None else prediction.tokens_per_s, "predicted_before": before}
+    run.growths.append(record)
+    logger.warning("glinthawk run %s grew from %s to %s micro-batches into KV other runs freed%s", run.id,
+                   record["from"], record["to"], "" if prediction is None else
+                   f" (predicted {before:.1f} -> {prediction.tokens_per_s:.1f} tok/s)")
+
+
+async def _target(client: Any, run: RunState, g: Growth, live: list[int]) -> tuple | None:
+    """(size, depth, prediction, the live plan's predicted tokens/s, the plan's
+    PlanCheck) of the plan to grow to (the last three None for a fixed plan), or None."""
+    gain = float(config.get("engine.grow-gain"))
+    if not g.auto:  # the plan asked for, once it fits whole and has enough more slots
+        size, depth = int(g.micro_batch_size), int(g.n_micro_batches)
+        size = min(size, run.size)
+        depth = max(1, min(depth, math.ceil(run.size / size)))
+        return (size, depth, None, None, None) if size * depth >= gain * sum(live) else None
+    if g.current is None:  # the planner did not choose the plan: nothing to compare with
+        return None
+    kw = dict(g.plan_kwargs)
+    kw["micro_batch_size"] = None if g.micro_batch_size == "auto" else min(int(g.micro_batch_size), len(g.requests))
+    kw["n_micro_batches"] = None if g.n_micro_batches == "auto" else int(g.n_micro_batches)
+    chosen = await grow_plan(client, g.model_config, g.requests, g.current, gain, **kw)
+    if chosen is None:
+        return None
+    plan, before = chosen
+    size = min(plan.micro_batch_size, run.size)
+    depth = max(1, min(plan.n_micro_batches, math.ceil(run.size / size)))
+    return size, depth, plan.prediction, before, plan.check
+
+
+async def _add(client: Any, run: RunState, new: Plan, kv_runs: list[str]) -> bool:
+    """Open the new micro-batches' caches, then add them to every slice, the first last
+    (its driver starts them); whether they were added.  When a cache does not open, the
+    others close again and their KV goes back; a worker lost once the slices began to
+    take them fails the run as a lost worker (its restart closes every cache)."""
+    g, timeout = run.growth, float(config.get("engine.peer-timeout"))
+    try:
+        for s, (a, b) in enumerate(new.slices):
+            for addr, n_slots in new.n_slots[s].items():
+                await asyncio.wait_for(client.rpc(addr).glinthawk_kv_open(
+                    run_id=kv_runs[s], config=dataclasses.asdict(g.model_config), layer_start=a,
+                    layer_stop=b, n_slots=n_slots, max_seq_len=run.plan.max_seq_len, dtype=g.plan_kwargs["dtype"],
+                    latency=g.plan_kwargs["latency"], depth=new.n_micro_batches), timeout)
+    except Exception as e:
+        await _give_back(client, run, new, kv_runs)
+        if not (is_worker_failure(e) or isinstance(e, MemoryError)):
+            raise
+        logger.warning("glinthawk run %s could not open the caches to grow into (%s: %s)", run.id,
+                       type(e).__name__, e)
+        return False
+    try:
+        for s in reversed(range(len(new.slices))):
+            await client.rpc(run.plan.dense[s]).glinthawk_slice_grow(
+                run_id=run.id, attention=new.attention[s], slot_base=new.slot_base[s], sizes=new.sizes,
+                kv_run=kv_runs[s])
+    except Exception as e:
+        if is_worker_failure(e):
+            raise WorkerFailure(f"run {run.id} lost a worker while it grew: {type(e).__name__}: {e}") from e
+        raise
+    return True
+
+
+async def _give_back(client: Any, run: RunState, new: Plan, kv_runs: list[str]) -> None:
+    """Close the caches of micro-batches that were not added and return their KV."""
+    per_token_layer = run.plan.kv_bytes_per_token_layer * run.plan.max_seq_len
+    for s, (a, b) in enumerate(new.slices):
+        for addr, n_slots in new.n_slots[s].items():
+            try:
+                await asyncio.wait_for(client.rpc(addr).glinthawk_kv_close(run_id=kv_runs[s], exact=True),
+                                       float(config.get("engine.peer-timeout")))
+            except Exception as e:  # a lost worker's caches went with it
+                if not is_worker_failure(e) and not isinstance(e, asyncio.TimeoutError):
+                    raise
+            await client.scheduler.glinthawk_release(run_id=run.id, address=addr,
+                                                     nbytes=n_slots * (b - a) * per_token_layer)

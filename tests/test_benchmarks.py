@@ -323,3 +323,24 @@ def test_bench_plan_sweep_times_python_and_compiled_rounds(tmp_path):
     assert min(case["python_s"], case["compiled_s"], case["threaded_s"], case["default_s"]) > 0
     assert case["threads"] >= 1
     assert "the same predictions every way: yes" in proc.stdout and "machine busy" in proc.stdout
+
+
+def test_bench_growth_runs_alone_beside_and_growing(tmp_path):
+    """The growth benchmark at a tiny size: the run beside another run's KV keeps its
+    plan without growth and grows into the KV once released, tokens the same as alone."""
+    out = tmp_path / "growth.json"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_growth.py"), "--batch", "24", "--new-tokens", "8",
+           "--free-slots", "2", "--release-after", "0.5", "--rounds", "1", "--json", str(out)]
+    env = {**os.environ, "DASK_GLINTHAWK__PLANNER__PROFILE_CACHE": str(tmp_path / "profiles"),
+           "DASK_GLINTHAWK__ENGINE__GROW_EVERY": "0.2"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    runs = {r["kind"]: r for r in report["runs"]}
+    assert list(runs) == ["alone", "beside", "grows"] and all(r["identical"] == 24 for r in runs.values())
+    assert runs["beside"]["grew"] == [] and runs["beside"]["held_slots"] > 0
+    assert [g["from"] for g in runs["grows"]["grew"]] == [runs["grows"]["plan"]]
+    assert int(runs["grows"]["plan"].split(" x ")[0]) <= 2  # within the two free slots
+    assert report["summary"]["grows_over_beside"] > 0 and report["summary"]["identical"] == 24
+    assert re.search(r"^medians: alone [\d.]+ tok/s, beside \(no growth\) [\d.]+, grows [\d.]+: growing [\d.]+x",
+                     proc.stdout, re.MULTILINE), proc.stdout

@@ -59,6 +59,20 @@ def test_a_grown_plan_appends_micro_batches_and_retires_its_own():
     assert grown.n_slots == [{"a": 2, "b": 4}, {"b": 2, "a": 4}] and grown.n_micro_batches == 4
 
 
+async def _run_beside_other(c, reqs: list[Request], **kw):
+    """Run ``reqs`` (tokens checked) while the placement "gh-other" holds KV, closing it
+    once the first completion is in; the run's summary."""
+    with dask.config.set(FAST):
+        engine = DaskEngine(c, MODEL, **kw)
+        got = {}
+        async for comp in engine.agenerate(reqs, max_seq_len=64):
+            got[comp.id] = comp.completion_token_ids
+            if len(got) == 1:
+                await c.scheduler.glinthawk_run_closed(run_id="gh-other")
+    assert got == _reference(reqs)
+    return engine.last_summary
+
+
 async def _scheduler_kv(c) -> dict:
     """Every open run's reserved attention KV, by run."""
     return await c.run_on_scheduler(lambda dask_scheduler: {
@@ -122,15 +136,7 @@ async def test_a_run_of_two_slices_grows_onto_other_attention_workers(c, s, d0, 
     place = dict(mode="two-tier", n_layers=3, kv_bytes_per_token_layer=bpt, max_seq_len=64, n_slices=2)
     reply = await c.scheduler.glinthawk_plan(run_id="gh-other", micro_batch_size=5, n_micro_batches=1, **place)
     (x,), (y,) = reply["plan"]["attention"]  # 10 and 5 of their 12 slot-layers taken
-    with dask.config.set(FAST):
-        engine = DaskEngine(c, MODEL, micro_batch_size=2, n_micro_batches=2, n_slices=2)
-        got = {}
-        async for comp in engine.agenerate(reqs, max_seq_len=64):
-            got[comp.id] = comp.completion_token_ids
-            if len(got) == 1:
-                await c.scheduler.glinthawk_run_closed(run_id="gh-other")
-    assert got == _reference(reqs)
-    summary = engine.last_summary
+    summary = await _run_beside_other(c, reqs, micro_batch_size=2, n_micro_batches=2, n_slices=2)
     assert [(g["from"], g["to"]) for g in summary.growths if g["kind"] == "grew"] == [("1 x 2", "2 x 2")]
     plan = summary.placement
     assert plan.attention[0] == [y] * 2 + [x] * 2  # slice 0 (two layers) first on the roomier worker
@@ -152,15 +158,7 @@ async def test_an_auto_plan_grows_when_the_planner_finds_a_faster_plan_in_the_fr
     place = dict(mode="two-tier", n_layers=3, kv_bytes_per_token_layer=bpt, max_seq_len=64)
     await c.scheduler.glinthawk_plan(run_id="gh-other", micro_batch_size=10, n_micro_batches=1, **place)
     reqs = _rows(60, "r")
-    with dask.config.set(FAST):
-        engine = DaskEngine(c, MODEL, micro_batch_size="auto", n_micro_batches="auto")
-        got = {}
-        async for comp in engine.agenerate(reqs, max_seq_len=64):
-            got[comp.id] = comp.completion_token_ids
-            if len(got) == 1:
-                await c.scheduler.glinthawk_run_closed(run_id="gh-other")
-    assert got == _reference(reqs)
-    summary = engine.last_summary
+    summary = await _run_beside_other(c, reqs, micro_batch_size="auto", n_micro_batches="auto")
     (grew,) = [g for g in summary.growths if g["kind"] == "grew"]
     plan = summary.placement
     assert sum(plan.sizes[m] for m in plan.retired) <= 2  # two slots were free

@@ -95,8 +95,7 @@ async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
     live = run.plan.live_sizes()
     if not waiting and len(run.pending) <= sum(live):
         return
-    info = await client.scheduler.glinthawk_cluster_info()
-    free = sum(info["kv_free"].values())
+    free = int(await client.scheduler.glinthawk_kv_free())
     if free <= g.free_seen:
         g.free_seen = free
         return

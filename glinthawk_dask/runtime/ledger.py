@@ -44,7 +44,7 @@ class KVLedger:
     def ledger_handlers(self) -> dict[str, Any]:
         """The scheduler handlers of the ledger."""
         return {"glinthawk_plan": self.plan, "glinthawk_replace": self.replace, "glinthawk_grow": self.grow,
-                "glinthawk_release": self.release}
+                "glinthawk_release": self.release, "glinthawk_kv_free": self.kv_free}
 
     scheduler: Any
     runs: dict[str, dict]
@@ -141,8 +141,7 @@ class KVLedger:
                              "t0": time.time(), "model": model, "generated": 0, "beside": set(self.runs)}
         for other_id in self.runs[run_id]["beside"]:  # runs that shared the cluster for a while, both ways
             self.runs[other_id].setdefault("beside", set()).add(run_id)
-        return {"plan": self.runs[run_id]["plan"],  # and the attention tier's KV left free beside it
-                "kv_free": sum(self._kv_free(a) for a in reg["attention"] if a in self.scheduler.workers)}
+        return {"plan": self.runs[run_id]["plan"], "kv_free": self.kv_free()}  # (and the KV left beside it)
 
     def replace(self, run_id: str, lost: str, slice_index: int, n_slots: int, n_layers: int,
                 max_seq_len: int) -> dict:
@@ -211,6 +210,11 @@ class KVLedger:
             return True
         except PlacementError:
             return False
+
+    def kv_free(self) -> int:
+        """The attention KV bytes no run holds, on every attention worker together (what
+        a run that may grow polls: no worker is asked)."""
+        return sum(self._kv_free(a) for a in self.registry()["attention"] if a in self.scheduler.workers)
 
     def grow(self, run_id: str, micro_batch_size: int, n_micro_batches: int) -> dict:
         """Place ``n_micro_batches`` more remote micro-batches of ``micro_batch_size``

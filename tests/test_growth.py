@@ -166,3 +166,38 @@ async def test_an_auto_plan_grows_when_the_planner_finds_a_faster_plan_in_the_fr
     assert summary.predicted_tokens_per_s == grew["predicted"]
     assert sum(plan.live_sizes()) > 2
     assert await _scheduler_kv(c) == {}
+
+
+@gen_cluster(client=True, nthreads=[DENSE] + [("127.0.0.1", 1, {"resources": {"KV": 12 * 3 * _LAYER_SLOT}})] * 2,
+             timeout=120)
+async def test_a_grown_micro_batch_whose_worker_is_lost_moves_as_any_other(c, s, a, w1, w2):
+    """The attention worker of a grown run's new micro-batch leaves mid-run: the
+    micro-batch moves to the other worker (where the drained one's cache closed) and
+    every token is still the in-process engine's."""
+    await _setup(c)
+    bpt = from_name("tiny-gqa").kv_bytes_per_token(4, 1)
+    place = dict(mode="two-tier", n_layers=3, kv_bytes_per_token_layer=bpt, max_seq_len=64)
+    await c.scheduler.glinthawk_plan(run_id="gh-other", micro_batch_size=10, n_micro_batches=2, **place)
+    reqs, workers = _rows(60, "r"), {w.address: w for w in (w1, w2)}
+
+    def plans(dask_scheduler):
+        return {k: r["plan"] for k, r in dask_scheduler.plugins["glinthawk"].runs.items() if k != "gh-other"}
+
+    closed = None
+    with dask.config.set({**FAST, "glinthawk.engine.peer-timeout": 4.0}):
+        engine = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=1)
+        got = {}
+        async for comp in engine.agenerate(reqs, max_seq_len=64):
+            got[comp.id] = comp.completion_token_ids
+            if len(got) == 1:
+                await c.scheduler.glinthawk_run_closed(run_id="gh-other")
+            (plan,) = (await c.run_on_scheduler(plans)).values()
+            if closed is None and plan["retired"] and len(got) < 40:
+                closed = plan["attention"][0][-1]  # the grown micro-batch's worker
+                await workers[closed].close()
+    assert got == _reference(reqs) and closed is not None
+    summary = engine.last_summary
+    assert [(g["from"], g["to"]) for g in summary.growths if g["kind"] == "grew"] == [("2 x 1", "4 x 1")]
+    (moved,) = summary.recoveries
+    assert moved["kind"] == "moved micro-batch" and moved["micro_batch"] == 1 and moved["to"] != closed
+    assert await _scheduler_kv(c) == {}

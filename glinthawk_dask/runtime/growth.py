@@ -54,6 +54,19 @@ class Growth:
     def auto(self) -> bool:
         return "auto" in (self.micro_batch_size, self.n_micro_batches)
 
+    def asked(self, n_requests: int) -> tuple[int, int]:
+        """A fixed plan's size and depth, as a run of ``n_requests`` places them."""
+        size = min(int(self.micro_batch_size), n_requests)
+        return size, max(1, min(int(self.n_micro_batches), math.ceil(n_requests / size)))
+
+    def may_grow(self, live: list[int], n_requests: int) -> bool:
+        """Whether a plan of ``live`` slots has anything to grow to: a fixed plan placed
+        short enough of the plan asked; an auto plan the planner chose."""
+        if self.auto:
+            return self.current is not None
+        size, depth = self.asked(n_requests)
+        return size * depth >= float(config.get("engine.grow-gain")) * sum(live)
+
     @classmethod
     def of_engine(cls, engine: Any, requests: list[Request], seq_len: int, output_lengths: list[int] | None,
                   prediction: Any, plan: Plan, kv_free: int) -> "Growth":
@@ -85,7 +98,8 @@ async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
     last looked, requests wait for slots (``waiting``: more to feed, or more pending
     than its slots) and a plan that fits there is worth it.  A worker lost while its new
     micro-batches are added to the slices raises :class:`~.faults.WorkerFailure` (the
-    caller restarts the run); any other failure to grow leaves the run as it was."""
+    caller restarts the run); a plan that no longer fits, or a cache that does not
+    open (its worker lost, or out of KV), leaves the run as it was."""
     g = run.growth
     now = time.time()
     every = float(config.get("engine.grow-every"))
@@ -93,14 +107,14 @@ async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
         return
     g.next_check = now + every
     live = run.plan.live_sizes()
-    if not waiting and len(run.pending) <= sum(live):
+    if (not waiting and len(run.pending) <= sum(live)) or not g.may_grow(live, run.size):
         return
     free = int(await client.scheduler.glinthawk_kv_free())
     if free <= g.free_seen:
         g.free_seen = free
         return
     g.free_seen = free
-    target = await _target(client, run, g, live)
+    target = await _target(client, run, g)
     if target is None:
         return
     size, depth, prediction, before, check = target
@@ -127,21 +141,16 @@ async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
                    f" (predicted {before:.1f} -> {prediction.tokens_per_s:.1f} tok/s)")
 
 
-async def _target(client: Any, run: RunState, g: Growth, live: list[int]) -> tuple | None:
+async def _target(client: Any, run: RunState, g: Growth) -> tuple | None:
     """(size, depth, prediction, the live plan's predicted tokens/s, the plan's
     PlanCheck) of the plan to grow to (the last three None for a fixed plan), or None."""
-    gain = float(config.get("engine.grow-gain"))
-    if not g.auto:  # the plan asked for, once it fits whole and has enough more slots
-        size, depth = int(g.micro_batch_size), int(g.n_micro_batches)
-        size = min(size, run.size)
-        depth = max(1, min(depth, math.ceil(run.size / size)))
-        return (size, depth, None, None, None) if size * depth >= gain * sum(live) else None
-    if g.current is None:  # the planner did not choose the plan: nothing to compare with
-        return None
+    if not g.auto:  # the plan asked for (placed short enough of it: may_grow), if it fits whole
+        return (*g.asked(run.size), None, None, None)
     kw = dict(g.plan_kwargs)
     kw["micro_batch_size"] = None if g.micro_batch_size == "auto" else min(int(g.micro_batch_size), len(g.requests))
     kw["n_micro_batches"] = None if g.n_micro_batches == "auto" else int(g.n_micro_batches)
-    chosen = await grow_plan(client, g.model_config, g.requests, g.current, gain, **kw)
+    chosen = await grow_plan(client, g.model_config, g.requests, g.current, float(config.get("engine.grow-gain")),
+                             **kw)
     if chosen is None:
         return None
     plan, before = chosen

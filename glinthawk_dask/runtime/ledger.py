@@ -3,9 +3,10 @@
 :class:`KVLedger` is the placement half of
 :class:`~.plugins.GlinthawkSchedulerPlugin`: it places a run (``glinthawk_plan``), a
 micro-batch moved off a lost attention worker (``glinthawk_replace``) and the
-micro-batches a run grows by once other runs free KV (``glinthawk_grow``), and takes
-back what a grown run's drained micro-batches held (``glinthawk_release``).  Every
-reservation is in bytes per worker; a run's whole reservation goes when it closes.
+micro-batches a run grows by once other runs free KV (``glinthawk_grow``, after asking
+``glinthawk_kv_free``), and takes back what a grown run's drained micro-batches held
+(``glinthawk_release``).  Every reservation is in bytes per worker; a run's whole
+reservation goes when it closes.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ class KVLedger:
     """The placement handlers of the scheduler plugin (a mixin: the plugin holds
     ``scheduler``, ``runs``, ``waiting`` and ``registry()``)."""
 
+    scheduler: Any
+    runs: dict[str, dict]
+    waiting: dict[str, dict]
+
     def ledger_handlers(self) -> dict[str, Any]:
         """The scheduler handlers of the ledger."""
         return {"glinthawk_plan": self.plan, "glinthawk_replace": self.replace, "glinthawk_grow": self.grow,
                 "glinthawk_release": self.release, "glinthawk_kv_free": self.kv_free}
-
-    scheduler: Any
-    runs: dict[str, dict]
-    waiting: dict[str, dict]
 
     def _attention_budget(self, addr: str) -> int:
         """The KV bytes attention worker ``addr`` offers in all (its ``KV`` resource, or a

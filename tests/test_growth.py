@@ -5,6 +5,7 @@ from __future__ import annotations
 import dask
 from distributed.utils_test import gen_cluster
 
+from glinthawk_dask.cli.cluster import status_text
 from glinthawk_dask.engine.request import Request
 from glinthawk_dask.engine.scheduler import BatchScheduler
 from glinthawk_dask.model import from_name
@@ -107,7 +108,7 @@ async def test_a_shrunk_run_grows_to_the_plan_it_asked_once_another_run_ends(c, 
                 async for x in held:  # the holder finishes and closes
                     got_held[x.id] = x.completion_token_ids
             if len(got) == len(reqs):  # (the run is still open here)
-                during = (await _scheduler_kv(c), await _caches(b))
+                during = (await _scheduler_kv(c), await _caches(b), await c.scheduler.glinthawk_status())
     assert got == _reference(reqs) and got_held == _reference(holder_reqs)
     summary = engine.last_summary
     assert (summary.micro_batch_size, summary.n_micro_batches) == (4, 2)
@@ -118,9 +119,11 @@ async def test_a_shrunk_run_grows_to_the_plan_it_asked_once_another_run_ends(c, 
     assert [g["micro_batch"] for g in retired] == [0, 1]
     closed = [x for g in retired for x in g["closed"]]  # the shared cache closes with the last of them
     assert [(x["address"], x["cache"], x["slots"]) for x in closed] == [(b.address, summary.run_id, 4)]
-    kv, caches = during
+    kv, caches, status = during
     assert kv == {summary.run_id: {b.address: 8 * 3 * _LAYER_SLOT}}  # the old 4 slots given back
     assert caches == {f"{summary.run_id}/g1s0": 8}
+    line = next(x for x in status_text(status).splitlines() if summary.run_id in x)  # `glinthawk status`
+    assert "two-tier, random:tiny-gqa, 4+4 slots in 2 micro-batches" in line and "; grew into freed KV once" in line
     assert holder.last_summary.growths == []  # (placed whole: nothing to grow into)
     assert await _scheduler_kv(c) == {} and await _caches(b) == {}
 

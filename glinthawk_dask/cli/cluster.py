@@ -363,6 +363,10 @@ def status(scheduler: str, as_json: bool, tls_ca_file: str | None, tls_cert: str
     click.echo(status_text(info))
 
 
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
 def status_text(info: dict) -> str:
     """``glinthawk status`` as a person reads it."""
     def size(n: Any) -> str:
@@ -392,6 +396,7 @@ def status_text(info: dict) -> str:
                      f"age {r['age_s']:.0f} s, {r['generated_tokens']} tokens, KV reserved "
                      f"{size(r['kv_reserved']['dense'])} dense, {size(r['kv_reserved']['attention'])} attention, "
                      f"lease left {max(0.0, r['lease_left_s']):.0f} s"
+                     + (f"; grew into freed KV {_times(r['grown'])}" if r.get("grown") else "")
                      + (f"; lost {', '.join(r['lost_workers'])}" if r.get("lost_workers") else ""))
     if info.get("waiting"):
         lines.append(f"runs waiting for KV the open runs hold: {len(info['waiting'])}")

@@ -58,6 +58,7 @@ def test_a_grown_plan_appends_micro_batches_and_retires_its_own():
     assert grown.attention == [["a", "a", "b", "b"], ["b", "b", "a", "a"]]
     assert grown.kv_runs == [["", "", "r/g1s0", "r/g1s0"], ["", "", "r/g1s1", "r/g1s1"]]
     assert grown.n_slots == [{"a": 2, "b": 4}, {"b": 2, "a": 4}] and grown.n_micro_batches == 4
+    assert grown.attention_kv() == new.attention_kv() == {"b": 4 * 2 * 8 * 64, "a": 4 * 1 * 8 * 64}  # live ones
 
 
 async def _run_beside_other(c, reqs: list[Request], **kw):

@@ -132,10 +132,19 @@ class Plan(_Wire):
         return sorted({a for slots in self.n_slots for a in slots})
 
     def attention_kv(self) -> dict[str, int]:
-        """KV bytes the run takes on each attention worker (by address)."""
+        """KV bytes the run takes on each attention worker (by address), for the
+        micro-batches that still admit requests (a grown run's drained ones gave theirs back)."""
+        if not self.retired:
+            slots_at = self.n_slots
+        else:
+            slots_at = [{} for _ in self.slices]
+            for s, addrs in enumerate(self.attention):
+                for m, addr in enumerate(addrs):
+                    if addr and m not in self.retired:
+                        slots_at[s][addr] = slots_at[s].get(addr, 0) + self.sizes[m]
         seq = self.kv_bytes_per_token_layer * self.max_seq_len
         out: dict[str, int] = {}
-        for (a, b), slots in zip(self.slices, self.n_slots):
+        for (a, b), slots in zip(self.slices, slots_at):
             for addr, n in slots.items():
                 out[addr] = out.get(addr, 0) + n * (b - a) * seq
         return out

@@ -45,6 +45,11 @@ def worker_metrics(tier: str, service: Any, cursor: int = 0, limit: int = MAX_EV
     return out
 
 
+def _retired(driver: Any) -> set:
+    """The micro-batches a grown run retired (they admit nothing more)."""
+    return getattr(getattr(driver, "sched", None), "retired", set())
+
+
 def _driver_stats(driver: Any, now: float) -> dict:
     return {
         "n_submitted": driver.n_submitted,
@@ -53,7 +58,7 @@ def _driver_stats(driver: Any, now: float) -> dict:
         "n_tokens": driver.n_tokens,
         "n_generated": getattr(driver, "n_generated", 0),
         "n_in_flight": getattr(driver, "n_in_flight", 0),
-        "n_micro_batches": driver.run.spec.n_micro_batches,
+        "n_micro_batches": driver.run.spec.n_micro_batches - len(_retired(driver)),
         "n_local": sum(driver.run.spec.local),  # micro-batches whose attention runs on the dense worker
         "age": now - getattr(driver, "t0", now),
         "error": driver.error,

@@ -61,10 +61,10 @@ def test_a_grown_plan_appends_micro_batches_and_retires_its_own():
     assert grown.attention_kv() == new.attention_kv() == {"b": 4 * 2 * 8 * 64, "a": 4 * 1 * 8 * 64}  # live ones
 
 
-async def _run_beside_other(c, reqs: list[Request], **kw):
+async def _run_beside_other(c, reqs: list[Request], gain: float = 1.25, **kw):
     """Run ``reqs`` (tokens checked) while the placement "gh-other" holds KV, closing it
     once the first completion is in; the run's summary."""
-    with dask.config.set(FAST):
+    with dask.config.set({**FAST, "glinthawk.engine.grow-gain": gain}):
         engine = DaskEngine(c, MODEL, **kw)
         got = {}
         async for comp in engine.agenerate(reqs, max_seq_len=64):
@@ -204,4 +204,25 @@ async def test_a_grown_micro_batch_whose_worker_is_lost_moves_as_any_other(c, s,
     assert [(g["from"], g["to"]) for g in summary.growths if g["kind"] == "grew"] == [("2 x 1", "4 x 1")]
     (moved,) = summary.recoveries
     assert moved["kind"] == "moved micro-batch" and moved["micro_batch"] == 1 and moved["to"] != closed
+    assert await _scheduler_kv(c) == {}
+
+
+@gen_cluster(client=True, nthreads=[DENSE] + [("127.0.0.1", 1, {"resources": {"KV": 8 * 3 * _LAYER_SLOT}})] * 2,
+             timeout=120)
+async def test_a_run_grows_by_micro_batches_beside_its_own(c, s, a, w1, w2):
+    """Micro-batches of 8 with auto depth, 5 ms from the attention tier, placed one deep
+    on the worker left free: once the other worker frees, the run keeps its micro-batch
+    and adds one there (a second micro-batch overlaps the round trips; the freed KV alone
+    holds no faster plan than the run's own)."""
+    await _setup(c)
+    bpt = from_name("tiny-gqa").kv_bytes_per_token(4, 1)
+    place = dict(mode="two-tier", n_layers=3, kv_bytes_per_token_layer=bpt, max_seq_len=64)
+    reply = await c.scheduler.glinthawk_plan(run_id="gh-other", micro_batch_size=8, n_micro_batches=1, **place)
+    ((held,),), reqs = reply["plan"]["attention"], _rows(40, "r")
+    summary = await _run_beside_other(c, reqs, micro_batch_size=8, n_micro_batches="auto", latency=0.005)
+    (grew,) = [g for g in summary.growths if g["kind"] == "grew"]
+    assert (grew["from"], grew["to"], grew["kept"]) == ("8 x 1", "8 x 2", True)
+    assert grew["predicted"] >= 1.25 * grew["predicted_before"]
+    assert not [g for g in summary.growths if g["kind"] == "retired micro-batch"]
+    assert summary.placement.retired == [] and summary.placement.attention[0][1] == held
     assert await _scheduler_kv(c) == {}

@@ -18,7 +18,7 @@ from ..engine.request import Request
 from ..model.config import ModelConfig
 from .messages import DTYPES
 
-__all__ = ["AutoPlan", "PlanCheck", "auto_plan", "grow_plan", "weight_bytes"]
+__all__ = ["AutoPlan", "GrowOption", "PlanCheck", "auto_plan", "grow_options", "sample_of", "weight_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,35 +203,62 @@ async def auto_plan(
                     PlanCheck(used, model_config, chosen, inputs.sample, inputs.workload, len(output_lengths or ())))
 
 
-async def grow_plan(
+class GrowOption(NamedTuple):
+    """A way for a run to grow: ``n_micro_batches`` new micro-batches of
+    ``micro_batch_size`` slots, beside its live ones (``keep``) or instead of them."""
+
+    micro_batch_size: int
+    n_micro_batches: int
+    keep: bool
+    prediction: Any  # the planner's Prediction of the plan the run then has (None: a fixed plan)
+    check: "PlanCheck | None" = None
+
+
+async def grow_options(
     client: Any,
     model_config: ModelConfig,
     requests: list[Request],
     current: Any,
+    live_size: int,
     gain: float,
     **kwargs: Any,
-) -> tuple[AutoPlan, float] | None:
-    """A two-tier plan for the KV free now (other runs', not this run's own, held) at
-    least ``gain`` times as fast as ``current`` (the planner's configuration of the
-    run's plan) on the same profile, and ``current``'s tokens/s there; None when there
-    is none.  ``requests`` and ``kwargs`` as :func:`auto_plan` took them."""
+) -> tuple[list[GrowOption], float]:
+    """The ways a two-tier run may grow that the planner predicts at least ``gain``
+    times as fast as ``current`` (the planner's configuration of its live plan, of
+    ``live_size``-slot micro-batches), fastest first, and ``current``'s tokens/s: the
+    best plan for the KV free now (other runs' and its own held) instead of its own, and
+    its own with more micro-batches of its size (whether those fit the free KV, the
+    scheduler tells).  ``requests`` and ``kwargs`` as :func:`auto_plan` took them."""
     from ..planner.simulate import simulate
 
     inputs = await _inputs(client, model_config, requests, mode="two-tier", **kwargs)
     if isinstance(inputs, str):
-        return None
-    chosen = await _choose("two-tier", inputs.profile, model_config, inputs.workload, inputs.knobs)
-    if chosen is None:
-        return None
+        return [], 0.0
+    loop = asyncio.get_running_loop()
     # (the run's own plan holds its KV already: simulated on the workers' whole budgets)
-    now = await asyncio.get_running_loop().run_in_executor(
-        None, simulate, inputs.alone, model_config, inputs.workload, current)
-    if not now.feasible or chosen.tokens_per_s < gain * now.tokens_per_s:
-        return None
-    size = _scaled_size(chosen, len(requests), len(inputs.sample), kwargs.get("micro_batch_size"))
-    check = PlanCheck(inputs.profile, model_config, chosen, inputs.sample, inputs.workload,
-                      len(kwargs.get("output_lengths") or ()))
-    return AutoPlan(size, chosen.micro_batches, 0, chosen, inputs.seconds, check), now.tokens_per_s
+    now = await loop.run_in_executor(None, simulate, inputs.alone, model_config, inputs.workload, current)
+    if not now.feasible:
+        return [], 0.0
+
+    def check(pred: Any) -> PlanCheck:
+        return PlanCheck(inputs.profile, model_config, pred, inputs.sample, inputs.workload,
+                         len(kwargs.get("output_lengths") or ()))
+
+    options = []
+    chosen = await _choose("two-tier", inputs.profile, model_config, inputs.workload, inputs.knobs)
+    if chosen is not None:
+        size = _scaled_size(chosen, len(requests), len(inputs.sample), kwargs.get("micro_batch_size"))
+        options.append(GrowOption(size, chosen.micro_batches, False, chosen, check(chosen)))
+    if kwargs.get("n_micro_batches") is None:  # (a depth the caller fixed stays)
+        for k in range(1, int(config.get("engine.max-micro-batches")) - current.micro_batches + 1):
+            depth = current.micro_batches + k  # (dealt over as many attention workers as a plan takes)
+            more = dataclasses.replace(current, micro_batches=depth, attention=min(depth, inputs.knobs["attention"][0]))
+            pred = await loop.run_in_executor(None, simulate, inputs.alone, model_config, inputs.workload, more)
+            if pred.feasible and pred.micro_batches == more.micro_batches:  # (not clamped to the requests)
+                options.append(GrowOption(live_size, k, True, pred, check(pred)))
+    options = [o for o in options if o.prediction.tokens_per_s >= gain * now.tokens_per_s]
+    options.sort(key=lambda o: (-o.prediction.tokens_per_s, o.n_micro_batches))
+    return options, now.tokens_per_s
 
 
 def weight_bytes(cfg: ModelConfig, elem: int, layers: int | None = None) -> tuple[int, int]:

@@ -22,7 +22,8 @@ from distributed.utils import silence_logging_cmgr
 
 from .. import config
 from ..errors import GlinthawkError
-from .plugins import DENSE_KV, AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
+from .ledger import DENSE_KV
+from .plugins import AttentionWorkerPlugin, DenseWorkerPlugin, GlinthawkSchedulerPlugin
 
 __all__ = ["tier_worker_options", "housekeeping_config", "local_cluster", "connect", "ensure_plugins", "tier_workers",
            "cluster_status"]

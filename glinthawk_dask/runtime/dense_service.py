@@ -131,13 +131,15 @@ class DenseService:
         """A micro-batch of a run moved to another attention worker (see SliceRun.reroute)."""
         self._run(run_id).reroute(micro_batch, address, kv_run)
 
-    def grow(self, run_id: str, attention: list[str], slot_base: list[int], sizes: list[int], kv_run: str) -> list[int]:
+    def grow(self, run_id: str, attention: list[str], slot_base: list[int], sizes: list[int], kv_run: str,
+             keep: bool = False) -> list[int]:
         """A run grew by remote micro-batches (see SliceRun.grow); on the first slice its
-        driver starts them and retires the others.  The new micro-batches' indices."""
+        driver starts them and retires the others unless ``keep``.  The new
+        micro-batches' indices."""
         run = self._run(run_id)
         new = run.grow(attention, slot_base, sizes, kv_run)
         if run.driver is not None:
-            run.driver.grow(new)
+            run.driver.grow(new, keep=keep)
         return new
 
     async def retire(self, run_id: str, micro_batch: int, released: list[str]) -> list[dict]:

@@ -203,17 +203,18 @@ class RunDriver:
         return out
 
     # -- a grown run ---------------------------------------------------------------
-    def grow(self, new: list[int]) -> None:
+    def grow(self, new: list[int], keep: bool = False) -> None:
         """The run grew by micro-batches ``new`` (already added to every slice, see
-        :meth:`~.slice_run.SliceRun.grow`): start them, and retire the others.  Those
-        admit nothing more; each runs its sequences to their end, and then every slice
-        closes the caches none of the live micro-batches is in, giving their KV back."""
+        :meth:`~.slice_run.SliceRun.grow`): start them, and retire the others unless
+        ``keep``.  Retired ones admit nothing more; each runs its sequences to their end,
+        and then every slice closes the caches none of the live micro-batches is in,
+        giving their KV back."""
         spec = self.run.spec
         live = [m for m in range(self.sched.n_micro_batches) if m not in self.sched.retired]
         added = self.sched.add_micro_batches([spec.sizes[m] for m in new])
         if added != list(new):
             raise RuntimeError(f"the run's micro-batches disagree: the driver added {added}, the slice {new}")
-        for m in live:
+        for m in [] if keep else live:
             self.sched.retire(m)
         self._released += [[] for _ in new]
         self._step_no += [0] * len(new)
@@ -222,7 +223,7 @@ class RunDriver:
         self._arrived.set()  # (idle micro-batches now drained retire at once)
         self._arrived = asyncio.Event()
         logger.info("glinthawk run %s grew by %d micro-batches of %s slots; retiring %s", spec.run_id, len(new),
-                    [spec.sizes[m] for m in new], live)
+                    [spec.sizes[m] for m in new], [] if keep else live)
 
     async def _retire(self, mb: int) -> None:
         t0 = time.time()

@@ -6,14 +6,20 @@ fixed for a run's life, so a long pipeline started beside a big run kept its sma
 for hours after that run ended.  Every ``glinthawk.engine.grow-every`` seconds, when
 more KV is free than when it last looked and requests wait for slots, the client asks
 whether the KV free now (its own not counted: it still holds it) takes a plan at least
-``glinthawk.engine.grow-gain`` times as fast: the planner's best two-tier plan against
-its own on the same profile, or, for a plan the caller fixed, the plan it asked for.
-If so, the scheduler places that plan's micro-batches (``glinthawk_grow``), their
-caches open on the attention workers and every slice adds them, the first slice last,
-whose driver starts them and retires the run's other micro-batches: those admit
-nothing more, run their sequences to the end, and once drained their caches close and
-their KV goes back to the scheduler.  No token is computed twice, and every
-sequence's tokens are those it would have had (a sequence stays in its micro-batch).
+``glinthawk.engine.grow-gain`` times as fast as its own, on the same profile:
+
+* the planner's best two-tier plan for the free KV, instead of the run's own;
+* the run's own plan with more micro-batches of its size, the new ones in the free KV
+  (auto depth only);
+* for a plan the caller fixed, the plan it asked for, instead of its own.
+
+The fastest that fits goes: the scheduler places its micro-batches (``glinthawk_grow``),
+their caches open on the attention workers and every slice adds them, the first slice
+last, whose driver starts them and, unless they are added beside them, retires the
+run's other micro-batches.  Those admit nothing more, run their sequences to the end,
+and once drained their caches close and their KV goes back to the scheduler.  No token
+is computed twice, and every sequence's tokens are those it would have had (a sequence
+stays in its micro-batch).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 
 from .. import config
 from ..engine.request import Request
-from .autoplan import grow_plan, sample_of
+from .autoplan import GrowOption, grow_options, sample_of
 from .faults import WorkerFailure, is_worker_failure
 from .messages import Plan
 from .runs import RunState
@@ -114,56 +120,62 @@ async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
         g.free_seen = free
         return
     g.free_seen = free
-    target = await _target(client, run, g)
-    if target is None:
+    options, before = await _options(client, run, g, live)
+    for option in options:  # the fastest that fits the free KV
+        t0 = time.time()
+        size = min(option.micro_batch_size, run.size)
+        depth = option.n_micro_batches if option.keep else max(1, min(option.n_micro_batches,
+                                                                       math.ceil(run.size / size)))
+        reply = await client.scheduler.glinthawk_grow(run_id=run.id, micro_batch_size=size, n_micro_batches=depth,
+                                                      keep=option.keep)
+        if "error" in reply:
+            logger.info("glinthawk run %s did not grow by %d x %d: %s", run.id, size, depth, reply["error"])
+            continue
+        new, kv_runs = Plan.from_wire(reply["plan"]), list(reply["kv_runs"])
+        if not await _add(client, run, new, kv_runs, option.keep):
+            return
+        _grown(run, option, new, kv_runs, live, before, free, t0)
         return
-    size, depth, prediction, before, check = target
-    t0 = time.time()
-    reply = await client.scheduler.glinthawk_grow(run_id=run.id, micro_batch_size=size, n_micro_batches=depth)
-    if "error" in reply:
-        logger.info("glinthawk run %s did not grow to %d x %d: %s", run.id, size, depth, reply["error"])
-        return
-    new, kv_runs = Plan.from_wire(reply["plan"]), list(reply["kv_runs"])
-    if not await _add(client, run, new, kv_runs):
-        return
-    run.plan = run.plan.grown(new, kv_runs)
+
+
+def _grown(run: RunState, option: GrowOption, new: Plan, kv_runs: list[str], live: list[int],
+           before: float | None, free: int, t0: float) -> None:
+    """Record that ``run`` grew by ``new`` (see :func:`maybe_grow`)."""
+    g, prediction = run.growth, option.prediction
+    run.plan = run.plan.grown(new, kv_runs, option.keep)
     if prediction is not None:
         g.current, run.prediction = prediction.config, prediction
-    if check is not None and run.plan_check is not None:  # (rows of the sample that finished stay known)
-        check.stopped.update(run.plan_check.stopped)
-        run.plan_check = check
-    record = {"kind": "grew", "from": plan_words(live), "to": plan_words(new.sizes), "after_s": t0 - run.t0,
-              "seconds": time.time() - t0, "time": t0, "free_bytes": free,
-              "predicted": None if prediction is None else prediction.tokens_per_s, "predicted_before": before}
+    if option.check is not None and run.plan_check is not None:  # (rows of the sample that finished stay known)
+        option.check.stopped.update(run.plan_check.stopped)
+        run.plan_check = option.check
+    record = {"kind": "grew", "from": plan_words(live), "to": plan_words(run.plan.live_sizes()),
+              "after_s": t0 - run.t0, "seconds": time.time() - t0, "time": t0, "free_bytes": free,
+              "kept": option.keep, "predicted": None if prediction is None else prediction.tokens_per_s,
+              "predicted_before": before}
     run.growths.append(record)
     logger.warning("glinthawk run %s grew from %s to %s micro-batches into KV other runs freed%s", run.id,
                    record["from"], record["to"], "" if prediction is None else
                    f" (predicted {before:.1f} -> {prediction.tokens_per_s:.1f} tok/s)")
 
 
-async def _target(client: Any, run: RunState, g: Growth) -> tuple | None:
-    """(size, depth, prediction, the live plan's predicted tokens/s, the plan's
-    PlanCheck) of the plan to grow to (the last three None for a fixed plan), or None."""
-    if not g.auto:  # the plan asked for (placed short enough of it: may_grow), if it fits whole
-        return (*g.asked(run.size), None, None, None)
+async def _options(client: Any, run: RunState, g: Growth, live: list[int]) -> tuple[list[GrowOption], float | None]:
+    """The ways to grow worth trying, fastest first, and the live plan's predicted
+    tokens/s (None for a fixed plan)."""
+    if not g.auto:  # the plan asked for (placed short enough of it: may_grow), instead of its own
+        return [GrowOption(*g.asked(run.size), False, None)], None
     kw = dict(g.plan_kwargs)
     kw["micro_batch_size"] = None if g.micro_batch_size == "auto" else min(int(g.micro_batch_size), len(g.requests))
     kw["n_micro_batches"] = None if g.n_micro_batches == "auto" else int(g.n_micro_batches)
-    chosen = await grow_plan(client, g.model_config, g.requests, g.current, float(config.get("engine.grow-gain")),
-                             **kw)
-    if chosen is None:
-        return None
-    plan, before = chosen
-    size = min(plan.micro_batch_size, run.size)
-    depth = max(1, min(plan.n_micro_batches, math.ceil(run.size / size)))
-    return size, depth, plan.prediction, before, plan.check
+    return await grow_options(client, g.model_config, g.requests, g.current, max(live),
+                              float(config.get("engine.grow-gain")), **kw)
 
 
-async def _add(client: Any, run: RunState, new: Plan, kv_runs: list[str]) -> bool:
+async def _add(client: Any, run: RunState, new: Plan, kv_runs: list[str], keep: bool) -> bool:
     """Open the new micro-batches' caches, then add them to every slice, the first last
-    (its driver starts them); whether they were added.  When a cache does not open, the
-    others close again and their KV goes back; a worker lost once the slices began to
-    take them fails the run as a lost worker (its restart closes every cache)."""
+    (its driver starts them; the live ones stay with ``keep``); whether they were added.
+    When a cache does not open, the others close again and their KV goes back; a worker
+    lost once the slices began to take them fails the run as a lost worker (its restart
+    closes every cache)."""
     g, timeout = run.growth, float(config.get("engine.peer-timeout"))
     try:
         for s, (a, b) in enumerate(new.slices):
@@ -183,7 +195,7 @@ async def _add(client: Any, run: RunState, new: Plan, kv_runs: list[str]) -> boo
         for s in reversed(range(len(new.slices))):
             await client.rpc(run.plan.dense[s]).glinthawk_slice_grow(
                 run_id=run.id, attention=new.attention[s], slot_base=new.slot_base[s], sizes=new.sizes,
-                kv_run=kv_runs[s])
+                kv_run=kv_runs[s], keep=keep)
     except Exception as e:
         if is_worker_failure(e):
             raise WorkerFailure(f"run {run.id} lost a worker while it grew: {type(e).__name__}: {e}") from e

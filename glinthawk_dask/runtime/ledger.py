@@ -217,10 +217,11 @@ class KVLedger:
         a run that may grow polls: no worker is asked)."""
         return sum(self._kv_free(a) for a in self.registry()["attention"] if a in self.scheduler.workers)
 
-    def grow(self, run_id: str, micro_batch_size: int, n_micro_batches: int) -> dict:
+    def grow(self, run_id: str, micro_batch_size: int, n_micro_batches: int, keep: bool = False) -> dict:
         """Place ``n_micro_batches`` more remote micro-batches of ``micro_batch_size``
         slots for two-tier run ``run_id``, on its slices, in the KV free now (its own held
-        KV not counted: its micro-batches keep it until they drain).  The new
+        KV not counted: its micro-batches keep it, beside the new ones with ``keep``, else
+        until they drain).  The new
         micro-batches' :class:`~.messages.Plan` and the cache each slice's go in
         (``{"plan": ..., "kv_runs": [...]}``, KV reserved), or an error when they do not
         fit whole."""
@@ -245,7 +246,7 @@ class KVLedger:
             run["workers"].add(addr)
         run["grown"] = run.get("grown", 0) + 1
         kv_runs = [f"{run_id}/g{run['grown']}s{s}" for s in range(len(plan.slices))]  # a cache per slice
-        run["plan"] = Plan.from_wire(old).grown(plan, kv_runs).to_wire()
+        run["plan"] = Plan.from_wire(old).grown(plan, kv_runs, keep).to_wire()
         return {"plan": plan.to_wire(), "kv_runs": kv_runs}
 
     def release(self, run_id: str, address: str, nbytes: int) -> None:

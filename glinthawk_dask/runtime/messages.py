@@ -108,10 +108,10 @@ class Plan(_Wire):
         """Slots of the micro-batches that still admit requests."""
         return [n for m, n in enumerate(self.sizes) if m not in self.retired]
 
-    def grown(self, new: "Plan", kv_runs: list[str]) -> "Plan":
+    def grown(self, new: "Plan", kv_runs: list[str], keep: bool = False) -> "Plan":
         """This plan with ``new``'s micro-batches (remote ones, placed by the scheduler for
         the same slices) after its own, each slice's in cache ``kv_runs[s]``; its own
-        micro-batches retired."""
+        micro-batches retired, unless ``keep``."""
         n = self.n_micro_batches
         own = self.kv_runs or [[""] * n for _ in self.slices]
         n_slots = [dict(a) for a in self.n_slots] or [{} for _ in self.slices]
@@ -124,7 +124,7 @@ class Plan(_Wire):
             micro_batch_size=new.micro_batch_size, n_micro_batches=n + new.n_micro_batches,
             local=self.local + new.local, sizes=self.sizes + new.sizes,
             kv_runs=[own[s] + [kv_runs[s]] * new.n_micro_batches for s in range(len(self.slices))],
-            retired=sorted(set(self.retired) | set(range(n))),
+            retired=sorted(set(self.retired) | (set() if keep else set(range(n)))),
         )
 
     def attention_workers(self) -> list[str]:

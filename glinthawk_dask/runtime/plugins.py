@@ -26,7 +26,7 @@ from .attention_service import AttentionService
 from .compute import one_torch_thread
 from .dense_service import DenseService
 from .pipelines import PipelineRegistry
-from .ledger import DENSE_KV, KVLedger, total_memory
+from .ledger import KVLedger, total_memory
 from .placement import kv_budget_bytes
 from .worker_process import leave_interrupts_to_the_nanny, one_line_heartbeat_failures
 

@@ -321,6 +321,10 @@ def test_a_run_s_plan_in_words():
     assert plan_text({**plan, "grew": grew}) == (  # grown into KV other runs freed
         "two-tier, 64 x 2 micro-batches, chosen by the planner: predicted 312.5 tok/s, ran at 298.0; it started as "
         "8 x 1, grew to 32 x 2 after 41.3 s, grew to 64 x 2 after 90.0 s as other runs freed KV")
+    yielded = [{"from": "64 x 2", "to": "64 x 1", "after_s": 120.04}]
+    assert plan_text({**plan, "planned": False, "grew": grew[1:], "yielded": yielded}) == (
+        "two-tier, 64 x 2 micro-batches, as the spec sets them; it started as 32 x 2, grew to 64 x 2 after 90.0 s, "
+        "gave up micro-batches for runs waiting for KV after 120.0 s, keeping 64 x 1")
     assert plan_text({**plan, "planned": False, "grew": grew[1:]}) == (
         "two-tier, 64 x 2 micro-batches, as the spec sets them; it started as 32 x 2, grew to 64 x 2 after 90.0 s "
         "as other runs freed KV")

@@ -226,3 +226,43 @@ async def test_a_run_grows_by_micro_batches_beside_its_own(c, s, a, w1, w2):
     assert not [g for g in summary.growths if g["kind"] == "retired micro-batch"]
     assert summary.placement.retired == [] and summary.placement.attention[0][1] == held
     assert await _scheduler_kv(c) == {}
+
+
+@gen_cluster(client=True, nthreads=[DENSE] + [("127.0.0.1", 1, {"resources": {"KV": 8 * 3 * _LAYER_SLOT}})] * 2,
+             timeout=120)
+async def test_a_run_gives_a_micro_batch_up_to_a_waiting_run_and_grows_back_after_it(c, s, a, w1, w2):
+    """A run holding every KV slot (8 x 2 on two workers of 8) gives its second
+    micro-batch up once another run waits: it drains and its cache closes, the waiting
+    run is placed there, and once that run ends the first grows back beside its own."""
+    import asyncio
+
+    await _setup(c)
+    first_reqs = [Request(f"a{i}", [i % 50 + 1] * 10, SamplingParams(max_tokens=40, ignore_eos=True))
+                  for i in range(160)]
+    second_reqs = _rows(40, "b")
+    first = DaskEngine(c, MODEL, micro_batch_size=8, n_micro_batches=2)
+    second = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=1)
+    got_first, got_second = {}, {}
+
+    async def consume(engine, reqs, got):
+        async for comp in engine.agenerate(reqs, max_seq_len=64):
+            got[comp.id] = comp.completion_token_ids
+
+    with dask.config.set(FAST):
+        running = asyncio.ensure_future(consume(first, first_reqs, got_first))
+        while not got_first:  # placed, and generating
+            await asyncio.sleep(0.01)
+        await consume(second, second_reqs, got_second)
+        await running
+    assert got_first == _reference(first_reqs) and got_second == _reference(second_reqs)
+    one, two = first.last_summary, second.last_summary
+    assert second.placement_wait_s > 0 and two.growths == []
+    kinds = [(g["kind"], g.get("from"), g.get("to")) for g in one.growths]
+    assert kinds[0] == ("yielded", "8 x 2", "8 x 1") and ("grew", "8 x 1", "8 x 2") in kinds, kinds
+    (yielded,) = [g for g in one.growths if g["kind"] == "yielded"]
+    (closed,) = [g for g in one.growths if g["kind"] == "retired micro-batch"]
+    assert closed["micro_batch"] == yielded["micro_batches"][0] == 1 and closed["closed"][0]["slots"] == 8
+    assert two.attention_of() == [closed["closed"][0]["address"]]  # placed in the KV it gave up
+    grew = next(g for g in one.growths if g["kind"] == "grew")
+    assert grew["kept"] and grew["time"] > closed["time"]
+    assert await _scheduler_kv(c) == {}

@@ -397,6 +397,7 @@ def status_text(info: dict) -> str:
                      f"{size(r['kv_reserved']['dense'])} dense, {size(r['kv_reserved']['attention'])} attention, "
                      f"lease left {max(0.0, r['lease_left_s']):.0f} s"
                      + (f"; grew into freed KV {_times(r['grown'])}" if r.get("grown") else "")
+                     + (f"; gave up {r['yielded']} micro-batch(es) for runs waiting for KV" if r.get("yielded") else "")
                      + (f"; lost {', '.join(r['lost_workers'])}" if r.get("lost_workers") else ""))
     if info.get("waiting"):
         lines.append(f"runs waiting for KV the open runs hold: {len(info['waiting'])}")

@@ -97,12 +97,14 @@ def plan_text(plan: dict[str, Any]) -> str:
     local = plan.get("local") or 0
     text = (f"{plan['mode']}, {plan['micro_batch_size']} x {plan['micro_batches']} micro-batches"
             + (f" ({local} of them on the dense worker)" if local and plan["mode"] == "hybrid" else ""))
-    grew = plan.get("grew") or ()  # (a prediction is the last plan's)
-    if grew:
-        grew_text = (f"; it started as {grew[0]['from']}" + "".join(
-            f", grew to {g['to']} after {g['after_s']:.1f} s" for g in grew) + " as other runs freed KV")
-    else:
-        grew_text = ""
+    changes = sorted([(g["after_s"], f"grew to {g['to']} after {g['after_s']:.1f} s") for g in plan.get("grew") or ()]
+                     + [(g["after_s"], f"gave up micro-batches for runs waiting for KV after {g['after_s']:.1f} s, "
+                                       f"keeping {g['to']}") for g in plan.get("yielded") or ()])
+    grew_text = ""  # (a prediction is the last plan's)
+    if changes:
+        first = min([*(plan.get("grew") or ()), *(plan.get("yielded") or ())], key=lambda g: g["after_s"])
+        grew_text = (f"; it started as {first['from']}, " + ", ".join(text for _, text in changes)
+                     + ("" if plan.get("yielded") else " as other runs freed KV"))
     if not plan.get("planned"):
         return text + ", as the spec sets them" + grew_text
     predicted = plan.get("predicted_tokens_per_s")

@@ -224,7 +224,8 @@ def plan_record(summary: Any, topology: Any, tokens_per_s: float) -> dict | None
     committed before) with its prediction, the same for the lengths its rows stopped at
     (``predicted_for_lengths``) and the profiling it took, the other runs that shared the
     cluster for a while (``runs_beside``), each time it grew into KV they freed (``grew``:
-    from and to which micro-batches, seconds after it started, the new prediction), and
+    from and to which micro-batches, seconds after it started, the new prediction) or
+    gave micro-batches up to runs waiting for KV (``yielded``), and
     the run's rate over the same span as its report."""
     if summary is None:
         return None
@@ -237,6 +238,7 @@ def plan_record(summary: Any, topology: Any, tokens_per_s: float) -> dict | None
         "planned_on_rows": summary.planned_on_rows,
         "grew": [{k: g[k] for k in ("from", "to", "after_s", "predicted")} for g in summary.growths
                  if g["kind"] == "grew"],
+        "yielded": [{k: g[k] for k in ("from", "to", "after_s")} for g in summary.growths if g["kind"] == "yielded"],
         "tokens_per_s": tokens_per_s, "time": time.time(),
     }
 

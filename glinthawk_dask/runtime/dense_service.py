@@ -56,6 +56,7 @@ class DenseService:
             "glinthawk_slice_reroute": self.reroute,
             "glinthawk_slice_grow": self.grow,
             "glinthawk_slice_retire": self.retire,
+            "glinthawk_slice_yield": self.yield_micro_batches,
             "glinthawk_dense_capacity": self.capacity,
             "glinthawk_dense_kv_info": self.kv_info,
         }
@@ -141,6 +142,14 @@ class DenseService:
         if run.driver is not None:
             run.driver.grow(new, keep=keep)
         return new
+
+    def yield_micro_batches(self, run_id: str, micro_batches: list[int]) -> None:
+        """First slice: the run gives ``micro_batches`` up for runs waiting for KV (they
+        admit nothing more and close as they drain; see RunDriver.retire)."""
+        driver = self._run(run_id).driver
+        if driver is None:
+            raise ValueError(f"run {run_id}'s driver is not on {self.worker.address}")
+        driver.retire(micro_batches)
 
     async def retire(self, run_id: str, micro_batch: int, released: list[str]) -> list[dict]:
         """A grown run's micro-batch drained (see SliceRun.retire)."""

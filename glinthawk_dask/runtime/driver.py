@@ -214,16 +214,21 @@ class RunDriver:
         added = self.sched.add_micro_batches([spec.sizes[m] for m in new])
         if added != list(new):
             raise RuntimeError(f"the run's micro-batches disagree: the driver added {added}, the slice {new}")
-        for m in [] if keep else live:
-            self.sched.retire(m)
         self._released += [[] for _ in new]
         self._step_no += [0] * len(new)
         if self._tasks:
             self._tasks += [asyncio.create_task(self._loop(m)) for m in new]
-        self._arrived.set()  # (idle micro-batches now drained retire at once)
-        self._arrived = asyncio.Event()
+        self.retire([] if keep else live)
         logger.info("glinthawk run %s grew by %d micro-batches of %s slots; retiring %s", spec.run_id, len(new),
                     [spec.sizes[m] for m in new], [] if keep else live)
+
+    def retire(self, micro_batches: list[int]) -> None:
+        """Admit nothing more into ``micro_batches``: each runs its sequences to their end,
+        and then every slice closes the caches none of the live micro-batches is in."""
+        for m in micro_batches:
+            self.sched.retire(m)
+        self._arrived.set()  # (idle micro-batches now drained retire at once)
+        self._arrived = asyncio.Event()
 
     async def _retire(self, mb: int) -> None:
         t0 = time.time()

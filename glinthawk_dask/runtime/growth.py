@@ -1,4 +1,5 @@
-"""A two-tier run growing into KV that other runs freed.
+"""A two-tier run growing into KV that other runs freed, and giving KV up to runs
+that wait for it.
 
 A run placed while other runs held KV gets the plan that fits beside them: an auto plan
 chosen for the KV free then, or the micro-batches asked for shrunk to it.  Plans were
@@ -20,6 +21,13 @@ run's other micro-batches.  Those admit nothing more, run their sequences to the
 and once drained their caches close and their KV goes back to the scheduler.  No token
 is computed twice, and every sequence's tokens are those it would have had (a sequence
 stays in its micro-batch).
+
+The other way round: while runs wait to be placed for KV the open runs hold, no run
+grows, and a run holding more than its share of the attention tier's KV (the tier's
+budget over the open and waiting runs) gives up its last micro-batch (with those in the
+same cache), keeping at least one: it admits nothing more and closes as it drains, and
+the waiting run is placed in the KV it frees, one micro-batch at a time.  Once that run
+ends, the first grows back beside its own micro-batches.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ class Growth:
     current: Any  # auto plans: the planner's configuration of the live plan (None: not planned)
     next_check: float = 0.0
     free_seen: int = -1  # attention KV bytes free when it last looked
+    yielded: set = dataclasses.field(default_factory=set)  # micro-batches given up for runs waiting for KV
 
     @property
     def auto(self) -> bool:
@@ -113,10 +122,15 @@ async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
         return
     g.next_check = now + every
     live = run.plan.live_sizes()
-    if (not waiting and len(run.pending) <= sum(live)) or not g.may_grow(live, run.size):
+    wants = (waiting or len(run.pending) > sum(live)) and g.may_grow(live, run.size)
+    if not wants and len(live) < 2:  # (nothing to grow to, nor to give up)
         return
-    free = int(await client.scheduler.glinthawk_kv_free())
-    if free <= g.free_seen:
+    room = await client.scheduler.glinthawk_kv_room()
+    if room["waiting"]:  # runs wait for KV: none grows, and a run above its share gives some up
+        await _yield(client, run, room)
+        return
+    free = int(room["free"])
+    if not wants or free <= g.free_seen:
         g.free_seen = free
         return
     g.free_seen = free
@@ -161,13 +175,65 @@ def _grown(run: RunState, option: GrowOption, new: Plan, kv_runs: list[str], liv
 async def _options(client: Any, run: RunState, g: Growth, live: list[int]) -> tuple[list[GrowOption], float | None]:
     """The ways to grow worth trying, fastest first, and the live plan's predicted
     tokens/s (None for a fixed plan)."""
-    if not g.auto:  # the plan asked for (placed short enough of it: may_grow), instead of its own
-        return [GrowOption(*g.asked(run.size), False, None)], None
+    if not g.auto:  # the plan asked for (placed short enough of it: may_grow)
+        size, depth = g.asked(run.size)
+        if set(live) == {size} and len(live) < depth:  # as asked but fewer (it gave some up): beside them
+            return [GrowOption(size, depth - len(live), True, None)], None
+        return [GrowOption(size, depth, False, None)], None
     kw = dict(g.plan_kwargs)
     kw["micro_batch_size"] = None if g.micro_batch_size == "auto" else min(int(g.micro_batch_size), len(g.requests))
     kw["n_micro_batches"] = None if g.n_micro_batches == "auto" else int(g.n_micro_batches)
     return await grow_options(client, g.model_config, g.requests, g.current, max(live),
                               float(config.get("engine.grow-gain")), **kw)
+
+
+async def _yield(client: Any, run: RunState, room: dict) -> None:
+    """Give up the run's last micro-batches for the runs waiting for KV (those in the
+    same cache, so that it closes once they drain), if it holds more than its share of
+    the attention tier's KV (``room``: see ``glinthawk_kv_room``), keeps a micro-batch,
+    and what it gave up before has drained."""
+    g, plan = run.growth, run.plan
+    drained = {r["micro_batch"] for r in run.growths if r["kind"] == "retired micro-batch"}
+    held = sum(plan.attention_kv().values())
+    if g.yielded - drained or held <= room["budget"] / (room["runs"] + room["waiting"]):
+        return
+    group = _yieldable(plan)
+    if not group:
+        return
+    await client.scheduler.glinthawk_yield(run_id=run.id, micro_batches=group)
+    await client.rpc(plan.dense[0]).glinthawk_slice_yield(run_id=run.id, micro_batches=group)
+    run.plan = dataclasses.replace(plan, retired=sorted(set(plan.retired) | set(group)))
+    g.yielded |= set(group)
+    if g.current is not None:
+        g.current = dataclasses.replace(g.current, micro_batches=len(run.plan.live_sizes()))
+    t0 = time.time()
+    run.growths.append({"kind": "yielded", "micro_batches": group, "from": plan_words(plan.live_sizes()),
+                        "to": plan_words(run.plan.live_sizes()), "waiting": room["waiting"],
+                        "after_s": t0 - run.t0, "time": t0})
+    logger.warning("glinthawk run %s gives up %s of its micro-batches (%s left) for %d run(s) waiting for KV",
+                   run.id, len(group), plan_words(run.plan.live_sizes()), room["waiting"])
+
+
+def _yieldable(plan: Plan) -> list[int]:
+    """The run's last live micro-batch and those sharing its cache, when every slice
+    holds them in caches no other live micro-batch is in and another stays live."""
+    n = plan.n_micro_batches
+    live = [m for m in range(n) if m not in plan.retired and not plan.local[m]]
+    kv_runs = plan.kv_runs or [[""] * n for _ in plan.slices]
+
+    def cache(s: int, m: int) -> tuple[str, str]:
+        return plan.attention[s][m], kv_runs[s][m]
+
+    if len(live) < 2:
+        return []
+    group = [m for m in live if cache(0, m) == cache(0, live[-1])]
+    if len(group) == len(live):
+        return []
+    for s in range(len(plan.slices)):
+        theirs = {cache(s, m) for m in group}
+        if any(cache(s, m) in theirs for m in live if m not in group):
+            return []
+    return group
 
 
 async def _add(client: Any, run: RunState, new: Plan, kv_runs: list[str], keep: bool) -> bool:

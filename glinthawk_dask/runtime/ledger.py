@@ -4,8 +4,9 @@
 :class:`~.plugins.GlinthawkSchedulerPlugin`: it places a run (``glinthawk_plan``), a
 micro-batch moved off a lost attention worker (``glinthawk_replace``) and the
 micro-batches a run grows by once other runs free KV (``glinthawk_grow``, after asking
-``glinthawk_kv_free``), and takes back what a grown run's drained micro-batches held
-(``glinthawk_release``).  Every reservation is in bytes per worker; a run's whole
+``glinthawk_kv_room``).  It takes back what a grown run's drained micro-batches held,
+and those a run gave up for runs waiting for KV (``glinthawk_yield``), as their caches
+close (``glinthawk_release``).  Every reservation is in bytes per worker; a run's whole
 reservation goes when it closes.
 """
 
@@ -49,7 +50,8 @@ class KVLedger:
     def ledger_handlers(self) -> dict[str, Any]:
         """The scheduler handlers of the ledger."""
         return {"glinthawk_plan": self.plan, "glinthawk_replace": self.replace, "glinthawk_grow": self.grow,
-                "glinthawk_release": self.release, "glinthawk_kv_free": self.kv_free}
+                "glinthawk_release": self.release, "glinthawk_kv_room": self.kv_room,
+                "glinthawk_yield": self.yield_micro_batches}
 
     def _attention_budget(self, addr: str) -> int:
         """The KV bytes attention worker ``addr`` offers in all (its ``KV`` resource, or a
@@ -213,9 +215,25 @@ class KVLedger:
             return False
 
     def kv_free(self) -> int:
-        """The attention KV bytes no run holds, on every attention worker together (what
-        a run that may grow polls: no worker is asked)."""
+        """The attention KV bytes no run holds, on every attention worker together."""
         return sum(self._kv_free(a) for a in self.registry()["attention"] if a in self.scheduler.workers)
+
+    def kv_room(self) -> dict:
+        """What a run that may grow or give KV back polls (no worker is asked): the
+        attention KV bytes ``free`` and in all (``budget``), the ``runs`` open and the
+        runs ``waiting`` to be placed for KV the open runs hold."""
+        attention = [a for a in self.registry()["attention"] if a in self.scheduler.workers]
+        return {"free": sum(self._kv_free(a) for a in attention),
+                "budget": sum(self._attention_budget(a) for a in attention),
+                "runs": len(self.runs), "waiting": len(self.waiting_runs())}
+
+    def yield_micro_batches(self, run_id: str, micro_batches: list[int]) -> None:
+        """Run ``run_id`` retires ``micro_batches`` for runs waiting for KV: its record
+        says so at once; their KV comes back as their caches close (``glinthawk_release``)."""
+        run = self.runs.get(run_id)
+        if run is not None:
+            run["plan"]["retired"] = sorted(set(run["plan"].get("retired", ())) | set(micro_batches))
+            run["yielded"] = run.get("yielded", 0) + len(micro_batches)
 
     def grow(self, run_id: str, micro_batch_size: int, n_micro_batches: int, keep: bool = False) -> dict:
         """Place ``n_micro_batches`` more remote micro-batches of ``micro_batch_size``

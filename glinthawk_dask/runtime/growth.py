@@ -111,9 +111,10 @@ def plan_words(sizes: list[int]) -> str:
 async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
     """Grow ``run`` (see the module) if it is time to look, more KV is free than when it
     last looked, requests wait for slots (``waiting``: more to feed, or more pending
-    than its slots) and a plan that fits there is worth it.  A worker lost while its new
-    micro-batches are added to the slices raises :class:`~.faults.WorkerFailure` (the
-    caller restarts the run); a plan that no longer fits, or a cache that does not
+    than its slots) and a plan that fits there is worth it; while other runs wait for
+    KV, give some up instead, if it holds more than its share.  A worker lost while its
+    new micro-batches are added to the slices raises :class:`~.faults.WorkerFailure`
+    (the caller restarts the run); a plan that no longer fits, or a cache that does not
     open (its worker lost, or out of KV), leaves the run as it was."""
     g = run.growth
     now = time.time()

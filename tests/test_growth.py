@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import dask
 from distributed.utils_test import gen_cluster
 
@@ -266,3 +268,24 @@ async def test_a_run_gives_a_micro_batch_up_to_a_waiting_run_and_grows_back_afte
     grew = next(g for g in one.growths if g["kind"] == "grew")
     assert grew["kept"] and grew["time"] > closed["time"]
     assert await _scheduler_kv(c) == {}
+
+
+def test_a_run_gives_up_its_last_cache_whole_and_keeps_one():
+    """What a run may give up: its last live micro-batch with those in the same cache on
+    every slice, never its last cache, nor micro-batches whose caches others share."""
+    from glinthawk_dask.runtime.growth import _yieldable
+    from glinthawk_dask.runtime.placement import make_plan
+
+    def plan(depth, workers=2, slices=1):
+        return make_plan(mode="two-tier", dense=[f"d{s}" for s in range(slices)],
+                         attention={f"a{w}": 10**9 for w in range(workers)}, n_layers=4, kv_bytes_per_token_layer=8,
+                         max_seq_len=64, micro_batch_size=4, n_micro_batches=depth, n_slices=slices)
+
+    assert _yieldable(plan(2)) == [1]  # one micro-batch on each worker
+    assert _yieldable(plan(4)) == [1, 3]  # two on each: the last one's worker, both
+    assert _yieldable(plan(1)) == [] and _yieldable(plan(3, workers=1)) == []  # (one cache: kept)
+    assert _yieldable(plan(4, workers=4, slices=2)) == [1, 3]  # each slice's workers hold 1 and 3 together
+    retired = dataclasses.replace(plan(4), retired=[1, 3])
+    assert _yieldable(retired) == []  # (what is left is one cache)
+    grown = plan(2).grown(plan(2), ["r/g1s0"], keep=True)  # two more micro-batches, in new caches
+    assert _yieldable(grown) == [3]

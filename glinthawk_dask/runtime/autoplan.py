@@ -240,22 +240,22 @@ async def grow_options(
     if not now.feasible:
         return [], 0.0
 
-    def check(pred: Any) -> PlanCheck:
-        return PlanCheck(inputs.profile, model_config, pred, inputs.sample, inputs.workload,
+    def check(pred: Any, profile: Any) -> PlanCheck:  # (simulated again on the profile it was predicted on)
+        return PlanCheck(profile, model_config, pred, inputs.sample, inputs.workload,
                          len(kwargs.get("output_lengths") or ()))
 
     options = []
     chosen = await _choose("two-tier", inputs.profile, model_config, inputs.workload, inputs.knobs)
     if chosen is not None:
         size = _scaled_size(chosen, len(requests), len(inputs.sample), kwargs.get("micro_batch_size"))
-        options.append(GrowOption(size, chosen.micro_batches, False, chosen, check(chosen)))
+        options.append(GrowOption(size, chosen.micro_batches, False, chosen, check(chosen, inputs.profile)))
     if kwargs.get("n_micro_batches") is None:  # (a depth the caller fixed stays)
         for k in range(1, int(config.get("engine.max-micro-batches")) - current.micro_batches + 1):
             depth = current.micro_batches + k  # (dealt over as many attention workers as a plan takes)
             more = dataclasses.replace(current, micro_batches=depth, attention=min(depth, inputs.knobs["attention"][0]))
             pred = await loop.run_in_executor(None, simulate, inputs.alone, model_config, inputs.workload, more)
             if pred.feasible and pred.micro_batches == more.micro_batches:  # (not clamped to the requests)
-                options.append(GrowOption(live_size, k, True, pred, check(pred)))
+                options.append(GrowOption(live_size, k, True, pred, check(pred, inputs.alone)))
     options = [o for o in options if o.prediction.tokens_per_s >= gain * now.tokens_per_s]
     options.sort(key=lambda o: (-o.prediction.tokens_per_s, o.n_micro_batches))
     return options, now.tokens_per_s

@@ -271,15 +271,15 @@ async def _add(client: Any, run: RunState, new: Plan, kv_runs: list[str], keep: 
 
 
 async def _give_back(client: Any, run: RunState, new: Plan, kv_runs: list[str]) -> None:
-    """Close the caches of micro-batches that were not added and return their KV."""
-    per_token_layer = run.plan.kv_bytes_per_token_layer * run.plan.max_seq_len
-    for s, (a, b) in enumerate(new.slices):
-        for addr, n_slots in new.n_slots[s].items():
+    """Close the caches of micro-batches that were not added and return their KV (what
+    the scheduler reserved for ``new``)."""
+    for s in range(len(new.slices)):
+        for addr in new.n_slots[s]:
             try:
                 await asyncio.wait_for(client.rpc(addr).glinthawk_kv_close(run_id=kv_runs[s], exact=True),
                                        float(config.get("engine.peer-timeout")))
             except Exception as e:  # a lost worker's caches went with it
                 if not is_worker_failure(e) and not isinstance(e, asyncio.TimeoutError):
                     raise
-            await client.scheduler.glinthawk_release(run_id=run.id, address=addr,
-                                                     nbytes=n_slots * (b - a) * per_token_layer)
+    for addr, nbytes in new.attention_kv().items():
+        await client.scheduler.glinthawk_release(run_id=run.id, address=addr, nbytes=nbytes)

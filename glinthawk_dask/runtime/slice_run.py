@@ -75,7 +75,7 @@ class SliceRun:
         # opened for it alone after it moved (see reroute)
         self.kv_runs = [spec.run_id] * spec.n_micro_batches
         self.staging = [HostStaging(self.device) for _ in range(spec.n_micro_batches)]  # device → wire
-        self.retired: set[int] = set()  # micro-batches of a grown run that drained
+        self.retired: set[int] = set()  # micro-batches that drained after the run grew or gave them up
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator | None] = {}
         self.driver: RunDriver | None = None  # on the first slice

@@ -324,7 +324,7 @@ def test_a_run_s_plan_in_words():
     yielded = [{"from": "64 x 2", "to": "64 x 1", "after_s": 120.04}]
     assert plan_text({**plan, "planned": False, "grew": grew[1:], "yielded": yielded}) == (
         "two-tier, 64 x 2 micro-batches, as the spec sets them; it started as 32 x 2, grew to 64 x 2 after 90.0 s, "
-        "gave up micro-batches for runs waiting for KV after 120.0 s, keeping 64 x 1")
+        "gave up KV for runs waiting for it after 120.0 s, keeping 64 x 1")
     assert plan_text({**plan, "planned": False, "grew": grew[1:]}) == (
         "two-tier, 64 x 2 micro-batches, as the spec sets them; it started as 32 x 2, grew to 64 x 2 after 90.0 s "
         "as other runs freed KV")

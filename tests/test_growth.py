@@ -156,9 +156,9 @@ async def test_a_run_of_two_slices_grows_onto_other_attention_workers(c, s, d0, 
 @gen_cluster(client=True, nthreads=[DENSE, ("127.0.0.1", 1, {"resources": {"KV": 12 * 3 * _LAYER_SLOT}})],
              timeout=180)
 async def test_an_auto_plan_grows_when_the_planner_finds_a_faster_plan_in_the_freed_kv(c, s, a, b):
-    """An auto plan made beside a run holding most of the KV grows once that run ends, to
-    the planner's best plan for the KV free then, which it predicts faster by at least
-    grow-gain; a run alone never asks."""
+    """An auto plan made beside a run holding most of the KV grows once that run ends:
+    its one micro-batch takes more slots in place, which the planner predicts faster by at
+    least grow-gain."""
     await _setup(c)
     bpt = from_name("tiny-gqa").kv_bytes_per_token(4, 1)
     place = dict(mode="two-tier", n_layers=3, kv_bytes_per_token_layer=bpt, max_seq_len=64)
@@ -167,7 +167,8 @@ async def test_an_auto_plan_grows_when_the_planner_finds_a_faster_plan_in_the_fr
     summary = await _run_beside_other(c, reqs, micro_batch_size="auto", n_micro_batches="auto")
     (grew,) = [g for g in summary.growths if g["kind"] == "grew"]
     plan = summary.placement
-    assert sum(plan.sizes[m] for m in plan.retired) <= 2  # two slots were free
+    assert grew["in_place"] and plan.retired == [] and plan.n_micro_batches == 1  # its one micro-batch took more
+    assert grew["from"] == "2 x 1" and f"{plan.sizes[0]} x 1" == grew["to"]  # (of the 2 slots free, and 10 more)
     assert grew["predicted"] >= 1.25 * grew["predicted_before"]
     assert summary.predicted_tokens_per_s == grew["predicted"]
     assert sum(plan.live_sizes()) > 2
@@ -177,9 +178,9 @@ async def test_an_auto_plan_grows_when_the_planner_finds_a_faster_plan_in_the_fr
 @gen_cluster(client=True, nthreads=[DENSE] + [("127.0.0.1", 1, {"resources": {"KV": 12 * 3 * _LAYER_SLOT}})] * 2,
              timeout=120)
 async def test_a_grown_micro_batch_whose_worker_is_lost_moves_as_any_other(c, s, a, w1, w2):
-    """The attention worker of a grown run's new micro-batch leaves mid-run: the
-    micro-batch moves to the other worker (where the drained one's cache closed) and
-    every token is still the in-process engine's."""
+    """The attention worker of a run's micro-batch grown in place leaves mid-run: the
+    micro-batch moves to the other worker, at its new size, and every token is still the
+    in-process engine's."""
     await _setup(c)
     bpt = from_name("tiny-gqa").kv_bytes_per_token(4, 1)
     place = dict(mode="two-tier", n_layers=3, kv_bytes_per_token_layer=bpt, max_seq_len=64)
@@ -187,7 +188,8 @@ async def test_a_grown_micro_batch_whose_worker_is_lost_moves_as_any_other(c, s,
     reqs, workers = _rows(60, "r"), {w.address: w for w in (w1, w2)}
 
     def plans(dask_scheduler):
-        return {k: r["plan"] for k, r in dask_scheduler.plugins["glinthawk"].runs.items() if k != "gh-other"}
+        return {k: {**r["plan"], "id": k} for k, r in dask_scheduler.plugins["glinthawk"].runs.items()
+                if k != "gh-other"}
 
     closed = None
     with dask.config.set({**FAST, "glinthawk.engine.peer-timeout": 4.0}):
@@ -198,14 +200,16 @@ async def test_a_grown_micro_batch_whose_worker_is_lost_moves_as_any_other(c, s,
             if len(got) == 1:
                 await c.scheduler.glinthawk_run_closed(run_id="gh-other")
             (plan,) = (await c.run_on_scheduler(plans)).values()
-            if closed is None and plan["retired"] and len(got) < 40:
-                closed = plan["attention"][0][-1]  # the grown micro-batch's worker
+            where = plan["attention"][0][-1]  # the micro-batch's worker
+            if closed is None and len(got) < 40 and (await _caches(workers[where])).get(plan["id"]) == 4:
+                closed = where  # (once its cache grew)
                 await workers[closed].close()
     assert got == _reference(reqs) and closed is not None
     summary = engine.last_summary
-    assert [(g["from"], g["to"]) for g in summary.growths if g["kind"] == "grew"] == [("2 x 1", "4 x 1")]
+    grew = [g for g in summary.growths if g["kind"] == "grew"]
+    assert [(g["from"], g["to"], g["in_place"]) for g in grew] == [("2 x 1", "4 x 1", True)]
     (moved,) = summary.recoveries
-    assert moved["kind"] == "moved micro-batch" and moved["micro_batch"] == 1 and moved["to"] != closed
+    assert moved["kind"] == "moved micro-batch" and moved["micro_batch"] == 0 and moved["to"] != closed
     assert await _scheduler_kv(c) == {}
 
 

@@ -420,3 +420,44 @@ def test_caches_the_torch_kernels_serve_start_zeroed(monkeypatch):
     for cache in (bf16, switched):
         assert not cache.compiled
         assert not cache.k.any() and not cache.v.any()
+
+
+def test_a_resized_cache_attends_bit_for_bit_as_before(kernel):
+    """Shrinking a cache moves its live sequences into the slots kept, and growing it
+    adds free slots: every sequence's next steps give exactly the outputs the cache of
+    the old size gives, and the free slots are the new ones."""
+    torch.manual_seed(3)
+    cfg = from_name("tiny-gqa")
+    h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def step(cache, slots, starts, counts, qkv):
+        batch = AttentionBatch.build(slots, starts, counts)
+        return [cache.attend(layer, *qkv, batch) for layer in range(cfg.n_layers)]
+
+    same, resized = (KVCache(cfg, n_slots=6, max_seq_len=24) for _ in range(2))
+    lens = [5, 3, 7]
+    for cache in (same, resized):
+        for seq in ("a", "b", "c", "x"):
+            cache.allocate(seq)
+        cache.free("b")
+    torch.manual_seed(4)
+    first = [torch.randn(sum(lens), n, d) for n in (h, kvh, kvh)]
+    for cache in (same, resized):  # a, c and x prefill in slots 0, 2 and 3
+        step(cache, [0, 2, 3], [0, 0, 0], lens, first)
+    resized.resize(3, [("x", 1)])  # slot 2 stays, 3 moves into 1: three slots left
+    assert resized.n_slots == 3 and resized.slot_of("x") == 1 and resized.n_free == 0
+    assert resized.capacity_bytes == same.capacity_bytes // 2 and resized.used_bytes == same.used_bytes
+    with pytest.raises(KVCacheError):
+        resized.resize(2)  # (three live sequences do not fit two slots)
+    for n_new in (1, 1, 4):  # two decode steps, then a chunk each
+        qkv = [torch.randn(3 * n_new, n, d) for n in (h, kvh, kvh)]
+        starts = [same.length(s) for s in ("a", "c", "x")]
+        want = step(same, [0, 2, 3], starts, [n_new] * 3, qkv)
+        got = step(resized, [0, 2, 1], starts, [n_new] * 3, qkv)
+        for w, g in zip(want, got):
+            assert torch.equal(w, g)
+        if n_new == 1 and resized.n_slots == 3:
+            resized.resize(5)  # grows: slots 3 and 4 are new and free
+            assert resized.n_slots == 5 and resized.n_free == 2 and resized.allocate("y") == 3
+            resized.free("y")
+    assert [resized.length(s) for s in ("a", "c", "x")] == [same.length(s) for s in ("a", "c", "x")]

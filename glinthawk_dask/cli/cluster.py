@@ -398,6 +398,8 @@ def status_text(info: dict) -> str:
                      f"lease left {max(0.0, r['lease_left_s']):.0f} s"
                      + (f"; grew into freed KV {_times(r['grown'])}" if r.get("grown") else "")
                      + (f"; gave up {r['yielded']} micro-batch(es) for runs waiting for KV" if r.get("yielded") else "")
+                     + (f"; gave up {r['shrunk_slots']} KV slot(s) for runs waiting for KV" if r.get("shrunk_slots")
+                        else "")
                      + (f"; lost {', '.join(r['lost_workers'])}" if r.get("lost_workers") else ""))
     if info.get("waiting"):
         lines.append(f"runs waiting for KV the open runs hold: {len(info['waiting'])}")

@@ -98,7 +98,7 @@ def plan_text(plan: dict[str, Any]) -> str:
     text = (f"{plan['mode']}, {plan['micro_batch_size']} x {plan['micro_batches']} micro-batches"
             + (f" ({local} of them on the dense worker)" if local and plan["mode"] == "hybrid" else ""))
     changes = sorted([(g["after_s"], f"grew to {g['to']} after {g['after_s']:.1f} s") for g in plan.get("grew") or ()]
-                     + [(g["after_s"], f"gave up micro-batches for runs waiting for KV after {g['after_s']:.1f} s, "
+                     + [(g["after_s"], f"gave up KV for runs waiting for it after {g['after_s']:.1f} s, "
                                        f"keeping {g['to']}") for g in plan.get("yielded") or ()])
     grew_text = ""  # (a prediction is the last plan's)
     if changes:

@@ -124,6 +124,8 @@ class BatchScheduler:
             list(range(b + n - 1, b - 1, -1)) for b, n in zip(self.bases, sizes)
         ]
         self.retired: set[int] = set()  # micro-batches that admit no more (see retire)
+        self.caps: dict[int, int] = {}  # micro-batches admitting up to this many sequences (see cap)
+        self._next_base = sum(sizes)  # the first slot number no micro-batch ever had
 
     # -- growing -------------------------------------------------------------------
     def add_micro_batches(self, sizes: Seq[int]) -> list[int]:
@@ -133,7 +135,8 @@ class BatchScheduler:
             raise ValueError("need at least one micro-batch of at least one slot")
         new = []
         for n in sizes:
-            base = self.n_slots
+            base = self._next_base
+            self._next_base += int(n)
             new.append(len(self.sizes))
             self.sizes.append(int(n))
             self.bases.append(base)
@@ -152,6 +155,39 @@ class BatchScheduler:
     def drained(self, mb: int) -> bool:
         """Whether ``mb`` is retired and has no sequence left."""
         return mb in self.retired and not self.running[mb]
+
+    # -- resizing ------------------------------------------------------------------
+    def cap(self, mb: int, n: int) -> None:
+        """Admit into micro-batch ``mb`` only while it runs fewer than ``n`` sequences
+        (before it shrinks to ``n`` slots: see :meth:`resize`)."""
+        self.caps[mb] = int(n)
+
+    def may_resize(self, mb: int, n: int) -> bool:
+        """Whether ``mb`` can take ``n`` slots now: its sequences fit them, and no
+        micro-batch was numbered after it (slots past its own would be theirs)."""
+        return len(self.running[mb]) <= n and (n <= self.sizes[mb] or self.bases[mb] == max(self.bases))
+
+    def resize(self, mb: int, n: int) -> list[tuple[str, int]]:
+        """Give micro-batch ``mb`` ``n`` slots from now on (see :meth:`may_resize`): its
+        sequences in slots past them move to its lowest free slots.  The moves, as
+        ``(sequence id, slot)``: their KV must move the same way before the next step."""
+        if not self.may_resize(mb, n):
+            raise ValueError(f"micro-batch {mb} cannot take {n} slots now")
+        base, running = self.bases[mb], self.running[mb]
+        free = sorted(set(range(base, base + n)) - set(running))
+        moves = []
+        for old, new in zip(sorted(s for s in running if s >= base + n), free):
+            seq = running.pop(old)
+            seq.slot = new
+            running[new] = seq
+            moves.append((seq.id, new))
+        self.sizes[mb] = int(n)
+        self._free_slots[mb] = sorted(set(range(base, base + n)) - set(running), reverse=True)
+        self._next_base = max(self._next_base, base + n)
+        self.caps.pop(mb, None)
+        self.micro_batch_size = max(self.sizes)
+        self.max_step_tokens = max(self.max_step_tokens, self.micro_batch_size)
+        return moves
 
     # -- queue ---------------------------------------------------------------------
     @property
@@ -195,7 +231,8 @@ class BatchScheduler:
     def _admit(self, mb: int) -> list[Sequence]:
         admitted = []
         free = self._free_slots[mb]
-        while free and self.waiting and mb not in self.retired:
+        cap = self.caps.get(mb, len(free) + len(self.running[mb]))
+        while free and self.waiting and mb not in self.retired and len(self.running[mb]) < cap:
             req, t_arrival = self.waiting.popleft()
             seq = Sequence(
                 request=req,

@@ -3,8 +3,9 @@
 One :class:`KVCache` lives on each attention worker (or on the dense worker in
 single-tier mode).  It holds K and V for layers ``[layer_start, layer_stop)`` of
 ``n_slots`` sequences of up to ``max_seq_len`` tokens each, in one preallocated block
-per tensor, so its memory is fixed when it is created and admission control is a
-matter of counting free slots.  Sequences allocate a slot, append tokens as they are
+per tensor, so its memory is fixed when it is created (until :meth:`~KVCache.resize`
+copies the live tokens into a block of another size) and admission control is a matter
+of counting free slots.  Sequences allocate a slot, append tokens as they are
 attended, and free the slot when they finish; the next sequence reuses it at once.
 
 Layout per layer: ``[n_slots, KVH, max_seq_len, D]``.  A contiguous range of slots is
@@ -79,6 +80,7 @@ class KVCache:
         self.threads = threads
         shape = (layer_stop - layer_start, n_slots, config.n_kv_heads, max_seq_len, config.head_dim)
         self.compiled = self.compiled_for(dtype, self.device)  # every read within a slot's length
+        self._zeroed = zeroed
         alloc = torch.empty if self.compiled and not zeroed else torch.zeros
         self.k = alloc(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
         self.v = alloc(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
@@ -166,6 +168,38 @@ class KVCache:
             if seq_id in self._slot_of:
                 self.free(seq_id)
             self.allocate(seq_id, slot)
+
+    def resize(self, n_slots: int, moves: list | tuple = ()) -> None:
+        """Hold ``n_slots`` slots from now on (fewer or more): each ``(seq_id, slot)`` of
+        ``moves`` first takes that slot, and every live sequence must then be below
+        ``n_slots``.  The live tokens' K/V are copied, bit for bit, into a new block of
+        the new size (the old one is freed), so attention over them is what it was."""
+        if n_slots <= 0:
+            raise ValueError("n_slots must be positive")
+        target = dict(self._slot_of)
+        for seq_id, slot in moves:
+            if seq_id not in target:
+                raise KVCacheError(f"sequence {seq_id!r} holds no slot")
+            target[seq_id] = int(slot)
+        if len(set(target.values())) != len(target) or any(not 0 <= t < n_slots for t in target.values()):
+            raise KVCacheError(f"the live sequences do not fit {n_slots} slots as moved: {sorted(target.values())}")
+        shape = (self.n_layers, n_slots, *self.k.shape[2:])
+        alloc = torch.empty if self.compiled and not self._zeroed else torch.zeros
+        k = alloc(shape, dtype=self.dtype, device=self.device)  # [Ll, S', KVH, L, D]
+        v = alloc(shape, dtype=self.dtype, device=self.device)
+        lengths = np.zeros(n_slots, dtype=np.int64)
+        for seq_id, new in target.items():  # the written positions of each live slot
+            old = self._slot_of[seq_id]
+            n = int(self.lengths[old])
+            k[:, new, :, :n] = self.k[:, old, :, :n]
+            v[:, new, :, :n] = self.v[:, old, :, :n]
+            lengths[new] = n
+        self.k, self.v, self.lengths, self.n_slots = k, v, lengths, n_slots
+        self._slot_of = target
+        self._owner = [None] * n_slots
+        for seq_id, slot in target.items():
+            self._owner[slot] = seq_id
+        self._free = sorted(set(range(n_slots)) - set(target.values()), reverse=True)
 
     def slot_of(self, seq_id: Hashable) -> int:
         return self._slot_of[seq_id]

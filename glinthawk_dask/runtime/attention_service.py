@@ -91,6 +91,7 @@ class AttentionService:
             "glinthawk_attention_ready": self.ready,
             "glinthawk_kv_open": self.open,
             "glinthawk_kv_close": self.close_run,
+            "glinthawk_kv_resize": self.resize,
             "glinthawk_attend": self.attend,
             "glinthawk_attend_probe": self.probe,
             "glinthawk_echo": self.echo,
@@ -133,6 +134,30 @@ class AttentionService:
         self.runs[run_id] = _Run(cache, float(latency), {}, tuner)
         logger.info("glinthawk run %s: %r", run_id, cache)
         return self.info(run_id)
+
+    async def resize(self, run_id: str, n_slots: int, moves: list | None = None, released: list | None = None) -> dict:
+        """Resize the KV cache ``run_id`` to ``n_slots`` slots, between two steps of its
+        micro-batch: the sequences ``released`` since its last step are freed, and its
+        sequences ``moves`` (``[seq_id, slot]``) moved (see :meth:`KVCache.resize`); ``{"before": bytes, "after": bytes}`` it held (``{"stale": why}``
+        for a run not open here).  Raises ``MemoryError`` when a larger cache does not
+        fit the worker's KV budget."""
+        run = self.runs.get(run_id)
+        if run is None:
+            return {"stale": f"run {run_id!r} is not open on {self.worker.address}"}
+        cache = run.cache
+        before = cache.capacity_bytes
+        after = before // cache.n_slots * int(n_slots)
+        if after - before > self.kv_budget - self.used_bytes():
+            raise MemoryError(f"{n_slots} KV slots do not fit the KV budget of {self.worker.address}")
+
+        def resize() -> None:
+            with self._lock:
+                cache.apply(released or [], [])
+                cache.resize(int(n_slots), [(seq_id, int(slot)) for seq_id, slot in moves or ()])
+
+        await self.stream.run(resize)
+        logger.info("glinthawk run %s: resized to %r", run_id, cache)
+        return {"before": before, "after": cache.capacity_bytes}
 
     def close_run(self, run_id: str, exact: bool = False) -> None:
         """Free the run's KV caches (also those opened for micro-batches moved here or

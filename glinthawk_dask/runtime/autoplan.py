@@ -212,6 +212,7 @@ class GrowOption(NamedTuple):
     keep: bool
     prediction: Any  # the planner's Prediction of the plan the run then has (None: a fixed plan)
     check: "PlanCheck | None" = None
+    in_place: int | None = None  # instead: this micro-batch (the run's one) takes micro_batch_size slots
 
 
 async def grow_options(
@@ -221,14 +222,17 @@ async def grow_options(
     current: Any,
     live_size: int,
     gain: float,
+    in_place: tuple[int, int] | None = None,
     **kwargs: Any,
 ) -> tuple[list[GrowOption], float]:
     """The ways a two-tier run may grow that the planner predicts at least ``gain``
     times as fast as ``current`` (the planner's configuration of its live plan, of
     ``live_size``-slot micro-batches), fastest first, and ``current``'s tokens/s: the
-    best plan for the KV free now (other runs' and its own held) instead of its own, and
-    its own with more micro-batches of its size (whether those fit the free KV, the
-    scheduler tells).  ``requests`` and ``kwargs`` as :func:`auto_plan` took them."""
+    best plan for the KV free now (other runs' and its own held) instead of its own,
+    its own with more micro-batches of its size, and, with ``in_place`` (``(micro-batch,
+    most slots)``: a run of one micro-batch), that micro-batch with more slots (whether
+    those fit the free KV, the scheduler tells).  ``requests`` and ``kwargs`` as
+    :func:`auto_plan` took them."""
     from ..planner.simulate import simulate
 
     inputs = await _inputs(client, model_config, requests, mode="two-tier", **kwargs)
@@ -256,6 +260,14 @@ async def grow_options(
             pred = await loop.run_in_executor(None, simulate, inputs.alone, model_config, inputs.workload, more)
             if pred.feasible and pred.micro_batches == more.micro_batches:  # (not clamped to the requests)
                 options.append(GrowOption(live_size, k, True, pred, check(pred, inputs.alone)))
+    if in_place is not None:  # (each of a few sizes up to the most: the free KV may be on other workers)
+        mb, most = in_place
+        scale = len(inputs.sample) / len(requests)
+        for size in sorted({most - (most - live_size) // 2 ** i for i in range(4)} - {live_size}):
+            more = dataclasses.replace(current, micro_batch_size=max(1, round(size * scale)))
+            pred = await loop.run_in_executor(None, simulate, inputs.alone, model_config, inputs.workload, more)
+            if pred.feasible:
+                options.append(GrowOption(size, 1, False, pred, check(pred, inputs.alone), in_place=mb))
     options = [o for o in options if o.prediction.tokens_per_s >= gain * now.tokens_per_s]
     options.sort(key=lambda o: (-o.prediction.tokens_per_s, o.n_micro_batches))
     return options, now.tokens_per_s

@@ -26,7 +26,7 @@ from .. import config
 from .compute import busy_seconds, overlap_seconds
 from .faults import Unplaceable, WorkerFailure, is_worker_failure
 from .autoplan import auto_plan, weight_bytes
-from .growth import Growth, maybe_grow
+from .growth import Growth, maybe_grow, note_records
 from .messages import DTYPES, Plan, Results, SliceSpec
 from .retry import retry_until
 from .runs import RequestFeed, RunState, RunSummary
@@ -407,7 +407,7 @@ class DaskEngine:
         # tokens sampled by this run's driver, plus those of the runs a recovery replaced
         self.generated_tokens = run.generated_before + int(reply.n_generated)
         run.recoveries.extend(reply.moves)
-        run.growths.extend(reply.retired)
+        note_records(run, reply.retired)
         out = []
         for d in reply.completions:
             c = Completion(**d)

@@ -57,6 +57,8 @@ class DenseService:
             "glinthawk_slice_grow": self.grow,
             "glinthawk_slice_retire": self.retire,
             "glinthawk_slice_yield": self.yield_micro_batches,
+            "glinthawk_slice_resize": self.resize,
+            "glinthawk_slice_resize_cache": self.resize_cache,
             "glinthawk_dense_capacity": self.capacity,
             "glinthawk_dense_kv_info": self.kv_info,
         }
@@ -150,6 +152,19 @@ class DenseService:
         if driver is None:
             raise ValueError(f"run {run_id}'s driver is not on {self.worker.address}")
         driver.retire(micro_batches)
+
+    def resize(self, run_id: str, micro_batch: int, n_slots: int) -> None:
+        """First slice: give ``micro_batch`` ``n_slots`` slots, in place, once its
+        sequences fit them (see RunDriver.resize)."""
+        driver = self._run(run_id).driver
+        if driver is None:
+            raise ValueError(f"run {run_id}'s driver is not on {self.worker.address}")
+        driver.resize(micro_batch, n_slots)
+
+    async def resize_cache(self, run_id: str, micro_batch: int, n_slots: int, moves: list,
+                           released: list) -> dict:
+        """A micro-batch's cache of this slice resizes (see SliceRun.resize)."""
+        return await self._run(run_id).resize(micro_batch, n_slots, moves, released)
 
     async def retire(self, run_id: str, micro_batch: int, released: list[str]) -> list[dict]:
         """A grown run's micro-batch drained (see SliceRun.retire)."""

@@ -55,6 +55,12 @@ class SliceRunner(Protocol):
         """Micro-batch ``mb`` drained after the run grew: every slice forgets it and closes
         the caches no live micro-batch is in; what was closed."""
 
+    async def resize_everywhere(self, mb: int, n: int, moves: list, released: list) -> list[dict]:
+        """Every slice's cache of micro-batch ``mb`` takes ``n`` slots, the sequences
+        ``released`` since its last step freed and its sequences ``moves`` moved first, and the scheduler's ledger holds that much; what each cache
+        held before and after.  Raises ``MemoryError`` (every cache as it was) when a
+        cache cannot grow."""
+
 
 class RunDriver:
     """Continuous batching for one run, feeding the slice pipeline."""
@@ -87,7 +93,8 @@ class RunDriver:
         self._released: list[list[str]] = [[] for _ in range(spec.n_micro_batches)]
         self._step_no = [0] * spec.n_micro_batches
         self._moves: list[dict] = []  # micro-batches moved to another attention worker, not yet reported
-        self._retired: list[dict] = []  # micro-batches drained after the run grew, not yet reported
+        self._retired: list[dict] = []  # micro-batches drained or resized, not yet reported
+        self._resizes: dict[int, int] = {}  # micro-batch -> the slots it is to take once its sequences fit
         self._n_moves = 0
         self._closed = False
         self._tasks: list[asyncio.Task] = []
@@ -129,6 +136,8 @@ class RunDriver:
     async def _loop(self, mb: int) -> None:
         try:
             while not self._closed:
+                if mb in self._resizes and self.sched.may_resize(mb, self._resizes[mb]):
+                    await self._resize(mb)
                 step = self.sched.schedule(mb)
                 if step is None:
                     if self.sched.drained(mb):
@@ -243,6 +252,49 @@ class RunDriver:
             closed = []
         self._retired.append({"kind": "retired micro-batch", "micro_batch": mb, "closed": closed,
                               "seconds": time.time() - t0, "time": t0})
+
+    # -- a micro-batch resized in place ------------------------------------------------
+    def resize(self, mb: int, n: int) -> None:
+        """Give micro-batch ``mb`` ``n`` slots, in place, between two of its steps: at
+        once to grow (the scheduler's ledger holds the KV already), or, to shrink, once
+        it runs no more than ``n`` sequences (it admits no more until then); its
+        sequences past ``n`` slots move into free ones below, their KV copied as it is."""
+        sched = self.sched
+        if not (0 < n and mb < sched.n_micro_batches and mb not in sched.retired):
+            raise ValueError(f"micro-batch {mb} cannot take {n} slots")
+        if n > sched.sizes[mb] and not sched.may_resize(mb, n):
+            raise ValueError(f"micro-batch {mb} cannot grow past its slots: others follow it")
+        if n < sched.sizes[mb]:
+            sched.cap(mb, n)
+        self._resizes[mb] = n
+        self._arrived.set()  # (an idle micro-batch resizes at once)
+        self._arrived = asyncio.Event()
+
+    async def _resize(self, mb: int) -> None:
+        n, old, t0 = self._resizes.pop(mb), self.sched.sizes[mb], time.time()
+        if n == old:
+            self.sched.caps.pop(mb, None)
+            return
+        moves = self.sched.resize(mb, n) if n < old else []  # (a growth takes its slots once the caches have)
+        record = {"kind": "resized micro-batch", "micro_batch": mb, "from": old, "to": n, "moved": len(moves),
+                  "time": t0}
+        try:
+            record["caches"] = await self.run.resize_everywhere(mb, n, [list(m) for m in moves],
+                                                                list(self._released[mb]))
+        except Exception as e:
+            # a growth leaves every cache as it was (a lost worker's step finds it lost and
+            # moves the micro-batch); a shrink moved sequences: the run must start again
+            if n < old or not (isinstance(e, MemoryError) or is_worker_failure(e)):
+                raise
+            logger.warning("glinthawk run %s: micro-batch %d did not grow to %d slots: %s: %s",
+                           self.run.spec.run_id, mb, n, type(e).__name__, e)
+            record.update(error=f"{type(e).__name__}: {e}", to=old)
+        else:
+            if n > old:
+                self.sched.resize(mb, n)
+        record["seconds"] = time.time() - t0
+        self._retired.append(record)
+        self._results_ready.set()
 
     def _take_retired(self) -> list[dict]:
         out, self._retired = self._retired, []

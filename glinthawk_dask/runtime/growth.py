@@ -12,7 +12,9 @@ whether the KV free now (its own not counted: it still holds it) takes a plan at
 * the planner's best two-tier plan for the free KV, instead of the run's own;
 * the run's own plan with more micro-batches of its size, the new ones in the free KV
   (auto depth only);
-* for a plan the caller fixed, the plan it asked for, instead of its own.
+* for a plan the caller fixed, the plan it asked for, instead of its own;
+* for a run of one micro-batch holding its caches alone (the plans this planner picks
+  on CPU workers), that micro-batch with more slots, in place.
 
 The fastest that fits goes: the scheduler places its micro-batches (``glinthawk_grow``),
 their caches open on the attention workers and every slice adds them, the first slice
@@ -20,14 +22,19 @@ last, whose driver starts them and, unless they are added beside them, retires t
 run's other micro-batches.  Those admit nothing more, run their sequences to the end,
 and once drained their caches close and their KV goes back to the scheduler.  No token
 is computed twice, and every sequence's tokens are those it would have had (a sequence
-stays in its micro-batch).
+stays in its micro-batch).  In place, the micro-batch's caches copy their live tokens
+into caches of the new size between two of its steps (``RunDriver.resize``), bit for
+bit, and it admits more at once: nothing drains.
 
 The other way round: while runs wait to be placed for KV the open runs hold, no run
 grows, and a run holding more than its share of the attention tier's KV (the tier's
 budget over the open and waiting runs) gives up its last micro-batch (with those in the
 same cache), keeping at least one: it admits nothing more and closes as it drains, and
-the waiting run is placed in the KV it frees, one micro-batch at a time.  Once that run
-ends, the first grows back beside its own micro-batches.
+the waiting run is placed in the KV it frees, one micro-batch at a time.  A run of one
+micro-batch shrinks it to its share instead: it admits nothing more until it runs no
+more sequences than that, those in the slots it gives up move into free ones below (their
+KV copied as it is), and its caches shrink.  Once the waiting run ends, the first grows
+back, beside its own micro-batches or in place.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from .faults import WorkerFailure, is_worker_failure
 from .messages import Plan
 from .runs import RunState
 
-__all__ = ["Growth", "maybe_grow"]
+__all__ = ["Growth", "maybe_grow", "note_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,7 @@ class Growth:
     next_check: float = 0.0
     free_seen: int = -1  # attention KV bytes free when it last looked
     yielded: set = dataclasses.field(default_factory=set)  # micro-batches given up for runs waiting for KV
+    resizing: dict | None = None  # a micro-batch resizing in place, until its driver reports it did
 
     @property
     def auto(self) -> bool:
@@ -119,12 +127,12 @@ async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
     g = run.growth
     now = time.time()
     every = float(config.get("engine.grow-every"))
-    if g is None or every <= 0 or now < g.next_check or run.plan.mode != "two-tier":
+    if g is None or every <= 0 or now < g.next_check or run.plan.mode != "two-tier" or g.resizing:
         return
     g.next_check = now + every
     live = run.plan.live_sizes()
     wants = (waiting or len(run.pending) > sum(live)) and g.may_grow(live, run.size)
-    if not wants and len(live) < 2:  # (nothing to grow to, nor to give up)
+    if not wants and len(live) < 2 and _resizable(run) is None:  # (nothing to grow to, nor to give up)
         return
     room = await client.scheduler.glinthawk_kv_room()
     if room["waiting"]:  # runs wait for KV: none grows, and a run above its share gives some up
@@ -135,9 +143,20 @@ async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
         g.free_seen = free
         return
     g.free_seen = free
-    options, before = await _options(client, run, g, live)
+    options, before = await _options(client, run, g, live, free)
     for option in options:  # the fastest that fits the free KV
         t0 = time.time()
+        if option.in_place is not None:  # its micro-batch takes more slots: the KV first, then its caches
+            reply = await client.scheduler.glinthawk_resize(run_id=run.id, micro_batch=option.in_place,
+                                                            n_slots=option.micro_batch_size)
+            if "error" in reply:
+                logger.info("glinthawk run %s did not grow to %d slots: %s", run.id, option.micro_batch_size,
+                            reply["error"])
+                continue
+            await client.rpc(run.plan.dense[0]).glinthawk_slice_resize(
+                run_id=run.id, micro_batch=option.in_place, n_slots=option.micro_batch_size)
+            g.resizing = {"option": option, "live": live, "before": before, "free": free, "t0": t0}
+            return
         size = min(option.micro_batch_size, run.size)
         depth = option.n_micro_batches if option.keep else max(1, min(option.n_micro_batches,
                                                                        math.ceil(run.size / size)))
@@ -156,8 +175,14 @@ async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
 def _grown(run: RunState, option: GrowOption, new: Plan, kv_runs: list[str], live: list[int],
            before: float | None, free: int, t0: float) -> None:
     """Record that ``run`` grew by ``new`` (see :func:`maybe_grow`)."""
-    g, prediction = run.growth, option.prediction
     run.plan = run.plan.grown(new, kv_runs, option.keep)
+    _record_growth(run, option, live, before, free, t0)
+
+
+def _record_growth(run: RunState, option: GrowOption, live: list[int], before: float | None, free: int,
+                   t0: float) -> None:
+    """Record that ``run`` grew from ``live`` to its plan now, as ``option``."""
+    g, prediction = run.growth, option.prediction
     if prediction is not None:
         g.current, run.prediction = prediction.config, prediction
     if option.check is not None and run.plan_check is not None:  # (rows of the sample that finished stay known)
@@ -165,27 +190,74 @@ def _grown(run: RunState, option: GrowOption, new: Plan, kv_runs: list[str], liv
         run.plan_check = option.check
     record = {"kind": "grew", "from": plan_words(live), "to": plan_words(run.plan.live_sizes()),
               "after_s": t0 - run.t0, "seconds": time.time() - t0, "time": t0, "free_bytes": free,
-              "kept": option.keep, "predicted": None if prediction is None else prediction.tokens_per_s,
-              "predicted_before": before}
+              "kept": option.keep or option.in_place is not None, "in_place": option.in_place is not None,
+              "predicted": None if prediction is None else prediction.tokens_per_s, "predicted_before": before}
     run.growths.append(record)
     logger.warning("glinthawk run %s grew from %s to %s micro-batches into KV other runs freed%s", run.id,
                    record["from"], record["to"], "" if prediction is None else
                    f" (predicted {before:.1f} -> {prediction.tokens_per_s:.1f} tok/s)")
 
 
-async def _options(client: Any, run: RunState, g: Growth, live: list[int]) -> tuple[list[GrowOption], float | None]:
+async def _options(client: Any, run: RunState, g: Growth, live: list[int],
+                   free: int) -> tuple[list[GrowOption], float | None]:
     """The ways to grow worth trying, fastest first, and the live plan's predicted
-    tokens/s (None for a fixed plan)."""
+    tokens/s (None for a fixed plan).  A run of one micro-batch holding its caches alone
+    may also grow it in place, into up to ``free`` more bytes of KV."""
+    mb = _resizable(run)
     if not g.auto:  # the plan asked for (placed short enough of it: may_grow)
         size, depth = g.asked(run.size)
+        if mb is not None and depth == 1:  # one micro-batch, smaller than asked: it grows in place
+            return [GrowOption(size, 1, False, None, in_place=mb)], None
         if set(live) == {size} and len(live) < depth:  # as asked but fewer (it gave some up): beside them
             return [GrowOption(size, depth - len(live), True, None)], None
         return [GrowOption(size, depth, False, None)], None
     kw = dict(g.plan_kwargs)
     kw["micro_batch_size"] = None if g.micro_batch_size == "auto" else min(int(g.micro_batch_size), len(g.requests))
     kw["n_micro_batches"] = None if g.n_micro_batches == "auto" else int(g.n_micro_batches)
+    in_place = None
+    if mb is not None and g.micro_batch_size == "auto":  # the slots its KV and the free KV hold, at most
+        slot = sum(run.plan.attention_kv().values()) // max(1, run.plan.sizes[mb])
+        in_place = (mb, min(run.size, run.plan.sizes[mb] + free // max(1, slot)))
     return await grow_options(client, g.model_config, g.requests, g.current, max(live),
-                              float(config.get("engine.grow-gain")), **kw)
+                              float(config.get("engine.grow-gain")), in_place=in_place, **kw)
+
+
+def _resizable(run: RunState) -> int | None:
+    """The run's one live micro-batch, if it is remote and holds its cache alone, from
+    slot 0, on every slice (none: it cannot resize in place)."""
+    plan = run.plan
+    drained = {r["micro_batch"] for r in run.growths if r["kind"] == "retired micro-batch"}
+    live = [m for m in range(plan.n_micro_batches) if m not in plan.retired]
+    if len(live) != 1 or plan.local[live[0]] or live[0] != plan.n_micro_batches - 1:
+        return None
+    mb = live[0]
+    kv_runs = plan.kv_runs or [[""] * plan.n_micro_batches for _ in plan.slices]
+    for s in range(len(plan.slices)):
+        cache = (plan.attention[s][mb], kv_runs[s][mb])
+        if plan.slot_base[s][mb] != 0 or any((plan.attention[s][m], kv_runs[s][m]) == cache
+                                             for m in range(plan.n_micro_batches) if m != mb and m not in drained):
+            return None
+    return mb
+
+
+def note_records(run: RunState, records: list[dict]) -> None:
+    """What the run's driver reported of its micro-batches: drained ones, and one resized
+    in place (the run's plan takes its new size)."""
+    run.growths.extend(r for r in records if r["kind"] != "resized micro-batch" or r.get("error"))
+    for r in records:
+        if r["kind"] != "resized micro-batch":
+            continue
+        g, pending = run.growth, run.growth.resizing if run.growth else None
+        if g is not None:
+            g.resizing = None
+        if r.get("error"):
+            continue
+        live = run.plan.live_sizes()
+        run.plan = run.plan.resized(r["micro_batch"], r["to"])
+        if r["to"] > r["from"] and pending is not None:
+            _record_growth(run, pending["option"], live, pending["before"], pending["free"], pending["t0"])
+        elif r["to"] < r["from"]:
+            run.growths.append(r)
 
 
 async def _yield(client: Any, run: RunState, room: dict) -> None:
@@ -200,6 +272,7 @@ async def _yield(client: Any, run: RunState, room: dict) -> None:
         return
     group = _yieldable(plan)
     if not group:
+        await _shrink(client, run, room, held)
         return
     await client.scheduler.glinthawk_yield(run_id=run.id, micro_batches=group)
     await client.rpc(plan.dense[0]).glinthawk_slice_yield(run_id=run.id, micro_batches=group)
@@ -213,6 +286,28 @@ async def _yield(client: Any, run: RunState, room: dict) -> None:
                         "after_s": t0 - run.t0, "time": t0})
     logger.warning("glinthawk run %s gives up %s of its micro-batches (%s left) for %d run(s) waiting for KV",
                    run.id, len(group), plan_words(run.plan.live_sizes()), room["waiting"])
+
+
+async def _shrink(client: Any, run: RunState, room: dict, held: int) -> None:
+    """Shrink the run's one micro-batch to its share of the attention tier's KV (it
+    holds ``held`` bytes; ``room``: see ``glinthawk_kv_room``): it admits no more until
+    it runs no more sequences than that, and then its caches copy those into smaller
+    ones (see RunDriver.resize), their KV given back."""
+    mb = _resizable(run)
+    if mb is None:
+        return
+    size = run.plan.sizes[mb]
+    n = max(1, int(room["budget"] / (room["runs"] + room["waiting"]) // (held / size)))
+    if n >= size:
+        return
+    await client.rpc(run.plan.dense[0]).glinthawk_slice_resize(run_id=run.id, micro_batch=mb, n_slots=n)
+    t0 = time.time()
+    run.growth.resizing = {"to": n}
+    sizes = [n if m == mb else k for m, k in enumerate(run.plan.sizes) if m not in run.plan.retired]
+    run.growths.append({"kind": "yielded", "micro_batches": [], "from": plan_words(run.plan.live_sizes()),
+                        "to": plan_words(sizes), "waiting": room["waiting"], "after_s": t0 - run.t0, "time": t0})
+    logger.warning("glinthawk run %s shrinks its micro-batch from %d to %d slots for %d run(s) waiting for KV",
+                   run.id, size, n, room["waiting"])
 
 
 def _yieldable(plan: Plan) -> list[int]:

@@ -6,7 +6,8 @@ micro-batch moved off a lost attention worker (``glinthawk_replace``) and the
 micro-batches a run grows by once other runs free KV (``glinthawk_grow``, after asking
 ``glinthawk_kv_room``).  It takes back what a grown run's drained micro-batches held,
 and those a run gave up for runs waiting for KV (``glinthawk_yield``), as their caches
-close (``glinthawk_release``).  Every reservation is in bytes per worker; a run's whole
+close (``glinthawk_release``); a micro-batch resized in place holds what its new size
+takes (``glinthawk_resize``).  Every reservation is in bytes per worker; a run's whole
 reservation goes when it closes.
 """
 
@@ -51,7 +52,7 @@ class KVLedger:
         """The scheduler handlers of the ledger."""
         return {"glinthawk_plan": self.plan, "glinthawk_replace": self.replace, "glinthawk_grow": self.grow,
                 "glinthawk_release": self.release, "glinthawk_kv_room": self.kv_room,
-                "glinthawk_yield": self.yield_micro_batches}
+                "glinthawk_yield": self.yield_micro_batches, "glinthawk_resize": self.resize}
 
     def _attention_budget(self, addr: str) -> int:
         """The KV bytes attention worker ``addr`` offers in all (its ``KV`` resource, or a
@@ -273,3 +274,31 @@ class KVLedger:
         run = self.runs.get(run_id)
         if run is not None and address in run["kv"]:
             run["kv"][address] = max(0, run["kv"][address] - int(nbytes))
+
+    def resize(self, run_id: str, micro_batch: int, n_slots: int) -> dict:
+        """Hold ``n_slots`` slots of remote micro-batch ``micro_batch`` of run ``run_id``
+        from now on, on each slice's attention worker: more are reserved if they are free
+        there (else ``{"error": ...}``, nothing reserved), fewer given back.  The same
+        size again changes nothing (a run reserves before its caches grow, and its driver
+        confirms once they have)."""
+        run = self.runs.get(run_id)
+        if run is None:
+            return {"error": f"run {run_id} is not placed"}
+        plan = Plan.from_wire(run["plan"])
+        resized = plan.resized(micro_batch, int(n_slots))
+        before, after = plan.attention_kv(), resized.attention_kv()
+        delta = {a: after.get(a, 0) - before.get(a, 0) for a in set(before) | set(after)}
+        short = [a for a, d in delta.items() if d > 0 and (a in run["lost"] or a not in self.scheduler.workers
+                                                           or d > self._kv_free(a))]
+        if short:
+            return {"error": f"{n_slots} slots of micro-batch {micro_batch} do not fit the KV free on "
+                             f"{', '.join(sorted(short))}"}
+        for addr, d in delta.items():
+            run["kv"][addr] = max(0, run["kv"].get(addr, 0) + d)
+        run["plan"] = resized.to_wire()
+        old = plan.sizes[micro_batch]
+        if n_slots > old:
+            run["grown"] = run.get("grown", 0) + 1
+        elif n_slots < old:  # (for runs waiting for KV)
+            run["shrunk_slots"] = run.get("shrunk_slots", 0) + old - int(n_slots)
+        return {"plan": run["plan"]}

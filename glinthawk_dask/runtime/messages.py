@@ -127,6 +127,19 @@ class Plan(_Wire):
             retired=sorted(set(self.retired) | (set() if keep else set(range(n)))),
         )
 
+    def resized(self, mb: int, n: int) -> "Plan":
+        """This plan with remote micro-batch ``mb`` of ``n`` slots (its caches resized in
+        place on every slice)."""
+        old = self.sizes[mb]
+        n_slots = [dict(a) for a in self.n_slots]
+        for s, addrs in enumerate(self.attention):
+            if addrs[mb]:
+                n_slots[s][addrs[mb]] = n_slots[s].get(addrs[mb], 0) + n - old
+        sizes = list(self.sizes)
+        sizes[mb] = n
+        live = [k for m, k in enumerate(sizes) if not self.local[m] and m not in self.retired]
+        return dataclasses.replace(self, sizes=sizes, n_slots=n_slots, micro_batch_size=max(live or sizes))
+
     def attention_workers(self) -> list[str]:
         """Every attention worker holding a cache of the run at the start (sorted)."""
         return sorted({a for slots in self.n_slots for a in slots})

@@ -301,6 +301,7 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
                                                         "attention": sum(r["kv"].values())},
                 "generated_tokens": r.get("generated", 0), "lost_workers": list(r["lost"]),
                 "grown": r.get("grown", 0), "yielded": r.get("yielded", 0),
+                "shrunk_slots": r.get("shrunk_slots", 0),
             })
         return {"scheduler": self.scheduler.address, "time": now, "workers": workers, "runs": runs,
                 "waiting": self.waiting_runs(), "pipelines": self.pipelines.list()}

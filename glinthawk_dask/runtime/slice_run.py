@@ -60,6 +60,7 @@ class SliceRun:
         spec.sizes = list(spec.sizes) or [spec.micro_batch_size] * n
         spec.local = list(spec.local) or [spec.mode == "single-tier"] * n
         self.global_base = [sum(spec.sizes[:m]) for m in range(n)]  # the driver's slot numbers
+        self.next_base = sum(spec.sizes)  # the first slot number no micro-batch ever had (as the driver's)
         if not spec.slot_base:
             spec.slot_base = list(self.global_base)
         self.cache: KVCache | None = None  # the local micro-batches' KV
@@ -172,7 +173,8 @@ class SliceRun:
         new = []
         for addr, base, size in zip(attention, slot_base, sizes, strict=True):
             new.append(len(spec.sizes))
-            self.global_base.append(sum(spec.sizes))
+            self.global_base.append(self.next_base)
+            self.next_base += int(size)
             spec.sizes.append(int(size))
             spec.local.append(False)
             spec.attention.append(addr)
@@ -212,6 +214,61 @@ class SliceRun:
                 raise
         await self.worker.scheduler.glinthawk_release(run_id=spec.run_id, address=address, nbytes=nbytes)
         return [{"address": address, "cache": kv_run, "slots": slots, "bytes": nbytes}]
+
+    async def resize(self, mb: int, n: int, moves: list, released: list) -> dict:
+        """Give remote micro-batch ``mb`` ``n`` slots (see RunDriver.resize): its cache
+        on its attention worker, which holds it alone from slot 0, resizes, the
+        sequences ``released`` since its last step freed and its sequences ``moves``
+        (``[seq_id, slot]``, the driver's slot numbers) moved first.
+        ``{"address", "cache", "before", "after"}`` (bytes the cache held)."""
+        spec = self.spec
+        address, kv_run = spec.attention[mb], self.kv_runs[mb]
+        others = [m for m in range(spec.n_micro_batches) if m != mb and m not in self.retired
+                  and not spec.local[m] and (spec.attention[m], self.kv_runs[m]) == (address, kv_run)]
+        if spec.local[mb] or spec.slot_base[mb] != 0 or others:
+            raise ValueError(f"micro-batch {mb} of run {spec.run_id} does not hold its cache alone")
+        reply = await asyncio.wait_for(self.worker.rpc(address).glinthawk_kv_resize(
+            run_id=kv_run, n_slots=n, moves=[[i, self._local_slot(mb, slot)] for i, slot in moves],
+            released=released),
+            spec.peer_timeout)
+        if not isinstance(reply, dict) or "stale" in reply:  # (a worker closing, or one that forgot the run)
+            raise StaleRunError(f"{address} did not resize cache {kv_run}: {reply!r}")
+        spec.sizes[mb] = int(n)
+        self.next_base = max(self.next_base, self.global_base[mb] + int(n))
+        return {"address": address, "cache": kv_run, **reply}
+
+    async def resize_everywhere(self, mb: int, n: int, moves: list, released: list) -> list[dict]:
+        """:meth:`resize` micro-batch ``mb`` on every slice, then the run's KV in the
+        scheduler's ledger (``glinthawk_resize``: a shrunk cache's KV goes back); what each
+        cache held before and after.  When a cache cannot grow (``MemoryError``, or its
+        worker lost), those that grew shrink back and the ledger's KV goes back before
+        the error goes on."""
+        spec, done = self.spec, []
+        old = spec.sizes[mb]
+
+        async def one(s: int, k: int, moved: list) -> dict:
+            if s == spec.slice_index:
+                return await self.resize(mb, k, moved, released)
+            return await self.worker.rpc(spec.dense[s]).glinthawk_slice_resize_cache(
+                run_id=spec.run_id, micro_batch=mb, n_slots=k, moves=moved, released=released)
+        ledger = self.worker.scheduler
+        try:
+            for s in range(len(spec.dense)):
+                done.append(await one(s, n, moves))
+            reply = await ledger.glinthawk_resize(run_id=spec.run_id, micro_batch=mb, n_slots=n)
+            if reply and "error" in reply:  # (a growth the client did not reserve, and no room for it)
+                raise MemoryError(reply["error"])
+        except Exception as e:
+            if n > old:  # (nothing moved: those that grew can shrink back)
+                for s in range(len(done)):
+                    try:
+                        await one(s, old, [])
+                    except Exception as again:
+                        if not (is_worker_failure(again) and is_worker_failure(e)):
+                            raise
+                await ledger.glinthawk_resize(run_id=spec.run_id, micro_batch=mb, n_slots=old)
+            raise
+        return done
 
     async def retire_everywhere(self, mb: int, released: list[str]) -> list[dict]:
         """:meth:`retire` micro-batch ``mb`` on every slice (this one and the other dense

@@ -1,0 +1,125 @@
+"""A micro-batch resized in place: its slots, its caches and its KV reservation."""
+
+from __future__ import annotations
+
+import pytest
+
+from glinthawk_dask.engine.request import Request
+from glinthawk_dask.engine.scheduler import BatchScheduler
+from glinthawk_dask.runtime.messages import Plan
+from glinthawk_dask.sampling import SamplingParams
+
+
+def _req(i: int, max_tokens: int = 5) -> Request:
+    return Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+
+def test_a_capped_micro_batch_shrinks_moving_its_sequences_into_the_slots_it_keeps():
+    sched = BatchScheduler(n_micro_batches=1, micro_batch_size=6, max_step_tokens=64, max_seq_len=32)
+    for i in range(8):
+        sched.add(_req(i, max_tokens=3 + i))
+    step = sched.schedule(0)
+    assert sorted(step.slots) == [0, 1, 2, 3, 4, 5]
+    sched.cap(0, 3)
+    assert not sched.may_resize(0, 3)  # (six run)
+    while len(sched.running[0]) > 3:  # those that end are not replaced: fewer than 3 run... until 3 are left
+        step = sched.schedule(0)
+        assert not step.admitted
+        sched.update(step, [7] * len(step.sample_seqs))
+    assert sched.may_resize(0, 3)
+    before = {s.id: s.slot for s in sched.running[0].values()}
+    moves = sched.resize(0, 3)
+    after = {s.id: s.slot for s in sched.running[0].values()}
+    assert sorted(after.values()) == [0, 1, 2] and set(after) == set(before)
+    assert moves == [(i, after[i]) for i in sorted(before, key=before.get) if before[i] >= 3]
+    assert sched.sizes == [3] and sched.micro_batch_size == 3 and not sched.caps
+    while sched.has_work():  # the rest run in the three slots
+        step = sched.schedule(0)
+        assert max(step.slots) < 3
+        sched.update(step, [7] * len(step.sample_seqs))
+
+
+def test_only_the_last_micro_batch_grows_past_its_slots_and_new_ones_never_reuse_a_number():
+    sched = BatchScheduler(n_micro_batches=2, micro_batch_size=4, max_step_tokens=16, max_seq_len=32)
+    assert not sched.may_resize(0, 6) and sched.may_resize(1, 6)  # slots 4..9: numbers no one had
+    assert sched.resize(1, 6) == [] and sched.sizes == [4, 6] and sched.max_step_tokens == 16
+    assert sched.resize(1, 2) == [] and sched.add_micro_batches([3]) == [2]
+    assert sched.bases == [0, 4, 10]  # (after 4..9, which micro-batch 1 held)
+    assert not sched.may_resize(1, 4)  # (11..13 are micro-batch 2's)
+    for i in range(12):
+        sched.add(_req(i))
+    slots = {mb: sorted(sched.schedule(mb).slots) for mb in range(3)}
+    assert slots == {0: [0, 1, 2, 3], 1: [4, 5], 2: [10, 11, 12]}
+    with pytest.raises(ValueError):
+        sched.resize(0, 2)  # (four run)
+
+
+def test_a_resized_plan_holds_the_new_slots_on_each_slices_worker():
+    plan = Plan(mode="two-tier", slices=[[0, 2], [2, 3]], dense=["d0", "d1"], attention=[["a"], ["b"]],
+                slot_base=[[0], [0]], n_slots=[{"a": 8}, {"b": 8}], micro_batch_size=8, n_micro_batches=1,
+                max_seq_len=64, local=[False], sizes=[8], kv_bytes_per_token_layer=8)
+    small = Plan.from_wire(plan.resized(0, 3).to_wire())
+    assert small.sizes == [3] and small.micro_batch_size == 3 and small.n_slots == [{"a": 3}, {"b": 3}]
+    assert small.attention_kv() == {"a": 3 * 2 * 8 * 64, "b": 3 * 1 * 8 * 64}
+    assert small.resized(0, 12).attention_kv() == {"a": 12 * 2 * 8 * 64, "b": 12 * 1 * 8 * 64}
+
+
+# -- on a cluster --------------------------------------------------------------------------
+
+import asyncio  # noqa: E402
+
+import dask  # noqa: E402
+from distributed.utils_test import gen_cluster  # noqa: E402
+
+from glinthawk_dask.cli.cluster import status_text  # noqa: E402
+from glinthawk_dask.model import from_name  # noqa: E402
+from glinthawk_dask.runtime import DaskEngine  # noqa: E402
+from test_growth import FAST, _caches, _rows, _scheduler_kv  # noqa: E402
+from test_two_tier import DENSE, MODEL, _reference, _setup  # noqa: E402
+
+_SLOT = from_name("tiny-gqa").kv_bytes_per_token(4, 1) * 64 * 3  # one KV slot of 64 positions, every layer
+
+
+@gen_cluster(client=True, nthreads=[DENSE, ("127.0.0.1", 1, {"resources": {"KV": 8 * _SLOT}})], timeout=120)
+async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back_in_place(c, s, a, w):
+    """A run of one micro-batch holding every KV slot (8 x 1 on a worker of 8) shrinks to
+    its share once another run waits: it admits no more until four sequences are left,
+    those move into four slots, the cache copies them into a cache of four and gives the
+    rest back; the waiting run is placed there, and once it ends the first grows back to
+    eight in place.  Every token of both is the in-process engine's."""
+    from glinthawk_dask.engine.request import Request
+    from glinthawk_dask.sampling import SamplingParams
+
+    await _setup(c)
+    first_reqs = [Request(f"a{i}", [i % 50 + 1] * 10,  # (the rows in the low slots end first: the last move)
+                          SamplingParams(max_tokens=20 + 4 * i if i < 8 else 40, ignore_eos=True)) for i in range(64)]
+    second_reqs = _rows(12, "b")
+    first = DaskEngine(c, MODEL, micro_batch_size=8, n_micro_batches=1)
+    second = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=1)
+    got_first, got_second, seen = {}, {}, {}
+
+    async def consume(engine, reqs, got):
+        async for comp in engine.agenerate(reqs, max_seq_len=64):
+            got[comp.id] = comp.completion_token_ids
+            if engine is second and len(got) == 1:  # both open: what the cluster shows
+                seen.update(status=await c.scheduler.glinthawk_status(), caches=await _caches(w))
+
+    with dask.config.set(FAST):
+        running = asyncio.ensure_future(consume(first, first_reqs, got_first))
+        while not got_first:  # placed, and generating
+            await asyncio.sleep(0.01)
+        await consume(second, second_reqs, got_second)
+        await running
+    assert got_first == _reference(first_reqs) and got_second == _reference(second_reqs)
+    one, two = first.last_summary, second.last_summary
+    assert second.placement_wait_s > 0 and two.growths == [] and two.attention_of() == [w.address]
+    kinds = [(g["kind"], g.get("from"), g.get("to")) for g in one.growths]
+    assert kinds == [("yielded", "8 x 1", "4 x 1"), ("resized micro-batch", 8, 4), ("grew", "4 x 1", "8 x 1")], kinds
+    shrunk = one.growths[1]
+    assert shrunk["moved"] >= 1 and [(x["before"], x["after"]) for x in shrunk["caches"]] == [(8 * _SLOT, 4 * _SLOT)]
+    assert one.growths[2]["in_place"] and one.growths[2]["time"] > shrunk["time"]
+    assert one.plan["sizes"] == [8] and (one.micro_batch_size, one.n_micro_batches) == (8, 1)
+    assert seen["caches"] == {one.run_id: 4, two.run_id: 4}
+    line = next(x for x in status_text(seen["status"]).splitlines() if one.run_id in x)
+    assert "4 slots in 1 micro-batches" in line and "; gave up 4 KV slot(s) for runs waiting for KV" in line
+    assert await _scheduler_kv(c) == {} and await _caches(w) == {}

@@ -344,3 +344,24 @@ def test_bench_growth_runs_alone_beside_and_growing(tmp_path):
     assert report["summary"]["grows_over_beside"] > 0 and report["summary"]["identical"] == 24
     assert re.search(r"^medians: alone [\d.]+ tok/s, beside \(no growth\) [\d.]+, grows [\d.]+: growing [\d.]+x",
                      proc.stdout, re.MULTILINE), proc.stdout
+
+
+def test_bench_shrink_runs_a_waiting_run_beside_one_micro_batch_holding_every_slot(tmp_path):
+    """The shrink benchmark at a tiny size: B waits for A's every slot; kept, B is placed
+    once A ends; shrunk, A gives it slots first and grows back; tokens the same as alone."""
+    out = tmp_path / "shrink.json"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_shrink.py"), "--batch-a", "40", "--new-tokens-a", "24",
+           "--batch-b", "6", "--new-tokens-b", "6", "--max-seq-len", "4096", "--b-after", "0.2", "--rounds", "1",
+           "--json", str(out)]
+    env = {**os.environ, "DASK_GLINTHAWK__PLANNER__PROFILE_CACHE": str(tmp_path / "profiles"),
+           "DASK_GLINTHAWK__ENGINE__GROW_EVERY": "0.2"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    runs = {r["kind"]: r for r in report["runs"]}
+    assert list(runs) == ["keeps", "shrinks"] and report["summary"]["identical"]
+    keeps, shrinks = runs["keeps"], runs["shrinks"]
+    assert keeps["a_changes"] == [] and keeps["b_placed_s"] >= keeps["a_end_s"] - 0.5  # (placed once A closed)
+    assert shrinks["a_changes"][0].startswith("yielded to ") and shrinks["b_placed_s"] < shrinks["a_end_s"]
+    assert re.search(r"^medians: B's last token [\d.]+ s after A started when A keeps its slots, [\d.]+ s when it "
+                     r"shrinks \([\d.]+x\)", proc.stdout, re.MULTILINE), proc.stdout

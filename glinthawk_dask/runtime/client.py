@@ -108,7 +108,7 @@ class DaskEngine:
         ``output_lengths`` (completion lengths seen before) are what an auto plan expects
         rows to stop at, each within its ``max_tokens``.  While the run waits to be
         placed (for KV other runs hold), ``stop()`` turning true ends it with nothing
-        generated (checked between asks, at least every 5 s).
+        generated (checked between asks, at least every second).
         """
         max_seq_len = max_seq_len or self.max_seq_len
         self.generated_tokens = 0
@@ -270,9 +270,10 @@ class DaskEngine:
         def stopped() -> bool:
             return stop is not None and stop()
 
-        try:  # other runs may free room; a recovery waits itself
+        try:  # other runs may free room (asked every second: placed within one of it); a recovery waits itself
             reply = await retry_until(place, deadline=deadline, retry_on=lambda e: (
-                isinstance(e, Unplaceable) and e.wait and not size_hint and not stopped()), on_retry=waiting)
+                isinstance(e, Unplaceable) and e.wait and not size_hint and not stopped()), on_retry=waiting,
+                max_delay=1.0)
         except Unplaceable as e:
             if waits and stopped():  # (no longer waiting: the scheduler stops listing it at once)
                 logger.warning("glinthawk run %s stopped while it waited to be placed (%.0f s)", run_id,

@@ -133,7 +133,7 @@ class KVLedger:
             now = time.time()
             if wait and wait_s > 0:  # shown by `glinthawk status` while it keeps asking
                 self.waiting.setdefault(run_id, {"client": client, "model": model, "since": now})["until"] = min(
-                    now + wait_s, now + 15.0)  # (it asks again within 5 s, or gave up)
+                    now + wait_s, now + 15.0)  # (it asks again within a second, or gave up)
             return {"error": self._held_by_others() if wait else str(e), "wait": wait}
         self.waiting.pop(run_id, None)
         kv = plan.attention_kv()

@@ -210,6 +210,7 @@ async def test_a_grown_micro_batch_whose_worker_is_lost_moves_as_any_other(c, s,
     assert [(g["from"], g["to"], g["in_place"]) for g in grew] == [("2 x 1", "4 x 1", True)]
     (moved,) = summary.recoveries
     assert moved["kind"] == "moved micro-batch" and moved["micro_batch"] == 0 and moved["to"] != closed
+    assert summary.attention_of() == [moved["to"]] and summary.placement.kv_runs == [[moved["kv_run"]]]
     assert await _scheduler_kv(c) == {}
 
 

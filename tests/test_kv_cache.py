@@ -461,3 +461,30 @@ def test_a_resized_cache_attends_bit_for_bit_as_before(kernel):
             assert resized.n_slots == 5 and resized.n_free == 2 and resized.allocate("y") == 3
             resized.free("y")
     assert [resized.length(s) for s in ("a", "c", "x")] == [same.length(s) for s in ("a", "c", "x")]
+
+
+def test_a_sequence_exported_and_restored_elsewhere_attends_bit_for_bit_as_before(kernel):
+    """A sequence's K/V taken out of a cache (its slot freed) and restored into another
+    slot, of another cache, gives exactly the attention outputs it would have given."""
+    torch.manual_seed(5)
+    cfg = from_name("tiny-gqa")
+    h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    same, other = KVCache(cfg, n_slots=4, max_seq_len=24), KVCache(cfg, n_slots=3, max_seq_len=24)
+    for cache in (same, other):
+        cache.allocate("x", 1)
+    qkv = [torch.randn(6, n, d) for n in (h, kvh, kvh)]
+    for cache in (same, other):
+        for layer in range(cfg.n_layers):
+            cache.attend(layer, *qkv, AttentionBatch.build([1], [0], [6]))
+    k, v = other.export("x")
+    assert k.shape == (cfg.n_layers, kvh, 6, d)
+    other.free("x")
+    other.restore("x", 2, k, v)
+    with pytest.raises(KVCacheError):
+        other.restore("y", 0, k[:, :1], v[:, :1])  # (not the cache's heads)
+    assert other.length("x") == 6 and other.slot_of("x") == 2
+    for start in (6, 7):
+        qkv = [torch.randn(1, n, d) for n in (h, kvh, kvh)]
+        for layer in range(cfg.n_layers):
+            want = same.attend(layer, *qkv, AttentionBatch.build([1], [start], [1]))
+            assert torch.equal(other.attend(layer, *qkv, AttentionBatch.build([2], [start], [1])), want)

@@ -39,6 +39,31 @@ def test_a_capped_micro_batch_shrinks_moving_its_sequences_into_the_slots_it_kee
         sched.update(step, [7] * len(step.sample_seqs))
 
 
+def test_sequences_taken_out_go_back_into_the_first_free_slots_before_new_requests():
+    sched = BatchScheduler(n_micro_batches=2, micro_batch_size=3, max_step_tokens=64, max_seq_len=32)
+    for i in range(8):
+        sched.add(_req(i, max_tokens=4 if i == 0 else 9))
+    steps = [sched.schedule(mb) for mb in (0, 1)]
+    for step in steps:
+        sched.update(step, [7] * len(step.sample_seqs))
+    out = sched.swap_out(0, 2)
+    assert [s.id for s in out] == ["r1", "r2"] and list(sched.running[0]) == [0] and sched.has_work()
+    assert sched.n_tokens_in_flight() == 6 * 4  # (those taken out too: 3 prompt tokens and 1 sampled each)
+    step = sched.schedule(0)  # the two slots freed take them back, not the queue's r6, r7
+    assert [s.id for s in step.restored] == ["r1", "r2"] and not step.admitted and sorted(step.slots) == [0, 1, 2]
+    assert step.counts == [1, 1, 1] and [s.n_cached for s in step.restored] == [3, 3]  # (decoding on)
+    sched.update(step, [7] * 3)
+    sched.swap_out(0, 1)
+    sched.cap(0, 2)
+    for _ in range(20):  # micro-batch 1's slots free first: r2 goes back there
+        step = sched.schedule(1)
+        if step.restored:
+            break
+        sched.update(step, [7] * len(step.sample_seqs))
+    assert [(s.id, s.micro_batch) for s in step.restored] == [("r2", 1)]
+    assert [s.id for s in step.admitted] == ["r6", "r7"]  # (after it)
+
+
 def test_only_the_last_micro_batch_grows_past_its_slots_and_new_ones_never_reuse_a_number():
     sched = BatchScheduler(n_micro_batches=2, micro_batch_size=4, max_step_tokens=16, max_seq_len=32)
     assert not sched.may_resize(0, 6) and sched.may_resize(1, 6)  # slots 4..9: numbers no one had
@@ -62,6 +87,10 @@ def test_a_resized_plan_holds_the_new_slots_on_each_slices_worker():
     assert small.sizes == [3] and small.micro_batch_size == 3 and small.n_slots == [{"a": 3}, {"b": 3}]
     assert small.attention_kv() == {"a": 3 * 2 * 8 * 64, "b": 3 * 1 * 8 * 64}
     assert small.resized(0, 12).attention_kv() == {"a": 12 * 2 * 8 * 64, "b": 12 * 1 * 8 * 64}
+    moved = Plan.from_wire(small.moved(1, 0, "c", "r/mb0-1").to_wire())  # (slice 1's worker lost)
+    assert moved.attention == [["a"], ["c"]] and moved.kv_runs == [[""], ["r/mb0-1"]] and moved.slot_base == [[0], [0]]
+    assert moved.n_slots == [{"a": 3}, {"c": 3}] and moved.resized(0, 5).attention_kv() == {
+        "a": 5 * 2 * 8 * 64, "c": 5 * 1 * 8 * 64}
 
 
 # -- on a cluster --------------------------------------------------------------------------
@@ -80,19 +109,24 @@ from test_two_tier import DENSE, MODEL, _reference, _setup  # noqa: E402
 _SLOT = from_name("tiny-gqa").kv_bytes_per_token(4, 1) * 64 * 3  # one KV slot of 64 positions, every layer
 
 
+@pytest.mark.parametrize("swap_bytes", [2**30, 0])
 @gen_cluster(client=True, nthreads=[DENSE, ("127.0.0.1", 1, {"resources": {"KV": 8 * _SLOT}})], timeout=120)
-async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back_in_place(c, s, a, w):
+async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back_in_place(c, s, a, w, swap_bytes):
     """A run of one micro-batch holding every KV slot (8 x 1 on a worker of 8) shrinks to
-    its share once another run waits: it admits no more until four sequences are left,
-    those move into four slots, the cache copies them into a cache of four and gives the
-    rest back; the waiting run is placed there, and once it ends the first grows back to
-    eight in place.  Every token of both is the in-process engine's."""
+    its share once another run waits: four of its sequences are taken out of its cache
+    (their K/V kept on the dense worker) and go back as slots free; with no room for that
+    (``swap-bytes`` 0) it admits no more until four are left, and those move into four
+    slots.  Either way the cache copies them into a cache of four and gives the rest
+    back, the waiting run is placed there, and once it ends the first grows back to eight
+    in place.  Every token of both is the in-process engine's."""
     from glinthawk_dask.engine.request import Request
     from glinthawk_dask.sampling import SamplingParams
 
     await _setup(c)
-    first_reqs = [Request(f"a{i}", [i % 50 + 1] * 10,  # (the rows in the low slots end first: the last move)
-                          SamplingParams(max_tokens=20 + 4 * i if i < 8 else 40, ignore_eos=True)) for i in range(64)]
+    # a0 ends at once (the second run starts then), a4-a7 last: with nothing taken out they move into slots 0-3
+    lengths = [2, 30, 30, 30, 50, 50, 50, 50] + [20] * 56
+    first_reqs = [Request(f"a{i}", [i % 50 + 1] * 10, SamplingParams(max_tokens=n, ignore_eos=True))
+                  for i, n in enumerate(lengths)]
     second_reqs = _rows(12, "b")
     first = DaskEngine(c, MODEL, micro_batch_size=8, n_micro_batches=1)
     second = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=1)
@@ -104,7 +138,7 @@ async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back
             if engine is second and len(got) == 1:  # both open: what the cluster shows
                 seen.update(status=await c.scheduler.glinthawk_status(), caches=await _caches(w))
 
-    with dask.config.set(FAST):
+    with dask.config.set({**FAST, "glinthawk.engine.swap-bytes": swap_bytes}):
         running = asyncio.ensure_future(consume(first, first_reqs, got_first))
         while not got_first:  # placed, and generating
             await asyncio.sleep(0.01)
@@ -116,7 +150,8 @@ async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back
     kinds = [(g["kind"], g.get("from"), g.get("to")) for g in one.growths]
     assert kinds == [("yielded", "8 x 1", "4 x 1"), ("resized micro-batch", 8, 4), ("grew", "4 x 1", "8 x 1")], kinds
     shrunk = one.growths[1]
-    assert shrunk["moved"] >= 1 and [(x["before"], x["after"]) for x in shrunk["caches"]] == [(8 * _SLOT, 4 * _SLOT)]
+    assert (shrunk["swapped_out"], shrunk["moved"] >= 1) == ((4, False) if swap_bytes else (0, True)), shrunk
+    assert [(x["before"], x["after"]) for x in shrunk["caches"]] == [(8 * _SLOT, 4 * _SLOT)]
     assert one.growths[2]["in_place"] and one.growths[2]["time"] > shrunk["time"]
     assert one.plan["sizes"] == [8] and (one.micro_batch_size, one.n_micro_batches) == (8, 1)
     assert seen["caches"] == {one.run_id: 4, two.run_id: 4}

@@ -74,6 +74,7 @@ class Step:
     sample_seqs: list[Sequence]  # sequences that get a new token from this step
     sample_rows: list[int]  # row of each one's last token in input_ids
     admitted: list[Sequence] = field(default_factory=list)  # new in this micro-batch
+    restored: list[Sequence] = field(default_factory=list)  # taken out before (swap_out): their KV goes back first
 
     @property
     def slots(self) -> list[int]:
@@ -125,6 +126,7 @@ class BatchScheduler:
         ]
         self.retired: set[int] = set()  # micro-batches that admit no more (see retire)
         self.caps: dict[int, int] = {}  # micro-batches admitting up to this many sequences (see cap)
+        self.swapped: collections.deque[Sequence] = collections.deque()  # taken out, waiting for a slot (swap_out)
         self._next_base = sum(sizes)  # the first slot number no micro-batch ever had
 
     # -- growing -------------------------------------------------------------------
@@ -161,6 +163,18 @@ class BatchScheduler:
         """Admit into micro-batch ``mb`` only while it runs fewer than ``n`` sequences
         (before it shrinks to ``n`` slots: see :meth:`resize`)."""
         self.caps[mb] = int(n)
+
+    def swap_out(self, mb: int, k: int) -> list[Sequence]:
+        """Take up to ``k`` of micro-batch ``mb``'s sequences out (those in its highest
+        slots whose KV is cached): they wait, ahead of the queue, for a slot of any
+        micro-batch, where :meth:`schedule` puts them back (``Step.restored``: their KV
+        must be back before the step runs)."""
+        running = self.running[mb]
+        slots = [slot for slot in sorted(running) if not running[slot].readmit and running[slot].n_cached]
+        out = [running.pop(slot) for slot in slots[max(0, len(slots) - k):]]
+        self._free_slots[mb] = sorted(self._free_slots[mb] + [seq.slot for seq in out], reverse=True)
+        self.swapped.extend(out)
+        return out
 
     def may_resize(self, mb: int, n: int) -> bool:
         """Whether ``mb`` can take ``n`` slots now: its sequences fit them, and no
@@ -207,7 +221,7 @@ class BatchScheduler:
         self.waiting.append((request, time.perf_counter()))
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(self.running)
+        return bool(self.waiting) or bool(self.swapped) or any(self.running)
 
     def n_running(self) -> int:
         return sum(len(r) for r in self.running)
@@ -225,9 +239,21 @@ class BatchScheduler:
 
     def n_tokens_in_flight(self) -> int:
         """Tokens (prompt + generated) of the running sequences: the KV a lost cache held."""
-        return sum(len(s.token_ids) for r in self.running for s in r.values())
+        return sum(len(s.token_ids) for r in self.running for s in r.values()) + sum(
+            len(s.token_ids) for s in self.swapped)
 
     # -- planning ------------------------------------------------------------------
+    def _restore(self, mb: int) -> list[Sequence]:
+        restored = []
+        free = self._free_slots[mb]
+        cap = self.caps.get(mb, len(free) + len(self.running[mb]))
+        while free and self.swapped and mb not in self.retired and len(self.running[mb]) < cap:
+            seq = self.swapped.popleft()
+            seq.micro_batch, seq.slot = mb, free.pop()
+            self.running[mb][seq.slot] = seq
+            restored.append(seq)
+        return restored
+
     def _admit(self, mb: int) -> list[Sequence]:
         admitted = []
         free = self._free_slots[mb]
@@ -252,9 +278,10 @@ class BatchScheduler:
         readmitted = [s for s in self.running[mb].values() if s.readmit]
         for s in readmitted:
             s.readmit = False
+        restored = self._restore(mb)
         admitted = readmitted + self._admit(mb)
         seqs = sorted(self.running[mb].values(), key=lambda s: s.slot)
-        step = Step(mb, [], [], [], [], [], [], admitted)
+        step = Step(mb, [], [], [], [], [], [], admitted, restored)
         budget = self.max_step_tokens
         # Decoding sequences first (one token each), then prompt chunks in slot order.
         for phase_prefill in (False, True):

@@ -201,6 +201,25 @@ class KVCache:
             self._owner[slot] = seq_id
         self._free = sorted(set(range(n_slots)) - set(target.values()), reverse=True)
 
+    def export(self, seq_id: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``seq_id``'s cached tokens, copied: ``[Ll, KVH, n, D]`` each (its
+        slot stays held: :meth:`free` it)."""
+        slot = self._slot_of[seq_id]
+        n = int(self.lengths[slot])
+        return self.k[:, slot, :, :n].clone(), self.v[:, slot, :, :n].clone()
+
+    def restore(self, seq_id: Hashable, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Give ``seq_id`` ``slot`` holding ``k``/``v`` (``[Ll, KVH, n, D]``, what
+        :meth:`export` gave): a sequence taken out comes back, bit for bit."""
+        n = k.shape[2]
+        want = (self.n_layers, self.k.shape[2], self.k.shape[4])  # Ll, KVH, D
+        if k.shape != v.shape or (k.shape[0], k.shape[1], k.shape[3]) != want or n > self.max_seq_len:
+            raise KVCacheError(f"K/V of shape {tuple(k.shape)} do not fit this cache")
+        self.allocate(seq_id, slot)
+        self.k[:, slot, :, :n] = k.to(self.dtype)
+        self.v[:, slot, :, :n] = v.to(self.dtype)
+        self.lengths[slot] = n
+
     def slot_of(self, seq_id: Hashable) -> int:
         return self._slot_of[seq_id]
 

@@ -92,6 +92,8 @@ class AttentionService:
             "glinthawk_kv_open": self.open,
             "glinthawk_kv_close": self.close_run,
             "glinthawk_kv_resize": self.resize,
+            "glinthawk_kv_swap_out": self.swap_out,
+            "glinthawk_kv_swap_in": self.swap_in,
             "glinthawk_attend": self.attend,
             "glinthawk_attend_probe": self.probe,
             "glinthawk_echo": self.echo,
@@ -158,6 +160,44 @@ class AttentionService:
         await self.stream.run(resize)
         logger.info("glinthawk run %s: resized to %r", run_id, cache)
         return {"before": before, "after": cache.capacity_bytes}
+
+    async def swap_out(self, run_id: str, seq_ids: list, released: list | None = None) -> dict:
+        """Take sequences ``seq_ids`` out of the KV cache ``run_id`` between two steps of
+        its micro-batch (those ``released`` since its last step freed first): ``{"kv":
+        {seq_id: [k, v]}}``, each packed ``[Ll, KVH, n, D]``, their slots freed (``{"stale":
+        why}`` for a run not open here)."""
+        run = self.runs.get(run_id)
+        if run is None:
+            return {"stale": f"run {run_id!r} is not open on {self.worker.address}"}
+
+        def take() -> dict:
+            with self._lock:
+                run.cache.apply(released or [], [])
+                out = {}
+                for seq_id in seq_ids:
+                    out[seq_id] = [pack(t) for t in run.cache.export(seq_id)]
+                    run.cache.free(seq_id)
+                return out
+
+        return {"kv": await self.stream.run(take)}
+
+    async def swap_in(self, run_id: str, entries: list, released: list | None = None) -> dict:
+        """Put sequences taken out by :meth:`swap_out` back into the KV cache ``run_id``
+        (those ``released`` since its micro-batch's last step freed first: their slots may
+        be the ones taken): ``entries`` of ``[seq_id, slot, k, v]``; ``{}`` (``{"stale":
+        why}`` for a run not open here)."""
+        run = self.runs.get(run_id)
+        if run is None:
+            return {"stale": f"run {run_id!r} is not open on {self.worker.address}"}
+
+        def put() -> None:
+            with self._lock:
+                run.cache.apply(released or [], [])
+                for seq_id, slot, k, v in entries:
+                    run.cache.restore(seq_id, int(slot), unpack(k), unpack(v))
+
+        await self.stream.run(put)
+        return {}
 
     def close_run(self, run_id: str, exact: bool = False) -> None:
         """Free the run's KV caches (also those opened for micro-batches moved here or

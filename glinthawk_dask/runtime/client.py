@@ -408,6 +408,8 @@ class DaskEngine:
         # tokens sampled by this run's driver, plus those of the runs a recovery replaced
         self.generated_tokens = run.generated_before + int(reply.n_generated)
         run.recoveries.extend(reply.moves)
+        for m in reply.moves:  # (where its micro-batches are: a run may grow or shrink them after)
+            run.plan = run.plan.moved(m["slice"], m["micro_batch"], m["to"], m["kv_run"])
         note_records(run, reply.retired)
         out = []
         for d in reply.completions:

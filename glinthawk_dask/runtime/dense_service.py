@@ -59,6 +59,8 @@ class DenseService:
             "glinthawk_slice_yield": self.yield_micro_batches,
             "glinthawk_slice_resize": self.resize,
             "glinthawk_slice_resize_cache": self.resize_cache,
+            "glinthawk_slice_swap_out": self.swap_out,
+            "glinthawk_slice_swap_in": self.swap_in,
             "glinthawk_dense_capacity": self.capacity,
             "glinthawk_dense_kv_info": self.kv_info,
         }
@@ -165,6 +167,15 @@ class DenseService:
                            released: list) -> dict:
         """A micro-batch's cache of this slice resizes (see SliceRun.resize)."""
         return await self._run(run_id).resize(micro_batch, n_slots, moves, released)
+
+    async def swap_out(self, run_id: str, micro_batch: int, seq_ids: list[str], released: list[str]) -> int:
+        """Sequences of a micro-batch leave this slice's cache, their K/V kept here (see
+        SliceRun.swap_out)."""
+        return await self._run(run_id).swap_out(micro_batch, seq_ids, released)
+
+    async def swap_in(self, run_id: str, micro_batch: int, entries: list, released: list[str]) -> None:
+        """Sequences taken out go back into a micro-batch's cache (see SliceRun.swap_in)."""
+        await self._run(run_id).swap_in(micro_batch, entries, released)
 
     async def retire(self, run_id: str, micro_batch: int, released: list[str]) -> list[dict]:
         """A grown run's micro-batch drained (see SliceRun.retire)."""

@@ -55,11 +55,18 @@ class SliceRunner(Protocol):
         """Micro-batch ``mb`` drained after the run grew: every slice forgets it and closes
         the caches no live micro-batch is in; what was closed."""
 
+    kv_bytes_per_token: int  # K/V bytes of one token over every layer (in the run's dtype)
+
+    async def swap_everywhere(self, mb: int, out: list[str] | None = None, released: list[str] | None = None,
+                              back: list | None = None) -> int:
+        """On every slice, take sequences ``out`` of micro-batch ``mb``'s cache (their K/V
+        kept on the slice's dense worker), or put ``back`` (``[seq_id, slot]``) into it."""
+
     async def resize_everywhere(self, mb: int, n: int, moves: list, released: list) -> list[dict]:
-        """Every slice's cache of micro-batch ``mb`` takes ``n`` slots, the sequences
-        ``released`` since its last step freed and its sequences ``moves`` moved first, and the scheduler's ledger holds that much; what each cache
-        held before and after.  Raises ``MemoryError`` (every cache as it was) when a
-        cache cannot grow."""
+        """Every slice's cache of micro-batch ``mb`` takes ``n`` slots (the sequences
+        ``released`` since its last step freed and its sequences ``moves`` moved first),
+        and the scheduler's ledger holds that much; what each cache held before and
+        after.  Raises ``MemoryError`` (every cache as it was) when a cache cannot grow."""
 
 
 class RunDriver:
@@ -95,6 +102,9 @@ class RunDriver:
         self._moves: list[dict] = []  # micro-batches moved to another attention worker, not yet reported
         self._retired: list[dict] = []  # micro-batches drained or resized, not yet reported
         self._resizes: dict[int, int] = {}  # micro-batch -> the slots it is to take once its sequences fit
+        self._swap_sizes: dict[str, int] = {}  # K/V bytes of each sequence taken out of its cache
+        self._swapped_bytes = 0
+        self._n_swapped: dict[int, int] = {}  # micro-batch -> sequences it took out before it shrank
         self._n_moves = 0
         self._closed = False
         self._tasks: list[asyncio.Task] = []
@@ -136,9 +146,13 @@ class RunDriver:
     async def _loop(self, mb: int) -> None:
         try:
             while not self._closed:
-                if mb in self._resizes and self.sched.may_resize(mb, self._resizes[mb]):
-                    await self._resize(mb)
+                if mb in self._resizes:
+                    await self._maybe_resize(mb)
                 step = self.sched.schedule(mb)
+                if step is not None and step.restored:  # (their K/V back into the cache first)
+                    await self.run.swap_everywhere(mb, back=[[s.id, s.slot] for s in step.restored],
+                                                   released=list(self._released[mb]))
+                    self._swapped_bytes -= sum(self._swap_sizes.pop(s.id, 0) for s in step.restored)
                 if step is None:
                     if self.sched.drained(mb):
                         await self._retire(mb)
@@ -203,6 +217,7 @@ class RunDriver:
         rebuilt = self.sched.rebuild(mb)
         self._moves.append({
             "kind": "moved micro-batch", "cause": str(lost), "micro_batch": mb, "to": address,
+            "slice": lost.slice_index, "kv_run": kv_run,
             "requests": len(self.sched.running[mb]), "rebuilt_tokens": rebuilt, "rebuilt_tokens_exact": True,
             "seconds": time.time() - t0, "time": t0,
         })
@@ -270,6 +285,33 @@ class RunDriver:
         self._arrived.set()  # (an idle micro-batch resizes at once)
         self._arrived = asyncio.Event()
 
+    async def _maybe_resize(self, mb: int) -> None:
+        """Resize ``mb`` as asked if its sequences fit; to shrink, first take those past
+        the new size out of its caches (their K/V kept on the dense workers, up to
+        ``glinthawk.engine.swap-bytes`` in all), to go back into any micro-batch's free
+        slot before new requests; the others it waits for to end."""
+        n, sched = self._resizes[mb], self.sched
+        excess = len(sched.running[mb]) - n
+        if excess > 0 and n < sched.sizes[mb]:
+            room = int(config.get("engine.swap-bytes")) - self._swapped_bytes
+            k = 0  # (those in the highest slots first, as swap_out takes them)
+            for seq in sorted(sched.running[mb].values(), key=lambda s: -s.slot)[:excess]:
+                if seq.readmit or self.run.kv_bytes_per_token * seq.n_cached > room:
+                    break
+                room -= self.run.kv_bytes_per_token * seq.n_cached
+                k += 1
+            out = sched.swap_out(mb, k) if k else []
+            if out:
+                sizes = {s.id: self.run.kv_bytes_per_token * s.n_cached for s in out}
+                await self.run.swap_everywhere(mb, out=list(sizes), released=list(self._released[mb]))
+                self._swap_sizes.update(sizes)
+                self._swapped_bytes += sum(sizes.values())
+                self._n_swapped[mb] = self._n_swapped.get(mb, 0) + len(out)
+                self._arrived.set()  # (an idle micro-batch with free slots takes them back at once)
+                self._arrived = asyncio.Event()
+        if sched.may_resize(mb, n):
+            await self._resize(mb)
+
     async def _resize(self, mb: int) -> None:
         n, old, t0 = self._resizes.pop(mb), self.sched.sizes[mb], time.time()
         if n == old:
@@ -277,7 +319,7 @@ class RunDriver:
             return
         moves = self.sched.resize(mb, n) if n < old else []  # (a growth takes its slots once the caches have)
         record = {"kind": "resized micro-batch", "micro_batch": mb, "from": old, "to": n, "moved": len(moves),
-                  "time": t0}
+                  "swapped_out": self._n_swapped.pop(mb, 0), "time": t0}
         try:
             record["caches"] = await self.run.resize_everywhere(mb, n, [list(m) for m in moves],
                                                                 list(self._released[mb]))

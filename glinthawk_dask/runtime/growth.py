@@ -31,9 +31,12 @@ grows, and a run holding more than its share of the attention tier's KV (the tie
 budget over the open and waiting runs) gives up its last micro-batch (with those in the
 same cache), keeping at least one: it admits nothing more and closes as it drains, and
 the waiting run is placed in the KV it frees, one micro-batch at a time.  A run of one
-micro-batch shrinks it to its share instead: it admits nothing more until it runs no
-more sequences than that, those in the slots it gives up move into free ones below (their
-KV copied as it is), and its caches shrink.  Once the waiting run ends, the first grows
+micro-batch shrinks it to its share instead: the sequences past it are taken out of its
+caches (their K/V kept on the dense workers, up to ``glinthawk.engine.swap-bytes``; past
+that it waits for them to end), those left in the slots it gives up move into free ones
+below (K/V copied as they are), and its caches shrink.  The sequences taken out go back
+into the first slots that free, before new requests, their K/V copied back: every token
+is the one it would have been.  Once the waiting run ends, the first grows
 back, beside its own micro-batches or in place.
 """
 
@@ -71,6 +74,7 @@ class Growth:
     next_check: float = 0.0
     free_seen: int = -1  # attention KV bytes free when it last looked
     yielded: set = dataclasses.field(default_factory=set)  # micro-batches given up for runs waiting for KV
+    drained: set = dataclasses.field(default_factory=set)  # retired micro-batches of this epoch that drained
     resizing: dict | None = None  # a micro-batch resizing in place, until its driver reports it did
 
     @property
@@ -153,8 +157,13 @@ async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
                 logger.info("glinthawk run %s did not grow to %d slots: %s", run.id, option.micro_batch_size,
                             reply["error"])
                 continue
-            await client.rpc(run.plan.dense[0]).glinthawk_slice_resize(
-                run_id=run.id, micro_batch=option.in_place, n_slots=option.micro_batch_size)
+            try:
+                await client.rpc(run.plan.dense[0]).glinthawk_slice_resize(
+                    run_id=run.id, micro_batch=option.in_place, n_slots=option.micro_batch_size)
+            except BaseException:  # (a lost driver fails the run; either way the KV goes back)
+                await client.scheduler.glinthawk_resize(run_id=run.id, micro_batch=option.in_place,
+                                                        n_slots=run.plan.sizes[option.in_place])
+                raise
             g.resizing = {"option": option, "live": live, "before": before, "free": free, "t0": t0}
             return
         size = min(option.micro_batch_size, run.size)
@@ -226,7 +235,7 @@ def _resizable(run: RunState) -> int | None:
     """The run's one live micro-batch, if it is remote and holds its cache alone, from
     slot 0, on every slice (none: it cannot resize in place)."""
     plan = run.plan
-    drained = {r["micro_batch"] for r in run.growths if r["kind"] == "retired micro-batch"}
+    drained = run.growth.drained if run.growth is not None else set()
     live = [m for m in range(plan.n_micro_batches) if m not in plan.retired]
     if len(live) != 1 or plan.local[live[0]] or live[0] != plan.n_micro_batches - 1:
         return None
@@ -245,6 +254,8 @@ def note_records(run: RunState, records: list[dict]) -> None:
     in place (the run's plan takes its new size)."""
     run.growths.extend(r for r in records if r["kind"] != "resized micro-batch" or r.get("error"))
     for r in records:
+        if r["kind"] == "retired micro-batch" and run.growth is not None:
+            run.growth.drained.add(r["micro_batch"])  # (numbers of this epoch's plan: a restart starts over)
         if r["kind"] != "resized micro-batch":
             continue
         g, pending = run.growth, run.growth.resizing if run.growth else None
@@ -256,7 +267,12 @@ def note_records(run: RunState, records: list[dict]) -> None:
         run.plan = run.plan.resized(r["micro_batch"], r["to"])
         if r["to"] > r["from"] and pending is not None:
             _record_growth(run, pending["option"], live, pending["before"], pending["free"], pending["t0"])
-        elif r["to"] < r["from"]:
+        elif r["to"] < r["from"]:  # (given up once done: it waited for its sequences to fit)
+            run.growths.append({"kind": "yielded", "micro_batches": [], "from": plan_words(live),
+                                "to": plan_words(run.plan.live_sizes()), "after_s": r["time"] - run.t0,
+                                "asked_after_s": None if pending is None else pending["t0"] - run.t0,
+                                "waiting": None if pending is None else pending["waiting"],
+                                "swapped_out": r.get("swapped_out", 0), "time": r["time"]})
             run.growths.append(r)
 
 
@@ -266,9 +282,8 @@ async def _yield(client: Any, run: RunState, room: dict) -> None:
     the attention tier's KV (``room``: see ``glinthawk_kv_room``), keeps a micro-batch,
     and what it gave up before has drained."""
     g, plan = run.growth, run.plan
-    drained = {r["micro_batch"] for r in run.growths if r["kind"] == "retired micro-batch"}
     held = sum(plan.attention_kv().values())
-    if g.yielded - drained or held <= room["budget"] / (room["runs"] + room["waiting"]):
+    if g.yielded - g.drained or held <= room["budget"] / (room["runs"] + room["waiting"]):
         return
     group = _yieldable(plan)
     if not group:
@@ -300,12 +315,12 @@ async def _shrink(client: Any, run: RunState, room: dict, held: int) -> None:
     n = max(1, int(room["budget"] / (room["runs"] + room["waiting"]) // (held / size)))
     if n >= size:
         return
-    await client.rpc(run.plan.dense[0]).glinthawk_slice_resize(run_id=run.id, micro_batch=mb, n_slots=n)
-    t0 = time.time()
-    run.growth.resizing = {"to": n}
-    sizes = [n if m == mb else k for m, k in enumerate(run.plan.sizes) if m not in run.plan.retired]
-    run.growths.append({"kind": "yielded", "micro_batches": [], "from": plan_words(run.plan.live_sizes()),
-                        "to": plan_words(sizes), "waiting": room["waiting"], "after_s": t0 - run.t0, "time": t0})
+    run.growth.resizing = {"to": n, "t0": time.time(), "waiting": room["waiting"]}
+    try:
+        await client.rpc(run.plan.dense[0]).glinthawk_slice_resize(run_id=run.id, micro_batch=mb, n_slots=n)
+    except BaseException:
+        run.growth.resizing = None
+        raise
     logger.warning("glinthawk run %s shrinks its micro-batch from %d to %d slots for %d run(s) waiting for KV",
                    run.id, size, n, room["waiting"])
 

@@ -148,9 +148,10 @@ class KVLedger:
         return {"plan": self.runs[run_id]["plan"], "kv_free": self.kv_free()}  # (and the KV left beside it)
 
     def replace(self, run_id: str, lost: str, slice_index: int, n_slots: int, n_layers: int,
-                max_seq_len: int) -> dict:
+                max_seq_len: int, micro_batch: int | None = None, kv_run: str | None = None) -> dict:
         """An attention worker for a micro-batch of ``run_id`` whose worker ``lost`` did not
-        answer: the live one with the most free KV that fits it (KV reserved), or an error
+        answer: the live one with the most free KV that fits it (KV reserved, and the run's
+        plan says micro-batch ``micro_batch`` is there, in cache ``kv_run``), or an error
         saying why there is none."""
         run = self.runs.get(run_id)
         if run is None:
@@ -168,6 +169,8 @@ class KVLedger:
         addr = max(fits, key=free.__getitem__)
         run["kv"][addr] = run["kv"].get(addr, 0) + need
         run["workers"].add(addr)
+        if micro_batch is not None and plan.get("attention"):
+            run["plan"] = Plan.from_wire(plan).moved(slice_index, micro_batch, addr, kv_run or "").to_wire()
         return {"address": addr}
 
     def dense_kv_budget(self, addr: str) -> int | None:

@@ -140,6 +140,20 @@ class Plan(_Wire):
         live = [k for m, k in enumerate(sizes) if not self.local[m] and m not in self.retired]
         return dataclasses.replace(self, sizes=sizes, n_slots=n_slots, micro_batch_size=max(live or sizes))
 
+    def moved(self, s: int, mb: int, address: str, kv_run: str) -> "Plan":
+        """This plan with remote micro-batch ``mb`` of slice ``s`` moved to attention worker
+        ``address``, alone in its cache ``kv_run`` from slot 0 (its worker was lost)."""
+        attention, slot_base = [list(a) for a in self.attention], [list(b) for b in self.slot_base]
+        kv_runs = [list(k) for k in self.kv_runs] or [[""] * self.n_micro_batches for _ in self.slices]
+        n_slots = [dict(a) for a in self.n_slots]
+        old = attention[s][mb]
+        n_slots[s][old] = n_slots[s].get(old, 0) - self.sizes[mb]
+        if n_slots[s][old] <= 0:
+            del n_slots[s][old]
+        n_slots[s][address] = n_slots[s].get(address, 0) + self.sizes[mb]
+        attention[s][mb], slot_base[s][mb], kv_runs[s][mb] = address, 0, kv_run
+        return dataclasses.replace(self, attention=attention, slot_base=slot_base, kv_runs=kv_runs, n_slots=n_slots)
+
     def attention_workers(self) -> list[str]:
         """Every attention worker holding a cache of the run at the start (sorted)."""
         return sorted({a for slots in self.n_slots for a in slots})

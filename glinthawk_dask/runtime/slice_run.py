@@ -30,7 +30,8 @@ from .compute import ComputeStream, settle_threadsafe
 from .dataplane import DataPlane
 from .driver import NoAttentionWorker, RunDriver
 from .faults import AttentionLost, StaleRunError, is_worker_failure
-from .messages import AttendReply, AttendRequest, ForwardReply, ForwardRequest, SliceSpec, StepLayout, StepMessage
+from .messages import (AttendReply, AttendRequest, ForwardReply, ForwardRequest, SliceSpec, StepLayout, StepMessage,
+                       pack, unpack)
 from .staging import HostStaging
 
 __all__ = ["SliceRun"]
@@ -77,6 +78,9 @@ class SliceRun:
         self.kv_runs = [spec.run_id] * spec.n_micro_batches
         self.staging = [HostStaging(self.device) for _ in range(spec.n_micro_batches)]  # device → wire
         self.retired: set[int] = set()  # micro-batches that drained after the run grew or gave them up
+        self.swapped: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # K/V of sequences taken out, by id
+        elem = torch.tensor([], dtype=weights.dtype).element_size()
+        self.kv_bytes_per_token = self.config.kv_bytes_per_token(elem, self.config.n_layers)  # (every slice's)
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator | None] = {}
         self.driver: RunDriver | None = None  # on the first slice
@@ -270,6 +274,53 @@ class SliceRun:
             raise
         return done
 
+    # -- sequences taken out of a cache, and put back (see RunDriver.resize) ------------
+    async def swap_out(self, mb: int, seq_ids: list[str], released: list[str]) -> int:
+        """Take sequences ``seq_ids`` out of micro-batch ``mb``'s cache on its attention
+        worker (those ``released`` since its last step freed first), keeping their K/V
+        here; the bytes kept."""
+        address, kv_run = self.spec.attention[mb], self.kv_runs[mb]
+        reply = await asyncio.wait_for(self.worker.rpc(address).glinthawk_kv_swap_out(
+            run_id=kv_run, seq_ids=seq_ids, released=released), self.spec.peer_timeout)
+        if not isinstance(reply, dict) or "stale" in reply:
+            raise StaleRunError(f"{address} did not give sequences of cache {kv_run} up: {reply!r}")
+        nbytes = 0
+        for seq_id, (k, v) in reply["kv"].items():
+            self.swapped[seq_id] = unpack(k), unpack(v)  # [Ll, KVH, n, D] each
+            nbytes += 2 * self.swapped[seq_id][0].nbytes
+        return nbytes
+
+    async def swap_in(self, mb: int, entries: list, released: list[str]) -> None:
+        """Put sequences taken out back, into micro-batch ``mb``'s cache (those
+        ``released`` since its last step freed first): ``entries`` of ``[seq_id, slot]``
+        (the driver's slot numbers)."""
+        address, kv_run = self.spec.attention[mb], self.kv_runs[mb]
+        payload = [[seq_id, self._local_slot(mb, slot), *map(pack, self.swapped[seq_id])] for seq_id, slot in entries]
+        reply = await asyncio.wait_for(self.worker.rpc(address).glinthawk_kv_swap_in(
+            run_id=kv_run, entries=payload, released=released), self.spec.peer_timeout)
+        if not isinstance(reply, dict) or "stale" in reply:
+            raise StaleRunError(f"{address} did not take sequences back into cache {kv_run}: {reply!r}")
+        for seq_id, _ in entries:
+            self.swapped.pop(seq_id, None)
+
+    async def swap_everywhere(self, mb: int, out: list[str] | None = None, released: list[str] | None = None,
+                              back: list | None = None) -> int:
+        """On every slice: :meth:`swap_out` sequences ``out`` of micro-batch ``mb``, or
+        :meth:`swap_in` ``back`` (``[seq_id, slot]``) into it, the sequences ``released``
+        since its last step freed first; the bytes taken out."""
+        spec, nbytes, released = self.spec, 0, released or []
+        for s, address in enumerate(spec.dense):
+            if out is not None:
+                nbytes += (await self.swap_out(mb, out, released) if s == spec.slice_index else
+                           await self.worker.rpc(address).glinthawk_slice_swap_out(
+                               run_id=spec.run_id, micro_batch=mb, seq_ids=out, released=released))
+            elif s == spec.slice_index:
+                await self.swap_in(mb, back or [], released)
+            else:
+                await self.worker.rpc(address).glinthawk_slice_swap_in(run_id=spec.run_id, micro_batch=mb,
+                                                                       entries=back or [], released=released)
+        return nbytes
+
     async def retire_everywhere(self, mb: int, released: list[str]) -> list[dict]:
         """:meth:`retire` micro-batch ``mb`` on every slice (this one and the other dense
         workers'); the caches closed."""
@@ -292,7 +343,7 @@ class SliceRun:
         a, b = spec.slices[lost.slice_index]
         reply = await worker.scheduler.glinthawk_replace(
             run_id=spec.run_id, lost=lost.address, slice_index=lost.slice_index, n_slots=spec.sizes[mb],
-            n_layers=b - a, max_seq_len=spec.max_seq_len,
+            n_layers=b - a, max_seq_len=spec.max_seq_len, micro_batch=mb, kv_run=kv_run,
         )
         if "address" not in reply:
             raise NoAttentionWorker(reply["error"])

@@ -120,6 +120,7 @@ async def test_a_shrunk_run_grows_to_the_plan_it_asked_once_another_run_ends(c, 
     retired = sorted((g for g in summary.growths if g["kind"] == "retired micro-batch"),
                      key=lambda g: g["micro_batch"])
     assert [g["micro_batch"] for g in retired] == [0, 1]
+    assert sum(g["swapped_out"] for g in retired) >= 1  # (their sequences went on in the new ones)
     closed = [x for g in retired for x in g["closed"]]  # the shared cache closes with the last of them
     assert [(x["address"], x["cache"], x["slots"]) for x in closed] == [(b.address, summary.run_id, 4)]
     kv, caches, status = during
@@ -269,6 +270,8 @@ async def test_a_run_gives_a_micro_batch_up_to_a_waiting_run_and_grows_back_afte
     (yielded,) = [g for g in one.growths if g["kind"] == "yielded"]
     (closed,) = [g for g in one.growths if g["kind"] == "retired micro-batch"]
     assert closed["micro_batch"] == yielded["micro_batches"][0] == 1 and closed["closed"][0]["slots"] == 8
+    assert closed["swapped_out"] == 8  # its sequences went on in micro-batch 0, K/V copied: nothing drained
+    assert closed["time"] - yielded["time"] < 2.0
     assert two.attention_of() == [closed["closed"][0]["address"]]  # placed in the KV it gave up
     grew = next(g for g in one.growths if g["kind"] == "grew")
     assert grew["kept"] and grew["time"] > closed["time"]

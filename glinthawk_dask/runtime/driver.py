@@ -148,6 +148,11 @@ class RunDriver:
             while not self._closed:
                 if mb in self._resizes:
                     await self._maybe_resize(mb)
+                elif mb in self.sched.retired and self.sched.running[mb] and not self.run.spec.local[mb]:
+                    # a micro-batch the run grew past or gave up: its sequences go on in the live
+                    # ones as they have room (K/V copied), and it closes without draining
+                    self._n_swapped[mb] = self._n_swapped.get(mb, 0) + await self._take_out(
+                        mb, len(self.sched.running[mb]))
                 step = self.sched.schedule(mb)
                 if step is not None and step.restored:  # (their K/V back into the cache first)
                     await self.run.swap_everywhere(mb, back=[[s.id, s.slot] for s in step.restored],
@@ -230,9 +235,7 @@ class RunDriver:
     def grow(self, new: list[int], keep: bool = False) -> None:
         """The run grew by micro-batches ``new`` (already added to every slice, see
         :meth:`~.slice_run.SliceRun.grow`): start them, and retire the others unless
-        ``keep``.  Retired ones admit nothing more; each runs its sequences to their end,
-        and then every slice closes the caches none of the live micro-batches is in,
-        giving their KV back."""
+        ``keep``.  Retired ones admit nothing more (see :meth:`retire`)."""
         spec = self.run.spec
         live = [m for m in range(self.sched.n_micro_batches) if m not in self.sched.retired]
         added = self.sched.add_micro_batches([spec.sizes[m] for m in new])
@@ -247,8 +250,10 @@ class RunDriver:
                     [spec.sizes[m] for m in new], [] if keep else live)
 
     def retire(self, micro_batches: list[int]) -> None:
-        """Admit nothing more into ``micro_batches``: each runs its sequences to their end,
-        and then every slice closes the caches none of the live micro-batches is in."""
+        """Admit nothing more into ``micro_batches``: their sequences go on in the live
+        ones as those have room (taken out of their caches, see :meth:`_take_out`; those
+        past ``glinthawk.engine.swap-bytes`` run to their end where they are), and once
+        empty every slice closes the caches none of the live micro-batches is in."""
         for m in micro_batches:
             self.sched.retire(m)
         self._arrived.set()  # (idle micro-batches now drained retire at once)
@@ -266,7 +271,7 @@ class RunDriver:
                            self.run.spec.run_id, mb, e)
             closed = []
         self._retired.append({"kind": "retired micro-batch", "micro_batch": mb, "closed": closed,
-                              "seconds": time.time() - t0, "time": t0})
+                              "swapped_out": self._n_swapped.pop(mb, 0), "seconds": time.time() - t0, "time": t0})
 
     # -- a micro-batch resized in place ------------------------------------------------
     def resize(self, mb: int, n: int) -> None:
@@ -293,24 +298,31 @@ class RunDriver:
         n, sched = self._resizes[mb], self.sched
         excess = len(sched.running[mb]) - n
         if excess > 0 and n < sched.sizes[mb]:
-            room = int(config.get("engine.swap-bytes")) - self._swapped_bytes
-            k = 0  # (those in the highest slots first, as swap_out takes them)
-            for seq in sorted(sched.running[mb].values(), key=lambda s: -s.slot)[:excess]:
-                if seq.readmit or self.run.kv_bytes_per_token * seq.n_cached > room:
-                    break
-                room -= self.run.kv_bytes_per_token * seq.n_cached
-                k += 1
-            out = sched.swap_out(mb, k) if k else []
-            if out:
-                sizes = {s.id: self.run.kv_bytes_per_token * s.n_cached for s in out}
-                await self.run.swap_everywhere(mb, out=list(sizes), released=list(self._released[mb]))
-                self._swap_sizes.update(sizes)
-                self._swapped_bytes += sum(sizes.values())
-                self._n_swapped[mb] = self._n_swapped.get(mb, 0) + len(out)
-                self._arrived.set()  # (an idle micro-batch with free slots takes them back at once)
-                self._arrived = asyncio.Event()
+            self._n_swapped[mb] = self._n_swapped.get(mb, 0) + await self._take_out(mb, excess)
         if sched.may_resize(mb, n):
             await self._resize(mb)
+
+    async def _take_out(self, mb: int, k: int) -> int:
+        """Take up to ``k`` of ``mb``'s sequences (those in its highest slots) out of its
+        caches, their K/V kept on the dense workers while ``glinthawk.engine.swap-bytes``
+        allows; they go back into the first free slots of any micro-batch, before new
+        requests.  How many it took out."""
+        sched, per_token = self.sched, self.run.kv_bytes_per_token
+        room, n = int(config.get("engine.swap-bytes")) - self._swapped_bytes, 0
+        for seq in sorted(sched.running[mb].values(), key=lambda s: -s.slot)[:k]:
+            if seq.readmit or not seq.n_cached or per_token * seq.n_cached > room:
+                break
+            room -= per_token * seq.n_cached
+            n += 1
+        out = sched.swap_out(mb, n) if n else []
+        if out:
+            sizes = {s.id: per_token * s.n_cached for s in out}
+            await self.run.swap_everywhere(mb, out=list(sizes), released=list(self._released[mb]))
+            self._swap_sizes.update(sizes)
+            self._swapped_bytes += sum(sizes.values())
+            self._arrived.set()  # (an idle micro-batch with free slots takes them back at once)
+            self._arrived = asyncio.Event()
+        return len(out)
 
     async def _resize(self, mb: int) -> None:
         n, old, t0 = self._resizes.pop(mb), self.sched.sizes[mb], time.time()

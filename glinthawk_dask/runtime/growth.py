@@ -19,25 +19,25 @@ whether the KV free now (its own not counted: it still holds it) takes a plan at
 The fastest that fits goes: the scheduler places its micro-batches (``glinthawk_grow``),
 their caches open on the attention workers and every slice adds them, the first slice
 last, whose driver starts them and, unless they are added beside them, retires the
-run's other micro-batches.  Those admit nothing more, run their sequences to the end,
-and once drained their caches close and their KV goes back to the scheduler.  No token
-is computed twice, and every sequence's tokens are those it would have had (a sequence
-stays in its micro-batch).  In place, the micro-batch's caches copy their live tokens
-into caches of the new size between two of its steps (``RunDriver.resize``), bit for
-bit, and it admits more at once: nothing drains.
+run's other micro-batches.  Those admit nothing more; their sequences are taken out of
+their caches, K/V kept on the dense workers (``glinthawk.engine.swap-bytes`` at most;
+past that they run to their end), and go on in the new micro-batches' free slots, K/V
+copied back; once empty their caches close and their KV goes back to the scheduler.
+In place, the micro-batch's caches copy their live tokens into caches of the new size
+between two of its steps (``RunDriver.resize``) and it admits more at once.  A K/V
+copy is bit for bit: no token is computed twice, and every sequence's tokens are those
+it would have had.
 
 The other way round: while runs wait to be placed for KV the open runs hold, no run
 grows, and a run holding more than its share of the attention tier's KV (the tier's
-budget over the open and waiting runs) gives up its last micro-batch (with those in the
-same cache), keeping at least one: it admits nothing more and closes as it drains, and
-the waiting run is placed in the KV it frees, one micro-batch at a time.  A run of one
-micro-batch shrinks it to its share instead: the sequences past it are taken out of its
-caches (their K/V kept on the dense workers, up to ``glinthawk.engine.swap-bytes``; past
-that it waits for them to end), those left in the slots it gives up move into free ones
-below (K/V copied as they are), and its caches shrink.  The sequences taken out go back
-into the first slots that free, before new requests, their K/V copied back: every token
-is the one it would have been.  Once the waiting run ends, the first grows
-back, beside its own micro-batches or in place.
+budget over the open and waiting runs) gives some up.  A run of two or more
+micro-batches gives its last one up (with those in the same cache), keeping at least
+one: its sequences are taken out the same way, to go on in the others as they have
+room.  A run of one micro-batch shrinks it to its share: the sequences past it are
+taken out, the others move into the slots it keeps (K/V copied), and its caches
+shrink.  Taken-out sequences go back before new requests.  The waiting run is placed in
+the KV freed, and once it ends the first grows back, beside its own micro-batches or in
+place.
 """
 
 from __future__ import annotations

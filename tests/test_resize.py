@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pytest
 
 from glinthawk_dask.engine.request import Request
@@ -47,13 +48,15 @@ def test_sequences_taken_out_go_back_into_the_first_free_slots_before_new_reques
     for step in steps:
         sched.update(step, [7] * len(step.sample_seqs))
     out = sched.swap_out(0, 2)
-    assert [s.id for s in out] == ["r1", "r2"] and list(sched.running[0]) == [0] and sched.has_work()
+    assert [s.id for s in out] == ["r1", "r2"] and list(sched.running[0]) == [0] and not sched.swapped
+    sched.set_aside(out)  # (once their KV is out)
+    assert sched.has_work()
     assert sched.n_tokens_in_flight() == 6 * 4  # (those taken out too: 3 prompt tokens and 1 sampled each)
     step = sched.schedule(0)  # the two slots freed take them back, not the queue's r6, r7
     assert [s.id for s in step.restored] == ["r1", "r2"] and not step.admitted and sorted(step.slots) == [0, 1, 2]
     assert step.counts == [1, 1, 1] and [s.n_cached for s in step.restored] == [3, 3]  # (decoding on)
     sched.update(step, [7] * 3)
-    sched.swap_out(0, 1)
+    sched.set_aside(sched.swap_out(0, 1))
     sched.cap(0, 2)
     for _ in range(20):  # micro-batch 1's slots free first: r2 goes back there
         step = sched.schedule(1)
@@ -93,9 +96,96 @@ def test_a_resized_plan_holds_the_new_slots_on_each_slices_worker():
         "a": 5 * 2 * 8 * 64, "c": 5 * 1 * 8 * 64}
 
 
-# -- on a cluster --------------------------------------------------------------------------
+class _Slices:
+    """The first slice of a run as its driver sees it, with a fake cache per micro-batch
+    (slot -> [sequence, tokens cached]) that every step, take-out and put-back is checked
+    against; a sequence's next token is a function of its id and position alone."""
 
-import asyncio  # noqa: E402
+    def __init__(self, sizes: list[int], take_out_s: float) -> None:
+        from glinthawk_dask.runtime.messages import SliceSpec
+
+        self.spec = SliceSpec(run_id="r", model="m", start=0, stop=1, micro_batch_size=max(sizes),
+                              n_micro_batches=len(sizes), max_seq_len=64, sizes=list(sizes),
+                              local=[False] * len(sizes), engine={"max_step_tokens": 64})
+        self.kv_bytes_per_token, self.take_out_s = 10, take_out_s
+        self.cache: list[dict[int, list]] = [{} for _ in sizes]
+        self.kept: dict[str, int] = {}  # tokens cached of each sequence taken out
+
+    def _release(self, mb: int, released: list[str]) -> None:
+        for slot in [k for k, (seq, _) in self.cache[mb].items() if seq in released]:
+            del self.cache[mb][slot]
+
+    async def run_step(self, msg) -> list[int]:
+        cache = self.cache[msg.mb]
+        self._release(msg.mb, msg.released)
+        for seq, slot, _ in msg.admitted:
+            assert slot not in cache, (seq, slot, cache)
+            cache[slot] = [seq, 0]
+        ends = {}
+        for slot, start, count in zip(msg.slots, msg.starts, msg.counts):
+            assert cache[slot][1] == start, (slot, start, cache[slot])
+            cache[slot][1] += count
+            ends[cache[slot][0]] = cache[slot][1]
+        await asyncio.sleep(0.001)
+        return [_token(seq, ends[seq]) for seq in msg.sample]
+
+    async def swap_everywhere(self, mb, out=None, released=None, back=None) -> int:
+        self._release(mb, released or [])
+        cache = self.cache[mb]
+        if out is not None:
+            await asyncio.sleep(self.take_out_s)  # (other micro-batches step meanwhile)
+            for slot in [k for k, (seq, _) in cache.items() if seq in out]:
+                seq, n = cache.pop(slot)
+                self.kept[seq] = n
+            return 0
+        for seq, slot in back:
+            assert seq in self.kept and slot not in cache, (seq, slot)  # (its K/V out first, the slot free)
+            cache[slot] = [seq, self.kept.pop(seq)]
+        return 0
+
+    async def retire_everywhere(self, mb: int, released: list[str]) -> list[dict]:
+        self._release(mb, released)
+        assert not self.cache[mb]
+        return []
+
+
+def _token(seq: str, position: int) -> int:
+    return (sum(map(ord, seq)) * 31 + position) % 97
+
+
+def test_a_micro_batch_given_up_hands_its_sequences_to_the_others_with_their_kv():
+    """The driver takes a retired micro-batch's sequences out of its cache while another
+    micro-batch goes on stepping, and that one takes them back only once their K/V is out;
+    every sequence's tokens are those it would have had, and the emptied one closes."""
+    from glinthawk_dask.runtime.driver import RunDriver
+    from glinthawk_dask.runtime.messages import Results
+
+    async def main() -> dict:
+        slices = _Slices([4, 4], take_out_s=0.05)
+        driver = RunDriver(slices, None)
+        lengths = [2, 3, 3, 3, 12, 12, 12, 12] + [5] * 8
+        driver.submit([{"id": f"q{i}", "prompt_token_ids": [1, 2, 3],
+                        "params": {"max_tokens": n, "ignore_eos": True}} for i, n in enumerate(lengths)])
+        got, retired = {}, []
+        while len(got) < len(lengths):
+            results = await driver.take_results(1.0)
+            assert results.error is None, results.error
+            for c in results.completions:
+                got[c["id"]] = c["completion_token_ids"]
+            retired += results.retired
+            if len(got) >= 1 and not driver.sched.retired:
+                driver.retire([1])  # (its four run on, in micro-batch 0's slots as they free)
+        await driver.close()
+        assert isinstance(results, Results) and [r["micro_batch"] for r in retired] == [1]
+        assert retired[0]["swapped_out"] == 4 and not slices.kept
+        return got
+
+    got = asyncio.run(main())
+    lengths = [2, 3, 3, 3, 12, 12, 12, 12] + [5] * 8
+    assert got == {f"q{i}": [_token(f"q{i}", 3 + k) for k in range(n)] for i, n in enumerate(lengths)}
+
+
+# -- on a cluster --------------------------------------------------------------------------
 
 import dask  # noqa: E402
 from distributed.utils_test import gen_cluster  # noqa: E402

@@ -166,15 +166,19 @@ class BatchScheduler:
 
     def swap_out(self, mb: int, k: int) -> list[Sequence]:
         """Take up to ``k`` of micro-batch ``mb``'s sequences out (those in its highest
-        slots whose KV is cached): they wait, ahead of the queue, for a slot of any
-        micro-batch, where :meth:`schedule` puts them back (``Step.restored``: their KV
-        must be back before the step runs)."""
+        slots whose KV is cached), their slots freed.  Once their KV is out of the cache,
+        :meth:`set_aside` them."""
         running = self.running[mb]
         slots = [slot for slot in sorted(running) if not running[slot].readmit and running[slot].n_cached]
         out = [running.pop(slot) for slot in slots[max(0, len(slots) - k):]]
         self._free_slots[mb] = sorted(self._free_slots[mb] + [seq.slot for seq in out], reverse=True)
-        self.swapped.extend(out)
         return out
+
+    def set_aside(self, seqs: list[Sequence]) -> None:
+        """Sequences taken out (:meth:`swap_out`) wait, ahead of the queue, for a slot of
+        any micro-batch, where :meth:`schedule` puts them back (``Step.restored``: their
+        KV must be back before the step runs)."""
+        self.swapped.extend(seqs)
 
     def may_resize(self, mb: int, n: int) -> bool:
         """Whether ``mb`` can take ``n`` slots now: its sequences fit them, and no

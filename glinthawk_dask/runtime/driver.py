@@ -318,6 +318,7 @@ class RunDriver:
         if out:
             sizes = {s.id: per_token * s.n_cached for s in out}
             await self.run.swap_everywhere(mb, out=list(sizes), released=list(self._released[mb]))
+            sched.set_aside(out)  # (only now: another micro-batch's loop may take them back at once)
             self._swap_sizes.update(sizes)
             self._swapped_bytes += sum(sizes.values())
             self._arrived.set()  # (an idle micro-batch with free slots takes them back at once)

@@ -77,6 +77,29 @@ async def _run_beside_other(c, reqs: list[Request], gain: float = 1.25, **kw):
     return engine.last_summary
 
 
+async def one_then_another(first, first_reqs, second, second_reqs, settings: dict, on_second=None) -> None:
+    """Run ``first``'s requests and, once it has a completion (placed, and generating),
+    ``second``'s beside it (``await on_second()`` after the second's first completion),
+    under the dask config ``settings``; both runs' tokens are the in-process engine's."""
+    import asyncio
+
+    got_first, got_second = {}, {}
+
+    async def consume(engine, reqs, got, then=None):
+        async for comp in engine.agenerate(reqs, max_seq_len=64):
+            got[comp.id] = comp.completion_token_ids
+            if then is not None and len(got) == 1:
+                await then()
+
+    with dask.config.set(settings):
+        running = asyncio.ensure_future(consume(first, first_reqs, got_first))
+        while not got_first:
+            await asyncio.sleep(0.01)
+        await consume(second, second_reqs, got_second, on_second)
+        await running
+    assert got_first == _reference(first_reqs) and got_second == _reference(second_reqs)
+
+
 async def _scheduler_kv(c) -> dict:
     """Every open run's reserved attention KV, by run."""
     return await c.run_on_scheduler(lambda dask_scheduler: {
@@ -240,29 +263,16 @@ async def test_a_run_grows_by_micro_batches_beside_its_own(c, s, a, w1, w2):
              timeout=120)
 async def test_a_run_gives_a_micro_batch_up_to_a_waiting_run_and_grows_back_after_it(c, s, a, w1, w2):
     """A run holding every KV slot (8 x 2 on two workers of 8) gives its second
-    micro-batch up once another run waits: it drains and its cache closes, the waiting
-    run is placed there, and once that run ends the first grows back beside its own."""
-    import asyncio
-
+    micro-batch up once another run waits: its sequences go on in the first (their K/V
+    taken out and put back) and its cache closes, the waiting run is placed there, and
+    once that run ends the first grows back beside its own."""
     await _setup(c)
     first_reqs = [Request(f"a{i}", [i % 50 + 1] * 10, SamplingParams(max_tokens=40, ignore_eos=True))
                   for i in range(160)]
     second_reqs = _rows(40, "b")
     first = DaskEngine(c, MODEL, micro_batch_size=8, n_micro_batches=2)
     second = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=1)
-    got_first, got_second = {}, {}
-
-    async def consume(engine, reqs, got):
-        async for comp in engine.agenerate(reqs, max_seq_len=64):
-            got[comp.id] = comp.completion_token_ids
-
-    with dask.config.set(FAST):
-        running = asyncio.ensure_future(consume(first, first_reqs, got_first))
-        while not got_first:  # placed, and generating
-            await asyncio.sleep(0.01)
-        await consume(second, second_reqs, got_second)
-        await running
-    assert got_first == _reference(first_reqs) and got_second == _reference(second_reqs)
+    await one_then_another(first, first_reqs, second, second_reqs, FAST)
     one, two = first.last_summary, second.last_summary
     assert second.placement_wait_s > 0 and two.growths == []
     kinds = [(g["kind"], g.get("from"), g.get("to")) for g in one.growths]

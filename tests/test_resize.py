@@ -187,14 +187,13 @@ def test_a_micro_batch_given_up_hands_its_sequences_to_the_others_with_their_kv(
 
 # -- on a cluster --------------------------------------------------------------------------
 
-import dask  # noqa: E402
 from distributed.utils_test import gen_cluster  # noqa: E402
 
 from glinthawk_dask.cli.cluster import status_text  # noqa: E402
 from glinthawk_dask.model import from_name  # noqa: E402
 from glinthawk_dask.runtime import DaskEngine  # noqa: E402
-from test_growth import FAST, _caches, _rows, _scheduler_kv  # noqa: E402
-from test_two_tier import DENSE, MODEL, _reference, _setup  # noqa: E402
+from test_growth import FAST, _caches, _rows, _scheduler_kv, one_then_another  # noqa: E402
+from test_two_tier import DENSE, MODEL, _setup  # noqa: E402
 
 _SLOT = from_name("tiny-gqa").kv_bytes_per_token(4, 1) * 64 * 3  # one KV slot of 64 positions, every layer
 
@@ -220,21 +219,13 @@ async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back
     second_reqs = _rows(12, "b")
     first = DaskEngine(c, MODEL, micro_batch_size=8, n_micro_batches=1)
     second = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=1)
-    got_first, got_second, seen = {}, {}, {}
+    seen = {}
 
-    async def consume(engine, reqs, got):
-        async for comp in engine.agenerate(reqs, max_seq_len=64):
-            got[comp.id] = comp.completion_token_ids
-            if engine is second and len(got) == 1:  # both open: what the cluster shows
-                seen.update(status=await c.scheduler.glinthawk_status(), caches=await _caches(w))
+    async def both_open() -> None:  # what the cluster shows
+        seen.update(status=await c.scheduler.glinthawk_status(), caches=await _caches(w))
 
-    with dask.config.set({**FAST, "glinthawk.engine.swap-bytes": swap_bytes}):
-        running = asyncio.ensure_future(consume(first, first_reqs, got_first))
-        while not got_first:  # placed, and generating
-            await asyncio.sleep(0.01)
-        await consume(second, second_reqs, got_second)
-        await running
-    assert got_first == _reference(first_reqs) and got_second == _reference(second_reqs)
+    await one_then_another(first, first_reqs, second, second_reqs,
+                           {**FAST, "glinthawk.engine.swap-bytes": swap_bytes}, both_open)
     one, two = first.last_summary, second.last_summary
     assert second.placement_wait_s > 0 and two.growths == [] and two.attention_of() == [w.address]
     kinds = [(g["kind"], g.get("from"), g.get("to")) for g in one.growths]

@@ -129,7 +129,7 @@ class _Slices:
         await asyncio.sleep(0.001)
         return [_token(seq, ends[seq]) for seq in msg.sample]
 
-    async def swap_everywhere(self, mb, out=None, released=None, back=None) -> int:
+    async def swap_everywhere(self, mb, out=None, released=None, back=None) -> None:
         self._release(mb, released or [])
         cache = self.cache[mb]
         if out is not None:
@@ -137,11 +137,10 @@ class _Slices:
             for slot in [k for k, (seq, _) in cache.items() if seq in out]:
                 seq, n = cache.pop(slot)
                 self.kept[seq] = n
-            return 0
+            return
         for seq, slot in back:
             assert seq in self.kept and slot not in cache, (seq, slot)  # (its K/V out first, the slot free)
             cache[slot] = [seq, self.kept.pop(seq)]
-        return 0
 
     async def retire_everywhere(self, mb: int, released: list[str]) -> list[dict]:
         self._release(mb, released)

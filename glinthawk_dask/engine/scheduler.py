@@ -164,13 +164,19 @@ class BatchScheduler:
         (before it shrinks to ``n`` slots: see :meth:`resize`)."""
         self.caps[mb] = int(n)
 
-    def swap_out(self, mb: int, k: int) -> list[Sequence]:
-        """Take up to ``k`` of micro-batch ``mb``'s sequences out (those in its highest
-        slots whose KV is cached), their slots freed.  Once their KV is out of the cache,
-        :meth:`set_aside` them."""
-        running = self.running[mb]
-        slots = [slot for slot in sorted(running) if not running[slot].readmit and running[slot].n_cached]
-        out = [running.pop(slot) for slot in slots[max(0, len(slots) - k):]]
+    def swap_out(self, mb: int, k: int, max_tokens: int | None = None) -> list[Sequence]:
+        """Take up to ``k`` of micro-batch ``mb``'s sequences out, highest slot first,
+        while their cached tokens come to at most ``max_tokens`` in all (a sequence whose KV
+        is not cached, or past that, ends the take), their slots freed.  Once their KV is
+        out of the cache, :meth:`set_aside` them."""
+        running, out, tokens = self.running[mb], [], 0
+        for slot in sorted(running, reverse=True)[:k]:
+            seq = running[slot]
+            tokens += seq.n_cached
+            if seq.readmit or not seq.n_cached or (max_tokens is not None and tokens > max_tokens):
+                break
+            out.append(running.pop(slot))
+        out.reverse()  # (in slot order: they go back in it)
         self._free_slots[mb] = sorted(self._free_slots[mb] + [seq.slot for seq in out], reverse=True)
         return out
 

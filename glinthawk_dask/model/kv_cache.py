@@ -80,10 +80,9 @@ class KVCache:
         self.threads = threads
         shape = (layer_stop - layer_start, n_slots, config.n_kv_heads, max_seq_len, config.head_dim)
         self.compiled = self.compiled_for(dtype, self.device)  # every read within a slot's length
-        self._zeroed = zeroed
-        alloc = torch.empty if self.compiled and not zeroed else torch.zeros
-        self.k = alloc(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
-        self.v = alloc(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
+        self._alloc = torch.empty if self.compiled and not zeroed else torch.zeros  # (resize allocates alike)
+        self.k = self._alloc(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
+        self.v = self._alloc(shape, dtype=dtype, device=self.device)  # [Ll, S, KVH, L, D]
         self.lengths = np.zeros(n_slots, dtype=np.int64)  # tokens cached per slot
         self._slot_of: dict[Hashable, int] = {}
         self._owner: list[Hashable | None] = [None] * n_slots
@@ -184,9 +183,8 @@ class KVCache:
         if len(set(target.values())) != len(target) or any(not 0 <= t < n_slots for t in target.values()):
             raise KVCacheError(f"the live sequences do not fit {n_slots} slots as moved: {sorted(target.values())}")
         shape = (self.n_layers, n_slots, *self.k.shape[2:])
-        alloc = torch.empty if self.compiled and not self._zeroed else torch.zeros
-        k = alloc(shape, dtype=self.dtype, device=self.device)  # [Ll, S', KVH, L, D]
-        v = alloc(shape, dtype=self.dtype, device=self.device)
+        k = self._alloc(shape, dtype=self.dtype, device=self.device)  # [Ll, S', KVH, L, D]
+        v = self._alloc(shape, dtype=self.dtype, device=self.device)
         lengths = np.zeros(n_slots, dtype=np.int64)
         for seq_id, new in target.items():  # the written positions of each live slot
             old = self._slot_of[seq_id]

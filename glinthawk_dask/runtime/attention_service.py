@@ -137,67 +137,62 @@ class AttentionService:
         logger.info("glinthawk run %s: %r", run_id, cache)
         return self.info(run_id)
 
-    async def resize(self, run_id: str, n_slots: int, moves: list | None = None, released: list | None = None) -> dict:
-        """Resize the KV cache ``run_id`` to ``n_slots`` slots, between two steps of its
-        micro-batch: the sequences ``released`` since its last step are freed, and its
-        sequences ``moves`` (``[seq_id, slot]``) moved (see :meth:`KVCache.resize`); ``{"before": bytes, "after": bytes}`` it held (``{"stale": why}``
-        for a run not open here).  Raises ``MemoryError`` when a larger cache does not
-        fit the worker's KV budget."""
+    async def _between_steps(self, run_id: str, released: list | None, fn: Any) -> dict:
+        """``fn(cache)`` on the compute stream for the KV cache ``run_id``, between two steps
+        of its micro-batch, once the sequences ``released`` since its last step are freed
+        (their slots may be the ones ``fn`` uses); its result, or ``{"stale": why}`` for a
+        run not open here."""
         run = self.runs.get(run_id)
         if run is None:
             return {"stale": f"run {run_id!r} is not open on {self.worker.address}"}
-        cache = run.cache
-        before = cache.capacity_bytes
-        after = before // cache.n_slots * int(n_slots)
-        if after - before > self.kv_budget - self.used_bytes():
-            raise MemoryError(f"{n_slots} KV slots do not fit the KV budget of {self.worker.address}")
 
-        def resize() -> None:
+        def job() -> dict:
             with self._lock:
-                cache.apply(released or [], [])
-                cache.resize(int(n_slots), [(seq_id, int(slot)) for seq_id, slot in moves or ()])
+                run.cache.apply(released or [], [])
+                return fn(run.cache)
 
-        await self.stream.run(resize)
-        logger.info("glinthawk run %s: resized to %r", run_id, cache)
-        return {"before": before, "after": cache.capacity_bytes}
+        return await self.stream.run(job)
+
+    async def resize(self, run_id: str, n_slots: int, moves: list | None = None, released: list | None = None) -> dict:
+        """Resize the KV cache ``run_id`` to ``n_slots`` slots, its sequences ``moves``
+        (``[seq_id, slot]``) moved (see :meth:`KVCache.resize`): ``{"before": bytes,
+        "after": bytes}`` it held (see :meth:`_between_steps`).  Raises ``MemoryError``
+        when a larger cache does not fit the worker's KV budget."""
+        run = self.runs.get(run_id)
+        if run is not None:
+            before = run.cache.capacity_bytes
+            if before // run.cache.n_slots * int(n_slots) - before > self.kv_budget - self.used_bytes():
+                raise MemoryError(f"{n_slots} KV slots do not fit the KV budget of {self.worker.address}")
+
+        def resize(cache: KVCache) -> dict:
+            before = cache.capacity_bytes
+            cache.resize(int(n_slots), [(seq_id, int(slot)) for seq_id, slot in moves or ()])
+            logger.info("glinthawk run %s: resized to %r", run_id, cache)
+            return {"before": before, "after": cache.capacity_bytes}
+
+        return await self._between_steps(run_id, released, resize)
 
     async def swap_out(self, run_id: str, seq_ids: list, released: list | None = None) -> dict:
-        """Take sequences ``seq_ids`` out of the KV cache ``run_id`` between two steps of
-        its micro-batch (those ``released`` since its last step freed first): ``{"kv":
-        {seq_id: [k, v]}}``, each packed ``[Ll, KVH, n, D]``, their slots freed (``{"stale":
-        why}`` for a run not open here)."""
-        run = self.runs.get(run_id)
-        if run is None:
-            return {"stale": f"run {run_id!r} is not open on {self.worker.address}"}
+        """Take sequences ``seq_ids`` out of the KV cache ``run_id``: ``{"kv": {seq_id: [k,
+        v]}}``, each packed ``[Ll, KVH, n, D]``, their slots freed (see :meth:`_between_steps`)."""
+        def take(cache: KVCache) -> dict:
+            out = {}
+            for seq_id in seq_ids:
+                out[seq_id] = [pack(t) for t in cache.export(seq_id)]
+                cache.free(seq_id)
+            return {"kv": out}
 
-        def take() -> dict:
-            with self._lock:
-                run.cache.apply(released or [], [])
-                out = {}
-                for seq_id in seq_ids:
-                    out[seq_id] = [pack(t) for t in run.cache.export(seq_id)]
-                    run.cache.free(seq_id)
-                return out
-
-        return {"kv": await self.stream.run(take)}
+        return await self._between_steps(run_id, released, take)
 
     async def swap_in(self, run_id: str, entries: list, released: list | None = None) -> dict:
-        """Put sequences taken out by :meth:`swap_out` back into the KV cache ``run_id``
-        (those ``released`` since its micro-batch's last step freed first: their slots may
-        be the ones taken): ``entries`` of ``[seq_id, slot, k, v]``; ``{}`` (``{"stale":
-        why}`` for a run not open here)."""
-        run = self.runs.get(run_id)
-        if run is None:
-            return {"stale": f"run {run_id!r} is not open on {self.worker.address}"}
+        """Put sequences taken out by :meth:`swap_out` back into the KV cache ``run_id``:
+        ``entries`` of ``[seq_id, slot, k, v]``; ``{}`` (see :meth:`_between_steps`)."""
+        def put(cache: KVCache) -> dict:
+            for seq_id, slot, k, v in entries:
+                cache.restore(seq_id, int(slot), unpack(k), unpack(v))
+            return {}
 
-        def put() -> None:
-            with self._lock:
-                run.cache.apply(released or [], [])
-                for seq_id, slot, k, v in entries:
-                    run.cache.restore(seq_id, int(slot), unpack(k), unpack(v))
-
-        await self.stream.run(put)
-        return {}
+        return await self._between_steps(run_id, released, put)
 
     def close_run(self, run_id: str, exact: bool = False) -> None:
         """Free the run's KV caches (also those opened for micro-batches moved here or

@@ -168,10 +168,10 @@ class DenseService:
         """A micro-batch's cache of this slice resizes (see SliceRun.resize)."""
         return await self._run(run_id).resize(micro_batch, n_slots, moves, released)
 
-    async def swap_out(self, run_id: str, micro_batch: int, seq_ids: list[str], released: list[str]) -> int:
+    async def swap_out(self, run_id: str, micro_batch: int, seq_ids: list[str], released: list[str]) -> None:
         """Sequences of a micro-batch leave this slice's cache, their K/V kept here (see
         SliceRun.swap_out)."""
-        return await self._run(run_id).swap_out(micro_batch, seq_ids, released)
+        await self._run(run_id).swap_out(micro_batch, seq_ids, released)
 
     async def swap_in(self, run_id: str, micro_batch: int, entries: list, released: list[str]) -> None:
         """Sequences taken out go back into a micro-batch's cache (see SliceRun.swap_in)."""

@@ -58,7 +58,7 @@ class SliceRunner(Protocol):
     kv_bytes_per_token: int  # K/V bytes of one token over every layer (in the run's dtype)
 
     async def swap_everywhere(self, mb: int, out: list[str] | None = None, released: list[str] | None = None,
-                              back: list | None = None) -> int:
+                              back: list | None = None) -> None:
         """On every slice, take sequences ``out`` of micro-batch ``mb``'s cache (their K/V
         kept on the slice's dense worker), or put ``back`` (``[seq_id, slot]``) into it."""
 
@@ -103,7 +103,6 @@ class RunDriver:
         self._retired: list[dict] = []  # micro-batches drained or resized, not yet reported
         self._resizes: dict[int, int] = {}  # micro-batch -> the slots it is to take once its sequences fit
         self._swap_sizes: dict[str, int] = {}  # K/V bytes of each sequence taken out of its cache
-        self._swapped_bytes = 0
         self._n_swapped: dict[int, int] = {}  # micro-batch -> sequences it took out before it shrank
         self._n_moves = 0
         self._closed = False
@@ -157,7 +156,8 @@ class RunDriver:
                 if step is not None and step.restored:  # (their K/V back into the cache first)
                     await self.run.swap_everywhere(mb, back=[[s.id, s.slot] for s in step.restored],
                                                    released=list(self._released[mb]))
-                    self._swapped_bytes -= sum(self._swap_sizes.pop(s.id, 0) for s in step.restored)
+                    for s in step.restored:
+                        self._swap_sizes.pop(s.id, None)
                 if step is None:
                     if self.sched.drained(mb):
                         await self._retire(mb)
@@ -307,20 +307,14 @@ class RunDriver:
         caches, their K/V kept on the dense workers while ``glinthawk.engine.swap-bytes``
         allows; they go back into the first free slots of any micro-batch, before new
         requests.  How many it took out."""
-        sched, per_token = self.sched, self.run.kv_bytes_per_token
-        room, n = int(config.get("engine.swap-bytes")) - self._swapped_bytes, 0
-        for seq in sorted(sched.running[mb].values(), key=lambda s: -s.slot)[:k]:
-            if seq.readmit or not seq.n_cached or per_token * seq.n_cached > room:
-                break
-            room -= per_token * seq.n_cached
-            n += 1
-        out = sched.swap_out(mb, n) if n else []
+        per_token = self.run.kv_bytes_per_token
+        room = int(config.get("engine.swap-bytes")) - sum(self._swap_sizes.values())
+        out = self.sched.swap_out(mb, k, max_tokens=max(0, room) // per_token)
         if out:
             sizes = {s.id: per_token * s.n_cached for s in out}
             await self.run.swap_everywhere(mb, out=list(sizes), released=list(self._released[mb]))
-            sched.set_aside(out)  # (only now: another micro-batch's loop may take them back at once)
+            self.sched.set_aside(out)  # (only now: another micro-batch's loop may take them back at once)
             self._swap_sizes.update(sizes)
-            self._swapped_bytes += sum(sizes.values())
             self._arrived.set()  # (an idle micro-batch with free slots takes them back at once)
             self._arrived = asyncio.Event()
         return len(out)

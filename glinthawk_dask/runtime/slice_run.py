@@ -231,12 +231,8 @@ class SliceRun:
                   and not spec.local[m] and (spec.attention[m], self.kv_runs[m]) == (address, kv_run)]
         if spec.local[mb] or spec.slot_base[mb] != 0 or others:
             raise ValueError(f"micro-batch {mb} of run {spec.run_id} does not hold its cache alone")
-        reply = await asyncio.wait_for(self.worker.rpc(address).glinthawk_kv_resize(
-            run_id=kv_run, n_slots=n, moves=[[i, self._local_slot(mb, slot)] for i, slot in moves],
-            released=released),
-            spec.peer_timeout)
-        if not isinstance(reply, dict) or "stale" in reply:  # (a worker closing, or one that forgot the run)
-            raise StaleRunError(f"{address} did not resize cache {kv_run}: {reply!r}")
+        reply = await self._cache_call(mb, "glinthawk_kv_resize", n_slots=n, released=released,
+                                       moves=[[i, self._local_slot(mb, slot)] for i, slot in moves])
         spec.sizes[mb] = int(n)
         self.next_base = max(self.next_base, self.global_base[mb] + int(n))
         return {"address": address, "cache": kv_run, **reply}
@@ -274,52 +270,53 @@ class SliceRun:
             raise
         return done
 
+    async def _cache_call(self, mb: int, op: str, **kwargs: Any) -> dict:
+        """``op`` on micro-batch ``mb``'s cache on its attention worker (``run_id`` the
+        cache's), within the peer timeout; the reply.  One that is no reply, or says the
+        worker does not hold the cache (closing, or restarted), raises StaleRunError."""
+        address, kv_run = self.spec.attention[mb], self.kv_runs[mb]
+        reply = await asyncio.wait_for(getattr(self.worker.rpc(address), op)(run_id=kv_run, **kwargs),
+                                       self.spec.peer_timeout)
+        if not isinstance(reply, dict) or "stale" in reply:
+            raise StaleRunError(f"{address} did not answer {op} for cache {kv_run}: {reply!r}")
+        return reply
+
     # -- sequences taken out of a cache, and put back (see RunDriver.resize) ------------
-    async def swap_out(self, mb: int, seq_ids: list[str], released: list[str]) -> int:
+    async def swap_out(self, mb: int, seq_ids: list[str], released: list[str]) -> None:
         """Take sequences ``seq_ids`` out of micro-batch ``mb``'s cache on its attention
         worker (those ``released`` since its last step freed first), keeping their K/V
-        here; the bytes kept."""
-        address, kv_run = self.spec.attention[mb], self.kv_runs[mb]
-        reply = await asyncio.wait_for(self.worker.rpc(address).glinthawk_kv_swap_out(
-            run_id=kv_run, seq_ids=seq_ids, released=released), self.spec.peer_timeout)
-        if not isinstance(reply, dict) or "stale" in reply:
-            raise StaleRunError(f"{address} did not give sequences of cache {kv_run} up: {reply!r}")
-        nbytes = 0
+        here."""
+        reply = await self._cache_call(mb, "glinthawk_kv_swap_out", seq_ids=seq_ids, released=released)
         for seq_id, (k, v) in reply["kv"].items():
             self.swapped[seq_id] = unpack(k), unpack(v)  # [Ll, KVH, n, D] each
-            nbytes += 2 * self.swapped[seq_id][0].nbytes
-        return nbytes
 
     async def swap_in(self, mb: int, entries: list, released: list[str]) -> None:
         """Put sequences taken out back, into micro-batch ``mb``'s cache (those
         ``released`` since its last step freed first): ``entries`` of ``[seq_id, slot]``
         (the driver's slot numbers)."""
-        address, kv_run = self.spec.attention[mb], self.kv_runs[mb]
         payload = [[seq_id, self._local_slot(mb, slot), *map(pack, self.swapped[seq_id])] for seq_id, slot in entries]
-        reply = await asyncio.wait_for(self.worker.rpc(address).glinthawk_kv_swap_in(
-            run_id=kv_run, entries=payload, released=released), self.spec.peer_timeout)
-        if not isinstance(reply, dict) or "stale" in reply:
-            raise StaleRunError(f"{address} did not take sequences back into cache {kv_run}: {reply!r}")
+        await self._cache_call(mb, "glinthawk_kv_swap_in", entries=payload, released=released)
         for seq_id, _ in entries:
             self.swapped.pop(seq_id, None)
 
     async def swap_everywhere(self, mb: int, out: list[str] | None = None, released: list[str] | None = None,
-                              back: list | None = None) -> int:
+                              back: list | None = None) -> None:
         """On every slice: :meth:`swap_out` sequences ``out`` of micro-batch ``mb``, or
         :meth:`swap_in` ``back`` (``[seq_id, slot]``) into it, the sequences ``released``
-        since its last step freed first; the bytes taken out."""
-        spec, nbytes, released = self.spec, 0, released or []
+        since its last step freed first."""
+        spec, released = self.spec, released or []
         for s, address in enumerate(spec.dense):
             if out is not None:
-                nbytes += (await self.swap_out(mb, out, released) if s == spec.slice_index else
-                           await self.worker.rpc(address).glinthawk_slice_swap_out(
-                               run_id=spec.run_id, micro_batch=mb, seq_ids=out, released=released))
+                if s == spec.slice_index:
+                    await self.swap_out(mb, out, released)
+                else:
+                    await self.worker.rpc(address).glinthawk_slice_swap_out(
+                        run_id=spec.run_id, micro_batch=mb, seq_ids=out, released=released)
             elif s == spec.slice_index:
                 await self.swap_in(mb, back or [], released)
             else:
                 await self.worker.rpc(address).glinthawk_slice_swap_in(run_id=spec.run_id, micro_batch=mb,
                                                                        entries=back or [], released=released)
-        return nbytes
 
     async def retire_everywhere(self, mb: int, released: list[str]) -> list[dict]:
         """:meth:`retire` micro-batch ``mb`` on every slice (this one and the other dense

@@ -253,27 +253,32 @@ class BatchScheduler:
             len(s.token_ids) for s in self.swapped)
 
     # -- planning ------------------------------------------------------------------
+    def _room(self, mb: int) -> int:
+        """How many more sequences micro-batch ``mb`` takes now: its free slots, within
+        its cap (see :meth:`cap`); none once retired."""
+        if mb in self.retired:
+            return 0
+        free = len(self._free_slots[mb])
+        cap = self.caps.get(mb)
+        return free if cap is None else max(0, min(free, cap - len(self.running[mb])))
+
     def _restore(self, mb: int) -> list[Sequence]:
         restored = []
-        free = self._free_slots[mb]
-        cap = self.caps.get(mb, len(free) + len(self.running[mb]))
-        while free and self.swapped and mb not in self.retired and len(self.running[mb]) < cap:
+        for _ in range(min(self._room(mb), len(self.swapped))):
             seq = self.swapped.popleft()
-            seq.micro_batch, seq.slot = mb, free.pop()
+            seq.micro_batch, seq.slot = mb, self._free_slots[mb].pop()
             self.running[mb][seq.slot] = seq
             restored.append(seq)
         return restored
 
     def _admit(self, mb: int) -> list[Sequence]:
         admitted = []
-        free = self._free_slots[mb]
-        cap = self.caps.get(mb, len(free) + len(self.running[mb]))
-        while free and self.waiting and mb not in self.retired and len(self.running[mb]) < cap:
+        for _ in range(min(self._room(mb), len(self.waiting))):
             req, t_arrival = self.waiting.popleft()
             seq = Sequence(
                 request=req,
                 micro_batch=mb,
-                slot=free.pop(),
+                slot=self._free_slots[mb].pop(),
                 token_ids=list(req.prompt_token_ids),
                 n_prompt=len(req.prompt_token_ids),
                 generator=None if req.params.is_greedy else make_generator(req.params.seed),

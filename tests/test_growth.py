@@ -267,7 +267,8 @@ async def test_a_run_gives_a_micro_batch_up_to_a_waiting_run_and_grows_back_afte
     taken out and put back) and its cache closes, the waiting run is placed there, and
     once that run ends the first grows back beside its own."""
     await _setup(c)
-    first_reqs = [Request(f"a{i}", [i % 50 + 1] * 10, SamplingParams(max_tokens=40, ignore_eos=True))
+    # (lengths that differ: a micro-batch's eight rows never all end in the step it is given up in)
+    first_reqs = [Request(f"a{i}", [i % 50 + 1] * 10, SamplingParams(max_tokens=33 + i % 8, ignore_eos=True))
                   for i in range(160)]
     second_reqs = _rows(40, "b")
     first = DaskEngine(c, MODEL, micro_batch_size=8, n_micro_batches=2)
@@ -280,7 +281,8 @@ async def test_a_run_gives_a_micro_batch_up_to_a_waiting_run_and_grows_back_afte
     (yielded,) = [g for g in one.growths if g["kind"] == "yielded"]
     (closed,) = [g for g in one.growths if g["kind"] == "retired micro-batch"]
     assert closed["micro_batch"] == yielded["micro_batches"][0] == 1 and closed["closed"][0]["slots"] == 8
-    assert closed["swapped_out"] == 8  # its sequences went on in micro-batch 0, K/V copied: nothing drained
+    # its sequences went on in micro-batch 0, K/V copied (those that ended in the step it was given up in aside)
+    assert 1 <= closed["swapped_out"] <= 8
     assert closed["time"] - yielded["time"] < 2.0
     assert two.attention_of() == [closed["closed"][0]["address"]]  # placed in the KV it gave up
     grew = next(g for g in one.growths if g["kind"] == "grew")

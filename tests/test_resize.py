@@ -197,16 +197,19 @@ from test_two_tier import DENSE, MODEL, _setup  # noqa: E402
 _SLOT = from_name("tiny-gqa").kv_bytes_per_token(4, 1) * 64 * 3  # one KV slot of 64 positions, every layer
 
 
-@pytest.mark.parametrize("swap_bytes", [2**30, 0])
+@pytest.mark.parametrize("swap_bytes, grow_every", [(2**30, 0.05), (0, 0.05), (2**30, 600.0)])
 @gen_cluster(client=True, nthreads=[DENSE, ("127.0.0.1", 1, {"resources": {"KV": 8 * _SLOT}})], timeout=120)
-async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back_in_place(c, s, a, w, swap_bytes):
+async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back_in_place(c, s, a, w, swap_bytes,
+                                                                                          grow_every):
     """A run of one micro-batch holding every KV slot (8 x 1 on a worker of 8) shrinks to
     its share once another run waits: four of its sequences are taken out of its cache
     (their K/V kept on the dense worker) and go back as slots free; with no room for that
     (``swap-bytes`` 0) it admits no more until four are left, and those move into four
     slots.  Either way the cache copies them into a cache of four and gives the rest
     back, the waiting run is placed there, and once it ends the first grows back to eight
-    in place.  Every token of both is the in-process engine's."""
+    in place.  Every token of both is the in-process engine's.  The runs act on the
+    scheduler's word, not on their clocks: with ``grow-every`` 600 s the first shrinks as
+    soon as the second waits and grows back as soon as it ends."""
     from glinthawk_dask.engine.request import Request
     from glinthawk_dask.sampling import SamplingParams
 
@@ -224,7 +227,8 @@ async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back
         seen.update(status=await c.scheduler.glinthawk_status(), caches=await _caches(w))
 
     await one_then_another(first, first_reqs, second, second_reqs,
-                           {**FAST, "glinthawk.engine.swap-bytes": swap_bytes}, both_open)
+                           {**FAST, "glinthawk.engine.swap-bytes": swap_bytes,
+                            "glinthawk.engine.grow-every": grow_every}, both_open)
     one, two = first.last_summary, second.last_summary
     assert second.placement_wait_s > 0 and two.growths == [] and two.attention_of() == [w.address]
     kinds = [(g["kind"], g.get("from"), g.get("to")) for g in one.growths]

@@ -27,6 +27,7 @@ from .compute import busy_seconds, overlap_seconds
 from .faults import Unplaceable, WorkerFailure, is_worker_failure
 from .autoplan import auto_plan, weight_bytes
 from .growth import Growth, maybe_grow, note_records
+from .kv_signals import listen
 from .messages import DTYPES, Plan, Results, SliceSpec
 from .retry import retry_until
 from .runs import RequestFeed, RunState, RunSummary
@@ -270,10 +271,11 @@ class DaskEngine:
         def stopped() -> bool:
             return stop is not None and stop()
 
-        try:  # other runs may free room (asked every second: placed within one of it); a recovery waits itself
+        freed = listen(self.client, ("freed",), own=run_id)  # (asked again at once when a run frees KV)
+        try:  # other runs may free room (asked every second at least); a recovery waits itself
             reply = await retry_until(place, deadline=deadline, retry_on=lambda e: (
                 isinstance(e, Unplaceable) and e.wait and not size_hint and not stopped()), on_retry=waiting,
-                max_delay=1.0)
+                max_delay=1.0, wake=freed.wait)
         except Unplaceable as e:
             if waits and stopped():  # (no longer waiting: the scheduler stops listing it at once)
                 logger.warning("glinthawk run %s stopped while it waited to be placed (%.0f s)", run_id,
@@ -294,6 +296,7 @@ class DaskEngine:
                    renew_at=time.time() + lease / 3, prediction=prediction, profile_seconds=profile_s, plan_check=check)
         run.growth = Growth.of_engine(self, requests, seq_len, output_lengths, prediction, run.plan,
                                       int(reply.get("kv_free", 0)))
+        run.kv_word = listen(self.client, ("wanted", "freed"), own=run_id)  # (it looks at once: see maybe_grow)
         try:
             await self._open_workers(run)
         except BaseException:

@@ -4,8 +4,9 @@ that wait for it.
 A run placed while other runs held KV gets the plan that fits beside them: an auto plan
 chosen for the KV free then, or the micro-batches asked for shrunk to it.  Plans were
 fixed for a run's life, so a long pipeline started beside a big run kept its small plan
-for hours after that run ended.  Every ``glinthawk.engine.grow-every`` seconds, when
-more KV is free than when it last looked and requests wait for slots, the client asks
+for hours after that run ended.  Every ``glinthawk.engine.grow-every`` seconds, and at
+once when the scheduler says a run began to wait for KV or gave some back
+(:mod:`.kv_signals`), when more KV is free than when it last looked and requests wait for slots, the client asks
 whether the KV free now (its own not counted: it still holds it) takes a plan at least
 ``glinthawk.engine.grow-gain`` times as fast as its own, on the same profile:
 
@@ -131,7 +132,9 @@ async def maybe_grow(client: Any, run: RunState, waiting: bool) -> None:
     g = run.growth
     now = time.time()
     every = float(config.get("engine.grow-every"))
-    if g is None or every <= 0 or now < g.next_check or run.plan.mode != "two-tier" or g.resizing:
+    if g is None or every <= 0 or run.plan.mode != "two-tier" or g.resizing:
+        return
+    if now < g.next_check and not (run.kv_word is not None and run.kv_word.take()):  # (word: look at once)
         return
     g.next_check = now + every
     live = run.plan.live_sizes()

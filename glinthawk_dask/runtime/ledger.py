@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from .. import config
+from .kv_signals import announce
 from .messages import Plan
 from .placement import PlacementError, kv_budget_bytes, make_plan
 
@@ -132,8 +133,10 @@ class KVLedger:
                                  dense_budget.items()})
             now = time.time()
             if wait and wait_s > 0:  # shown by `glinthawk status` while it keeps asking
-                self.waiting.setdefault(run_id, {"client": client, "model": model, "since": now})["until"] = min(
-                    now + wait_s, now + 15.0)  # (it asks again within a second, or gave up)
+                if run_id not in self.waiting:  # (the runs above their share give some up at once)
+                    self.waiting[run_id] = {"client": client, "model": model, "since": now}
+                    announce(self.scheduler, "wanted", run_id)
+                self.waiting[run_id]["until"] = min(now + wait_s, now + 15.0)  # (it asks again within a second)
             return {"error": self._held_by_others() if wait else str(e), "wait": wait}
         self.waiting.pop(run_id, None)
         kv = plan.attention_kv()
@@ -277,6 +280,7 @@ class KVLedger:
         run = self.runs.get(run_id)
         if run is not None and address in run["kv"]:
             run["kv"][address] = max(0, run["kv"][address] - int(nbytes))
+            announce(self.scheduler, "freed", run_id)
 
     def resize(self, run_id: str, micro_batch: int, n_slots: int) -> dict:
         """Hold ``n_slots`` slots of remote micro-batch ``micro_batch`` of run ``run_id``
@@ -304,4 +308,5 @@ class KVLedger:
             run["grown"] = run.get("grown", 0) + 1
         elif n_slots < old:  # (for runs waiting for KV)
             run["shrunk_slots"] = run.get("shrunk_slots", 0) + old - int(n_slots)
+            announce(self.scheduler, "freed", run_id)
         return {"plan": run["plan"]}

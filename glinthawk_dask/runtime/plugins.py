@@ -25,6 +25,7 @@ from . import dashboard
 from .attention_service import AttentionService
 from .compute import one_torch_thread
 from .dense_service import DenseService
+from .kv_signals import announce
 from .pipelines import PipelineRegistry
 from .ledger import KVLedger, total_memory
 from .placement import kv_budget_bytes
@@ -195,6 +196,7 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
         run = self.runs.pop(run_id, None)
         if run is None:
             return
+        announce(self.scheduler, "freed", run_id)
         logger.warning("glinthawk closes run %s: %s", run_id, why)
         self.closed[run_id] = why
         while len(self.closed) > 1000:  # (the oldest go first)
@@ -318,4 +320,6 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
         the other runs placed while it was open."""
         self.waiting.pop(run_id, None)
         run = self.runs.pop(run_id, None) or {}
+        if run:
+            announce(self.scheduler, "freed", run_id)
         return {"beside": sorted(run.get("beside", ()))}

@@ -23,13 +23,15 @@ async def retry_until(
     on_retry: Callable[[Exception], None] | None = None,
     delay: float = 0.2,
     max_delay: float = 5.0,
+    wake: Callable[[float], Awaitable[object]] | None = None,
 ) -> T:
     """``await attempt()`` until it returns, and return what it returns.
 
     An error that ``retry_on(error)`` accepts is retried after ``delay`` seconds, a
     delay that doubles up to ``max_delay``, until ``deadline`` (a ``time.time()``) has
     passed: then that error is raised.  Any other error is raised at once.
-    ``on_retry(error)`` is called before each wait.
+    ``on_retry(error)`` is called before each wait.  With ``wake``, each wait is
+    ``await wake(delay)``, which may return sooner (word that it is worth trying now).
     """
     while True:
         try:
@@ -39,5 +41,5 @@ async def retry_until(
                 raise
             if on_retry is not None:
                 on_retry(e)
-        await asyncio.sleep(delay)
+        await (asyncio.sleep(delay) if wake is None else wake(delay))
         delay = min(2 * delay, max_delay)

@@ -95,6 +95,7 @@ class RunState:
     growth: Any = None  # how the run may grow into KV other runs free (a growth.Growth; None: it does not)
     growths: list[dict] = dataclasses.field(default_factory=list)  # each time it grew, and each old micro-batch closed
     feeding: bool = False  # more requests are to come from the caller
+    kv_word: Any = None  # a kv_signals.Listener: another run waits for KV, or some was freed
 
     @property
     def pending(self):
@@ -136,6 +137,7 @@ class RunState:
     def restart_as(self, new: "RunState", generated_before: int) -> None:
         """Go on as ``new``, the run a recovery opened."""
         self.id, self.plan, self.renew_at, self.growth = new.id, new.plan, new.renew_at, new.growth
+        self.kv_word = new.kv_word
         self.status, self.generated_before = "running", generated_before
 
 

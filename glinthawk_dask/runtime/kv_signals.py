@@ -1,0 +1,93 @@
+"""The scheduler's word to clients that KV is wanted or was freed.
+
+Runs that share a cluster act on each other's KV: a run holding more than its share
+gives some up while another waits to be placed, a waiting run asks again once some is
+freed, and a run placed short grows into it.  Each looked on its own clock (the first
+every ``glinthawk.engine.grow-every`` seconds, a waiting run every second), so a
+waiting run waited up to both before it was placed.  The scheduler now announces each
+change on one topic of distributed's structured events (``Scheduler.log_event``, pushed
+to subscribed clients over their batched stream): ``"wanted"`` when a run begins to
+wait for KV, ``"freed"`` when a run gives KV back.  A client subscribes once; each of
+its runs and placements listens for the kinds it acts on and looks at once.  The clocks
+stay as they were: a missed word (a client reconnecting) costs only the old wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Any
+
+__all__ = ["TOPIC", "Listener", "announce", "listen"]
+
+TOPIC = "glinthawk-kv"
+KINDS = ("wanted", "freed")
+
+
+def announce(scheduler: Any, kind: str, run_id: str) -> None:
+    """Tell the subscribed clients that run ``run_id`` began to wait for KV
+    (``"wanted"``) or gave some back (``"freed"``)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown KV signal {kind!r} (expected one of {KINDS})")
+    scheduler.log_event(TOPIC, {"kind": kind, "run_id": run_id})
+
+
+class Listener:
+    """The word a run or a placement waits for: ``fired`` once one of its ``kinds`` came,
+    until :meth:`take` or :meth:`wait` consumes it."""
+
+    def __init__(self, kinds: tuple[str, ...], own: str | None = None) -> None:
+        self.kinds, self.own = kinds, own  # (a run's own announcements do not wake it)
+        self.fired = False
+        self._event: asyncio.Event | None = None
+
+    def _hear(self, msg: dict) -> None:
+        if msg.get("kind") in self.kinds and msg.get("run_id") != self.own:
+            self.fired = True
+            if self._event is not None:
+                self._event.set()
+
+    def take(self) -> bool:
+        """Whether word came since the last look (and forget it)."""
+        fired, self.fired = self.fired, False
+        return fired
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for word (at once if it already came);
+        whether it came."""
+        if not self.fired:
+            self._event = self._event or asyncio.Event()
+            self._event.clear()
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self.take()
+
+
+class _Hub:
+    """One client's subscription, handing each announcement to its listeners."""
+
+    def __init__(self, client: Any) -> None:
+        self.listeners: weakref.WeakSet[Listener] = weakref.WeakSet()
+        client.subscribe_topic(TOPIC, self._handle)
+
+    def _handle(self, event: tuple[float, Any]) -> None:
+        _, msg = event
+        if isinstance(msg, dict):
+            for listener in list(self.listeners):
+                listener._hear(msg)
+
+
+_hubs: "weakref.WeakKeyDictionary[Any, _Hub]" = weakref.WeakKeyDictionary()
+
+
+def listen(client: Any, kinds: tuple[str, ...], own: str | None = None) -> Listener:
+    """A :class:`Listener` for ``kinds`` of word on ``client`` (subscribed on first use;
+    call it on the client's event loop).  It stops hearing once dropped."""
+    hub = _hubs.get(client)
+    if hub is None:
+        hub = _hubs[client] = _Hub(client)
+    listener = Listener(kinds, own)
+    hub.listeners.add(listener)
+    return listener

@@ -151,6 +151,10 @@ async def test_page_gets_intervals_kv_and_rates_during_a_run(c, s, a, b):
     assert any(t.endswith("finished") for t in page.rows_source.data["text"]), page.rows_source.data
     assert page.rate_source.data["in_flight"][-1] == 0
     assert "busy over the last minute: attention" in page.summary.text
+    run_id = engine.last_summary.run_id  # its KV taken and given back, newest first
+    changes = [line.split(" ", 1)[1] for line in page.kv_changes.text.removesuffix("</small>").split("<br>")[1:]]
+    held = changes[1].removeprefix(f"{run_id} placed with ").removesuffix(" of KV (two-tier, 4+4+4+4 slots)")
+    assert changes == [f"{run_id} gave back {held} of KV (it ended)", changes[1]] and held.endswith("KiB"), changes
     lanes = {metrics.labels[k] for k in metrics.lanes}
     assert lanes == {f"dense {a.address}", f"attention {b.address}"}
     stream = page.stream_source.data
@@ -447,6 +451,9 @@ def test_page_in_a_browser(tmp_path):
 
 class _Scheduler:
     workers: dict = {}
+
+    def get_events(self, topic: str) -> tuple:
+        return ()
 
 
 def test_page_y_ranges_follow_the_window_and_a_finished_run_stays_listed():

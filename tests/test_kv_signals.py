@@ -10,7 +10,7 @@ import pytest
 from distributed.utils_test import gen_cluster
 
 from glinthawk_dask.runtime import DaskEngine
-from glinthawk_dask.runtime.kv_signals import TOPIC, announce, listen
+from glinthawk_dask.runtime.kv_signals import TOPIC, announce, event_text, listen, recent
 from glinthawk_dask.runtime.retry import retry_until
 from test_growth import _rows
 from test_resize import _SLOT
@@ -33,6 +33,10 @@ async def test_a_listener_hears_the_kinds_it_listens_for_from_other_runs(c, s):
     announce(s, "freed", "r3")
     await freed.wait(5.0)
     assert wanted_or_freed.take() and not wanted_or_freed.take()  # (heard once, then forgotten)
+    assert not freed.take()
+    announce(s, "placed", "r4", 2**20, "two-tier, 8 slots")  # (heard by neither)
+    assert not await freed.wait(0.2) and not wanted_or_freed.take()
+    assert event_text(recent(s, 1)[0]).endswith(" r4 placed with 1.0 MiB of KV (two-tier, 8 slots)")
     with pytest.raises(ValueError, match="unknown KV signal"):
         announce(s, "lost", "r1")
 
@@ -58,9 +62,9 @@ def test_a_retry_waits_on_its_wake_and_tries_again_as_soon_as_it_returns():
 
 @gen_cluster(client=True, nthreads=[DENSE, ("127.0.0.1", 1, {"resources": {"KV": 8 * _SLOT}})], timeout=120)
 async def test_the_scheduler_says_when_a_run_waits_for_kv_and_when_a_run_frees_it(c, s, a, w):
-    """A run asking for KV another holds is announced as wanting it; the holder's end
-    as freeing it; the waiting run, woken by that word, is placed after it.  (Runs give
-    nothing up here: ``grow-every`` 0.)"""
+    """Each run is announced as it takes KV and gives it back; a run asking for KV
+    another holds as wanting it; the waiting run, woken by the holder's end, is placed
+    after it.  (Runs give nothing up here: ``grow-every`` 0.)"""
     await _setup(c)
     holder_reqs, waiter_reqs = _rows(8, "h"), _rows(4, "w")
     holder = DaskEngine(c, MODEL, micro_batch_size=8, n_micro_batches=1)
@@ -81,8 +85,8 @@ async def test_the_scheduler_says_when_a_run_waits_for_kv_and_when_a_run_frees_i
         async for comp in held:
             got_holder[comp.id] = comp.completion_token_ids
         await waiting
+    h, w = holder.last_summary.run_id, waiter.last_summary.run_id
     words = [(msg["kind"], msg["run_id"]) for _, msg in await c.get_events(TOPIC)]
-    assert words[0] == ("wanted", waiter.last_summary.run_id), words
-    assert ("freed", holder.last_summary.run_id) in words[1:], words
+    assert words == [("placed", h), ("wanted", w), ("freed", h), ("placed", w), ("freed", w)], words
     assert waiter.placement_wait_s > 0
     assert got_holder == _reference(holder_reqs) and got_waiter == _reference(waiter_reqs)

@@ -92,7 +92,11 @@ async def test_a_client_that_leaves_has_its_runs_closed_everywhere(c, s, a, b):
     assert "lost" not in text
     assert "dense workers: 1" in text and "KV budget sized by each run (no --kv-bytes" in text, text
     run["lost_workers"] = ["tcp://10.0.0.9:4000"]
-    assert status_text(info).splitlines()[-1].endswith("; lost tcp://10.0.0.9:4000"), status_text(info)
+    line = next(x for x in status_text(info).splitlines() if x.startswith(f"  {run['run_id']} by client"))
+    assert line.endswith("; lost tcp://10.0.0.9:4000"), status_text(info)
+    at = time.strftime("%H:%M:%S", time.localtime(info["kv_events"][0]["time"]))
+    assert status_text(info).endswith(f"last KV changes between runs:\n  {at} {run['run_id']} placed with 480.0 KiB "
+                                      "of KV (two-tier, 2+2 slots)"), status_text(info)
     await other.close()
 
     async def gone():

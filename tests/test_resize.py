@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+
 import pytest
 
 from glinthawk_dask.engine.request import Request
@@ -241,4 +243,10 @@ async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back
     assert seen["caches"] == {one.run_id: 4, two.run_id: 4}
     line = next(x for x in status_text(seen["status"]).splitlines() if one.run_id in x)
     assert "4 slots in 1 micro-batches" in line and "; gave up 4 KV slot(s) for runs waiting for KV" in line
+    changes = status_text(seen["status"]).split("last KV changes between runs:\n")[1].splitlines()
+    changes = [x.split(" ", 3)[3] for x in itertools.takewhile(lambda x: x.startswith("  "), changes)]  # (no time)
+    freed = f"{one.run_id} gave back {4 * _SLOT / 2**10:.1f} KiB of KV (micro-batch 0 from 8 to 4 slots)"
+    i = changes.index(f"{two.run_id} waits for KV (held by {one.run_id})")
+    assert changes[i + 1:i + 3] == [freed, f"{two.run_id} placed with {4 * _SLOT / 2**10:.1f} KiB of KV (two-tier, "
+                                           "4 slots)"], changes
     assert await _scheduler_kv(c) == {} and await _caches(w) == {}

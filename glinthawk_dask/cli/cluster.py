@@ -405,6 +405,11 @@ def status_text(info: dict) -> str:
         lines.append(f"runs waiting for KV the open runs hold: {len(info['waiting'])}")
         lines += [f"  {w['run_id']} by client {w['client']}: {w['model']}, waiting {w['waited_s']:.0f} s"
                   for w in info["waiting"]]
+    if info.get("kv_events"):
+        from ..runtime.kv_signals import event_text
+
+        lines.append("last KV changes between runs:")
+        lines += [f"  {event_text(e)}" for e in info["kv_events"]]
     if info.get("pipelines"):
         from .detached import pipeline_line
 

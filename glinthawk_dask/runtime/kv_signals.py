@@ -1,4 +1,4 @@
-"""The scheduler's word to clients that KV is wanted or was freed.
+"""The scheduler's word to clients when KV changes hands between runs.
 
 Runs that share a cluster act on each other's KV: a run holding more than its share
 gives some up while another waits to be placed, a waiting run asks again once some is
@@ -7,29 +7,59 @@ every ``glinthawk.engine.grow-every`` seconds, a waiting run every second), so a
 waiting run waited up to both before it was placed.  The scheduler now announces each
 change on one topic of distributed's structured events (``Scheduler.log_event``, pushed
 to subscribed clients over their batched stream): ``"wanted"`` when a run begins to
-wait for KV, ``"freed"`` when a run gives KV back.  A client subscribes once; each of
-its runs and placements listens for the kinds it acts on and looks at once.  The clocks
-stay as they were: a missed word (a client reconnecting) costs only the old wait.
+wait for KV, ``"placed"`` and ``"grew"`` when a run takes KV, ``"freed"`` when a run
+gives some back.  A client subscribes once; each of its runs and placements listens for
+the kinds it acts on and looks at once.  The clocks stay as they were: a missed word (a
+client reconnecting) costs only the old wait.
+
+The same events are the cluster's record of who held KV when: ``glinthawk status`` and
+the dashboard page show the last of them (:func:`event_text`), and anyone can read them
+with ``Client.get_events("glinthawk-kv")``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from typing import Any
 
-__all__ = ["TOPIC", "Listener", "announce", "listen"]
+__all__ = ["TOPIC", "Listener", "announce", "event_text", "listen", "recent"]
 
 TOPIC = "glinthawk-kv"
-KINDS = ("wanted", "freed")
+KINDS = ("wanted", "placed", "grew", "freed")
 
 
-def announce(scheduler: Any, kind: str, run_id: str) -> None:
+def announce(scheduler: Any, kind: str, run_id: str, nbytes: int = 0, detail: str = "") -> None:
     """Tell the subscribed clients that run ``run_id`` began to wait for KV
-    (``"wanted"``) or gave some back (``"freed"``)."""
+    (``"wanted"``), took ``nbytes`` (``"placed"``, ``"grew"``) or gave ``nbytes`` back
+    (``"freed"``); ``detail`` says why or how, for people."""
     if kind not in KINDS:
         raise ValueError(f"unknown KV signal {kind!r} (expected one of {KINDS})")
-    scheduler.log_event(TOPIC, {"kind": kind, "run_id": run_id})
+    scheduler.log_event(TOPIC, {"kind": kind, "run_id": run_id, "bytes": int(nbytes), "detail": detail})
+
+
+def recent(scheduler: Any, n: int = 10) -> list[dict]:
+    """The last ``n`` announcements, oldest first, each with its ``time``."""
+    return [{"time": t, **msg} for t, msg in list(scheduler.get_events(TOPIC))[-n:] if isinstance(msg, dict)]
+
+
+def event_text(event: dict) -> str:
+    """One announcement (an item of :func:`recent`) as people read it:
+    ``12:03:01 gh-8a1c waits for KV (held by ...)``."""
+    verb = {"wanted": "waits for KV", "placed": "placed with", "grew": "grew by", "freed": "gave back"}
+    what = verb.get(event.get("kind"), str(event.get("kind")))
+    if event.get("kind") != "wanted":
+        what += " " + _size(int(event.get("bytes", 0)))
+    detail = f" ({event['detail']})" if event.get("detail") else ""
+    return f"{time.strftime('%H:%M:%S', time.localtime(event.get('time', 0)))} {event.get('run_id')} {what}{detail}"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit} of KV"
+    return f"{n} B of KV"
 
 
 class Listener:

@@ -135,7 +135,7 @@ class KVLedger:
             if wait and wait_s > 0:  # shown by `glinthawk status` while it keeps asking
                 if run_id not in self.waiting:  # (the runs above their share give some up at once)
                     self.waiting[run_id] = {"client": client, "model": model, "since": now}
-                    announce(self.scheduler, "wanted", run_id)
+                    announce(self.scheduler, "wanted", run_id, detail="held by " + ", ".join(self.runs))
                 self.waiting[run_id]["until"] = min(now + wait_s, now + 15.0)  # (it asks again within a second)
             return {"error": self._held_by_others() if wait else str(e), "wait": wait}
         self.waiting.pop(run_id, None)
@@ -148,6 +148,8 @@ class KVLedger:
                              "t0": time.time(), "model": model, "generated": 0, "beside": set(self.runs)}
         for other_id in self.runs[run_id]["beside"]:  # runs that shared the cluster for a while, both ways
             self.runs[other_id].setdefault("beside", set()).add(run_id)
+        announce(self.scheduler, "placed", run_id, sum(kv.values()) + sum(plan.dense_kv.values()),
+                 f"{plan.mode}, {'+'.join(map(str, plan.sizes))} slots")
         return {"plan": self.runs[run_id]["plan"], "kv_free": self.kv_free()}  # (and the KV left beside it)
 
     def replace(self, run_id: str, lost: str, slice_index: int, n_slots: int, n_layers: int,
@@ -269,6 +271,8 @@ class KVLedger:
         for addr, nbytes in plan.attention_kv().items():
             run["kv"][addr] = run["kv"].get(addr, 0) + nbytes
             run["workers"].add(addr)
+        announce(self.scheduler, "grew", run_id, sum(plan.attention_kv().values()),
+                 f"{n_micro_batches} more micro-batch(es) of {micro_batch_size} slots")
         run["grown"] = run.get("grown", 0) + 1
         kv_runs = [f"{run_id}/g{run['grown']}s{s}" for s in range(len(plan.slices))]  # a cache per slice
         run["plan"] = Plan.from_wire(old).grown(plan, kv_runs, keep).to_wire()
@@ -280,7 +284,7 @@ class KVLedger:
         run = self.runs.get(run_id)
         if run is not None and address in run["kv"]:
             run["kv"][address] = max(0, run["kv"][address] - int(nbytes))
-            announce(self.scheduler, "freed", run_id)
+            announce(self.scheduler, "freed", run_id, nbytes, "the cache of micro-batches it retired closed")
 
     def resize(self, run_id: str, micro_batch: int, n_slots: int) -> dict:
         """Hold ``n_slots`` slots of remote micro-batch ``micro_batch`` of run ``run_id``
@@ -304,9 +308,11 @@ class KVLedger:
             run["kv"][addr] = max(0, run["kv"].get(addr, 0) + d)
         run["plan"] = resized.to_wire()
         old = plan.sizes[micro_batch]
+        change = f"micro-batch {micro_batch} from {old} to {n_slots} slots"
         if n_slots > old:
             run["grown"] = run.get("grown", 0) + 1
+            announce(self.scheduler, "grew", run_id, sum(d for d in delta.values() if d > 0), change)
         elif n_slots < old:  # (for runs waiting for KV)
             run["shrunk_slots"] = run.get("shrunk_slots", 0) + old - int(n_slots)
-            announce(self.scheduler, "freed", run_id)
+            announce(self.scheduler, "freed", run_id, -sum(d for d in delta.values() if d < 0), change)
         return {"plan": run["plan"]}

@@ -25,7 +25,7 @@ from . import dashboard
 from .attention_service import AttentionService
 from .compute import one_torch_thread
 from .dense_service import DenseService
-from .kv_signals import announce
+from .kv_signals import announce, recent
 from .pipelines import PipelineRegistry
 from .ledger import KVLedger, total_memory
 from .placement import kv_budget_bytes
@@ -196,7 +196,7 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
         run = self.runs.pop(run_id, None)
         if run is None:
             return
-        announce(self.scheduler, "freed", run_id)
+        announce(self.scheduler, "freed", run_id, _held(run), f"closed: {why}")
         logger.warning("glinthawk closes run %s: %s", run_id, why)
         self.closed[run_id] = why
         while len(self.closed) > 1000:  # (the oldest go first)
@@ -258,7 +258,8 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
     async def status(self) -> dict:
         """What the cluster holds: tier workers with their budgets and reserved and used
         KV, the open runs with their client, age, plan and tokens done, and the runs
-        waiting to be placed for KV the open runs hold; the detached pipelines."""
+        waiting to be placed for KV the open runs hold; the detached pipelines; the last
+        KV changes between runs (see :mod:`.kv_signals`)."""
         reg = self.registry()
         now = time.time()
 
@@ -306,7 +307,8 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
                 "shrunk_slots": r.get("shrunk_slots", 0),
             })
         return {"scheduler": self.scheduler.address, "time": now, "workers": workers, "runs": runs,
-                "waiting": self.waiting_runs(), "pipelines": self.pipelines.list()}
+                "waiting": self.waiting_runs(), "pipelines": self.pipelines.list(),
+                "kv_events": recent(self.scheduler, 8)}
 
     def waiting_runs(self) -> list[dict]:
         """The runs still asking to be placed: id, client, model and seconds waited."""
@@ -321,5 +323,10 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
         self.waiting.pop(run_id, None)
         run = self.runs.pop(run_id, None) or {}
         if run:
-            announce(self.scheduler, "freed", run_id)
+            announce(self.scheduler, "freed", run_id, _held(run), "it ended")
         return {"beside": sorted(run.get("beside", ()))}
+
+
+def _held(run: dict) -> int:
+    """The KV bytes a run's record holds, on both tiers."""
+    return sum(run.get("kv", {}).values()) + sum(run.get("dense_kv", {}).values())

@@ -8,10 +8,12 @@ without it.
 
 from __future__ import annotations
 
+import html
 import time
 from typing import TYPE_CHECKING, Any
 
 from ...engine.progress import eta_part, lost_workers, rows_of
+from ..kv_signals import event_text, recent
 from . import MAX_EVENTS_PER_PULL, PAGE
 from .poller import FINISHED_KEEP
 
@@ -184,8 +186,9 @@ class GlinthawkPage:
 
         self.summary = Div(text="<b>Glinthawk</b>: waiting for the first numbers", name="glinthawk-summary",
                            **sizing)
+        self.kv_changes = Div(text="", name="glinthawk-kv-changes", **sizing)  # (runs placed, waiting, giving back)
         self.root = column(self.summary, self.stream, self.stream_legend, row(self.rates, self.in_flight, **sizing),
-                           row(self.kv, self.rows, **sizing), **sizing)
+                           row(self.kv, self.rows, **sizing), self.kv_changes, **sizing)
 
     def update(self) -> None:
         """Take what the scheduler pulled since the last refresh into the plots."""
@@ -279,6 +282,10 @@ class GlinthawkPage:
         if m.dropped:
             parts.append(f"{m.dropped} intervals not shown (more than {MAX_EVENTS_PER_PULL} per pull)")
         self.summary.text = "; ".join(parts)
+        changes = recent(m.scheduler, 6)
+        self.kv_changes.text = "" if not changes else (
+            "<small><b>Last KV changes between runs</b> (<code>Client.get_events(\"glinthawk-kv\")</code> has "
+            "them all):<br>" + "<br>".join(html.escape(event_text(e)) for e in reversed(changes)) + "</small>")
 
     def _follow_y(self) -> None:
         """Fit the rate and in-flight y ranges to the samples of the visible window."""

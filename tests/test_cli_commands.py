@@ -348,6 +348,15 @@ def test_export_writes_to_a_destination_in_the_format_its_name_says(tmp_path):
     assert result.exit_code == 0 and pq.read_table(tmp_path / "out.parquet").num_rows == rows, result.output
     _assert_one_line_error(CliRunner().invoke(main, ["export", str(out), str(tmp_path / "a.jsonl"), "-o",
                                                      str(tmp_path / "b.jsonl")]), "two destinations")
+    # an existing file (next to OUT, the default is often the very input) is left alone unless --overwrite
+    (tmp_path / "out.jsonl").write_text('{"id": "input", "prompt": "mine"}\n')
+    _assert_one_line_error(CliRunner().invoke(main, ["export", str(out)]), "out.jsonl exists: name another")
+    assert (tmp_path / "out.jsonl").read_text() == '{"id": "input", "prompt": "mine"}\n'
+    result = CliRunner().invoke(main, ["export", str(out), "--overwrite"])
+    assert result.exit_code == 0 and len((tmp_path / "out.jsonl").read_text().splitlines()) == rows, result.output
+    result = CliRunner().invoke(main, ["export", str(out), "-"])  # standard output
+    assert result.exit_code == 0 and result.stdout == (tmp_path / "out.jsonl").read_text(), result.stderr
+    assert result.stderr == f"{rows} rows written to standard output\n"
     _assert_one_line_error(CliRunner().invoke(main, ["export", str(out), str(tmp_path / "c.parquet"), "--to",
                                                      "jsonl"]), "named as parquet")
 

@@ -486,6 +486,8 @@ def test_export_of_an_empty_output_and_bad_destinations(tmp_path):
         sink.close()
         with pytest.raises(OutputError, match=r"cannot write /dev/full \(OSError: \[Errno 28\] No space left on "
                                               r"device\): what it holds is incomplete; make room"):
+            export_output(url, "/dev/full", to="jsonl", overwrite=True)
+        with pytest.raises(OutputError, match="/dev/full exists: name another destination, or replace it"):
             export_output(url, "/dev/full", to="jsonl")
 
 

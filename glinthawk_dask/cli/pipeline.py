@@ -153,10 +153,12 @@ def run_text(p: Any) -> str:
 @click.option("--to", "fmt", type=click.Choice(["jsonl", "parquet"]), default=None,
               help="The format [default: the one DEST's name ends in (.jsonl, .jsonl.gz, .parquet), else jsonl].")
 @click.option("--dest", "-o", default=None, metavar="URL", help="Where to write (the same as DEST).")
+@click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
 @user_errors
-def export(output_url: str, dest_arg: str | None, fmt: str | None, dest: str | None) -> None:
+def export(output_url: str, dest_arg: str | None, fmt: str | None, dest: str | None, overwrite: bool) -> None:
     """Convert the Zarr output OUT of a pipeline to JSONL or Parquet, written to DEST
-    (any fsspec URL) [default: OUT with the extension of the format]."""
+    (any fsspec URL; - for standard output) [default: OUT with the extension of the
+    format].  An existing DEST is left alone unless --overwrite."""
     from ..pipeline.export import export_output
 
     if dest_arg is not None and dest is not None and dest_arg != dest:
@@ -164,8 +166,8 @@ def export(output_url: str, dest_arg: str | None, fmt: str | None, dest: str | N
     dest = dest or dest_arg
     if dest is None:
         dest = output_url.rstrip("/").removesuffix(".zarr") + "." + (fmt or "jsonl")
-    n = export_output(output_url, dest, to=fmt)
-    click.echo(f"{n} rows written to {dest}", err=True)
+    n = export_output(output_url, dest, to=fmt, overwrite=overwrite, stdout=click.get_binary_stream("stdout"))
+    click.echo(f"{n} rows written to {'standard output' if dest == '-' else dest}", err=True)
 
 
 # -- inspecting an output ----------------------------------------------------------------------

@@ -62,13 +62,17 @@ def export_output(
     *,
     storage_options: Mapping[str, Mapping[str, Any]] | None = None,
     dest_storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+    overwrite: bool = False,
+    stdout: BinaryIO | None = None,
 ) -> int:
     """Write the committed rows of the output at ``url`` to ``dest`` (an fsspec URL) as ``to``.
 
     ``to`` defaults to the format ``dest``'s name ends in (``.jsonl``, ``.parquet``, ...;
     JSON Lines otherwise); a name ending in the other format is refused.  JSON Lines are
     compressed as the name says (``.jsonl.gz``).  Both option mappings are keyed by
-    protocol, like the pipeline's.  Returns the rows written.
+    protocol, like the pipeline's.  A ``dest`` that exists is refused unless
+    ``overwrite`` (it may be the very input the output was made from); ``"-"`` writes
+    to ``stdout`` (a binary stream).  Returns the rows written.
     """
     named, compression = format_of(dest)
     to = to or named or "jsonl"
@@ -80,8 +84,18 @@ def export_output(
     if compression is not None and to == "parquet":
         raise OutputError(f"{dest}: Parquet compresses its own columns; drop the .{dest.rsplit('.', 1)[-1]} ending")
     table = read_output(url, storage_options=storage_options)
+    if dest == "-":
+        if stdout is None:
+            raise OutputError('"-" writes to standard output: give the stream to write to')
+        (_write_jsonl if to == "jsonl" else _write_parquet)(table, stdout)
+        stdout.flush()
+        return len(table)
     try:
-        f = fsspec.open(dest, "wb", compression=compression, **options_for(dest, dest_storage_options)).open()
+        opened = fsspec.open(dest, "wb", compression=compression, **options_for(dest, dest_storage_options))
+        if not overwrite and opened.fs.exists(opened.path):
+            raise OutputError(f"{dest} exists: name another destination, or replace it (`glinthawk export "
+                              "--overwrite`, overwrite=True)")
+        f = opened.open()
     except OSError as e:
         raise OutputError(f"cannot write {dest} ({type(e).__name__}: {e}): check that its directory or "
                           "bucket exists and is writable") from e

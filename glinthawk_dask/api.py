@@ -148,6 +148,18 @@ class LLM:
             dense_kv_budget=dense_kv_budget, local_micro_batches=local_micro_batches,
         )
 
+    @property
+    def label(self) -> str:
+        """What this LLM's runs on a cluster are for (a pipeline sets its name): ``glinthawk
+        status`` and the KV changes between runs show it beside their ids.  Empty by
+        default; an in-process LLM has none."""
+        return getattr(self.engine, "label", "")
+
+    @label.setter
+    def label(self, text: str) -> None:
+        if hasattr(self.engine, "label"):
+            self.engine.label = str(text)
+
     def cluster_status(self) -> dict:
         """The cluster's workers, KV and open runs (see :func:`glinthawk_dask.runtime.cluster_status`)."""
         if self.client is None:

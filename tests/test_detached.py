@@ -127,6 +127,10 @@ def test_a_detached_run_goes_on_without_its_client(cluster, reference, tmp_path)
     status = glinthawk("status", "--scheduler", cluster)
     assert re.search(r"\n  alone: finished \d+ s ago, 24 rows written \(0 errors\); output " + re.escape(str(out)),
                      status.stdout), status.stdout
+    # its runs, named for it in the KV changes: the model's load, then the run
+    assert re.search(r"\n  [\d:]{8} gh-\w+ \(pipeline alone, loading the model\) placed with [\d.]+ KiB of KV.*"
+                     r"\n  [\d:]{8} gh-\w+ \(pipeline alone\) placed with [\d.]+ MiB of KV \(two-tier, 4\+4 slots\)",
+                     status.stdout, re.S), status.stdout
     assert not psutil.pid_exists(record["pid"]) or psutil.Process(record["pid"]).status() == psutil.STATUS_ZOMBIE
     # at once again, from Python (the first run's task may still be ending): nothing left to do
     first = load_spec(spec)

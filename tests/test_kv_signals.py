@@ -69,6 +69,7 @@ async def test_the_scheduler_says_when_a_run_waits_for_kv_and_when_a_run_frees_i
     holder_reqs, waiter_reqs = _rows(8, "h"), _rows(4, "w")
     holder = DaskEngine(c, MODEL, micro_batch_size=8, n_micro_batches=1)
     waiter = DaskEngine(c, MODEL, micro_batch_size=4, n_micro_batches=1)
+    holder.label, waiter.label = "pipeline h", "pipeline w"
     got_holder, got_waiter = {}, {}
     with dask.config.set({"glinthawk.engine.grow-every": 0.0}):
         held = holder.agenerate(holder_reqs, max_seq_len=64)
@@ -86,7 +87,11 @@ async def test_the_scheduler_says_when_a_run_waits_for_kv_and_when_a_run_frees_i
             got_holder[comp.id] = comp.completion_token_ids
         await waiting
     h, w = holder.last_summary.run_id, waiter.last_summary.run_id
-    words = [(msg["kind"], msg["run_id"]) for _, msg in await c.get_events(TOPIC)]
-    assert words == [("placed", h), ("wanted", w), ("freed", h), ("placed", w), ("freed", w)], words
+    events = await c.get_events(TOPIC)
+    words = [(msg["kind"], msg["run_id"], msg["label"]) for _, msg in events]
+    assert words == [("placed", h, "pipeline h"), ("wanted", w, "pipeline w"), ("freed", h, "pipeline h"),
+                     ("placed", w, "pipeline w"), ("freed", w, "pipeline w")], words
+    assert event_text({"time": 0, **events[1][1]}).endswith(f" {w} (pipeline w) waits for KV (held by {h} "
+                                                            "(pipeline h))")
     assert waiter.placement_wait_s > 0
     assert got_holder == _reference(holder_reqs) and got_waiter == _reference(waiter_reqs)

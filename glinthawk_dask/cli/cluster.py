@@ -377,6 +377,8 @@ def status_text(info: dict) -> str:
                 return f"{n / scale:.1f} {unit}"
         return f"{n} B"
 
+    from ..runtime.kv_signals import event_text, run_name
+
     lines = [f"scheduler {info['scheduler']}"]
     for tier in ("dense", "attention"):
         workers = info["workers"][tier]
@@ -391,8 +393,8 @@ def status_text(info: dict) -> str:
     lines.append(f"open runs: {len(info['runs'])}")
     for r in info["runs"]:
         split = f", {r['local_micro_batches']} local" if r["mode"] == "hybrid" else ""
-        lines.append(f"  {r['run_id']} by client {r['client']}: {r['mode']}, {r['model']}, "
-                     f"{'+'.join(map(str, r['sizes']))} slots in {r['micro_batches']} micro-batches{split}, "
+        lines.append(f"  {run_name(r['run_id'], r.get('label', ''))} by client {r['client']}: {r['mode']}, "
+                     f"{r['model']}, {'+'.join(map(str, r['sizes']))} slots in {r['micro_batches']} micro-batches{split}, "
                      f"age {r['age_s']:.0f} s, {r['generated_tokens']} tokens, KV reserved "
                      f"{size(r['kv_reserved']['dense'])} dense, {size(r['kv_reserved']['attention'])} attention, "
                      f"lease left {max(0.0, r['lease_left_s']):.0f} s"
@@ -403,11 +405,10 @@ def status_text(info: dict) -> str:
                      + (f"; lost {', '.join(r['lost_workers'])}" if r.get("lost_workers") else ""))
     if info.get("waiting"):
         lines.append(f"runs waiting for KV the open runs hold: {len(info['waiting'])}")
-        lines += [f"  {w['run_id']} by client {w['client']}: {w['model']}, waiting {w['waited_s']:.0f} s"
+        lines += [f"  {run_name(w['run_id'], w.get('label', ''))} by client {w['client']}: {w['model']}, "
+                  f"waiting {w['waited_s']:.0f} s"
                   for w in info["waiting"]]
     if info.get("kv_events"):
-        from ..runtime.kv_signals import event_text
-
         lines.append("last KV changes between runs:")
         lines += [f"  {event_text(e)}" for e in info["kv_events"]]
     if info.get("pipelines"):

@@ -140,7 +140,9 @@ def run_pipeline(
     try:
         with contextlib.nullcontext(llm) if given else pipeline_llm(spec, scheduler=scheduler, client=client) as llm:
             if not given:
+                llm.label = f"pipeline {spec.name}, loading the model"
                 load_model(llm, spec.model)
+                llm.label = f"pipeline {spec.name}"
             t0 = time.perf_counter()
             startup = t0 - t_start
             feed = _RequestFeed(spec, shards, llm, source.config.vocab_size, sink)  # (skips ids committed before)

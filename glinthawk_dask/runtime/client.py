@@ -77,6 +77,7 @@ class DaskEngine:
             raise GlinthawkError("dense_kv_budget must be at least 1 byte (None: the dense workers' own)")
         self.dense_kv_budget = None if dense_kv_budget is None else int(dense_kv_budget)
         self.local_micro_batches = local_micro_batches  # hybrid: fixed, or None for the planner's choice
+        self.label = ""  # what its runs are for (a pipeline's name): `glinthawk status` shows it beside their ids
         self.n_slices = n_slices
         mbs = micro_batch_size or config.get("engine.micro-batch-size")
         self.micro_batch_size: int | str = mbs if mbs == "auto" else int(mbs)
@@ -256,7 +257,7 @@ class DaskEngine:
                 max_seq_len=seq_len, micro_batch_size=mb_size, n_micro_batches=depth, n_slices=self.n_slices,
                 dense_kv_budget=self.dense_kv_budget, local_micro_batches=min(n_local, depth),
                 layer_weight_bytes=per_layer, ends_weight_bytes=ends, client=self.client.id, lease=lease,
-                model=self.model, wait_s=0.0 if size_hint else deadline - time.time(),
+                model=self.model, wait_s=0.0 if size_hint else deadline - time.time(), label=self.label,
             )
             if "error" in reply:
                 raise Unplaceable(reply["error"], wait=bool(reply.get("wait")))

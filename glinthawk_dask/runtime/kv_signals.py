@@ -24,19 +24,26 @@ import time
 import weakref
 from typing import Any
 
-__all__ = ["TOPIC", "Listener", "announce", "event_text", "listen", "recent"]
+__all__ = ["TOPIC", "Listener", "announce", "event_text", "listen", "recent", "run_name"]
 
 TOPIC = "glinthawk-kv"
 KINDS = ("wanted", "placed", "grew", "freed")
 
 
-def announce(scheduler: Any, kind: str, run_id: str, nbytes: int = 0, detail: str = "") -> None:
+def announce(scheduler: Any, kind: str, run_id: str, nbytes: int = 0, detail: str = "", label: str = "") -> None:
     """Tell the subscribed clients that run ``run_id`` began to wait for KV
     (``"wanted"``), took ``nbytes`` (``"placed"``, ``"grew"``) or gave ``nbytes`` back
-    (``"freed"``); ``detail`` says why or how, for people."""
+    (``"freed"``); ``detail`` says why or how, ``label`` what the run is for (a
+    pipeline's name), for people."""
     if kind not in KINDS:
         raise ValueError(f"unknown KV signal {kind!r} (expected one of {KINDS})")
-    scheduler.log_event(TOPIC, {"kind": kind, "run_id": run_id, "bytes": int(nbytes), "detail": detail})
+    scheduler.log_event(TOPIC, {"kind": kind, "run_id": run_id, "bytes": int(nbytes), "detail": detail,
+                                "label": label})
+
+
+def run_name(run_id: str, label: str = "") -> str:
+    """A run as people read it: ``gh-2c469532dd76 (pipeline a)``."""
+    return f"{run_id} ({label})" if label else run_id
 
 
 def recent(scheduler: Any, n: int = 10) -> list[dict]:
@@ -52,7 +59,8 @@ def event_text(event: dict) -> str:
     if event.get("kind") != "wanted":
         what += " " + _size(int(event.get("bytes", 0)))
     detail = f" ({event['detail']})" if event.get("detail") else ""
-    return f"{time.strftime('%H:%M:%S', time.localtime(event.get('time', 0)))} {event.get('run_id')} {what}{detail}"
+    when = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
+    return f"{when} {run_name(str(event.get('run_id')), event.get('label', ''))} {what}{detail}"
 
 
 def _size(n: int) -> str:

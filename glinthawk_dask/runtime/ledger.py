@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from .. import config
-from .kv_signals import announce
+from .kv_signals import announce, run_name
 from .messages import Plan
 from .placement import PlacementError, kv_budget_bytes, make_plan
 
@@ -55,6 +55,12 @@ class KVLedger:
                 "glinthawk_release": self.release, "glinthawk_kv_room": self.kv_room,
                 "glinthawk_yield": self.yield_micro_batches, "glinthawk_resize": self.resize}
 
+    def _announce(self, kind: str, run_id: str, nbytes: int = 0, detail: str = "", run: dict | None = None) -> None:
+        """Announce a KV change of ``run_id`` (its ``run`` record, if no longer open) to
+        the clients (:func:`~.kv_signals.announce`), with the run's label."""
+        run = run or self.runs.get(run_id) or self.waiting.get(run_id) or {}
+        announce(self.scheduler, kind, run_id, nbytes, detail, label=run.get("label", ""))
+
     def _attention_budget(self, addr: str) -> int:
         """The KV bytes attention worker ``addr`` offers in all (its ``KV`` resource, or a
         share of its memory limit)."""
@@ -88,10 +94,12 @@ class KVLedger:
         lease: float | None = None,
         model: str = "",
         wait_s: float = 0.0,
+        label: str = "",
     ) -> dict:
         """Place a run and reserve its KV bytes; errors come back as ``{"error": ...}``.
 
-        ``dense_kv_budget`` caps the KV the run may keep on each dense worker (within
+        ``label`` says what the run is for (a pipeline's name), beside its id in ``glinthawk
+        status`` and the KV changes.  ``dense_kv_budget`` caps the KV the run may keep on each dense worker (within
         the worker's own budget); the weight sizes let a GPU dense worker tell what its
         device memory leaves for KV once the slice is loaded.  The run belongs to
         ``client``: it is closed when that client leaves or stops renewing its ``lease``
@@ -134,8 +142,9 @@ class KVLedger:
             now = time.time()
             if wait and wait_s > 0:  # shown by `glinthawk status` while it keeps asking
                 if run_id not in self.waiting:  # (the runs above their share give some up at once)
-                    self.waiting[run_id] = {"client": client, "model": model, "since": now}
-                    announce(self.scheduler, "wanted", run_id, detail="held by " + ", ".join(self.runs))
+                    self.waiting[run_id] = {"client": client, "model": model, "since": now, "label": label}
+                    self._announce("wanted", run_id, detail="held by " + ", ".join(
+                        run_name(r, other.get("label", "")) for r, other in self.runs.items()))
                 self.waiting[run_id]["until"] = min(now + wait_s, now + 15.0)  # (it asks again within a second)
             return {"error": self._held_by_others() if wait else str(e), "wait": wait}
         self.waiting.pop(run_id, None)
@@ -145,11 +154,12 @@ class KVLedger:
         self.runs[run_id] = {"kv": kv, "dense_kv": dict(plan.dense_kv), "workers": workers, "lost": [],
                              "plan": plan.to_wire(),
                              "client": client, "lease": lease, "lease_until": time.time() + lease,
-                             "t0": time.time(), "model": model, "generated": 0, "beside": set(self.runs)}
+                             "t0": time.time(), "model": model, "generated": 0, "beside": set(self.runs),
+                             "label": label}
         for other_id in self.runs[run_id]["beside"]:  # runs that shared the cluster for a while, both ways
             self.runs[other_id].setdefault("beside", set()).add(run_id)
-        announce(self.scheduler, "placed", run_id, sum(kv.values()) + sum(plan.dense_kv.values()),
-                 f"{plan.mode}, {'+'.join(map(str, plan.sizes))} slots")
+        self._announce("placed", run_id, sum(kv.values()) + sum(plan.dense_kv.values()),
+                       f"{plan.mode}, {'+'.join(map(str, plan.sizes))} slots")
         return {"plan": self.runs[run_id]["plan"], "kv_free": self.kv_free()}  # (and the KV left beside it)
 
     def replace(self, run_id: str, lost: str, slice_index: int, n_slots: int, n_layers: int,
@@ -271,8 +281,8 @@ class KVLedger:
         for addr, nbytes in plan.attention_kv().items():
             run["kv"][addr] = run["kv"].get(addr, 0) + nbytes
             run["workers"].add(addr)
-        announce(self.scheduler, "grew", run_id, sum(plan.attention_kv().values()),
-                 f"{n_micro_batches} more micro-batch(es) of {micro_batch_size} slots")
+        self._announce("grew", run_id, sum(plan.attention_kv().values()),
+                       f"{n_micro_batches} more micro-batch(es) of {micro_batch_size} slots")
         run["grown"] = run.get("grown", 0) + 1
         kv_runs = [f"{run_id}/g{run['grown']}s{s}" for s in range(len(plan.slices))]  # a cache per slice
         run["plan"] = Plan.from_wire(old).grown(plan, kv_runs, keep).to_wire()
@@ -284,7 +294,7 @@ class KVLedger:
         run = self.runs.get(run_id)
         if run is not None and address in run["kv"]:
             run["kv"][address] = max(0, run["kv"][address] - int(nbytes))
-            announce(self.scheduler, "freed", run_id, nbytes, "the cache of micro-batches it retired closed")
+            self._announce("freed", run_id, nbytes, "the cache of micro-batches it retired closed")
 
     def resize(self, run_id: str, micro_batch: int, n_slots: int) -> dict:
         """Hold ``n_slots`` slots of remote micro-batch ``micro_batch`` of run ``run_id``
@@ -311,8 +321,8 @@ class KVLedger:
         change = f"micro-batch {micro_batch} from {old} to {n_slots} slots"
         if n_slots > old:
             run["grown"] = run.get("grown", 0) + 1
-            announce(self.scheduler, "grew", run_id, sum(d for d in delta.values() if d > 0), change)
+            self._announce("grew", run_id, sum(d for d in delta.values() if d > 0), change)
         elif n_slots < old:  # (for runs waiting for KV)
             run["shrunk_slots"] = run.get("shrunk_slots", 0) + old - int(n_slots)
-            announce(self.scheduler, "freed", run_id, -sum(d for d in delta.values() if d < 0), change)
+            self._announce("freed", run_id, -sum(d for d in delta.values() if d < 0), change)
         return {"plan": run["plan"]}

@@ -25,7 +25,7 @@ from . import dashboard
 from .attention_service import AttentionService
 from .compute import one_torch_thread
 from .dense_service import DenseService
-from .kv_signals import announce, recent
+from .kv_signals import recent
 from .pipelines import PipelineRegistry
 from .ledger import KVLedger, total_memory
 from .placement import kv_budget_bytes
@@ -196,7 +196,7 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
         run = self.runs.pop(run_id, None)
         if run is None:
             return
-        announce(self.scheduler, "freed", run_id, _held(run), f"closed: {why}")
+        self._announce("freed", run_id, _held(run), f"closed: {why}", run=run)
         logger.warning("glinthawk closes run %s: %s", run_id, why)
         self.closed[run_id] = why
         while len(self.closed) > 1000:  # (the oldest go first)
@@ -304,7 +304,7 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
                                                         "attention": sum(r["kv"].values())},
                 "generated_tokens": r.get("generated", 0), "lost_workers": list(r["lost"]),
                 "grown": r.get("grown", 0), "yielded": r.get("yielded", 0),
-                "shrunk_slots": r.get("shrunk_slots", 0),
+                "shrunk_slots": r.get("shrunk_slots", 0), "label": r.get("label", ""),
             })
         return {"scheduler": self.scheduler.address, "time": now, "workers": workers, "runs": runs,
                 "waiting": self.waiting_runs(), "pipelines": self.pipelines.list(),
@@ -314,8 +314,8 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
         """The runs still asking to be placed: id, client, model and seconds waited."""
         now = time.time()
         self.waiting = {r: w for r, w in self.waiting.items() if now < w["until"]}
-        return [{"run_id": r, "client": w["client"], "model": w["model"], "waited_s": now - w["since"]}
-                for r, w in self.waiting.items()]
+        return [{"run_id": r, "client": w["client"], "model": w["model"], "waited_s": now - w["since"],
+                 "label": w.get("label", "")} for r, w in self.waiting.items()]
 
     def run_closed(self, run_id: str) -> dict:
         """Free a closed run's placement (or forget a run that stopped waiting for one);
@@ -323,7 +323,7 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
         self.waiting.pop(run_id, None)
         run = self.runs.pop(run_id, None) or {}
         if run:
-            announce(self.scheduler, "freed", run_id, _held(run), "it ended")
+            self._announce("freed", run_id, _held(run), "it ended", run=run)
         return {"beside": sorted(run.get("beside", ()))}
 
 

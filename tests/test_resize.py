@@ -103,15 +103,18 @@ class _Slices:
     (slot -> [sequence, tokens cached]) that every step, take-out and put-back is checked
     against; a sequence's next token is a function of its id and position alone."""
 
-    def __init__(self, sizes: list[int], take_out_s: float) -> None:
+    def __init__(self, sizes: list[int], take_out_s: float, host_room: int = 2**40) -> None:
         from glinthawk_dask.runtime.messages import SliceSpec
 
         self.spec = SliceSpec(run_id="r", model="m", start=0, stop=1, micro_batch_size=max(sizes),
                               n_micro_batches=len(sizes), max_seq_len=64, sizes=list(sizes),
                               local=[False] * len(sizes), engine={"max_step_tokens": 64})
-        self.kv_bytes_per_token, self.take_out_s = 10, take_out_s
+        self.kv_bytes_per_token, self.take_out_s, self.room = 10, take_out_s, host_room
         self.cache: list[dict[int, list]] = [{} for _ in sizes]
         self.kept: dict[str, int] = {}  # tokens cached of each sequence taken out
+
+    def host_room(self) -> int:  # (the dense worker's memory, as SliceRun.host_room gives it)
+        return self.room
 
     def _release(self, mb: int, released: list[str]) -> None:
         for slot in [k for k, (seq, _) in self.cache[mb].items() if seq in released]:
@@ -154,15 +157,17 @@ def _token(seq: str, position: int) -> int:
     return (sum(map(ord, seq)) * 31 + position) % 97
 
 
-def test_a_micro_batch_given_up_hands_its_sequences_to_the_others_with_their_kv():
+@pytest.mark.parametrize("host_room, taken_out", [(2**40, 4), (0, 0)])
+def test_a_micro_batch_given_up_hands_its_sequences_to_the_others_with_their_kv(host_room, taken_out):
     """The driver takes a retired micro-batch's sequences out of its cache while another
     micro-batch goes on stepping, and that one takes them back only once their K/V is out;
-    every sequence's tokens are those it would have had, and the emptied one closes."""
+    every sequence's tokens are those it would have had, and the emptied one closes.  With
+    no room in the dense worker's memory, they run to their end where they are."""
     from glinthawk_dask.runtime.driver import RunDriver
     from glinthawk_dask.runtime.messages import Results
 
     async def main() -> dict:
-        slices = _Slices([4, 4], take_out_s=0.05)
+        slices = _Slices([4, 4], take_out_s=0.05, host_room=host_room)
         driver = RunDriver(slices, None)
         lengths = [2, 3, 3, 3, 12, 12, 12, 12] + [5] * 8
         driver.submit([{"id": f"q{i}", "prompt_token_ids": [1, 2, 3],
@@ -178,7 +183,7 @@ def test_a_micro_batch_given_up_hands_its_sequences_to_the_others_with_their_kv(
                 driver.retire([1])  # (its four run on, in micro-batch 0's slots as they free)
         await driver.close()
         assert isinstance(results, Results) and [r["micro_batch"] for r in retired] == [1]
-        assert retired[0]["swapped_out"] == 4 and not slices.kept
+        assert retired[0]["swapped_out"] == taken_out and not slices.kept
         return got
 
     got = asyncio.run(main())
@@ -199,15 +204,16 @@ from test_two_tier import DENSE, MODEL, _setup  # noqa: E402
 _SLOT = from_name("tiny-gqa").kv_bytes_per_token(4, 1) * 64 * 3  # one KV slot of 64 positions, every layer
 
 
-@pytest.mark.parametrize("swap_bytes, grow_every", [(2**30, 0.05), (0, 0.05), (2**30, 600.0)])
+@pytest.mark.parametrize("swap_bytes, grow_every, memory", [(2**30, 0.05, 0.7), (0, 0.05, 0.7), (2**30, 600.0, 0.7),
+                                                             (2**30, 0.05, 0.0)])
 @gen_cluster(client=True, nthreads=[DENSE, ("127.0.0.1", 1, {"resources": {"KV": 8 * _SLOT}})], timeout=120)
 async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back_in_place(c, s, a, w, swap_bytes,
-                                                                                          grow_every):
+                                                                                          grow_every, memory):
     """A run of one micro-batch holding every KV slot (8 x 1 on a worker of 8) shrinks to
     its share once another run waits: four of its sequences are taken out of its cache
     (their K/V kept on the dense worker) and go back as slots free; with no room for that
-    (``swap-bytes`` 0) it admits no more until four are left, and those move into four
-    slots.  Either way the cache copies them into a cache of four and gives the rest
+    (``swap-bytes`` 0, or no memory for it on the dense worker: ``swap-memory-fraction``
+    0) it admits no more until four are left, and those move into four slots.  Either way the cache copies them into a cache of four and gives the rest
     back, the waiting run is placed there, and once it ends the first grows back to eight
     in place.  Every token of both is the in-process engine's.  The runs act on the
     scheduler's word, not on their clocks: with ``grow-every`` 600 s the first shrinks as
@@ -230,13 +236,14 @@ async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back
 
     await one_then_another(first, first_reqs, second, second_reqs,
                            {**FAST, "glinthawk.engine.swap-bytes": swap_bytes,
-                            "glinthawk.engine.grow-every": grow_every}, both_open)
+                            "glinthawk.engine.grow-every": grow_every,
+                            "glinthawk.engine.swap-memory-fraction": memory}, both_open)
     one, two = first.last_summary, second.last_summary
     assert second.placement_wait_s > 0 and two.growths == [] and two.attention_of() == [w.address]
     kinds = [(g["kind"], g.get("from"), g.get("to")) for g in one.growths]
     assert kinds == [("yielded", "8 x 1", "4 x 1"), ("resized micro-batch", 8, 4), ("grew", "4 x 1", "8 x 1")], kinds
     shrunk = one.growths[1]
-    assert (shrunk["swapped_out"], shrunk["moved"] >= 1) == ((4, False) if swap_bytes else (0, True)), shrunk
+    assert (shrunk["swapped_out"], shrunk["moved"] >= 1) == ((4, False) if swap_bytes and memory else (0, True)), shrunk
     assert [(x["before"], x["after"]) for x in shrunk["caches"]] == [(8 * _SLOT, 4 * _SLOT)]
     assert one.growths[2]["in_place"] and one.growths[2]["time"] > shrunk["time"]
     assert one.plan["sizes"] == [8] and (one.micro_batch_size, one.n_micro_batches) == (8, 1)
@@ -250,3 +257,33 @@ async def test_a_run_of_one_micro_batch_shrinks_for_a_waiting_run_and_grows_back
     assert changes[i + 1:i + 3] == [freed, f"{two.run_id} placed with {4 * _SLOT / 2**10:.1f} KiB of KV (two-tier, "
                                            "4 slots)"], changes
     assert await _scheduler_kv(c) == {} and await _caches(w) == {}
+
+
+def test_the_kv_kept_out_is_bounded_by_the_dense_workers_memory_and_shown():
+    """``SliceRun.host_room``: the bytes (of every slice) the process may still take,
+    under ``swap-memory-fraction`` of its worker's memory limit, scaled from its slice's
+    layers; the dense worker reports what it keeps (``glinthawk status`` shows it)."""
+    from types import SimpleNamespace
+
+    import psutil
+    import torch
+
+    from glinthawk_dask.runtime.dense_service import DenseService
+    from glinthawk_dask.runtime.slice_run import SliceRun
+
+    rss = psutil.Process().memory_info().rss
+
+    def room(limit: int) -> int:
+        run = SimpleNamespace(worker=SimpleNamespace(memory_manager=SimpleNamespace(memory_limit=limit)),
+                              spec=SimpleNamespace(start=0, stop=1), config=SimpleNamespace(n_layers=4))
+        return SliceRun.host_room(run)
+
+    assert room(rss) == 0  # (over 70% of its limit already)
+    got, want = room(2 * rss), 4 * (1.4 * rss - rss)  # one layer of four: the run's K/V is four times this slice's
+    assert abs(got - want) < 0.1 * want, (got, want)
+    runs = {"r": SimpleNamespace(cache=None, swapped={"s": (torch.zeros(2, 3), torch.zeros(2, 3))})}
+    assert DenseService.kv_info(SimpleNamespace(runs=runs))["kv_out"] == 48
+    info = {"scheduler": "tcp://s", "time": 0.0, "runs": [], "workers": {"attention": [], "dense": [{
+        "address": "tcp://d", "name": "dense-0", "nthreads": 1, "kv_budget": None, "kv_reserved": 0,
+        "kv_allocated": 0, "kv_used": 0, "kv_out": 3 * 2**20}]}}
+    assert status_text(info).splitlines()[2].endswith("; K/V of sequences taken out of attention caches 3.0 MiB")

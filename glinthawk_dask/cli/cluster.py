@@ -389,7 +389,9 @@ def status_text(info: dict) -> str:
                            "its memory limit)")
             lines.append(f"  {w['address']} ({w['name']}, {w['nthreads']} threads): KV budget {budget}, "
                          f"reserved {size(w['kv_reserved'])}, allocated {size(w['kv_allocated'])}, "
-                         f"used {size(w['kv_used'])}")
+                         f"used {size(w['kv_used'])}"
+                         + (f"; K/V of sequences taken out of attention caches {size(w['kv_out'])}"
+                            if w.get("kv_out") else ""))
     lines.append(f"open runs: {len(info['runs'])}")
     for r in info["runs"]:
         split = f", {r['local_micro_batches']} local" if r["mode"] == "hybrid" else ""

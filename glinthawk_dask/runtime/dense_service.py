@@ -66,9 +66,11 @@ class DenseService:
         }
 
     def kv_info(self) -> dict:
-        """KV this worker holds for its runs' local micro-batches (single-tier, hybrid)."""
+        """KV this worker holds for its runs' local micro-batches (single-tier, hybrid),
+        and the K/V of sequences taken out of attention caches it keeps (``kv_out``)."""
         caches = {run_id: run.cache for run_id, run in self.runs.items() if run.cache is not None}
-        return {"kv_allocated": sum(c.capacity_bytes for c in caches.values()),
+        return {"kv_out": sum(k.nbytes + v.nbytes for run in self.runs.values() for k, v in run.swapped.values()),
+                "kv_allocated": sum(c.capacity_bytes for c in caches.values()),
                 "kv_used": sum(c.used_bytes for c in caches.values()),
                 "runs": {run_id: {"n_slots": c.n_slots, "live": len(c), "used_bytes": c.used_bytes,
                                   "capacity_bytes": c.capacity_bytes} for run_id, c in caches.items()}}

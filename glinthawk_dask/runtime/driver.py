@@ -306,9 +306,10 @@ class RunDriver:
         """Take up to ``k`` of ``mb``'s sequences (those in its highest slots) out of its
         caches, their K/V kept on the dense workers while ``glinthawk.engine.swap-bytes``
         allows; they go back into the first free slots of any micro-batch, before new
-        requests.  How many it took out."""
+        requests; and while the dense worker's memory allows (``SliceRun.host_room``).
+        How many it took out."""
         per_token = self.run.kv_bytes_per_token
-        room = int(config.get("engine.swap-bytes")) - sum(self._swap_sizes.values())
+        room = min(int(config.get("engine.swap-bytes")) - sum(self._swap_sizes.values()), self.run.host_room())
         out = self.sched.swap_out(mb, k, max_tokens=max(0, room) // per_token)
         if out:
             sizes = {s.id: per_token * s.n_cached for s in out}

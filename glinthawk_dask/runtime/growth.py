@@ -21,9 +21,10 @@ The fastest that fits goes: the scheduler places its micro-batches (``glinthawk_
 their caches open on the attention workers and every slice adds them, the first slice
 last, whose driver starts them and, unless they are added beside them, retires the
 run's other micro-batches.  Those admit nothing more; their sequences are taken out of
-their caches, K/V kept on the dense workers (``glinthawk.engine.swap-bytes`` at most;
-past that they run to their end), and go on in the new micro-batches' free slots, K/V
-copied back; once empty their caches close and their KV goes back to the scheduler.
+their caches, K/V kept on the dense workers (``glinthawk.engine.swap-bytes`` at most,
+within ``swap-memory-fraction`` of the worker's memory; past that they run to their
+end), and go on in the new micro-batches' free slots, K/V copied back; once empty
+their caches close and their KV goes back to the scheduler.
 In place, the micro-batch's caches copy their live tokens into caches of the new size
 between two of its steps (``RunDriver.resize``) and it admits more at once.  A K/V
 copy is bit for bit: no token is computed twice, and every sequence's tokens are those

@@ -289,7 +289,7 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
                     "address": a, "name": str(ws.name), "host": ws.host, "nthreads": ws.nthreads,
                     "memory_limit": ws.memory_limit, "resources": dict(ws.resources), "kv_budget": budget,
                     "kv_reserved": reserved, "kv_allocated": None if info is None else int(info.get("kv_allocated", 0)),
-                    "kv_used": used,
+                    "kv_used": used, "kv_out": None if info is None else info.get("kv_out"),
                 })
         runs = []
         for run_id, r in self.runs.items():

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .. import config
 from ..engine.runner import SliceLayers, attend_locally, run_layers
 from ..model.attention import AttentionBatch
 from ..model.kv_cache import KVCache
@@ -282,6 +283,22 @@ class SliceRun:
         return reply
 
     # -- sequences taken out of a cache, and put back (see RunDriver.resize) ------------
+    def host_room(self) -> int:
+        """The K/V bytes (of every slice) the run may still keep out of its caches by this
+        worker's memory: this process stays under ``glinthawk.engine.swap-memory-fraction``
+        of its memory limit (the machine's memory without one) and takes at most that
+        fraction of the memory the machine has available; this slice's share, scaled to
+        the whole run."""
+        import psutil
+
+        from .ledger import total_memory
+
+        fraction = float(config.get("engine.swap-memory-fraction"))
+        limit = getattr(getattr(self.worker, "memory_manager", None), "memory_limit", None) or total_memory()
+        free = min(limit * fraction - psutil.Process().memory_info().rss, psutil.virtual_memory().available * fraction)
+        share = (self.spec.stop - self.spec.start) / self.config.n_layers
+        return max(0, int(free / share))
+
     async def swap_out(self, mb: int, seq_ids: list[str], released: list[str]) -> None:
         """Take sequences ``seq_ids`` out of micro-batch ``mb``'s cache on its attention
         worker (those ``released`` since its last step freed first), keeping their K/V

@@ -179,6 +179,13 @@ async def test_page_gets_intervals_kv_and_rates_during_a_run(c, s, a, b):
         return
     code, text = await _get(base + "/metrics")
     assert 'dask_glinthawk_compute_seconds_total{kind="dense",tier="dense"}' in text, text[-2000:]
+    # the KV the runs share: none now, the run's taking and giving back counted
+    for line in ('dask_glinthawk_runs{state="open"} 0.0', 'dask_glinthawk_runs{state="waiting"} 0.0',
+                 'dask_glinthawk_kv_bytes{tier="attention",what="reserved"} 0.0',
+                 'dask_glinthawk_kv_bytes{tier="attention",what="budget"} 2.68435456e+08',
+                 'dask_glinthawk_kv_changes_total{kind="placed"} 1.0',
+                 'dask_glinthawk_kv_changes_total{kind="freed"} 1.0'):
+        assert line in text.splitlines(), (line, [x for x in text.splitlines() if "glinthawk" in x])
 
 
 @gen_test(timeout=60)

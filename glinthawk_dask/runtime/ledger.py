@@ -48,6 +48,7 @@ class KVLedger:
     scheduler: Any
     runs: dict[str, dict]
     waiting: dict[str, dict]
+    kv_changes: Any  # a collections.Counter of announcements by kind
 
     def ledger_handlers(self) -> dict[str, Any]:
         """The scheduler handlers of the ledger."""
@@ -60,6 +61,7 @@ class KVLedger:
         the clients (:func:`~.kv_signals.announce`), with the run's label."""
         run = run or self.runs.get(run_id) or self.waiting.get(run_id) or {}
         announce(self.scheduler, kind, run_id, nbytes, detail, label=run.get("label", ""))
+        self.kv_changes[kind] += 1
 
     def _attention_budget(self, addr: str) -> int:
         """The KV bytes attention worker ``addr`` offers in all (its ``KV`` resource, or a

@@ -12,6 +12,7 @@ records worker loss.  Neither carries activations: those go worker to worker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -142,6 +143,7 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
         self.profiles: dict[str, dict] = {}  # measured profiles by cluster and model (see planner)
         self.closed: dict[str, str] = {}  # runs the scheduler closed itself, and why
         self.waiting: dict[str, dict] = {}  # runs asking again to be placed, for KV other runs hold
+        self.kv_changes: collections.Counter = collections.Counter()  # announcements by kind (for Prometheus)
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler

@@ -4,7 +4,10 @@ Tier workers digest their compute time into Dask's worker metrics (see
 :class:`~.worker.TierDigests`); heartbeats carry it to the scheduler's
 ``cumulative_worker_metrics``.  A :class:`GlinthawkCollector` exports one scheduler's
 share of those as ``{namespace}_glinthawk_compute_seconds_total`` and
-``{namespace}_glinthawk_compute_intervals_total`` (labels ``tier``, ``kind``).
+``{namespace}_glinthawk_compute_intervals_total`` (labels ``tier``, ``kind``); and, from
+the scheduler plugin's KV ledger, ``{namespace}_glinthawk_runs`` (``state``: open,
+waiting), ``{namespace}_glinthawk_kv_bytes`` (``tier``, ``what``: reserved, budget) and
+``{namespace}_glinthawk_kv_changes_total`` (``kind``: placed, wanted, grew, freed).
 
 The scheduler plugin registers its scheduler's collector when it starts
 (:func:`register_prometheus`) and unregisters it when it closes
@@ -57,6 +60,32 @@ class GlinthawkCollector(PrometheusCollector):
                 (seconds if unit == "seconds" else counts).add_metric([str(tier), str(kind)], value)
         yield seconds
         yield counts
+        yield from self._kv()
+
+    def _kv(self):
+        """The KV the runs share, from the scheduler plugin's ledger (no worker is asked)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        plugin = getattr(self.server, "plugins", {}).get("glinthawk")
+        if plugin is None or not hasattr(plugin, "kv_changes"):
+            return
+        room = plugin.kv_room()
+        runs = GaugeMetricFamily(self.build_name("runs"), "glinthawk runs open, and waiting for KV the open "
+                                 "runs hold", labels=["state"])
+        runs.add_metric(["open"], room["runs"])
+        runs.add_metric(["waiting"], room["waiting"])
+        kv = GaugeMetricFamily(self.build_name("kv"), "KV bytes the open runs reserve, by tier; and the attention "
+                               "tier's budget", labels=["tier", "what"], unit="bytes")
+        kv.add_metric(["attention", "reserved"], sum(sum(r["kv"].values()) for r in plugin.runs.values()))
+        kv.add_metric(["dense", "reserved"], sum(sum(r.get("dense_kv", {}).values()) for r in plugin.runs.values()))
+        kv.add_metric(["attention", "budget"], room["budget"])
+        changes = CounterMetricFamily(self.build_name("kv_changes"), "KV changes between runs (placed, wanted, "
+                                      "grew, freed; see Client.get_events('glinthawk-kv'))", labels=["kind"])
+        for kind, n in sorted(plugin.kv_changes.items()):
+            changes.add_metric([kind], n)
+        yield runs
+        yield kv
+        yield changes
 
 
 # Collectors of the open schedulers, oldest first (the newest is the one registered)

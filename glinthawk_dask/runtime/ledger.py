@@ -8,7 +8,8 @@ micro-batches a run grows by once other runs free KV (``glinthawk_grow``, after 
 and those a run gave up for runs waiting for KV (``glinthawk_yield``), as their caches
 close (``glinthawk_release``); a micro-batch resized in place holds what its new size
 takes (``glinthawk_resize``).  Every reservation is in bytes per worker; a run's whole
-reservation goes when it closes.
+reservation goes when it closes.  Each change between runs (a run placed, waiting,
+growing, giving KV back) is announced to the clients (:mod:`.kv_signals`).
 """
 
 from __future__ import annotations
@@ -100,14 +101,14 @@ class KVLedger:
     ) -> dict:
         """Place a run and reserve its KV bytes; errors come back as ``{"error": ...}``.
 
-        ``label`` says what the run is for (a pipeline's name), beside its id in ``glinthawk
-        status`` and the KV changes.  ``dense_kv_budget`` caps the KV the run may keep on each dense worker (within
+        ``dense_kv_budget`` caps the KV the run may keep on each dense worker (within
         the worker's own budget); the weight sizes let a GPU dense worker tell what its
         device memory leaves for KV once the slice is loaded.  The run belongs to
         ``client``: it is closed when that client leaves or stops renewing its ``lease``
-        (seconds).  An error says ``"wait": True`` when the run would fit a cluster that
-        other runs did not share; a run that will ask again for up to ``wait_s`` seconds
-        is listed as waiting meanwhile."""
+        (seconds); ``label`` says what it is for (a pipeline's name), beside its id in
+        ``glinthawk status`` and the KV changes.  An error says ``"wait": True`` when the
+        run would fit a cluster that other runs did not share; a run that will ask again
+        for up to ``wait_s`` seconds is listed as waiting meanwhile."""
         reg = self.registry()
         dense_budget: dict[str, int | None] = {}
         if mode != "two-tier":

@@ -220,6 +220,41 @@ def test_a_detached_run_outlives_the_workers_it_runs_on(cluster, reference, tmp_
     assert end and int(end[1]) + int(end[2]) == len(rows) and int(end[2]) == final["report"]["skipped"], err
 
 
+def test_status_follows_the_kv_changes_between_runs_as_they_happen(cluster):
+    """`glinthawk status --follow` prints the status, then each KV change the scheduler
+    pushes (a run placed, ended) as it comes, until Ctrl-C."""
+    import queue
+    import signal
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "glinthawk_dask", "status", "--scheduler", cluster, "--follow"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+
+    def read_until(pattern: str, timeout: float = 60) -> list[str]:
+        seen, deadline = [], time.time() + timeout
+        while not seen or not re.search(pattern, seen[-1]):
+            try:
+                seen.append(lines.get(timeout=max(0.0, deadline - time.time())))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} in {timeout} s: {seen}") from None
+        return seen
+
+    try:
+        read_until(r"^following KV changes between runs \(Ctrl-C stops\):$")
+        with LLM(MODEL, scheduler=cluster, micro_batch_size=2, n_micro_batches=1) as llm:
+            llm.label = "followed"
+            llm.generate(ROWS[:2], SamplingParams(max_tokens=2))
+        got = read_until(r"\(followed\) gave back .* of KV \(it ended\)$")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert re.search(r"^  [\d:]{8} gh-\w+ \(followed\) placed with [\d.]+ [KM]iB of KV \(two-tier, 2 slots\)$",
+                     "".join(got), re.M), got
+    assert proc.returncode == 0 and err == "", err
+
+
 def test_detach_refuses_what_a_worker_cannot_write_and_a_missing_scheduler(cluster, tmp_path):
     spec = _spec(tmp_path, "refused", "memory://out.zarr")
     proc = glinthawk("run", str(spec), "--scheduler", cluster, "--detach")

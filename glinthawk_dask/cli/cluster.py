@@ -341,13 +341,17 @@ def cluster(n_dense: int, n_attention: int | None, dashboard_address: str) -> No
               callback=scheduler_reachable,
               help="The cluster's scheduler, like tcp://host:8786 [env: DASK_SCHEDULER_ADDRESS].")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Then print each KV change between runs as it happens, until Ctrl-C (with --json: one JSON "
+                   "object per change).")
 @tls_options("client")
 @user_errors
-def status(scheduler: str, as_json: bool, tls_ca_file: str | None, tls_cert: str | None,
+def status(scheduler: str, as_json: bool, follow: bool, tls_ca_file: str | None, tls_cert: str | None,
            tls_key: str | None) -> None:
     """What a cluster holds: tier workers with their KV budgets and the KV reserved,
     allocated and used on each, the open runs with their client, age, plan and
-    tokens done, and the detached pipelines (`glinthawk run --detach`)."""
+    tokens done, the runs waiting for KV, the last KV changes between runs, and the
+    detached pipelines (`glinthawk run --detach`)."""
     import json
 
     from ..runtime.cluster import cluster_status, connect
@@ -355,12 +359,34 @@ def status(scheduler: str, as_json: bool, tls_ca_file: str | None, tls_cert: str
     client, _ = connect(scheduler, security=security_from("client", tls_ca_file, tls_cert, tls_key))
     try:
         info = cluster_status(client)
+        click.echo(json.dumps(info) if as_json else status_text(info))
+        if follow:
+            _follow_kv_changes(client, as_json)
     finally:
         client.close()
-    if as_json:
-        click.echo(json.dumps(info))
+
+
+def _follow_kv_changes(client: Any, as_json: bool) -> None:
+    """Print each KV change the scheduler announces (``glinthawk-kv`` events, pushed to
+    this client) until Ctrl-C, or until the scheduler goes away."""
+    import json
+    import time
+
+    from ..runtime.kv_signals import TOPIC, event_text
+
+    def show(event: tuple[float, Any]) -> None:  # (on the client's event loop)
+        change = {"time": event[0], **event[1]}
+        click.echo(json.dumps(change) if as_json else f"  {event_text(change)}")
+
+    if not as_json:
+        click.echo("following KV changes between runs (Ctrl-C stops):")
+    client.subscribe_topic(TOPIC, show)
+    try:
+        while client.status == "running":
+            time.sleep(0.2)
+    except KeyboardInterrupt:
         return
-    click.echo(status_text(info))
+    raise click.ClickException(f"lost the scheduler at {client.scheduler.address} ({client.status})")
 
 
 def _times(n: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -185,6 +186,11 @@ class DaskEngine:
             await self._renew(run)
         return out
 
+    def _nudge(self, run_id: str, driver: str) -> None:
+        """Have the driver of ``run_id`` answer its waiting poll now (word came to act on)."""
+        nudge = asyncio.ensure_future(self._rpc(driver, "glinthawk_results_nudge", run_id=run_id))
+        nudge.add_done_callback(lambda f: f.cancelled() or f.exception())  # (a driver gone: its run fails apart)
+
     async def _renew(self, run: RunState) -> None:
         """Renew the run's lease on the scheduler (which closes the runs of clients that
         stop renewing), with the tokens done so far for ``glinthawk status``."""
@@ -297,7 +303,8 @@ class DaskEngine:
                    renew_at=time.time() + lease / 3, prediction=prediction, profile_seconds=profile_s, plan_check=check)
         run.growth = Growth.of_engine(self, requests, seq_len, output_lengths, prediction, run.plan,
                                       int(reply.get("kv_free", 0)))
-        run.kv_word = listen(self.client, ("wanted", "freed"), own=run_id)  # (it looks at once: see maybe_grow)
+        run.kv_word = listen(self.client, ("wanted", "freed"), own=run_id,  # (it looks at once: see maybe_grow)
+                             on_word=functools.partial(self._nudge, run_id, run.plan.dense[0]))
         try:
             await self._open_workers(run)
         except BaseException:

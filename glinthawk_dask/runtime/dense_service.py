@@ -50,6 +50,7 @@ class DenseService:
             "glinthawk_forward": self.forward,
             "glinthawk_submit": self.submit,
             "glinthawk_results": self.results,
+            "glinthawk_results_nudge": self.nudge,
             "glinthawk_probe": self.probes.probe,
             "glinthawk_profile_dense": self.probes.profile,
             "glinthawk_profile_alternate": self.probes.profile_alternate,
@@ -198,6 +199,13 @@ class DenseService:
     async def results(self, run_id: str, timeout: float = 1.0) -> dict:
         """Completions finished since the last call (waits up to ``timeout`` for one)."""
         return (await self._run(run_id).driver.take_results(timeout)).to_wire()
+
+    def nudge(self, run_id: str) -> None:
+        """Answer run ``run_id``'s waiting ``glinthawk_results`` now (a run that ended
+        has nothing waiting)."""
+        run = self.runs.get(run_id)
+        if run is not None and run.driver is not None:
+            run.driver.nudge()
 
     def close(self) -> None:
         self.runs.clear()

@@ -126,6 +126,11 @@ class RunDriver:
         return self.n_submitted
 
     # -- output --------------------------------------------------------------------
+    def nudge(self) -> None:
+        """Answer the caller's waiting :meth:`take_results` now, with what there is (its
+        client has word that KV is wanted or freed and acts on it between two polls)."""
+        self._results_ready.set()
+
     async def take_results(self, timeout: float) -> Results:
         if not self._results and not self.error:
             try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["TOPIC", "Listener", "announce", "event_text", "listen", "recent", "run_name"]
 
@@ -74,8 +74,10 @@ class Listener:
     """The word a run or a placement waits for: ``fired`` once one of its ``kinds`` came,
     until :meth:`take` or :meth:`wait` consumes it."""
 
-    def __init__(self, kinds: tuple[str, ...], own: str | None = None) -> None:
+    def __init__(self, kinds: tuple[str, ...], own: str | None = None,
+                 on_word: Callable[[], None] | None = None) -> None:
         self.kinds, self.own = kinds, own  # (a run's own announcements do not wake it)
+        self.on_word = on_word  # called on the client's event loop as word comes
         self.fired = False
         self._event: asyncio.Event | None = None
 
@@ -84,6 +86,8 @@ class Listener:
             self.fired = True
             if self._event is not None:
                 self._event.set()
+            if self.on_word is not None:
+                self.on_word()
 
     def take(self) -> bool:
         """Whether word came since the last look (and forget it)."""
@@ -120,12 +124,14 @@ class _Hub:
 _hubs: "weakref.WeakKeyDictionary[Any, _Hub]" = weakref.WeakKeyDictionary()
 
 
-def listen(client: Any, kinds: tuple[str, ...], own: str | None = None) -> Listener:
+def listen(client: Any, kinds: tuple[str, ...], own: str | None = None,
+           on_word: Callable[[], None] | None = None) -> Listener:
     """A :class:`Listener` for ``kinds`` of word on ``client`` (subscribed on first use;
-    call it on the client's event loop).  It stops hearing once dropped."""
+    call it on the client's event loop), not of run ``own``; ``on_word()`` is called as
+    each comes.  It stops hearing once dropped."""
     hub = _hubs.get(client)
     if hub is None:
         hub = _hubs[client] = _Hub(client)
-    listener = Listener(kinds, own)
+    listener = Listener(kinds, own, on_word)
     hub.listeners.add(listener)
     return listener

@@ -89,6 +89,10 @@ async def test_a_wedged_attention_worker_is_detected_and_its_micro_batch_moves(c
     assert engine.recoveries == [rec] and rec["time"] > 0  # what the caller could watch as it ran
     assert rec["kind"] == "moved micro-batch" and "TimeoutError" in rec["cause"]
     assert rec["requests"] > 0 and rec["rebuilt_tokens"] > 0  # only its sequences, from their tokens so far
+    (moved,) = [m for _, m in await c.get_events("glinthawk-kv") if m["kind"] == "grew"]  # (the KV changes say so)
+    lost = moved["detail"].removeprefix(f"a micro-batch moved to {rec['to']} off ").removesuffix(
+        ", which did not answer")
+    assert moved["run_id"] == engine.last_summary.run_id and lost in {w.address for w in workers} - {rec["to"]}
 
 
 @gen_cluster(client=True, nthreads=[DENSE, ATTN, ATTN], timeout=120)

@@ -189,6 +189,7 @@ class KVLedger:
         run["workers"].add(addr)
         if micro_batch is not None and plan.get("attention"):
             run["plan"] = Plan.from_wire(plan).moved(slice_index, micro_batch, addr, kv_run or "").to_wire()
+        self._announce("grew", run_id, need, f"a micro-batch moved to {addr} off {lost}, which did not answer")
         return {"address": addr}
 
     def dense_kv_budget(self, addr: str) -> int | None:

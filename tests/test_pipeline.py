@@ -433,6 +433,11 @@ def test_progress_counts_tokens_of_running_rows_and_estimates_from_tokens_left(t
     p = Progress(shards_read=4, shards_total=4, seconds=10.0, generated_tokens=200, tokens_left=300)
     assert p.tokens_per_s == pytest.approx(20.0) and p.eta_seconds == pytest.approx(15.0)
     assert Progress(shards_read=4, shards_total=4).eta_seconds is None  # nothing generated yet
+    # at the rate since the first token, once a second of it is known (the first came 6 s in: 200 in 4 s)
+    p.first_token_seconds = 6.0
+    assert p.tokens_per_s == pytest.approx(20.0) and p.eta_seconds == pytest.approx(6.0)
+    p.first_token_seconds = 9.5  # (half a second of it: not known yet)
+    assert p.eta_seconds is None
     assert Progress(shards_read=0, shards_total=4, seconds=10.0, generated_tokens=5).eta_seconds is None
 
     src = _write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": f"Count to {i}:"} for i in range(6)])
@@ -445,6 +450,7 @@ def test_progress_counts_tokens_of_running_rows_and_estimates_from_tokens_left(t
     # mid-run, tokens of rows still running count (before this, only finished rows did)
     assert any(rows < 6 and tokens > 16 * rows for rows, tokens, _ in seen), seen
     assert any(eta is not None and eta > 0 for rows, _, eta in seen if rows < 6), seen
+    assert 0 < report.first_token_seconds < report.seconds  # (when the first token came, in the run's seconds)
 
 
 def test_tokens_left_scale_by_the_share_of_max_tokens_the_finished_rows_used():

@@ -65,6 +65,7 @@ class Progress:
     tokens_left: int | None = None  # tokens still to generate (see _RequestFeed.tokens_left; unread shards
     # estimated from those read)
     recoveries: list[dict] = field(default_factory=list)  # workers lost so far and how the run went on
+    first_token_seconds: float | None = None  # ``seconds`` when the first token came
 
     @property
     def tokens_per_s(self) -> float:
@@ -75,10 +76,15 @@ class Progress:
     def eta_seconds(self) -> float | None:
         """Remaining time: the tokens the rows left will take (``tokens_left``: their
         ``max_tokens``, scaled by the share the finished rows used once enough have) at
-        the rate so far (None when unknown)."""
-        if self.tokens_left is None or self.tokens_per_s <= 0:
+        the rate since the first token (the wait for it, the plan's check and the first
+        prefill, is not the pace of the rest), once there is a second of it (None until
+        then, and when unknown; the rate so far where the first token's time is not)."""
+        rate, since = self.tokens_per_s, self.first_token_seconds
+        if since is not None:
+            rate = self.generated_tokens / (self.seconds - since) if self.seconds - since >= 1.0 else 0.0
+        if self.tokens_left is None or rate <= 0:
             return None
-        return self.tokens_left / self.tokens_per_s
+        return self.tokens_left / rate
 
 
 @dataclass
@@ -160,6 +166,8 @@ def run_pipeline(
             def clock() -> None:  # the run's seconds, less a wait for KV that other runs held
                 state.waited_seconds = llm.placement_wait_seconds
                 state.seconds = time.perf_counter() - t0 - state.waited_seconds
+                if state.first_token_seconds is None and state.generated_tokens > 0:
+                    state.first_token_seconds = state.seconds
 
             def refresh() -> None:
                 recovered()

@@ -314,7 +314,9 @@ class RunDriver:
         requests; and while the dense worker's memory allows (``SliceRun.host_room``).
         How many it took out."""
         per_token = self.run.kv_bytes_per_token
-        room = min(int(config.get("engine.swap-bytes")) - sum(self._swap_sizes.values()), self.run.host_room())
+        room = int(config.get("engine.swap-bytes")) - sum(self._swap_sizes.values())
+        if room > 0:  # (the worker's memory asked only then: a given-up micro-batch asks every step)
+            room = min(room, self.run.host_room())
         out = self.sched.swap_out(mb, k, max_tokens=max(0, room) // per_token)
         if out:
             sizes = {s.id: per_token * s.n_cached for s in out}

@@ -396,13 +396,9 @@ def _times(n: int) -> str:
 def status_text(info: dict) -> str:
     """``glinthawk status`` as a person reads it."""
     def size(n: Any) -> str:
-        if n is None:
-            return "-"
-        for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-            if n >= scale:
-                return f"{n / scale:.1f} {unit}"
-        return f"{n} B"
+        return "-" if n is None else bytes_text(n)
 
+    from ..engine.progress import bytes_text
     from ..runtime.kv_signals import event_text, run_name
 
     lines = [f"scheduler {info['scheduler']}"]

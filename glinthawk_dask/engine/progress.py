@@ -7,7 +7,7 @@ import collections
 import time
 from dataclasses import dataclass
 
-__all__ = ["GenerationProgress", "ProgressTracker", "eta_text", "estimate_tokens_left", "lost_workers", "recovery_text",
+__all__ = ["GenerationProgress", "ProgressTracker", "bytes_text", "eta_text", "estimate_tokens_left", "lost_workers", "recovery_text",
            "rows_of"]
 
 
@@ -126,6 +126,14 @@ def eta_text(seconds: float) -> str:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
     return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def bytes_text(n: int) -> str:
+    """Bytes as people read them: ``1.2 GiB``, ``480.0 KiB``, ``12 B``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def eta_part(seconds: float | None) -> str:

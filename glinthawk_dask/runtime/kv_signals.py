@@ -24,6 +24,8 @@ import time
 import weakref
 from typing import Any, Callable
 
+from ..engine.progress import bytes_text
+
 __all__ = ["TOPIC", "Listener", "announce", "event_text", "listen", "recent", "run_name"]
 
 TOPIC = "glinthawk-kv"
@@ -57,17 +59,10 @@ def event_text(event: dict) -> str:
     verb = {"wanted": "waits for KV", "placed": "placed with", "grew": "grew by", "freed": "gave back"}
     what = verb.get(event.get("kind"), str(event.get("kind")))
     if event.get("kind") != "wanted":
-        what += " " + _size(int(event.get("bytes", 0)))
+        what += f" {bytes_text(int(event.get('bytes', 0)))} of KV"
     detail = f" ({event['detail']})" if event.get("detail") else ""
     when = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
     return f"{when} {run_name(str(event.get('run_id')), event.get('label', ''))} {what}{detail}"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit} of KV"
-    return f"{n} B of KV"
 
 
 class Listener:

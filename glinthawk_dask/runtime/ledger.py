@@ -24,12 +24,17 @@ from .kv_signals import announce, run_name
 from .messages import Plan
 from .placement import PlacementError, kv_budget_bytes, make_plan
 
-__all__ = ["DENSE_KV", "KVLedger", "total_memory"]
+__all__ = ["DENSE_KV", "KVLedger", "held_bytes", "total_memory"]
 
 logger = logging.getLogger(__name__)
 
 # A dense worker's KV budget in bytes, when it sets one (`glinthawk worker --tier dense --kv-bytes`).
 DENSE_KV = "DENSE_KV"
+
+
+def held_bytes(run: dict) -> int:
+    """The KV bytes a run's record holds, on both tiers."""
+    return sum(run.get("kv", {}).values()) + sum(run.get("dense_kv", {}).values())
 
 
 def total_memory() -> int:
@@ -161,7 +166,7 @@ class KVLedger:
                              "label": label}
         for other_id in self.runs[run_id]["beside"]:  # runs that shared the cluster for a while, both ways
             self.runs[other_id].setdefault("beside", set()).add(run_id)
-        self._announce("placed", run_id, sum(kv.values()) + sum(plan.dense_kv.values()),
+        self._announce("placed", run_id, held_bytes(self.runs[run_id]),
                        f"{plan.mode}, {'+'.join(map(str, plan.sizes))} slots")
         return {"plan": self.runs[run_id]["plan"], "kv_free": self.kv_free()}  # (and the KV left beside it)
 
@@ -221,8 +226,7 @@ class KVLedger:
 
     def _held_by_others(self) -> str:
         """Why a run that would fit the cluster alone does not fit now: the runs holding KV."""
-        held = sorted(((sum(r["kv"].values()) + sum(r.get("dense_kv", {}).values()), run_id, r.get("client"))
-                       for run_id, r in self.runs.items()), reverse=True)
+        held = sorted(((held_bytes(r), run_id, r.get("client")) for run_id, r in self.runs.items()), reverse=True)
         runs = ", ".join(f"{run_id} of {client} with {size / 2**30:.1f} GiB" for size, run_id, client in held[:3])
         return (f"the KV it needs is held by {len(held)} other run{'s' if len(held) > 1 else ''}: "
                 f"{runs}{', ...' if len(held) > 3 else ''} (`glinthawk status` lists them)")

@@ -28,7 +28,7 @@ from .compute import one_torch_thread
 from .dense_service import DenseService
 from .kv_signals import recent
 from .pipelines import PipelineRegistry
-from .ledger import KVLedger, total_memory
+from .ledger import KVLedger, held_bytes, total_memory
 from .placement import kv_budget_bytes
 from .worker_process import leave_interrupts_to_the_nanny, one_line_heartbeat_failures
 
@@ -198,7 +198,7 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
         run = self.runs.pop(run_id, None)
         if run is None:
             return
-        self._announce("freed", run_id, _held(run), f"closed: {why}", run=run)
+        self._announce("freed", run_id, held_bytes(run), f"closed: {why}", run=run)
         logger.warning("glinthawk closes run %s: %s", run_id, why)
         self.closed[run_id] = why
         while len(self.closed) > 1000:  # (the oldest go first)
@@ -325,10 +325,5 @@ class GlinthawkSchedulerPlugin(KVLedger, SchedulerPlugin):
         self.waiting.pop(run_id, None)
         run = self.runs.pop(run_id, None) or {}
         if run:
-            self._announce("freed", run_id, _held(run), "it ended", run=run)
+            self._announce("freed", run_id, held_bytes(run), "it ended", run=run)
         return {"beside": sorted(run.get("beside", ()))}
-
-
-def _held(run: dict) -> int:
-    """The KV bytes a run's record holds, on both tiers."""
-    return sum(run.get("kv", {}).values()) + sum(run.get("dense_kv", {}).values())
